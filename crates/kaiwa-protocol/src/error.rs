@@ -1,0 +1,113 @@
+//! Error codes carried by `error` frames and HTTP error bodies.
+
+use serde::{Deserialize, Serialize};
+
+/// A stable, machine-readable error code. The human-readable text beside it may change; these
+/// names do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not valid JSON, or not the JSON shape expected.
+    MalformedJson,
+    /// A message arrived before the handshake frame.
+    HandshakeRequired,
+    MissingClientId,
+    InvalidClientId,
+    /// Another live connection holds this client id (close code 4009 follows).
+    DuplicateConnection,
+    /// All client slots are taken (close code 1013 follows); retry after a backoff.
+    OverCapacity,
+    MissingTimezone,
+    UnknownTimezone,
+    UnknownMessageType,
+    /// A native frame with an unknown `type`.
+    UnknownFrame,
+    /// A native `send` without a usable client message id.
+    InvalidMessageId,
+    EmptyText,
+    TextTooLong,
+    MissingContent,
+    InvalidBase64,
+    MissingFilename,
+    InvalidFilename,
+    MediaTooLarge,
+    /// The file's bytes are not a format accepted for its message type, or do not match the
+    /// extension of its filename.
+    MediaMismatch,
+    /// A binary frame where a text frame was expected.
+    UnexpectedBinary,
+    /// A text frame where the binary frame announced by a `send` was expected.
+    ExpectedBinary,
+    /// Too many messages are being processed; retry after `retry_after_ms` (R14).
+    Busy,
+    /// The server is shutting down and takes no new messages; retry on another connection.
+    ShuttingDown,
+    /// The message is stored but could not be processed now; it is processed again after a
+    /// restart. Not retryable: sending it again would only be recognised as a duplicate.
+    ProcessingFailed,
+    /// An HTTP query parameter is out of range or malformed.
+    InvalidParameter,
+    NotFound,
+    Internal,
+}
+
+impl ErrorCode {
+    /// Whether sending the same thing again later can succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            Self::Busy | Self::OverCapacity | Self::ShuttingDown | Self::Internal
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MalformedJson => "malformed_json",
+            Self::HandshakeRequired => "handshake_required",
+            Self::MissingClientId => "missing_client_id",
+            Self::InvalidClientId => "invalid_client_id",
+            Self::DuplicateConnection => "duplicate_connection",
+            Self::OverCapacity => "over_capacity",
+            Self::MissingTimezone => "missing_timezone",
+            Self::UnknownTimezone => "unknown_timezone",
+            Self::UnknownMessageType => "unknown_message_type",
+            Self::UnknownFrame => "unknown_frame",
+            Self::InvalidMessageId => "invalid_message_id",
+            Self::EmptyText => "empty_text",
+            Self::TextTooLong => "text_too_long",
+            Self::MissingContent => "missing_content",
+            Self::InvalidBase64 => "invalid_base64",
+            Self::MissingFilename => "missing_filename",
+            Self::InvalidFilename => "invalid_filename",
+            Self::MediaTooLarge => "media_too_large",
+            Self::MediaMismatch => "media_mismatch",
+            Self::UnexpectedBinary => "unexpected_binary",
+            Self::ExpectedBinary => "expected_binary",
+            Self::Busy => "busy",
+            Self::ShuttingDown => "shutting_down",
+            Self::ProcessingFailed => "processing_failed",
+            Self::InvalidParameter => "invalid_parameter",
+            Self::NotFound => "not_found",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn as_str_matches_the_serialized_name() {
+        for code in [
+            ErrorCode::MalformedJson,
+            ErrorCode::UnknownTimezone,
+            ErrorCode::MediaMismatch,
+            ErrorCode::ExpectedBinary,
+            ErrorCode::Busy,
+        ] {
+            let json = serde_json::to_string(&code).expect("serializes");
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+        }
+    }
+}

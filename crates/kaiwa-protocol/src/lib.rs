@@ -1,0 +1,23 @@
+//! Wire types of kaiwa: the WebSocket frames of both protocols and the HTTP history bodies.
+//!
+//! Two WebSocket protocols share the `/ws` endpoint:
+//! - [`legacy`]: the frames of the Python server kaiwa replaces, accepted unchanged;
+//! - [`native`]: `kaiwa.v1`, chosen with the `Sec-WebSocket-Protocol` header or a `hello` first
+//!   frame, with client message ids, acks, status updates, binary media and resume.
+//!
+//! This crate holds data only (serde types and small pure helpers), so the server, the load tool
+//! and any Rust client can share it without pulling in a runtime.
+
+mod close;
+mod error;
+pub mod history;
+pub mod legacy;
+mod model;
+pub mod native;
+
+pub use close::CloseCode;
+pub use error::ErrorCode;
+pub use model::{Delivery, MessageStatus, MessageType, ReplyType};
+
+/// The `Sec-WebSocket-Protocol` value of the native protocol.
+pub const SUBPROTOCOL: &str = "kaiwa.v1";

@@ -1,0 +1,276 @@
+//! `kaiwa.v1`, the native protocol: tagged frames in both directions.
+//!
+//! A client tags each message with its own id; the server acks it with the stored id and status,
+//! announces `processing`, and names the message in every reply. Media may follow a `send` frame
+//! as one binary frame instead of base64 text. On (re)connect, `hello` with `resume: true` (or a
+//! `sync` frame at any time) asks for the replies the client has not received yet.
+
+use crate::{ErrorCode, MessageStatus, MessageType, ReplyType};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// What a native client sends.
+///
+/// Fields the server validates are optional here, so that a missing one gets its own error code
+/// rather than a generic parse error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    Hello(Hello),
+    Send(Send),
+    /// An application-level ping, for clients (such as browsers) that cannot send WebSocket pings.
+    Ping {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<u64>,
+    },
+    /// Asks again for every reply that could not be delivered.
+    Sync,
+    /// Any frame type this version does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// Any native client frame as a server reads it: one flat shape, every field optional, unknown
+/// fields skipped. A tagged enum like [`ClientFrame`] must buffer a whole frame (a 30 MB file
+/// included) before it can read the tag; this reads each field once, in place.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct IncomingFrame {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub client_id: Option<String>,
+    pub timezone: Option<String>,
+    pub resume: bool,
+    pub id: Option<String>,
+    pub message_type: Option<String>,
+    pub content: Option<String>,
+    pub filename: Option<String>,
+    pub timestamp: Option<String>,
+    pub binary: bool,
+    pub nonce: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// Send the replies that could not be delivered earlier, right after `welcome`.
+    #[serde(default)]
+    pub resume: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Send {
+    /// The client's own id for this message (1–64 characters). Sending the same id again, for
+    /// example after a reconnect, is answered with the first ack and stores nothing new.
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub message_type: Option<String>,
+    /// The text, or the file as base64 when `binary` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
+    /// The client's own clock at sending, stored as given and never used to judge windows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+    /// The file follows as the next frame, a binary one, instead of in `content`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub binary: bool,
+}
+
+/// What the server sends to a native client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    Welcome(Welcome),
+    Ack(Ack),
+    Status(Status),
+    /// A piece of a text reply still being written (streamed from a language model); the
+    /// `reply` frame that follows carries the whole text.
+    Delta(Delta),
+    Reply(Reply),
+    Error(Error),
+    Pong {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<u64>,
+    },
+    /// Ends the replay of missed replies that `resume` or `sync` asked for.
+    Synced {
+        replies: u32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub client_id: String,
+    /// The canonical IANA name of the timezone the client gave.
+    pub timezone: String,
+    pub protocol: String,
+    pub server_time: DateTime<Utc>,
+    pub heartbeat_interval_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    pub first_message_timeout_ms: u64,
+    pub limits: Limits,
+    pub windows: Vec<WindowInfo>,
+}
+
+/// The limits a client should check before sending, so it can refuse a file without uploading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_text_chars: usize,
+    pub max_image_bytes: usize,
+    pub max_voice_bytes: usize,
+    pub max_video_bytes: usize,
+    pub max_in_flight_per_client: usize,
+}
+
+/// When a message type is accepted, in the client's local time: `start` inclusive, `end`
+/// exclusive, as `HH:MM` (`24:00` is midnight at the end of the day).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowInfo {
+    pub message_type: MessageType,
+    pub start: String,
+    pub end: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The client's id for the message.
+    pub id: String,
+    /// The id the message is stored under.
+    pub message_id: i64,
+    /// `accepted`, or `rejected` with `reason`; for a duplicate, the stored status.
+    pub status: MessageStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// This id was seen before; nothing new was stored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+    pub received_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub message_id: i64,
+    pub status: MessageStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delta {
+    /// The client's id of the message being answered, when it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub message_id: i64,
+    /// The next piece of the text: append it to what came before.
+    pub delta: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// The client's id of the message this answers, when it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub message_id: i64,
+    pub reply: ReplyBody,
+    /// This reply was due while the client was away, and comes from `resume` or `sync`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub missed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplyBody {
+    pub id: i64,
+    pub reply_type: ReplyType,
+    /// The text, or the URL path of the media file.
+    pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mime_type: Option<String>,
+    /// The text responder gave up and this is kaiwa's stand-in text.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fallback: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Error {
+    pub code: ErrorCode,
+    pub message: String,
+    /// The client's id of the message this error is about, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn unknown_frame_types_parse_as_unknown() {
+        let frame: ClientFrame =
+            serde_json::from_value(json!({"type": "teleport", "to": "mars"})).expect("parses");
+        assert_eq!(frame, ClientFrame::Unknown);
+    }
+
+    #[test]
+    fn send_without_optional_fields_parses() {
+        let frame: ClientFrame = serde_json::from_value(
+            json!({"type": "send", "id": "c1", "message_type": "text", "content": "hi"}),
+        )
+        .expect("parses");
+        let ClientFrame::Send(send) = frame else {
+            panic!("expected a send frame");
+        };
+        assert_eq!(send.id.as_deref(), Some("c1"));
+        assert!(!send.binary);
+    }
+
+    #[test]
+    fn every_client_frame_reads_as_an_incoming_frame() {
+        let frames = [
+            ClientFrame::Hello(Hello {
+                client_id: Some("u".into()),
+                timezone: Some("UTC".into()),
+                resume: true,
+            }),
+            ClientFrame::Send(Send {
+                id: Some("m1".into()),
+                message_type: Some("image".into()),
+                filename: Some("a.png".into()),
+                binary: true,
+                ..Send::default()
+            }),
+            ClientFrame::Ping { nonce: Some(7) },
+            ClientFrame::Sync,
+        ];
+        for frame in frames {
+            let json = serde_json::to_string(&frame).expect("serializes");
+            let incoming: IncomingFrame = serde_json::from_str(&json).expect("parses");
+            assert!(incoming.kind.is_some(), "{json}");
+        }
+        let odd: IncomingFrame = serde_json::from_value(
+            json!({"type": "send", "id": "x", "extra": [1, 2, {"deep": true}]}),
+        )
+        .expect("unknown fields are skipped");
+        assert_eq!(odd.id.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn server_frames_are_tagged_by_type() {
+        let frame = ServerFrame::Synced { replies: 3 };
+        assert_eq!(
+            serde_json::to_value(&frame).expect("serializes"),
+            json!({"type": "synced", "replies": 3})
+        );
+    }
+}
