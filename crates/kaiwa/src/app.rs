@@ -1,0 +1,313 @@
+//! The application: builds every component from the configuration, serves HTTP and WebSocket,
+//! and shuts down in order.
+
+use crate::admission::{Admission, InFlight};
+use crate::clock::Clock;
+use crate::config::ServeConfig;
+use crate::gateway::{self, Gateway, GatewaySettings, WelcomeInfo};
+use crate::http::{self, HttpState};
+use crate::queue::{MemoryQueue, Queue};
+use crate::replies::model::{ModelError, ModelResponder};
+use crate::replies::{BuiltinResponder, ReplyMaker, TextResponder};
+use crate::store::{MediaStore, SqliteStore, Store, StoreError, StoredMessage};
+use crate::telemetry;
+use crate::worker::{Delays, Worker};
+use axum::Router;
+use axum::serve::ListenerExt;
+use kaiwa_protocol::native::Limits;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::cors::{Any, CorsLayer};
+
+/// Past the grace period, how long tasks get to wind down before the process stops waiting.
+const HARD_STOP: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("could not listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the HTTP server failed: {0}")]
+    Serve(std::io::Error),
+    #[error(transparent)]
+    Queue(#[from] crate::queue::QueueError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// The language model when an API key is configured, else the built-in responder; says which.
+fn text_responder(config: &ServeConfig) -> Result<Arc<dyn TextResponder>, AppError> {
+    let model = &config.model;
+    match model.api_key() {
+        Some(key) => {
+            let responder = ModelResponder::new(model, key)?;
+            tracing::info!(
+                model = %model.model,
+                endpoint = responder.endpoint(),
+                streaming = model.stream,
+                context_turns = model.history_turns,
+                "text replies come from a language model"
+            );
+            Ok(Arc::new(responder))
+        }
+        None => {
+            tracing::info!(
+                "no API key (KAIWA_OPENAI_API_KEY or OPENAI_API_KEY): text replies come from the built-in responder"
+            );
+            Ok(Arc::new(BuiltinResponder))
+        }
+    }
+}
+
+/// A built, bound, not yet running kaiwa.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    gateway: Arc<Gateway>,
+    admission: Arc<Admission>,
+    store: Arc<dyn Store>,
+    queue: Arc<dyn Queue>,
+    worker: Worker,
+    tracker: TaskTracker,
+    shutdown_grace: Duration,
+    /// Accepted but never replied to by the last run, read before this run takes a message.
+    unfinished: Vec<StoredMessage>,
+}
+
+impl Application {
+    /// Opens the store (applying migrations), builds the components and binds the listener.
+    pub async fn build(config: ServeConfig, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
+        let data_dir = &config.store.data_dir;
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open_with(data_dir, config.durability).await?);
+        let unfinished = store.unfinished_messages().await?;
+        let media = MediaStore::open(data_dir)?;
+        let limits = &config.limits;
+        let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new(limits.max_in_flight as usize));
+        let admission = Arc::new(Admission::new(
+            config.content,
+            config.windows,
+            InFlight::new(limits.max_in_flight as usize),
+            limits.in_flight_wait,
+            store.clone(),
+            media.clone(),
+            queue.clone(),
+        ));
+        let tracker = TaskTracker::new();
+        let welcome = WelcomeInfo {
+            heartbeat_interval: config.sessions.heartbeat_interval,
+            heartbeat_timeout: config.sessions.heartbeat_timeout,
+            first_message_timeout: config.sessions.first_message_timeout,
+            limits: Limits {
+                max_text_chars: config.content.max_text_chars as usize,
+                max_image_bytes: config.content.max_image_bytes,
+                max_voice_bytes: config.content.max_voice_bytes,
+                max_video_bytes: config.content.max_video_bytes,
+                max_in_flight_per_client: limits.max_in_flight_per_client as usize,
+            },
+            windows: config.windows.describe(),
+        };
+        // An accepted media message sends up to six frames (ack, processing, three replies,
+        // replied): an outbox smaller than that per allowed message can cut off a healthy client.
+        let per_client_frames = 6 * limits.max_in_flight_per_client;
+        if limits.outbox_capacity < per_client_frames {
+            tracing::warn!(
+                outbox_capacity = limits.outbox_capacity,
+                max_in_flight_per_client = limits.max_in_flight_per_client,
+                "--outbox-capacity is below 6 frames per message a client may have in flight; clients using their whole allowance may be disconnected as slow"
+            );
+        }
+        let settings = GatewaySettings {
+            sessions: config.sessions.clone(),
+            max_clients: limits.max_clients as usize,
+            max_in_flight_per_client: limits.max_in_flight_per_client as usize,
+            outbox_capacity: limits.outbox_capacity as usize,
+            max_frame_bytes: config.content.max_frame_bytes(),
+            welcome,
+        };
+        let gateway = Arc::new(Gateway::new(
+            settings,
+            admission.clone(),
+            store.clone(),
+            clock.clone(),
+            tracker.clone(),
+        ));
+        let responder = text_responder(&config)?;
+        let worker = Worker::new(
+            store.clone(),
+            queue.clone(),
+            ReplyMaker::new(responder.clone(), store.clone()),
+            Delays::new(config.reply_delay_scale),
+            clock,
+        );
+        let http_state = Arc::new(HttpState {
+            store: store.clone(),
+            gateway: gateway.clone(),
+            queue: queue.clone(),
+            media_root: media.root(),
+            started: Instant::now(),
+            responder: responder.name(),
+            metrics: telemetry::metrics_handle(),
+        });
+        let router = Router::new()
+            .merge(gateway::router(gateway.clone()))
+            .merge(http::router(http_state))
+            .layer(CorsLayer::new().allow_origin(Any).allow_methods(Any));
+        let listener = TcpListener::bind(config.bind)
+            .await
+            .map_err(|source| AppError::Bind {
+                addr: config.bind,
+                source,
+            })?;
+        Ok(Self {
+            listener,
+            router,
+            gateway,
+            admission,
+            store,
+            queue,
+            worker,
+            tracker,
+            shutdown_grace: config.shutdown_grace,
+            unfinished,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        // A bound listener always has a local address.
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down gracefully: stops accepting, lets
+    /// messages in flight finish their replies (up to the grace period), closes every session
+    /// with "going away", and flushes the store.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), AppError> {
+        let Self {
+            listener,
+            router,
+            gateway,
+            admission,
+            store,
+            queue,
+            worker,
+            tracker,
+            shutdown_grace,
+            unfinished,
+        } = self;
+        let addr = listener.local_addr().ok();
+        let stop_accepting = CancellationToken::new();
+        let stop_workers = CancellationToken::new();
+        let stop_delivery = CancellationToken::new();
+
+        // Without TCP_NODELAY, the several small frames of one message wait on delayed ACKs
+        // (Nagle), adding ~40 ms to every reply.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::debug!(%err, "could not set TCP_NODELAY");
+            }
+        });
+        let server = tokio::spawn(
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
+                .into_future(),
+        );
+        let events = queue.events()?;
+        let delivery = tokio::spawn({
+            let gateway = gateway.clone();
+            let stop = stop_delivery.clone();
+            async move { gateway.deliver_events(events, stop).await }
+        });
+        let workers = tokio::spawn(worker.run(stop_workers.clone(), tracker.clone()));
+        tracker.spawn({
+            let admission = admission.clone();
+            let stop = stop_workers.clone();
+            async move {
+                match admission.requeue(unfinished, &stop).await {
+                    Ok(0) => {}
+                    Ok(count) => tracing::info!(
+                        messages = count,
+                        "unfinished messages from the last run queued again"
+                    ),
+                    Err(err) => tracing::error!(%err, "could not queue unfinished messages"),
+                }
+            }
+        });
+        tracing::info!(addr = ?addr, "kaiwa is listening");
+
+        let mut server = server;
+        let served = tokio::select! {
+            () = shutdown => None,
+            result = &mut server => Some(result),
+        };
+        // HTTP keeps serving while draining: /health answers 503 so load balancers move on,
+        // history stays readable, and new WebSocket clients are told to go elsewhere.
+        tracing::info!("shutting down: draining, no new sessions or messages");
+        gateway.begin_drain();
+
+        let in_flight = &admission.in_flight;
+        if tokio::time::timeout(shutdown_grace, in_flight.idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                in_flight = in_flight.current(),
+                "grace period over with messages in flight; they stay accepted and are processed on the next start"
+            );
+        }
+        stop_workers.cancel();
+        gateway.close_all();
+        stop_accepting.cancel();
+        tracker.close();
+        if tokio::time::timeout(HARD_STOP, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some sessions or tasks did not finish in time");
+        }
+        stop_delivery.cancel();
+        if let Err(err) = delivery.await {
+            tracing::error!(%err, "the delivery task failed");
+        }
+        match workers.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::error!(%err, "the worker failed"),
+            Err(err) => tracing::error!(%err, "the worker task failed"),
+        }
+        // Everything that writes is done: flush before anything else can keep us waiting.
+        store.close().await;
+        let served = match served {
+            Some(result) => result,
+            // HTTP requests still open (a client that never finishes its request would hold
+            // graceful shutdown forever) get a moment, then are cut.
+            None => match tokio::time::timeout(HARD_STOP, &mut server).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!("HTTP connections still open after the drain; closing them");
+                    server.abort();
+                    Ok(Ok(()))
+                }
+            },
+        };
+        tracing::info!("kaiwa stopped");
+        match served {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(AppError::Serve(err)),
+            Err(join) => Err(AppError::Serve(std::io::Error::other(join))),
+        }
+    }
+}

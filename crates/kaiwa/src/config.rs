@@ -1,0 +1,472 @@
+//! Configuration: command-line flags, each with a `KAIWA_*` environment variable; `main` loads a
+//! `.env` file into the environment first. Every value is validated at start.
+
+use crate::admission::{ContentLimits, Window, Windows};
+use crate::store::Durability;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kaiwa",
+    version,
+    // A later flag overrides an earlier one, so wrappers can append to a base command line.
+    args_override_self = true,
+    about = "A real-time chat backend: WebSocket sessions, time windows, durable history, replies.",
+    long_about = "A real-time chat backend: WebSocket sessions, time windows, durable history, replies.\n\n\
+        Every flag can also be set with the environment variable shown beside it, or in a .env \
+        file in the working directory."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the chat server: gateway and workers in one process.
+    Serve(Box<ServeConfig>),
+    /// Apply pending database migrations, then exit.
+    Migrate(StoreConfig),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StoreConfig {
+    /// Directory for the SQLite database, media files and logs.
+    #[arg(long, env = "KAIWA_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "KAIWA_BIND", default_value = "127.0.0.1:8082")]
+    pub bind: SocketAddr,
+
+    #[command(flatten)]
+    pub store: StoreConfig,
+
+    #[command(flatten)]
+    pub limits: LimitsConfig,
+
+    #[command(flatten)]
+    pub sessions: SessionConfig,
+
+    #[command(flatten)]
+    pub content: ContentLimits,
+
+    #[command(flatten)]
+    pub windows: Windows,
+
+    /// Multiplier for the reply delays (text 0–1 s, voice 1–2 s, video and image 2–3 s);
+    /// 0 turns them off.
+    #[arg(long, env = "KAIWA_REPLY_DELAY_SCALE", default_value = "1.0", value_parser = parse_scale, help_heading = "Replies")]
+    pub reply_delay_scale: f64,
+
+    /// How hard the database syncs: `full` (an acked message survives a power cut) or `normal`
+    /// (it survives the process crashing; faster).
+    #[arg(long = "sqlite-synchronous", env = "KAIWA_SQLITE_SYNCHRONOUS", value_enum, default_value_t = Durability::Full, help_heading = "Storage")]
+    pub durability: Durability,
+
+    /// Seconds to let messages in flight finish their replies on shutdown before closing.
+    #[arg(long, env = "KAIWA_SHUTDOWN_GRACE", default_value = "10", value_parser = parse_seconds, help_heading = "Sessions")]
+    pub shutdown_grace: Duration,
+
+    #[command(flatten)]
+    pub model: ModelConfig,
+
+    #[command(flatten)]
+    pub log: LogConfig,
+}
+
+/// The language model that writes text replies (R10). Without an API key, the built-in
+/// responder answers instead.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Language model (text replies)")]
+pub struct ModelConfig {
+    /// API key of the OpenAI-compatible provider; OPENAI_API_KEY is read too. Prefer the
+    /// environment or .env over the command line, where other users can see it.
+    #[arg(long = "openai-api-key", env = "KAIWA_OPENAI_API_KEY", hide_env_values = true, value_parser = parse_secret)]
+    pub api_key: Option<Secret>,
+
+    /// Base URL of the chat-completions API (OpenAI, Azure-style gateways, Ollama, llama.cpp,
+    /// vLLM...).
+    #[arg(
+        long = "model-base-url",
+        env = "KAIWA_MODEL_BASE_URL",
+        default_value = "https://api.openai.com/v1"
+    )]
+    pub base_url: String,
+
+    /// Model name sent to the provider.
+    #[arg(long = "model", env = "KAIWA_MODEL", default_value = "gpt-4o-mini")]
+    pub model: String,
+
+    /// Sampling temperature.
+    #[arg(long = "model-temperature", env = "KAIWA_MODEL_TEMPERATURE", default_value = "0.7", value_parser = parse_temperature)]
+    pub temperature: f32,
+
+    /// Longest reply, in tokens.
+    #[arg(long = "model-max-tokens", env = "KAIWA_MODEL_MAX_TOKENS", default_value = "300", value_parser = clap::value_parser!(u32).range(1..=32_768))]
+    pub max_tokens: u32,
+
+    /// Stream replies (server-sent events) and forward them to native clients as they grow.
+    #[arg(long = "model-stream", env = "KAIWA_MODEL_STREAM", default_value_t = true, action = clap::ArgAction::Set)]
+    pub stream: bool,
+
+    /// Seconds to open a connection to the provider.
+    #[arg(long = "model-connect-timeout", env = "KAIWA_MODEL_CONNECT_TIMEOUT", default_value = "5", value_parser = parse_seconds)]
+    pub connect_timeout: Duration,
+
+    /// Seconds from sending a request to the first piece of the reply.
+    #[arg(long = "model-first-token-timeout", env = "KAIWA_MODEL_FIRST_TOKEN_TIMEOUT", default_value = "15", value_parser = parse_seconds)]
+    pub first_token_timeout: Duration,
+
+    /// Seconds a reply may take in all, retries included; then the fallback reply is sent.
+    #[arg(long = "model-total-timeout", env = "KAIWA_MODEL_TOTAL_TIMEOUT", default_value = "45", value_parser = parse_seconds)]
+    pub total_timeout: Duration,
+
+    /// Retries after a timeout, a connection error, a 5xx or a 429.
+    #[arg(long = "model-retries", env = "KAIWA_MODEL_RETRIES", default_value = "2", value_parser = clap::value_parser!(u32).range(0..=10))]
+    pub retries: u32,
+
+    /// Calls to the provider at the same time; more wait their turn.
+    #[arg(long = "model-concurrency", env = "KAIWA_MODEL_CONCURRENCY", default_value = "16", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+
+    /// System prompt template; may use {timezone}, {local_time}, {local_date}, {weekday},
+    /// {message_type} and {client_id}.
+    #[arg(
+        long = "system-prompt",
+        env = "KAIWA_SYSTEM_PROMPT",
+        conflicts_with = "system_prompt_file"
+    )]
+    pub system_prompt: Option<String>,
+
+    /// File holding the system prompt template (same placeholders).
+    #[arg(long = "system-prompt-file", env = "KAIWA_SYSTEM_PROMPT_FILE")]
+    pub system_prompt_file: Option<PathBuf>,
+
+    /// Earlier turns of the client's history sent along as context.
+    #[arg(long = "history-turns", env = "KAIWA_HISTORY_TURNS", default_value = "6", value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub history_turns: u32,
+}
+
+impl ModelConfig {
+    /// The key from the flag or `KAIWA_OPENAI_API_KEY`, else from `OPENAI_API_KEY`; an empty
+    /// value counts as none.
+    pub fn api_key(&self) -> Option<Secret> {
+        self.api_key
+            .clone()
+            .or_else(|| std::env::var("OPENAI_API_KEY").ok().map(Secret))
+            .filter(|key| !key.expose().trim().is_empty())
+    }
+}
+
+/// A value that must never be printed: `Debug` and `Display` show `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+fn parse_secret(raw: &str) -> Result<Secret, String> {
+    Ok(Secret(raw.trim().to_owned()))
+}
+
+fn parse_temperature(raw: &str) -> Result<f32, String> {
+    let value: f32 = raw
+        .trim()
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a number"))?;
+    if !(0.0..=2.0).contains(&value) {
+        return Err(format!("{raw} is out of range: use 0 to 2"));
+    }
+    Ok(value)
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Limits")]
+pub struct LimitsConfig {
+    /// Clients connected at the same time (R13); the next one is refused with close code 1013.
+    #[arg(long, env = "KAIWA_MAX_CLIENTS", default_value = "50", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_clients: u32,
+
+    /// Messages between acceptance and their last reply, across all clients (R14).
+    #[arg(long, env = "KAIWA_MAX_IN_FLIGHT", default_value = "500", value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_in_flight: u32,
+
+    /// Messages in flight for one client; past it the server stops reading from that client.
+    #[arg(long, env = "KAIWA_MAX_IN_FLIGHT_PER_CLIENT", default_value = "32", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_in_flight_per_client: u32,
+
+    /// Seconds a message waits for a free in-flight slot before the client is told to retry.
+    #[arg(long, env = "KAIWA_IN_FLIGHT_WAIT", default_value = "10", value_parser = parse_seconds)]
+    pub in_flight_wait: Duration,
+
+    /// Frames queued for one client before it is disconnected as a slow consumer.
+    #[arg(long, env = "KAIWA_OUTBOX_CAPACITY", default_value = "256", value_parser = clap::value_parser!(u32).range(8..=65_536))]
+    pub outbox_capacity: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Sessions")]
+pub struct SessionConfig {
+    /// Seconds between heartbeats (WebSocket pings, and heartbeat frames for legacy clients).
+    #[arg(long, env = "KAIWA_HEARTBEAT_INTERVAL", default_value = "20", value_parser = parse_seconds)]
+    pub heartbeat_interval: Duration,
+
+    /// Seconds without any frame from a client before it is disconnected (R2).
+    #[arg(long, env = "KAIWA_HEARTBEAT_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
+    pub heartbeat_timeout: Duration,
+
+    /// Seconds a client may stay connected without sending a message (R16).
+    #[arg(long, env = "KAIWA_FIRST_MESSAGE_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
+    pub first_message_timeout: Duration,
+
+    /// Seconds to wait for the handshake frame after the upgrade.
+    #[arg(long, env = "KAIWA_HANDSHAKE_TIMEOUT", default_value = "10", value_parser = parse_seconds)]
+    pub handshake_timeout: Duration,
+
+    /// What a second connection with a live client id gets (R15).
+    #[arg(long, env = "KAIWA_DUPLICATE_CONNECTION", value_enum, default_value_t = DuplicatePolicy::Refuse)]
+    pub duplicate_connection: DuplicatePolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DuplicatePolicy {
+    /// Refuse the new connection (close code 4009); the live one keeps its session.
+    Refuse,
+    /// Close the live connection (close code 4010) and keep the new one.
+    Replace,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Logging")]
+pub struct LogConfig {
+    /// Log filter for standard output, in tracing's EnvFilter syntax (e.g. `info,kaiwa=debug`).
+    #[arg(long = "log", env = "KAIWA_LOG", default_value = "info")]
+    pub filter: String,
+
+    /// Format of standard output; the files under <data-dir>/logs are always JSON lines.
+    #[arg(long, env = "KAIWA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "--heartbeat-timeout ({timeout:?}) must be longer than --heartbeat-interval ({interval:?})"
+    )]
+    HeartbeatTimeout {
+        timeout: Duration,
+        interval: Duration,
+    },
+    #[error("--max-in-flight-per-client ({per_client}) cannot exceed --max-in-flight ({total})")]
+    PerClientInFlight { per_client: u32, total: u32 },
+    #[error("--system-prompt-file {0} is not a readable file")]
+    PromptFile(PathBuf),
+    #[error("--model-base-url must start with http:// or https://, not {0:?}")]
+    BaseUrl(String),
+    #[error(transparent)]
+    Parse(#[from] clap::Error),
+}
+
+/// Parses only the `serve` flags, for tests and embedders that build a config from arguments.
+#[derive(Debug, Parser)]
+#[command(name = "kaiwa-serve", no_binary_name = true, args_override_self = true)]
+struct ServeOnly {
+    #[command(flatten)]
+    config: ServeConfig,
+}
+
+impl ServeConfig {
+    /// Builds a config from `serve` flags (without the program name), with the same defaults,
+    /// environment variables and validation as the command line.
+    pub fn from_args<I, T>(args: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let config = ServeOnly::try_parse_from(args)?.config;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the rules that span several flags.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let sessions = &self.sessions;
+        if sessions.heartbeat_timeout <= sessions.heartbeat_interval {
+            return Err(ConfigError::HeartbeatTimeout {
+                timeout: sessions.heartbeat_timeout,
+                interval: sessions.heartbeat_interval,
+            });
+        }
+        if let Some(path) = &self.model.system_prompt_file
+            && !path.is_file()
+        {
+            return Err(ConfigError::PromptFile(path.clone()));
+        }
+        if !self.model.base_url.starts_with("http://")
+            && !self.model.base_url.starts_with("https://")
+        {
+            return Err(ConfigError::BaseUrl(self.model.base_url.clone()));
+        }
+        if self.limits.max_in_flight_per_client > self.limits.max_in_flight {
+            return Err(ConfigError::PerClientInFlight {
+                per_client: self.limits.max_in_flight_per_client,
+                total: self.limits.max_in_flight,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Seconds as a decimal number (`0.5`, `20`), at least a millisecond and at most a day.
+pub(crate) fn parse_seconds(raw: &str) -> Result<Duration, String> {
+    let seconds: f64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a number of seconds"))?;
+    if !(0.001..=86_400.0).contains(&seconds) {
+        return Err(format!(
+            "{raw} s is out of range: use 0.001 to 86400 seconds"
+        ));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn parse_scale(raw: &str) -> Result<f64, String> {
+    let scale: f64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a number"))?;
+    if !(0.0..=100.0).contains(&scale) {
+        return Err(format!("{raw} is out of range: use 0 (no delay) to 100"));
+    }
+    Ok(scale)
+}
+
+/// A size in bytes: `1048576`, `512KiB`, `5MiB`, `5MB` (kaiwa reads MB as MiB, as most people
+/// mean it for file limits).
+pub(crate) fn parse_bytes(raw: &str) -> Result<usize, String> {
+    let text = raw.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: usize = number
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a size such as 5MiB or 1048576"))?;
+    let multiplier = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} in {raw:?}")),
+    };
+    let bytes = number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("{raw} is too large"))?;
+    if !(1..=(1usize << 30)).contains(&bytes) {
+        return Err(format!("{raw} is out of range: use 1 byte to 1GiB"));
+    }
+    Ok(bytes)
+}
+
+/// A window flag's value: `HH:MM-HH:MM`, see [`Window`].
+pub(crate) fn parse_window(raw: &str) -> Result<Window, String> {
+    raw.parse().map_err(|err| format!("{err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let config = ServeConfig::from_args(Vec::<String>::new()).expect("defaults are valid");
+        assert_eq!(config.bind.port(), 8082);
+        assert_eq!(config.limits.max_clients, 50);
+        assert_eq!(config.limits.max_in_flight, 500);
+        assert_eq!(config.content.max_image_bytes, 5 << 20);
+        assert_eq!(config.content.max_video_bytes, 25 << 20);
+        assert_eq!(
+            config.sessions.duplicate_connection,
+            DuplicatePolicy::Refuse
+        );
+        assert_eq!(config.windows.voice.to_string(), "08:00-12:00");
+    }
+
+    #[test]
+    fn invalid_values_fail_with_a_message_naming_the_flag() {
+        let err = ServeConfig::from_args(["--max-clients", "0"]).expect_err("0 clients is invalid");
+        assert!(err.to_string().contains("--max-clients"), "{err}");
+
+        let err =
+            ServeConfig::from_args(["--heartbeat-interval", "30", "--heartbeat-timeout", "10"])
+                .expect_err("timeout shorter than interval");
+        assert!(err.to_string().contains("--heartbeat-timeout"), "{err}");
+
+        let err =
+            ServeConfig::from_args(["--voice-window", "25:00-26:00"]).expect_err("bad window");
+        assert!(err.to_string().contains("--voice-window"), "{err}");
+    }
+
+    #[test]
+    fn the_api_key_never_shows_in_debug_output() {
+        let config = ServeConfig::from_args(["--openai-api-key", "sk-very-secret"]).expect("valid");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("sk-very-secret"), "{shown}");
+        assert_eq!(
+            config.model.api_key().map(|k| k.expose().to_owned()),
+            Some("sk-very-secret".into())
+        );
+    }
+
+    #[test]
+    fn sizes_and_seconds_parse_with_units() {
+        assert_eq!(parse_bytes("5MiB"), Ok(5 << 20));
+        assert_eq!(parse_bytes("512 KiB"), Ok(512 << 10));
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert!(parse_bytes("5 parsecs").is_err());
+        assert!(parse_bytes("0").is_err());
+        assert_eq!(parse_seconds("0.25"), Ok(Duration::from_millis(250)));
+        assert!(parse_seconds("-1").is_err());
+        assert_eq!(parse_scale("0"), Ok(0.0));
+        assert!(parse_scale("-0.5").is_err());
+    }
+}

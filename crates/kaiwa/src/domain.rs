@@ -1,0 +1,126 @@
+//! Validating newtypes for what a client says about itself: its id and its timezone.
+
+use chrono_tz::Tz;
+use std::fmt;
+use std::sync::Arc;
+
+/// A client's id: 1–128 bytes, no control characters, no `/` (it appears in URL paths).
+///
+/// Cheap to clone: it is copied into every job, event and registry entry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(Arc<str>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ClientIdError {
+    #[error("client_id is required")]
+    Missing,
+    #[error("client_id must be at most {} bytes", ClientId::MAX_LEN)]
+    TooLong,
+    #[error("client_id must not contain control characters or '/'")]
+    BadCharacter,
+}
+
+impl ClientId {
+    pub const MAX_LEN: usize = 128;
+
+    pub fn parse(raw: &str) -> Result<Self, ClientIdError> {
+        let id = raw.trim();
+        if id.is_empty() {
+            return Err(ClientIdError::Missing);
+        }
+        if id.len() > Self::MAX_LEN {
+            return Err(ClientIdError::TooLong);
+        }
+        if id.chars().any(|c| c.is_control() || c == '/') {
+            return Err(ClientIdError::BadCharacter);
+        }
+        Ok(Self(id.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An IANA timezone known to the tz database kaiwa was built with. An unknown name is an error,
+/// never a silent fallback to UTC (R3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timezone(Tz);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimezoneError {
+    #[error("timezone is required (an IANA name such as Asia/Ho_Chi_Minh)")]
+    Missing,
+    #[error("unknown timezone {0:?}: expected an IANA name such as Asia/Ho_Chi_Minh or UTC")]
+    Unknown(String),
+}
+
+impl Timezone {
+    /// Accepts the exact IANA name, or the same name in another letter case, and keeps the
+    /// canonical spelling.
+    pub fn parse(raw: &str) -> Result<Self, TimezoneError> {
+        let name = raw.trim();
+        if name.is_empty() {
+            return Err(TimezoneError::Missing);
+        }
+        name.parse::<Tz>()
+            .or_else(|_| Tz::from_str_insensitive(name))
+            .map(Self)
+            .map_err(|_| TimezoneError::Unknown(name.chars().take(64).collect()))
+    }
+
+    pub fn tz(self) -> Tz {
+        self.0
+    }
+
+    pub fn name(self) -> &'static str {
+        self.0.name()
+    }
+}
+
+impl fmt::Display for Timezone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ids_are_trimmed_and_checked() {
+        assert_eq!(
+            ClientId::parse("  alice ").map(|id| id.to_string()),
+            Ok("alice".into())
+        );
+        assert_eq!(ClientId::parse("   "), Err(ClientIdError::Missing));
+        assert_eq!(ClientId::parse("a/b"), Err(ClientIdError::BadCharacter));
+        assert_eq!(ClientId::parse("a\nb"), Err(ClientIdError::BadCharacter));
+        assert_eq!(
+            ClientId::parse(&"x".repeat(129)),
+            Err(ClientIdError::TooLong)
+        );
+        assert!(ClientId::parse("user@example.com").is_ok());
+    }
+
+    #[test]
+    fn timezones_are_iana_names_in_any_case() {
+        assert_eq!(
+            Timezone::parse("asia/ho_chi_minh").map(Timezone::name),
+            Ok("Asia/Ho_Chi_Minh")
+        );
+        assert_eq!(Timezone::parse("UTC").map(Timezone::name), Ok("UTC"));
+        assert!(matches!(
+            Timezone::parse("Mars/Olympus_Mons"),
+            Err(TimezoneError::Unknown(_))
+        ));
+        assert_eq!(Timezone::parse(""), Err(TimezoneError::Missing));
+    }
+}

@@ -1,0 +1,245 @@
+//! The first frame of a connection: which protocol it speaks, who the client is, its timezone.
+
+use super::wire::Protocol;
+use crate::domain::{ClientId, ClientIdError, Timezone, TimezoneError};
+use axum::extract::ws::{Message, WebSocket};
+use futures::StreamExt;
+use kaiwa_protocol::{ErrorCode, legacy, native};
+use std::time::Duration;
+
+/// A client that introduced itself properly.
+#[derive(Debug)]
+pub(crate) struct Hello {
+    pub protocol: Protocol,
+    pub client_id: ClientId,
+    pub timezone: Timezone,
+    /// Native only: replay the replies missed while away.
+    pub resume: bool,
+}
+
+#[derive(Debug)]
+pub(crate) enum HandshakeError {
+    /// The client left, or the connection broke; nobody to answer.
+    Gone,
+    /// No handshake frame in time.
+    Timeout,
+    /// The handshake frame was wrong; `protocol` is the one to answer in.
+    Invalid {
+        protocol: Protocol,
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// Reads the handshake frame. `native` is whether the client chose `kaiwa.v1` in the upgrade
+/// request; a client that did not may still choose it with a `hello` first frame.
+pub(crate) async fn receive(
+    socket: &mut WebSocket,
+    native: bool,
+    timeout: Duration,
+) -> Result<Hello, HandshakeError> {
+    let guess = if native {
+        Protocol::Native
+    } else {
+        Protocol::Legacy
+    };
+    let first = tokio::time::timeout(timeout, async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => return Ok(text),
+                Some(Ok(Message::Binary(_))) => {
+                    return Err(HandshakeError::Invalid {
+                        protocol: guess,
+                        code: ErrorCode::UnexpectedBinary,
+                        message:
+                            "the first frame must be a JSON text frame with client_id and timezone"
+                                .into(),
+                    });
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                    return Err(HandshakeError::Gone);
+                }
+            }
+        }
+    })
+    .await
+    .map_err(|_| HandshakeError::Timeout)??;
+    if first.len() > MAX_HELLO_BYTES {
+        return Err(invalid(
+            guess,
+            ErrorCode::MalformedJson,
+            format!("the handshake frame must be under {MAX_HELLO_BYTES} bytes"),
+        ));
+    }
+    parse(&first, native)
+}
+
+/// A handshake holds a client id, a timezone and a flag; refusing anything larger before
+/// parsing it keeps an unauthenticated connection from making the server parse megabytes.
+const MAX_HELLO_BYTES: usize = 4096;
+
+fn invalid(protocol: Protocol, code: ErrorCode, message: impl Into<String>) -> HandshakeError {
+    HandshakeError::Invalid {
+        protocol,
+        code,
+        message: message.into(),
+    }
+}
+
+pub(crate) fn parse(text: &str, native_header: bool) -> Result<Hello, HandshakeError> {
+    let (protocol, client_id, timezone, resume) = if native_header {
+        match serde_json::from_str::<native::IncomingFrame>(text) {
+            Ok(hello) if hello.kind.as_deref() == Some("hello") => (
+                Protocol::Native,
+                hello.client_id,
+                hello.timezone,
+                hello.resume,
+            ),
+            Ok(_) => {
+                return Err(invalid(
+                    Protocol::Native,
+                    ErrorCode::HandshakeRequired,
+                    r#"the first frame must be {"type":"hello","client_id":...,"timezone":...}"#,
+                ));
+            }
+            Err(err) => {
+                return Err(invalid(
+                    Protocol::Native,
+                    ErrorCode::MalformedJson,
+                    format!("invalid hello frame: {err}"),
+                ));
+            }
+        }
+    } else {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|err| {
+            invalid(
+                Protocol::Legacy,
+                ErrorCode::MalformedJson,
+                format!("the first frame is not JSON: {err}"),
+            )
+        })?;
+        if !value.is_object() {
+            return Err(invalid(
+                Protocol::Legacy,
+                ErrorCode::MalformedJson,
+                r#"the first frame must be a JSON object: {"client_id":...,"timezone":...}"#,
+            ));
+        }
+        if value.get("type").and_then(|t| t.as_str()) == Some("hello") {
+            let hello: native::Hello = serde_json::from_value(value).map_err(|err| {
+                invalid(
+                    Protocol::Native,
+                    ErrorCode::MalformedJson,
+                    format!("invalid hello frame: {err}"),
+                )
+            })?;
+            (
+                Protocol::Native,
+                hello.client_id,
+                hello.timezone,
+                hello.resume,
+            )
+        } else {
+            let frame: legacy::ClientFrame = serde_json::from_value(value).map_err(|err| {
+                invalid(
+                    Protocol::Legacy,
+                    ErrorCode::MalformedJson,
+                    format!("invalid handshake frame: {err}"),
+                )
+            })?;
+            if frame.client_id.is_none() && (frame.message_type.is_some() || frame.kind.is_some()) {
+                return Err(invalid(
+                    Protocol::Legacy,
+                    ErrorCode::HandshakeRequired,
+                    r#"send {"client_id":...,"timezone":...} before anything else"#,
+                ));
+            }
+            (Protocol::Legacy, frame.client_id, frame.timezone, false)
+        }
+    };
+    let client_id = ClientId::parse(client_id.as_deref().unwrap_or_default()).map_err(|err| {
+        let code = match err {
+            ClientIdError::Missing => ErrorCode::MissingClientId,
+            ClientIdError::TooLong | ClientIdError::BadCharacter => ErrorCode::InvalidClientId,
+        };
+        invalid(protocol, code, err.to_string())
+    })?;
+    let timezone = Timezone::parse(timezone.as_deref().unwrap_or_default()).map_err(|err| {
+        let code = match err {
+            TimezoneError::Missing => ErrorCode::MissingTimezone,
+            TimezoneError::Unknown(_) => ErrorCode::UnknownTimezone,
+        };
+        invalid(protocol, code, err.to_string())
+    })?;
+    Ok(Hello {
+        protocol,
+        client_id,
+        timezone,
+        resume,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(result: &Result<Hello, HandshakeError>) -> Option<ErrorCode> {
+        match result {
+            Err(HandshakeError::Invalid { code, .. }) => Some(*code),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn legacy_and_native_hellos_are_told_apart_by_their_first_frame() {
+        let legacy = parse(r#"{"client_id":"u1","timezone":"UTC"}"#, false).expect("legacy hello");
+        assert_eq!(legacy.protocol, Protocol::Legacy);
+        let native = parse(
+            r#"{"type":"hello","client_id":"u1","timezone":"UTC","resume":true}"#,
+            false,
+        )
+        .expect("native hello");
+        assert_eq!(native.protocol, Protocol::Native);
+        assert!(native.resume);
+        let by_header = parse(
+            r#"{"type":"hello","client_id":"u1","timezone":"Asia/Tokyo"}"#,
+            true,
+        )
+        .expect("native hello");
+        assert_eq!(by_header.timezone.name(), "Asia/Tokyo");
+    }
+
+    #[test]
+    fn bad_handshakes_get_specific_codes() {
+        assert_eq!(code(&parse("{", false)), Some(ErrorCode::MalformedJson));
+        assert_eq!(code(&parse("[1]", false)), Some(ErrorCode::MalformedJson));
+        assert_eq!(
+            code(&parse(r#"{"timezone":"UTC"}"#, false)),
+            Some(ErrorCode::MissingClientId)
+        );
+        assert_eq!(
+            code(&parse(r#"{"client_id":"","timezone":"UTC"}"#, false)),
+            Some(ErrorCode::MissingClientId)
+        );
+        assert_eq!(
+            code(&parse(r#"{"client_id":"u1"}"#, false)),
+            Some(ErrorCode::MissingTimezone)
+        );
+        assert_eq!(
+            code(&parse(
+                r#"{"client_id":"u1","timezone":"Nowhere/City"}"#,
+                false
+            )),
+            Some(ErrorCode::UnknownTimezone)
+        );
+        assert_eq!(
+            code(&parse(r#"{"message_type":"text","content":"hi"}"#, false)),
+            Some(ErrorCode::HandshakeRequired)
+        );
+        assert_eq!(
+            code(&parse(r#"{"type":"ping"}"#, true)),
+            Some(ErrorCode::HandshakeRequired)
+        );
+    }
+}

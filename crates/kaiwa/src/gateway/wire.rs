@@ -1,0 +1,200 @@
+//! Frames as each protocol spells them. Sessions and the delivery task say what to send; this
+//! module says how, so the two protocols never leak into the rest of the gateway.
+
+use crate::queue::MessageRef;
+use crate::store::StoredReply;
+use axum::extract::ws::Utf8Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use kaiwa_protocol::native::{self, Limits, WindowInfo};
+use kaiwa_protocol::{ErrorCode, MessageStatus, legacy};
+use serde::Serialize;
+use std::time::Duration;
+
+/// The protocol a session speaks, fixed at the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Legacy,
+    Native,
+}
+
+fn encode<T: Serialize>(frame: &T) -> Utf8Bytes {
+    // Our frame types are plain data: serializing them cannot fail.
+    serde_json::to_string(frame)
+        .unwrap_or_else(|_| r#"{"type":"error","data":{"message":"internal error"}}"#.to_owned())
+        .into()
+}
+
+fn iso(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// What a native client learns at `welcome`.
+#[derive(Debug, Clone)]
+pub(crate) struct WelcomeInfo {
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub first_message_timeout: Duration,
+    pub limits: Limits,
+    pub windows: Vec<WindowInfo>,
+}
+
+impl Protocol {
+    pub(crate) fn welcome(
+        self,
+        client_id: &str,
+        timezone: &str,
+        now: DateTime<Utc>,
+        info: &WelcomeInfo,
+    ) -> Utf8Bytes {
+        match self {
+            Self::Legacy => encode(&legacy::ServerFrame::connected()),
+            Self::Native => encode(&native::ServerFrame::Welcome(native::Welcome {
+                client_id: client_id.to_owned(),
+                timezone: timezone.to_owned(),
+                protocol: kaiwa_protocol::SUBPROTOCOL.to_owned(),
+                server_time: now,
+                heartbeat_interval_ms: millis(info.heartbeat_interval),
+                heartbeat_timeout_ms: millis(info.heartbeat_timeout),
+                first_message_timeout_ms: millis(info.first_message_timeout),
+                limits: info.limits,
+                windows: info.windows.clone(),
+            })),
+        }
+    }
+
+    /// The application-level heartbeat, for legacy clients; native ones get WebSocket pings.
+    pub(crate) fn heartbeat(self, now: DateTime<Utc>) -> Option<Utf8Bytes> {
+        match self {
+            Self::Legacy => Some(encode(&legacy::ServerFrame::heartbeat_ping(iso(now)))),
+            Self::Native => None,
+        }
+    }
+
+    pub(crate) fn heartbeat_answer(self, now: DateTime<Utc>, nonce: Option<u64>) -> Utf8Bytes {
+        match self {
+            Self::Legacy => encode(&legacy::ServerFrame::heartbeat_pong(iso(now))),
+            Self::Native => encode(&native::ServerFrame::Pong { nonce }),
+        }
+    }
+
+    pub(crate) fn error(
+        self,
+        code: ErrorCode,
+        message: String,
+        id: Option<String>,
+        retry_after: Option<Duration>,
+    ) -> Utf8Bytes {
+        match self {
+            Self::Legacy => encode(&legacy::ServerFrame::error(code, message)),
+            Self::Native => encode(&native::ServerFrame::Error(native::Error {
+                code,
+                message,
+                id,
+                retry_after_ms: retry_after.map(millis),
+            })),
+        }
+    }
+
+    /// The answer to a stored message: an ack for native clients; for legacy ones only a
+    /// rejection is announced (they learn of acceptance from the replies).
+    pub(crate) fn stored(
+        self,
+        id: Option<String>,
+        message_id: i64,
+        status: MessageStatus,
+        reason: Option<String>,
+        duplicate: bool,
+        received_at: DateTime<Utc>,
+    ) -> Option<Utf8Bytes> {
+        match self {
+            Self::Legacy => (status == MessageStatus::Rejected).then(|| {
+                encode(&legacy::ServerFrame::rejection(
+                    Some(message_id),
+                    reason.unwrap_or_default(),
+                ))
+            }),
+            Self::Native => Some(encode(&native::ServerFrame::Ack(native::Ack {
+                id: id.unwrap_or_default(),
+                message_id,
+                status,
+                reason,
+                duplicate,
+                received_at,
+            }))),
+        }
+    }
+
+    /// `processing` and `replied`, for native clients only.
+    pub(crate) fn status(self, message: &MessageRef, status: MessageStatus) -> Option<Utf8Bytes> {
+        match self {
+            Self::Legacy => None,
+            Self::Native => Some(encode(&native::ServerFrame::Status(native::Status {
+                id: message.client_message_id.clone(),
+                message_id: message.message_id,
+                status,
+            }))),
+        }
+    }
+
+    pub(crate) fn reply(
+        self,
+        message: &MessageRef,
+        reply: &StoredReply,
+        missed: bool,
+    ) -> Utf8Bytes {
+        match self {
+            Self::Legacy => encode(&legacy::ServerFrame {
+                kind: legacy::FrameKind::Message,
+                data: legacy::Data {
+                    id: Some(reply.id),
+                    message_id: Some(message.message_id),
+                    content: Some(reply.content.clone()),
+                    reply_type: Some(reply.reply_type),
+                    filename: reply.filename.clone(),
+                    mime_type: reply.mime_type.clone(),
+                    fallback: reply.fallback.then_some(true),
+                    ..legacy::Data::default()
+                },
+                is_system: false,
+            }),
+            Self::Native => encode(&native::ServerFrame::Reply(native::Reply {
+                id: message.client_message_id.clone(),
+                message_id: message.message_id,
+                reply: native::ReplyBody {
+                    id: reply.id,
+                    reply_type: reply.reply_type,
+                    content: reply.content.clone(),
+                    filename: reply.filename.clone(),
+                    mime_type: reply.mime_type.clone(),
+                    fallback: reply.fallback,
+                    created_at: reply.created_at,
+                },
+                missed,
+            })),
+        }
+    }
+
+    /// A piece of a text reply being written: native clients show it growing; legacy ones wait
+    /// for the whole reply.
+    pub(crate) fn delta(self, message: &MessageRef, delta: String) -> Option<Utf8Bytes> {
+        match self {
+            Self::Legacy => None,
+            Self::Native => Some(encode(&native::ServerFrame::Delta(native::Delta {
+                id: message.client_message_id.clone(),
+                message_id: message.message_id,
+                delta,
+            }))),
+        }
+    }
+
+    pub(crate) fn synced(self, replies: u32) -> Option<Utf8Bytes> {
+        match self {
+            Self::Legacy => None,
+            Self::Native => Some(encode(&native::ServerFrame::Synced { replies })),
+        }
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,46 @@
+//! The one error type of the HTTP API: a status and a stable code for the client, the cause
+//! logged on the server and never sent.
+
+use crate::store::StoreError;
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use kaiwa_protocol::ErrorCode;
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidParameter(String),
+    #[error("not found")]
+    NotFound,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, message) = match &self {
+            Self::InvalidParameter(message) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::InvalidParameter,
+                message.clone(),
+            ),
+            Self::NotFound => (
+                StatusCode::NOT_FOUND,
+                ErrorCode::NotFound,
+                "not found".to_owned(),
+            ),
+            Self::Store(err) => {
+                tracing::error!(%err, "request failed in the store");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::Internal,
+                    "internal error; see the server log".to_owned(),
+                )
+            }
+        };
+        let body = json!({"status": "error", "code": code, "message": message});
+        (status, Json(body)).into_response()
+    }
+}

@@ -1,0 +1,34 @@
+//! kaiwa: a real-time chat backend.
+//!
+//! A message travels through the modules in this order, and each module owns one step:
+//!
+//! 1. [`gateway`]: WebSocket upgrade, handshake, one session actor per connection, the registry
+//!    of connected clients, and the outbox that writes frames back.
+//! 2. [`admission`]: limits (clients, messages in flight), validation of content and media, and
+//!    the time windows judged in the client's timezone.
+//! 3. [`store`]: durable messages, replies and media files (SQLite now; the [`store::Store`]
+//!    trait is the seam for PostgreSQL).
+//! 4. [`queue`]: hands accepted messages to workers and their events back to the gateway
+//!    (in-process now; the [`queue::Queue`] trait is the seam for RabbitMQ).
+//! 5. [`worker`]: processes a message: waits its reply delay, makes the replies, stores them.
+//! 6. [`replies`]: what the replies say and contain: text from a [`replies::TextResponder`],
+//!    voice clips and generated images.
+//!
+//! [`http`] serves history, health, metrics and media; [`app`] wires it all together.
+
+pub mod admission;
+pub mod app;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod gateway;
+pub mod http;
+pub mod queue;
+pub mod replies;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod worker;
+
+pub use app::Application;
+pub use config::ServeConfig;

@@ -1,0 +1,55 @@
+//! The `kaiwa` binary: parses the command line and runs the chosen command.
+
+use anyhow::Context;
+use clap::Parser;
+use kaiwa::clock::SystemClock;
+use kaiwa::config::{Cli, Command};
+use kaiwa::store::SqliteStore;
+use kaiwa::{Application, shutdown, telemetry};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+// Frames, jobs and replies are allocated on one thread and freed on another many thousand
+// times a second; glibc's allocator was the largest single cost in the profile.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    // Before parsing, so that `.env` values fill in flags like any environment variable.
+    let env_file = dotenvy::dotenv();
+    let cli = Cli::parse();
+    match run(cli, env_file.ok()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // The whole cause chain on one line, without a backtrace: these are operator errors
+            // (a bad flag, a busy port, a locked data directory), not bugs.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli, env_file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(config) => {
+                config.validate()?;
+                let _telemetry = telemetry::init(&config.log, &config.store.data_dir)?;
+                if let Some(path) = env_file {
+                    tracing::info!(path = %path.display(), "settings read from .env");
+                }
+                let app = Application::build(*config, Arc::new(SystemClock)).await?;
+                app.run_until(shutdown::signal()).await?;
+            }
+            Command::Migrate(store) => {
+                let applied = SqliteStore::migrate(&store.data_dir).await?;
+                println!(
+                    "{applied} migration(s) applied to {}",
+                    store.data_dir.join("kaiwa.db").display()
+                );
+            }
+        }
+        Ok(())
+    })
+}

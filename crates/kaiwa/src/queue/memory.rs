@@ -1,0 +1,75 @@
+//! The in-process queue: two channels, jobs to the worker pool and events to the gateway.
+
+use super::{Event, Job, Queue, QueueError};
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use std::sync::Mutex;
+use tokio::sync::mpsc;
+
+pub struct MemoryQueue {
+    jobs: mpsc::Sender<Job>,
+    /// Taken once by the worker pool.
+    job_receiver: Mutex<Option<mpsc::Receiver<Job>>>,
+    events: mpsc::Sender<Event>,
+    /// Taken once by the gateway's delivery task.
+    event_receiver: Mutex<Option<mpsc::Receiver<Event>>>,
+}
+
+impl MemoryQueue {
+    /// `capacity` bounds both channels. Jobs are bounded anyway by the in-flight limit; the
+    /// bound makes that explicit.
+    pub fn new(capacity: usize) -> Self {
+        let (jobs, job_receiver) = mpsc::channel(capacity.max(1));
+        let (events, event_receiver) = mpsc::channel(capacity.max(1) * 4);
+        Self {
+            jobs,
+            job_receiver: Mutex::new(Some(job_receiver)),
+            events,
+            event_receiver: Mutex::new(Some(event_receiver)),
+        }
+    }
+}
+
+fn take<T>(
+    slot: &Mutex<Option<mpsc::Receiver<T>>>,
+    name: &'static str,
+) -> Result<mpsc::Receiver<T>, QueueError> {
+    slot.lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take()
+        .ok_or(QueueError::AlreadyConsumed(name))
+}
+
+fn stream<T: Send + 'static>(receiver: mpsc::Receiver<T>) -> BoxStream<'static, T> {
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|item| (item, receiver))
+    })
+    .boxed()
+}
+
+#[async_trait]
+impl Queue for MemoryQueue {
+    async fn publish_job(&self, job: Job) -> Result<(), QueueError> {
+        self.jobs.send(job).await.map_err(|_| QueueError::Closed)
+    }
+
+    fn jobs(&self) -> Result<BoxStream<'static, Job>, QueueError> {
+        take(&self.job_receiver, "jobs").map(stream)
+    }
+
+    async fn publish_event(&self, event: Event) -> Result<(), QueueError> {
+        self.events
+            .send(event)
+            .await
+            .map_err(|_| QueueError::Closed)
+    }
+
+    fn events(&self) -> Result<BoxStream<'static, Event>, QueueError> {
+        take(&self.event_receiver, "events").map(stream)
+    }
+
+    fn depth(&self) -> Option<usize> {
+        Some(self.jobs.max_capacity() - self.jobs.capacity())
+    }
+}

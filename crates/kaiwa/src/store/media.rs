@@ -1,0 +1,84 @@
+//! Uploaded files on disk, under `<data-dir>/media/{images,videos,voices}` (R7).
+
+use super::StoreError;
+use crate::admission::media::MediaFormat;
+use bytes::Bytes;
+use kaiwa_protocol::MessageType;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct MediaStore {
+    data_dir: PathBuf,
+}
+
+/// The folder of each media type, relative to the data directory.
+fn folder(kind: MessageType) -> &'static str {
+    match kind {
+        MessageType::Image => "media/images",
+        MessageType::Video => "media/videos",
+        // Text has no files; voice is the only other kind.
+        MessageType::Voice | MessageType::Text => "media/voices",
+    }
+}
+
+impl MediaStore {
+    /// Creates the media folders if needed.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        for kind in [MessageType::Image, MessageType::Video, MessageType::Voice] {
+            fs::create_dir_all(data_dir.join(folder(kind)))?;
+        }
+        Ok(Self {
+            data_dir: data_dir.to_owned(),
+        })
+    }
+
+    /// `<data-dir>/media`, the root the HTTP layer serves files from.
+    pub fn root(&self) -> PathBuf {
+        self.data_dir.join("media")
+    }
+
+    /// Writes a file under a name kaiwa makes up (never the client's), durably: the file and
+    /// its directory entry are synced before the message that names it is committed.
+    /// Returns the path relative to the data directory.
+    pub async fn save(
+        &self,
+        kind: MessageType,
+        format: &MediaFormat,
+        bytes: Bytes,
+    ) -> Result<String, StoreError> {
+        let relative = format!(
+            "{}/{}.{}",
+            folder(kind),
+            uuid::Uuid::new_v4().simple(),
+            format.extension()
+        );
+        let target = self.data_dir.join(&relative);
+        tokio::task::spawn_blocking(move || write_durably(&target, &bytes))
+            .await
+            .map_err(|join| StoreError::Io(std::io::Error::other(join)))??;
+        Ok(relative)
+    }
+
+    /// Deletes a file saved for a message that was then not stored (a duplicate, or a failed
+    /// write). Failure only leaves an orphan file, so it is logged, not returned.
+    pub async fn remove(&self, relative: &str) {
+        let path = self.data_dir.join(relative);
+        if let Err(err) = tokio::fs::remove_file(&path).await {
+            tracing::warn!(path = %path.display(), %err, "could not remove an unused media file");
+        }
+    }
+}
+
+fn write_durably(target: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let partial = target.with_extension("partial");
+    let mut file = fs::File::create(&partial)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&partial, target)?;
+    if let Some(dir) = target.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}

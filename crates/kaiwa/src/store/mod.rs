@@ -1,0 +1,195 @@
+//! Durable state: messages, replies and their delivery statuses behind the [`Store`] trait, and
+//! uploaded files in the [`MediaStore`].
+
+mod media;
+mod sqlite;
+
+pub use media::MediaStore;
+pub use sqlite::SqliteStore;
+
+use crate::domain::{ClientId, Timezone};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use kaiwa_protocol::{Delivery, MessageStatus, MessageType, ReplyType};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// How hard the SQLite store syncs its commits to disk (its `synchronous` setting in WAL mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Durability {
+    /// Every batch is synced before its messages are acked: an acked message survives a power
+    /// cut. One fsync per batch, not per message.
+    #[default]
+    Full,
+    /// Commits are not synced; the WAL is synced at checkpoints. An acked message survives the
+    /// process crashing or being killed; a power cut or an OS crash may lose the last moments.
+    Normal,
+}
+
+/// The result of a write the store has already taken in.
+pub type StoreFuture<T> = BoxFuture<'static, Result<T, StoreError>>;
+
+/// A message about to be stored, accepted or rejected.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub client_id: ClientId,
+    pub client_message_id: Option<String>,
+    pub kind: MessageType,
+    /// The text, or the stored file's path relative to the data directory (empty when a file
+    /// was rejected and not kept).
+    pub content: String,
+    pub filename: Option<String>,
+    pub mime_type: Option<String>,
+    pub size_bytes: Option<u64>,
+    pub timezone: Timezone,
+    /// `Accepted` or `Rejected`.
+    pub status: MessageStatus,
+    pub reason: Option<String>,
+    pub client_timestamp: Option<String>,
+    pub received_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inserted {
+    New(i64),
+    /// A message with the same client message id was stored before.
+    Duplicate(Existing),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Existing {
+    pub id: i64,
+    pub status: MessageStatus,
+    pub reason: Option<String>,
+    pub received_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewReply {
+    pub reply_type: ReplyType,
+    /// The text, or the URL path of the media file.
+    pub content: String,
+    pub filename: Option<String>,
+    pub mime_type: Option<String>,
+    /// The text responder gave up; this is kaiwa's stand-in text.
+    pub fallback: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredReply {
+    pub id: i64,
+    pub message_id: i64,
+    pub reply_type: ReplyType,
+    pub content: String,
+    pub filename: Option<String>,
+    pub mime_type: Option<String>,
+    pub fallback: bool,
+    pub delivery: Delivery,
+    pub created_at: DateTime<Utc>,
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub id: i64,
+    pub client_id: ClientId,
+    pub client_message_id: Option<String>,
+    pub kind: MessageType,
+    pub content: String,
+    pub filename: Option<String>,
+    pub mime_type: Option<String>,
+    pub size_bytes: Option<u64>,
+    pub timezone: Timezone,
+    pub status: MessageStatus,
+    pub reason: Option<String>,
+    pub client_timestamp: Option<String>,
+    pub received_at: DateTime<Utc>,
+    /// Oldest first.
+    pub replies: Vec<StoredReply>,
+}
+
+/// A reply that could not be delivered, with the client's id of the message it answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissedReply {
+    pub reply: StoredReply,
+    pub client_message_id: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A batch write failed; every command in the batch gets the same error.
+    #[error("database write failed: {0}")]
+    Write(Arc<rusqlite::Error>),
+    #[error("could not apply migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("file error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("another kaiwa process is using the data directory {0}")]
+    Locked(PathBuf),
+    #[error("the store is closed")]
+    Closed,
+    #[error("unexpected value in the database: {0}")]
+    Corrupt(String),
+}
+
+/// Where messages and replies are kept. Writes are batched by the implementation, so callers
+/// may call freely from many tasks.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a message; a native resend of a stored client message id returns the first one.
+    ///
+    /// The store takes the message when this is called, not when the future is awaited:
+    /// messages are stored (and numbered) in the order of the calls, so a caller can keep
+    /// several in flight and still keep their order.
+    fn insert_message(&self, message: NewMessage) -> StoreFuture<Inserted>;
+
+    /// Stores replies to a message, all `pending`; `completes` marks the message `replied`
+    /// (a reply set may be stored in parts, the text after the media when a model is slow).
+    /// Idempotent per reply type: replies of a type the message already has are not stored
+    /// again, and the stored ones are returned instead.
+    async fn insert_replies(
+        &self,
+        message_id: i64,
+        client_id: &ClientId,
+        replies: Vec<NewReply>,
+        created_at: DateTime<Utc>,
+        completes: bool,
+    ) -> Result<Vec<StoredReply>, StoreError>;
+
+    /// Records whether a reply reached its client. Does not wait: the update joins the next
+    /// batch. A `delivered` reply stays delivered.
+    fn record_delivery(&self, reply_id: i64, delivery: Delivery, at: DateTime<Utc>);
+
+    /// A client's messages older than `before` (all when `None`), newest first, with replies.
+    async fn history(
+        &self,
+        client_id: &ClientId,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// A page of a client's messages by offset, newest first, and the client's total count.
+    async fn history_by_offset(
+        &self,
+        client_id: &ClientId,
+        offset: u64,
+        limit: u32,
+    ) -> Result<(Vec<StoredMessage>, u64), StoreError>;
+
+    /// Replies to a client that could not be delivered, oldest first, after reply id `after`.
+    async fn missed_replies(
+        &self,
+        client_id: &ClientId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<MissedReply>, StoreError>;
+
+    /// Messages accepted but never replied to (the process stopped while they were in flight).
+    async fn unfinished_messages(&self) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// Writes everything pending and closes. Later calls fail with [`StoreError::Closed`].
+    async fn close(&self);
+}

@@ -1,0 +1,574 @@
+//! The SQLite store: one writer thread that commits commands in batches (group commit,
+//! [`writer`]), and a pool of read-only connections for history. WAL mode lets readers run
+//! beside the writer.
+
+mod writer;
+
+use writer::{Command, DeliveryUpdate, ReplyBatch, Writer};
+
+use super::{
+    Durability, Inserted, MissedReply, NewMessage, NewReply, Store, StoreError, StoreFuture,
+    StoredMessage, StoredReply,
+};
+use crate::domain::{ClientId, Timezone};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use kaiwa_protocol::{Delivery, MessageStatus, MessageType, ReplyType};
+use serde::Serialize;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::{Connection, FromRow};
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+pub struct SqliteStore {
+    /// To the writer thread. Unbounded because every command stems from a message holding an
+    /// in-flight slot or a reply frame in a bounded outbox: the limits upstream bound it.
+    commands: mpsc::UnboundedSender<Command>,
+    reads: SqlitePool,
+    /// The writer's thread, joined by `close` after its last commit.
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// An exclusive lock on `<data-dir>/kaiwa.lock`: the writer owns the id counters, so two
+    /// processes must never write the same database. Released by `close`, not by the last drop,
+    /// so that a restart need not wait for every holder of the store to let go.
+    lock: Mutex<Option<File>>,
+}
+
+impl SqliteStore {
+    /// Opens the store with full durability; see [`SqliteStore::open_with`].
+    pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(data_dir, Durability::Full).await
+    }
+
+    /// Opens (creating if needed) `<data-dir>/kaiwa.db`, applies pending migrations, marks
+    /// replies left `pending` by a previous process as `failed`, and starts the writer.
+    pub async fn open_with(data_dir: &Path, durability: Durability) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir)?;
+        let lock = lock_data_dir(data_dir)?;
+        let options = connect_options(data_dir);
+        let mut conn = SqliteConnection::connect_with(&options).await?;
+        MIGRATOR.run(&mut conn).await?;
+        let swept =
+            sqlx::query("UPDATE replies SET delivery = 'failed' WHERE delivery = 'pending'")
+                .execute(&mut conn)
+                .await?
+                .rows_affected();
+        if swept > 0 {
+            tracing::info!(
+                replies = swept,
+                "replies left undelivered by the previous run marked failed"
+            );
+        }
+        let next_message_id: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM messages")
+                .fetch_one(&mut conn)
+                .await?;
+        let next_reply_id: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM replies")
+            .fetch_one(&mut conn)
+            .await?;
+        conn.close().await?;
+        let reads = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        let (commands, rx) = mpsc::unbounded_channel();
+        let path = data_dir.join("kaiwa.db");
+        let writer = Writer::open(&path, durability, rx, next_message_id, next_reply_id)
+            .map_err(|err| StoreError::Write(Arc::new(err)))?;
+        Ok(Self {
+            commands,
+            reads,
+            writer: Mutex::new(Some(writer.spawn()?)),
+            lock: Mutex::new(Some(lock)),
+        })
+    }
+
+    /// Applies pending migrations and returns how many there were.
+    pub async fn migrate(data_dir: &Path) -> Result<usize, StoreError> {
+        std::fs::create_dir_all(data_dir)?;
+        let _lock = lock_data_dir(data_dir)?;
+        let mut conn = SqliteConnection::connect_with(&connect_options(data_dir)).await?;
+        let applied: HashSet<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        MIGRATOR.run(&mut conn).await?;
+        let pending = MIGRATOR
+            .iter()
+            .filter(|migration| !applied.contains(&migration.version))
+            .count();
+        conn.close().await?;
+        Ok(pending)
+    }
+
+    fn send(&self, command: Command) -> Result<(), StoreError> {
+        self.commands.send(command).map_err(|_| StoreError::Closed)
+    }
+}
+
+fn connect_options(data_dir: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(data_dir.join("kaiwa.db"))
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // FULL syncs the WAL at every commit: an acked message survives a power cut. Batching
+        // makes that one fsync per batch rather than per message.
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(5))
+        .foreign_keys(true)
+        // The hot pages (index leaves where each client's rows go, the tables' tails) stay in
+        // memory: SQLite's default 2 MB cache made the writer re-read pages it had just evicted.
+        .pragma("cache_size", "-65536")
+        .pragma("mmap_size", "268435456")
+}
+
+fn lock_data_dir(data_dir: &Path) -> Result<File, StoreError> {
+    let file = File::create(data_dir.join("kaiwa.lock"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked(data_dir.to_owned())),
+        Err(std::fs::TryLockError::Error(err)) => Err(err.into()),
+    }
+}
+
+fn json<T: Serialize + ?Sized>(rows: &T) -> String {
+    // Serializing plain structs of strings and numbers cannot fail.
+    serde_json::to_string(rows).unwrap_or_else(|_| "[]".to_owned())
+}
+
+const MESSAGE_COLUMNS: &str = "id, client_id, client_msg_id, message_type, content, filename, \
+     mime_type, size_bytes, timezone, status, status_reason, client_timestamp, received_at";
+
+#[derive(FromRow)]
+struct MessageRecord {
+    id: i64,
+    client_id: String,
+    client_msg_id: Option<String>,
+    message_type: String,
+    content: String,
+    filename: Option<String>,
+    mime_type: Option<String>,
+    size_bytes: Option<i64>,
+    timezone: String,
+    status: String,
+    status_reason: Option<String>,
+    client_timestamp: Option<String>,
+    received_at: DateTime<Utc>,
+}
+
+#[derive(FromRow)]
+struct ReplyRecord {
+    id: i64,
+    message_id: i64,
+    reply_type: String,
+    content: String,
+    filename: Option<String>,
+    mime_type: Option<String>,
+    fallback: bool,
+    delivery: String,
+    created_at: DateTime<Utc>,
+    delivered_at: Option<DateTime<Utc>>,
+}
+
+fn corrupt(what: &str, value: &str) -> StoreError {
+    StoreError::Corrupt(format!("{what} {value:?}"))
+}
+
+impl TryFrom<MessageRecord> for StoredMessage {
+    type Error = StoreError;
+
+    fn try_from(row: MessageRecord) -> Result<Self, StoreError> {
+        Ok(Self {
+            id: row.id,
+            client_id: ClientId::parse(&row.client_id)
+                .map_err(|_| corrupt("client id", &row.client_id))?,
+            client_message_id: row.client_msg_id,
+            kind: MessageType::parse(&row.message_type)
+                .ok_or_else(|| corrupt("message type", &row.message_type))?,
+            content: row.content,
+            filename: row.filename,
+            mime_type: row.mime_type,
+            size_bytes: row.size_bytes.and_then(|size| u64::try_from(size).ok()),
+            timezone: Timezone::parse(&row.timezone)
+                .map_err(|_| corrupt("timezone", &row.timezone))?,
+            status: MessageStatus::parse(&row.status)
+                .ok_or_else(|| corrupt("message status", &row.status))?,
+            reason: row.status_reason,
+            client_timestamp: row.client_timestamp,
+            received_at: row.received_at,
+            replies: Vec::new(),
+        })
+    }
+}
+
+impl TryFrom<ReplyRecord> for StoredReply {
+    type Error = StoreError;
+
+    fn try_from(row: ReplyRecord) -> Result<Self, StoreError> {
+        Ok(Self {
+            id: row.id,
+            message_id: row.message_id,
+            reply_type: ReplyType::parse(&row.reply_type)
+                .ok_or_else(|| corrupt("reply type", &row.reply_type))?,
+            content: row.content,
+            filename: row.filename,
+            mime_type: row.mime_type,
+            fallback: row.fallback,
+            delivery: Delivery::parse(&row.delivery)
+                .ok_or_else(|| corrupt("delivery status", &row.delivery))?,
+            created_at: row.created_at,
+            delivered_at: row.delivered_at,
+        })
+    }
+}
+
+impl SqliteStore {
+    /// Converts message rows and attaches their replies, fetched in one query.
+    async fn with_replies(
+        &self,
+        rows: Vec<MessageRecord>,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let mut messages = rows
+            .into_iter()
+            .map(StoredMessage::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        if messages.is_empty() {
+            return Ok(messages);
+        }
+        let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
+        let replies: Vec<ReplyRecord> = sqlx::query_as(
+            "SELECT id, message_id, reply_type, content, filename, mime_type, fallback, delivery, \
+                 created_at, delivered_at \
+             FROM replies WHERE message_id IN (SELECT value FROM json_each(?1)) ORDER BY id",
+        )
+        .bind(json(&ids))
+        .fetch_all(&self.reads)
+        .await?;
+        let position: HashMap<i64, usize> =
+            ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        for reply in replies {
+            let reply = StoredReply::try_from(reply)?;
+            if let Some(&i) = position.get(&reply.message_id) {
+                messages[i].replies.push(reply);
+            }
+        }
+        Ok(messages)
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn insert_message(&self, message: NewMessage) -> StoreFuture<Inserted> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.send(Command::Message(Box::new(message), tx));
+        Box::pin(async move {
+            sent?;
+            rx.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+
+    async fn insert_replies(
+        &self,
+        message_id: i64,
+        client_id: &ClientId,
+        replies: Vec<NewReply>,
+        created_at: DateTime<Utc>,
+        completes: bool,
+    ) -> Result<Vec<StoredReply>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let batch = ReplyBatch {
+            message_id,
+            client_id: client_id.clone(),
+            replies,
+            created_at,
+            completes,
+        };
+        self.send(Command::Replies(batch, tx))?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn record_delivery(&self, reply_id: i64, delivery: Delivery, at: DateTime<Utc>) {
+        let update = DeliveryUpdate {
+            reply_id,
+            delivery,
+            at,
+        };
+        if self.send(Command::Delivery(update)).is_err() {
+            // Only after shutdown: the reply stays `pending` and the next start marks it failed.
+            tracing::debug!(
+                reply_id,
+                "delivery status not recorded: the store is closed"
+            );
+        }
+    }
+
+    async fn history(
+        &self,
+        client_id: &ClientId,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages \
+             WHERE client_id = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3"
+        )))
+        .bind(client_id.as_str())
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reads)
+        .await?;
+        self.with_replies(rows).await
+    }
+
+    async fn history_by_offset(
+        &self,
+        client_id: &ClientId,
+        offset: u64,
+        limit: u32,
+    ) -> Result<(Vec<StoredMessage>, u64), StoreError> {
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE client_id = ?1")
+            .bind(client_id.as_str())
+            .fetch_one(&self.reads)
+            .await?;
+        let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages \
+             WHERE client_id = ?1 ORDER BY id DESC LIMIT ?2 OFFSET ?3"
+        )))
+        .bind(client_id.as_str())
+        .bind(i64::from(limit))
+        .bind(i64::try_from(offset).unwrap_or(i64::MAX))
+        .fetch_all(&self.reads)
+        .await?;
+        Ok((self.with_replies(rows).await?, total.max(0) as u64))
+    }
+
+    async fn missed_replies(
+        &self,
+        client_id: &ClientId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<MissedReply>, StoreError> {
+        #[derive(FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            reply: ReplyRecord,
+            client_msg_id: Option<String>,
+        }
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT r.id, r.message_id, r.reply_type, r.content, r.filename, r.mime_type, \
+                 r.fallback, r.delivery, r.created_at, r.delivered_at, m.client_msg_id \
+             FROM replies AS r JOIN messages AS m ON m.id = r.message_id \
+             WHERE r.client_id = ?1 AND r.delivery = 'failed' AND r.id > ?2 \
+             ORDER BY r.id LIMIT ?3",
+        )
+        .bind(client_id.as_str())
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reads)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(MissedReply {
+                    reply: StoredReply::try_from(row.reply)?,
+                    client_message_id: row.client_msg_id,
+                })
+            })
+            .collect()
+    }
+
+    async fn unfinished_messages(&self) -> Result<Vec<StoredMessage>, StoreError> {
+        let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE status = 'accepted' ORDER BY id"
+        )))
+        .fetch_all(&self.reads)
+        .await?;
+        rows.into_iter().map(StoredMessage::try_from).collect()
+    }
+
+    async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.send(Command::Close(tx)).is_ok() && rx.await.is_err() {
+            tracing::warn!("the database writer stopped before confirming its last commit");
+        }
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(writer) = writer {
+            match tokio::task::spawn_blocking(move || writer.join()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => tracing::error!("the database writer thread panicked"),
+                Err(err) => tracing::error!(%err, "could not join the database writer thread"),
+            }
+        }
+        self.reads.close().await;
+        let lock = self
+            .lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        drop(lock);
+    }
+}
+
+#[cfg(test)]
+impl SqliteStore {
+    /// Waits until everything sent to the writer so far is committed.
+    async fn barrier(&self) {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Barrier(tx)).expect("the store is open");
+        rx.await.expect("the writer answers");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{ClientId, Timezone};
+    use crate::store::Existing;
+
+    fn message(client: &str, client_message_id: Option<&str>) -> NewMessage {
+        NewMessage {
+            client_id: ClientId::parse(client).expect("id"),
+            client_message_id: client_message_id.map(str::to_owned),
+            kind: MessageType::Text,
+            content: "hello".into(),
+            filename: None,
+            mime_type: None,
+            size_bytes: None,
+            timezone: Timezone::parse("UTC").expect("zone"),
+            status: MessageStatus::Accepted,
+            reason: None,
+            client_timestamp: None,
+            received_at: Utc::now(),
+        }
+    }
+
+    fn text_reply(text: &str) -> NewReply {
+        NewReply {
+            reply_type: ReplyType::Text,
+            content: text.into(),
+            filename: None,
+            mime_type: None,
+            fallback: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_message_id_is_stored_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(dir.path()).await.expect("opens");
+        let first = store
+            .insert_message(message("a", Some("m1")))
+            .await
+            .expect("stored");
+        let again = store
+            .insert_message(message("a", Some("m1")))
+            .await
+            .expect("answered");
+        let other_client = store
+            .insert_message(message("b", Some("m1")))
+            .await
+            .expect("stored");
+        let Inserted::New(id) = first else {
+            panic!("first insert is new")
+        };
+        assert!(matches!(again, Inserted::Duplicate(Existing { id: dup, .. }) if dup == id));
+        assert!(matches!(other_client, Inserted::New(other) if other != id));
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn replies_are_stored_once_per_message_and_delivered_stays_delivered() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(dir.path()).await.expect("opens");
+        let client = ClientId::parse("a").expect("id");
+        let Inserted::New(id) = store
+            .insert_message(message("a", None))
+            .await
+            .expect("stored")
+        else {
+            panic!("new");
+        };
+        let now = Utc::now();
+        let first = store
+            .insert_replies(id, &client, vec![text_reply("one")], now, true)
+            .await
+            .expect("stored");
+        let second = store
+            .insert_replies(id, &client, vec![text_reply("two")], now, true)
+            .await
+            .expect("answered");
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].id, first[0].id);
+        assert_eq!(second[0].content, "one", "the first reply set stands");
+
+        store.record_delivery(first[0].id, Delivery::Delivered, now);
+        store.record_delivery(first[0].id, Delivery::Failed, now);
+        store.barrier().await;
+        let history = store.history(&client, None, 10).await.expect("reads");
+        assert_eq!(history[0].status, MessageStatus::Replied);
+        assert_eq!(history[0].replies[0].delivery, Delivery::Delivered);
+        assert!(
+            store
+                .missed_replies(&client, 0, 10)
+                .await
+                .expect("reads")
+                .is_empty()
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn pending_replies_of_a_previous_run_become_missed_replies() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let client = ClientId::parse("a").expect("id");
+        {
+            let store = SqliteStore::open(dir.path()).await.expect("opens");
+            let Inserted::New(id) = store
+                .insert_message(message("a", Some("x")))
+                .await
+                .expect("stored")
+            else {
+                panic!("new");
+            };
+            store
+                .insert_replies(id, &client, vec![text_reply("lost")], Utc::now(), true)
+                .await
+                .expect("stored");
+            store.close().await;
+        }
+        let store = SqliteStore::open(dir.path()).await.expect("reopens");
+        let missed = store.missed_replies(&client, 0, 10).await.expect("reads");
+        assert_eq!(missed.len(), 1);
+        assert_eq!(missed[0].client_message_id.as_deref(), Some("x"));
+        assert_eq!(missed[0].reply.delivery, Delivery::Failed);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_second_store_on_the_same_directory_is_refused_until_the_first_closes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = SqliteStore::open(dir.path()).await.expect("opens");
+        assert!(matches!(
+            SqliteStore::open(dir.path()).await,
+            Err(StoreError::Locked(_))
+        ));
+        first.close().await;
+        let second = SqliteStore::open(dir.path())
+            .await
+            .expect("opens after close");
+        second.close().await;
+    }
+}

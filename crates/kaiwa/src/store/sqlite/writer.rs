@@ -1,0 +1,469 @@
+//! The SQLite writer: the one thread that writes the database. It takes commands from a
+//! channel, commits as many as are waiting in one transaction (group commit: one fsync per
+//! batch), and answers each command when its batch is committed.
+//!
+//! It runs on a plain thread with its own connection (rusqlite) and cached prepared
+//! statements: a write is then a few microseconds of SQLite, with no handoff between threads
+//! or runtimes per statement, which is what bounds the whole server's throughput.
+
+use super::super::{Durability, Existing, Inserted, NewMessage, NewReply, StoreError, StoredReply};
+use crate::domain::ClientId;
+use chrono::{DateTime, SecondsFormat, Utc};
+use kaiwa_protocol::{Delivery, MessageStatus, ReplyType};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Commands taken in one transaction, at most: enough that one commit (and its fsync) takes
+/// every command waiting under load.
+const MAX_BATCH: usize = 8192;
+
+pub(super) enum Command {
+    Message(
+        Box<NewMessage>,
+        oneshot::Sender<Result<Inserted, StoreError>>,
+    ),
+    Replies(
+        ReplyBatch,
+        oneshot::Sender<Result<Vec<StoredReply>, StoreError>>,
+    ),
+    Delivery(DeliveryUpdate),
+    /// Answered once every command sent before it is committed.
+    #[cfg(test)]
+    Barrier(oneshot::Sender<()>),
+    Close(oneshot::Sender<()>),
+}
+
+pub(super) struct ReplyBatch {
+    pub message_id: i64,
+    pub client_id: ClientId,
+    pub replies: Vec<NewReply>,
+    pub created_at: DateTime<Utc>,
+    pub completes: bool,
+}
+
+#[derive(Clone, Copy)]
+pub(super) struct DeliveryUpdate {
+    pub reply_id: i64,
+    pub delivery: Delivery,
+    pub at: DateTime<Utc>,
+}
+
+pub(super) fn timestamp(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// Sends a command's result back; a caller that gave up waiting is no error.
+fn respond<T>(tx: oneshot::Sender<T>, value: T) {
+    if tx.send(value).is_err() {
+        tracing::trace!("a store caller stopped waiting for its result");
+    }
+}
+
+pub(super) struct Writer {
+    conn: Connection,
+    commands: mpsc::UnboundedReceiver<Command>,
+    /// Ids are assigned here, before the insert, so a batch needs no round trip to learn them.
+    /// Safe because this thread is the database's only writer (see the lock file).
+    next_message_id: i64,
+    next_reply_id: i64,
+}
+
+struct PendingMessage {
+    id: i64,
+    message: Box<NewMessage>,
+    respond: oneshot::Sender<Result<Inserted, StoreError>>,
+}
+
+struct PendingReplies {
+    first_id: i64,
+    batch: ReplyBatch,
+    respond: oneshot::Sender<Result<Vec<StoredReply>, StoreError>>,
+}
+
+/// What a batch write found besides plain inserts.
+#[derive(Default)]
+struct Written {
+    /// Messages that were stored before, by the id they were given in this batch.
+    duplicates: HashMap<i64, Existing>,
+    /// Reply sets stored before, by their position in the batch.
+    earlier_replies: HashMap<usize, Vec<StoredReply>>,
+}
+
+impl Writer {
+    /// Opens the writer's connection. The schema must already be migrated.
+    pub(super) fn open(
+        path: &Path,
+        durability: Durability,
+        commands: mpsc::UnboundedReceiver<Command>,
+        next_message_id: i64,
+        next_reply_id: i64,
+    ) -> Result<Self, rusqlite::Error> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        // An 8 MB cache keeps the hot pages (index leaves where each client's rows go, the
+        // tables' tails); a larger one costs more than it saves, since every commit walks it.
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; PRAGMA cache_size = -8192;",
+        )?;
+        // FULL syncs the WAL at every commit (one fsync per batch, not per message).
+        conn.pragma_update(
+            None,
+            "synchronous",
+            match durability {
+                Durability::Full => "FULL",
+                Durability::Normal => "NORMAL",
+            },
+        )?;
+        conn.set_prepared_statement_cache_capacity(16);
+        Ok(Self {
+            conn,
+            commands,
+            next_message_id,
+            next_reply_id,
+        })
+    }
+
+    /// Runs the writer on a thread of its own until the store is closed.
+    pub(super) fn spawn(self) -> Result<std::thread::JoinHandle<()>, StoreError> {
+        Ok(std::thread::Builder::new()
+            .name("kaiwa-store-writer".to_owned())
+            .spawn(move || self.run())?)
+    }
+
+    fn run(mut self) {
+        let mut commands = Vec::with_capacity(1024);
+        while let Some(first) = self.commands.blocking_recv() {
+            commands.push(first);
+            while commands.len() < MAX_BATCH {
+                match self.commands.try_recv() {
+                    Ok(command) => commands.push(command),
+                    Err(_) => break,
+                }
+            }
+            if let Some(closed) = self.commit(&mut commands) {
+                self.commands.close();
+                // Commands sent before the close still get an answer.
+                while let Ok(command) = self.commands.try_recv() {
+                    commands.push(command);
+                }
+                if !commands.is_empty() {
+                    self.commit(&mut commands);
+                }
+                if let Err((_, err)) = self.conn.close() {
+                    tracing::warn!(%err, "closing the database writer failed");
+                }
+                respond(closed, ());
+                return;
+            }
+        }
+    }
+
+    /// Writes one batch in one transaction and answers every command in it. Returns the close
+    /// request if the batch held one.
+    fn commit(&mut self, commands: &mut Vec<Command>) -> Option<oneshot::Sender<()>> {
+        let mut messages = Vec::new();
+        let mut replies = Vec::new();
+        let mut deliveries: HashMap<i64, DeliveryUpdate> = HashMap::new();
+        let mut close = None;
+        #[cfg(test)]
+        let mut barriers = Vec::new();
+        for command in commands.drain(..) {
+            match command {
+                Command::Message(message, respond) => {
+                    messages.push(PendingMessage {
+                        id: self.next_message_id,
+                        message,
+                        respond,
+                    });
+                    self.next_message_id += 1;
+                }
+                Command::Replies(batch, respond) => {
+                    let first_id = self.next_reply_id;
+                    self.next_reply_id += batch.replies.len() as i64;
+                    replies.push(PendingReplies {
+                        first_id,
+                        batch,
+                        respond,
+                    });
+                }
+                // The last word on a reply wins, except that delivered stays delivered.
+                Command::Delivery(update) => {
+                    let entry = deliveries.entry(update.reply_id).or_insert(update);
+                    if entry.delivery != Delivery::Delivered {
+                        *entry = update;
+                    }
+                }
+                #[cfg(test)]
+                Command::Barrier(done) => barriers.push(done),
+                Command::Close(done) => close = Some(done),
+            }
+        }
+        #[cfg(test)]
+        let _answer_barriers_on_return = BarrierGuard(barriers);
+        if messages.is_empty() && replies.is_empty() && deliveries.is_empty() {
+            return close;
+        }
+        let started = Instant::now();
+        let count = messages.len() + replies.len() + deliveries.len();
+        match self.write(&messages, &replies, &deliveries) {
+            Ok(mut written) => {
+                metrics::histogram!("kaiwa_store_batch_size").record(count as f64);
+                metrics::histogram!("kaiwa_store_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                for pending in messages {
+                    let result = match written.duplicates.remove(&pending.id) {
+                        Some(existing) => Inserted::Duplicate(existing),
+                        None => Inserted::New(pending.id),
+                    };
+                    respond(pending.respond, Ok(result));
+                }
+                for (index, pending) in replies.into_iter().enumerate() {
+                    let stored = written
+                        .earlier_replies
+                        .remove(&index)
+                        .unwrap_or_else(|| stored_replies(&pending));
+                    respond(pending.respond, Ok(stored));
+                }
+            }
+            Err(err) => {
+                tracing::error!(%err, commands = count, lost_delivery_updates = deliveries.len(), "database batch failed; its delivery updates are lost and those replies count as failed after a restart");
+                let err = Arc::new(err);
+                for pending in messages {
+                    respond(pending.respond, Err(StoreError::Write(err.clone())));
+                }
+                for pending in replies {
+                    respond(pending.respond, Err(StoreError::Write(err.clone())));
+                }
+            }
+        }
+        close
+    }
+
+    fn write(
+        &mut self,
+        messages: &[PendingMessage],
+        replies: &[PendingReplies],
+        deliveries: &HashMap<i64, DeliveryUpdate>,
+    ) -> Result<Written, rusqlite::Error> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut written = Written::default();
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO messages (id, client_id, client_msg_id, message_type, content, \
+                     filename, mime_type, size_bytes, timezone, status, status_reason, \
+                     client_timestamp, received_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+                 ON CONFLICT DO NOTHING",
+            )?;
+            let mut find = tx.prepare_cached(
+                "SELECT id, status, status_reason, received_at FROM messages \
+                 WHERE client_id = ?1 AND client_msg_id = ?2",
+            )?;
+            for pending in messages {
+                let m = &pending.message;
+                let inserted = insert.execute(params![
+                    pending.id,
+                    m.client_id.as_str(),
+                    m.client_message_id,
+                    m.kind.as_str(),
+                    m.content,
+                    m.filename,
+                    m.mime_type,
+                    m.size_bytes.and_then(|size| i64::try_from(size).ok()),
+                    m.timezone.name(),
+                    m.status.as_str(),
+                    m.reason,
+                    m.client_timestamp,
+                    timestamp(m.received_at),
+                ])?;
+                if inserted == 1 {
+                    continue;
+                }
+                // The client sent this id before (possibly earlier in this very batch).
+                let existing = find
+                    .query_row(params![m.client_id.as_str(), m.client_message_id], |row| {
+                        Ok((
+                            row.get::<_, i64>(0)?,
+                            row.get::<_, String>(1)?,
+                            row.get::<_, Option<String>>(2)?,
+                            row.get::<_, String>(3)?,
+                        ))
+                    })
+                    .optional()?;
+                let Some((id, status, reason, received_at)) = existing else {
+                    return Err(corrupt(format!(
+                        "message {} was neither inserted nor found",
+                        pending.id
+                    )));
+                };
+                let status = MessageStatus::parse(&status)
+                    .ok_or_else(|| corrupt(format!("unknown message status {status:?}")))?;
+                written.duplicates.insert(
+                    pending.id,
+                    Existing {
+                        id,
+                        status,
+                        reason,
+                        received_at: parse_time(&received_at)?,
+                    },
+                );
+            }
+        }
+        if !replies.is_empty() {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO replies (id, message_id, client_id, reply_type, content, filename, \
+                     mime_type, fallback, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT DO NOTHING",
+            )?;
+            let mut replied = tx.prepare_cached(
+                "UPDATE messages SET status = 'replied' WHERE id = ?1 AND status = 'accepted'",
+            )?;
+            for (index, pending) in replies.iter().enumerate() {
+                let batch = &pending.batch;
+                let created_at = timestamp(batch.created_at);
+                let mut all_new = true;
+                for (reply, id) in batch.replies.iter().zip(pending.first_id..) {
+                    let inserted = insert.execute(params![
+                        id,
+                        batch.message_id,
+                        batch.client_id.as_str(),
+                        reply.reply_type.as_str(),
+                        reply.content,
+                        reply.filename,
+                        reply.mime_type,
+                        reply.fallback,
+                        created_at,
+                    ])?;
+                    all_new &= inserted == 1;
+                }
+                if !all_new {
+                    // These replies were stored before (a job processed twice): answer with
+                    // what is stored.
+                    written
+                        .earlier_replies
+                        .insert(index, stored_earlier(&tx, batch)?);
+                }
+                if batch.completes {
+                    replied.execute(params![batch.message_id])?;
+                }
+            }
+        }
+        if !deliveries.is_empty() {
+            let mut update = tx.prepare_cached(
+                "UPDATE replies SET delivery = ?2, delivered_at = ?3 \
+                 WHERE id = ?1 AND delivery <> 'delivered'",
+            )?;
+            for update_of in deliveries.values() {
+                let delivered_at =
+                    (update_of.delivery == Delivery::Delivered).then(|| timestamp(update_of.at));
+                update.execute(params![
+                    update_of.reply_id,
+                    update_of.delivery.as_str(),
+                    delivered_at
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(written)
+    }
+}
+
+/// The stored replies of these types for this message.
+fn stored_earlier(
+    tx: &rusqlite::Transaction<'_>,
+    batch: &ReplyBatch,
+) -> Result<Vec<StoredReply>, rusqlite::Error> {
+    let mut find = tx.prepare_cached(
+        "SELECT id, reply_type, content, filename, mime_type, fallback, delivery, created_at, \
+             delivered_at \
+         FROM replies WHERE message_id = ?1 ORDER BY id",
+    )?;
+    let rows = find.query_map(params![batch.message_id], |row| {
+        Ok((
+            row.get::<_, i64>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, String>(2)?,
+            row.get::<_, Option<String>>(3)?,
+            row.get::<_, Option<String>>(4)?,
+            row.get::<_, bool>(5)?,
+            row.get::<_, String>(6)?,
+            row.get::<_, String>(7)?,
+            row.get::<_, Option<String>>(8)?,
+        ))
+    })?;
+    let mut stored = Vec::new();
+    for row in rows {
+        let (id, reply_type, content, filename, mime_type, fallback, delivery, created, at) = row?;
+        let reply_type = ReplyType::parse(&reply_type)
+            .ok_or_else(|| corrupt(format!("unknown reply type {reply_type:?}")))?;
+        if !batch.replies.iter().any(|r| r.reply_type == reply_type) {
+            continue;
+        }
+        stored.push(StoredReply {
+            id,
+            message_id: batch.message_id,
+            reply_type,
+            content,
+            filename,
+            mime_type,
+            fallback,
+            delivery: Delivery::parse(&delivery)
+                .ok_or_else(|| corrupt(format!("unknown delivery status {delivery:?}")))?,
+            created_at: parse_time(&created)?,
+            delivered_at: at.as_deref().map(parse_time).transpose()?,
+        });
+    }
+    Ok(stored)
+}
+
+/// The replies of a batch as they were just stored.
+fn stored_replies(pending: &PendingReplies) -> Vec<StoredReply> {
+    let batch = &pending.batch;
+    batch
+        .replies
+        .iter()
+        .zip(pending.first_id..)
+        .map(|(reply, id)| StoredReply {
+            id,
+            message_id: batch.message_id,
+            reply_type: reply.reply_type,
+            content: reply.content.clone(),
+            filename: reply.filename.clone(),
+            mime_type: reply.mime_type.clone(),
+            fallback: reply.fallback,
+            delivery: Delivery::Pending,
+            created_at: batch.created_at,
+            delivered_at: None,
+        })
+        .collect()
+}
+
+fn parse_time(text: &str) -> Result<DateTime<Utc>, rusqlite::Error> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|at| at.with_timezone(&Utc))
+        .map_err(|err| corrupt(format!("bad timestamp {text:?}: {err}")))
+}
+
+fn corrupt(message: String) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(message.into())
+}
+
+/// Answers barriers when a batch is done, however `commit` returns.
+#[cfg(test)]
+struct BarrierGuard(Vec<oneshot::Sender<()>>);
+
+#[cfg(test)]
+impl Drop for BarrierGuard {
+    fn drop(&mut self) {
+        for done in self.0.drain(..) {
+            respond(done, ());
+        }
+    }
+}

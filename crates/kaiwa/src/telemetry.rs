@@ -1,0 +1,120 @@
+//! Logs and metrics. Logs go to standard output (text or JSON) and, as JSON lines, to one file
+//! per component under `<data-dir>/logs`: `gateway.log` (sessions, admission, HTTP),
+//! `worker.log` (processing, replies, queue) and `kaiwa.log` (everything).
+
+use crate::config::{LogConfig, LogFormat};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::OnceLock;
+use tracing::Level;
+use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, fmt};
+
+/// Keeps the log files' writer threads alive; dropping it flushes them.
+#[must_use]
+pub struct TelemetryGuard {
+    _files: Vec<WorkerGuard>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("invalid log filter {filter:?}: {source}")]
+    Filter {
+        filter: String,
+        source: tracing_subscriber::filter::ParseError,
+    },
+    #[error("cannot create the log directory {path}: {source}")]
+    LogDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("a global logger is already installed")]
+    AlreadyInstalled,
+}
+
+const GATEWAY_TARGETS: [&str; 4] = [
+    "kaiwa::gateway",
+    "kaiwa::admission",
+    "kaiwa::http",
+    "kaiwa::app",
+];
+const WORKER_TARGETS: [&str; 3] = ["kaiwa::worker", "kaiwa::replies", "kaiwa::queue"];
+
+/// Installs the global logger. Call once, from the binary.
+pub fn init(config: &LogConfig, data_dir: &Path) -> Result<TelemetryGuard, TelemetryError> {
+    let filter = EnvFilter::try_new(&config.filter).map_err(|source| TelemetryError::Filter {
+        filter: config.filter.clone(),
+        source,
+    })?;
+    let stdout = match config.log_format {
+        LogFormat::Text => fmt::layer()
+            .with_target(true)
+            .with_ansi(std::io::stdout().is_terminal())
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_filter(filter)
+            .boxed(),
+    };
+
+    let dir = data_dir.join("logs");
+    std::fs::create_dir_all(&dir).map_err(|source| TelemetryError::LogDir {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let mut guards = Vec::new();
+    let mut file_layer = |name: &str, targets: Targets| {
+        let appender = tracing_appender::rolling::never(&dir, name);
+        let (writer, guard) = tracing_appender::non_blocking(appender);
+        guards.push(guard);
+        fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(writer)
+            .with_filter(targets)
+            .boxed()
+    };
+    let gateway = file_layer(
+        "gateway.log",
+        GATEWAY_TARGETS
+            .into_iter()
+            .fold(Targets::new(), |t, target| {
+                t.with_target(target, Level::INFO)
+            }),
+    );
+    let worker = file_layer(
+        "worker.log",
+        WORKER_TARGETS
+            .into_iter()
+            .fold(Targets::new(), |t, target| {
+                t.with_target(target, Level::INFO)
+            }),
+    );
+    let all = file_layer(
+        "kaiwa.log",
+        Targets::new()
+            .with_target("kaiwa", Level::INFO)
+            .with_default(Level::WARN),
+    );
+
+    tracing_subscriber::registry()
+        .with(vec![stdout, gateway, worker, all])
+        .try_init()
+        .map_err(|_| TelemetryError::AlreadyInstalled)?;
+    Ok(TelemetryGuard { _files: guards })
+}
+
+/// The Prometheus recorder, installed on first use. `None` if another recorder was installed
+/// first in this process.
+pub fn metrics_handle() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .clone()
+}
