@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Benchmarks kaiwa on this machine and prints one table (README, "Load testing and benchmarks"):
+#   1. spec        the exercise's scenario against kaiwa on its default limits and delays
+#   2. echo        a bare WebSocket echo server (kaiwa-echo): the ceiling in messages/second
+#   3. kaiwa       kaiwa end to end (reply delays off, high limits), same clients: a ratio of 2
+#   4. rate-N      p99 latency at fixed offered rates (open loop)
+#   5. idle-N      resident memory per idle connection, read from /proc/<pid>/status
+#   6. store       the SQLite store alone, concurrent inserts, group commit
+# Everything runs on loopback. Reports land in target/bench/<UTC time>/ as JSON, with the table.
+#
+# Settings (environment): CLIENTS (50), DURATION seconds (10), RATES ("1000 5000"),
+# IDLE ("10000 19000"), STORE_MESSAGES (200000), PORT (18082), ECHO_PORT (18090).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CLIENTS=${CLIENTS:-50}
+DURATION=${DURATION:-10}
+RATES=${RATES:-"1000 5000"}
+IDLE=${IDLE:-"10000 19000"}
+STORE_MESSAGES=${STORE_MESSAGES:-200000}
+PORT=${PORT:-18082}
+ECHO_PORT=${ECHO_PORT:-18090}
+out=${OUT:-target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$out"
+# On the real disk, not tmpfs: the store's fsyncs are part of what is measured.
+work=$(mktemp -d "$PWD/target/bench-data.XXXXXX")
+server_pid=""
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+stop_server() {
+  if [[ -n "$server_pid" ]]; then
+    kill -TERM "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=""
+  fi
+}
+cleanup() {
+  stop_server
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+wait_for_port() {
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "nothing is listening on port $1" >&2
+  return 1
+}
+
+# kaiwa on a fresh data directory; extra flags follow the defaults given here.
+start_kaiwa() {
+  local name=$1
+  shift
+  target/release/kaiwa serve --bind "127.0.0.1:$PORT" --data-dir "$work/$name" --log warn "$@" \
+    >"$out/$name.server.log" 2>&1 &
+  server_pid=$!
+  wait_for_port "$PORT"
+}
+
+# The flags kaiwa is benchmarked with: no reply delays, limits out of the way, idle
+# connections never closed.
+FAST=(--reply-delay-scale 0 --max-clients 20000 --max-in-flight 100000
+  --first-message-timeout 86400 --heartbeat-timeout 86400)
+
+load() { target/release/kaiwa-load "$@" --quiet; }
+
+step "building in release mode"
+cargo build --release --locked -p kaiwa -p kaiwa-load --bins --example store_bench
+
+step "spec: 100 clients, 2,000 messages, default limits (50 clients) and delays"
+start_kaiwa spec
+load spec --url "ws://127.0.0.1:$PORT/ws" --label spec --json "$out/1-spec.json" || true
+stop_server
+
+step "echo ceiling: $CLIENTS clients for ${DURATION}s"
+target/release/kaiwa-echo --bind "127.0.0.1:$ECHO_PORT" >"$out/echo.server.log" 2>&1 &
+server_pid=$!
+wait_for_port "$ECHO_PORT"
+load throughput --echo --url "ws://127.0.0.1:$ECHO_PORT/ws" --clients "$CLIENTS" \
+  --duration "$DURATION" --label echo --json "$out/2-echo.json" || true
+stop_server
+
+step "kaiwa end to end: $CLIENTS clients for ${DURATION}s"
+start_kaiwa throughput "${FAST[@]}"
+load throughput --url "ws://127.0.0.1:$PORT/ws" --clients "$CLIENTS" --duration "$DURATION" \
+  --label kaiwa --json "$out/3-kaiwa.json" || true
+stop_server
+
+step "kaiwa end to end, --sqlite-synchronous normal: $CLIENTS clients for ${DURATION}s"
+start_kaiwa throughput-normal "${FAST[@]}" --sqlite-synchronous normal
+load throughput --url "ws://127.0.0.1:$PORT/ws" --clients "$CLIENTS" --duration "$DURATION" \
+  --label kaiwa-sync-normal --json "$out/3-kaiwa-normal.json" || true
+stop_server
+
+for rate in $RATES; do
+  step "kaiwa at $rate msg/s offered for ${DURATION}s"
+  start_kaiwa "rate-$rate" "${FAST[@]}"
+  load throughput --url "ws://127.0.0.1:$PORT/ws" --clients "$CLIENTS" --rate "$rate" \
+    --duration "$DURATION" --label "rate-$rate" --json "$out/4-rate-$rate.json" || true
+  stop_server
+done
+
+for n in $IDLE; do
+  step "$n idle connections"
+  start_kaiwa "idle-$n" "${FAST[@]}"
+  load connections --url "ws://127.0.0.1:$PORT/ws" --clients "$n" --server-pid "$server_pid" \
+    --label "idle-$n" --json "$out/5-idle-$n.json" || true
+  stop_server
+done
+
+step "SQLite store alone: $STORE_MESSAGES messages, 64 concurrent writers"
+target/release/examples/store_bench --messages "$STORE_MESSAGES" --writers 64 \
+  --data-dir "$work/store" --label store >"$out/6-store.json"
+
+step "results in $out"
+{
+  echo "kaiwa benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, commit $(git rev-parse --short HEAD)"
+  target/release/kaiwa-load table "$out"/[0-9]-*.json
+} | tee "$out/table.txt"

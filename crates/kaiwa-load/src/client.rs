@@ -1,0 +1,773 @@
+//! One simulated client: it connects (from a chosen loopback address when asked), introduces
+//! itself, waits its turn while the server is full, then sends its messages at its pace from a
+//! writer task while its reader hands every frame to the [`Ledger`], and closes properly.
+
+use crate::ledger::{Effect, Ledger, Mode, Observed, Sent};
+use crate::media::Samples;
+use crate::plan::{ClientPlan, Mix, Pace};
+use crate::report::{Live, Problem, Tally};
+use crate::windows::{Expectation, Windows};
+use chrono::{SecondsFormat, Utc};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use kaiwa_protocol::{CloseCode, ErrorCode, MessageStatus, MessageType, legacy, native};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::time::{Instant, sleep_until};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{WebSocketStream, client_async_with_config};
+use tokio_util::sync::CancellationToken;
+
+pub type Ws = WebSocketStream<TcpStream>;
+
+/// How long the handshake (TCP, upgrade, hello and welcome) may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long to wait for the server's answer to our close frame.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connection attempts that fail below the WebSocket (refused, reset) before giving up.
+const TRANSPORT_ATTEMPTS: u32 = 5;
+/// Bounds of the wait between attempts while the server is full.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// WebSocket buffers kept small: the `connections` scenario holds 19,000 of them.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+}
+
+/// What every client of a run shares.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub url: String,
+    pub mode: Mode,
+    pub mix: Mix,
+    pub samples: Arc<Samples>,
+    pub live: Arc<Live>,
+    /// Cancelled when the run is over (its time limit, or Ctrl-C): clients stop where they are.
+    pub stop: CancellationToken,
+    /// The windows to judge by when no `welcome` gives them (legacy).
+    pub windows: Option<Windows>,
+    /// How long a client waits for the answers still due after its last send.
+    pub drain_timeout: Duration,
+    /// When to stop sending, for runs with a duration.
+    pub deadline: Option<Instant>,
+}
+
+/// What a connected client learned from the server.
+#[derive(Debug, Clone, Default)]
+pub struct Welcome {
+    pub windows: Option<Windows>,
+    pub max_in_flight_per_client: Option<usize>,
+}
+
+/// The outcome of one connection attempt.
+#[derive(Debug)]
+pub enum Attempt {
+    Ready(Box<Ws>, Welcome),
+    /// The server is full (close 1013): wait and try again.
+    Refused,
+    /// The connection broke below the WebSocket: worth another try or two.
+    Transport(String),
+    Failed(Problem),
+}
+
+/// Opens a WebSocket to `url` from `source` (any local address when `None`).
+pub async fn open(
+    url: &str,
+    native_header: bool,
+    source: Option<std::net::IpAddr>,
+) -> Result<Ws, String> {
+    let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+    if native_header {
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_static(kaiwa_protocol::SUBPROTOCOL),
+        );
+    }
+    let uri = request.uri();
+    let host = uri.host().unwrap_or("127.0.0.1").trim_matches(['[', ']']);
+    let port = uri.port_u16().unwrap_or(80);
+    let addr: SocketAddr = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or_else(|| format!("{host} has no address"))?;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| e.to_string())?;
+    if let Some(source) = source {
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .map_err(|e| format!("cannot bind {source}: {e}"))?;
+    }
+    let tcp = socket.connect(addr).await.map_err(|e| e.to_string())?;
+    // Small frames must not wait for delayed ACKs (Nagle), or every latency grows by ~40 ms.
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (ws, _response) = client_async_with_config(request, tcp, Some(ws_config()))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ws)
+}
+
+/// Connects and completes the protocol's handshake.
+pub async fn connect(url: &str, mode: Mode, plan: &ClientPlan) -> Attempt {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect_inner(url, mode, plan)).await {
+        Ok(attempt) => attempt,
+        Err(_) => Attempt::Transport("the handshake timed out".into()),
+    }
+}
+
+async fn connect_inner(url: &str, mode: Mode, plan: &ClientPlan) -> Attempt {
+    let mut ws = match open(url, mode == Mode::Native, plan.source).await {
+        Ok(ws) => ws,
+        Err(err) => return Attempt::Transport(err),
+    };
+    let hello = match mode {
+        Mode::Native | Mode::Echo => to_json(&native::ClientFrame::Hello(native::Hello {
+            client_id: Some(plan.client_id.clone()),
+            timezone: Some(plan.timezone.name().to_owned()),
+            resume: false,
+        })),
+        Mode::Legacy => to_json(&legacy::ClientFrame {
+            client_id: Some(plan.client_id.clone()),
+            timezone: Some(plan.timezone.name().to_owned()),
+            ..legacy::ClientFrame::default()
+        }),
+    };
+    // A full server closes right after the upgrade, so this write may fail; its close frame
+    // is still there to read.
+    let sent = ws.send(Message::text(hello)).await;
+    loop {
+        let frame = match ws.next().await {
+            Some(Ok(frame)) => frame,
+            Some(Err(err)) => {
+                return match sent {
+                    // Our hello crossed the server's refusal, and the reset took its close
+                    // frame with it: that is a full server too.
+                    Err(_) => Attempt::Refused,
+                    Ok(()) => Attempt::Transport(err.to_string()),
+                };
+            }
+            None => return Attempt::Transport("closed during the handshake".into()),
+        };
+        let text = match frame {
+            Message::Text(text) => text,
+            Message::Close(close) => {
+                let code = close.map_or(1005, |c| u16::from(c.code));
+                return if code == CloseCode::OverCapacity.code() {
+                    Attempt::Refused
+                } else {
+                    Attempt::Failed(Problem::Closed(code))
+                };
+            }
+            _ => continue,
+        };
+        match mode {
+            Mode::Echo => return Attempt::Ready(Box::new(ws), Welcome::default()),
+            Mode::Native => match serde_json::from_str::<native::ServerFrame>(&text) {
+                Ok(native::ServerFrame::Welcome(welcome)) => {
+                    let windows = match Windows::from_welcome(&welcome.windows) {
+                        Ok(windows) => windows,
+                        Err(_) => return Attempt::Failed(Problem::MalformedFrame),
+                    };
+                    return Attempt::Ready(
+                        Box::new(ws),
+                        Welcome {
+                            windows: Some(windows),
+                            max_in_flight_per_client: Some(welcome.limits.max_in_flight_per_client),
+                        },
+                    );
+                }
+                Ok(native::ServerFrame::Error(error)) if error.code == ErrorCode::OverCapacity => {
+                    return Attempt::Refused;
+                }
+                Ok(native::ServerFrame::Error(error)) => {
+                    return Attempt::Failed(Problem::Error(error.code.as_str().to_owned()));
+                }
+                _ => return Attempt::Failed(Problem::UnexpectedFrame),
+            },
+            Mode::Legacy => match serde_json::from_str::<legacy::ServerFrame>(&text) {
+                Ok(frame) if frame.kind == legacy::FrameKind::System => {
+                    return Attempt::Ready(Box::new(ws), Welcome::default());
+                }
+                Ok(frame) if frame.data.code == Some(ErrorCode::OverCapacity) => {
+                    return Attempt::Refused;
+                }
+                Ok(frame) if frame.kind == legacy::FrameKind::Error => {
+                    let code = frame.data.code.map_or("unknown", ErrorCode::as_str);
+                    return Attempt::Failed(Problem::Error(code.to_owned()));
+                }
+                Ok(frame) if frame.kind == legacy::FrameKind::Heartbeat => continue,
+                _ => return Attempt::Failed(Problem::UnexpectedFrame),
+            },
+        }
+    }
+}
+
+fn to_json<T: serde::Serialize>(frame: &T) -> String {
+    // Plain data types: serializing cannot fail.
+    serde_json::to_string(frame).unwrap_or_default()
+}
+
+/// Tells the runner a client is connected (or never will be), for open-loop runs that start
+/// every schedule at the same instant.
+#[derive(Debug, Clone)]
+pub struct StartLine {
+    pub ready: mpsc::UnboundedSender<bool>,
+    pub start: watch::Receiver<Option<Instant>>,
+}
+
+/// Runs one client from connection to close and returns what it counted.
+pub async fn run(shared: Shared, plan: ClientPlan, pace: Pace, start: Option<StartLine>) -> Tally {
+    let mut ledger = Ledger::new(shared.mode, shared.live.clone());
+    ledger.tally_mut().clients = 1;
+    let Some((ws, welcome)) = wait_for_turn(&shared, &plan, &mut ledger).await else {
+        if let Some(start) = &start {
+            start.ready.send(false).ok();
+        }
+        return ledger.finish();
+    };
+    shared.live.connection_opened();
+    ledger.tally_mut().connected = 1;
+    let began = match start {
+        Some(mut line) => {
+            line.ready.send(true).ok();
+            let waited = line.start.wait_for(Option::is_some).await.map(|t| *t);
+            match waited {
+                Ok(Some(at)) => at,
+                _ => Instant::now(),
+            }
+        }
+        None => Instant::now(),
+    };
+    let windows = welcome.windows.or(shared.windows).unwrap_or_default();
+    let window = match (shared.mode, pace) {
+        // Legacy frames name no message of ours: one at a time keeps every answer attributable.
+        (Mode::Legacy, _) => 1,
+        (_, Pace::Closed { window }) => window
+            .min(welcome.max_in_flight_per_client.unwrap_or(usize::MAX))
+            .max(1),
+        (_, Pace::Open { .. }) => Semaphore::MAX_PERMITS,
+    };
+    let permits = Arc::new(Semaphore::new(window));
+    let (sink, stream) = (*ws).split();
+    let (notes_tx, notes_rx) = mpsc::unbounded_channel();
+    let (commands_tx, commands_rx) = mpsc::unbounded_channel();
+    let writer = Writer {
+        sink,
+        notes: notes_tx,
+        commands: commands_rx,
+        permits: permits.clone(),
+        mode: shared.mode,
+        mix: shared.mix.clone(),
+        samples: shared.samples.clone(),
+        windows,
+        timezone: plan.timezone,
+        messages: plan.messages,
+        deadline: shared.deadline,
+        pace,
+        began,
+        rng: StdRng::seed_from_u64(plan.seed),
+    };
+    let writer = tokio::spawn(writer.run());
+    let mut reader = Reader {
+        stream,
+        notes: notes_rx,
+        commands: commands_tx,
+        permits,
+        mode: shared.mode,
+        done_sending: false,
+        drain: shared.drain_timeout,
+        drain_deadline: None,
+    };
+    reader.run(&mut ledger, &shared.stop).await;
+    if writer.await.is_err() {
+        ledger.problem(Problem::ConnectFailed);
+    }
+    shared.live.connection_closed();
+    let mut tally = ledger.finish();
+    tally.clients_sent = u64::from(tally.sent > 0);
+    tally
+}
+
+/// Connects, retrying while the server is full; `None` if the client never got in.
+async fn wait_for_turn(
+    shared: &Shared,
+    plan: &ClientPlan,
+    ledger: &mut Ledger,
+) -> Option<(Box<Ws>, Welcome)> {
+    let mut rng = StdRng::seed_from_u64(plan.seed ^ 0x5eed);
+    let mut backoff = BACKOFF_MIN;
+    let mut transport_failures = 0;
+    loop {
+        if shared.stop.is_cancelled() {
+            ledger.problem(Problem::NoTurn);
+            return None;
+        }
+        match connect(&shared.url, shared.mode, plan).await {
+            Attempt::Ready(ws, welcome) => return Some((ws, welcome)),
+            Attempt::Refused => {
+                ledger.tally_mut().refusals += 1;
+                Live::add(&shared.live.refusals, 1);
+            }
+            Attempt::Transport(err) => {
+                transport_failures += 1;
+                if transport_failures >= TRANSPORT_ATTEMPTS {
+                    tracing_note(&plan.client_id, &err);
+                    ledger.problem(Problem::ConnectFailed);
+                    return None;
+                }
+            }
+            Attempt::Failed(problem) => {
+                ledger.problem(problem);
+                return None;
+            }
+        }
+        // Jitter keeps the refused clients from coming back all at once.
+        let jitter = backoff.mul_f64(rng.random_range(0.0..1.0));
+        tokio::select! {
+            () = shared.stop.cancelled() => {}
+            () = tokio::time::sleep(backoff + jitter) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+fn tracing_note(client_id: &str, err: &str) {
+    eprintln!("kaiwa-load: client {client_id} could not connect: {err}");
+}
+
+/// From the writer to the reader, always sent before the frame it announces.
+#[derive(Debug)]
+enum Note {
+    Sent(Sent),
+    /// The window verdict changed while the frame was being written: either answer is right.
+    Edge(String),
+    /// The writer has sent everything it will send (resends aside).
+    Done,
+}
+
+/// From the reader to the writer.
+#[derive(Debug)]
+enum Command {
+    Resend {
+        key: String,
+        kind: MessageType,
+        at: Instant,
+    },
+    /// Answer the legacy server's heartbeat ping.
+    Pong,
+    Close,
+}
+
+struct Writer {
+    sink: SplitSink<Ws, Message>,
+    notes: mpsc::UnboundedSender<Note>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    /// Free places in the client's window of unsettled messages; the reader gives them back.
+    permits: Arc<Semaphore>,
+    mode: Mode,
+    mix: Mix,
+    samples: Arc<Samples>,
+    windows: Windows,
+    timezone: chrono_tz::Tz,
+    messages: Option<u64>,
+    deadline: Option<Instant>,
+    pace: Pace,
+    began: Instant,
+    rng: StdRng,
+}
+
+impl Writer {
+    async fn run(mut self) {
+        let mut seq: u64 = 0;
+        let mut resends: VecDeque<(Instant, String, MessageType)> = VecDeque::new();
+        let mut sending = true;
+        loop {
+            let due = match self.pace {
+                Pace::Open { interval, phase } => {
+                    Some(self.began + phase + interval.mul_f64(seq as f64))
+                }
+                Pace::Closed { .. } => None,
+            };
+            if sending {
+                let more = self.messages.is_none_or(|limit| seq < limit)
+                    && self
+                        .deadline
+                        .is_none_or(|deadline| due.unwrap_or_else(Instant::now) < deadline);
+                if !more {
+                    sending = false;
+                    self.notes.send(Note::Done).ok();
+                }
+            }
+            let next_resend = resends.front().map(|(at, _, _)| *at);
+            tokio::select! {
+                biased;
+                command = self.commands.recv() => match command {
+                    Some(Command::Resend { key, kind, at }) => resends.push_back((at, key, kind)),
+                    Some(Command::Pong) => {
+                        let pong = to_json(&legacy::heartbeat_pong());
+                        if self.sink.send(Message::text(pong)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Command::Close) | None => break,
+                },
+                () = sleep_until(next_resend.unwrap_or_else(Instant::now)), if next_resend.is_some() => {
+                    if let Some((_, key, kind)) = resends.pop_front() {
+                        let at = Instant::now();
+                        if self.write(key, kind, at).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                permit = async {
+                    if let Some(due) = due {
+                        sleep_until(due).await;
+                    }
+                    self.permits.clone().acquire_owned().await
+                }, if sending => {
+                    let Ok(permit) = permit else { break };
+                    if self.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                        // Time ran out while waiting for a place: this message is not sent.
+                        drop(permit);
+                        sending = false;
+                        self.notes.send(Note::Done).ok();
+                        continue;
+                    }
+                    permit.forget();
+                    let kind = self.mix.pick(&mut self.rng);
+                    let key = format!("m{seq}");
+                    seq += 1;
+                    let scheduled = due.unwrap_or_else(Instant::now);
+                    if self.write(key, kind, scheduled).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let close = CloseFrame {
+            code: WsCloseCode::Normal,
+            reason: "done".into(),
+        };
+        // If this fails, the connection is already gone, and the reader has reported how.
+        self.sink.send(Message::Close(Some(close))).await.ok();
+    }
+
+    async fn write(
+        &mut self,
+        key: String,
+        kind: MessageType,
+        scheduled: Instant,
+    ) -> Result<(), tungstenite::Error> {
+        let now = Utc::now();
+        let expectation = match self.mode {
+            Mode::Echo => Expectation::Accept,
+            Mode::Native | Mode::Legacy => self.windows.expect(kind, self.timezone, now),
+        };
+        let frame = frame(self.mode, &key, kind, &self.samples, now);
+        self.notes
+            .send(Note::Sent(Sent {
+                key: key.clone(),
+                kind,
+                expectation,
+                scheduled: scheduled.into_std(),
+            }))
+            .ok();
+        self.sink.send(Message::text(frame)).await?;
+        if expectation != Expectation::Either
+            && self.mode != Mode::Echo
+            && self.windows.expect(kind, self.timezone, Utc::now()) != expectation
+        {
+            self.notes.send(Note::Edge(key)).ok();
+        }
+        Ok(())
+    }
+}
+
+/// The frame that sends message `key`.
+pub fn frame(
+    mode: Mode,
+    key: &str,
+    kind: MessageType,
+    samples: &Samples,
+    now: chrono::DateTime<Utc>,
+) -> String {
+    let sample = samples.get(kind);
+    let content = match sample {
+        Some(sample) => sample.base64.to_string(),
+        None => format!("Hello from the load tool, message {key}"),
+    };
+    let filename = sample.map(|s| s.filename.to_owned());
+    let timestamp = Some(now.to_rfc3339_opts(SecondsFormat::Millis, true));
+    match mode {
+        Mode::Native | Mode::Echo => to_json(&native::ClientFrame::Send(native::Send {
+            id: Some(key.to_owned()),
+            message_type: Some(kind.as_str().to_owned()),
+            content: Some(content),
+            filename,
+            timestamp,
+            binary: false,
+        })),
+        Mode::Legacy => to_json(&legacy::ClientFrame {
+            message_type: Some(kind.as_str().to_owned()),
+            content: Some(content),
+            filename,
+            timestamp,
+            ..legacy::ClientFrame::default()
+        }),
+    }
+}
+
+struct Reader {
+    stream: SplitStream<Ws>,
+    notes: mpsc::UnboundedReceiver<Note>,
+    commands: mpsc::UnboundedSender<Command>,
+    /// Given back as messages settle, so the writer may send the next.
+    permits: Arc<Semaphore>,
+    mode: Mode,
+    done_sending: bool,
+    /// After the last send, how long the answers still due may take.
+    drain: Duration,
+    drain_deadline: Option<Instant>,
+}
+
+impl Reader {
+    async fn run(&mut self, ledger: &mut Ledger, stop: &CancellationToken) {
+        let mut server_closed = false;
+        loop {
+            if self.done_sending && ledger.unsettled() == 0 {
+                break;
+            }
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                note = self.notes.recv() => match note {
+                    Some(note) => self.note(ledger, note),
+                    None => self.writer_done(),
+                },
+                () = sleep_until(self.drain_deadline.unwrap_or_else(Instant::now)), if self.drain_deadline.is_some() => break,
+                frame = self.stream.next() => {
+                    if self.frame(ledger, frame) {
+                        server_closed = true;
+                        break;
+                    }
+                }
+            }
+        }
+        self.commands.send(Command::Close).ok();
+        if server_closed {
+            return;
+        }
+        // Read on until the server answers our close: frames still in flight are accounted.
+        let closing = async {
+            loop {
+                match self.stream.next().await {
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                    frame => {
+                        self.frame(ledger, frame);
+                    }
+                }
+            }
+        };
+        if tokio::time::timeout(CLOSE_TIMEOUT, closing).await.is_err() {
+            ledger.problem(Problem::Closed(1006));
+        }
+    }
+
+    fn writer_done(&mut self) {
+        self.done_sending = true;
+        let drain = self.drain;
+        self.drain_deadline
+            .get_or_insert_with(|| Instant::now() + drain);
+    }
+
+    fn note(&mut self, ledger: &mut Ledger, note: Note) {
+        match note {
+            Note::Sent(sent) => ledger.sent(sent),
+            Note::Edge(key) => ledger.widen(&key),
+            Note::Done => self.writer_done(),
+        }
+    }
+
+    /// Handles one frame; true when the server ended the connection.
+    fn frame(
+        &mut self,
+        ledger: &mut Ledger,
+        frame: Option<Result<Message, tungstenite::Error>>,
+    ) -> bool {
+        // Sends are noted before they are written, so every note for a frame's message is here.
+        while let Ok(note) = self.notes.try_recv() {
+            self.note(ledger, note);
+        }
+        let at = std::time::Instant::now();
+        match frame {
+            Some(Ok(Message::Text(text))) => {
+                let effect = self.text(ledger, &text, at);
+                self.apply(effect);
+                false
+            }
+            Some(Ok(Message::Binary(_))) => {
+                ledger.problem(Problem::UnexpectedFrame);
+                false
+            }
+            Some(Ok(Message::Close(close))) => {
+                let code = close.map_or(1005, |c| u16::from(c.code));
+                ledger.problem(Problem::Closed(code));
+                true
+            }
+            Some(Ok(_)) => false,
+            Some(Err(_)) | None => {
+                ledger.problem(Problem::Closed(1006));
+                true
+            }
+        }
+    }
+
+    fn apply(&mut self, effect: Effect) {
+        match effect {
+            Effect::Nothing => {}
+            Effect::Settled => self.permits.add_permits(1),
+            Effect::Resend { key, kind, after } => {
+                let at = Instant::now() + after;
+                self.commands.send(Command::Resend { key, kind, at }).ok();
+            }
+        }
+    }
+
+    fn text(&mut self, ledger: &mut Ledger, text: &str, at: std::time::Instant) -> Effect {
+        match self.mode {
+            Mode::Native => native_frame(ledger, text, at),
+            Mode::Echo => match serde_json::from_str::<native::ClientFrame>(text) {
+                Ok(native::ClientFrame::Send(send)) => {
+                    ledger.observe(send.id.as_deref(), Observed::Echo, at)
+                }
+                _ => {
+                    ledger.problem(Problem::UnexpectedFrame);
+                    Effect::Nothing
+                }
+            },
+            Mode::Legacy => {
+                let Ok(frame) = serde_json::from_str::<legacy::ServerFrame>(text) else {
+                    ledger.problem(Problem::MalformedFrame);
+                    return Effect::Nothing;
+                };
+                let data = frame.data;
+                match frame.kind {
+                    legacy::FrameKind::Heartbeat => {
+                        if data.message.as_deref() == Some("ping") {
+                            self.commands.send(Command::Pong).ok();
+                        }
+                        Effect::Nothing
+                    }
+                    legacy::FrameKind::Message => match (data.id, data.reply_type) {
+                        (Some(reply_id), Some(reply_type)) => ledger.observe_legacy(
+                            data.message_id,
+                            Observed::Reply {
+                                reply_id,
+                                reply_type,
+                            },
+                            at,
+                        ),
+                        (None, _) if data.message.is_some() => ledger.observe_legacy(
+                            data.message_id,
+                            Observed::Ack {
+                                status: MessageStatus::Rejected,
+                                duplicate: false,
+                                message_id: data.message_id.unwrap_or_default(),
+                            },
+                            at,
+                        ),
+                        _ => {
+                            ledger.problem(Problem::MalformedFrame);
+                            Effect::Nothing
+                        }
+                    },
+                    legacy::FrameKind::Error => ledger.observe_legacy(
+                        None,
+                        Observed::Error {
+                            code: data.code.unwrap_or(ErrorCode::Internal),
+                            retry_after: None,
+                        },
+                        at,
+                    ),
+                    legacy::FrameKind::System => {
+                        ledger.problem(Problem::UnexpectedFrame);
+                        Effect::Nothing
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Hands one native frame to the ledger.
+pub fn native_frame(ledger: &mut Ledger, text: &str, at: std::time::Instant) -> Effect {
+    let Ok(frame) = serde_json::from_str::<native::ServerFrame>(text) else {
+        ledger.problem(Problem::MalformedFrame);
+        return Effect::Nothing;
+    };
+    match frame {
+        native::ServerFrame::Ack(ack) => ledger.observe(
+            Some(&ack.id),
+            Observed::Ack {
+                status: ack.status,
+                duplicate: ack.duplicate,
+                message_id: ack.message_id,
+            },
+            at,
+        ),
+        native::ServerFrame::Status(status) => {
+            ledger.observe(status.id.as_deref(), Observed::Status(status.status), at)
+        }
+        native::ServerFrame::Reply(reply) if !reply.missed => ledger.observe(
+            reply.id.as_deref(),
+            Observed::Reply {
+                reply_id: reply.reply.id,
+                reply_type: reply.reply.reply_type,
+            },
+            at,
+        ),
+        native::ServerFrame::Delta(delta) => {
+            ledger.observe(delta.id.as_deref(), Observed::Delta, at)
+        }
+        native::ServerFrame::Error(error) => match error.id {
+            Some(id) => ledger.observe(
+                Some(&id),
+                Observed::Error {
+                    code: error.code,
+                    retry_after: error.retry_after_ms.map(Duration::from_millis),
+                },
+                at,
+            ),
+            None => {
+                ledger.problem(Problem::Error(error.code.as_str().to_owned()));
+                Effect::Nothing
+            }
+        },
+        // We never ask for a replay, a pong or a second welcome.
+        native::ServerFrame::Reply(_)
+        | native::ServerFrame::Welcome(_)
+        | native::ServerFrame::Pong { .. }
+        | native::ServerFrame::Synced { .. } => {
+            ledger.problem(Problem::UnexpectedFrame);
+            Effect::Nothing
+        }
+    }
+}

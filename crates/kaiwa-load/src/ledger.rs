@@ -1,0 +1,776 @@
+//! The accounting of one client's messages: what each message must get back (one ack; for an
+//! accepted one `processing`, its reply set in order and `replied`; for a rejected one nothing
+//! more), what it did get, and what that makes it: complete, lost, duplicated, unexpected or
+//! misjudged against its window. Pure bookkeeping, fed by the client's reader, so it can be
+//! tested frame by frame.
+
+use crate::report::{Live, Problem, Tally};
+use crate::windows::Expectation;
+use kaiwa_protocol::{ErrorCode, MessageStatus, MessageType, ReplyType};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the server speaks, which decides which frames a message must get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `kaiwa.v1`: ack, statuses and replies, matched by the client's message id.
+    Native,
+    /// The Python server's frames: replies or a rejection, no ack and no statuses. They name no
+    /// client message id, so a legacy client keeps one message outstanding at a time.
+    Legacy,
+    /// A bare echo server: each frame comes back once, unchanged.
+    Echo,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Legacy => "legacy",
+            Self::Echo => "echo",
+        }
+    }
+}
+
+/// A message the client has just written to the socket.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub key: String,
+    pub kind: MessageType,
+    pub expectation: Expectation,
+    /// When it was due: latency counts from here, so a client that falls behind its schedule
+    /// shows it (no coordinated omission). In closed loop, the moment it was sent.
+    pub scheduled: Instant,
+}
+
+/// One frame about a message, whichever protocol carried it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Observed {
+    Ack {
+        status: MessageStatus,
+        duplicate: bool,
+        message_id: i64,
+    },
+    Status(MessageStatus),
+    Reply {
+        reply_id: i64,
+        reply_type: ReplyType,
+    },
+    /// A piece of a streamed text reply: counted, never a problem.
+    Delta,
+    Error {
+        code: ErrorCode,
+        retry_after: Option<Duration>,
+    },
+    /// The echo server sent the frame back.
+    Echo,
+}
+
+/// What the client must do after a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    Nothing,
+    /// The message's fate is known and nothing more is due for it: its window slot is free.
+    Settled,
+    /// The server was busy and stored nothing: send the same message again after `after`.
+    Resend {
+        key: String,
+        kind: MessageType,
+        after: Duration,
+    },
+}
+
+/// How long to wait before resending a `busy` message when the server does not say.
+const DEFAULT_RETRY: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+struct Tracked {
+    kind: MessageType,
+    expectation: Expectation,
+    scheduled: Instant,
+    /// The stored id, once the server named it.
+    message_id: Option<i64>,
+    acks: u32,
+    /// `Some(true)` accepted, `Some(false)` rejected.
+    accepted: Option<bool>,
+    processing: u32,
+    replied: u32,
+    replies: Vec<ReplyType>,
+    settled: bool,
+}
+
+/// One client's messages and what became of them.
+#[derive(Debug)]
+pub struct Ledger {
+    mode: Mode,
+    messages: HashMap<String, Tracked>,
+    /// Every reply id seen, to catch a reply delivered twice.
+    reply_ids: HashSet<i64>,
+    /// Legacy: which message a stored id belongs to, so a late frame finds its message.
+    by_message_id: HashMap<i64, String>,
+    /// Legacy: the message awaiting its answer.
+    current: Option<String>,
+    unsettled: usize,
+    tally: Tally,
+    live: Arc<Live>,
+}
+
+impl Ledger {
+    pub fn new(mode: Mode, live: Arc<Live>) -> Self {
+        Self {
+            mode,
+            messages: HashMap::new(),
+            reply_ids: HashSet::new(),
+            by_message_id: HashMap::new(),
+            current: None,
+            unsettled: 0,
+            tally: Tally::default(),
+            live,
+        }
+    }
+
+    /// Messages sent whose fate is not known yet.
+    pub fn unsettled(&self) -> usize {
+        self.unsettled
+    }
+
+    pub fn tally_mut(&mut self) -> &mut Tally {
+        &mut self.tally
+    }
+
+    /// Records a send. Sending a key again (after `busy`) is a resend, not a new message.
+    pub fn sent(&mut self, sent: Sent) {
+        if self.mode == Mode::Legacy {
+            self.current = Some(sent.key.clone());
+        }
+        if self.messages.contains_key(&sent.key) {
+            self.tally.resent += 1;
+            return;
+        }
+        self.tally.sent += 1;
+        Live::add(&self.live.sent, 1);
+        let per_type = self.tally.kind(sent.kind);
+        per_type.sent += 1;
+        if sent.expectation == Expectation::Either {
+            per_type.edge += 1;
+        }
+        self.tally.first_send = Some(match self.tally.first_send {
+            Some(first) => first.min(sent.scheduled),
+            None => sent.scheduled,
+        });
+        self.unsettled += 1;
+        self.messages.insert(
+            sent.key,
+            Tracked {
+                kind: sent.kind,
+                expectation: sent.expectation,
+                scheduled: sent.scheduled,
+                message_id: None,
+                acks: 0,
+                accepted: None,
+                processing: 0,
+                replied: 0,
+                replies: Vec::new(),
+                settled: false,
+            },
+        );
+    }
+
+    /// The window verdict of `key` changed while it was being sent: either answer is right.
+    pub fn widen(&mut self, key: &str) {
+        if let Some(t) = self.messages.get_mut(key)
+            && t.expectation != Expectation::Either
+        {
+            t.expectation = Expectation::Either;
+            self.tally.kind(t.kind).edge += 1;
+        }
+    }
+
+    /// Records a problem that is not about one message (a frame without an id, a close).
+    pub fn problem(&mut self, problem: Problem) {
+        Live::add(&self.live.problems, 1);
+        self.tally.problem(problem);
+    }
+
+    /// A frame about the message the client calls `key` (native, echo).
+    pub fn observe(&mut self, key: Option<&str>, observed: Observed, at: Instant) -> Effect {
+        if observed == Observed::Delta {
+            self.tally.deltas += 1;
+            return Effect::Nothing;
+        }
+        let Some(key) = key.filter(|key| self.messages.contains_key(*key)) else {
+            self.problem(Problem::UnexpectedFrame);
+            return Effect::Nothing;
+        };
+        let key = key.to_owned();
+        self.apply(&key, observed, at)
+    }
+
+    /// A legacy frame: it names the stored message id (kaiwa adds it) or nothing, so it belongs
+    /// to the message that id was first seen with, or else to the one outstanding message.
+    pub fn observe_legacy(
+        &mut self,
+        message_id: Option<i64>,
+        observed: Observed,
+        at: Instant,
+    ) -> Effect {
+        let known = message_id.and_then(|id| self.by_message_id.get(&id).cloned());
+        let Some(key) = known.or_else(|| self.current.clone()) else {
+            self.problem(Problem::UnexpectedFrame);
+            return Effect::Nothing;
+        };
+        if let Some(id) = message_id {
+            let tracked = self.messages.get_mut(&key);
+            if let Some(tracked) = tracked {
+                match tracked.message_id {
+                    None => {
+                        tracked.message_id = Some(id);
+                        self.by_message_id.insert(id, key.clone());
+                    }
+                    // The outstanding message already has another id: this frame answers none.
+                    Some(own) if own != id => {
+                        self.problem(Problem::UnexpectedFrame);
+                        return Effect::Nothing;
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        self.apply(&key, observed, at)
+    }
+
+    fn apply(&mut self, key: &str, observed: Observed, at: Instant) -> Effect {
+        let mode = self.mode;
+        let Some(t) = self.messages.get_mut(key) else {
+            self.problem(Problem::UnexpectedFrame);
+            return Effect::Nothing;
+        };
+        let mut problems: Vec<Problem> = Vec::new();
+        let mut effect = Effect::Nothing;
+        let latency = at.saturating_duration_since(t.scheduled);
+        match observed {
+            Observed::Delta => self.tally.deltas += 1,
+            Observed::Echo => {
+                if t.settled {
+                    problems.push(Problem::DuplicateReply);
+                } else {
+                    t.acks += 1;
+                    t.accepted = Some(true);
+                    let per_type = self.tally.kind(t.kind);
+                    per_type.accepted += 1;
+                    per_type.record_ack(latency);
+                    per_type.record_reply(latency);
+                    self.tally.accepted += 1;
+                    effect = Effect::Settled;
+                }
+            }
+            Observed::Ack {
+                status,
+                duplicate,
+                message_id,
+            } => {
+                t.acks += 1;
+                if duplicate || t.acks > 1 {
+                    problems.push(Problem::DuplicateAck);
+                } else {
+                    t.message_id = Some(message_id);
+                    let accepted = match status {
+                        MessageStatus::Accepted => true,
+                        MessageStatus::Rejected => false,
+                        MessageStatus::Processing | MessageStatus::Replied => {
+                            problems.push(Problem::UnexpectedFrame);
+                            true
+                        }
+                    };
+                    problems.extend(judge(t, accepted));
+                    t.accepted = Some(accepted);
+                    let per_type = self.tally.kind(t.kind);
+                    per_type.record_ack(latency);
+                    if accepted {
+                        per_type.accepted += 1;
+                        self.tally.accepted += 1;
+                    } else {
+                        per_type.rejected += 1;
+                        self.tally.rejected += 1;
+                        effect = Effect::Settled;
+                    }
+                }
+            }
+            Observed::Status(MessageStatus::Processing) => {
+                t.processing += 1;
+                match t.accepted {
+                    Some(false) => problems.push(Problem::UnexpectedFrame),
+                    None => problems.push(Problem::OutOfOrder),
+                    Some(true) if t.processing > 1 => problems.push(Problem::DuplicateStatus),
+                    Some(true) if !t.replies.is_empty() => problems.push(Problem::OutOfOrder),
+                    Some(true) => {}
+                }
+            }
+            Observed::Status(MessageStatus::Replied) => {
+                t.replied += 1;
+                match t.accepted {
+                    Some(false) => problems.push(Problem::UnexpectedFrame),
+                    _ if t.replied > 1 => problems.push(Problem::DuplicateStatus),
+                    _ if t.replies.len() < t.kind.reply_types().len() || t.processing == 0 => {
+                        problems.push(Problem::OutOfOrder)
+                    }
+                    _ => {}
+                }
+            }
+            Observed::Status(_) => problems.push(Problem::UnexpectedFrame),
+            Observed::Reply {
+                reply_id,
+                reply_type,
+            } => {
+                self.tally.replies += 1;
+                if !self.reply_ids.insert(reply_id) {
+                    problems.push(Problem::DuplicateReply);
+                } else if t.accepted == Some(false) {
+                    problems.push(Problem::UnexpectedFrame);
+                } else {
+                    if t.accepted.is_none() {
+                        if mode == Mode::Legacy {
+                            // A legacy client learns of acceptance from the first reply.
+                            problems.extend(judge(t, true));
+                            t.accepted = Some(true);
+                            let per_type = self.tally.kind(t.kind);
+                            per_type.accepted += 1;
+                            per_type.record_ack(latency);
+                            self.tally.accepted += 1;
+                        } else {
+                            problems.push(Problem::OutOfOrder);
+                        }
+                    } else if mode == Mode::Native && t.processing == 0 {
+                        problems.push(Problem::OutOfOrder);
+                    }
+                    if mode == Mode::Native && t.replied > 0 {
+                        problems.push(Problem::OutOfOrder);
+                    }
+                    let expected = t.kind.reply_types();
+                    let index = t.replies.len();
+                    t.replies.push(reply_type);
+                    match expected.get(index) {
+                        None => problems.push(Problem::UnexpectedFrame),
+                        Some(want) if *want != reply_type => problems.push(Problem::WrongReply),
+                        Some(_) => {}
+                    }
+                    if t.replies.len() == expected.len() {
+                        self.tally.kind(t.kind).record_reply(latency);
+                    }
+                }
+            }
+            Observed::Error {
+                code: ErrorCode::Busy,
+                retry_after,
+            } if t.accepted.is_none() && !t.settled => {
+                self.tally.busy += 1;
+                Live::add(&self.live.busy, 1);
+                effect = Effect::Resend {
+                    key: key.to_owned(),
+                    kind: t.kind,
+                    after: retry_after.unwrap_or(DEFAULT_RETRY),
+                };
+            }
+            Observed::Error { code, .. } => {
+                problems.push(Problem::Error(code.as_str().to_owned()));
+                if !t.settled {
+                    // Its fate is known (it failed); free its slot so the run goes on.
+                    t.settled = true;
+                    self.unsettled -= 1;
+                    Live::add(&self.live.settled, 1);
+                    effect = Effect::Settled;
+                }
+            }
+        }
+        if effect == Effect::Nothing && !t.settled && is_complete(mode, t) {
+            effect = Effect::Settled;
+        }
+        if effect == Effect::Settled && !t.settled {
+            t.settled = true;
+            self.unsettled -= 1;
+            self.tally.completed += 1;
+            Live::add(&self.live.settled, 1);
+            self.tally.last_settle = Some(match self.tally.last_settle {
+                Some(last) => last.max(at),
+                None => at,
+            });
+        }
+        if effect == Effect::Settled && self.current.as_deref() == Some(key) {
+            self.current = None;
+        }
+        for problem in problems {
+            self.problem(problem);
+        }
+        effect
+    }
+
+    /// Ends the accounting: whatever is still unsettled is lost, by what it lacks.
+    pub fn finish(mut self) -> Tally {
+        let mut lost = Vec::new();
+        for t in self.messages.values().filter(|t| !t.settled) {
+            let replies_due = t.kind.reply_types().len();
+            lost.push(match t.accepted {
+                None => Problem::LostAck,
+                Some(_) if t.replies.len() < replies_due => Problem::LostReply,
+                Some(_) => Problem::LostStatus,
+            });
+        }
+        for problem in lost {
+            self.problem(problem);
+        }
+        self.tally
+    }
+}
+
+/// Whether an accepted message has every frame it is due.
+fn is_complete(mode: Mode, t: &Tracked) -> bool {
+    if t.accepted != Some(true) || t.replies.len() < t.kind.reply_types().len() {
+        return false;
+    }
+    match mode {
+        Mode::Native => t.processing > 0 && t.replied > 0,
+        Mode::Legacy | Mode::Echo => true,
+    }
+}
+
+/// The window verdict, checked against what the tool predicted at send.
+fn judge(t: &Tracked, accepted: bool) -> Option<Problem> {
+    match (t.expectation, accepted) {
+        (Expectation::Reject, true) => Some(Problem::AcceptedOutsideWindow),
+        (Expectation::Accept, false) => Some(Problem::RejectedInsideWindow),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ledger(mode: Mode) -> Ledger {
+        Ledger::new(mode, Arc::new(Live::default()))
+    }
+
+    fn send(ledger: &mut Ledger, key: &str, kind: MessageType, expectation: Expectation) {
+        ledger.sent(Sent {
+            key: key.into(),
+            kind,
+            expectation,
+            scheduled: Instant::now(),
+        });
+    }
+
+    fn ack(status: MessageStatus) -> Observed {
+        Observed::Ack {
+            status,
+            duplicate: false,
+            message_id: 1,
+        }
+    }
+
+    fn reply(reply_id: i64, reply_type: ReplyType) -> Observed {
+        Observed::Reply {
+            reply_id,
+            reply_type,
+        }
+    }
+
+    /// Feeds a message's whole native answer: ack, processing, its reply set, replied.
+    fn answer(ledger: &mut Ledger, key: &str, kind: MessageType, first_reply_id: i64) -> Effect {
+        let now = Instant::now();
+        let mut last = ledger.observe(Some(key), ack(MessageStatus::Accepted), now);
+        assert_eq!(last, Effect::Nothing);
+        ledger.observe(Some(key), Observed::Status(MessageStatus::Processing), now);
+        for (offset, reply_type) in kind.reply_types().iter().enumerate() {
+            last = ledger.observe(
+                Some(key),
+                reply(first_reply_id + offset as i64, *reply_type),
+                now,
+            );
+        }
+        if last == Effect::Nothing {
+            last = ledger.observe(Some(key), Observed::Status(MessageStatus::Replied), now);
+        }
+        last
+    }
+
+    fn problems(tally: &Tally) -> Vec<(String, u64)> {
+        tally
+            .problems
+            .iter()
+            .map(|(problem, count)| (problem.to_string(), *count))
+            .collect()
+    }
+
+    #[test]
+    fn each_message_type_is_complete_with_exactly_its_reply_set() {
+        let mut ledger = ledger(Mode::Native);
+        for (n, kind) in MessageType::ALL.into_iter().enumerate() {
+            let key = format!("m{n}");
+            send(&mut ledger, &key, kind, Expectation::Accept);
+            assert_eq!(
+                answer(&mut ledger, &key, kind, n as i64 * 10),
+                Effect::Settled
+            );
+        }
+        assert_eq!(ledger.unsettled(), 0);
+        let tally = ledger.finish();
+        assert_eq!(problems(&tally), vec![]);
+        assert_eq!(tally.completed, 4);
+        assert_eq!(tally.replies, 1 + 2 + 3 + 3);
+        assert_eq!(
+            tally.by_type["video"].reply.as_ref().map(|h| h.len()),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn a_message_waits_for_replied_after_its_last_reply() {
+        let mut ledger = ledger(Mode::Native);
+        send(&mut ledger, "v", MessageType::Voice, Expectation::Accept);
+        let now = Instant::now();
+        ledger.observe(Some("v"), ack(MessageStatus::Accepted), now);
+        ledger.observe(Some("v"), Observed::Status(MessageStatus::Processing), now);
+        ledger.observe(Some("v"), reply(1, ReplyType::Text), now);
+        assert_eq!(
+            ledger.observe(Some("v"), reply(2, ReplyType::Voice), now),
+            Effect::Nothing
+        );
+        assert_eq!(
+            ledger.observe(Some("v"), Observed::Status(MessageStatus::Replied), now),
+            Effect::Settled
+        );
+    }
+
+    #[test]
+    fn a_message_without_an_ack_is_lost() {
+        let mut ledger = ledger(Mode::Native);
+        send(&mut ledger, "m1", MessageType::Text, Expectation::Accept);
+        assert_eq!(problems(&ledger.finish()), vec![("lost_ack".into(), 1)]);
+    }
+
+    #[test]
+    fn an_accepted_message_missing_replies_is_lost() {
+        let mut ledger = ledger(Mode::Native);
+        send(&mut ledger, "m1", MessageType::Video, Expectation::Accept);
+        let now = Instant::now();
+        ledger.observe(Some("m1"), ack(MessageStatus::Accepted), now);
+        ledger.observe(Some("m1"), Observed::Status(MessageStatus::Processing), now);
+        ledger.observe(Some("m1"), reply(1, ReplyType::Text), now);
+        ledger.observe(Some("m1"), reply(2, ReplyType::Voice), now);
+        let tally = ledger.finish();
+        assert_eq!(problems(&tally), vec![("lost_reply".into(), 1)]);
+        assert_eq!(tally.lost(), 1);
+    }
+
+    #[test]
+    fn replies_without_the_replied_status_count_as_a_lost_status() {
+        let mut ledger = ledger(Mode::Native);
+        send(&mut ledger, "m1", MessageType::Text, Expectation::Accept);
+        let now = Instant::now();
+        ledger.observe(Some("m1"), ack(MessageStatus::Accepted), now);
+        ledger.observe(Some("m1"), Observed::Status(MessageStatus::Processing), now);
+        ledger.observe(Some("m1"), reply(1, ReplyType::Text), now);
+        assert_eq!(problems(&ledger.finish()), vec![("lost_status".into(), 1)]);
+    }
+
+    #[test]
+    fn a_rejected_message_is_settled_by_its_ack_and_gets_nothing_more() {
+        let mut ledger = ledger(Mode::Native);
+        send(&mut ledger, "m1", MessageType::Voice, Expectation::Reject);
+        let now = Instant::now();
+        assert_eq!(
+            ledger.observe(Some("m1"), ack(MessageStatus::Rejected), now),
+            Effect::Settled
+        );
+        ledger.observe(Some("m1"), reply(7, ReplyType::Text), now);
+        let tally = ledger.finish();
+        assert_eq!(tally.rejected, 1);
+        assert_eq!(problems(&tally), vec![("unexpected_frame".into(), 1)]);
+    }
+
+    #[test]
+    fn verdicts_against_the_window_are_checked_but_edges_may_go_either_way() {
+        let mut ledger = ledger(Mode::Native);
+        send(&mut ledger, "in", MessageType::Voice, Expectation::Accept);
+        send(&mut ledger, "out", MessageType::Video, Expectation::Reject);
+        send(&mut ledger, "edge", MessageType::Text, Expectation::Either);
+        let now = Instant::now();
+        ledger.observe(Some("in"), ack(MessageStatus::Rejected), now);
+        answer(&mut ledger, "out", MessageType::Video, 1);
+        ledger.observe(Some("edge"), ack(MessageStatus::Rejected), now);
+        let tally = ledger.finish();
+        assert_eq!(
+            problems(&tally),
+            vec![
+                ("accepted_outside_window".into(), 1),
+                ("rejected_inside_window".into(), 1)
+            ]
+        );
+        assert_eq!(tally.by_type["text"].edge, 1);
+    }
+
+    #[test]
+    fn a_second_ack_or_the_same_reply_twice_is_a_duplicate() {
+        let mut ledger = ledger(Mode::Native);
+        send(&mut ledger, "m1", MessageType::Text, Expectation::Accept);
+        answer(&mut ledger, "m1", MessageType::Text, 1);
+        let now = Instant::now();
+        ledger.observe(Some("m1"), ack(MessageStatus::Accepted), now);
+        ledger.observe(Some("m1"), reply(1, ReplyType::Text), now);
+        ledger.observe(Some("m1"), Observed::Status(MessageStatus::Replied), now);
+        assert_eq!(
+            problems(&ledger.finish()),
+            vec![
+                ("duplicate_ack".into(), 1),
+                ("duplicate_reply".into(), 1),
+                ("duplicate_status".into(), 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn frames_for_unknown_messages_or_of_the_wrong_type_are_reported() {
+        let mut ledger = ledger(Mode::Native);
+        send(&mut ledger, "m1", MessageType::Voice, Expectation::Accept);
+        let now = Instant::now();
+        ledger.observe(Some("nobody"), ack(MessageStatus::Accepted), now);
+        ledger.observe(None, Observed::Status(MessageStatus::Processing), now);
+        ledger.observe(Some("m1"), ack(MessageStatus::Accepted), now);
+        ledger.observe(Some("m1"), Observed::Status(MessageStatus::Processing), now);
+        ledger.observe(Some("m1"), reply(1, ReplyType::Text), now);
+        ledger.observe(Some("m1"), reply(2, ReplyType::Image), now);
+        ledger.observe(Some("m1"), Observed::Status(MessageStatus::Replied), now);
+        let tally = ledger.finish();
+        assert_eq!(
+            problems(&tally),
+            vec![("unexpected_frame".into(), 2), ("wrong_reply".into(), 1)]
+        );
+        assert_eq!(tally.lost(), 0);
+    }
+
+    #[test]
+    fn a_reply_before_the_ack_is_out_of_order() {
+        let mut ledger = ledger(Mode::Native);
+        send(&mut ledger, "m1", MessageType::Text, Expectation::Accept);
+        let now = Instant::now();
+        ledger.observe(Some("m1"), reply(1, ReplyType::Text), now);
+        ledger.observe(Some("m1"), ack(MessageStatus::Accepted), now);
+        let tally = ledger.finish();
+        assert!(tally.problems.contains_key(&Problem::OutOfOrder));
+    }
+
+    #[test]
+    fn busy_asks_for_a_resend_and_the_resend_is_not_a_new_message() {
+        let mut ledger = ledger(Mode::Native);
+        send(&mut ledger, "m1", MessageType::Image, Expectation::Accept);
+        let effect = ledger.observe(
+            Some("m1"),
+            Observed::Error {
+                code: ErrorCode::Busy,
+                retry_after: Some(Duration::from_millis(250)),
+            },
+            Instant::now(),
+        );
+        assert_eq!(
+            effect,
+            Effect::Resend {
+                key: "m1".into(),
+                kind: MessageType::Image,
+                after: Duration::from_millis(250)
+            }
+        );
+        send(&mut ledger, "m1", MessageType::Image, Expectation::Accept);
+        assert_eq!(
+            answer(&mut ledger, "m1", MessageType::Image, 1),
+            Effect::Settled
+        );
+        let tally = ledger.finish();
+        assert_eq!((tally.sent, tally.resent, tally.busy), (1, 1, 1));
+        assert_eq!(problems(&tally), vec![]);
+    }
+
+    #[test]
+    fn other_errors_settle_the_message_as_wrong() {
+        let mut ledger = ledger(Mode::Native);
+        send(&mut ledger, "m1", MessageType::Image, Expectation::Accept);
+        let effect = ledger.observe(
+            Some("m1"),
+            Observed::Error {
+                code: ErrorCode::MediaMismatch,
+                retry_after: None,
+            },
+            Instant::now(),
+        );
+        assert_eq!(effect, Effect::Settled);
+        let tally = ledger.finish();
+        assert_eq!(problems(&tally), vec![("error:media_mismatch".into(), 1)]);
+        assert_eq!(tally.completed, 0);
+    }
+
+    #[test]
+    fn delta_frames_are_counted_and_never_a_problem() {
+        let mut ledger = ledger(Mode::Native);
+        send(&mut ledger, "m1", MessageType::Text, Expectation::Accept);
+        let now = Instant::now();
+        ledger.observe(Some("m1"), ack(MessageStatus::Accepted), now);
+        ledger.observe(Some("m1"), Observed::Status(MessageStatus::Processing), now);
+        ledger.observe(Some("m1"), Observed::Delta, now);
+        ledger.observe(Some("somebody-else"), Observed::Delta, now);
+        ledger.observe(Some("m1"), reply(1, ReplyType::Text), now);
+        ledger.observe(Some("m1"), Observed::Status(MessageStatus::Replied), now);
+        let tally = ledger.finish();
+        assert_eq!(tally.deltas, 2);
+        assert_eq!(problems(&tally), vec![]);
+    }
+
+    #[test]
+    fn legacy_replies_find_their_message_without_acks_or_statuses() {
+        let mut ledger = ledger(Mode::Legacy);
+        let now = Instant::now();
+        send(&mut ledger, "m1", MessageType::Voice, Expectation::Accept);
+        ledger.observe_legacy(Some(10), reply(1, ReplyType::Text), now);
+        assert_eq!(
+            ledger.observe_legacy(Some(10), reply(2, ReplyType::Voice), now),
+            Effect::Settled
+        );
+        send(&mut ledger, "m2", MessageType::Video, Expectation::Reject);
+        let rejection = Observed::Ack {
+            status: MessageStatus::Rejected,
+            duplicate: false,
+            message_id: 11,
+        };
+        assert_eq!(
+            ledger.observe_legacy(Some(11), rejection, now),
+            Effect::Settled
+        );
+        // A late copy of the first message's reply is found by its stored id.
+        ledger.observe_legacy(Some(10), reply(2, ReplyType::Voice), now);
+        // Nothing outstanding: a frame with an unknown id answers nothing.
+        ledger.observe_legacy(Some(99), reply(3, ReplyType::Text), now);
+        let tally = ledger.finish();
+        assert_eq!((tally.accepted, tally.rejected, tally.completed), (1, 1, 2));
+        assert_eq!(
+            problems(&tally),
+            vec![
+                ("duplicate_reply".into(), 1),
+                ("unexpected_frame".into(), 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn an_echo_settles_its_message_once() {
+        let mut ledger = ledger(Mode::Echo);
+        send(&mut ledger, "m1", MessageType::Text, Expectation::Accept);
+        let now = Instant::now();
+        assert_eq!(
+            ledger.observe(Some("m1"), Observed::Echo, now),
+            Effect::Settled
+        );
+        ledger.observe(Some("m1"), Observed::Echo, now);
+        let tally = ledger.finish();
+        assert_eq!(tally.completed, 1);
+        assert_eq!(problems(&tally), vec![("duplicate_reply".into(), 1)]);
+    }
+}

@@ -1,0 +1,27 @@
+//! kaiwa-load: simulates many kaiwa clients, checks every answer they get, and measures how
+//! fast the server is.
+//!
+//! - [`plan`]: who the clients are (ids, random IANA timezones) and what they send, at what pace.
+//! - [`client`]: one client's connection, its writer and reader.
+//! - [`ledger`]: the accounting of every message: what it must get back, and what it got.
+//! - [`windows`]: predicts from the server's `welcome` which messages must be rejected.
+//! - [`report`]: counters, latency histograms, the final table and JSON.
+//! - [`run`]: the message scenarios (`spec`, `throughput`, `--rate`); [`connections`]: idle
+//!   connections and the server's memory per connection.
+//! - [`echo`]: the bare WebSocket echo server used as the ceiling; [`table`]: the benchmark
+//!   table over several runs' reports.
+
+pub mod client;
+pub mod connections;
+pub mod echo;
+pub mod ledger;
+pub mod media;
+pub mod plan;
+pub mod report;
+pub mod run;
+pub mod table;
+pub mod windows;
+
+pub use ledger::Mode;
+pub use report::Summary;
+pub use run::{LoadConfig, LoadError, run};

@@ -1,0 +1,244 @@
+//! The `kaiwa-load` binary: parses the command line, runs a scenario, prints its table (and
+//! writes its JSON), and exits non-zero when anything was lost or wrong.
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use kaiwa_load::connections::{self, ConnectionsConfig};
+use kaiwa_load::plan::Mix;
+use kaiwa_load::table::{self, Report};
+use kaiwa_load::{LoadConfig, Mode, Summary};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kaiwa-load",
+    version,
+    about = "Simulates kaiwa clients, checks every answer, and measures throughput, latency and memory."
+)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// The exercise's scenario: 100 clients in random timezones, 2,000 mixed messages with media,
+    /// every client sending at least one; refused clients (1013) wait and retry for their turn.
+    Spec(MessageArgs),
+    /// Clients sending as fast as answers come back (or at --rate); reports messages per second.
+    Throughput(MessageArgs),
+    /// Opens and holds idle connections; reports the server's resident memory per connection.
+    Connections(ConnectionArgs),
+    /// Prints one table from the --json reports of several runs (used by bench/run.sh).
+    Table {
+        /// JSON reports, in the order to print them.
+        files: Vec<PathBuf>,
+    },
+    /// One client process's share of `connections` (started by the tool itself).
+    #[command(hide = true)]
+    ConnectionsPart {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        first: usize,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        run_id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// The server's WebSocket endpoint.
+    #[arg(long, default_value = "ws://127.0.0.1:8082/ws")]
+    url: String,
+    /// Write the summary as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// A name for this run in tables and JSON.
+    #[arg(long)]
+    label: Option<String>,
+    /// Random seed: the same seed gives the same clients, timezones and messages.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Debug, Args)]
+struct MessageArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Simulated clients [spec: 100, throughput: 50].
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Messages in all [spec: 2000]; every client sends at least one.
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Send for this many seconds instead of a number of messages [throughput: 10].
+    #[arg(long, value_parser = seconds)]
+    duration: Option<Duration>,
+    /// Offered messages per second over all clients, on a fixed schedule (open loop): latency
+    /// is measured from each message's scheduled time, so a slow server cannot hide it.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Speak the Python server's frames (one message outstanding per client).
+    #[arg(long, conflicts_with = "echo")]
+    legacy: bool,
+    /// Expect every frame back unchanged (against kaiwa-echo, the baseline).
+    #[arg(long)]
+    echo: bool,
+    /// Without --rate: unanswered messages per client (the server's own limit caps it).
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+    /// Message types and weights [spec: text=4,voice=2,video=2,image=2; throughput: text].
+    #[arg(long)]
+    mix: Option<Mix>,
+    /// Seconds a client waits for the answers still due after its last send; what has not
+    /// come by then counts as lost.
+    #[arg(long, default_value = "30", value_parser = seconds)]
+    drain_timeout: Duration,
+    /// Seconds after which the whole run stops, whatever is left.
+    #[arg(long, default_value = "900", value_parser = seconds)]
+    timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+struct ConnectionArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Idle connections to open and hold.
+    #[arg(long, default_value_t = 10_000)]
+    clients: usize,
+    /// Client processes to spread them over (0: one per 10,000 connections).
+    #[arg(long, default_value_t = 0)]
+    processes: usize,
+    /// The server's process id, to read its resident memory from /proc.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Seconds to hold the connections before measuring.
+    #[arg(long, default_value = "5", value_parser = seconds)]
+    hold: Duration,
+}
+
+fn seconds(raw: &str) -> Result<Duration, String> {
+    let value: f64 = raw
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(value).map_err(|e| e.to_string())
+}
+
+fn main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        match cli.scenario {
+            Scenario::Spec(args) => messages("spec", args).await,
+            Scenario::Throughput(args) => messages("throughput", args).await,
+            Scenario::Connections(args) => {
+                let config = ConnectionsConfig {
+                    label: args.common.label.clone(),
+                    url: args.common.url.clone(),
+                    clients: args.clients,
+                    processes: args.processes,
+                    server_pid: args.server_pid,
+                    hold: args.hold,
+                    exe: std::env::current_exe().ok(),
+                    seed: args.common.seed,
+                };
+                if !args.common.quiet {
+                    eprintln!("opening {} idle connections…", args.clients);
+                }
+                let summary = connections::run(config).await?;
+                finish(&summary, args.common.json.as_ref())
+            }
+            Scenario::Table { files } => {
+                let mut reports = Vec::new();
+                for file in &files {
+                    let text = std::fs::read_to_string(file)
+                        .with_context(|| format!("cannot read {}", file.display()))?;
+                    reports.push(
+                        Report::parse(&text)
+                            .with_context(|| format!("{} is not a report", file.display()))?,
+                    );
+                }
+                print!("{}", table::render(&reports));
+                Ok(ExitCode::SUCCESS)
+            }
+            Scenario::ConnectionsPart {
+                url,
+                first,
+                count,
+                run_id,
+            } => {
+                let report = connections::run_part(&url, first, count, &run_id).await;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    })
+}
+
+async fn messages(scenario: &str, args: MessageArgs) -> anyhow::Result<ExitCode> {
+    let spec = scenario == "spec";
+    let mode = match (args.legacy, args.echo) {
+        (true, _) => Mode::Legacy,
+        (_, true) => Mode::Echo,
+        _ => Mode::Native,
+    };
+    let (default_clients, default_mix) = if spec {
+        (100, Mix::spec())
+    } else {
+        (50, Mix::text())
+    };
+    let mut messages = args.messages;
+    let mut duration = args.duration;
+    if messages.is_none() && duration.is_none() {
+        if spec {
+            messages = Some(2_000);
+        } else {
+            duration = Some(Duration::from_secs(10));
+        }
+    }
+    if mode == Mode::Legacy && args.rate.is_some() {
+        bail!(
+            "--rate needs the native protocol: legacy frames name no message, so a legacy client waits for each answer"
+        );
+    }
+    let config = LoadConfig {
+        scenario: scenario.to_owned(),
+        label: args.common.label.clone(),
+        url: args.common.url.clone(),
+        mode,
+        clients: args.clients.unwrap_or(default_clients),
+        messages,
+        duration,
+        rate: args.rate,
+        window: args.window,
+        mix: args.mix.unwrap_or(default_mix),
+        seed: args.common.seed,
+        drain_timeout: args.drain_timeout,
+        timeout: args.timeout,
+        progress: !args.common.quiet,
+    };
+    let summary = kaiwa_load::run(config).await?;
+    finish(&summary, args.common.json.as_ref())
+}
+
+fn finish(summary: &Summary, json: Option<&PathBuf>) -> anyhow::Result<ExitCode> {
+    print!("{}", summary.table());
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(summary)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(if summary.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,609 @@
+//! What a run found: the counters and latency histograms each client fills ([`Tally`]), the live
+//! counters behind the progress bar ([`Live`]), and the final [`Summary`] as a table and as JSON.
+
+use hdrhistogram::Histogram;
+use kaiwa_protocol::MessageType;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Something wrong that a run found. Any of them fails the run.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Problem {
+    /// A message never got its ack (native) or any answer (legacy, echo).
+    LostAck,
+    /// An accepted message is missing some of its replies.
+    LostReply,
+    /// An accepted message got its replies but not its `processing` or `replied` status.
+    LostStatus,
+    DuplicateAck,
+    DuplicateReply,
+    DuplicateStatus,
+    /// A frame for no message the client sent, or one a message should not get (a reply to a
+    /// rejected message, a reply beyond the expected set, a welcome mid-session).
+    UnexpectedFrame,
+    /// A frame that is not one of the protocol's.
+    MalformedFrame,
+    /// A reply of the wrong type for its place in the reply set.
+    WrongReply,
+    /// Frames of one message in the wrong order (a reply before the ack, `replied` too early).
+    OutOfOrder,
+    /// Accepted although its window says it must be rejected.
+    AcceptedOutsideWindow,
+    /// Rejected although its window says it must be accepted.
+    RejectedInsideWindow,
+    /// An error frame (other than `busy`, which is retried), by code.
+    Error(String),
+    /// The server closed a connection the client did not want closed, by close code.
+    Closed(u16),
+    /// The client could not connect or complete its handshake.
+    ConnectFailed,
+    /// The run ended before a client got a slot and sent its first message (R16).
+    NoTurn,
+}
+
+impl Problem {
+    /// Whether this problem means messages went missing.
+    pub fn is_loss(&self) -> bool {
+        matches!(self, Self::LostAck | Self::LostReply | Self::LostStatus)
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            Self::LostAck => "lost_ack",
+            Self::LostReply => "lost_reply",
+            Self::LostStatus => "lost_status",
+            Self::DuplicateAck => "duplicate_ack",
+            Self::DuplicateReply => "duplicate_reply",
+            Self::DuplicateStatus => "duplicate_status",
+            Self::UnexpectedFrame => "unexpected_frame",
+            Self::MalformedFrame => "malformed_frame",
+            Self::WrongReply => "wrong_reply",
+            Self::OutOfOrder => "out_of_order",
+            Self::AcceptedOutsideWindow => "accepted_outside_window",
+            Self::RejectedInsideWindow => "rejected_inside_window",
+            Self::Error(code) => return write!(f, "error:{code}"),
+            Self::Closed(code) => return write!(f, "closed:{code}"),
+            Self::ConnectFailed => "connect_failed",
+            Self::NoTurn => "no_turn",
+        };
+        f.write_str(name)
+    }
+}
+
+/// Counters the progress bar reads while clients run.
+#[derive(Debug, Default)]
+pub struct Live {
+    pub sent: AtomicU64,
+    pub settled: AtomicU64,
+    pub problems: AtomicU64,
+    pub busy: AtomicU64,
+    pub refusals: AtomicU64,
+    pub connected: AtomicU64,
+    pub concurrent: AtomicU64,
+    pub max_concurrent: AtomicU64,
+}
+
+impl Live {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    pub fn connection_opened(&self) {
+        Self::add(&self.connected, 1);
+        let now = self.concurrent.fetch_add(1, Ordering::Relaxed) + 1;
+        self.max_concurrent.fetch_max(now, Ordering::Relaxed);
+    }
+
+    pub fn connection_closed(&self) {
+        self.concurrent.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Microseconds, up to an hour, at two significant digits (1 %): small enough to keep one per
+/// message type per client.
+fn new_histogram() -> Option<Histogram<u32>> {
+    // The bounds are constants that hdrhistogram accepts, so this is always `Some`.
+    Histogram::new_with_bounds(1, 3_600_000_000, 2).ok()
+}
+
+/// Adds `other` into `slot`, creating the histogram on first use.
+fn add_into(slot: &mut Option<Histogram<u32>>, other: &Histogram<u32>) {
+    if slot.is_none() {
+        *slot = new_histogram();
+    }
+    if let Some(mine) = slot {
+        // Same bounds on both sides, so adding cannot fail.
+        mine.add(other).ok();
+    }
+}
+
+/// Counters and latencies of one message type.
+#[derive(Debug, Clone, Default)]
+pub struct TypeTally {
+    pub sent: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    /// Sent within the edge margin of a window, so either answer was right.
+    pub edge: u64,
+    /// From the (scheduled) send to the ack; for legacy clients, which get no ack, to the
+    /// first answer.
+    pub ack: Option<Histogram<u32>>,
+    /// From the (scheduled) send to the last reply.
+    pub reply: Option<Histogram<u32>>,
+}
+
+impl TypeTally {
+    fn record(slot: &mut Option<Histogram<u32>>, latency: Duration) {
+        let micros = u64::try_from(latency.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        if slot.is_none() {
+            *slot = new_histogram();
+        }
+        if let Some(histogram) = slot {
+            histogram.saturating_record(micros);
+        }
+    }
+
+    pub fn record_ack(&mut self, latency: Duration) {
+        Self::record(&mut self.ack, latency);
+    }
+
+    pub fn record_reply(&mut self, latency: Duration) {
+        Self::record(&mut self.reply, latency);
+    }
+
+    fn merge(&mut self, other: &TypeTally) {
+        self.sent += other.sent;
+        self.accepted += other.accepted;
+        self.rejected += other.rejected;
+        self.edge += other.edge;
+        for (mine, theirs) in [(&mut self.ack, &other.ack), (&mut self.reply, &other.reply)] {
+            if let Some(theirs) = theirs {
+                add_into(mine, theirs);
+            }
+        }
+    }
+}
+
+/// What one client (or a whole run, once merged) counted.
+#[derive(Debug, Clone, Default)]
+pub struct Tally {
+    /// Messages sent, each counted once however often it was resent.
+    pub sent: u64,
+    /// Sends again after `busy`.
+    pub resent: u64,
+    pub busy: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    /// Messages whose every expected frame arrived (accepted and replied, or rejected).
+    pub completed: u64,
+    pub replies: u64,
+    pub deltas: u64,
+    pub refusals: u64,
+    pub connected: u64,
+    pub clients: u64,
+    /// Clients that sent at least one message.
+    pub clients_sent: u64,
+    pub by_type: BTreeMap<&'static str, TypeTally>,
+    pub problems: BTreeMap<Problem, u64>,
+    pub first_send: Option<Instant>,
+    pub last_settle: Option<Instant>,
+}
+
+impl Tally {
+    pub fn problem(&mut self, problem: Problem) {
+        *self.problems.entry(problem).or_default() += 1;
+    }
+
+    pub fn kind(&mut self, kind: MessageType) -> &mut TypeTally {
+        self.by_type.entry(kind.as_str()).or_default()
+    }
+
+    pub fn merge(&mut self, other: &Tally) {
+        self.sent += other.sent;
+        self.resent += other.resent;
+        self.busy += other.busy;
+        self.accepted += other.accepted;
+        self.rejected += other.rejected;
+        self.completed += other.completed;
+        self.replies += other.replies;
+        self.deltas += other.deltas;
+        self.refusals += other.refusals;
+        self.connected += other.connected;
+        self.clients += other.clients;
+        self.clients_sent += other.clients_sent;
+        for (kind, tally) in &other.by_type {
+            self.by_type.entry(kind).or_default().merge(tally);
+        }
+        for (problem, count) in &other.problems {
+            *self.problems.entry(problem.clone()).or_default() += count;
+        }
+        self.first_send = match (self.first_send, other.first_send) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.last_settle = match (self.last_settle, other.last_settle) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    pub fn problem_count(&self) -> u64 {
+        self.problems.values().sum()
+    }
+
+    pub fn lost(&self) -> u64 {
+        self.problems
+            .iter()
+            .filter(|(problem, _)| problem.is_loss())
+            .map(|(_, count)| count)
+            .sum()
+    }
+}
+
+/// Latency quantiles in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Quantiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Quantiles {
+    fn of(histogram: &Histogram<u32>) -> Self {
+        let ms = |micros: u64| micros as f64 / 1000.0;
+        Self {
+            count: histogram.len(),
+            p50: ms(histogram.value_at_quantile(0.50)),
+            p90: ms(histogram.value_at_quantile(0.90)),
+            p99: ms(histogram.value_at_quantile(0.99)),
+            p999: ms(histogram.value_at_quantile(0.999)),
+            max: ms(histogram.max()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TypeSummary {
+    pub sent: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub edge: u64,
+    pub ack_ms: Option<Quantiles>,
+    pub reply_ms: Option<Quantiles>,
+}
+
+/// Resident memory of the server, for the `connections` scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Memory {
+    pub server_pid: u32,
+    pub baseline_kib: u64,
+    pub loaded_kib: u64,
+    pub per_connection_kib: f64,
+}
+
+/// The result of a run, as printed and as written by `--json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub scenario: String,
+    pub label: Option<String>,
+    /// `native`, `legacy` or `echo`.
+    pub protocol: String,
+    pub url: String,
+    pub started_at: String,
+    pub clients: u64,
+    pub offered_rate: Option<f64>,
+    pub elapsed_s: f64,
+    /// Completed messages per second, from the first send to the last completion.
+    pub throughput: f64,
+    pub sent: u64,
+    pub resent: u64,
+    pub busy: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub completed: u64,
+    pub replies: u64,
+    pub deltas: u64,
+    pub lost: u64,
+    pub connected: u64,
+    pub refusals: u64,
+    pub max_concurrent: u64,
+    pub clients_sent: u64,
+    pub problems: BTreeMap<String, u64>,
+    pub by_type: BTreeMap<String, TypeSummary>,
+    pub all_ack_ms: Option<Quantiles>,
+    pub all_reply_ms: Option<Quantiles>,
+    pub memory: Option<Memory>,
+    /// Nothing lost or wrong, and every client had its turn.
+    pub ok: bool,
+}
+
+/// How a run was set up, for the summary.
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    pub scenario: String,
+    pub label: Option<String>,
+    pub protocol: String,
+    pub url: String,
+    pub started_at: String,
+    pub offered_rate: Option<f64>,
+    pub elapsed: Duration,
+    pub max_concurrent: u64,
+}
+
+impl Summary {
+    pub fn new(info: RunInfo, tally: &Tally) -> Self {
+        let active = match (tally.first_send, tally.last_settle) {
+            (Some(first), Some(last)) if last > first => last - first,
+            _ => Duration::ZERO,
+        };
+        let throughput = if active.is_zero() {
+            0.0
+        } else {
+            tally.completed as f64 / active.as_secs_f64()
+        };
+        let mut all_ack: Option<Histogram<u32>> = None;
+        let mut all_reply: Option<Histogram<u32>> = None;
+        let mut by_type = BTreeMap::new();
+        for (kind, t) in &tally.by_type {
+            for (all, mine) in [(&mut all_ack, &t.ack), (&mut all_reply, &t.reply)] {
+                if let Some(mine) = mine {
+                    add_into(all, mine);
+                }
+            }
+            by_type.insert(
+                (*kind).to_owned(),
+                TypeSummary {
+                    sent: t.sent,
+                    accepted: t.accepted,
+                    rejected: t.rejected,
+                    edge: t.edge,
+                    ack_ms: t.ack.as_ref().map(Quantiles::of),
+                    reply_ms: t.reply.as_ref().map(Quantiles::of),
+                },
+            );
+        }
+        let problems: BTreeMap<String, u64> = tally
+            .problems
+            .iter()
+            .map(|(problem, count)| (problem.to_string(), *count))
+            .collect();
+        Self {
+            scenario: info.scenario,
+            label: info.label,
+            protocol: info.protocol,
+            url: info.url,
+            started_at: info.started_at,
+            clients: tally.clients,
+            offered_rate: info.offered_rate,
+            elapsed_s: info.elapsed.as_secs_f64(),
+            throughput,
+            sent: tally.sent,
+            resent: tally.resent,
+            busy: tally.busy,
+            accepted: tally.accepted,
+            rejected: tally.rejected,
+            completed: tally.completed,
+            replies: tally.replies,
+            deltas: tally.deltas,
+            lost: tally.lost(),
+            connected: tally.connected,
+            refusals: tally.refusals,
+            max_concurrent: info.max_concurrent,
+            clients_sent: tally.clients_sent,
+            ok: problems.is_empty(),
+            problems,
+            by_type,
+            all_ack_ms: all_ack.as_ref().map(Quantiles::of),
+            all_reply_ms: all_reply.as_ref().map(Quantiles::of),
+            memory: None,
+        }
+    }
+
+    /// The table people read at the end of a run.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let label = self.label.as_deref().unwrap_or("");
+        // Writing to a String cannot fail.
+        let _ = writeln!(
+            out,
+            "kaiwa-load {} {label} ({} protocol) against {}",
+            self.scenario, self.protocol, self.url
+        );
+        let rate = self
+            .offered_rate
+            .map(|r| format!(", offered {r:.0} msg/s"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {} clients ({} connected, at most {} at once, {} refused with 1013 and retried), {} sent a message; {:.1} s{rate}",
+            self.clients,
+            self.connected,
+            self.max_concurrent,
+            self.refusals,
+            self.clients_sent,
+            self.elapsed_s
+        );
+        if let Some(memory) = &self.memory {
+            let _ = writeln!(
+                out,
+                "  server pid {}: {} KiB resident before, {} KiB with the connections: {:.2} KiB per connection",
+                memory.server_pid,
+                memory.baseline_kib,
+                memory.loaded_kib,
+                memory.per_connection_kib
+            );
+        }
+        if self.sent > 0 {
+            let _ = writeln!(
+                out,
+                "  sent {}  accepted {}  rejected {}  completed {}  replies {}  deltas {}  busy (retried) {}  lost {}",
+                self.sent,
+                self.accepted,
+                self.rejected,
+                self.completed,
+                self.replies,
+                self.deltas,
+                self.busy,
+                self.lost
+            );
+            let _ = writeln!(out, "  throughput {:.0} msg/s completed", self.throughput);
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "  {:<6} {:>7} {:>8} {:>8} {:>5} | {:>38} | {:>38}",
+                "type",
+                "sent",
+                "accepted",
+                "rejected",
+                "edge",
+                "to ack, ms: p50 p90 p99 p99.9 max",
+                "to last reply, ms: p50 p90 p99 p99.9 max"
+            );
+            let row = |name: &str,
+                       sent: u64,
+                       accepted: u64,
+                       rejected: u64,
+                       edge: u64,
+                       ack: Option<&Quantiles>,
+                       reply: Option<&Quantiles>| {
+                format!(
+                    "  {:<6} {:>7} {:>8} {:>8} {:>5} | {:>38} | {:>38}\n",
+                    name,
+                    sent,
+                    accepted,
+                    rejected,
+                    edge,
+                    quantiles(ack),
+                    quantiles(reply)
+                )
+            };
+            for (kind, t) in &self.by_type {
+                out.push_str(&row(
+                    kind,
+                    t.sent,
+                    t.accepted,
+                    t.rejected,
+                    t.edge,
+                    t.ack_ms.as_ref(),
+                    t.reply_ms.as_ref(),
+                ));
+            }
+            let edge = self.by_type.values().map(|t| t.edge).sum();
+            out.push_str(&row(
+                "all",
+                self.sent,
+                self.accepted,
+                self.rejected,
+                edge,
+                self.all_ack_ms.as_ref(),
+                self.all_reply_ms.as_ref(),
+            ));
+        }
+        let _ = writeln!(out);
+        if self.problems.is_empty() {
+            let _ = writeln!(
+                out,
+                "  OK: every message accounted for, nothing lost, duplicated, unexpected or misjudged"
+            );
+        } else {
+            let _ = writeln!(out, "  FAILED: problems by kind");
+            for (problem, count) in &self.problems {
+                let _ = writeln!(out, "    {problem:<28} {count}");
+            }
+        }
+        out
+    }
+}
+
+fn quantiles(q: Option<&Quantiles>) -> String {
+    match q {
+        None => "-".to_owned(),
+        Some(q) => format!(
+            "{} {} {} {} {}",
+            ms(q.p50),
+            ms(q.p90),
+            ms(q.p99),
+            ms(q.p999),
+            ms(q.max)
+        ),
+    }
+}
+
+/// Milliseconds with precision that fits their size.
+pub fn ms(value: f64) -> String {
+    if value < 10.0 {
+        format!("{value:.2}")
+    } else if value < 100.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.0}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merged_tallies_add_counts_problems_and_latencies() {
+        let mut a = Tally {
+            sent: 2,
+            ..Tally::default()
+        };
+        a.problem(Problem::LostReply);
+        a.kind(MessageType::Text)
+            .record_reply(Duration::from_millis(5));
+        let mut b = Tally {
+            sent: 3,
+            ..Tally::default()
+        };
+        b.problem(Problem::LostReply);
+        b.problem(Problem::Error("busy".into()));
+        b.kind(MessageType::Text)
+            .record_reply(Duration::from_millis(7));
+        a.merge(&b);
+        assert_eq!(a.sent, 5);
+        assert_eq!(a.lost(), 2);
+        assert_eq!(a.problem_count(), 3);
+        let text = &a.by_type["text"];
+        assert_eq!(text.reply.as_ref().map(|h| h.len()), Some(2));
+    }
+
+    #[test]
+    fn a_summary_with_problems_is_not_ok_and_says_so() {
+        let mut tally = Tally {
+            sent: 1,
+            ..Tally::default()
+        };
+        tally.problem(Problem::LostAck);
+        let info = RunInfo {
+            scenario: "spec".into(),
+            label: None,
+            protocol: "native".into(),
+            url: "ws://127.0.0.1:1/ws".into(),
+            started_at: String::new(),
+            offered_rate: None,
+            elapsed: Duration::from_secs(1),
+            max_concurrent: 1,
+        };
+        let summary = Summary::new(info, &tally);
+        assert!(!summary.ok);
+        assert_eq!(summary.lost, 1);
+        assert!(summary.table().contains("lost_ack"));
+    }
+}

@@ -1,0 +1,212 @@
+//! The benchmark table: reads the JSON reports of several runs (and of the store benchmark) and
+//! prints one table, with kaiwa's throughput as a ratio of the echo ceiling at the same client
+//! count and each figure checked against its target.
+
+use crate::report::{Summary, ms};
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+
+/// The JSON line the store benchmark (`cargo run -p kaiwa --example store_bench`) prints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreBench {
+    pub scenario: String,
+    pub label: Option<String>,
+    pub messages: u64,
+    pub writers: u64,
+    pub seconds: f64,
+    pub messages_per_second: f64,
+}
+
+/// One report file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    Run(Box<Summary>),
+    Store(StoreBench),
+}
+
+impl Report {
+    pub fn parse(text: &str) -> Result<Self, serde_json::Error> {
+        match serde_json::from_str::<Summary>(text) {
+            Ok(summary) => Ok(Self::Run(Box::new(summary))),
+            Err(err) => serde_json::from_str::<StoreBench>(text)
+                .map(Self::Store)
+                .map_err(|_| err),
+        }
+    }
+}
+
+/// Targets for this machine (issue 3).
+pub const THROUGHPUT_RATIO_TARGET: f64 = 0.30;
+pub const P99_TARGET_MS: f64 = 10.0;
+pub const P99_TARGET_RATE: f64 = 1_000.0;
+pub const MEMORY_TARGET_KIB: f64 = 16.0;
+
+/// The table, one line per report, with targets checked where they apply.
+pub fn render(reports: &[Report]) -> String {
+    let runs: Vec<&Summary> = reports
+        .iter()
+        .filter_map(|report| match report {
+            Report::Run(summary) => Some(summary.as_ref()),
+            Report::Store(_) => None,
+        })
+        .collect();
+    let echo_at = |clients: u64| {
+        runs.iter()
+            .find(|s| s.protocol == "echo" && s.clients == clients && s.offered_rate.is_none())
+            .map(|s| s.throughput)
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<22} {:<11} {:>7} {:>12} {:>9} {:>9} {:>9} {:>10} {:>5}  target",
+        "run", "scenario", "clients", "msg/s", "vs echo", "p50 ms", "p99 ms", "KiB/conn", "ok"
+    );
+    for report in reports {
+        match report {
+            Report::Run(s) => {
+                let label = s.label.clone().unwrap_or_else(|| s.scenario.clone());
+                let ratio = (s.protocol != "echo" && s.offered_rate.is_none() && s.sent > 0)
+                    .then(|| echo_at(s.clients))
+                    .flatten()
+                    .filter(|echo| *echo > 0.0)
+                    .map(|echo| s.throughput / echo);
+                let reply = s.all_reply_ms.as_ref();
+                let memory = s.memory.map(|m| m.per_connection_kib);
+                let mut target = String::new();
+                if let Some(ratio) = ratio {
+                    target = verdict(
+                        ratio >= THROUGHPUT_RATIO_TARGET,
+                        &format!("≥ {:.0}% of echo", THROUGHPUT_RATIO_TARGET * 100.0),
+                    );
+                }
+                if s.offered_rate == Some(P99_TARGET_RATE)
+                    && let Some(reply) = reply
+                {
+                    target = verdict(
+                        reply.p99 < P99_TARGET_MS,
+                        &format!("p99 < {P99_TARGET_MS} ms"),
+                    );
+                }
+                if let Some(kib) = memory {
+                    target = verdict(
+                        kib <= MEMORY_TARGET_KIB,
+                        &format!("≤ {MEMORY_TARGET_KIB} KiB"),
+                    );
+                }
+                let throughput = if s.sent > 0 {
+                    match s.offered_rate {
+                        Some(rate) => format!("{:.0}/{rate:.0}", s.throughput),
+                        None => format!("{:.0}", s.throughput),
+                    }
+                } else {
+                    "-".into()
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<22} {:<11} {:>7} {:>12} {:>9} {:>9} {:>9} {:>10} {:>5}  {target}",
+                    label,
+                    s.scenario,
+                    s.clients,
+                    throughput,
+                    ratio.map_or("-".into(), |r| format!("{:.0}%", r * 100.0)),
+                    reply.map_or("-".into(), |q| ms(q.p50)),
+                    reply.map_or("-".into(), |q| ms(q.p99)),
+                    memory.map_or("-".into(), |k| format!("{k:.1}")),
+                    if s.ok { "yes" } else { "NO" },
+                );
+            }
+            Report::Store(b) => {
+                let label = b.label.clone().unwrap_or_else(|| "store".into());
+                let _ = writeln!(
+                    out,
+                    "{:<22} {:<11} {:>7} {:>12} {:>9} {:>9} {:>9} {:>10} {:>5}  {} messages, SQLite alone",
+                    label,
+                    b.scenario,
+                    b.writers,
+                    format!("{:.0}", b.messages_per_second),
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "yes",
+                    b.messages,
+                );
+            }
+        }
+    }
+    out
+}
+
+fn verdict(met: bool, target: &str) -> String {
+    format!("{target}: {}", if met { "met" } else { "MISSED" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{Memory, Quantiles, RunInfo, Tally};
+    use std::time::Duration;
+
+    fn summary(label: &str, protocol: &str, throughput: f64) -> Summary {
+        let info = RunInfo {
+            scenario: "throughput".into(),
+            label: Some(label.into()),
+            protocol: protocol.into(),
+            url: "ws://127.0.0.1:1/ws".into(),
+            started_at: String::new(),
+            offered_rate: None,
+            elapsed: Duration::from_secs(1),
+            max_concurrent: 50,
+        };
+        let mut summary = Summary::new(info, &Tally::default());
+        summary.clients = 50;
+        summary.sent = 100;
+        summary.throughput = throughput;
+        summary
+    }
+
+    #[test]
+    fn kaiwa_is_shown_as_a_share_of_the_echo_ceiling_at_the_same_client_count() {
+        let echo = summary("echo", "echo", 40_000.0);
+        let kaiwa = summary("kaiwa", "native", 10_000.0);
+        let table = render(&[Report::Run(Box::new(echo)), Report::Run(Box::new(kaiwa))]);
+        let kaiwa_line = table
+            .lines()
+            .find(|l| l.starts_with("kaiwa"))
+            .expect("a line");
+        assert!(kaiwa_line.contains("25%"), "{table}");
+        assert!(kaiwa_line.contains("MISSED"), "{table}");
+    }
+
+    #[test]
+    fn latency_and_memory_targets_are_checked() {
+        let mut rate = summary("rate-1000", "native", 1_000.0);
+        rate.offered_rate = Some(1_000.0);
+        rate.all_reply_ms = Some(Quantiles {
+            count: 1,
+            p50: 1.0,
+            p90: 2.0,
+            p99: 3.0,
+            p999: 4.0,
+            max: 5.0,
+        });
+        let mut idle = summary("idle-10000", "native", 0.0);
+        idle.sent = 0;
+        idle.memory = Some(Memory {
+            server_pid: 1,
+            baseline_kib: 1_000,
+            loaded_kib: 101_000,
+            per_connection_kib: 10.0,
+        });
+        let table = render(&[Report::Run(Box::new(rate)), Report::Run(Box::new(idle))]);
+        assert!(table.contains("p99 < 10 ms: met"), "{table}");
+        assert!(table.contains("≤ 16 KiB: met"), "{table}");
+    }
+
+    #[test]
+    fn store_reports_parse_beside_run_summaries() {
+        let line = r#"{"scenario":"store","label":null,"messages":1000,"writers":64,"seconds":0.5,"messages_per_second":2000.0}"#;
+        assert!(matches!(Report::parse(line), Ok(Report::Store(_))));
+        assert!(Report::parse("{}").is_err());
+    }
+}

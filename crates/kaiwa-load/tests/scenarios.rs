@@ -1,0 +1,320 @@
+//! The load tool against real servers: an in-process kaiwa with small delays (nothing may be
+//! lost), the echo baseline, and fake servers that withhold or repeat replies (the tool must
+//! report it, so its checks can fail).
+
+use futures::{SinkExt, StreamExt};
+use kaiwa::clock::SystemClock;
+use kaiwa::{Application, ServeConfig};
+use kaiwa_load::connections::{self, ConnectionsConfig};
+use kaiwa_load::media::Samples;
+use kaiwa_load::plan::Mix;
+use kaiwa_load::{LoadConfig, Mode};
+use kaiwa_protocol::{MessageStatus, MessageType, ReplyType, native};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+/// A kaiwa on a free port with its own data directory, stopped when dropped.
+struct Server {
+    addr: SocketAddr,
+    _dir: TempDir,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Server {
+    async fn start(flags: &[&str]) -> Server {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let data_dir = dir.path().to_str().expect("a UTF-8 path").to_owned();
+        let mut args = vec!["--bind", "127.0.0.1:0", "--data-dir", &data_dir];
+        args.extend_from_slice(flags);
+        let config = ServeConfig::from_args(args).expect("a valid configuration");
+        let app = Application::build(config, Arc::new(SystemClock))
+            .await
+            .expect("kaiwa starts");
+        let addr = app.local_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(app.run_until(async move {
+            stopped.await.ok();
+        }));
+        Server {
+            addr,
+            _dir: dir,
+            _stop: stop,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+}
+
+fn config(url: String, mode: Mode, clients: usize, messages: u64) -> LoadConfig {
+    LoadConfig {
+        scenario: "spec".into(),
+        label: None,
+        url,
+        mode,
+        clients,
+        messages: Some(messages),
+        duration: None,
+        rate: None,
+        window: 32,
+        mix: Mix::spec(),
+        seed: 42,
+        drain_timeout: Duration::from_secs(20),
+        timeout: Duration::from_secs(120),
+        progress: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spec_scenario_accounts_for_every_message_and_every_client_gets_its_turn() {
+    // Five slots for twenty clients: most are refused at first and must wait for a turn.
+    let server = Server::start(&["--max-clients", "5", "--reply-delay-scale", "0.01"]).await;
+    let summary = kaiwa_load::run(config(server.url(), Mode::Native, 20, 200))
+        .await
+        .expect("the run completes");
+    assert!(summary.ok, "{}", summary.table());
+    assert_eq!(summary.lost, 0);
+    assert_eq!((summary.sent, summary.completed), (200, 200));
+    assert_eq!(summary.clients_sent, 20, "every client sent a message");
+    assert!(summary.refusals > 0, "the client limit was hit");
+    assert!(summary.max_concurrent <= 5, "{}", summary.max_concurrent);
+    assert_eq!(summary.accepted + summary.rejected, 200);
+    assert!(
+        summary.by_type.contains_key("video"),
+        "media types are sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_clients_are_accounted_from_replies_and_rejections_alone() {
+    let server = Server::start(&["--reply-delay-scale", "0.01"]).await;
+    let summary = kaiwa_load::run(config(server.url(), Mode::Legacy, 10, 60))
+        .await
+        .expect("the run completes");
+    assert!(summary.ok, "{}", summary.table());
+    assert_eq!((summary.sent, summary.completed), (60, 60));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_loop_run_sends_on_schedule_and_loses_nothing() {
+    let server = Server::start(&["--reply-delay-scale", "0"]).await;
+    let mut config = config(server.url(), Mode::Native, 4, 40);
+    config.rate = Some(200.0);
+    config.mix = Mix::text();
+    let summary = kaiwa_load::run(config).await.expect("the run completes");
+    assert!(summary.ok, "{}", summary.table());
+    assert_eq!(summary.completed, 40);
+    assert_eq!(summary.offered_rate, Some(200.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_echo_baseline_returns_every_frame() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let addr = listener.local_addr().expect("an address");
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(kaiwa_load::echo::serve(listener, async move {
+        stopped.await.ok();
+    }));
+    let mut config = config(format!("ws://{addr}/ws"), Mode::Echo, 5, 500);
+    config.mix = Mix::text();
+    let summary = kaiwa_load::run(config).await.expect("the run completes");
+    assert!(summary.ok, "{}", summary.table());
+    assert_eq!(summary.completed, 500);
+}
+
+/// What a fake native server does with each `send` after acking it.
+#[derive(Clone, Copy)]
+enum Fake {
+    /// Acks, says `processing`, and never replies.
+    WithholdReplies,
+    /// Answers properly, but sends the text reply twice.
+    DuplicateReply,
+}
+
+/// Chooses kaiwa.v1, as kaiwa does for clients that offer it.
+// The signature is tungstenite's callback type.
+#[allow(clippy::result_large_err)]
+fn choose(_: &Request, mut response: Response) -> Result<Response, ErrorResponse> {
+    response.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static(kaiwa_protocol::SUBPROTOCOL),
+    );
+    Ok(response)
+}
+
+/// A native server that welcomes every client and answers sends as `behaviour` says.
+async fn fake_server(behaviour: Fake) -> (SocketAddr, oneshot::Sender<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let addr = listener.local_addr().expect("an address");
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = tokio::select! {
+                accepted = listener.accept() => accepted.expect("accepts"),
+                _ = &mut stopped => return,
+            };
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, choose).await else {
+                    return;
+                };
+                let mut next_id = 1;
+                while let Some(Ok(frame)) = ws.next().await {
+                    let Message::Text(text) = frame else { continue };
+                    let answers = match serde_json::from_str::<native::ClientFrame>(&text) {
+                        Ok(native::ClientFrame::Hello(hello)) => vec![welcome(hello)],
+                        Ok(native::ClientFrame::Send(send)) => {
+                            next_id += 1;
+                            answer(behaviour, &send.id.unwrap_or_default(), next_id)
+                        }
+                        _ => vec![],
+                    };
+                    for answer in answers {
+                        let json = serde_json::to_string(&answer).expect("serializes");
+                        if ws.send(Message::text(json)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, stop)
+}
+
+fn welcome(hello: native::Hello) -> native::ServerFrame {
+    let window = |message_type, start: &str, end: &str| native::WindowInfo {
+        message_type,
+        start: start.into(),
+        end: end.into(),
+    };
+    native::ServerFrame::Welcome(native::Welcome {
+        client_id: hello.client_id.unwrap_or_default(),
+        timezone: hello.timezone.unwrap_or_default(),
+        protocol: "kaiwa.v1".into(),
+        server_time: chrono::Utc::now(),
+        heartbeat_interval_ms: 20_000,
+        heartbeat_timeout_ms: 60_000,
+        first_message_timeout_ms: 60_000,
+        limits: native::Limits {
+            max_text_chars: 4096,
+            max_image_bytes: 1 << 20,
+            max_voice_bytes: 1 << 20,
+            max_video_bytes: 1 << 20,
+            max_in_flight_per_client: 32,
+        },
+        // Every type always open, so every message must be accepted.
+        windows: MessageType::ALL
+            .into_iter()
+            .map(|kind| window(kind, "00:00", "24:00"))
+            .collect(),
+    })
+}
+
+fn answer(behaviour: Fake, id: &str, message_id: i64) -> Vec<native::ServerFrame> {
+    let status = |status| {
+        native::ServerFrame::Status(native::Status {
+            id: Some(id.to_owned()),
+            message_id,
+            status,
+        })
+    };
+    let ack = native::ServerFrame::Ack(native::Ack {
+        id: id.to_owned(),
+        message_id,
+        status: MessageStatus::Accepted,
+        reason: None,
+        duplicate: false,
+        received_at: chrono::Utc::now(),
+    });
+    let reply = native::ServerFrame::Reply(native::Reply {
+        id: Some(id.to_owned()),
+        message_id,
+        reply: native::ReplyBody {
+            id: message_id,
+            reply_type: ReplyType::Text,
+            content: "hi".into(),
+            filename: None,
+            mime_type: None,
+            fallback: false,
+            created_at: chrono::Utc::now(),
+        },
+        missed: false,
+    });
+    match behaviour {
+        Fake::WithholdReplies => vec![ack, status(MessageStatus::Processing)],
+        Fake::DuplicateReply => vec![
+            ack,
+            status(MessageStatus::Processing),
+            reply.clone(),
+            reply,
+            status(MessageStatus::Replied),
+        ],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_that_never_come_are_reported_as_lost_and_fail_the_run() {
+    let (addr, _stop) = fake_server(Fake::WithholdReplies).await;
+    let mut config = config(format!("ws://{addr}/ws"), Mode::Native, 3, 12);
+    config.mix = Mix::text();
+    config.drain_timeout = Duration::from_millis(300);
+    let summary = kaiwa_load::run(config).await.expect("the run completes");
+    assert!(!summary.ok);
+    assert_eq!(summary.lost, 12, "{}", summary.table());
+    assert_eq!(summary.problems.get("lost_reply"), Some(&12));
+    assert_eq!(summary.accepted, 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_delivered_twice_is_reported_as_a_duplicate() {
+    let (addr, _stop) = fake_server(Fake::DuplicateReply).await;
+    let mut config = config(format!("ws://{addr}/ws"), Mode::Native, 2, 6);
+    config.mix = Mix::text();
+    let summary = kaiwa_load::run(config).await.expect("the run completes");
+    assert!(!summary.ok);
+    assert_eq!(summary.lost, 0);
+    assert_eq!(
+        summary.problems.get("duplicate_reply"),
+        Some(&6),
+        "{}",
+        summary.table()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_held_from_several_source_addresses_and_processes() {
+    let server = Server::start(&["--max-clients", "100"]).await;
+    let config = ConnectionsConfig {
+        label: None,
+        url: server.url(),
+        clients: 40,
+        processes: 2,
+        server_pid: Some(std::process::id()),
+        hold: Duration::ZERO,
+        exe: Some(env!("CARGO_BIN_EXE_kaiwa-load").into()),
+        seed: 3,
+    };
+    let summary = connections::run(config).await.expect("the run completes");
+    assert!(summary.ok, "{}", summary.table());
+    assert_eq!(summary.connected, 40);
+    assert!(summary.memory.is_some());
+}
+
+#[tokio::test]
+async fn kaiwa_recognises_the_generated_media_by_content_and_name() {
+    let samples = Samples::generate().expect("samples");
+    for kind in [MessageType::Voice, MessageType::Video, MessageType::Image] {
+        let sample = samples.get(kind).expect("a sample");
+        let format = kaiwa::admission::media::sniff(kind, &sample.bytes)
+            .unwrap_or_else(|| panic!("kaiwa recognises the {kind} sample"));
+        assert!(format.fits_filename(sample.filename), "{}", sample.filename);
+    }
+}
