@@ -1,0 +1,50 @@
+// The page on a phone, the light theme, and the keyboard path through it.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { session } from './support/browser.js';
+import { textOpenZone } from './support/fixtures.js';
+import { entryWithText, sendText, waitConnected } from './support/page.js';
+
+test('on a phone-width screen everything fits and the light theme sticks', async (t) => {
+  const { page, kaiwa } = await session(t, { timezoneId: textOpenZone(), viewport: { width: 360, height: 740 } });
+  await page.goto(kaiwa.url);
+  await waitConnected(page);
+  await sendText(page, 'hello from a small screen, with a line long enough to wrap around twice on a phone');
+  await entryWithText(page, 'hello from a small screen').locator('.reply-text').waitFor();
+  assert.ok(await page.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth), 'no sideways scrolling');
+  for (const id of ['message', 'attach', 'record', 'send', 'connect', 'theme', 'client-id', 'timezone']) {
+    const box = await page.locator(`#${id}`).boundingBox();
+    assert.ok(box && box.x >= 0 && box.x + box.width <= 360 && box.y + box.height <= 740, `#${id} is on screen`);
+  }
+  assert.equal(await page.evaluate(() => document.documentElement.dataset.theme), 'dark');
+  await page.locator('#theme').click();
+  assert.equal(await page.locator('#theme').getAttribute('aria-pressed'), 'true');
+  await page.reload();
+  await waitConnected(page);
+  assert.equal(await page.evaluate(() => document.documentElement.dataset.theme), 'light');
+});
+
+test('the controls are labelled and reachable with the keyboard in order', async (t) => {
+  const { page, kaiwa } = await session(t, { timezoneId: textOpenZone() });
+  await page.goto(kaiwa.url);
+  await waitConnected(page);
+  const order = [];
+  for (let i = 0; i < 10; i += 1) {
+    await page.keyboard.press('Tab');
+    order.push(await page.evaluate(() => document.activeElement.id || document.activeElement.className));
+  }
+  assert.deepEqual(order, ['skip', 'connect', 'theme', 'client-id', 'timezone', 'scroller', 'message', 'attach', 'record', 'send']);
+  // Every control has a name a screen reader can say.
+  const unnamed = await page.evaluate(() => [...document.querySelectorAll('button, input:not([type=file]), textarea')]
+    .filter((el) => !el.hidden && !(el.labels?.length || el.getAttribute('aria-label') || el.textContent.trim()))
+    .map((el) => el.id));
+  assert.deepEqual(unnamed, []);
+  // Back to the message box, then typing and Enter from the keyboard alone sends.
+  for (let i = 0; i < 3; i += 1) await page.keyboard.press('Shift+Tab');
+  assert.equal(await page.evaluate(() => document.activeElement.id), 'message');
+  await page.keyboard.type('typed without a mouse');
+  await page.keyboard.press('Enter');
+  await entryWithText(page, 'typed without a mouse').locator('.reply-text').waitFor();
+  assert.equal(await page.locator('#announcer').getAttribute('aria-live'), 'polite');
+});

@@ -1,0 +1,106 @@
+// A real kaiwa for a test: the binary cargo built, on a free port, with its own data directory.
+
+import { spawn } from 'node:child_process';
+import { createWriteStream, existsSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { once } from 'node:events';
+import { REPO, outputPath } from './paths.js';
+
+const START_TIMEOUT_MS = 20000;
+
+/** The kaiwa binary: $KAIWA_BIN, else the debug build, else the release build. */
+export function kaiwaBinary() {
+  const candidates = [process.env.KAIWA_BIN, join(REPO, 'target/debug/kaiwa'), join(REPO, 'target/release/kaiwa')].filter(Boolean);
+  const found = candidates.find((path) => existsSync(path));
+  if (!found) {
+    throw new Error(`no kaiwa binary: build it with \`cargo build -p kaiwa\` or set KAIWA_BIN (looked at ${candidates.join(', ')})`);
+  }
+  return found;
+}
+
+/** A port that was free a moment ago (kaiwa must bind a known one, to come back on it). */
+export async function freePort() {
+  const server = createServer();
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address();
+  server.close();
+  await once(server, 'close');
+  return port;
+}
+
+export class Kaiwa {
+  #child = null;
+  #exited = null;
+  #log;
+
+  constructor({ port, dataDir, flags, logName }) {
+    this.port = port;
+    this.dataDir = dataDir;
+    this.flags = flags;
+    this.url = `http://127.0.0.1:${port}`;
+    this.#log = createWriteStream(outputPath(`${logName}.kaiwa.log`), { flags: 'a' });
+  }
+
+  /** Starts kaiwa with `flags` added to the defaults of the tests. */
+  static async start({ name, flags = [] }) {
+    const dataDir = await mkdtemp(join(tmpdir(), 'kaiwa-browser-test-'));
+    const kaiwa = new Kaiwa({ port: await freePort(), dataDir, flags, logName: name });
+    await kaiwa.run();
+    return kaiwa;
+  }
+
+  /** Runs the server (again, after `stop`) on the same port and data directory. */
+  async run() {
+    const defaults = ['--reply-delay-scale', '0.05', '--log', 'info,kaiwa=debug'];
+    const args = ['serve', '--bind', `127.0.0.1:${this.port}`, '--data-dir', this.dataDir];
+    for (let i = 0; i < defaults.length; i += 2) {
+      // A flag given twice is an error: the test's own value wins.
+      if (!this.flags.includes(defaults[i])) args.push(defaults[i], defaults[i + 1]);
+    }
+    args.push(...this.flags);
+    this.#log.write(`\n$ kaiwa ${args.join(' ')}\n`);
+    const child = spawn(kaiwaBinary(), args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    child.stdout.pipe(this.#log, { end: false });
+    child.stderr.pipe(this.#log, { end: false });
+    this.#child = child;
+    this.#exited = once(child, 'exit');
+    const deadline = Date.now() + START_TIMEOUT_MS;
+    while (Date.now() < deadline) {
+      if (child.exitCode !== null) throw new Error(`kaiwa exited with ${child.exitCode} at start; see its log in ${outputPath('')}`);
+      try {
+        const response = await fetch(`${this.url}/health`);
+        if (response.ok) return;
+      } catch {
+        // Not listening yet.
+      }
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    throw new Error(`kaiwa did not answer /health within ${START_TIMEOUT_MS} ms`);
+  }
+
+  /** Stops the server with `signal` and waits for the process to end. */
+  async stop(signal = 'SIGTERM') {
+    const child = this.#child;
+    if (!child || child.exitCode !== null || child.signalCode !== null) return;
+    child.kill(signal);
+    const killer = setTimeout(() => child.kill('SIGKILL'), 15000);
+    await this.#exited;
+    clearTimeout(killer);
+    this.#child = null;
+  }
+
+  async dispose() {
+    await this.stop();
+    this.#log.end();
+    await rm(this.dataDir, { recursive: true, force: true });
+  }
+
+  async json(path) {
+    const response = await fetch(`${this.url}${path}`);
+    return response.json();
+  }
+}
