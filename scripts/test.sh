@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs the whole test suite, the way CI does: formatting, lints, every test in the workspace,
+# then the browser client's tests in headless Chromium. Installs or starts what the tests need
+# first, so it works on a fresh machine; a prerequisite it cannot get fails the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+fail() { printf '\nerror: %s\n' "$*" >&2; exit 1; }
+
+step "toolchain"
+cargo --version
+if ! cargo nextest --version >/dev/null 2>&1; then
+  step "installing cargo-nextest"
+  cargo install cargo-nextest --locked
+fi
+
+step "formatting"
+cargo fmt --all -- --check
+
+step "lints"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "tests"
+cargo nextest run --workspace --locked --no-fail-fast "$@"
+
+step "browser tests: prerequisites"
+chromium_path="${CHROMIUM_PATH:-/usr/bin/chromium}"
+if [ ! -x "$chromium_path" ]; then
+  [ "$chromium_path" = /usr/bin/chromium ] || fail "CHROMIUM_PATH=$chromium_path is not an executable"
+  command -v apt-get >/dev/null || fail "Chromium is missing and there is no apt-get to install it; install chromium or set CHROMIUM_PATH"
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || fail "Chromium is missing; installing it needs root (or sudo)"
+    sudo=sudo
+  fi
+  echo "installing chromium"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! $sudo apt-get install -y chromium; then
+    $sudo apt-get update
+    $sudo apt-get install -y chromium || fail "could not install chromium with apt-get"
+  fi
+fi
+"$chromium_path" --version 2>/dev/null || fail "$chromium_path does not run"
+command -v node >/dev/null || fail "Node.js 20 or newer is needed for the browser tests (node not found)"
+node_major="$(node -p 'process.versions.node.split(".")[0]')"
+[ "$node_major" -ge 20 ] || fail "Node.js 20 or newer is needed for the browser tests (found $(node --version))"
+command -v npm >/dev/null || fail "npm is needed for the browser tests (not found)"
+echo "node $(node --version), npm $(npm --version 2>/dev/null)"
+(cd web/tests && npm ci --no-audit --no-fund)
+
+step "browser tests: building kaiwa"
+# The page is embedded in the binary at compile time: build it after any change to web/.
+cargo build -p kaiwa --locked
+export KAIWA_BIN="$PWD/target/debug/kaiwa"
+export BROWSER_TEST_OUTPUT="$PWD/target/browser-tests"
+rm -rf "$BROWSER_TEST_OUTPUT"
+
+step "browser tests (screenshots and logs in target/browser-tests/)"
+(cd web/tests && node --test --test-concurrency=1 --test-reporter=spec)
