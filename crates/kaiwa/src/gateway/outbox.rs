@@ -181,7 +181,7 @@ impl Writer {
                 biased;
                 closing = &mut self.closing => break closing.ok(),
                 received = self.frames.recv_many(&mut batch, WRITE_BATCH) => {
-                                        if received == 0 {
+                    if received == 0 {
                         break None;
                     }
                     self.drained.notify_waiters();

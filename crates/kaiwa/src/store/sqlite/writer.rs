@@ -21,6 +21,26 @@ use tokio::sync::{mpsc, oneshot};
 /// every command waiting under load.
 const MAX_BATCH: usize = 8192;
 
+// The writer's statements, prepared once and cached on its connection.
+const INSERT_MESSAGE: &str = "INSERT INTO messages (id, client_id, client_msg_id, message_type, \
+         content, filename, mime_type, size_bytes, timezone, status, status_reason, \
+         client_timestamp, received_at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+     ON CONFLICT DO NOTHING";
+const FIND_MESSAGE: &str = "SELECT id, status, status_reason, received_at FROM messages \
+     WHERE client_id = ?1 AND client_msg_id = ?2";
+const INSERT_REPLY: &str = "INSERT INTO replies (id, message_id, client_id, reply_type, content, \
+         filename, mime_type, fallback, created_at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+     ON CONFLICT DO NOTHING";
+const MARK_REPLIED: &str =
+    "UPDATE messages SET status = 'replied' WHERE id = ?1 AND status = 'accepted'";
+const RECORD_DELIVERY: &str = "UPDATE replies SET delivery = ?2, delivered_at = ?3 \
+     WHERE id = ?1 AND delivery <> 'delivered'";
+const FIND_REPLIES: &str = "SELECT id, reply_type, content, filename, mime_type, fallback, \
+         delivery, created_at, delivered_at \
+     FROM replies WHERE message_id = ?1 ORDER BY id";
+
 pub(super) enum Command {
     Message(
         Box<NewMessage>,
@@ -254,17 +274,8 @@ impl Writer {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut written = Written::default();
         {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO messages (id, client_id, client_msg_id, message_type, content, \
-                     filename, mime_type, size_bytes, timezone, status, status_reason, \
-                     client_timestamp, received_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
-                 ON CONFLICT DO NOTHING",
-            )?;
-            let mut find = tx.prepare_cached(
-                "SELECT id, status, status_reason, received_at FROM messages \
-                 WHERE client_id = ?1 AND client_msg_id = ?2",
-            )?;
+            let mut insert = tx.prepare_cached(INSERT_MESSAGE)?;
+            let mut find = tx.prepare_cached(FIND_MESSAGE)?;
             for pending in messages {
                 let m = &pending.message;
                 let inserted = insert.execute(params![
@@ -316,15 +327,8 @@ impl Writer {
             }
         }
         if !replies.is_empty() {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO replies (id, message_id, client_id, reply_type, content, filename, \
-                     mime_type, fallback, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
-                 ON CONFLICT DO NOTHING",
-            )?;
-            let mut replied = tx.prepare_cached(
-                "UPDATE messages SET status = 'replied' WHERE id = ?1 AND status = 'accepted'",
-            )?;
+            let mut insert = tx.prepare_cached(INSERT_REPLY)?;
+            let mut replied = tx.prepare_cached(MARK_REPLIED)?;
             for (index, pending) in replies.iter().enumerate() {
                 let batch = &pending.batch;
                 let created_at = timestamp(batch.created_at);
@@ -356,10 +360,7 @@ impl Writer {
             }
         }
         if !deliveries.is_empty() {
-            let mut update = tx.prepare_cached(
-                "UPDATE replies SET delivery = ?2, delivered_at = ?3 \
-                 WHERE id = ?1 AND delivery <> 'delivered'",
-            )?;
+            let mut update = tx.prepare_cached(RECORD_DELIVERY)?;
             for update_of in deliveries.values() {
                 let delivered_at =
                     (update_of.delivery == Delivery::Delivered).then(|| timestamp(update_of.at));
@@ -380,11 +381,7 @@ fn stored_earlier(
     tx: &rusqlite::Transaction<'_>,
     batch: &ReplyBatch,
 ) -> Result<Vec<StoredReply>, rusqlite::Error> {
-    let mut find = tx.prepare_cached(
-        "SELECT id, reply_type, content, filename, mime_type, fallback, delivery, created_at, \
-             delivered_at \
-         FROM replies WHERE message_id = ?1 ORDER BY id",
-    )?;
+    let mut find = tx.prepare_cached(FIND_REPLIES)?;
     let rows = find.query_map(params![batch.message_id], |row| {
         Ok((
             row.get::<_, i64>(0)?,
@@ -464,6 +461,121 @@ impl Drop for BarrierGuard {
     fn drop(&mut self) {
         for done in self.0.drain(..) {
             respond(done, ());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+    use crate::store::sqlite::SqliteStore;
+
+    const MIGRATIONS: [&str; 3] = [
+        include_str!("../../../migrations/sqlite/20261121000001_init.sql"),
+        include_str!("../../../migrations/sqlite/20261121000002_reply_fallback.sql"),
+        include_str!("../../../migrations/sqlite/20261121000003_checks_as_comparisons.sql"),
+    ];
+
+    /// Opcodes of `sql` as SQLite would run it on `conn`.
+    fn opcodes(conn: &Connection, sql: &str) -> Vec<String> {
+        let mut explain = conn.prepare(&format!("EXPLAIN {sql}")).expect("explains");
+        let params = explain.parameter_count();
+        let nulls = vec![rusqlite::types::Null; params];
+        explain
+            .query_map(rusqlite::params_from_iter(nulls), |row| {
+                row.get::<_, String>(1)
+            })
+            .expect("runs")
+            .collect::<Result<_, _>>()
+            .expect("opcodes")
+    }
+
+    #[tokio::test]
+    async fn no_write_builds_a_scratch_table() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(dir.path()).await.expect("opens");
+        store.close().await;
+        let conn = Connection::open(dir.path().join("kaiwa.db")).expect("opens");
+        conn.execute_batch("PRAGMA foreign_keys = ON")
+            .expect("pragma");
+        // A CHECK (x IN (a, b, c)) fills a temporary b-tree per row (see migration 3); this is
+        // what keeps such a constraint from coming back unnoticed.
+        for sql in [
+            INSERT_MESSAGE,
+            FIND_MESSAGE,
+            INSERT_REPLY,
+            MARK_REPLIED,
+            RECORD_DELIVERY,
+        ] {
+            let ops = opcodes(&conn, sql);
+            assert!(
+                !ops.iter().any(|op| op == "OpenEphemeral"),
+                "{sql} opens a scratch table: {ops:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rebuilding_the_tables_keeps_every_row_and_every_rule() {
+        let conn = Connection::open_in_memory().expect("opens");
+        conn.execute_batch("PRAGMA foreign_keys = ON")
+            .expect("pragma");
+        for migration in &MIGRATIONS[..2] {
+            conn.execute_batch(migration).expect("migrates");
+        }
+        conn.execute_batch(
+            "INSERT INTO messages (id, client_id, client_msg_id, message_type, content, \
+                 timezone, status, received_at) \
+             VALUES (1, 'a', 'm1', 'text', 'hi', 'UTC', 'replied', 't'), \
+                    (2, 'a', NULL, 'voice', 'media/voices/x.wav', 'UTC', 'accepted', 't'); \
+             INSERT INTO replies (id, message_id, client_id, reply_type, content, delivery, \
+                 created_at, fallback) \
+             VALUES (7, 1, 'a', 'text', 'hello', 'failed', 't', 1);",
+        )
+        .expect("rows");
+        let scratch = |conn: &Connection| {
+            opcodes(conn, INSERT_MESSAGE)
+                .iter()
+                .any(|op| op == "OpenEphemeral")
+        };
+        assert!(scratch(&conn), "the old checks build a scratch table");
+        // As sqlx runs it: in a transaction, foreign keys on.
+        conn.execute_batch(&format!("BEGIN; {} COMMIT;", MIGRATIONS[2]))
+            .expect("rebuilds");
+
+        assert!(!scratch(&conn), "the new ones do not");
+
+        let count = |sql: &str| -> i64 { conn.query_row(sql, [], |row| row.get(0)).expect(sql) };
+        assert_eq!(count("SELECT COUNT(*) FROM messages"), 2);
+        assert_eq!(
+            count(
+                "SELECT COUNT(*) FROM replies WHERE id = 7 AND delivery = 'failed' AND fallback = 1"
+            ),
+            1
+        );
+        assert_eq!(
+            count("SELECT COUNT(*) FROM sqlite_schema WHERE name LIKE '%_old'"),
+            0
+        );
+        assert_eq!(
+            count("SELECT COUNT(*) FROM sqlite_schema WHERE type = 'index' AND sql IS NOT NULL"),
+            5,
+            "every index is back"
+        );
+        for bad in [
+            "INSERT INTO replies (message_id, client_id, reply_type, content, created_at) \
+                 VALUES (1, 'a', 'video', 'x', 't')",
+            "INSERT INTO replies (message_id, client_id, reply_type, content, created_at) \
+                 VALUES (99, 'a', 'text', 'x', 't')",
+            "UPDATE messages SET status = 'lost' WHERE id = 1",
+            "UPDATE messages SET message_type = 'gif' WHERE id = 1",
+            "UPDATE replies SET delivery = 'maybe' WHERE id = 7",
+            "UPDATE replies SET fallback = 2 WHERE id = 7",
+            "INSERT INTO messages (client_id, client_msg_id, message_type, content, timezone, \
+                 status, received_at) VALUES ('a', 'm1', 'text', 'again', 'UTC', 'accepted', 't')",
+        ] {
+            assert!(conn.execute(bad, []).is_err(), "allowed: {bad}");
         }
     }
 }
