@@ -184,6 +184,18 @@ impl Writer {
                     if received == 0 {
                         break None;
                     }
+                    // Frames for one client come in bursts (the acks of one store commit, the
+                    // replies of the next): one turn at the back of the run queue lets the rest
+                    // of a burst join this write, so it costs one syscall, not several.
+                    if batch.len() < WRITE_BATCH {
+                        tokio::task::yield_now().await;
+                        while batch.len() < WRITE_BATCH {
+                            match self.frames.try_recv() {
+                                Ok(outgoing) => batch.push(outgoing),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     self.drained.notify_waiters();
                     let reply_ids: Vec<i64> = batch.iter().filter_map(|o| o.reply_id).collect();
                     let (written, closing) = {
