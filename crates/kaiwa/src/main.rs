@@ -9,11 +9,6 @@ use kaiwa::{Application, shutdown, telemetry};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-// Frames, jobs and replies are allocated on one thread and freed on another many thousand
-// times a second; glibc's allocator was the largest single cost in the profile.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     // Before parsing, so that `.env` values fill in flags like any environment variable.
     let env_file = dotenvy::dotenv();
