@@ -116,19 +116,18 @@ impl SqliteStore {
     }
 }
 
+/// Options of the sqlx connections: the one that migrates and sweeps at start, and the read
+/// pool. The writer thread opens its own connection (see [`writer`]).
 fn connect_options(data_dir: &Path) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
         .filename(data_dir.join("kaiwa.db"))
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
-        // FULL syncs the WAL at every commit: an acked message survives a power cut. Batching
-        // makes that one fsync per batch rather than per message.
+        // The migrations and the start-up sweep are durable before the first message is taken.
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(Duration::from_secs(5))
         .foreign_keys(true)
-        // The hot pages (index leaves where each client's rows go, the tables' tails) stay in
-        // memory: SQLite's default 2 MB cache made the writer re-read pages it had just evicted.
-        .pragma("cache_size", "-65536")
+        // History reads map the file rather than copying pages into each connection's cache.
         .pragma("mmap_size", "268435456")
 }
 
