@@ -731,33 +731,10 @@ async fn read_flood(
                 tally.unexpected.len()
             );
         };
-        let frame: Value = match frame {
-            Some(Ok(Message::Text(text))) => serde_json::from_str(&text).expect("frames are JSON"),
-            Some(Ok(Message::Close(close))) => {
-                return Err(close
-                    .map(|f| Closed {
-                        code: f.code.into(),
-                        reason: f.reason.to_string(),
-                    })
-                    .unwrap_or(Closed {
-                        code: 1005,
-                        reason: String::new(),
-                    }));
-            }
-            Some(Ok(_)) => continue,
-            Some(Err(err)) => {
-                return Err(Closed {
-                    code: 1006,
-                    reason: err.to_string(),
-                });
-            }
-            None => {
-                return Err(Closed {
-                    code: 1006,
-                    reason: "stream ended".into(),
-                });
-            }
+        let Some(frame) = support::decode(frame) else {
+            continue;
         };
+        let frame = frame?;
         let id = frame["id"].as_str().unwrap_or_default().to_owned();
         match frame["type"].as_str() {
             Some("ack") if frame["status"] == "accepted" && frame["duplicate"] != true => {

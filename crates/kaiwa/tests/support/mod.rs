@@ -219,6 +219,37 @@ pub struct Client {
     pub ws: Socket,
 }
 
+/// What one read from a socket means to a test: a JSON frame, the end of the connection (with
+/// its close code, 1005 for none, 1006 for a broken stream), or `None` for a frame tests
+/// ignore (ping, pong, binary).
+pub fn decode(
+    frame: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+) -> Option<Result<Value, Closed>> {
+    match frame {
+        Some(Ok(Message::Text(text))) => {
+            Some(Ok(serde_json::from_str(&text).expect("frames are JSON")))
+        }
+        Some(Ok(Message::Close(frame))) => Some(Err(frame
+            .map(|f| Closed {
+                code: f.code.into(),
+                reason: f.reason.to_string(),
+            })
+            .unwrap_or(Closed {
+                code: 1005,
+                reason: String::new(),
+            }))),
+        Some(Ok(_)) => None,
+        Some(Err(err)) => Some(Err(Closed {
+            code: 1006,
+            reason: err.to_string(),
+        })),
+        None => Some(Err(Closed {
+            code: 1006,
+            reason: "stream ended".into(),
+        })),
+    }
+}
+
 /// How a connection ended, as the client saw it.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Closed {
@@ -277,38 +308,10 @@ impl Client {
             let frame = tokio::time::timeout(FRAME_TIMEOUT, self.ws.next())
                 .await
                 .expect("a frame arrives in time");
-            match frame {
-                Some(Ok(Message::Text(text))) => {
-                    let value: Value = serde_json::from_str(&text).expect("frames are JSON");
-                    if value["type"] == "heartbeat" {
-                        continue;
-                    }
-                    return Ok(value);
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    return Err(frame
-                        .map(|f| Closed {
-                            code: f.code.into(),
-                            reason: f.reason.to_string(),
-                        })
-                        .unwrap_or(Closed {
-                            code: 1005,
-                            reason: String::new(),
-                        }));
-                }
-                Some(Ok(_)) => continue,
-                Some(Err(err)) => {
-                    return Err(Closed {
-                        code: 1006,
-                        reason: err.to_string(),
-                    });
-                }
-                None => {
-                    return Err(Closed {
-                        code: 1006,
-                        reason: "stream ended".into(),
-                    });
-                }
+            match decode(frame) {
+                Some(Ok(value)) if value["type"] == "heartbeat" => continue,
+                Some(result) => return result,
+                None => continue,
             }
         }
     }
