@@ -59,6 +59,53 @@ async fn expect_native_error(client: &mut Client, code: &str) -> Value {
     frame
 }
 
+/// Reads the error frame with `code` in the shape of the protocol; a native one must name the
+/// message `id` it refuses.
+async fn expect_error(client: &mut Client, native: bool, code: &str, id: &str) {
+    if native {
+        let error = expect_native_error(client, code).await;
+        assert_eq!(error["id"], id, "{error}");
+    } else {
+        expect_legacy_error(client, code).await;
+    }
+}
+
+/// A client connected in either protocol, with the protocol's name appended to `client_id`.
+async fn connect(app: &TestApp, native: bool, client_id: &str) -> Client {
+    if native {
+        app.native(&format!("{client_id}-native"), "UTC").await
+    } else {
+        app.legacy(&format!("{client_id}-legacy"), "UTC").await
+    }
+}
+
+/// A message frame of either protocol; `id` is the native client message id.
+fn message(native: bool, id: &str, message_type: &str, content: &str) -> Value {
+    if native {
+        send(id, message_type, content)
+    } else {
+        legacy_message(message_type, content)
+    }
+}
+
+/// A base64 file frame of either protocol; `id` is the native client message id.
+fn file(native: bool, id: &str, message_type: &str, filename: &str, bytes: &[u8]) -> Value {
+    if native {
+        send_file(id, message_type, filename, bytes)
+    } else {
+        legacy_file(message_type, filename, bytes)
+    }
+}
+
+/// The connection still answers a valid text message.
+async fn still_replies(client: &mut Client, native: bool) {
+    if native {
+        native_still_replies(client, "after").await;
+    } else {
+        legacy_still_replies(client).await;
+    }
+}
+
 /// Sends a valid text message on a legacy connection and waits for its text reply.
 async fn legacy_still_replies(client: &mut Client) {
     client
@@ -157,28 +204,34 @@ fn is_allowed_data_file(path: &Path) -> bool {
 // Malformed JSON
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn malformed_json_after_the_handshake_is_an_error_and_the_legacy_connection_stays_usable() {
+async fn malformed_json_is_an_error_and_the_connection_stays_usable(native: bool) {
     let app = TestApp::spawn(&[]).await;
-    let mut client = app.legacy("mal-legacy", "UTC").await;
-    for bad in [r#"{"message_type": "text","#, "not json"] {
+    let mut client = connect(&app, native, "mal").await;
+    let truncated = if native {
+        r#"{"type": "send", "id": "m1","#
+    } else {
+        r#"{"message_type": "text","#
+    };
+    for bad in [truncated, "not json"] {
         client.send_text(bad).await;
-        expect_legacy_error(&mut client, "malformed_json").await;
+        if native {
+            expect_native_error(&mut client, "malformed_json").await;
+        } else {
+            expect_legacy_error(&mut client, "malformed_json").await;
+        }
     }
-    legacy_still_replies(&mut client).await;
+    still_replies(&mut client, native).await;
     assert_healthy(&app).await;
 }
 
 #[tokio::test]
+async fn malformed_json_after_the_handshake_is_an_error_and_the_legacy_connection_stays_usable() {
+    malformed_json_is_an_error_and_the_connection_stays_usable(false).await;
+}
+
+#[tokio::test]
 async fn malformed_json_after_the_handshake_is_an_error_and_the_native_connection_stays_usable() {
-    let app = TestApp::spawn(&[]).await;
-    let mut client = app.native("mal-native", "UTC").await;
-    for bad in [r#"{"type": "send", "id": "m1","#, "not json"] {
-        client.send_text(bad).await;
-        expect_native_error(&mut client, "malformed_json").await;
-    }
-    native_still_replies(&mut client, "after").await;
-    assert_healthy(&app).await;
+    malformed_json_is_an_error_and_the_connection_stays_usable(true).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -263,187 +316,159 @@ async fn a_valid_timezone_in_lower_case_is_accepted_with_its_canonical_name() {
     legacy_still_replies(&mut legacy).await;
 }
 
-#[tokio::test]
-async fn a_silent_legacy_connection_is_closed_with_4004_after_the_handshake_timeout() {
+async fn silent_connection_closes_with_4004(native: bool) {
     let app = TestApp::spawn(&["--handshake-timeout", "0.3"]).await;
-    let mut client = Client::connect(&app.ws_url(), false)
+    let mut client = Client::connect(&app.ws_url(), native)
         .await
         .expect("connects");
-    let closed = closed_after_handshake_required(&mut client, false).await;
+    let closed = closed_after_handshake_required(&mut client, native).await;
     assert_eq!(closed.code, 4004, "{closed:?}");
     assert!(closed.reason.starts_with("handshake_timeout"), "{closed:?}");
     assert_healthy(&app).await;
 }
 
 #[tokio::test]
+async fn a_silent_legacy_connection_is_closed_with_4004_after_the_handshake_timeout() {
+    silent_connection_closes_with_4004(false).await;
+}
+
+#[tokio::test]
 async fn a_silent_native_connection_is_closed_with_4004_after_the_handshake_timeout() {
-    let app = TestApp::spawn(&["--handshake-timeout", "0.3"]).await;
-    let mut client = Client::connect(&app.ws_url(), true)
-        .await
-        .expect("connects");
-    let closed = closed_after_handshake_required(&mut client, true).await;
-    assert_eq!(closed.code, 4004, "{closed:?}");
-    assert!(closed.reason.starts_with("handshake_timeout"), "{closed:?}");
-    assert_healthy(&app).await;
+    silent_connection_closes_with_4004(true).await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Message content
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn unknown_message_type_is_an_error_and_the_legacy_connection_stays_usable() {
+async fn unknown_message_type_is_an_error(native: bool) {
     let app = TestApp::spawn(&[]).await;
-    let mut client = app.legacy("sticker-legacy", "UTC").await;
-    client.send_json(legacy_message("sticker", "🐱")).await;
-    expect_legacy_error(&mut client, "unknown_message_type").await;
-    legacy_still_replies(&mut client).await;
+    let mut client = connect(&app, native, "sticker").await;
+    client
+        .send_json(message(native, "s1", "sticker", "🐱"))
+        .await;
+    expect_error(&mut client, native, "unknown_message_type", "s1").await;
+    still_replies(&mut client, native).await;
     assert_healthy(&app).await;
 }
 
 #[tokio::test]
+async fn unknown_message_type_is_an_error_and_the_legacy_connection_stays_usable() {
+    unknown_message_type_is_an_error(false).await;
+}
+
+#[tokio::test]
 async fn unknown_message_type_is_an_error_and_the_native_connection_stays_usable() {
+    unknown_message_type_is_an_error(true).await;
+}
+
+async fn empty_and_blank_text_is_an_error(native: bool) {
     let app = TestApp::spawn(&[]).await;
-    let mut client = app.native("sticker-native", "UTC").await;
-    client.send_json(send("s1", "sticker", "🐱")).await;
-    let error = expect_native_error(&mut client, "unknown_message_type").await;
-    assert_eq!(error["id"], "s1", "{error}");
-    native_still_replies(&mut client, "after").await;
+    let mut client = connect(&app, native, "empty").await;
+    for (id, text) in [("e1", ""), ("e2", "   \n\t ")] {
+        client.send_json(message(native, id, "text", text)).await;
+        expect_error(&mut client, native, "empty_text", id).await;
+    }
+    still_replies(&mut client, native).await;
     assert_healthy(&app).await;
 }
 
 #[tokio::test]
 async fn empty_and_blank_text_is_an_error_and_the_legacy_connection_stays_usable() {
-    let app = TestApp::spawn(&[]).await;
-    let mut client = app.legacy("empty-legacy", "UTC").await;
-    for text in ["", "   \n\t "] {
-        client.send_json(legacy_message("text", text)).await;
-        expect_legacy_error(&mut client, "empty_text").await;
-    }
-    legacy_still_replies(&mut client).await;
-    assert_healthy(&app).await;
+    empty_and_blank_text_is_an_error(false).await;
 }
 
 #[tokio::test]
 async fn empty_and_blank_text_is_an_error_and_the_native_connection_stays_usable() {
-    let app = TestApp::spawn(&[]).await;
-    let mut client = app.native("empty-native", "UTC").await;
-    for (id, text) in [("e1", ""), ("e2", "   \n\t ")] {
-        client.send_json(send(id, "text", text)).await;
-        let error = expect_native_error(&mut client, "empty_text").await;
-        assert_eq!(error["id"], id, "{error}");
+    empty_and_blank_text_is_an_error(true).await;
+}
+
+/// The limit counts characters, not bytes: "あ" is three bytes in UTF-8.
+async fn text_over_the_limit_is_an_error_but_text_at_the_limit_passes(native: bool) {
+    let app = TestApp::spawn(&["--max-text-chars", "100"]).await;
+    let mut client = connect(&app, native, "long").await;
+    client
+        .send_json(message(native, "long", "text", &"あ".repeat(101)))
+        .await;
+    expect_error(&mut client, native, "text_too_long", "long").await;
+
+    client
+        .send_json(message(native, "limit", "text", &"あ".repeat(100)))
+        .await;
+    if native {
+        let ack = client.next_json().await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        assert_eq!(ack["id"], "limit", "{ack}");
+        assert_eq!(ack["status"], "accepted", "{ack}");
+        client
+            .until(|f| f["type"] == "reply" && f["id"] == "limit")
+            .await;
+    } else {
+        let reply = client.next_json().await;
+        assert_eq!(reply["type"], "message", "{reply}");
+        assert_eq!(reply["data"]["reply_type"], "text", "{reply}");
+        assert!(reply["data"]["id"].as_i64().is_some(), "{reply}");
     }
-    native_still_replies(&mut client, "after").await;
     assert_healthy(&app).await;
 }
 
 #[tokio::test]
 async fn text_over_the_limit_is_an_error_but_text_at_the_limit_passes_in_legacy() {
-    let app = TestApp::spawn(&["--max-text-chars", "100"]).await;
-    let mut client = app.legacy("long-legacy", "UTC").await;
-    client
-        .send_json(legacy_message("text", &"あ".repeat(101)))
-        .await;
-    expect_legacy_error(&mut client, "text_too_long").await;
-
-    client
-        .send_json(legacy_message("text", &"あ".repeat(100)))
-        .await;
-    let reply = client.next_json().await;
-    assert_eq!(reply["type"], "message", "{reply}");
-    assert_eq!(reply["data"]["reply_type"], "text", "{reply}");
-    assert!(reply["data"]["id"].as_i64().is_some(), "{reply}");
-    assert_healthy(&app).await;
+    text_over_the_limit_is_an_error_but_text_at_the_limit_passes(false).await;
 }
 
 #[tokio::test]
 async fn text_over_the_limit_is_an_error_but_text_at_the_limit_passes_in_native() {
-    let app = TestApp::spawn(&["--max-text-chars", "100"]).await;
-    let mut client = app.native("long-native", "UTC").await;
-    client
-        .send_json(send("long", "text", &"x".repeat(101)))
-        .await;
-    let error = expect_native_error(&mut client, "text_too_long").await;
-    assert_eq!(error["id"], "long", "{error}");
-
-    client
-        .send_json(send("limit", "text", &"x".repeat(100)))
-        .await;
-    let ack = client.next_json().await;
-    assert_eq!(ack["type"], "ack", "{ack}");
-    assert_eq!(ack["id"], "limit", "{ack}");
-    assert_eq!(ack["status"], "accepted", "{ack}");
-    client
-        .until(|f| f["type"] == "reply" && f["id"] == "limit")
-        .await;
-    assert_healthy(&app).await;
+    text_over_the_limit_is_an_error_but_text_at_the_limit_passes(true).await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Media
 // ---------------------------------------------------------------------------------------------
 
-const NOT_BASE64: &str = "this is *not* base64!";
-
-#[tokio::test]
-async fn invalid_base64_is_an_error_and_the_legacy_connection_stays_usable() {
+async fn invalid_base64_is_an_error(native: bool) {
     let app = TestApp::spawn(&[]).await;
-    let mut client = app.legacy("b64-legacy", "UTC").await;
-    client
-        .send_json(json!({"message_type": "image", "filename": "x.png", "content": NOT_BASE64}))
-        .await;
-    expect_legacy_error(&mut client, "invalid_base64").await;
-    legacy_still_replies(&mut client).await;
+    let mut client = connect(&app, native, "b64").await;
+    let mut frame = file(native, "b1", "image", "x.png", &[]);
+    frame["content"] = "this is *not* base64!".into();
+    client.send_json(frame).await;
+    expect_error(&mut client, native, "invalid_base64", "b1").await;
+    still_replies(&mut client, native).await;
     assert_healthy(&app).await;
 }
 
 #[tokio::test]
+async fn invalid_base64_is_an_error_and_the_legacy_connection_stays_usable() {
+    invalid_base64_is_an_error(false).await;
+}
+
+#[tokio::test]
 async fn invalid_base64_is_an_error_and_the_native_connection_stays_usable() {
+    invalid_base64_is_an_error(true).await;
+}
+
+async fn media_whose_bytes_or_extension_do_not_match_is_refused(native: bool) {
     let app = TestApp::spawn(&[]).await;
-    let mut client = app.native("b64-native", "UTC").await;
-    client
-        .send_json(json!({"type": "send", "id": "b1", "message_type": "image", "filename": "x.png", "content": NOT_BASE64}))
-        .await;
-    let error = expect_native_error(&mut client, "invalid_base64").await;
-    assert_eq!(error["id"], "b1", "{error}");
-    native_still_replies(&mut client, "after").await;
+    let mut client = connect(&app, native, "mismatch").await;
+    // PNG bytes declared as a voice message, then named as a JPEG.
+    for (id, kind, name) in [("v1", "voice", "x.wav"), ("i1", "image", "x.jpg")] {
+        client
+            .send_json(file(native, id, kind, name, &files::png()))
+            .await;
+        expect_error(&mut client, native, "media_mismatch", id).await;
+    }
+    still_replies(&mut client, native).await;
     assert_healthy(&app).await;
 }
 
 #[tokio::test]
 async fn media_whose_bytes_or_extension_do_not_match_is_refused_in_legacy() {
-    let app = TestApp::spawn(&[]).await;
-    let mut client = app.legacy("mismatch-legacy", "UTC").await;
-    // PNG bytes declared as a voice message.
-    client
-        .send_json(legacy_file("voice", "x.wav", &files::png()))
-        .await;
-    expect_legacy_error(&mut client, "media_mismatch").await;
-    // PNG bytes named as a JPEG.
-    client
-        .send_json(legacy_file("image", "x.jpg", &files::png()))
-        .await;
-    expect_legacy_error(&mut client, "media_mismatch").await;
-    legacy_still_replies(&mut client).await;
-    assert_healthy(&app).await;
+    media_whose_bytes_or_extension_do_not_match_is_refused(false).await;
 }
 
 #[tokio::test]
 async fn media_whose_bytes_or_extension_do_not_match_is_refused_in_native() {
-    let app = TestApp::spawn(&[]).await;
-    let mut client = app.native("mismatch-native", "UTC").await;
-    client
-        .send_json(send_file("v1", "voice", "x.wav", &files::png()))
-        .await;
-    let error = expect_native_error(&mut client, "media_mismatch").await;
-    assert_eq!(error["id"], "v1", "{error}");
-    client
-        .send_json(send_file("i1", "image", "x.jpg", &files::png()))
-        .await;
-    let error = expect_native_error(&mut client, "media_mismatch").await;
-    assert_eq!(error["id"], "i1", "{error}");
-    native_still_replies(&mut client, "after").await;
-    assert_healthy(&app).await;
+    media_whose_bytes_or_extension_do_not_match_is_refused(true).await;
 }
 
 const PATH_NAMES: [&str; 3] = ["../../x.png", "..\\x.png", "/etc/passwd.png"];
@@ -525,36 +550,34 @@ async fn path_filenames_are_refused_and_nothing_lands_outside_media_in_native() 
     assert_healthy(&app).await;
 }
 
-#[tokio::test]
-async fn media_over_its_size_limit_is_refused_and_the_legacy_connection_stays_usable() {
+/// Refuses a file over the 1 KiB image limit; a native client also sends one as a binary frame.
+async fn media_over_its_size_limit_is_refused(native: bool) {
     let app = TestApp::spawn(&["--max-image-bytes", "1KiB"]).await;
-    let mut client = app.legacy("big-legacy", "UTC").await;
+    let mut client = connect(&app, native, "big").await;
     client
-        .send_json(legacy_file("image", "big.png", &png_of_size(4096)))
+        .send_json(file(native, "big", "image", "big.png", &png_of_size(4096)))
         .await;
-    expect_legacy_error(&mut client, "media_too_large").await;
-    legacy_still_replies(&mut client).await;
+    expect_error(&mut client, native, "media_too_large", "big").await;
+    if native {
+        // Just over the limit, as a binary frame.
+        client
+            .send_json(json!({"type": "send", "id": "big-bin", "message_type": "image", "filename": "big.png", "binary": true}))
+            .await;
+        client.send_binary(png_of_size(1025)).await;
+        expect_error(&mut client, native, "media_too_large", "big-bin").await;
+    }
+    still_replies(&mut client, native).await;
     assert_healthy(&app).await;
 }
 
 #[tokio::test]
+async fn media_over_its_size_limit_is_refused_and_the_legacy_connection_stays_usable() {
+    media_over_its_size_limit_is_refused(false).await;
+}
+
+#[tokio::test]
 async fn media_over_its_size_limit_is_refused_and_the_native_connection_stays_usable() {
-    let app = TestApp::spawn(&["--max-image-bytes", "1KiB"]).await;
-    let mut client = app.native("big-native", "UTC").await;
-    client
-        .send_json(send_file("big", "image", "big.png", &png_of_size(4096)))
-        .await;
-    let error = expect_native_error(&mut client, "media_too_large").await;
-    assert_eq!(error["id"], "big", "{error}");
-    // Just over the limit, as a binary frame.
-    client
-        .send_json(json!({"type": "send", "id": "big-bin", "message_type": "image", "filename": "big.png", "binary": true}))
-        .await;
-    client.send_binary(png_of_size(1025)).await;
-    let error = expect_native_error(&mut client, "media_too_large").await;
-    assert_eq!(error["id"], "big-bin", "{error}");
-    native_still_replies(&mut client, "after").await;
-    assert_healthy(&app).await;
+    media_over_its_size_limit_is_refused(true).await;
 }
 
 // ---------------------------------------------------------------------------------------------
