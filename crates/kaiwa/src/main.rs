@@ -41,7 +41,7 @@ fn run(cli: Cli, env_file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
                 let applied = SqliteStore::migrate(&store.data_dir).await?;
                 println!(
                     "{applied} migration(s) applied to {}",
-                    store.data_dir.join("kaiwa.db").display()
+                    kaiwa::store::database_path(&store.data_dir).display()
                 );
             }
         }

@@ -5,7 +5,7 @@ mod media;
 mod sqlite;
 
 pub use media::MediaStore;
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteStore, database_path};
 
 use crate::domain::{ClientId, Timezone};
 use async_trait::async_trait;

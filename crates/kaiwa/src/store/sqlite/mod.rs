@@ -14,7 +14,6 @@ use crate::domain::{ClientId, Timezone};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use kaiwa_protocol::{Delivery, MessageStatus, MessageType, ReplyType};
-use serde::Serialize;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
@@ -22,9 +21,8 @@ use sqlx::sqlite::{
 use sqlx::{Connection, FromRow};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -51,11 +49,7 @@ impl SqliteStore {
     /// Opens (creating if needed) `<data-dir>/kaiwa.db`, applies pending migrations, marks
     /// replies left `pending` by a previous process as `failed`, and starts the writer.
     pub async fn open_with(data_dir: &Path, durability: Durability) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir)?;
-        let lock = lock_data_dir(data_dir)?;
-        let options = connect_options(data_dir);
-        let mut conn = SqliteConnection::connect_with(&options).await?;
-        MIGRATOR.run(&mut conn).await?;
+        let (lock, mut conn, _) = migrated(data_dir).await?;
         let swept =
             sqlx::query("UPDATE replies SET delivery = 'failed' WHERE delivery = 'pending'")
                 .execute(&mut conn)
@@ -67,21 +61,13 @@ impl SqliteStore {
                 "replies left undelivered by the previous run marked failed"
             );
         }
-        let next_message_id: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM messages")
-                .fetch_one(&mut conn)
-                .await?;
-        let next_reply_id: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM replies")
-            .fetch_one(&mut conn)
-            .await?;
         conn.close().await?;
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options.read_only(true))
+            .connect_with(read_options(data_dir))
             .await?;
         let (commands, rx) = mpsc::unbounded_channel();
-        let path = data_dir.join("kaiwa.db");
-        let writer = Writer::open(&path, durability, rx, next_message_id, next_reply_id)
+        let writer = Writer::open(&database_path(data_dir), durability, rx)
             .map_err(|err| StoreError::Write(Arc::new(err)))?;
         Ok(Self {
             commands,
@@ -93,22 +79,9 @@ impl SqliteStore {
 
     /// Applies pending migrations and returns how many there were.
     pub async fn migrate(data_dir: &Path) -> Result<usize, StoreError> {
-        std::fs::create_dir_all(data_dir)?;
-        let _lock = lock_data_dir(data_dir)?;
-        let mut conn = SqliteConnection::connect_with(&connect_options(data_dir)).await?;
-        let applied: HashSet<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations")
-            .fetch_all(&mut conn)
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        MIGRATOR.run(&mut conn).await?;
-        let pending = MIGRATOR
-            .iter()
-            .filter(|migration| !applied.contains(&migration.version))
-            .count();
+        let (_lock, conn, applied) = migrated(data_dir).await?;
         conn.close().await?;
-        Ok(pending)
+        Ok(applied)
     }
 
     fn send(&self, command: Command) -> Result<(), StoreError> {
@@ -116,17 +89,42 @@ impl SqliteStore {
     }
 }
 
-/// Options of the sqlx connections: the one that migrates and sweeps at start, and the read
-/// pool. The writer thread opens its own connection (see [`writer`]).
-fn connect_options(data_dir: &Path) -> SqliteConnectOptions {
-    SqliteConnectOptions::new()
-        .filename(data_dir.join("kaiwa.db"))
+/// Where the database lives in a data directory.
+pub fn database_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("kaiwa.db")
+}
+
+/// Locks the data directory (creating it if needed) and applies pending migrations. Returns the
+/// lock, the connection that migrated (for more start-up work) and how many migrations it applied.
+async fn migrated(data_dir: &Path) -> Result<(File, SqliteConnection, usize), StoreError> {
+    std::fs::create_dir_all(data_dir)?;
+    let lock = lock_data_dir(data_dir)?;
+    let options = SqliteConnectOptions::new()
+        .filename(database_path(data_dir))
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         // The migrations and the start-up sweep are durable before the first message is taken.
-        .synchronous(SqliteSynchronous::Full)
-        .busy_timeout(Duration::from_secs(5))
-        .foreign_keys(true)
+        .synchronous(SqliteSynchronous::Full);
+    let mut conn = SqliteConnection::connect_with(&options).await?;
+    let applied: HashSet<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    MIGRATOR.run(&mut conn).await?;
+    let pending = MIGRATOR
+        .iter()
+        .filter(|migration| !applied.contains(&migration.version))
+        .count();
+    Ok((lock, conn, pending))
+}
+
+/// The read pool's connections. The writer thread opens its own (see [`writer`]).
+fn read_options(data_dir: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(database_path(data_dir))
+        .read_only(true)
         // History reads map the file rather than copying pages into each connection's cache.
         .pragma("mmap_size", "268435456")
 }
@@ -138,11 +136,6 @@ fn lock_data_dir(data_dir: &Path) -> Result<File, StoreError> {
         Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked(data_dir.to_owned())),
         Err(std::fs::TryLockError::Error(err)) => Err(err.into()),
     }
-}
-
-fn json<T: Serialize + ?Sized>(rows: &T) -> String {
-    // Serializing plain structs of strings and numbers cannot fail.
-    serde_json::to_string(rows).unwrap_or_else(|_| "[]".to_owned())
 }
 
 const MESSAGE_COLUMNS: &str = "id, client_id, client_msg_id, message_type, content, filename, \
@@ -244,17 +237,21 @@ impl SqliteStore {
         if messages.is_empty() {
             return Ok(messages);
         }
-        let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
+        // The ids as a JSON array, for `json_each`.
+        let ids: Vec<String> = messages.iter().map(|m| m.id.to_string()).collect();
         let replies: Vec<ReplyRecord> = sqlx::query_as(
             "SELECT id, message_id, reply_type, content, filename, mime_type, fallback, delivery, \
                  created_at, delivered_at \
              FROM replies WHERE message_id IN (SELECT value FROM json_each(?1)) ORDER BY id",
         )
-        .bind(json(&ids))
+        .bind(format!("[{}]", ids.join(",")))
         .fetch_all(&self.reads)
         .await?;
-        let position: HashMap<i64, usize> =
-            ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        let position: HashMap<i64, usize> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.id, i))
+            .collect();
         for reply in replies {
             let reply = StoredReply::try_from(reply)?;
             if let Some(&i) = position.get(&reply.message_id) {

@@ -72,7 +72,7 @@ pub(super) struct DeliveryUpdate {
     pub at: DateTime<Utc>,
 }
 
-pub(super) fn timestamp(at: DateTime<Utc>) -> String {
+fn timestamp(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
@@ -119,8 +119,6 @@ impl Writer {
         path: &Path,
         durability: Durability,
         commands: mpsc::UnboundedReceiver<Command>,
-        next_message_id: i64,
-        next_reply_id: i64,
     ) -> Result<Self, rusqlite::Error> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
@@ -143,6 +141,15 @@ impl Writer {
             },
         )?;
         conn.set_prepared_statement_cache_capacity(16);
+        let next_id = |table: &str| -> Result<i64, rusqlite::Error> {
+            conn.query_row(
+                &format!("SELECT COALESCE(MAX(id), 0) + 1 FROM {table}"),
+                [],
+                |row| row.get(0),
+            )
+        };
+        let next_message_id = next_id("messages")?;
+        let next_reply_id = next_id("replies")?;
         Ok(Self {
             conn,
             commands,
@@ -504,7 +511,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = SqliteStore::open(dir.path()).await.expect("opens");
         store.close().await;
-        let conn = Connection::open(dir.path().join("kaiwa.db")).expect("opens");
+        let conn = Connection::open(super::super::database_path(dir.path())).expect("opens");
         conn.execute_batch("PRAGMA foreign_keys = ON")
             .expect("pragma");
         // A CHECK (x IN (a, b, c)) fills a temporary b-tree per row (see migration 3); this is
