@@ -14,7 +14,7 @@ pub use windows::{Window, Windows};
 use crate::domain::{ClientId, Timezone};
 use crate::queue::{Job, Queue, QueueError};
 use crate::store::{
-    Inserted, MediaStore, NewMessage, Store, StoreError, StoreFuture, StoredMessage,
+    Existing, Inserted, MediaStore, NewMessage, Store, StoreError, StoreFuture, StoredMessage,
 };
 use chrono::{DateTime, Utc};
 use kaiwa_protocol::MessageStatus;
@@ -49,12 +49,7 @@ pub enum Outcome {
     /// Stored as rejected: outside its time window (R6).
     Rejected { message_id: i64, reason: String },
     /// The client sent this id before; nothing new was stored.
-    Duplicate {
-        message_id: i64,
-        status: MessageStatus,
-        reason: Option<String>,
-        received_at: DateTime<Utc>,
-    },
+    Duplicate(Existing),
     /// Not a valid message; nothing was stored.
     Invalid(Invalid),
     /// No in-flight slot freed up in time; nothing was stored, the client should retry.
@@ -234,12 +229,7 @@ impl Admission {
                     reason: reason.unwrap_or_default(),
                 },
             },
-            Ok(Inserted::Duplicate(existing)) => Outcome::Duplicate {
-                message_id: existing.id,
-                status: existing.status,
-                reason: existing.reason,
-                received_at: existing.received_at,
-            },
+            Ok(Inserted::Duplicate(existing)) => Outcome::Duplicate(existing),
             Err(err) => Outcome::Failed(err.into()),
         }
     }

@@ -7,6 +7,7 @@ use super::outbox::{Closing, Outbox, Writer};
 use super::registry::{Duplicate, Liveness, SessionHandle};
 use super::wire::Protocol;
 use crate::admission::{self, Admitting, ConnectionSlot, Outcome, Sender, Submission};
+use crate::store::Existing;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -802,12 +803,12 @@ impl MessageTask {
                     self.outbox.push(frame);
                 }
             }
-            Outcome::Duplicate {
-                message_id,
+            Outcome::Duplicate(Existing {
+                id: message_id,
                 status,
                 reason,
                 received_at,
-            } => {
+            }) => {
                 if let Some(frame) =
                     protocol.stored(id, message_id, status, reason, true, received_at)
                 {
