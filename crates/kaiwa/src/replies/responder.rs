@@ -57,9 +57,9 @@ impl Deltas {
         (Self(Some(tx)), rx)
     }
 
-    pub fn send(&self, piece: &str) {
+    pub fn send(&self, piece: String) {
         if let Some(tx) = &self.0
-            && tx.send(piece.to_owned()).is_err()
+            && tx.send(piece).is_err()
         {
             // The reader is gone (its message was abandoned): the pieces have no audience.
             tracing::trace!("a reply piece was written after its reader left");

@@ -27,7 +27,7 @@ impl Delays {
     }
 
     /// The unscaled range, in seconds.
-    pub fn range(kind: MessageType) -> Range<f64> {
+    fn range(kind: MessageType) -> Range<f64> {
         match kind {
             MessageType::Text => 0.0..1.0,
             MessageType::Voice => 1.0..2.0,
@@ -141,34 +141,27 @@ impl Worker {
             }
         }
         let media = self.replies.media(&job);
-        let text = match written {
+        if let Some(text) = written {
             // The usual case: the whole set at once, in order.
-            Some(text) => {
-                let mut replies = Vec::with_capacity(1 + media.len());
-                replies.push(text);
-                replies.extend(media);
-                self.store_and_publish(&job, &message, replies, true).await;
-                return;
-            }
-            // The text is still being written: a slow responder must not hold back the voice
-            // and image replies, so they go first, and the text follows as it grows.
-            None => {
-                if !media.is_empty() && !self.store_and_publish(&job, &message, media, false).await
-                {
-                    return;
-                }
-                loop {
-                    tokio::select! {
-                        () = stop.cancelled() => return abandon(&job),
-                        reply = &mut text => break reply,
-                        Some(mut delta) = pieces.recv() => {
-                            // Whatever piled up goes out as one frame.
-                            while let Ok(more) = pieces.try_recv() {
-                                delta.push_str(&more);
-                            }
-                            self.publish(Event::Delta { message: message.clone(), delta }).await;
-                        }
+            let replies = std::iter::once(text).chain(media).collect();
+            self.store_and_publish(&job, &message, replies, true).await;
+            return;
+        }
+        // The text is still being written: a slow responder must not hold back the voice and
+        // image replies, so they go first, and the text follows as it grows.
+        if !media.is_empty() && !self.store_and_publish(&job, &message, media, false).await {
+            return;
+        }
+        let text = loop {
+            tokio::select! {
+                () = stop.cancelled() => return abandon(&job),
+                reply = &mut text => break reply,
+                Some(mut delta) = pieces.recv() => {
+                    // Whatever piled up goes out as one frame.
+                    while let Ok(more) = pieces.try_recv() {
+                        delta.push_str(&more);
                     }
+                    self.publish(Event::Delta { message: message.clone(), delta }).await;
                 }
             }
         };

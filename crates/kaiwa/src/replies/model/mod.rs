@@ -264,8 +264,8 @@ impl ModelResponder {
                         if text.len() + piece.len() > MAX_REPLY_BYTES {
                             return Err(Failure::TooLong);
                         }
-                        deltas.send(&piece);
                         text.push_str(&piece);
+                        deltas.send(piece);
                     }
                     Err(_) => malformed = true,
                 }

@@ -41,7 +41,6 @@ pub(crate) struct Choice {
     pub delta: Option<Content>,
     /// The legacy completions shape, still sent by some servers.
     pub text: Option<String>,
-    pub finish_reason: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
