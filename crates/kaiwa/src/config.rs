@@ -170,10 +170,6 @@ impl ModelConfig {
 pub struct Secret(String);
 
 impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
     pub fn expose(&self) -> &str {
         &self.0
     }

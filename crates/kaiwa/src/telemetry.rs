@@ -80,22 +80,11 @@ pub fn init(config: &LogConfig, data_dir: &Path) -> Result<TelemetryGuard, Telem
             .with_filter(targets)
             .boxed()
     };
-    let gateway = file_layer(
-        "gateway.log",
-        GATEWAY_TARGETS
-            .into_iter()
-            .fold(Targets::new(), |t, target| {
-                t.with_target(target, Level::INFO)
-            }),
-    );
-    let worker = file_layer(
-        "worker.log",
-        WORKER_TARGETS
-            .into_iter()
-            .fold(Targets::new(), |t, target| {
-                t.with_target(target, Level::INFO)
-            }),
-    );
+    let info = |targets: &[&'static str]| {
+        Targets::new().with_targets(targets.iter().map(|target| (*target, Level::INFO)))
+    };
+    let gateway = file_layer("gateway.log", info(&GATEWAY_TARGETS));
+    let worker = file_layer("worker.log", info(&WORKER_TARGETS));
     let all = file_layer(
         "kaiwa.log",
         Targets::new()
