@@ -153,7 +153,7 @@ impl Application {
             store: store.clone(),
             gateway: gateway.clone(),
             queue: queue.clone(),
-            media_root: media.root(),
+            media: media.clone(),
             started: Instant::now(),
             responder: responder.name(),
             metrics: telemetry::metrics_handle(),

@@ -28,15 +28,10 @@ async fn uploaded(
     Path((folder, file)): Path<(String, String)>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let known_folder = matches!(folder.as_str(), "images" | "videos" | "voices");
-    // Stored names are `<uuid>.<ext>`; anything else (e.g. `..`) is not ours to serve.
-    let plain_file = !file.is_empty()
-        && file.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
-        && !file.starts_with('.');
-    if !known_folder || !plain_file {
-        return Err(ApiError::NotFound);
-    }
-    let path = state.media_root.join(&folder).join(&file);
+    let path = state
+        .media
+        .stored_file(&folder, &file)
+        .ok_or(ApiError::NotFound)?;
     let mut response = ServeFile::new(path)
         .oneshot(request)
         .await

@@ -11,10 +11,9 @@ pub use error::ApiError;
 
 use crate::gateway::Gateway;
 use crate::queue::Queue;
-use crate::store::Store;
+use crate::store::{MediaStore, Store};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,8 +22,8 @@ pub struct HttpState {
     pub store: Arc<dyn Store>,
     pub gateway: Arc<Gateway>,
     pub queue: Arc<dyn Queue>,
-    /// `<data-dir>/media`.
-    pub media_root: PathBuf,
+    /// Uploaded files, served back by `/media/...`.
+    pub media: MediaStore,
     pub started: Instant,
     pub responder: &'static str,
     /// `None` when another metrics recorder was installed first (e.g. in tests).

@@ -34,9 +34,19 @@ impl MediaStore {
         })
     }
 
-    /// `<data-dir>/media`, the root the HTTP layer serves files from.
-    pub fn root(&self) -> PathBuf {
-        self.data_dir.join("media")
+    /// The stored file `media/<folder>/<file>`, if those could name one: `folder` one of the
+    /// media folders and `file` a plain name like the `<uuid>.<ext>` that [`MediaStore::save`]
+    /// makes up (anything else, e.g. `..`, is not ours to serve). Whether it exists is the
+    /// caller's to find out.
+    pub fn stored_file(&self, folder: &str, file: &str) -> Option<PathBuf> {
+        let folder = [MessageType::Image, MessageType::Video, MessageType::Voice]
+            .into_iter()
+            .map(self::folder)
+            .find(|known| known.strip_prefix("media/") == Some(folder))?;
+        let plain = !file.is_empty()
+            && file.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
+            && !file.starts_with('.');
+        plain.then(|| self.data_dir.join(folder).join(file))
     }
 
     /// Writes a file under a name kaiwa makes up (never the client's), durably: the file and
