@@ -99,8 +99,8 @@ async fn legacy(
             message_type: message.kind,
             timezone: message.timezone.name().to_owned(),
             is_accepted: message.status != MessageStatus::Rejected,
-            status_message: message.reason.clone(),
-            client_timestamp: message.client_timestamp.clone(),
+            status_message: message.reason,
+            client_timestamp: message.client_timestamp,
             created_at: message.received_at,
             replies: message
                 .replies
