@@ -62,11 +62,18 @@ async fn expect_native_error(client: &mut Client, code: &str) -> Value {
 /// Reads the error frame with `code` in the shape of the protocol; a native one must name the
 /// message `id` it refuses.
 async fn expect_error(client: &mut Client, native: bool, code: &str, id: &str) {
+    let error = expect_error_frame(client, native, code).await;
     if native {
-        let error = expect_native_error(client, code).await;
         assert_eq!(error["id"], id, "{error}");
+    }
+}
+
+/// Reads the error frame with `code` in the shape of the protocol.
+async fn expect_error_frame(client: &mut Client, native: bool, code: &str) -> Value {
+    if native {
+        expect_native_error(client, code).await
     } else {
-        expect_legacy_error(client, code).await;
+        expect_legacy_error(client, code).await
     }
 }
 
@@ -146,11 +153,7 @@ async fn assert_healthy(app: &TestApp) {
 
 /// The handshake refusal: an error frame with `code` (legacy or native shape), then close 1008.
 async fn expect_refused(client: &mut Client, native: bool, code: &str) {
-    if native {
-        expect_native_error(client, code).await;
-    } else {
-        expect_legacy_error(client, code).await;
-    }
+    expect_error_frame(client, native, code).await;
     let closed = client.closed().await;
     assert_eq!(closed.code, 1008, "{closed:?}");
     assert!(closed.reason.starts_with("bad_handshake"), "{closed:?}");
@@ -214,11 +217,7 @@ async fn malformed_json_is_an_error_and_the_connection_stays_usable(native: bool
     };
     for bad in [truncated, "not json"] {
         client.send_text(bad).await;
-        if native {
-            expect_native_error(&mut client, "malformed_json").await;
-        } else {
-            expect_legacy_error(&mut client, "malformed_json").await;
-        }
+        expect_error_frame(&mut client, native, "malformed_json").await;
     }
     still_replies(&mut client, native).await;
     assert_healthy(&app).await;
@@ -699,24 +698,23 @@ async fn a_native_send_without_a_usable_id_is_refused_with_invalid_message_id() 
     assert_healthy(&app).await;
 }
 
-#[tokio::test]
-async fn an_unknown_native_frame_type_is_an_error_and_the_connection_stays_usable() {
+async fn unknown_frame_type_is_an_error(native: bool) {
     let app = TestApp::spawn(&[]).await;
-    let mut client = app.native("teleport-native", "UTC").await;
+    let mut client = connect(&app, native, "teleport").await;
     client.send_json(json!({"type": "teleport"})).await;
-    expect_native_error(&mut client, "unknown_frame").await;
-    native_still_replies(&mut client, "after").await;
+    expect_error_frame(&mut client, native, "unknown_frame").await;
+    still_replies(&mut client, native).await;
     assert_healthy(&app).await;
 }
 
 #[tokio::test]
+async fn an_unknown_native_frame_type_is_an_error_and_the_connection_stays_usable() {
+    unknown_frame_type_is_an_error(true).await;
+}
+
+#[tokio::test]
 async fn an_unknown_legacy_frame_type_is_an_error_and_the_connection_stays_usable() {
-    let app = TestApp::spawn(&[]).await;
-    let mut client = app.legacy("teleport-legacy", "UTC").await;
-    client.send_json(json!({"type": "teleport"})).await;
-    expect_legacy_error(&mut client, "unknown_frame").await;
-    legacy_still_replies(&mut client).await;
-    assert_healthy(&app).await;
+    unknown_frame_type_is_an_error(false).await;
 }
 
 // ---------------------------------------------------------------------------------------------
