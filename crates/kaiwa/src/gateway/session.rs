@@ -10,8 +10,8 @@ use crate::admission::{self, Admitting, ConnectionSlot, Outcome, Sender, Submiss
 use crate::store::Existing;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::stream::{FuturesOrdered, SplitStream};
+use futures::{Stream, StreamExt};
 use kaiwa_protocol::{CloseCode, ErrorCode, MessageStatus, legacy, native};
 use rand::RngExt;
 use std::future::Future;
@@ -102,7 +102,10 @@ const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reads and discards until the client's close frame (or the timeout). Reading on keeps the
 /// close handshake proper: a socket closed with unread data is reset, and a reset can destroy
 /// the close frame before the client reads it.
-async fn await_close_reply(stream: &mut SplitStream<WebSocket>) {
+async fn await_close_reply<S>(stream: &mut S)
+where
+    S: Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
     let drained = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, async {
         while let Some(Ok(message)) = stream.next().await {
             if matches!(message, Message::Close(_)) {
@@ -338,19 +341,7 @@ async fn send_and_close(socket: &mut WebSocket, error: Option<Utf8Bytes>, frame:
         Ok(Err(err)) => tracing::debug!(%err, "could not send the refusal"),
         Err(_) => tracing::debug!("the refused client did not read its close frame"),
     }
-    // Read on until the client's close: dropping a socket with unread data resets it, and the
-    // reset can destroy the close frame (and its reason) before the client reads it.
-    let drained = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, async {
-        while let Some(Ok(message)) = socket.next().await {
-            if matches!(message, Message::Close(_)) {
-                break;
-            }
-        }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::debug!("no close frame from the refused client in time");
-    }
+    await_close_reply(socket).await;
 }
 
 struct Session {
