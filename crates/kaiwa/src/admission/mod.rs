@@ -134,7 +134,7 @@ impl Admission {
         received_at: DateTime<Utc>,
         client_permit: Option<OwnedSemaphorePermit>,
     ) -> Admitting {
-        let draft = match self.limits.validate(submission, received_at) {
+        let draft = match self.limits.validate(submission) {
             Ok(draft) => draft,
             Err(invalid) => return Admitting::Decided(Outcome::Invalid(invalid)),
         };

@@ -6,7 +6,6 @@ use crate::config::parse_bytes;
 use base64::Engine as _;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
 use clap::Args;
 use kaiwa_protocol::{ErrorCode, MessageType};
 
@@ -69,8 +68,6 @@ pub struct Draft {
     pub body: Body,
     pub client_message_id: Option<String>,
     pub client_timestamp: Option<String>,
-    /// The server's clock when the frame arrived: the time the window is judged by (R5).
-    pub received_at: DateTime<Utc>,
 }
 
 #[derive(Debug)]
@@ -150,11 +147,7 @@ const BASE64: GeneralPurpose = GeneralPurpose::new(
 const MAX_TIMESTAMP_LEN: usize = 64;
 
 impl ContentLimits {
-    pub fn validate(
-        &self,
-        submission: Submission,
-        received_at: DateTime<Utc>,
-    ) -> Result<Draft, Invalid> {
+    pub fn validate(&self, submission: Submission) -> Result<Draft, Invalid> {
         let raw_type = submission.message_type.ok_or(Invalid::MissingType)?;
         let kind = MessageType::parse(raw_type.trim())
             .ok_or_else(|| Invalid::UnknownType(raw_type.chars().take(32).collect()))?;
@@ -175,7 +168,6 @@ impl ContentLimits {
             client_timestamp: submission
                 .client_timestamp
                 .map(|t| t.chars().take(MAX_TIMESTAMP_LEN).collect()),
-            received_at,
         })
     }
 
@@ -304,15 +296,12 @@ mod tests {
     }
 
     fn submit(kind: &str, content: &str, filename: Option<&str>) -> Result<Draft, Invalid> {
-        limits().validate(
-            Submission {
-                message_type: Some(kind.into()),
-                content: Some(content.into()),
-                filename: filename.map(Into::into),
-                ..Submission::default()
-            },
-            Utc::now(),
-        )
+        limits().validate(Submission {
+            message_type: Some(kind.into()),
+            content: Some(content.into()),
+            filename: filename.map(Into::into),
+            ..Submission::default()
+        })
     }
 
     const PNG_B64: &str = "iVBORw0KGgoAAAANSUhEUg==";
