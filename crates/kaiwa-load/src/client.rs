@@ -292,7 +292,6 @@ pub async fn run(shared: Shared, plan: ClientPlan, pace: Pace, start: Option<Sta
         commands: commands_tx,
         permits,
         mode: shared.mode,
-        done_sending: false,
         drain: shared.drain_timeout,
         drain_deadline: None,
     };
@@ -542,9 +541,9 @@ struct Reader {
     /// Given back as messages settle, so the writer may send the next.
     permits: Arc<Semaphore>,
     mode: Mode,
-    done_sending: bool,
     /// After the last send, how long the answers still due may take.
     drain: Duration,
+    /// Set once the writer is done sending.
     drain_deadline: Option<Instant>,
 }
 
@@ -552,7 +551,7 @@ impl Reader {
     async fn run(&mut self, ledger: &mut Ledger, stop: &CancellationToken) {
         let mut server_closed = false;
         loop {
-            if self.done_sending && ledger.unsettled() == 0 {
+            if self.drain_deadline.is_some() && ledger.unsettled() == 0 {
                 break;
             }
             tokio::select! {
@@ -592,7 +591,6 @@ impl Reader {
     }
 
     fn writer_done(&mut self) {
-        self.done_sending = true;
         let drain = self.drain;
         self.drain_deadline
             .get_or_insert_with(|| Instant::now() + drain);

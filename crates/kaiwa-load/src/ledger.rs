@@ -199,12 +199,12 @@ impl Ledger {
             self.tally.deltas += 1;
             return Effect::Nothing;
         }
-        let Some(key) = key.filter(|key| self.messages.contains_key(*key)) else {
+        let Some(key) = key else {
             self.problem(Problem::UnexpectedFrame);
             return Effect::Nothing;
         };
-        let key = key.to_owned();
-        self.apply(&key, observed, at)
+        // An unknown key is reported by `apply`.
+        self.apply(key, observed, at)
     }
 
     /// A legacy frame: it names the stored message id (kaiwa adds it) or nothing, so it belongs
