@@ -1,16 +1,21 @@
-//! WebSocket close codes kaiwa uses, with the stable reason text that goes with each.
+//! WebSocket close codes kaiwa uses, with the stable reason text that goes with each, and the
+//! rule that tells a client whether to reconnect after a close.
 
 /// Why the server closed a connection.
 ///
-/// Codes below 4000 are the standard ones of RFC 6455; 4000–4999 are kaiwa's own. A client should
-/// reconnect (with backoff) after the codes for which [`CloseCode::should_reconnect`] is true, and
-/// stop otherwise: reconnecting after `duplicate_connection` would only be refused again.
+/// Codes below 4000 are the standard ones of RFC 6455, kept for the legacy clients that know
+/// them. kaiwa's own codes come in two ranges, so that a client can act on a code it has never
+/// seen: 4000–4499 mean "come back" (reconnect with backoff, resuming), 4500–4999 mean "do not
+/// reconnect on your own" (something about this client or its request has to change first).
+/// [`reconnects`] applies the rule to any code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CloseCode {
     /// 1000: the client asked to close, or the server answered a client's close.
     Normal,
     /// 1001: the server is shutting down; reconnect to another instance or later.
     GoingAway,
+    /// 1007: a text frame was not valid UTF-8.
+    InvalidPayload,
     /// 1008: the handshake was missing or invalid (client id, timezone, first frame).
     BadHandshake,
     /// 1009: a frame was larger than the server accepts.
@@ -19,29 +24,47 @@ pub enum CloseCode {
     OverCapacity,
     /// 4001: no frame (pong, heartbeat or message) arrived within the heartbeat timeout (R2).
     HeartbeatTimeout,
-    /// 4002: the client sent no message within the first-message timeout (R16).
-    FirstMessageTimeout,
-    /// 4003: the client read its frames too slowly and its outbox filled up.
+    /// 4003: the client read its frames too slowly: its outbox filled up.
     SlowConsumer,
     /// 4004: no handshake frame arrived in time after the upgrade.
     HandshakeTimeout,
-    /// 4009: another connection with the same client id is live (R15, policy `refuse`).
+    /// 4502: the client sent no message within the first-message timeout (R16). Reconnecting at
+    /// once would only hold an idle slot again: connect when there is something to send.
+    FirstMessageTimeout,
+    /// 4509: another connection with the same client id is live (R15, policy `refuse`).
     DuplicateConnection,
-    /// 4010: a newer connection with the same client id took over (R15, policy `replace`).
+    /// 4510: a newer connection with the same client id took over (R15, policy `replace`).
     Replaced,
 }
 
+/// Whether a client should reconnect (with backoff) after a close with `code`, for any code,
+/// known or not: kaiwa's own codes by their range, the standard ones by their meaning.
+pub fn reconnects(code: u16) -> bool {
+    match code {
+        // Going away, abnormal closure, internal error, restart, try again later, bad gateway,
+        // and the codes a browser reports for a connection that ended without a close frame.
+        1000 | 1001 | 1005 | 1006 | 1011 | 1012 | 1013 | 1014 => true,
+        // Protocol error, unsupported data, invalid payload, policy violation, too big,
+        // missing extension: sending the same again gets the same answer.
+        1002 | 1003 | 1007 | 1008 | 1009 | 1010 => false,
+        4000..=4499 => true,
+        4500..=4999 => false,
+        _ => true,
+    }
+}
+
 impl CloseCode {
-    pub const ALL: [CloseCode; 11] = [
+    pub const ALL: [CloseCode; 12] = [
         Self::Normal,
         Self::GoingAway,
+        Self::InvalidPayload,
         Self::BadHandshake,
         Self::MessageTooBig,
         Self::OverCapacity,
         Self::HeartbeatTimeout,
-        Self::FirstMessageTimeout,
         Self::SlowConsumer,
         Self::HandshakeTimeout,
+        Self::FirstMessageTimeout,
         Self::DuplicateConnection,
         Self::Replaced,
     ];
@@ -50,15 +73,16 @@ impl CloseCode {
         match self {
             Self::Normal => 1000,
             Self::GoingAway => 1001,
+            Self::InvalidPayload => 1007,
             Self::BadHandshake => 1008,
             Self::MessageTooBig => 1009,
             Self::OverCapacity => 1013,
             Self::HeartbeatTimeout => 4001,
-            Self::FirstMessageTimeout => 4002,
             Self::SlowConsumer => 4003,
             Self::HandshakeTimeout => 4004,
-            Self::DuplicateConnection => 4009,
-            Self::Replaced => 4010,
+            Self::FirstMessageTimeout => 4502,
+            Self::DuplicateConnection => 4509,
+            Self::Replaced => 4510,
         }
     }
 
@@ -71,23 +95,21 @@ impl CloseCode {
         match self {
             Self::Normal => "normal",
             Self::GoingAway => "going_away",
+            Self::InvalidPayload => "invalid_payload",
             Self::BadHandshake => "bad_handshake",
             Self::MessageTooBig => "message_too_big",
             Self::OverCapacity => "over_capacity",
             Self::HeartbeatTimeout => "heartbeat_timeout",
-            Self::FirstMessageTimeout => "first_message_timeout",
             Self::SlowConsumer => "slow_consumer",
             Self::HandshakeTimeout => "handshake_timeout",
+            Self::FirstMessageTimeout => "first_message_timeout",
             Self::DuplicateConnection => "duplicate_connection",
             Self::Replaced => "replaced",
         }
     }
 
     pub fn should_reconnect(self) -> bool {
-        !matches!(
-            self,
-            Self::BadHandshake | Self::MessageTooBig | Self::DuplicateConnection | Self::Replaced
-        )
+        reconnects(self.code())
     }
 
     /// A close reason: `"<name>: <detail>"`, cut to the 123 bytes a close frame can carry.
@@ -115,6 +137,36 @@ mod tests {
             assert_eq!(CloseCode::from_code(close.code()), Some(close));
         }
         assert_eq!(CloseCode::from_code(4999), None);
+    }
+
+    #[test]
+    fn kaiwa_codes_say_by_their_range_whether_to_reconnect() {
+        let come_back = [
+            CloseCode::GoingAway,
+            CloseCode::OverCapacity,
+            CloseCode::HeartbeatTimeout,
+            CloseCode::SlowConsumer,
+            CloseCode::HandshakeTimeout,
+        ];
+        let stay_away = [
+            CloseCode::InvalidPayload,
+            CloseCode::BadHandshake,
+            CloseCode::MessageTooBig,
+            CloseCode::FirstMessageTimeout,
+            CloseCode::DuplicateConnection,
+            CloseCode::Replaced,
+        ];
+        for close in come_back {
+            assert!(close.should_reconnect(), "{close:?}");
+        }
+        for close in stay_away {
+            assert!(!close.should_reconnect(), "{close:?}");
+        }
+        for close in CloseCode::ALL.into_iter().filter(|c| c.code() >= 4000) {
+            assert_eq!(close.should_reconnect(), close.code() < 4500, "{close:?}");
+        }
+        assert!(reconnects(4321), "an unknown code in the reconnect range");
+        assert!(!reconnects(4777), "an unknown code in the terminal range");
     }
 
     #[test]

@@ -7,13 +7,16 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
-    /// The frame is not valid JSON, or not the JSON shape expected.
+    /// The frame is not valid JSON.
     MalformedJson,
+    /// The frame is JSON, but not the shape its type needs (a field of the wrong type, an
+    /// object where a list is, a required field missing).
+    BadFrame,
     /// A message arrived before the handshake frame.
     HandshakeRequired,
     MissingClientId,
     InvalidClientId,
-    /// Another live connection holds this client id (close code 4009 follows).
+    /// Another live connection holds this client id (close code 4509 follows).
     DuplicateConnection,
     /// All client slots are taken (close code 1013 follows); retry after a backoff.
     OverCapacity,
@@ -63,6 +66,7 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::MalformedJson => "malformed_json",
+            Self::BadFrame => "bad_frame",
             Self::HandshakeRequired => "handshake_required",
             Self::MissingClientId => "missing_client_id",
             Self::InvalidClientId => "invalid_client_id",
@@ -101,6 +105,7 @@ mod tests {
     fn as_str_matches_the_serialized_name() {
         for code in [
             ErrorCode::MalformedJson,
+            ErrorCode::BadFrame,
             ErrorCode::UnknownTimezone,
             ErrorCode::MediaMismatch,
             ErrorCode::ExpectedBinary,

@@ -77,6 +77,8 @@ pub struct HistoryMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryReply {
     pub id: i64,
+    /// The reply's place in the client's reply stream, as in the native `reply` frame.
+    pub seq: u64,
     pub reply_type: ReplyType,
     pub content: String,
     pub filename: Option<String>,

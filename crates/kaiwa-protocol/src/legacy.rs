@@ -54,8 +54,41 @@ pub struct ClientFrame {
         deserialize_with = "lenient_string"
     )]
     pub timestamp: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "object_only"
+    )]
     pub data: Option<Data>,
+}
+
+/// `data` as an object or `null`. Serde would also read a struct from a list of its fields in
+/// order, so `"data": []` would pass as an empty object; a client that sends that has the shape
+/// wrong and is told so.
+fn object_only<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Data>, D::Error> {
+    struct Object;
+
+    impl<'de> serde::de::Visitor<'de> for Object {
+        type Value = Option<Data>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object or null")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            Data::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+
+    deserializer.deserialize_any(Object)
 }
 
 /// Accepts a string, a number or a boolean as text, and `null` as absent: the clients in the wild
@@ -270,6 +303,20 @@ mod tests {
             .expect_err("an array is not text");
         assert!(!err.to_string().contains("secret"), "{err}");
         assert!(serde_json::from_str::<ClientFrame>(r#"{"client_id": {"a": 1}}"#).is_err());
+    }
+
+    #[test]
+    fn heartbeat_data_must_be_an_object() {
+        for wrong in [r#"[]"#, r#"["pong"]"#, r#""pong""#, "7"] {
+            let frame = format!(r#"{{"type": "heartbeat", "data": {wrong}}}"#);
+            assert!(
+                serde_json::from_str::<ClientFrame>(&frame).is_err(),
+                "{frame} was accepted"
+            );
+        }
+        let null: ClientFrame =
+            serde_json::from_value(json!({"type": "heartbeat", "data": null})).expect("parses");
+        assert_eq!(null.data, None);
     }
 
     #[test]

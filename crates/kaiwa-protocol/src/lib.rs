@@ -15,7 +15,7 @@ pub mod legacy;
 mod model;
 pub mod native;
 
-pub use close::CloseCode;
+pub use close::{CloseCode, reconnects};
 pub use error::ErrorCode;
 pub use model::{Delivery, MessageStatus, MessageType, ReplyType};
 

@@ -2,8 +2,14 @@
 //!
 //! A client tags each message with its own id; the server acks it with the stored id and status,
 //! announces `processing`, and names the message in every reply. Media may follow a `send` frame
-//! as one binary frame instead of base64 text. On (re)connect, `hello` with `resume: true` (or a
-//! `sync` frame at any time) asks for the replies the client has not received yet.
+//! as one binary frame instead of base64 text.
+//!
+//! Replies form one stream per client id: each carries `seq`, its place in that stream (1, 2, 3,
+//! ...), and a connection receives them in `seq` order. A client acknowledges what it has
+//! processed with `received` (cumulative), and on reconnect says where it stopped (`hello` with
+//! `after`): the server then sends every later reply, in order, and goes on with live ones with
+//! no gap and no duplicate at the seam. That is what makes every reply arrive exactly once
+//! across reconnects.
 
 use crate::{ErrorCode, MessageStatus, MessageType, ReplyType};
 use chrono::{DateTime, Utc};
@@ -23,8 +29,15 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nonce: Option<u64>,
     },
-    /// Asks again for every reply that could not be delivered.
-    Sync,
+    /// Asks for every reply after `after` (default: after the last one this connection sent),
+    /// then `synced`.
+    Sync {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<u64>,
+    },
+    /// The client has processed every reply up to and including `seq` (cumulative): the server
+    /// records them `delivered`.
+    Received { seq: u64 },
     /// Any frame type this version does not know.
     #[serde(other)]
     Unknown,
@@ -48,6 +61,8 @@ pub struct IncomingFrame {
     pub timestamp: Option<String>,
     pub binary: bool,
     pub nonce: Option<u64>,
+    pub after: Option<u64>,
+    pub seq: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -56,9 +71,14 @@ pub struct Hello {
     pub client_id: Option<String>,
     #[serde(default)]
     pub timezone: Option<String>,
-    /// Send the replies that could not be delivered earlier, right after `welcome`.
+    /// Send the replies this client has not acknowledged, right after `welcome`. Prefer
+    /// `after`, which says exactly where the client stopped.
     #[serde(default)]
     pub resume: bool,
+    /// The `seq` of the last reply the client processed (0 for none): every later reply is sent
+    /// right after `welcome`, in order, then `synced`. Implies `resume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -98,10 +118,9 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nonce: Option<u64>,
     },
-    /// Ends the replay of missed replies that `resume` or `sync` asked for.
-    Synced {
-        replies: u32,
-    },
+    /// Ends the replay that `resume`, `after` or `sync` asked for: `replies` were sent, and the
+    /// connection's stream now stands at `seq` (the last reply sent; live replies follow it).
+    Synced { replies: u32, seq: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,6 +196,8 @@ pub struct Reply {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     pub message_id: i64,
+    /// The reply's place in this client's reply stream: what `received` and `after` refer to.
+    pub seq: u64,
     pub reply: ReplyBody,
     /// This reply was due while the client was away, and comes from `resume` or `sync`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -242,6 +263,7 @@ mod tests {
                 client_id: Some("u".into()),
                 timezone: Some("UTC".into()),
                 resume: true,
+                after: Some(17),
             }),
             ClientFrame::Send(Send {
                 id: Some("m1".into()),
@@ -251,7 +273,9 @@ mod tests {
                 ..Send::default()
             }),
             ClientFrame::Ping { nonce: Some(7) },
-            ClientFrame::Sync,
+            ClientFrame::Sync { after: None },
+            ClientFrame::Sync { after: Some(3) },
+            ClientFrame::Received { seq: 9 },
         ];
         for frame in frames {
             let json = serde_json::to_string(&frame).expect("serializes");
@@ -267,10 +291,12 @@ mod tests {
 
     #[test]
     fn server_frames_are_tagged_by_type() {
-        let frame = ServerFrame::Synced { replies: 3 };
+        let frame = ServerFrame::Synced { replies: 3, seq: 12 };
         assert_eq!(
             serde_json::to_value(&frame).expect("serializes"),
-            json!({"type": "synced", "replies": 3})
+            json!({"type": "synced", "replies": 3, "seq": 12})
         );
+        let sync: ClientFrame = serde_json::from_value(json!({"type": "sync"})).expect("parses");
+        assert_eq!(sync, ClientFrame::Sync { after: None });
     }
 }
