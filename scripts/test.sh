@@ -50,9 +50,23 @@ echo "node $(node --version), npm $(npm --version 2>/dev/null)"
 (cd web/tests && npm ci --no-audit --no-fund)
 
 step "browser tests: building kaiwa"
-# The page is embedded in the binary at compile time: build it after any change to web/.
-cargo build -p kaiwa --locked
-export KAIWA_BIN="$PWD/target/debug/kaiwa"
+# The page is embedded in the binary at compile time: build it after any change to web/. The
+# binary is wherever cargo put it (CARGO_TARGET_DIR, build.target-dir, --target): ask cargo.
+KAIWA_BIN="$(cargo build -p kaiwa --locked --message-format=json-render-diagnostics | node -e '
+  let text = "";
+  process.stdin.on("data", (chunk) => { text += chunk; });
+  process.stdin.on("end", () => {
+    const built = text.split("\n").filter(Boolean).map((line) => JSON.parse(line)).find((message) =>
+      message.reason === "compiler-artifact" && message.target.name === "kaiwa"
+      && message.target.kind.includes("bin") && message.executable);
+    if (!built) {
+      console.error("cargo reported no kaiwa executable");
+      process.exit(1);
+    }
+    console.log(built.executable);
+  });
+')" || fail "could not build kaiwa (see above)"
+export KAIWA_BIN
 export BROWSER_TEST_OUTPUT="$PWD/target/browser-tests"
 rm -rf "$BROWSER_TEST_OUTPUT"
 

@@ -5,18 +5,27 @@ import { createWriteStream, existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { once } from 'node:events';
 import { REPO, outputPath } from './paths.js';
 
 const START_TIMEOUT_MS = 20000;
 
-/** The kaiwa binary: $KAIWA_BIN, else the debug build, else the release build. */
+/**
+ * The kaiwa binary: $KAIWA_BIN, else the debug build, else the release build, in cargo's target
+ * directory: $CARGO_TARGET_DIR (a relative one from the repository root, where cargo is run),
+ * else target/. A target directory set in a cargo config is not seen here: set KAIWA_BIN then.
+ */
 export function kaiwaBinary() {
-  const candidates = [process.env.KAIWA_BIN, join(REPO, 'target/debug/kaiwa'), join(REPO, 'target/release/kaiwa')].filter(Boolean);
+  if (process.env.KAIWA_BIN) {
+    if (!existsSync(process.env.KAIWA_BIN)) throw new Error(`KAIWA_BIN is ${process.env.KAIWA_BIN}, which does not exist`);
+    return process.env.KAIWA_BIN;
+  }
+  const targetDir = resolve(REPO, process.env.CARGO_TARGET_DIR || 'target');
+  const candidates = [join(targetDir, 'debug/kaiwa'), join(targetDir, 'release/kaiwa')];
   const found = candidates.find((path) => existsSync(path));
   if (!found) {
-    throw new Error(`no kaiwa binary: build it with \`cargo build -p kaiwa\` or set KAIWA_BIN (looked at ${candidates.join(', ')})`);
+    throw new Error(`no kaiwa binary at ${candidates.join(' or ')}: build it with \`cargo build -p kaiwa\`, or set KAIWA_BIN to the binary's path`);
   }
   return found;
 }
