@@ -115,7 +115,9 @@ export class ChatView {
     const signature = `${entry.type}|${entry.mediaUrl}|${entry.text}|${entry.filename}`;
     if (node.signature !== signature) {
       node.signature = signature;
-      node.body.replaceChildren(...this.#body(entry));
+      // A file known only from history may have no URL (a rejected one is not kept), and
+      // replaceChildren would write a missing part as the text "null".
+      node.body.replaceChildren(...this.#body(entry).filter(Boolean));
       node.article.setAttribute('aria-label', `You sent a ${TYPE_NAMES[entry.type] ?? 'message'}`);
     }
     node.state.textContent = STATES[entry.status] ?? entry.status;

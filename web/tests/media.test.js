@@ -91,6 +91,23 @@ test('a voice message dropped outside its window is rejected with the reason', a
   assert.match(history.messages[0].reason, VOICE_REASON);
 });
 
+test('a rejected voice message shows its file name after a reload, and nothing else', async (t) => {
+  const { page, kaiwa } = await session(t, { timezoneId: voiceClosedZone() });
+  await page.goto(kaiwa.url);
+  await waitConnected(page);
+  await page.locator('#file').setInputFiles({ name: 'late.wav', mimeType: 'audio/wav', buffer: wav() });
+  await page.locator('#send').click();
+  await entryWithFile(page, 'late.wav').and(page.locator('[data-status="rejected"]')).waitFor();
+
+  // From history now: the server keeps no file for a rejected message, so there is nothing to play.
+  await page.reload();
+  await waitConnected(page);
+  const entry = entryWithFile(page, 'late.wav');
+  await entry.and(page.locator('[data-status="rejected"]')).waitFor();
+  assert.match(await entry.locator('.reason').textContent(), VOICE_REASON);
+  assert.match(await entry.locator('.body').textContent(), /^late\.wav · \d+(\.\d)? (B|KiB)$/);
+});
+
 test('a voice message recorded with the microphone is sent as WebM', async (t) => {
   const { page, kaiwa } = await session(t, { timezoneId: voiceClosedZone() });
   await page.goto(kaiwa.url);
