@@ -610,7 +610,8 @@ setInterval(renderWindows, 30000);
 
 function applyTheme(theme) {
   document.documentElement.dataset.theme = theme;
-  ui.theme.setAttribute('aria-pressed', String(theme === 'light'));
+  // The button says what it does: the other theme.
+  ui.theme.textContent = theme === 'light' ? 'Dark theme' : 'Light theme';
 }
 applyTheme(saved.get(KEYS.theme) === 'light' ? 'light' : 'dark');
 ui.theme.addEventListener('click', () => {

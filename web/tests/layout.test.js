@@ -1,4 +1,4 @@
-// The page on a phone, the light theme, and the keyboard path through it.
+// The page on a phone, the theme switch, and the keyboard path through it.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -6,7 +6,7 @@ import { session } from './support/browser.js';
 import { textOpenZone } from './support/fixtures.js';
 import { entryWithText, sendText, waitConnected } from './support/page.js';
 
-test('on a phone-width screen everything fits and the light theme sticks', async (t) => {
+test('on a phone-width screen everything fits', async (t) => {
   const { page, kaiwa } = await session(t, { timezoneId: textOpenZone(), viewport: { width: 360, height: 740 } });
   await page.goto(kaiwa.url);
   await waitConnected(page);
@@ -17,12 +17,27 @@ test('on a phone-width screen everything fits and the light theme sticks', async
     const box = await page.locator(`#${id}`).boundingBox();
     assert.ok(box && box.x >= 0 && box.x + box.width <= 360 && box.y + box.height <= 740, `#${id} is on screen`);
   }
-  assert.equal(await page.evaluate(() => document.documentElement.dataset.theme), 'dark');
-  await page.locator('#theme').click();
-  assert.equal(await page.locator('#theme').getAttribute('aria-pressed'), 'true');
+});
+
+test('the theme button says what it will do, after every switch and after a reload', async (t) => {
+  const { page, kaiwa } = await session(t, { timezoneId: textOpenZone() });
+  await page.goto(kaiwa.url);
+  await waitConnected(page);
+  const theme = () => page.evaluate(() => document.documentElement.dataset.theme);
+  const button = page.locator('#theme');
+  assert.equal(await theme(), 'dark');
+  assert.equal(await button.textContent(), 'Light theme');
+  await button.click();
+  assert.equal(await theme(), 'light');
+  assert.equal(await button.textContent(), 'Dark theme');
+  await button.click();
+  assert.equal(await theme(), 'dark');
+  assert.equal(await button.textContent(), 'Light theme');
+  await button.click();
   await page.reload();
   await waitConnected(page);
-  assert.equal(await page.evaluate(() => document.documentElement.dataset.theme), 'light');
+  assert.equal(await theme(), 'light');
+  assert.equal(await button.textContent(), 'Dark theme');
 });
 
 test('the controls are labelled and reachable with the keyboard in order', async (t) => {
