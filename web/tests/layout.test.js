@@ -19,6 +19,26 @@ test('on a phone-width screen everything fits', async (t) => {
   }
 });
 
+test('on a phone every window chip shows whole, wrapped onto more lines', async (t) => {
+  const { page, kaiwa, snap } = await session(t, { timezoneId: textOpenZone(), viewport: { width: 375, height: 667 } });
+  await page.goto(kaiwa.url);
+  await waitConnected(page);
+  const chips = page.locator('#windows .window');
+  await chips.first().waitFor();
+  assert.equal(await chips.count(), 4, 'one chip per message type');
+  await snap('windows');
+  assert.ok(await page.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth), 'no sideways scrolling');
+  // Inside the row's visible box and the screen: nothing hidden past an edge to scroll to.
+  const cut = await page.evaluate(() => {
+    const row = document.getElementById('windows').getBoundingClientRect();
+    return [...document.querySelectorAll('#windows > *')].map((chip) => [chip.textContent, chip.getBoundingClientRect()])
+      .filter(([, box]) => box.left < Math.max(row.left, 0) - 0.5 || box.right > Math.min(row.right, window.innerWidth) + 0.5
+        || box.top < row.top - 0.5 || box.bottom > row.bottom + 0.5)
+      .map(([text]) => text);
+  });
+  assert.deepEqual(cut, [], 'chips cut off');
+});
+
 test('the theme button says what it will do, after every switch and after a reload', async (t) => {
   const { page, kaiwa } = await session(t, { timezoneId: textOpenZone() });
   await page.goto(kaiwa.url);
