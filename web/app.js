@@ -5,7 +5,7 @@ import { Connection, socketUrl } from './protocol.js';
 import { Conversation } from './conversation.js';
 import { ChatView, StatusView, el, notice } from './ui.js';
 import { VoiceRecorder, canRecord, checkFile, checkText, kindOf, safeName } from './media.js';
-import { describeError, formatBytes } from './words.js';
+import { clockFormat, describeError, formatBytes } from './words.js';
 
 const $ = (id) => document.getElementById(id);
 
@@ -581,11 +581,12 @@ function renderWindows() {
   let minutes;
   let clock;
   try {
-    const parts = new Intl.DateTimeFormat('en-GB', { timeZone: app.timezone, hour: '2-digit', minute: '2-digit', hourCycle: 'h23' }).formatToParts(new Date(Date.now() + app.clockSkewMs));
-    const hour = Number(parts.find((p) => p.type === 'hour')?.value);
-    const minute = Number(parts.find((p) => p.type === 'minute')?.value);
-    minutes = hour * 60 + minute;
-    clock = `${String(hour).padStart(2, '0')}:${String(minute).padStart(2, '0')}`;
+    // The messages' times come from the same formatter: the header and they always agree.
+    const format = clockFormat(app.timezone);
+    const now = new Date(Date.now() + app.clockSkewMs);
+    const parts = format.formatToParts(now);
+    minutes = Number(parts.find((p) => p.type === 'hour')?.value) * 60 + Number(parts.find((p) => p.type === 'minute')?.value);
+    clock = format.format(now);
   } catch {
     ui.windows.textContent = '';
     return;

@@ -1,7 +1,7 @@
 // What the page draws: the messages with their replies, the connection status, notices.
 // Every text that comes from the server or the person goes in through textContent.
 
-import { STATES, formatBytes } from './words.js';
+import { STATES, clockFormat, formatBytes } from './words.js';
 
 /** Shorthand for building elements: `el('p', {className: 'x'}, 'text', child)`. */
 export function el(tag, props = {}, ...children) {
@@ -50,9 +50,9 @@ export class ChatView {
 
   setTimezone(timeZone) {
     try {
-      this.#timeFormat = new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit', timeZone });
+      this.#timeFormat = clockFormat(timeZone);
     } catch {
-      this.#timeFormat = new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit' });
+      this.#timeFormat = clockFormat(undefined);
     }
   }
 

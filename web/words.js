@@ -39,6 +39,11 @@ export function describeClose(code, detail) {
   return { text, again: code >= 4000 ? 'stop' : 'retry' };
 }
 
+/** Times of day as the page shows them everywhere: 24-hour `HH:MM` in `timeZone`. */
+export function clockFormat(timeZone) {
+  return new Intl.DateTimeFormat('en-GB', { hour: '2-digit', minute: '2-digit', hourCycle: 'h23', timeZone });
+}
+
 /** Error codes whose server message is clear enough alone get no entry here. */
 const ERRORS = {
   busy: 'the server is busy; sending again shortly',

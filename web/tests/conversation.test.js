@@ -99,3 +99,18 @@ test('a full server is explained and the page gets in once a slot frees up', asy
   await page.locator('#status-text', { hasText: 'Disconnected: you disconnected' }).waitFor();
   await second.locator('#status-text', { hasText: 'Connected as second-person' }).waitFor();
 });
+
+test('message times are 24-hour like the clock in the header, whatever the locale', async (t) => {
+  // An American browser: its own default is a 12-hour clock.
+  const zone = textOpenZone();
+  const { page, kaiwa } = await session(t, { timezoneId: zone, locale: 'en-US' });
+  await page.goto(kaiwa.url);
+  await waitConnected(page);
+  await sendText(page, 'what time is it');
+  const time = entryWithText(page, 'what time is it').locator('.meta time');
+  await page.waitForFunction((el) => el.textContent !== '', await time.elementHandle());
+  const expected = new Intl.DateTimeFormat('en-GB', { timeZone: zone, hour: '2-digit', minute: '2-digit', hourCycle: 'h23' })
+    .format(new Date(await time.getAttribute('datetime')));
+  assert.equal(await time.textContent(), expected);
+  assert.match(await page.locator('#windows .clock').textContent(), new RegExp(`^\\d\\d:\\d\\d in ${zone}$`));
+});

@@ -27,7 +27,7 @@ const ARGS = [
 
 const TIMEOUT_MS = 20000;
 
-export async function openBrowser({ timezoneId = 'UTC', viewport = { width: 1100, height: 820 } } = {}) {
+export async function openBrowser({ timezoneId = 'UTC', viewport = { width: 1100, height: 820 }, locale } = {}) {
   if (!existsSync(CHROMIUM)) {
     throw new Error(`no Chromium at ${CHROMIUM}: install it (apt-get install chromium) or set CHROMIUM_PATH`);
   }
@@ -38,6 +38,7 @@ export async function openBrowser({ timezoneId = 'UTC', viewport = { width: 1100
     args: ARGS,
     timezoneId,
     viewport,
+    locale,
   });
   context.setDefaultTimeout(TIMEOUT_MS);
   return {
@@ -53,10 +54,10 @@ export async function openBrowser({ timezoneId = 'UTC', viewport = { width: 1100
  * Starts what one test needs and tears it down after it: a screenshot of every tab (pass or
  * fail), the page's console in `<test>.console.log`, and a failure if a page threw.
  */
-export async function session(t, { flags = [], timezoneId = 'UTC', viewport } = {}) {
+export async function session(t, { flags = [], timezoneId = 'UTC', viewport, locale } = {}) {
   const name = slug(t.name);
   const kaiwa = await Kaiwa.start({ name, flags });
-  const browser = await openBrowser({ timezoneId, viewport });
+  const browser = await openBrowser({ timezoneId, viewport, locale });
   const { context } = browser;
   const consoleLog = createWriteStream(outputPath(`${name}.console.log`));
   const pageErrors = [];
