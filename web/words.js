@@ -11,23 +11,27 @@ export const PING_TIMEOUT = 'ping_timeout';
 const CLOSES = {
   1000: { text: 'the connection was closed', again: 'stop' },
   1001: { text: 'the server is going away (shutting down or restarting)', again: 'retry' },
+  1002: { text: 'the server did not understand the connection', again: 'stop' },
+  1003: { text: 'the server does not take this kind of data', again: 'stop' },
   1005: { text: 'the connection was closed without a reason', again: 'retry' },
   1006: { text: 'the connection to the server was lost', again: 'retry' },
+  1007: { text: 'the server could not read what the page sent (text that is not UTF-8)', again: 'stop' },
   1008: { text: 'the server refused the connection details', again: 'stop' },
   1009: { text: 'a file was too big for the server', again: 'stop' },
+  1010: { text: 'the server does not offer what the page asked for', again: 'stop' },
   1011: { text: 'the server hit an internal error', again: 'retry' },
   1012: { text: 'the server is restarting', again: 'retry' },
   1013: { text: 'the server is full, retrying', again: 'retry' },
   1014: { text: 'a proxy could not reach the server', again: 'retry' },
   1015: { text: 'the secure connection failed', again: 'retry' },
   4001: { text: 'no answer to heartbeats', again: 'retry' },
-  // Reconnecting at once would only hold an idle slot again, which is what the server
-  // freed; the next message sent reconnects instead.
-  4002: { text: 'no message was sent soon enough after connecting; the server frees idle connections', again: 'stop' },
   4003: { text: 'this page read too slowly and the server let it go', again: 'retry' },
   4004: { text: 'the connection details did not arrive in time', again: 'retry' },
-  4009: { text: 'another tab is connected with this id', again: 'stop' },
-  4010: { text: 'another tab took over this id', again: 'stop' },
+  // Reconnecting at once would only hold an idle slot again, which is what the server
+  // freed; the next message sent reconnects instead.
+  4502: { text: 'no message was sent soon after connecting, so the server freed the connection; sending one connects again', again: 'stop' },
+  4509: { text: 'another tab is connected with this id', again: 'stop' },
+  4510: { text: 'another tab took over this id', again: 'stop' },
   [PING_TIMEOUT]: { text: 'the server stopped answering pings', again: 'retry' },
 };
 
@@ -36,7 +40,10 @@ export function describeClose(code, detail) {
   const known = CLOSES[code];
   if (known) return known;
   const text = detail ? `the connection closed (${code}: ${detail})` : `the connection closed (code ${code})`;
-  return { text, again: code >= 4000 ? 'stop' : 'retry' };
+  // kaiwa's own codes say by their range whether to come back, so a code newer than this page
+  // is still handled right; any other code may be a passing network or proxy failure.
+  const stop = code >= 4500 && code <= 4999;
+  return { text, again: stop ? 'stop' : 'retry' };
 }
 
 /** Times of day as the page shows them everywhere: 24-hour `HH:MM` in `timeZone`. */
