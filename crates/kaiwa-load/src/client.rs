@@ -143,6 +143,7 @@ async fn connect_inner(url: &str, mode: Mode, plan: &ClientPlan) -> Attempt {
             client_id: Some(plan.client_id.clone()),
             timezone: Some(plan.timezone.name().to_owned()),
             resume: false,
+            after: None,
         })),
         Mode::Legacy => to_json(&legacy::ClientFrame {
             client_id: Some(plan.client_id.clone()),

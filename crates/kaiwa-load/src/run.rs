@@ -186,6 +186,7 @@ async fn probe_windows(url: &str, seed: u64) -> Option<Windows> {
         client_id: Some(format!("load-probe-{}", plan::run_id(seed))),
         timezone: Some("UTC".to_owned()),
         resume: false,
+        after: None,
     });
     ws.send(Message::text(serde_json::to_string(&hello).ok()?))
         .await

@@ -237,6 +237,7 @@ fn answer(behaviour: Fake, id: &str, message_id: i64) -> Vec<native::ServerFrame
     let reply = native::ServerFrame::Reply(native::Reply {
         id: Some(id.to_owned()),
         message_id,
+        seq: u64::try_from(message_id).unwrap_or_default(),
         reply: native::ReplyBody {
             id: message_id,
             reply_type: ReplyType::Text,

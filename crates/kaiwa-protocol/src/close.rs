@@ -20,6 +20,8 @@ pub enum CloseCode {
     BadHandshake,
     /// 1009: a frame was larger than the server accepts.
     MessageTooBig,
+    /// 1011: the server could not serve the connection (its store failed); retry shortly.
+    InternalError,
     /// 1013: all client slots are taken (R13); retry after a backoff.
     OverCapacity,
     /// 4001: no frame (pong, heartbeat or message) arrived within the heartbeat timeout (R2).
@@ -54,12 +56,13 @@ pub fn reconnects(code: u16) -> bool {
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 12] = [
+    pub const ALL: [CloseCode; 13] = [
         Self::Normal,
         Self::GoingAway,
         Self::InvalidPayload,
         Self::BadHandshake,
         Self::MessageTooBig,
+        Self::InternalError,
         Self::OverCapacity,
         Self::HeartbeatTimeout,
         Self::SlowConsumer,
@@ -76,6 +79,7 @@ impl CloseCode {
             Self::InvalidPayload => 1007,
             Self::BadHandshake => 1008,
             Self::MessageTooBig => 1009,
+            Self::InternalError => 1011,
             Self::OverCapacity => 1013,
             Self::HeartbeatTimeout => 4001,
             Self::SlowConsumer => 4003,
@@ -98,6 +102,7 @@ impl CloseCode {
             Self::InvalidPayload => "invalid_payload",
             Self::BadHandshake => "bad_handshake",
             Self::MessageTooBig => "message_too_big",
+            Self::InternalError => "internal_error",
             Self::OverCapacity => "over_capacity",
             Self::HeartbeatTimeout => "heartbeat_timeout",
             Self::SlowConsumer => "slow_consumer",
@@ -143,6 +148,7 @@ mod tests {
     fn kaiwa_codes_say_by_their_range_whether_to_reconnect() {
         let come_back = [
             CloseCode::GoingAway,
+            CloseCode::InternalError,
             CloseCode::OverCapacity,
             CloseCode::HeartbeatTimeout,
             CloseCode::SlowConsumer,

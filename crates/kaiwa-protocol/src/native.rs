@@ -37,7 +37,9 @@ pub enum ClientFrame {
     },
     /// The client has processed every reply up to and including `seq` (cumulative): the server
     /// records them `delivered`.
-    Received { seq: u64 },
+    Received {
+        seq: u64,
+    },
     /// Any frame type this version does not know.
     #[serde(other)]
     Unknown,
@@ -120,7 +122,10 @@ pub enum ServerFrame {
     },
     /// Ends the replay that `resume`, `after` or `sync` asked for: `replies` were sent, and the
     /// connection's stream now stands at `seq` (the last reply sent; live replies follow it).
-    Synced { replies: u32, seq: u64 },
+    Synced {
+        replies: u32,
+        seq: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -291,7 +296,10 @@ mod tests {
 
     #[test]
     fn server_frames_are_tagged_by_type() {
-        let frame = ServerFrame::Synced { replies: 3, seq: 12 };
+        let frame = ServerFrame::Synced {
+            replies: 3,
+            seq: 12,
+        };
         assert_eq!(
             serde_json::to_value(&frame).expect("serializes"),
             json!({"type": "synced", "replies": 3, "seq": 12})

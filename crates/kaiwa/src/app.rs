@@ -1,10 +1,10 @@
 //! The application: builds every component from the configuration, serves HTTP and WebSocket,
 //! and shuts down in order.
 
-use crate::admission::{Admission, InFlight};
+use crate::admission::{Admission, InFlight, Sweeper};
 use crate::clock::Clock;
 use crate::config::ServeConfig;
-use crate::gateway::{self, Gateway, GatewaySettings, WelcomeInfo};
+use crate::gateway::{self, Gateway, GatewaySettings, OutboxLimits, WelcomeInfo};
 use crate::http::{self, HttpState};
 use crate::queue::{MemoryQueue, Queue};
 use crate::replies::model::{ModelError, ModelResponder};
@@ -79,6 +79,8 @@ pub struct Application {
     worker: Worker,
     tracker: TaskTracker,
     shutdown_grace: Duration,
+    /// How long an accepted message may go without a worker before the sweeper queues it again.
+    requeue_after: Duration,
     /// Accepted but never replied to by the last run, read before this run takes a message.
     unfinished: Vec<StoredMessage>,
 }
@@ -86,9 +88,18 @@ pub struct Application {
 impl Application {
     /// Opens the store (applying migrations), builds the components and binds the listener.
     pub async fn build(config: ServeConfig, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
+        let store = SqliteStore::open_with(&config.store.data_dir, config.durability).await?;
+        Self::build_with_store(config, clock, Arc::new(store)).await
+    }
+
+    /// Builds the components around a store that is already open: for tests that wrap the
+    /// store (to slow its commits, say) and for embedders with a store of their own.
+    pub async fn build_with_store(
+        config: ServeConfig,
+        clock: Arc<dyn Clock>,
+        store: Arc<dyn Store>,
+    ) -> Result<Self, AppError> {
         let data_dir = &config.store.data_dir;
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open_with(data_dir, config.durability).await?);
         let unfinished = store.unfinished_messages().await?;
         let media = MediaStore::open(data_dir)?;
         let limits = &config.limits;
@@ -130,7 +141,10 @@ impl Application {
             sessions: config.sessions.clone(),
             max_clients: limits.max_clients as usize,
             max_in_flight_per_client: limits.max_in_flight_per_client as usize,
-            outbox_capacity: limits.outbox_capacity as usize,
+            outbox: OutboxLimits {
+                frames: limits.outbox_capacity as usize,
+                bytes: limits.outbox_bytes,
+            },
             max_frame_bytes: config.content.max_frame_bytes(),
             welcome,
         };
@@ -178,6 +192,7 @@ impl Application {
             worker,
             tracker,
             shutdown_grace: config.shutdown_grace,
+            requeue_after: config.requeue_after,
             unfinished,
         })
     }
@@ -197,6 +212,7 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), AppError> {
+        let addr = self.local_addr();
         let Self {
             listener,
             router,
@@ -207,9 +223,9 @@ impl Application {
             worker,
             tracker,
             shutdown_grace,
+            requeue_after,
             unfinished,
         } = self;
-        let addr = listener.local_addr().ok();
         let stop_accepting = CancellationToken::new();
         let stop_workers = CancellationToken::new();
         let stop_delivery = CancellationToken::new();
@@ -234,6 +250,7 @@ impl Application {
         });
         let workers = tokio::spawn(worker.run(stop_workers.clone(), tracker.clone()));
         tracker.spawn({
+            let sweeper = Sweeper::new(admission.clone(), store.clone(), requeue_after);
             let admission = admission.clone();
             let stop = stop_workers.clone();
             async move {
@@ -245,9 +262,11 @@ impl Application {
                     ),
                     Err(err) => tracing::error!(%err, "could not queue unfinished messages"),
                 }
+                // From here on, a message whose processing fails is retried in this run.
+                sweeper.run(stop).await;
             }
         });
-        tracing::info!(addr = ?addr, "kaiwa is listening");
+        tracing::info!(%addr, "kaiwa is listening");
 
         let mut server = server;
         let served = tokio::select! {

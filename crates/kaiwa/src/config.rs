@@ -1,7 +1,7 @@
 //! Configuration: command-line flags, each with a `KAIWA_*` environment variable; `main` loads a
 //! `.env` file into the environment first. Every value is validated at start.
 
-use crate::admission::{ContentLimits, Window, Windows};
+use crate::admission::{ContentLimits, Windows, parse_bytes};
 use crate::store::Durability;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
@@ -64,6 +64,11 @@ pub struct ServeConfig {
     /// 0 turns them off.
     #[arg(long, env = "KAIWA_REPLY_DELAY_SCALE", default_value = "1.0", value_parser = parse_scale, help_heading = "Replies")]
     pub reply_delay_scale: f64,
+
+    /// Seconds an accepted message may go without a worker on it (its processing failed, for
+    /// example on a full disk) before it is queued again, without waiting for a restart.
+    #[arg(long, env = "KAIWA_REQUEUE_AFTER", default_value = "30", value_parser = parse_seconds, help_heading = "Replies")]
+    pub requeue_after: Duration,
 
     /// How hard the database syncs: `full` (an acked message survives a power cut) or `normal`
     /// (it survives the process crashing; faster).
@@ -224,6 +229,11 @@ pub struct LimitsConfig {
     /// Frames queued for one client before it is disconnected as a slow consumer.
     #[arg(long, env = "KAIWA_OUTBOX_CAPACITY", default_value = "256", value_parser = clap::value_parser!(u32).range(8..=65_536))]
     pub outbox_capacity: u32,
+
+    /// Bytes queued for one client before it is disconnected as a slow consumer (e.g. 1MiB): a
+    /// client that falls behind on large frames is cut as early as one behind on small ones.
+    #[arg(long, env = "KAIWA_OUTBOX_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
+    pub outbox_bytes: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -370,41 +380,10 @@ fn parse_scale(raw: &str) -> Result<f64, String> {
     Ok(scale)
 }
 
-/// A size in bytes: `1048576`, `512KiB`, `5MiB`, `5MB` (kaiwa reads MB as MiB, as most people
-/// mean it for file limits).
-pub(crate) fn parse_bytes(raw: &str) -> Result<usize, String> {
-    let text = raw.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: usize = number
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a size such as 5MiB or 1048576"))?;
-    let multiplier = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} in {raw:?}")),
-    };
-    let bytes = number
-        .checked_mul(multiplier)
-        .ok_or_else(|| format!("{raw} is too large"))?;
-    if !(1..=(1usize << 30)).contains(&bytes) {
-        return Err(format!("{raw} is out of range: use 1 byte to 1GiB"));
-    }
-    Ok(bytes)
-}
-
-/// A window flag's value: `HH:MM-HH:MM`, see [`Window`].
-pub(crate) fn parse_window(raw: &str) -> Result<Window, String> {
-    raw.parse().map_err(|err| format!("{err}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admission::parse_bytes;
     use clap::CommandFactory;
 
     #[test]

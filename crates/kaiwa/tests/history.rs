@@ -4,7 +4,7 @@
 mod support;
 
 use serde_json::Value;
-use support::{Client, TestApp, legacy_message, send};
+use support::{Client, TestApp, eventually, legacy_message, send};
 
 /// Sends `count` native texts `"{prefix}{n}"` and waits for each one's last reply.
 async fn say(client: &mut Client, prefix: &str, count: usize) {
@@ -40,8 +40,20 @@ async fn the_cursor_pages_back_without_gaps_or_repeats_while_new_messages_arrive
     assert_eq!(contents(&first), expected);
     let message = &first["messages"][0];
     assert_eq!(message["status"], "replied");
-    assert_eq!(message["replies"][0]["delivery"], "delivered");
-    assert!(message["replies"][0]["delivered_at"].is_string());
+    assert_eq!(message["replies"][0]["seq"], 25);
+
+    // A reply is delivered once the client acknowledges it; the store records it in its next
+    // batch.
+    client.received(25).await;
+    let reply = eventually("the acknowledged reply delivered", || async {
+        let (_, page) = app
+            .get_json("/api/v1/clients/reader/messages?limit=1")
+            .await;
+        let reply = page["messages"][0]["replies"][0].clone();
+        (reply["delivery"] == "delivered").then_some(reply)
+    })
+    .await;
+    assert!(reply["delivered_at"].is_string(), "{reply}");
 
     // New messages arrive between the first page and the next ones.
     say(&mut client, "new", 7).await;

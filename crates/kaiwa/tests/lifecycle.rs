@@ -67,7 +67,7 @@ async fn a_second_connection_with_a_live_id_is_refused() {
             .as_str()
             .is_some_and(|m| m.contains("already connected"))
     );
-    assert_close(&second.closed().await, 4009, "duplicate_connection");
+    assert_close(&second.closed().await, 4509, "duplicate_connection");
 
     first
         .send_json(legacy_message("text", "I am the real one"))
@@ -94,7 +94,7 @@ async fn a_reconnecting_client_takes_over_from_its_own_dead_connection() {
     })
     .await;
     round_trip(&mut back, "back").await;
-    assert_eq!(dead.close_code().await, Some(4010));
+    assert_eq!(dead.close_code().await, Some(4510));
 }
 
 #[tokio::test]
@@ -102,7 +102,7 @@ async fn with_the_replace_policy_the_newer_connection_takes_over() {
     let app = TestApp::spawn(&["--duplicate-connection", "replace"]).await;
     let mut first = app.native("phone", "UTC").await;
     let mut second = app.native("phone", "UTC").await;
-    assert_close(&first.closed().await, 4010, "replaced");
+    assert_close(&first.closed().await, 4510, "replaced");
     round_trip(&mut second, "after-replace").await;
 }
 
@@ -177,53 +177,21 @@ async fn a_client_that_never_sends_a_message_loses_its_slot() {
     ])
     .await;
     let mut idle = app.native("lurker", "UTC").await;
-    assert_close(&idle.closed().await, 4002, "first_message_timeout");
+    assert_close(&idle.closed().await, 4502, "first_message_timeout");
 
     // One that talks in time is not closed when the timeout passes.
     let mut talker = app.native("talker", "UTC").await;
     round_trip(&mut talker, "t1").await;
     let mut another = app.native("witness", "UTC").await;
-    assert_close(&another.closed().await, 4002, "first_message_timeout");
+    assert_close(&another.closed().await, 4502, "first_message_timeout");
     round_trip(&mut talker, "t2").await;
 }
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_disconnected_as_a_slow_consumer() {
     let app = TestApp::spawn(&["--outbox-capacity", "8"]).await;
-    // A small receive buffer, so unread frames back up on the server quickly.
-    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
-    socket
-        .set_recv_buffer_size(8 * 1024)
-        .expect("buffer size set");
-    let stream = socket.connect(app.addr).await.expect("connects");
-    let request = {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let mut request = app.ws_url().into_client_request().expect("a request");
-        request.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            "kaiwa.v1".parse().expect("header"),
-        );
-        request
-    };
-    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
-    let (ws, _) = tokio_tungstenite::client_async(request, stream)
-        .await
-        .expect("upgrades");
-    let mut client = Client { ws };
-    client
-        .send_json(json!({"type": "hello", "client_id": "sloth", "timezone": "UTC"}))
-        .await;
-    // Sends and never reads, until the server hangs up.
-    for n in 0..40_000 {
-        let frame = send(&format!("s{n}"), "text", "are you keeping up?").to_string();
-        if client.ws.feed(Message::text(frame)).await.is_err() {
-            break;
-        }
-        if n % 500 == 0 && client.ws.flush().await.is_err() {
-            break;
-        }
-    }
-    client.ws.flush().await.ok();
+    let mut client = support::slow_reader(&app, "sloth").await;
+    support::flood(&mut client, 40_000).await;
     assert_close(&client.closed().await, 4003, "slow_consumer");
 
     eventually("the slow consumer counted", || async {
@@ -245,67 +213,6 @@ async fn a_client_that_stops_reading_is_disconnected_as_a_slow_consumer() {
     round_trip(&mut other, "q").await;
 }
 
-async fn replies_of(app: &TestApp, client_id: &str) -> Vec<Value> {
-    let (_, page) = app
-        .get_json(&format!("/api/v1/clients/{client_id}/messages"))
-        .await;
-    page["messages"][0]["replies"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-#[tokio::test]
-async fn replies_due_after_a_disconnect_are_marked_failed_and_replayed_on_resume() {
-    let app = TestApp::spawn(&["--reply-delay-scale", "0.2"]).await;
-    let mut client = app.native("wanderer", "UTC").await;
-    client
-        .send_json(send_file("v1", "voice", "note.wav", &files::wav()))
-        .await;
-    let ack = client.until(|f| f["type"] == "ack").await;
-    assert_eq!(ack["status"], "accepted");
-    client.close().await;
-
-    let failed = eventually("both replies marked failed", || async {
-        let replies = replies_of(&app, "wanderer").await;
-        (replies.len() == 2 && replies.iter().all(|r| r["delivery"] == "failed")).then_some(replies)
-    })
-    .await;
-
-    let (mut back, _) = app.native_with("wanderer", "UTC", true).await;
-    let mut replayed = Vec::new();
-    let synced = loop {
-        let frame = back.next_json().await;
-        match frame["type"].as_str() {
-            Some("reply") => {
-                assert_eq!(frame["missed"], true);
-                assert_eq!(frame["id"], "v1");
-                replayed.push(frame["reply"]["id"].clone());
-            }
-            Some("synced") => break frame,
-            _ => panic!("unexpected frame {frame}"),
-        }
-    };
-    assert_eq!(synced["replies"], 2);
-    let expected: Vec<Value> = failed.iter().map(|r| r["id"].clone()).collect();
-    assert_eq!(replayed, expected);
-
-    eventually("the replayed replies marked delivered", || async {
-        let replies = replies_of(&app, "wanderer").await;
-        replies
-            .iter()
-            .all(|r| r["delivery"] == "delivered")
-            .then_some(())
-    })
-    .await;
-    // Nothing is left to replay.
-    back.send_json(json!({"type": "sync"})).await;
-    assert_eq!(
-        back.next_json().await,
-        json!({"type": "synced", "replies": 0})
-    );
-}
-
 #[tokio::test]
 async fn a_restart_with_the_same_data_directory_loses_nothing() {
     let app = TestApp::spawn(&[]).await;
@@ -319,7 +226,21 @@ async fn a_restart_with_the_same_data_directory_loses_nothing() {
         .send_json(send_file("img", "image", "a.png", &files::png()))
         .await;
     native.until(|f| f["status"] == "replied").await;
-    let (_, before) = app.get_json("/chat-history/keeper").await;
+    native.received(3).await;
+    eventually("the replies acknowledged", || async {
+        let (_, page) = app.get_json("/api/v1/clients/keeper-2/messages").await;
+        page["messages"][0]["replies"]
+            .as_array()?
+            .iter()
+            .all(|r| r["delivery"] == "delivered")
+            .then_some(())
+    })
+    .await;
+    let before = eventually("the legacy reply recorded as written", || async {
+        let (_, page) = app.get_json("/chat-history/keeper").await;
+        (page["data"][0]["replies"][0]["is_delivered"] == true).then_some(page)
+    })
+    .await;
     let (_, before_native) = app.get_json("/api/v1/clients/keeper-2/messages").await;
     drop((legacy, native));
     let dir = app.stop().await;
@@ -504,44 +425,7 @@ async fn a_busy_client_the_server_is_not_reading_is_not_taken_for_dead() {
         .await;
     let error = second.next().await.expect("an error frame");
     assert_eq!(error["code"], "duplicate_connection", "{error}");
-    assert_close(&second.closed().await, 4009, "duplicate_connection");
-}
-
-#[tokio::test]
-async fn a_long_replay_to_a_small_outbox_does_not_look_like_a_slow_consumer() {
-    let app = TestApp::spawn(&["--outbox-capacity", "8", "--reply-delay-scale", "0.3"]).await;
-    let mut client = app.native("returner", "UTC").await;
-    // Twenty messages, and the client leaves before any reply is due.
-    for n in 0..20 {
-        client.send_json(send(&format!("m{n}"), "text", "hi")).await;
-    }
-    client.close().await;
-    eventually("all 20 replies marked failed", || async {
-        let (_, page) = app
-            .get_json("/api/v1/clients/returner/messages?limit=100")
-            .await;
-        let messages = page["messages"].as_array()?;
-        let failed = messages
-            .iter()
-            .filter(|m| m["replies"][0]["delivery"] == "failed")
-            .count();
-        (messages.len() == 20 && failed == 20).then_some(())
-    })
-    .await;
-
-    let (mut back, _) = app.native_with("returner", "UTC", true).await;
-    let mut missed = 0;
-    let synced = loop {
-        let frame = back.next_json().await;
-        match frame["type"].as_str() {
-            Some("reply") => missed += 1,
-            Some("synced") => break frame,
-            _ => {}
-        }
-    };
-    assert_eq!(missed, 20);
-    assert_eq!(synced["replies"], 20);
-    round_trip(&mut back, "still-connected").await;
+    assert_close(&second.closed().await, 4509, "duplicate_connection");
 }
 
 #[tokio::test]

@@ -110,6 +110,11 @@ impl InFlight {
         released
     }
 
+    /// Whether the message holds a slot here: it is queued or being processed.
+    pub fn holds(&self, message_id: i64) -> bool {
+        self.lock().contains_key(&message_id)
+    }
+
     /// Resolves once no message is in flight.
     pub async fn idle(&self) {
         loop {

@@ -4,11 +4,17 @@
 
 mod limits;
 pub mod media;
+mod pipeline;
+mod sweeper;
 mod validate;
 mod windows;
 
 pub use limits::{ConnectionSlot, ConnectionSlots, InFlight, InFlightSlot};
-pub use validate::{Body, ContentLimits, Draft, Invalid, Submission, Upload, client_message_id};
+pub use pipeline::{Answer, Pipeline, Settled, Verdict};
+pub use sweeper::Sweeper;
+pub use validate::{
+    Body, ContentLimits, Draft, Invalid, Submission, Upload, client_message_id, parse_bytes,
+};
 pub use windows::{Window, Windows};
 
 use crate::domain::{ClientId, Timezone};
@@ -64,6 +70,8 @@ pub enum AdmissionError {
     Store(#[from] StoreError),
     #[error("could not queue the message: {0}")]
     Queue(#[from] QueueError),
+    #[error("the client's admission task has stopped")]
+    Stopped,
 }
 
 /// A message after [`Admission::admit`]: decided without the store, or on its way into it.
@@ -74,6 +82,7 @@ pub enum Admitting {
 }
 
 /// A message the store has taken in; [`Admission::settle`] waits for it.
+#[must_use = "a message being stored must be settled, or its client never hears of it"]
 pub struct Storing {
     inserted: StoreFuture<Inserted>,
     slot: Option<InFlightSlot>,
@@ -192,7 +201,9 @@ impl Admission {
         };
         let saved_path = (slot.is_some() && upload.is_some()).then(|| message.content.clone());
         // Built before the message moves into the store; the id comes back from it.
-        let job = slot.is_some().then(|| Job::pending(&message));
+        let job = slot
+            .is_some()
+            .then(|| Job::from(StoredMessage::new(0, message.clone())));
         let inserted = self.store.insert_message(message);
         Admitting::Storing(Storing {
             inserted,
@@ -220,10 +231,10 @@ impl Admission {
         }
         match inserted {
             Ok(Inserted::New(message_id)) => match (slot, job) {
-                (Some(slot), Some(job)) => Outcome::Accepted(Ticket {
-                    job: job.with_id(message_id),
-                    slot,
-                }),
+                (Some(slot), Some(mut job)) => {
+                    job.message_id = message_id;
+                    Outcome::Accepted(Ticket { job, slot })
+                }
                 _ => Outcome::Rejected {
                     message_id,
                     reason: reason.unwrap_or_default(),
@@ -273,8 +284,11 @@ impl Admission {
                     None => break,
                 },
             };
-            let job = Job::from_stored(&message);
-            self.dispatch(Ticket { job, slot }).await?;
+            self.dispatch(Ticket {
+                job: Job::from(message),
+                slot,
+            })
+            .await?;
             queued += 1;
         }
         Ok(queued)

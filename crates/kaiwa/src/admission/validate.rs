@@ -2,7 +2,6 @@
 //! an accepted format within its size limit, a harmless filename.
 
 use super::media::{self, MediaFormat};
-use crate::config::parse_bytes;
 use base64::Engine as _;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use bytes::Bytes;
@@ -49,8 +48,35 @@ impl ContentLimits {
     }
 }
 
+/// A size in bytes: `1048576`, `512KiB`, `5MiB`, `5MB` (kaiwa reads MB as MiB, as most people
+/// mean it for file limits).
+pub fn parse_bytes(raw: &str) -> Result<usize, String> {
+    let text = raw.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: usize = number
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a size such as 5MiB or 1048576"))?;
+    let multiplier = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} in {raw:?}")),
+    };
+    let bytes = number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("{raw} is too large"))?;
+    if !(1..=(1usize << 30)).contains(&bytes) {
+        return Err(format!("{raw} is out of range: use 1 byte to 1GiB"));
+    }
+    Ok(bytes)
+}
+
 /// A message as received, from either protocol, before anything is checked.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Submission {
     pub client_message_id: Option<String>,
     pub message_type: Option<String>,

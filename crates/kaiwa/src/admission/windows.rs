@@ -1,7 +1,6 @@
 //! Time windows (R5): when each message type is accepted, judged by the server's clock in the
 //! client's own timezone.
 
-use crate::config::parse_window;
 use chrono::{DateTime, Timelike, Utc};
 use chrono_tz::Tz;
 use clap::Args;
@@ -180,6 +179,11 @@ impl Windows {
             })
             .collect()
     }
+}
+
+/// A window flag's value: `HH:MM-HH:MM`, see [`Window`].
+fn parse_window(raw: &str) -> Result<Window, String> {
+    raw.parse().map_err(|err| format!("{err}"))
 }
 
 #[cfg(test)]

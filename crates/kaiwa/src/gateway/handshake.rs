@@ -2,8 +2,8 @@
 
 use super::wire::Protocol;
 use crate::domain::{ClientId, ClientIdError, Timezone, TimezoneError};
-use axum::extract::ws::{Message, WebSocket};
-use futures::StreamExt;
+use axum::extract::ws::Message;
+use futures::{Stream, StreamExt};
 use kaiwa_protocol::{ErrorCode, legacy, native};
 use std::time::Duration;
 
@@ -13,8 +13,19 @@ pub(crate) struct Hello {
     pub protocol: Protocol,
     pub client_id: ClientId,
     pub timezone: Timezone,
-    /// Native only: replay the replies missed while away.
-    pub resume: bool,
+    /// Native only: where the client's reply stream picks up.
+    pub resume: Resume,
+}
+
+/// Where a native client's reply stream starts on this connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resume {
+    /// With the replies stored from now on (legacy clients, and `hello` without `resume`).
+    Fresh,
+    /// After the last reply the client acknowledged (`resume: true` without `after`).
+    Unacknowledged,
+    /// After the reply with this `seq`, which the client says it processed last.
+    After(u64),
 }
 
 #[derive(Debug)]
@@ -33,11 +44,14 @@ pub(crate) enum HandshakeError {
 
 /// Reads the handshake frame. `native` is whether the client chose `kaiwa.v1` in the upgrade
 /// request; a client that did not may still choose it with a `hello` first frame.
-pub(crate) async fn receive(
-    socket: &mut WebSocket,
+pub(crate) async fn receive<S>(
+    socket: &mut S,
     native: bool,
     timeout: Duration,
-) -> Result<Hello, HandshakeError> {
+) -> Result<Hello, HandshakeError>
+where
+    S: Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
     let guess = if native {
         Protocol::Native
     } else {
@@ -87,6 +101,14 @@ fn invalid(protocol: Protocol, code: ErrorCode, message: impl Into<String>) -> H
     }
 }
 
+fn resume(resume: bool, after: Option<u64>) -> Resume {
+    match (resume, after) {
+        (_, Some(after)) => Resume::After(after),
+        (true, None) => Resume::Unacknowledged,
+        (false, None) => Resume::Fresh,
+    }
+}
+
 pub(crate) fn parse(text: &str, native_header: bool) -> Result<Hello, HandshakeError> {
     let (protocol, client_id, timezone, resume) = if native_header {
         match serde_json::from_str::<native::IncomingFrame>(text) {
@@ -94,7 +116,7 @@ pub(crate) fn parse(text: &str, native_header: bool) -> Result<Hello, HandshakeE
                 Protocol::Native,
                 hello.client_id,
                 hello.timezone,
-                hello.resume,
+                resume(hello.resume, hello.after),
             ),
             Ok(_) => {
                 return Err(invalid(
@@ -104,9 +126,13 @@ pub(crate) fn parse(text: &str, native_header: bool) -> Result<Hello, HandshakeE
                 ));
             }
             Err(err) => {
+                let code = match err.classify() {
+                    serde_json::error::Category::Data => ErrorCode::BadFrame,
+                    _ => ErrorCode::MalformedJson,
+                };
                 return Err(invalid(
                     Protocol::Native,
-                    ErrorCode::MalformedJson,
+                    code,
                     format!("invalid hello frame: {err}"),
                 ));
             }
@@ -122,7 +148,7 @@ pub(crate) fn parse(text: &str, native_header: bool) -> Result<Hello, HandshakeE
         if !value.is_object() {
             return Err(invalid(
                 Protocol::Legacy,
-                ErrorCode::MalformedJson,
+                ErrorCode::BadFrame,
                 r#"the first frame must be a JSON object: {"client_id":...,"timezone":...}"#,
             ));
         }
@@ -130,7 +156,7 @@ pub(crate) fn parse(text: &str, native_header: bool) -> Result<Hello, HandshakeE
             let hello: native::Hello = serde_json::from_value(value).map_err(|err| {
                 invalid(
                     Protocol::Native,
-                    ErrorCode::MalformedJson,
+                    ErrorCode::BadFrame,
                     format!("invalid hello frame: {err}"),
                 )
             })?;
@@ -138,13 +164,13 @@ pub(crate) fn parse(text: &str, native_header: bool) -> Result<Hello, HandshakeE
                 Protocol::Native,
                 hello.client_id,
                 hello.timezone,
-                hello.resume,
+                resume(hello.resume, hello.after),
             )
         } else {
             let frame: legacy::ClientFrame = serde_json::from_value(value).map_err(|err| {
                 invalid(
                     Protocol::Legacy,
-                    ErrorCode::MalformedJson,
+                    ErrorCode::BadFrame,
                     format!("invalid handshake frame: {err}"),
                 )
             })?;
@@ -155,7 +181,12 @@ pub(crate) fn parse(text: &str, native_header: bool) -> Result<Hello, HandshakeE
                     r#"send {"client_id":...,"timezone":...} before anything else"#,
                 ));
             }
-            (Protocol::Legacy, frame.client_id, frame.timezone, false)
+            (
+                Protocol::Legacy,
+                frame.client_id,
+                frame.timezone,
+                Resume::Fresh,
+            )
         }
     };
     let client_id = ClientId::parse(client_id.as_deref().unwrap_or_default()).map_err(|err| {
@@ -201,7 +232,13 @@ mod tests {
         )
         .expect("native hello");
         assert_eq!(native.protocol, Protocol::Native);
-        assert!(native.resume);
+        assert_eq!(native.resume, Resume::Unacknowledged);
+        let after = parse(
+            r#"{"type":"hello","client_id":"u1","timezone":"UTC","after":12}"#,
+            true,
+        )
+        .expect("native hello");
+        assert_eq!(after.resume, Resume::After(12));
         let by_header = parse(
             r#"{"type":"hello","client_id":"u1","timezone":"Asia/Tokyo"}"#,
             true,
@@ -213,7 +250,14 @@ mod tests {
     #[test]
     fn bad_handshakes_get_specific_codes() {
         assert_eq!(code(&parse("{", false)), Some(ErrorCode::MalformedJson));
-        assert_eq!(code(&parse("[1]", false)), Some(ErrorCode::MalformedJson));
+        assert_eq!(code(&parse("[1]", false)), Some(ErrorCode::BadFrame));
+        assert_eq!(
+            code(&parse(
+                r#"{"type":"hello","client_id":"a","timezone":"UTC","after":"x"}"#,
+                true
+            )),
+            Some(ErrorCode::BadFrame)
+        );
         assert_eq!(
             code(&parse(r#"{"timezone":"UTC"}"#, false)),
             Some(ErrorCode::MissingClientId)

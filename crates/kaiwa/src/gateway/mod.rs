@@ -2,11 +2,14 @@
 //! (handshake, heartbeat, reading), keeps the registry of connected clients, and delivers what
 //! workers report back to the right client's outbox.
 
+mod command;
+mod connection;
 mod delivery;
 mod handshake;
 mod outbox;
 mod registry;
 mod session;
+mod stream;
 mod wire;
 
 use crate::admission::{Admission, ConnectionSlots};
@@ -24,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub(crate) use outbox::OutboxLimits;
 pub(crate) use wire::WelcomeInfo;
 
 /// Per-connection WebSocket buffers. The read buffer is allocated for every connection up
@@ -43,7 +47,7 @@ pub struct GatewaySettings {
     pub sessions: SessionConfig,
     pub max_clients: usize,
     pub max_in_flight_per_client: usize,
-    pub outbox_capacity: usize,
+    pub(crate) outbox: OutboxLimits,
     pub max_frame_bytes: usize,
     pub(crate) welcome: WelcomeInfo,
 }
@@ -134,6 +138,6 @@ async fn upgrade(State(gateway): State<Arc<Gateway>>, ws: WebSocketUpgrade) -> R
     ws.on_failed_upgrade(|err| tracing::debug!(%err, "WebSocket upgrade failed"))
         .on_upgrade(move |socket| {
             let tracker = gateway.tracker.clone();
-            tracker.track_future(session::serve(gateway, socket, native, slot))
+            tracker.track_future(connection::serve(gateway, socket, native, slot))
         })
 }

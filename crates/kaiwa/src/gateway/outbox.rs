@@ -6,11 +6,11 @@
 
 use crate::clock::Clock;
 use crate::store::Store;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures::SinkExt;
-use futures::stream::SplitSink;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use futures::{Sink, SinkExt};
 use kaiwa_protocol::Delivery;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -20,30 +20,45 @@ const WRITE_BATCH: usize = 64;
 /// How long closing may take for a client that does not read: bounded, so shutdown is too.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One frame to write; `reply_id` names the stored reply it carries, if any.
+/// One frame to write; `reply_id` names the stored reply it carries when the frame's being
+/// written is what makes the reply `delivered` (legacy clients, which cannot acknowledge).
 #[derive(Debug)]
 pub(crate) struct Outgoing {
     message: Message,
     reply_id: Option<i64>,
+    /// What this frame counts against the outbox's byte limit.
+    bytes: usize,
 }
 
-/// The sending side of a connection's outbox. Cheap to clone: the session, its message tasks
-/// and the delivery task each hold one.
+/// The sending side of a connection's outbox. Cheap to clone: the session, its admission
+/// pipeline, its reply stream and the delivery task each hold one.
 #[derive(Debug, Clone)]
 pub(crate) struct Outbox {
     frames: mpsc::Sender<Outgoing>,
+    /// Bytes queued and not yet taken by the writer, against `max_bytes`.
+    queued_bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
     /// Cancelled when a push found the outbox full; the session then disconnects the client.
     overflowed: CancellationToken,
     /// Woken by the writer each time it takes frames out, for pushes that wait for room.
     drained: Arc<Notify>,
 }
 
+/// Where a frame goes: the write queue of one connection, bounded in frames and in bytes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OutboxLimits {
+    pub frames: usize,
+    pub bytes: usize,
+}
+
 impl Outbox {
-    pub(crate) fn new(capacity: usize) -> (Self, mpsc::Receiver<Outgoing>) {
-        let (frames, receiver) = mpsc::channel(capacity);
+    pub(crate) fn new(limits: OutboxLimits) -> (Self, mpsc::Receiver<Outgoing>) {
+        let (frames, receiver) = mpsc::channel(limits.frames);
         (
             Self {
                 frames,
+                queued_bytes: Arc::default(),
+                max_bytes: limits.bytes,
                 overflowed: CancellationToken::new(),
                 drained: Arc::default(),
             },
@@ -54,43 +69,20 @@ impl Outbox {
     /// Queues a frame without waiting. False if the connection is gone or its outbox is full
     /// (which also flags the client as a slow consumer).
     pub(crate) fn push(&self, text: Utf8Bytes) -> bool {
-        self.try_send(Outgoing {
-            message: Message::Text(text),
-            reply_id: None,
-        })
+        self.try_send(Outgoing::text(text, None))
     }
 
-    pub(crate) fn push_reply(&self, text: Utf8Bytes, reply_id: i64) -> bool {
-        self.try_send(Outgoing {
-            message: Message::Text(text),
-            reply_id: Some(reply_id),
-        })
+    /// Queues a legacy client's reply, recorded `delivered` once written.
+    pub(crate) fn push_written_reply(&self, text: Utf8Bytes, reply_id: i64) -> bool {
+        self.try_send(Outgoing::text(text, Some(reply_id)))
     }
 
     pub(crate) fn push_ping(&self) -> bool {
         self.try_send(Outgoing {
             message: Message::Ping(bytes::Bytes::new()),
             reply_id: None,
+            bytes: 0,
         })
-    }
-
-    /// Queues a reply, waiting for room: for replays, which may be longer than the outbox and
-    /// must not count as slowness. False if the connection is gone.
-    pub(crate) async fn push_reply_waiting(&self, text: Utf8Bytes, reply_id: i64) -> bool {
-        self.send_leaving_room(Outgoing {
-            message: Message::Text(text),
-            reply_id: Some(reply_id),
-        })
-        .await
-    }
-
-    /// Queues a frame, waiting for room; see [`Outbox::push_reply_waiting`].
-    pub(crate) async fn push_waiting(&self, text: Utf8Bytes) -> bool {
-        self.send_leaving_room(Outgoing {
-            message: Message::Text(text),
-            reply_id: None,
-        })
-        .await
     }
 
     /// Queues a frame only if the outbox is at most half full; drops it otherwise. For frames
@@ -100,17 +92,21 @@ impl Outbox {
         if !self.half_free() {
             return false;
         }
-        self.frames
-            .try_send(Outgoing {
-                message: Message::Text(text),
-                reply_id: None,
-            })
-            .is_ok()
+        let outgoing = Outgoing::text(text, None);
+        let bytes = outgoing.bytes;
+        self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if self.frames.try_send(outgoing).is_err() {
+            self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 
-    /// Waits until more than half the outbox is free, then queues: a long replay never fills
-    /// it, so the frames that cannot wait (pings, pongs, live replies) still find room.
-    async fn send_leaving_room(&self, outgoing: Outgoing) -> bool {
+    /// Resolves once more than half the outbox is free (in frames and in bytes), or the
+    /// connection is gone (then false). A replay pushes only after this, so it goes at the
+    /// client's reading pace and never fills the outbox: the frames that cannot wait (pings,
+    /// pongs, live replies) still find room.
+    pub(crate) async fn room(&self) -> bool {
         loop {
             let drained = self.drained.notified();
             tokio::pin!(drained);
@@ -120,7 +116,7 @@ impl Outbox {
                 return false;
             }
             if self.half_free() {
-                return self.frames.try_send(outgoing).is_ok();
+                return true;
             }
             drained.await;
         }
@@ -128,6 +124,7 @@ impl Outbox {
 
     fn half_free(&self) -> bool {
         self.frames.capacity() * 2 > self.frames.max_capacity()
+            && self.queued_bytes.load(Ordering::Relaxed) * 2 < self.max_bytes
     }
 
     /// What the writer wakes when it takes frames out.
@@ -135,19 +132,45 @@ impl Outbox {
         self.drained.clone()
     }
 
+    /// The counter the writer takes written bytes off.
+    pub(crate) fn queued_bytes(&self) -> Arc<AtomicUsize> {
+        self.queued_bytes.clone()
+    }
+
     fn try_send(&self, outgoing: Outgoing) -> bool {
+        let bytes = outgoing.bytes;
+        // A frame always fits into an empty outbox, however large: the byte limit is about
+        // frames piling up, not about one big one.
+        let queued = self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if queued > 0 && queued + bytes > self.max_bytes {
+            self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            self.overflowed.cancel();
+            return false;
+        }
         match self.frames.try_send(outgoing) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.overflowed.cancel();
+            Err(err) => {
+                self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                if matches!(err, mpsc::error::TrySendError::Full(_)) {
+                    self.overflowed.cancel();
+                }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 
     pub(crate) fn overflowed(&self) -> &CancellationToken {
         &self.overflowed
+    }
+}
+
+impl Outgoing {
+    fn text(text: Utf8Bytes, reply_id: Option<i64>) -> Self {
+        Self {
+            bytes: text.len(),
+            message: Message::Text(text),
+            reply_id,
+        }
     }
 }
 
@@ -163,17 +186,23 @@ pub(crate) struct Closing {
 }
 
 /// Drains an outbox into the socket's write half.
-pub(crate) struct Writer {
-    pub sink: SplitSink<WebSocket, Message>,
+pub(crate) struct Writer<S> {
+    /// The socket's write half (or, in tests, anything that takes messages).
+    pub sink: S,
     pub frames: mpsc::Receiver<Outgoing>,
-    /// Woken after each batch is taken out of `frames`.
+    /// Woken after each batch is taken out of `frames`, and again once it is written.
     pub drained: Arc<Notify>,
+    /// Bytes pushed and not yet written; the writer takes a batch off once it is written.
+    pub queued_bytes: Arc<AtomicUsize>,
     pub closing: oneshot::Receiver<Closing>,
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
 }
 
-impl Writer {
+impl<S> Writer<S>
+where
+    S: Sink<Message, Error = axum::Error> + Unpin,
+{
     pub(crate) async fn run(mut self) {
         let mut batch = Vec::with_capacity(WRITE_BATCH);
         let closing = loop {
@@ -198,6 +227,7 @@ impl Writer {
                     }
                     self.drained.notify_waiters();
                     let reply_ids: Vec<i64> = batch.iter().filter_map(|o| o.reply_id).collect();
+                    let bytes: usize = batch.iter().map(|o| o.bytes).sum();
                     let (written, closing) = {
                         let write = write_all(&mut self.sink, &mut batch);
                         tokio::pin!(write);
@@ -222,6 +252,8 @@ impl Writer {
                             },
                         }
                     };
+                    self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                    self.drained.notify_waiters();
                     let delivery = if written { Delivery::Delivered } else { Delivery::Failed };
                     self.record(&reply_ids, delivery);
                     if let Some(closing) = closing {
@@ -280,10 +312,10 @@ impl Writer {
     }
 }
 
-async fn write_all(
-    sink: &mut SplitSink<WebSocket, Message>,
-    batch: &mut Vec<Outgoing>,
-) -> Result<(), axum::Error> {
+async fn write_all<S>(sink: &mut S, batch: &mut Vec<Outgoing>) -> Result<(), axum::Error>
+where
+    S: Sink<Message, Error = axum::Error> + Unpin,
+{
     for outgoing in batch.drain(..) {
         sink.feed(outgoing.message).await?;
     }
@@ -293,40 +325,109 @@ async fn write_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::SystemClock;
+    use crate::store::MemoryStore;
+    use futures::StreamExt;
+    use futures::channel::mpsc as futures_mpsc;
 
-    #[tokio::test]
-    async fn a_replay_leaves_room_for_frames_that_cannot_wait() {
-        let (outbox, mut frames) = Outbox::new(8);
-        let replaying = outbox.clone();
-        let replay = tokio::spawn(async move {
-            for id in 0..20 {
-                if !replaying.push_reply_waiting("missed".into(), id).await {
-                    break;
-                }
-            }
-        });
-        // Let the replay run until it waits for room (nobody reads the outbox yet).
-        for _ in 0..20 {
-            tokio::task::yield_now().await;
-        }
-        assert!(outbox.push("a live reply".into()), "room was left");
-        assert!(outbox.push_ping(), "and for a ping");
-        assert!(!outbox.overflowed().is_cancelled());
+    fn limits(frames: usize, bytes: usize) -> OutboxLimits {
+        OutboxLimits { frames, bytes }
+    }
 
-        // Reading as the writer does, waking waiting pushes after each frame taken out.
-        let drained = outbox.drained();
-        for _ in 0..22 {
-            frames.recv().await.expect("a frame");
-            drained.notify_waiters();
+    /// A writer whose socket is a channel of capacity one: it writes only as fast as the test
+    /// reads, like a client reading slowly.
+    fn slow_client(
+        outbox: &Outbox,
+        frames: mpsc::Receiver<Outgoing>,
+    ) -> (futures_mpsc::Receiver<Message>, oneshot::Sender<Closing>) {
+        let (sink, socket) = futures_mpsc::channel(0);
+        let (close, closing) = oneshot::channel();
+        let writer = Writer {
+            sink: sink.sink_map_err(axum::Error::new),
+            frames,
+            drained: outbox.drained(),
+            queued_bytes: outbox.queued_bytes(),
+            closing,
+            store: Arc::new(MemoryStore::default()),
+            clock: Arc::new(SystemClock),
+        };
+        tokio::spawn(writer.run());
+        (socket, close)
+    }
+
+    fn text(message: &Message) -> &str {
+        match message {
+            Message::Text(text) => text.as_str(),
+            _ => "",
         }
-        replay
-            .await
-            .expect("the replay finishes once the outbox is read");
     }
 
     #[tokio::test]
-    async fn optional_frames_are_dropped_rather_than_filling_the_outbox() {
-        let (outbox, _frames) = Outbox::new(8);
+    async fn a_replay_goes_at_the_readers_pace_and_leaves_room_for_live_frames() {
+        let (outbox, frames) = Outbox::new(limits(8, 1 << 20));
+        let replaying = outbox.clone();
+        let replay = tokio::spawn(async move {
+            let mut pushed = 0;
+            for id in 0..20 {
+                if !replaying.room().await {
+                    break;
+                }
+                assert!(replaying.push(format!("missed {id}").into()));
+                pushed += 1;
+            }
+            pushed
+        });
+        // Let the replay run until it waits for room (nobody reads yet).
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        assert!(outbox.push("live".into()), "room was left for a live reply");
+        assert!(outbox.push_ping(), "and for a ping");
+        assert!(!outbox.overflowed().is_cancelled());
+
+        let (mut socket, _close) = slow_client(&outbox, frames);
+        let mut missed = Vec::new();
+        let mut live = 0;
+        while missed.len() < 20 {
+            let message = socket.next().await.expect("the writer writes");
+            match text(&message) {
+                "live" => live += 1,
+                "" => {}
+                other => missed.push(other.to_owned()),
+            }
+        }
+        assert_eq!(live, 1);
+        let expected: Vec<String> = (0..20).map(|id| format!("missed {id}")).collect();
+        assert_eq!(missed, expected, "every replayed frame, once, in order");
+        assert_eq!(replay.await.expect("joins"), 20);
+        assert!(!outbox.overflowed().is_cancelled(), "never counted as slow");
+    }
+
+    #[test]
+    fn a_client_behind_on_large_frames_is_cut_as_early_as_on_small_ones() {
+        let (outbox, _frames) = Outbox::new(limits(256, 1000));
+        let large = "x".repeat(300);
+        assert!(outbox.push(large.clone().into()));
+        assert!(outbox.push(large.clone().into()));
+        assert!(outbox.push(large.clone().into()));
+        assert!(!outbox.overflowed().is_cancelled());
+        assert!(
+            !outbox.push(large.into()),
+            "1,200 bytes do not fit in 1,000"
+        );
+        assert!(outbox.overflowed().is_cancelled(), "a slow consumer");
+
+        let (outbox, _frames) = Outbox::new(limits(256, 1000));
+        assert!(
+            outbox.push("y".repeat(5000).into()),
+            "one frame larger than the limit still fits an empty outbox"
+        );
+        assert!(!outbox.push("z".into()));
+    }
+
+    #[test]
+    fn optional_frames_are_dropped_rather_than_filling_the_outbox() {
+        let (outbox, _frames) = Outbox::new(limits(8, 1 << 20));
         let mut queued = 0;
         for _ in 0..8 {
             if outbox.push_optional("piece".into()) {

@@ -2,6 +2,7 @@
 //! delivery task finds a client's outbox.
 
 use super::outbox::Outbox;
+use super::stream::ReplyStream;
 use super::wire::Protocol;
 use crate::config::DuplicatePolicy;
 use crate::domain::ClientId;
@@ -20,6 +21,8 @@ pub(crate) struct SessionHandle {
     pub conn_id: u64,
     pub protocol: Protocol,
     pub outbox: Outbox,
+    /// Where a native client's replies go, in order; `None` for legacy clients.
+    pub stream: Option<Arc<ReplyStream>>,
     /// Cancelled when a newer connection replaces this one.
     pub replaced: CancellationToken,
     /// When the client was last heard from, so a duplicate connection can tell a live session
@@ -177,7 +180,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_session_is_alive_if_recently_heard_or_if_it_answers_a_ping() {
-        let (outbox, mut frames) = Outbox::new(8);
+        let (outbox, mut frames) = Outbox::new(super::super::outbox::OutboxLimits {
+            frames: 8,
+            bytes: 1 << 20,
+        });
         let liveness = Arc::new(Liveness::default());
         liveness.heard();
         assert!(

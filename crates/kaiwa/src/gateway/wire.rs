@@ -160,6 +160,7 @@ impl Protocol {
             Self::Native => encode(&native::ServerFrame::Reply(native::Reply {
                 id: message.client_message_id.clone(),
                 message_id: message.message_id,
+                seq: reply.seq,
                 reply: native::ReplyBody {
                     id: reply.id,
                     reply_type: reply.reply_type,
@@ -187,10 +188,11 @@ impl Protocol {
         }
     }
 
-    pub(crate) fn synced(self, replies: u32) -> Option<Utf8Bytes> {
+    /// The end of a replay: `replies` sent, the stream now at `seq`.
+    pub(crate) fn synced(self, replies: u32, seq: u64) -> Option<Utf8Bytes> {
         match self {
             Self::Legacy => None,
-            Self::Native => Some(encode(&native::ServerFrame::Synced { replies })),
+            Self::Native => Some(encode(&native::ServerFrame::Synced { replies, seq })),
         }
     }
 }

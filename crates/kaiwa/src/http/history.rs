@@ -182,6 +182,7 @@ fn history_message(message: StoredMessage) -> HistoryMessage {
 fn history_reply(reply: StoredReply) -> HistoryReply {
     HistoryReply {
         id: reply.id,
+        seq: reply.seq,
         reply_type: reply.reply_type,
         content: reply.content,
         filename: reply.filename,

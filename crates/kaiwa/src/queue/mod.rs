@@ -7,7 +7,7 @@ mod memory;
 pub use memory::MemoryQueue;
 
 use crate::domain::{ClientId, Timezone};
-use crate::store::{NewMessage, StoredMessage, StoredReply};
+use crate::store::{StoredMessage, StoredReply};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
@@ -28,35 +28,15 @@ pub struct Job {
     pub received_at: DateTime<Utc>,
 }
 
-impl Job {
-    /// A job for a message not yet stored; [`Job::with_id`] sets the id the store gave it.
-    pub fn pending(message: &NewMessage) -> Self {
-        Self {
-            message_id: 0,
-            client_id: message.client_id.clone(),
-            client_message_id: message.client_message_id.clone(),
-            kind: message.kind,
-            content: message.content.clone(),
-            filename: message.filename.clone(),
-            size_bytes: message.size_bytes,
-            timezone: message.timezone,
-            received_at: message.received_at,
-        }
-    }
-
-    pub fn with_id(mut self, message_id: i64) -> Self {
-        self.message_id = message_id;
-        self
-    }
-
-    pub fn from_stored(message: &StoredMessage) -> Self {
+impl From<StoredMessage> for Job {
+    fn from(message: StoredMessage) -> Self {
         Self {
             message_id: message.id,
-            client_id: message.client_id.clone(),
-            client_message_id: message.client_message_id.clone(),
+            client_id: message.client_id,
+            client_message_id: message.client_message_id,
             kind: message.kind,
-            content: message.content.clone(),
-            filename: message.filename.clone(),
+            content: message.content,
+            filename: message.filename,
             size_bytes: message.size_bytes,
             timezone: message.timezone,
             received_at: message.received_at,

@@ -24,10 +24,27 @@ fn folder(kind: MessageType) -> &'static str {
 }
 
 impl MediaStore {
-    /// Creates the media folders if needed.
+    /// Creates the media folders if needed, and removes the half-written files a process
+    /// killed while saving one left behind (no message names them: a message is stored only
+    /// after its file is complete).
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let mut removed = 0;
         for kind in [MessageType::Image, MessageType::Video, MessageType::Voice] {
-            fs::create_dir_all(data_dir.join(folder(kind)))?;
+            let dir = data_dir.join(folder(kind));
+            fs::create_dir_all(&dir)?;
+            for entry in fs::read_dir(&dir)? {
+                let path = entry?.path();
+                if path.extension().is_some_and(|ext| ext == PARTIAL) {
+                    fs::remove_file(&path)?;
+                    removed += 1;
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(
+                files = removed,
+                "half-written media files of an earlier run removed"
+            );
         }
         Ok(Self {
             data_dir: data_dir.to_owned(),
@@ -81,8 +98,11 @@ impl MediaStore {
     }
 }
 
+/// The extension of a file being written; it gets its real name once complete and synced.
+const PARTIAL: &str = "partial";
+
 fn write_durably(target: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let partial = target.with_extension("partial");
+    let partial = target.with_extension(PARTIAL);
     let mut file = fs::File::create(&partial)?;
     file.write_all(bytes)?;
     file.sync_all()?;
@@ -91,4 +111,31 @@ fn write_durably(target: &Path, bytes: &[u8]) -> std::io::Result<()> {
         fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_written_files_are_removed_at_start_and_complete_ones_kept() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        MediaStore::open(dir.path()).expect("opens");
+        let images = dir.path().join("media/images");
+        fs::write(images.join("0123abcd.partial"), b"half a pict").expect("written");
+        fs::write(images.join("4567ef.png"), b"a whole picture").expect("written");
+        MediaStore::open(dir.path()).expect("opens again");
+        let mut left: Vec<String> = fs::read_dir(&images)
+            .expect("listed")
+            .map(|entry| {
+                entry
+                    .expect("entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        left.sort();
+        assert_eq!(left, ["4567ef.png"]);
+    }
 }

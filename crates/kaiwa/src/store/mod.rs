@@ -2,9 +2,11 @@
 //! uploaded files in the [`MediaStore`].
 
 mod media;
+mod memory;
 mod sqlite;
 
 pub use media::MediaStore;
+pub use memory::MemoryStore;
 pub use sqlite::{SqliteStore, database_path};
 
 use crate::domain::{ClientId, Timezone};
@@ -80,6 +82,9 @@ pub struct NewReply {
 pub struct StoredReply {
     pub id: i64,
     pub message_id: i64,
+    /// The reply's place in its client's reply stream: 1, 2, 3... per client id, in the order
+    /// the replies were stored, with no gaps. Resume and acknowledgements refer to it.
+    pub seq: u64,
     pub reply_type: ReplyType,
     pub content: String,
     pub filename: Option<String>,
@@ -109,7 +114,44 @@ pub struct StoredMessage {
     pub replies: Vec<StoredReply>,
 }
 
-/// A reply that could not be delivered, with the client's id of the message it answers.
+impl StoredMessage {
+    /// A message as stored under `id`, before any reply.
+    pub fn new(id: i64, message: NewMessage) -> Self {
+        let NewMessage {
+            client_id,
+            client_message_id,
+            kind,
+            content,
+            filename,
+            mime_type,
+            size_bytes,
+            timezone,
+            status,
+            reason,
+            client_timestamp,
+            received_at,
+        } = message;
+        Self {
+            id,
+            client_id,
+            client_message_id,
+            kind,
+            content,
+            filename,
+            mime_type,
+            size_bytes,
+            timezone,
+            status,
+            reason,
+            client_timestamp,
+            received_at,
+            replies: Vec::new(),
+        }
+    }
+}
+
+/// A reply read back from a client's reply stream, with the client's id of the message it
+/// answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MissedReply {
     pub reply: StoredReply,
@@ -159,9 +201,18 @@ pub trait Store: Send + Sync + 'static {
         completes: bool,
     ) -> Result<Vec<StoredReply>, StoreError>;
 
-    /// Records whether a reply reached its client. Does not wait: the update joins the next
+    /// Records whether a reply reached its client (a legacy client's reply written to its
+    /// socket, or a reply that found no session). Does not wait: the update joins the next
     /// batch. A `delivered` reply stays delivered.
     fn record_delivery(&self, reply_id: i64, delivery: Delivery, at: DateTime<Utc>);
+
+    /// A client acknowledged its replies up to and including `seq`: they become `delivered`.
+    /// Does not wait, like [`Store::record_delivery`].
+    fn record_received(&self, client_id: &ClientId, seq: u64, at: DateTime<Utc>);
+
+    /// A client's connection ended having acknowledged replies up to `acknowledged`: its later
+    /// replies that are still `pending` become `failed` (R11). Does not wait.
+    fn record_departure(&self, client_id: &ClientId, acknowledged: u64, at: DateTime<Utc>);
 
     /// A client's messages older than `before` (all when `None`), newest first, with replies.
     async fn history(
@@ -179,15 +230,22 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<(Vec<StoredMessage>, u64), StoreError>;
 
-    /// Replies to a client that could not be delivered, oldest first, after reply id `after`.
-    async fn missed_replies(
+    /// A client's replies with `seq` above `after`, in `seq` order, at most `limit`.
+    async fn replies_after(
         &self,
         client_id: &ClientId,
-        after: i64,
+        after: u64,
         limit: u32,
     ) -> Result<Vec<MissedReply>, StoreError>;
 
-    /// Messages accepted but never replied to (the process stopped while they were in flight).
+    /// The `seq` of a client's latest reply (0 when it has none).
+    async fn latest_seq(&self, client_id: &ClientId) -> Result<u64, StoreError>;
+
+    /// The `seq` of a client's first reply that is not `delivered`, if any.
+    async fn first_unacknowledged(&self, client_id: &ClientId) -> Result<Option<u64>, StoreError>;
+
+    /// Messages accepted but never replied to, oldest first: the process stopped while they
+    /// were in flight, or their processing failed.
     async fn unfinished_messages(&self) -> Result<Vec<StoredMessage>, StoreError>;
 
     /// Writes everything pending and closes. Later calls fail with [`StoreError::Closed`].

@@ -9,6 +9,7 @@ use chrono_tz::Tz;
 use futures::{SinkExt, StreamExt};
 use kaiwa::app::AppError;
 use kaiwa::clock::ManualClock;
+use kaiwa::store::{SqliteStore, Store};
 use kaiwa::{Application, ServeConfig};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
@@ -78,6 +79,15 @@ impl TestApp {
 
     /// Starts kaiwa on an existing data directory (to test restarts).
     pub async fn spawn_in(dir: TempDir, flags: &[&str]) -> TestApp {
+        Self::spawn_wrapped(dir, flags, |store| store).await
+    }
+
+    /// Starts kaiwa with its store wrapped by `wrap` (to slow it down, or make it fail).
+    pub async fn spawn_wrapped(
+        dir: TempDir,
+        flags: &[&str],
+        wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+    ) -> TestApp {
         init_logs();
         let data_dir = dir.path().to_str().expect("a UTF-8 path").to_owned();
         let mut args = vec![
@@ -96,7 +106,10 @@ impl TestApp {
         args.extend_from_slice(flags);
         let config = ServeConfig::from_args(args).expect("a valid configuration");
         let clock = Arc::new(ManualClock::new(morning()));
-        let app = Application::build(config, clock.clone())
+        let store = SqliteStore::open_with(dir.path(), config.durability)
+            .await
+            .expect("the store opens");
+        let app = Application::build_with_store(config, clock.clone(), wrap(Arc::new(store)))
             .await
             .expect("kaiwa starts");
         let addr = app.local_addr();
@@ -174,12 +187,26 @@ impl TestApp {
         timezone: &str,
         resume: bool,
     ) -> (Client, Value) {
+        self.native_hello(json!({"type": "hello", "client_id": client_id, "timezone": timezone, "resume": resume}))
+            .await
+    }
+
+    /// A native client that resumes its reply stream after `after`, the `seq` of the last reply
+    /// it processed.
+    pub async fn native_after(&self, client_id: &str, after: u64) -> Client {
+        self.native_hello(
+            json!({"type": "hello", "client_id": client_id, "timezone": "UTC", "after": after}),
+        )
+        .await
+        .0
+    }
+
+    /// A native client that says `hello`; returns the welcome frame too.
+    pub async fn native_hello(&self, hello: Value) -> (Client, Value) {
         let mut client = Client::connect(&self.ws_url(), true)
             .await
             .expect("connects");
-        client
-            .send_json(json!({"type": "hello", "client_id": client_id, "timezone": timezone, "resume": resume}))
-            .await;
+        client.send_json(hello).await;
         let welcome = client.next_json().await;
         assert_eq!(welcome["type"], "welcome", "{welcome}");
         (client, welcome)
@@ -335,11 +362,55 @@ impl Client {
         }
     }
 
+    /// Acknowledges every reply up to `seq` (native `received`).
+    pub async fn received(&mut self, seq: u64) {
+        self.send_json(json!({"type": "received", "seq": seq}))
+            .await;
+    }
+
     pub async fn close(mut self) {
         self.ws.close(None).await.ok();
         // Read the server's answer so the close completes.
         while let Some(Ok(_)) = self.ws.next().await {}
     }
+}
+
+/// A native client (by header) with a small receive buffer, so that frames it does not read
+/// back up on the server quickly.
+pub async fn slow_reader(app: &TestApp, client_id: &str) -> Client {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .set_recv_buffer_size(8 * 1024)
+        .expect("buffer size set");
+    let stream = socket.connect(app.addr).await.expect("connects");
+    let mut request = app.ws_url().into_client_request().expect("a request");
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static("kaiwa.v1"),
+    );
+    let stream = MaybeTlsStream::Plain(stream);
+    let (ws, _) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .expect("upgrades");
+    let mut client = Client { ws };
+    client
+        .send_json(json!({"type": "hello", "client_id": client_id, "timezone": "UTC"}))
+        .await;
+    client
+}
+
+/// Sends up to `count` native texts without reading, until the server stops taking them.
+pub async fn flood(client: &mut Client, count: usize) {
+    for n in 0..count {
+        let frame = send(&format!("s{n}"), "text", "are you keeping up?").to_string();
+        if client.ws.feed(Message::text(frame)).await.is_err() {
+            break;
+        }
+        if n % 500 == 0 && client.ws.flush().await.is_err() {
+            break;
+        }
+    }
+    client.ws.flush().await.ok();
 }
 
 /// A native `send` frame.

@@ -4,7 +4,7 @@
 
 mod writer;
 
-use writer::{Command, DeliveryUpdate, ReplyBatch, Writer};
+use writer::{Command, DeliveryUpdate, ReplyBatch, StreamUpdate, Writer};
 
 use super::{
     Durability, Inserted, MissedReply, NewMessage, NewReply, Store, StoreError, StoreFuture,
@@ -106,12 +106,21 @@ async fn migrated(data_dir: &Path) -> Result<(File, SqliteConnection, usize), St
         // The migrations and the start-up sweep are durable before the first message is taken.
         .synchronous(SqliteSynchronous::Full);
     let mut conn = SqliteConnection::connect_with(&options).await?;
-    let applied: HashSet<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations")
-        .fetch_all(&mut conn)
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
+    // A new database has no migrations table yet; any other failure to read it is an error.
+    let has_table: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = '_sqlx_migrations')",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    let applied: HashSet<i64> = if has_table {
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations")
+            .fetch_all(&mut conn)
+            .await?
+            .into_iter()
+            .collect()
+    } else {
+        HashSet::new()
+    };
     MIGRATOR.run(&mut conn).await?;
     let pending = MIGRATOR
         .iter()
@@ -162,6 +171,7 @@ struct MessageRecord {
 struct ReplyRecord {
     id: i64,
     message_id: i64,
+    seq: i64,
     reply_type: String,
     content: String,
     filename: Option<String>,
@@ -210,6 +220,7 @@ impl TryFrom<ReplyRecord> for StoredReply {
         Ok(Self {
             id: row.id,
             message_id: row.message_id,
+            seq: u64::try_from(row.seq).map_err(|_| corrupt("reply seq", &row.seq.to_string()))?,
             reply_type: ReplyType::parse(&row.reply_type)
                 .ok_or_else(|| corrupt("reply type", &row.reply_type))?,
             content: row.content,
@@ -240,8 +251,8 @@ impl SqliteStore {
         // The ids as a JSON array, for `json_each`.
         let ids: Vec<String> = messages.iter().map(|m| m.id.to_string()).collect();
         let replies: Vec<ReplyRecord> = sqlx::query_as(
-            "SELECT id, message_id, reply_type, content, filename, mime_type, fallback, delivery, \
-                 created_at, delivered_at \
+            "SELECT id, message_id, seq, reply_type, content, filename, mime_type, fallback, \
+                 delivery, created_at, delivered_at \
              FROM replies WHERE message_id IN (SELECT value FROM json_each(?1)) ORDER BY id",
         )
         .bind(format!("[{}]", ids.join(",")))
@@ -308,6 +319,29 @@ impl Store for SqliteStore {
         }
     }
 
+    fn record_received(&self, client_id: &ClientId, seq: u64, at: DateTime<Utc>) {
+        let update = StreamUpdate {
+            client_id: client_id.clone(),
+            seq,
+            at,
+        };
+        if self.send(Command::Received(update)).is_err() {
+            tracing::debug!(%client_id, seq, "acknowledgement not recorded: the store is closed");
+        }
+    }
+
+    fn record_departure(&self, client_id: &ClientId, acknowledged: u64, at: DateTime<Utc>) {
+        let update = StreamUpdate {
+            client_id: client_id.clone(),
+            seq: acknowledged,
+            at,
+        };
+        if self.send(Command::Departure(update)).is_err() {
+            // Only after shutdown: the next start marks pending replies failed.
+            tracing::debug!(%client_id, "departure not recorded: the store is closed");
+        }
+    }
+
     async fn history(
         &self,
         client_id: &ClientId,
@@ -348,10 +382,10 @@ impl Store for SqliteStore {
         Ok((self.with_replies(rows).await?, total.max(0) as u64))
     }
 
-    async fn missed_replies(
+    async fn replies_after(
         &self,
         client_id: &ClientId,
-        after: i64,
+        after: u64,
         limit: u32,
     ) -> Result<Vec<MissedReply>, StoreError> {
         #[derive(FromRow)]
@@ -361,14 +395,14 @@ impl Store for SqliteStore {
             client_msg_id: Option<String>,
         }
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT r.id, r.message_id, r.reply_type, r.content, r.filename, r.mime_type, \
+            "SELECT r.id, r.message_id, r.seq, r.reply_type, r.content, r.filename, r.mime_type, \
                  r.fallback, r.delivery, r.created_at, r.delivered_at, m.client_msg_id \
              FROM replies AS r JOIN messages AS m ON m.id = r.message_id \
-             WHERE r.client_id = ?1 AND r.delivery = 'failed' AND r.id > ?2 \
-             ORDER BY r.id LIMIT ?3",
+             WHERE r.client_id = ?1 AND r.seq > ?2 \
+             ORDER BY r.seq LIMIT ?3",
         )
         .bind(client_id.as_str())
-        .bind(after)
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
         .bind(i64::from(limit))
         .fetch_all(&self.reads)
         .await?;
@@ -380,6 +414,25 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn latest_seq(&self, client_id: &ClientId) -> Result<u64, StoreError> {
+        let seq: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM replies WHERE client_id = ?1")
+                .bind(client_id.as_str())
+                .fetch_one(&self.reads)
+                .await?;
+        Ok(u64::try_from(seq).unwrap_or_default())
+    }
+
+    async fn first_unacknowledged(&self, client_id: &ClientId) -> Result<Option<u64>, StoreError> {
+        let seq: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(seq) FROM replies WHERE client_id = ?1 AND delivery <> 'delivered'",
+        )
+        .bind(client_id.as_str())
+        .fetch_one(&self.reads)
+        .await?;
+        Ok(seq.and_then(|seq| u64::try_from(seq).ok()))
     }
 
     async fn unfinished_messages(&self) -> Result<Vec<StoredMessage>, StoreError> {
@@ -516,18 +569,15 @@ mod tests {
         let history = store.history(&client, None, 10).await.expect("reads");
         assert_eq!(history[0].status, MessageStatus::Replied);
         assert_eq!(history[0].replies[0].delivery, Delivery::Delivered);
-        assert!(
-            store
-                .missed_replies(&client, 0, 10)
-                .await
-                .expect("reads")
-                .is_empty()
+        assert_eq!(
+            store.first_unacknowledged(&client).await.expect("reads"),
+            None
         );
         store.close().await;
     }
 
     #[tokio::test]
-    async fn pending_replies_of_a_previous_run_become_missed_replies() {
+    async fn pending_replies_of_a_previous_run_are_marked_failed() {
         let dir = tempfile::tempdir().expect("temp dir");
         let client = ClientId::parse("a").expect("id");
         {
@@ -546,8 +596,9 @@ mod tests {
             store.close().await;
         }
         let store = SqliteStore::open(dir.path()).await.expect("reopens");
-        let missed = store.missed_replies(&client, 0, 10).await.expect("reads");
+        let missed = store.replies_after(&client, 0, 10).await.expect("reads");
         assert_eq!(missed.len(), 1);
+        assert_eq!(missed[0].reply.seq, 1);
         assert_eq!(missed[0].client_message_id.as_deref(), Some("x"));
         assert_eq!(missed[0].reply.delivery, Delivery::Failed);
         store.close().await;

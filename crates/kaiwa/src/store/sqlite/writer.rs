@@ -12,6 +12,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use kaiwa_protocol::{Delivery, MessageStatus, ReplyType};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,15 +31,21 @@ const INSERT_MESSAGE: &str = "INSERT INTO messages (id, client_id, client_msg_id
 const FIND_MESSAGE: &str = "SELECT id, status, status_reason, received_at FROM messages \
      WHERE client_id = ?1 AND client_msg_id = ?2";
 const INSERT_REPLY: &str = "INSERT INTO replies (id, message_id, client_id, reply_type, content, \
-         filename, mime_type, fallback, created_at) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+         filename, mime_type, fallback, created_at, seq) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
      ON CONFLICT DO NOTHING";
+/// The client's latest reply stream position, found through `replies_client_seq`.
+const LATEST_SEQ: &str = "SELECT COALESCE(MAX(seq), 0) FROM replies WHERE client_id = ?1";
 const MARK_REPLIED: &str =
     "UPDATE messages SET status = 'replied' WHERE id = ?1 AND status = 'accepted'";
 const RECORD_DELIVERY: &str = "UPDATE replies SET delivery = ?2, delivered_at = ?3 \
      WHERE id = ?1 AND delivery <> 'delivered'";
+const RECORD_RECEIVED: &str = "UPDATE replies SET delivery = 'delivered', delivered_at = ?3 \
+     WHERE client_id = ?1 AND seq <= ?2 AND delivery <> 'delivered'";
+const RECORD_DEPARTURE: &str = "UPDATE replies SET delivery = 'failed' \
+     WHERE client_id = ?1 AND seq > ?2 AND delivery = 'pending'";
 const FIND_REPLIES: &str = "SELECT id, reply_type, content, filename, mime_type, fallback, \
-         delivery, created_at, delivered_at \
+         delivery, created_at, delivered_at, seq \
      FROM replies WHERE message_id = ?1 ORDER BY id";
 
 pub(super) enum Command {
@@ -51,6 +58,8 @@ pub(super) enum Command {
         oneshot::Sender<Result<Vec<StoredReply>, StoreError>>,
     ),
     Delivery(DeliveryUpdate),
+    Received(StreamUpdate),
+    Departure(StreamUpdate),
     /// Answered once every command sent before it is committed.
     #[cfg(test)]
     Barrier(oneshot::Sender<()>),
@@ -69,6 +78,13 @@ pub(super) struct ReplyBatch {
 pub(super) struct DeliveryUpdate {
     pub reply_id: i64,
     pub delivery: Delivery,
+    pub at: DateTime<Utc>,
+}
+
+/// A client's reply stream up to (`Received`) or after (`Departure`) a position.
+pub(super) struct StreamUpdate {
+    pub client_id: ClientId,
+    pub seq: u64,
     pub at: DateTime<Utc>,
 }
 
@@ -100,6 +116,8 @@ struct PendingMessage {
 
 struct PendingReplies {
     first_id: i64,
+    /// The stream position of the first reply, found while writing.
+    first_seq: u64,
     batch: ReplyBatch,
     respond: oneshot::Sender<Result<Vec<StoredReply>, StoreError>>,
 }
@@ -199,6 +217,9 @@ impl Writer {
         let mut messages = Vec::new();
         let mut replies = Vec::new();
         let mut deliveries: HashMap<i64, DeliveryUpdate> = HashMap::new();
+        // Acknowledgements are cumulative: a client's highest one in the batch says it all.
+        let mut received: HashMap<ClientId, StreamUpdate> = HashMap::new();
+        let mut departures = Vec::new();
         let mut close = None;
         #[cfg(test)]
         let mut barriers = Vec::new();
@@ -217,6 +238,7 @@ impl Writer {
                     self.next_reply_id += batch.replies.len() as i64;
                     replies.push(PendingReplies {
                         first_id,
+                        first_seq: 0,
                         batch,
                         respond,
                     });
@@ -228,6 +250,16 @@ impl Writer {
                         *entry = update;
                     }
                 }
+                Command::Received(update) => match received.entry(update.client_id.clone()) {
+                    Entry::Occupied(mut known) if known.get().seq < update.seq => {
+                        known.insert(update);
+                    }
+                    Entry::Occupied(_) => {}
+                    Entry::Vacant(new) => {
+                        new.insert(update);
+                    }
+                },
+                Command::Departure(update) => departures.push(update),
                 #[cfg(test)]
                 Command::Barrier(done) => barriers.push(done),
                 Command::Close(done) => close = Some(done),
@@ -235,12 +267,17 @@ impl Writer {
         }
         #[cfg(test)]
         let _answer_barriers_on_return = BarrierGuard(barriers);
-        if messages.is_empty() && replies.is_empty() && deliveries.is_empty() {
+        let updates = Updates {
+            deliveries,
+            received,
+            departures,
+        };
+        if messages.is_empty() && replies.is_empty() && updates.is_empty() {
             return close;
         }
         let started = Instant::now();
-        let count = messages.len() + replies.len() + deliveries.len();
-        match self.write(&messages, &replies, &deliveries) {
+        let count = messages.len() + replies.len() + updates.len();
+        match self.write(&messages, &mut replies, &updates) {
             Ok(mut written) => {
                 metrics::histogram!("kaiwa_store_batch_size").record(count as f64);
                 metrics::histogram!("kaiwa_store_commit_seconds")
@@ -253,15 +290,21 @@ impl Writer {
                     respond(pending.respond, Ok(result));
                 }
                 for (index, pending) in replies.into_iter().enumerate() {
+                    let PendingReplies {
+                        first_id,
+                        first_seq,
+                        batch,
+                        respond: answer,
+                    } = pending;
                     let stored = match written.earlier_replies.remove(&index) {
                         Some(earlier) => earlier,
-                        None => stored_replies(pending.first_id, pending.batch),
+                        None => stored_replies(first_id, first_seq, batch),
                     };
-                    respond(pending.respond, Ok(stored));
+                    respond(answer, Ok(stored));
                 }
             }
             Err(err) => {
-                tracing::error!(%err, commands = count, lost_delivery_updates = deliveries.len(), "database batch failed; its delivery updates are lost and those replies count as failed after a restart");
+                tracing::error!(%err, commands = count, lost_delivery_updates = updates.len(), "database batch failed; its delivery updates are lost and those replies count as failed after a restart");
                 let err = Arc::new(err);
                 for pending in messages {
                     respond(pending.respond, Err(StoreError::Write(err.clone())));
@@ -277,8 +320,8 @@ impl Writer {
     fn write(
         &mut self,
         messages: &[PendingMessage],
-        replies: &[PendingReplies],
-        deliveries: &HashMap<i64, DeliveryUpdate>,
+        replies: &mut [PendingReplies],
+        updates: &Updates,
     ) -> Result<Written, rusqlite::Error> {
         let tx = self
             .conn
@@ -340,9 +383,16 @@ impl Writer {
         if !replies.is_empty() {
             let mut insert = tx.prepare_cached(INSERT_REPLY)?;
             let mut replied = tx.prepare_cached(MARK_REPLIED)?;
-            for (index, pending) in replies.iter().enumerate() {
+            let mut latest = tx.prepare_cached(LATEST_SEQ)?;
+            for (index, pending) in replies.iter_mut().enumerate() {
                 let batch = &pending.batch;
                 let created_at = timestamp(batch.created_at);
+                // Read in the transaction, so it counts this batch's earlier rows too: a
+                // client's stream has no gaps, and a reply that is not inserted takes no seq.
+                let mut next_seq = latest.query_row(params![batch.client_id.as_str()], |row| {
+                    row.get::<_, i64>(0)
+                })? + 1;
+                pending.first_seq = u64::try_from(next_seq).unwrap_or_default();
                 let mut all_new = true;
                 for (reply, id) in batch.replies.iter().zip(pending.first_id..) {
                     let inserted = insert.execute(params![
@@ -355,8 +405,13 @@ impl Writer {
                         reply.mime_type,
                         reply.fallback,
                         created_at,
+                        next_seq,
                     ])?;
-                    all_new &= inserted == 1;
+                    if inserted == 1 {
+                        next_seq += 1;
+                    } else {
+                        all_new = false;
+                    }
                 }
                 if !all_new {
                     // These replies were stored before (a job processed twice): answer with
@@ -370,9 +425,9 @@ impl Writer {
                 }
             }
         }
-        if !deliveries.is_empty() {
+        if !updates.deliveries.is_empty() {
             let mut update = tx.prepare_cached(RECORD_DELIVERY)?;
-            for update_of in deliveries.values() {
+            for update_of in updates.deliveries.values() {
                 let delivered_at =
                     (update_of.delivery == Delivery::Delivered).then(|| timestamp(update_of.at));
                 update.execute(params![
@@ -382,9 +437,52 @@ impl Writer {
                 ])?;
             }
         }
+        if !updates.received.is_empty() {
+            let mut update = tx.prepare_cached(RECORD_RECEIVED)?;
+            for received in updates.received.values() {
+                update.execute(params![
+                    received.client_id.as_str(),
+                    seq_param(received.seq),
+                    timestamp(received.at)
+                ])?;
+            }
+        }
+        if !updates.departures.is_empty() {
+            let mut update = tx.prepare_cached(RECORD_DEPARTURE)?;
+            for departure in &updates.departures {
+                update.execute(params![
+                    departure.client_id.as_str(),
+                    seq_param(departure.seq)
+                ])?;
+            }
+        }
         tx.commit()?;
         Ok(written)
     }
+}
+
+/// The delivery updates of one batch.
+struct Updates {
+    /// The last word on each reply, by id.
+    deliveries: HashMap<i64, DeliveryUpdate>,
+    /// Each client's highest acknowledgement.
+    received: HashMap<ClientId, StreamUpdate>,
+    departures: Vec<StreamUpdate>,
+}
+
+impl Updates {
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn len(&self) -> usize {
+        self.deliveries.len() + self.received.len() + self.departures.len()
+    }
+}
+
+/// A stream position as SQLite stores it (a signed integer; positions never come near the top).
+fn seq_param(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
 /// The stored replies of these types for this message.
@@ -404,11 +502,13 @@ fn stored_earlier(
             row.get::<_, String>(6)?,
             row.get::<_, String>(7)?,
             row.get::<_, Option<String>>(8)?,
+            row.get::<_, i64>(9)?,
         ))
     })?;
     let mut stored = Vec::new();
     for row in rows {
-        let (id, reply_type, content, filename, mime_type, fallback, delivery, created, at) = row?;
+        let (id, reply_type, content, filename, mime_type, fallback, delivery, created, at, seq) =
+            row?;
         let reply_type = ReplyType::parse(&reply_type)
             .ok_or_else(|| corrupt(format!("unknown reply type {reply_type:?}")))?;
         if !batch.replies.iter().any(|r| r.reply_type == reply_type) {
@@ -417,6 +517,7 @@ fn stored_earlier(
         stored.push(StoredReply {
             id,
             message_id: batch.message_id,
+            seq: u64::try_from(seq).map_err(|_| corrupt(format!("negative seq {seq}")))?,
             reply_type,
             content,
             filename,
@@ -431,8 +532,8 @@ fn stored_earlier(
     Ok(stored)
 }
 
-/// The replies of a batch as they were just stored, the first with id `first_id`.
-fn stored_replies(first_id: i64, batch: ReplyBatch) -> Vec<StoredReply> {
+/// The replies of a batch as they were just stored: consecutive ids and stream positions.
+fn stored_replies(first_id: i64, first_seq: u64, batch: ReplyBatch) -> Vec<StoredReply> {
     let ReplyBatch {
         message_id,
         replies,
@@ -442,9 +543,11 @@ fn stored_replies(first_id: i64, batch: ReplyBatch) -> Vec<StoredReply> {
     replies
         .into_iter()
         .zip(first_id..)
-        .map(|(reply, id)| StoredReply {
+        .zip(first_seq..)
+        .map(|((reply, id), seq)| StoredReply {
             id,
             message_id,
+            seq,
             reply_type: reply.reply_type,
             content: reply.content,
             filename: reply.filename,
@@ -486,10 +589,11 @@ mod tests {
     use crate::store::Store;
     use crate::store::sqlite::SqliteStore;
 
-    const MIGRATIONS: [&str; 3] = [
+    const MIGRATIONS: [&str; 4] = [
         include_str!("../../../migrations/sqlite/20261121000001_init.sql"),
         include_str!("../../../migrations/sqlite/20261121000002_reply_fallback.sql"),
         include_str!("../../../migrations/sqlite/20261121000003_checks_as_comparisons.sql"),
+        include_str!("../../../migrations/sqlite/20261201000004_reply_streams.sql"),
     ];
 
     /// Opcodes of `sql` as SQLite would run it on `conn`.
@@ -522,6 +626,9 @@ mod tests {
             INSERT_REPLY,
             MARK_REPLIED,
             RECORD_DELIVERY,
+            RECORD_RECEIVED,
+            RECORD_DEPARTURE,
+            LATEST_SEQ,
         ] {
             let ops = opcodes(&conn, sql);
             assert!(

@@ -1,0 +1,267 @@
+//! One client's admission pipeline: its messages are admitted one after another, in the order
+//! they arrived (so the store numbers them in that order), while several wait for their commit
+//! at once; each is answered in order once its fate is known, and an accepted one is then queued
+//! for a worker. The gateway only submits messages and turns the verdicts into frames.
+
+use super::{Admission, AdmissionError, Admitting, Invalid, Outcome, Sender, Submission, Ticket};
+use crate::store::Existing;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::task::TaskTracker;
+
+/// What a client is told about one message it sent.
+#[derive(Debug)]
+pub struct Settled {
+    /// The client's own id of the message (native clients).
+    pub id: Option<String>,
+    /// The server's clock at receipt: the time its window was judged by.
+    pub received_at: DateTime<Utc>,
+    pub verdict: Verdict,
+}
+
+#[derive(Debug)]
+pub enum Verdict {
+    /// Stored as accepted; it is queued for a worker right after this answer.
+    Accepted { message_id: i64 },
+    /// Stored as rejected: outside its time window (R6).
+    Rejected { message_id: i64, reason: String },
+    /// The client sent this id before; nothing new was stored.
+    Duplicate(Existing),
+    /// Not a valid message; nothing was stored.
+    Invalid(Invalid),
+    /// No in-flight slot freed up in time (`limit` are in flight); nothing was stored.
+    Busy { retry_after: Duration, limit: usize },
+    /// Storing failed; nothing was stored.
+    Failed(AdmissionError),
+    /// Accepted and stored, but it could not be queued: it is processed later (by the sweeper,
+    /// or at the next start).
+    NotQueued(AdmissionError),
+}
+
+/// How a pipeline answers its client: called once per message, in the order they were sent.
+pub type Answer = Box<dyn Fn(Settled) + Send + Sync>;
+
+/// The pipeline of one connected client.
+pub struct Pipeline {
+    admission: Arc<Admission>,
+    sender: Arc<Sender>,
+    /// This client's share of the in-flight limit: every message holds one permit from its
+    /// receipt to its last reply. While none is left the session stops reading from the client,
+    /// so a flooding client is slowed by TCP backpressure instead of queued in memory.
+    permits: Arc<Semaphore>,
+    /// Shared with the task, which answers through it.
+    answer: Arc<Answer>,
+    /// Where the task runs, so shutdown waits for the messages it holds.
+    tracker: TaskTracker,
+    /// To the pipeline's task, started with the first message (an idle client costs no task).
+    /// Unbounded, because every queued message holds one of the client's permits: those bound it.
+    queue: Option<mpsc::UnboundedSender<Queued>>,
+}
+
+/// A message waiting for admission, holding one of its client's in-flight permits.
+struct Queued {
+    submission: Submission,
+    received_at: DateTime<Utc>,
+    permit: OwnedSemaphorePermit,
+}
+
+/// A message handed to the store (or decided without it), waiting to be settled.
+struct Admitted {
+    id: Option<String>,
+    received_at: DateTime<Utc>,
+    admitting: Admitting,
+}
+
+/// A message whose fate the store has decided.
+struct Decided {
+    id: Option<String>,
+    received_at: DateTime<Utc>,
+    outcome: Outcome,
+}
+
+impl Pipeline {
+    pub fn new(
+        admission: Arc<Admission>,
+        sender: Arc<Sender>,
+        max_in_flight: usize,
+        tracker: TaskTracker,
+        answer: Answer,
+    ) -> Self {
+        Self {
+            admission,
+            sender,
+            permits: Arc::new(Semaphore::new(max_in_flight)),
+            answer: Arc::new(answer),
+            tracker,
+            queue: None,
+        }
+    }
+
+    /// Whether the client may send another message now.
+    pub fn has_room(&self) -> bool {
+        self.permits.available_permits() > 0
+    }
+
+    /// Resolves when the client may send another message.
+    pub async fn room(&self) {
+        if let Ok(permit) = self.permits.acquire().await {
+            drop(permit);
+        }
+    }
+
+    /// Takes a message in. Never waits: a caller that checks [`Pipeline::has_room`] first always
+    /// finds a permit; one that does not is answered `busy`.
+    pub fn submit(&mut self, submission: Submission, received_at: DateTime<Utc>) {
+        let id = submission.client_message_id.clone();
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            (self.answer)(Settled {
+                id,
+                received_at,
+                verdict: Verdict::Busy {
+                    retry_after: Duration::from_secs(1),
+                    limit: self.admission.in_flight.max(),
+                },
+            });
+            return;
+        };
+        let queue = self.queue.get_or_insert_with(|| {
+            let (queue, queued) = mpsc::unbounded_channel();
+            let task = Task {
+                admission: self.admission.clone(),
+                sender: self.sender.clone(),
+                answer: self.answer.clone(),
+            };
+            self.tracker.spawn(task.run(queued));
+            queue
+        });
+        let queued = Queued {
+            submission,
+            received_at,
+            permit,
+        };
+        if queue.send(queued).is_err() {
+            tracing::error!(client_id = %self.sender.client_id, "the admission task of this client has stopped; message not admitted");
+            (self.answer)(Settled {
+                id,
+                received_at,
+                verdict: Verdict::Failed(AdmissionError::Stopped),
+            });
+        }
+    }
+}
+
+/// The pipeline's task. Runs until the session ends and its queue is empty, so a message read
+/// before a disconnect is still stored and processed.
+struct Task {
+    admission: Arc<Admission>,
+    sender: Arc<Sender>,
+    answer: Arc<Answer>,
+}
+
+impl Task {
+    async fn run(self, mut queue: mpsc::UnboundedReceiver<Queued>) {
+        let mut settling: FuturesOrdered<BoxFuture<'static, Decided>> = FuturesOrdered::new();
+        // The message being admitted. The next one waits for it, but earlier ones keep settling
+        // meanwhile: admission may wait for an in-flight slot that only an earlier message's
+        // answer (its dispatch, then its replies) can free.
+        let mut admitting: Option<BoxFuture<'static, Admitted>> = None;
+        let mut open = true;
+        loop {
+            tokio::select! {
+                biased;
+                Some(decided) = settling.next(), if !settling.is_empty() => self.answer(decided).await,
+                admitted = async {
+                    match admitting.as_mut() {
+                        Some(admission) => admission.await,
+                        None => std::future::pending().await,
+                    }
+                }, if admitting.is_some() => {
+                    admitting = None;
+                    let admission = self.admission.clone();
+                    settling.push_back(Box::pin(async move {
+                        let Admitted { id, received_at, admitting } = admitted;
+                        let outcome = match admitting {
+                            Admitting::Decided(outcome) => outcome,
+                            Admitting::Storing(storing) => admission.settle(storing).await,
+                        };
+                        Decided { id, received_at, outcome }
+                    }));
+                }
+                queued = queue.recv(), if open && admitting.is_none() => match queued {
+                    Some(queued) => admitting = Some(self.admit(queued)),
+                    None => open = false,
+                },
+                else => break,
+            }
+        }
+    }
+
+    /// Starts one message's admission: validation, window, in-flight slot, media file, and the
+    /// hand-over to the store, whose answer [`Admission::settle`] waits for.
+    fn admit(&self, queued: Queued) -> BoxFuture<'static, Admitted> {
+        let admission = self.admission.clone();
+        let sender = self.sender.clone();
+        Box::pin(async move {
+            let Queued {
+                submission,
+                received_at,
+                permit,
+            } = queued;
+            let id = submission.client_message_id.clone();
+            let admitting = admission
+                .admit(&sender, submission, received_at, Some(permit))
+                .await;
+            Admitted {
+                id,
+                received_at,
+                admitting,
+            }
+        })
+    }
+
+    async fn answer(&self, decided: Decided) {
+        let Decided {
+            id,
+            received_at,
+            outcome,
+        } = decided;
+        let settled = |verdict| Settled {
+            id: id.clone(),
+            received_at,
+            verdict,
+        };
+        match outcome {
+            Outcome::Accepted(ticket) => {
+                let message_id = ticket.job.message_id;
+                // Answered before it is queued: the client always sees `accepted` first.
+                (self.answer)(settled(Verdict::Accepted { message_id }));
+                if let Err(err) = self.dispatch(ticket).await {
+                    tracing::error!(message_id, %err, "accepted message not queued; the sweeper queues it again later");
+                    (self.answer)(settled(Verdict::NotQueued(err)));
+                }
+            }
+            Outcome::Rejected { message_id, reason } => {
+                (self.answer)(settled(Verdict::Rejected { message_id, reason }));
+            }
+            Outcome::Duplicate(existing) => (self.answer)(settled(Verdict::Duplicate(existing))),
+            Outcome::Invalid(invalid) => (self.answer)(settled(Verdict::Invalid(invalid))),
+            Outcome::Busy { retry_after } => (self.answer)(settled(Verdict::Busy {
+                retry_after,
+                limit: self.admission.in_flight.max(),
+            })),
+            Outcome::Failed(err) => {
+                tracing::error!(client_id = %self.sender.client_id, %err, "could not store a message");
+                (self.answer)(settled(Verdict::Failed(err)));
+            }
+        }
+    }
+
+    async fn dispatch(&self, ticket: Ticket) -> Result<(), AdmissionError> {
+        self.admission.dispatch(ticket).await
+    }
+}

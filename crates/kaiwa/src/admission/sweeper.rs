@@ -1,0 +1,104 @@
+//! The sweeper: no accepted message waits for a restart. It finds messages that stay accepted
+//! with no worker on them (their processing failed: a full disk, a store error, a job that was
+//! never queued) and queues them again, in the running process.
+
+use super::Admission;
+use crate::store::Store;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// The longest a message that keeps failing waits between two tries.
+const MAX_BACKOFF: Duration = Duration::from_secs(600);
+
+pub struct Sweeper {
+    admission: Arc<Admission>,
+    store: Arc<dyn Store>,
+    /// How long a message must be seen accepted with no worker on it before it is queued again.
+    after: Duration,
+    /// Messages seen stuck, with when that was first seen (or when they were last queued again)
+    /// and how many times they have been queued again.
+    stuck: HashMap<i64, Stuck>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stuck {
+    since: Instant,
+    retries: u32,
+}
+
+impl Sweeper {
+    pub fn new(admission: Arc<Admission>, store: Arc<dyn Store>, after: Duration) -> Self {
+        Self {
+            admission,
+            store,
+            after,
+            stuck: HashMap::new(),
+        }
+    }
+
+    /// Sweeps every quarter of `after` until `stop` is cancelled.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let period = (self.after / 4).max(Duration::from_millis(10));
+        let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => match self.sweep(&stop).await {
+                    Ok(0) => {}
+                    Ok(count) => tracing::info!(messages = count, "stuck messages queued again"),
+                    Err(err) => tracing::warn!(%err, "could not sweep for stuck messages"),
+                },
+            }
+        }
+    }
+
+    /// One pass: queues again the messages seen stuck for long enough; returns how many.
+    ///
+    /// A message is stuck when it is accepted in the store and holds no in-flight slot here:
+    /// a message being processed (or waiting for a worker) always holds one. Requiring it to be
+    /// seen that way for `after` covers the moment between its commit and its slot being parked.
+    pub async fn sweep(
+        &mut self,
+        stop: &CancellationToken,
+    ) -> Result<usize, super::AdmissionError> {
+        let unfinished = self.store.unfinished_messages().await?;
+        let now = Instant::now();
+        let mut seen = HashMap::with_capacity(self.stuck.len());
+        let mut due = Vec::new();
+        for message in unfinished {
+            let id = message.id;
+            if self.admission.in_flight.holds(id) {
+                continue;
+            }
+            let mut stuck = self.stuck.get(&id).copied().unwrap_or(Stuck {
+                since: now,
+                retries: 0,
+            });
+            if now.duration_since(stuck.since) >= self.backoff(stuck.retries) {
+                tracing::debug!(
+                    message_id = id,
+                    retries = stuck.retries,
+                    "queueing a stuck message again"
+                );
+                stuck = Stuck {
+                    since: now,
+                    retries: stuck.retries.saturating_add(1),
+                };
+                due.push(message);
+            }
+            seen.insert(id, stuck);
+        }
+        self.stuck = seen;
+        self.admission.requeue(due, stop).await
+    }
+
+    fn backoff(&self, retries: u32) -> Duration {
+        self.after
+            .saturating_mul(1 << retries.min(16))
+            .min(MAX_BACKOFF.max(self.after))
+    }
+}

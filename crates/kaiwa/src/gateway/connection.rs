@@ -1,0 +1,325 @@
+//! One connection's life: the refusals that need no session (server full, shutting down, bad or
+//! missing handshake, duplicate client id), then the session, then the close handshake and the
+//! bookkeeping of a client that left.
+
+use super::Gateway;
+use super::handshake::{self, HandshakeError, Hello, Resume};
+use super::outbox::{Closing, Outbox, Writer};
+use super::registry::{Duplicate, Liveness, SessionHandle};
+use super::session::Session;
+use super::stream::ReplyStream;
+use super::wire::Protocol;
+use crate::admission::ConnectionSlot;
+use crate::store::StoreError;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::{Stream, StreamExt};
+use kaiwa_protocol::{CloseCode, ErrorCode};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+/// How long the server waits for the client's answer to its close frame.
+const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest a duplicate connection waits to learn whether the live one still answers.
+const LIVENESS_PROBE: Duration = Duration::from_secs(3);
+
+/// Serves one upgraded connection from handshake to close. `slot` is the client slot taken at
+/// the upgrade; without one the server is full.
+pub(crate) async fn serve(
+    gateway: Arc<Gateway>,
+    mut socket: WebSocket,
+    native: bool,
+    slot: Option<ConnectionSlot>,
+) {
+    let guess = if native {
+        Protocol::Native
+    } else {
+        Protocol::Legacy
+    };
+    let Some(slot) = slot else {
+        metrics::counter!("kaiwa_connections_refused_total", "reason" => "over_capacity")
+            .increment(1);
+        let detail = format!(
+            "server is full ({} clients); retry later",
+            gateway.settings.max_clients
+        );
+        refuse(
+            &mut socket,
+            guess,
+            ErrorCode::OverCapacity,
+            CloseCode::OverCapacity,
+            &detail,
+        )
+        .await;
+        return;
+    };
+    if gateway.is_draining() {
+        let detail = "server shutting down; reconnect shortly";
+        refuse(
+            &mut socket,
+            guess,
+            ErrorCode::ShuttingDown,
+            CloseCode::GoingAway,
+            detail,
+        )
+        .await;
+        return;
+    }
+    let timeout = gateway.settings.sessions.handshake_timeout;
+    let hello = match handshake::receive(&mut socket, native, timeout).await {
+        Ok(hello) => hello,
+        Err(HandshakeError::Gone) => return,
+        Err(HandshakeError::Timeout) => {
+            let detail = "no handshake frame in time";
+            refuse(
+                &mut socket,
+                guess,
+                ErrorCode::HandshakeRequired,
+                CloseCode::HandshakeTimeout,
+                detail,
+            )
+            .await;
+            return;
+        }
+        Err(HandshakeError::Invalid {
+            protocol,
+            code,
+            message,
+        }) => {
+            refuse(
+                &mut socket,
+                protocol,
+                code,
+                CloseCode::BadHandshake,
+                &message,
+            )
+            .await;
+            return;
+        }
+    };
+    let position = match start_position(&gateway, &hello).await {
+        Ok(position) => position,
+        Err(err) => {
+            tracing::error!(client_id = %hello.client_id, %err, "could not read the client's reply stream");
+            let detail = "the server could not load this client's replies; retry shortly";
+            refuse(
+                &mut socket,
+                hello.protocol,
+                ErrorCode::Internal,
+                CloseCode::InternalError,
+                detail,
+            )
+            .await;
+            return;
+        }
+    };
+
+    let (outbox, frames) = Outbox::new(gateway.settings.outbox);
+    // Queued before the session is registered, so that no reply can overtake the welcome.
+    outbox.push(hello.protocol.welcome(
+        hello.client_id.as_str(),
+        hello.timezone.name(),
+        gateway.clock.now(),
+        &gateway.settings.welcome,
+    ));
+    let stream = (hello.protocol == Protocol::Native).then(|| {
+        ReplyStream::new(
+            hello.client_id.clone(),
+            outbox.clone(),
+            gateway.store.clone(),
+            gateway.tracker.clone(),
+            position,
+        )
+    });
+    let replaced = CancellationToken::new();
+    let liveness = Arc::new(Liveness::default());
+    // The handshake frame was the first word from the client.
+    liveness.heard();
+    let conn_id = gateway.next_conn_id();
+    let handle = SessionHandle {
+        conn_id,
+        protocol: hello.protocol,
+        outbox: outbox.clone(),
+        stream: stream.clone(),
+        replaced: replaced.clone(),
+        liveness: liveness.clone(),
+    };
+    if let Err(Duplicate(live)) = register(&gateway, &hello, handle).await {
+        metrics::counter!("kaiwa_connections_refused_total", "reason" => "duplicate").increment(1);
+        tracing::info!(client_id = %hello.client_id, live_conn_id = live.conn_id, "refused: the client id is connected and answering");
+        let detail = format!("client id {} is already connected", hello.client_id);
+        refuse(
+            &mut socket,
+            hello.protocol,
+            ErrorCode::DuplicateConnection,
+            CloseCode::DuplicateConnection,
+            &detail,
+        )
+        .await;
+        return;
+    }
+    if let Resume::After(after) = hello.resume
+        && after > 0
+    {
+        // What the client says it processed is what it acknowledges.
+        gateway
+            .store
+            .record_received(&hello.client_id, position, gateway.clock.now());
+        tracing::debug!(client_id = %hello.client_id, after, position, "resuming");
+    }
+    if let Some(stream) = &stream
+        && hello.resume != Resume::Fresh
+    {
+        stream.replay(None);
+    }
+
+    let (sink, mut frames_in) = socket.split();
+    let (close_tx, close_rx) = oneshot::channel();
+    let writer = gateway.tracker.spawn(
+        Writer {
+            sink,
+            frames,
+            drained: outbox.drained(),
+            queued_bytes: outbox.queued_bytes(),
+            closing: close_rx,
+            store: gateway.store.clone(),
+            clock: gateway.clock.clone(),
+        }
+        .run(),
+    );
+    tracing::info!(client_id = %hello.client_id, timezone = %hello.timezone, protocol = ?hello.protocol, conn_id, "client connected");
+    metrics::gauge!("kaiwa_connections").increment(1.0);
+
+    let client_id = hello.client_id.clone();
+    let mut session = Session::new(
+        gateway.clone(),
+        hello,
+        outbox,
+        liveness,
+        replaced,
+        stream,
+        position,
+    );
+    let ending = session.run(&mut frames_in).await;
+
+    gateway.registry.remove(&client_id, conn_id);
+    // The client is gone as far as the limits go; the close handshake below is bounded.
+    drop(slot);
+    session.depart();
+    let closing = Closing {
+        frame: ending.close_frame(&gateway.settings),
+        drain: ending.drains(),
+    };
+    if close_tx.send(closing).is_err() {
+        tracing::debug!(conn_id, "the writer ended before the session");
+    }
+    let linger = async {
+        if ending.awaits_close_reply() {
+            await_close_reply(&mut frames_in).await;
+        }
+    };
+    let (written, ()) = tokio::join!(writer, linger);
+    if let Err(err) = written {
+        tracing::error!(conn_id, %err, "the writer task failed");
+    }
+    metrics::gauge!("kaiwa_connections").decrement(1.0);
+    metrics::counter!("kaiwa_disconnects_total", "reason" => ending.name()).increment(1);
+    tracing::info!(%client_id, conn_id, ending = ending.name(), "client disconnected");
+}
+
+/// The `seq` the client's reply stream starts after on this connection. A cursor beyond the
+/// stored stream (a client that kept one from another server, or from a database since reset)
+/// starts at the end of what is stored, so that no later reply is taken as already sent.
+async fn start_position(gateway: &Gateway, hello: &Hello) -> Result<u64, StoreError> {
+    if hello.protocol != Protocol::Native {
+        return Ok(0);
+    }
+    let store = &gateway.store;
+    let latest = store.latest_seq(&hello.client_id).await?;
+    Ok(match hello.resume {
+        Resume::Fresh => latest,
+        Resume::After(after) => after.min(latest),
+        Resume::Unacknowledged => match store.first_unacknowledged(&hello.client_id).await? {
+            Some(first) => first - 1,
+            None => latest,
+        },
+    })
+}
+
+/// Registers the session under its client id. Under the `refuse` policy a live session with
+/// the same id keeps it only if its client still answers: a client whose network died (and who
+/// is now reconnecting) would otherwise be locked out until the heartbeat timeout.
+async fn register(
+    gateway: &Gateway,
+    hello: &Hello,
+    handle: SessionHandle,
+) -> Result<(), Duplicate> {
+    let registry = &gateway.registry;
+    let policy = gateway.settings.sessions.duplicate_connection;
+    let Err(Duplicate(live)) = registry.register(hello.client_id.clone(), handle.clone(), policy)
+    else {
+        return Ok(());
+    };
+    let probe = gateway
+        .settings
+        .sessions
+        .heartbeat_interval
+        .min(LIVENESS_PROBE);
+    if live.liveness.answers(&live.outbox, probe).await {
+        return Err(Duplicate(live));
+    }
+    tracing::info!(client_id = %hello.client_id, stale_conn_id = live.conn_id, "the live connection did not answer a ping; the new one takes over");
+    registry.take_over(hello.client_id.clone(), handle, live.conn_id)
+}
+
+/// A close frame: `code`, with a reason that starts with its name.
+pub(super) fn close_frame(code: CloseCode, detail: &str) -> CloseFrame {
+    CloseFrame {
+        code: code.code(),
+        reason: code.reason(detail).into(),
+    }
+}
+
+/// Answers a connection that will not get a session: an error frame it can show, then a close
+/// frame with the code that says why.
+async fn refuse(
+    socket: &mut WebSocket,
+    protocol: Protocol,
+    error: ErrorCode,
+    close: CloseCode,
+    detail: &str,
+) {
+    let frame = close_frame(close, detail);
+    let error: Utf8Bytes = protocol.error(error, frame.reason.as_str().to_owned(), None, None);
+    let send = async {
+        socket.send(Message::Text(error)).await?;
+        socket.send(Message::Close(Some(frame))).await
+    };
+    match tokio::time::timeout(CLOSE_REPLY_TIMEOUT, send).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::debug!(%err, "could not send the refusal"),
+        Err(_) => tracing::debug!("the refused client did not read its close frame"),
+    }
+    await_close_reply(socket).await;
+}
+
+/// Reads and discards until the client's close frame (or the timeout). Reading on keeps the
+/// close handshake proper: a socket closed with unread data is reset, and a reset can destroy
+/// the close frame before the client reads it.
+async fn await_close_reply<S>(stream: &mut S)
+where
+    S: Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
+    let drained = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, async {
+        while let Some(Ok(message)) = stream.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::debug!("no close frame from the client in time");
+    }
+}

@@ -1,0 +1,365 @@
+//! A native client's reply stream on one connection. Replies go out in `seq` order, each once,
+//! whether they arrive live from the workers or are read back from the store: on resume, on
+//! `sync`, or when a live reply went missing on its way here. The client says where it stopped
+//! (`after`), and the stream goes on from there with no gap and no duplicate at the seam between
+//! replayed and live replies: that is what makes every reply arrive exactly once across
+//! reconnects.
+
+use super::outbox::Outbox;
+use super::wire::Protocol;
+use crate::domain::ClientId;
+use crate::queue::MessageRef;
+use crate::store::{Store, StoredReply};
+use kaiwa_protocol::{ErrorCode, MessageStatus};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
+
+/// Replies read from the store at a time.
+const PAGE: u32 = 200;
+/// How long a live reply that came ahead of its turn waits for the one before it, before that
+/// one is read from the store. Two workers that finish together report their replies in either
+/// order, so the missing one is usually a moment behind; one that does not come at all (its
+/// event was lost, or went to the client's previous connection) costs this much latency once.
+const GAP_WAIT: Duration = Duration::from_millis(100);
+/// Live replies held ahead of their turn, at most; past that, the stream reads from the store
+/// at once instead of holding more.
+const MAX_AHEAD: usize = 256;
+/// Reads that may find nothing although a reply is known to be stored (it was committed before
+/// it was announced, so this means a store that lags): then the client is told to `sync`.
+const MAX_EMPTY_READS: u32 = 10;
+
+/// A reply reported by a worker; `last` marks the end of its message's reply set.
+#[derive(Debug)]
+pub(crate) struct Live {
+    pub message: MessageRef,
+    pub reply: StoredReply,
+    pub last: bool,
+}
+
+pub(crate) struct ReplyStream {
+    client_id: ClientId,
+    outbox: Outbox,
+    store: Arc<dyn Store>,
+    /// Where catch-up tasks run, so shutdown waits for them.
+    tracker: TaskTracker,
+    state: Mutex<State>,
+    /// Wakes a catch-up task that waits for a gap to close: a live reply closed it, a replay
+    /// was asked for, or too many replies wait ahead.
+    wake: Notify,
+}
+
+struct State {
+    /// The `seq` of the last reply handed to the outbox: the stream's position.
+    sent: u64,
+    /// The highest `seq` known to be stored (from live replies): a catch-up runs until it has
+    /// sent at least that far.
+    known: u64,
+    /// Live replies that came before their turn, by `seq`.
+    ahead: BTreeMap<u64, Live>,
+    catch_up: CatchUp,
+    /// The replay the client asked for (resume or `sync`): the replies it has sent. It ends
+    /// with `synced`.
+    replay: Option<u32>,
+    /// Bumped when the client moves the position (`sync` with `after`), so that a page read
+    /// from the old position is not sent.
+    generation: u64,
+}
+
+/// The one task that may read the stream back from the store, and what it is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CatchUp {
+    Idle,
+    /// Waiting (at most [`GAP_WAIT`]) for a live reply to close a gap.
+    Waiting,
+    /// Reading from the store and sending, at the client's pace.
+    Reading,
+}
+
+impl std::fmt::Debug for ReplyStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyStream")
+            .field("client_id", &self.client_id)
+            .field("sent", &self.sent())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplyStream {
+    /// A stream whose client has everything up to `position`.
+    pub(crate) fn new(
+        client_id: ClientId,
+        outbox: Outbox,
+        store: Arc<dyn Store>,
+        tracker: TaskTracker,
+        position: u64,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            client_id,
+            outbox,
+            store,
+            tracker,
+            state: Mutex::new(State {
+                sent: position,
+                known: position,
+                ahead: BTreeMap::new(),
+                catch_up: CatchUp::Idle,
+                replay: None,
+                generation: 0,
+            }),
+            wake: Notify::new(),
+        })
+    }
+
+    /// The `seq` of the last reply handed to the outbox.
+    pub(crate) fn sent(&self) -> u64 {
+        self.lock().sent
+    }
+
+    /// A reply from a worker. In its turn it goes out at once; ahead of its turn it waits for
+    /// the ones before it, which are read from the store if they do not come soon. False if the
+    /// outbox is full (the client is then disconnected as slow, and resumes).
+    pub(crate) fn offer(self: &Arc<Self>, live: Live) -> bool {
+        let mut state = self.lock();
+        let seq = live.reply.seq;
+        state.known = state.known.max(seq);
+        if seq <= state.sent {
+            // Sent already, read back from the store: only the status that follows it is owed.
+            return !live.last || self.push_replied(&live.message);
+        }
+        if seq == state.sent + 1 {
+            let pushed = self.push_live(&mut state, live);
+            self.take_ahead(&mut state);
+            if state.ahead.is_empty() && state.catch_up == CatchUp::Waiting {
+                self.wake.notify_waiters();
+            }
+            return pushed;
+        }
+        if state.ahead.len() < MAX_AHEAD {
+            state.ahead.insert(seq, live);
+        } else {
+            // The store has it; reading from it now beats holding more.
+            self.wake.notify_waiters();
+        }
+        if state.catch_up == CatchUp::Idle {
+            state.catch_up = CatchUp::Waiting;
+            self.spawn(true);
+        }
+        true
+    }
+
+    /// Sends every reply after `after` (default: after the last one sent), in order, then
+    /// `synced`. Live replies that arrive meanwhile take their turn in the same order.
+    pub(crate) fn replay(self: &Arc<Self>, after: Option<u64>) {
+        let mut state = self.lock();
+        if let Some(after) = after
+            && after != state.sent
+        {
+            state.sent = after;
+            state.generation += 1;
+            self.take_ahead(&mut state);
+        }
+        state.replay.get_or_insert(0);
+        match state.catch_up {
+            CatchUp::Idle => {
+                state.catch_up = CatchUp::Reading;
+                self.spawn(false);
+            }
+            CatchUp::Waiting => {
+                state.catch_up = CatchUp::Reading;
+                self.wake.notify_waiters();
+            }
+            CatchUp::Reading => {}
+        }
+    }
+
+    fn spawn(self: &Arc<Self>, wait_for_gap: bool) {
+        let stream = self.clone();
+        self.tracker
+            .spawn(async move { stream.catch_up(wait_for_gap).await });
+    }
+
+    /// The catch-up task: waits for a gap to close if asked to, else reads the stream back from
+    /// the store until everything known to be stored is sent; ends when nothing is left to do.
+    async fn catch_up(self: Arc<Self>, mut wait_for_gap: bool) {
+        loop {
+            if wait_for_gap {
+                let woken = self.wake.notified();
+                tokio::pin!(woken);
+                // Registered before the check, so a wake between the two is not missed.
+                woken.as_mut().enable();
+                if self.lock().catch_up == CatchUp::Waiting {
+                    tokio::select! {
+                        () = tokio::time::sleep(GAP_WAIT) => {}
+                        () = woken => {}
+                    }
+                }
+                let mut state = self.lock();
+                let gap = !state.ahead.is_empty() || state.known > state.sent;
+                match state.catch_up {
+                    CatchUp::Reading => {}
+                    _ if !gap => {
+                        state.catch_up = CatchUp::Idle;
+                        return;
+                    }
+                    _ => state.catch_up = CatchUp::Reading,
+                }
+            }
+            if !self.read_from_store().await {
+                let mut state = self.lock();
+                state.catch_up = CatchUp::Idle;
+                state.replay = None;
+                return;
+            }
+            let mut state = self.lock();
+            self.take_ahead(&mut state);
+            if let Some(replies) = state.replay.take()
+                && let Some(frame) = Protocol::Native.synced(replies, state.sent)
+            {
+                self.outbox.push(frame);
+            }
+            if state.ahead.is_empty() {
+                state.catch_up = CatchUp::Idle;
+                return;
+            }
+            // Live replies came in beyond a new gap while this task read.
+            state.catch_up = CatchUp::Waiting;
+            wait_for_gap = true;
+        }
+    }
+
+    /// Reads the stream after the last reply sent and sends it, waiting for room in the outbox
+    /// before each reply (a long replay goes at the client's pace and leaves room for live
+    /// frames), until the store has nothing more and everything known is sent. False if the
+    /// connection is gone or the store fails.
+    async fn read_from_store(&self) -> bool {
+        let mut empty_reads = 0;
+        loop {
+            let (after, generation) = {
+                let state = self.lock();
+                (state.sent, state.generation)
+            };
+            let page = match self.store.replies_after(&self.client_id, after, PAGE).await {
+                Ok(page) => page,
+                Err(err) => {
+                    tracing::error!(client_id = %self.client_id, %err, "could not read replies back from the store");
+                    self.tell_to_sync();
+                    return false;
+                }
+            };
+            if page.is_empty() {
+                {
+                    let state = self.lock();
+                    if state.generation != generation {
+                        continue;
+                    }
+                    if state.known <= state.sent {
+                        return true;
+                    }
+                }
+                // A reply is announced only after its commit, so the next read finds it.
+                empty_reads += 1;
+                if empty_reads > MAX_EMPTY_READS {
+                    tracing::error!(client_id = %self.client_id, after, "a reply announced as stored cannot be read back");
+                    self.tell_to_sync();
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(10) * empty_reads).await;
+                continue;
+            }
+            for missed in page {
+                if !self.outbox.room().await {
+                    return false;
+                }
+                let mut state = self.lock();
+                if state.generation != generation {
+                    break;
+                }
+                let seq = missed.reply.seq;
+                if seq <= state.sent {
+                    // Sent live while this task waited for room.
+                    continue;
+                }
+                let live = state.ahead.remove(&seq);
+                let message = MessageRef {
+                    client_id: self.client_id.clone(),
+                    message_id: missed.reply.message_id,
+                    client_message_id: missed.client_message_id,
+                };
+                let replayed = state.replay.is_some();
+                if !self
+                    .outbox
+                    .push(Protocol::Native.reply(&message, &missed.reply, replayed))
+                {
+                    return false;
+                }
+                state.sent = seq;
+                if let Some(count) = state.replay.as_mut() {
+                    *count += 1;
+                }
+                if live.is_some_and(|live| live.last) {
+                    self.push_replied(&message);
+                }
+            }
+        }
+    }
+
+    /// Sends the live replies that are now in their turn, and forgets those already sent
+    /// (keeping the status owed after them).
+    fn take_ahead(&self, state: &mut State) {
+        while let Some(entry) = state.ahead.first_entry() {
+            let seq = *entry.key();
+            if seq > state.sent + 1 {
+                break;
+            }
+            let live = entry.remove();
+            if seq <= state.sent {
+                if live.last {
+                    self.push_replied(&live.message);
+                }
+            } else {
+                self.push_live(state, live);
+            }
+        }
+    }
+
+    fn push_live(&self, state: &mut State, live: Live) -> bool {
+        let Live {
+            message,
+            reply,
+            last,
+        } = live;
+        if !self
+            .outbox
+            .push(Protocol::Native.reply(&message, &reply, false))
+        {
+            return false;
+        }
+        state.sent = reply.seq;
+        !last || self.push_replied(&message)
+    }
+
+    fn push_replied(&self, message: &MessageRef) -> bool {
+        Protocol::Native
+            .status(message, MessageStatus::Replied)
+            .is_none_or(|frame| self.outbox.push(frame))
+    }
+
+    fn tell_to_sync(&self) {
+        self.outbox.push(Protocol::Native.error(
+            ErrorCode::Internal,
+            "could not load replies; send sync to try again".into(),
+            None,
+            None,
+        ));
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every change to the state is a few assignments with no await between them.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
