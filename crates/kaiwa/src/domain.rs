@@ -4,7 +4,10 @@ use chrono_tz::Tz;
 use std::fmt;
 use std::sync::Arc;
 
-/// A client's id: 1–128 bytes, no control characters, no `/` (it appears in URL paths).
+/// A client's id: 1–128 bytes of letters, digits and `-` `_` `.` `~` `@` `+` `:` `=`, not
+/// starting with a dot. It appears as one segment of URL paths (`/chat-history/{id}`), so it can
+/// be neither a path segment of its own (`.`, `..`), nor hold a separator (`/`, `\`), an escape
+/// (`%`), a space or a control character: every HTTP client then reaches the same history.
 ///
 /// Cheap to clone: it is copied into every job, event and registry entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -16,14 +19,44 @@ pub enum ClientIdError {
     Missing,
     #[error("client_id must be at most {} bytes", ClientId::MAX_LEN)]
     TooLong,
-    #[error("client_id must not contain control characters or '/'")]
+    #[error(
+        "client_id may hold only letters, digits and - _ . ~ @ + : = (no spaces, slashes, backslashes, % or control characters)"
+    )]
     BadCharacter,
+    #[error("client_id must not start with a dot")]
+    LeadingDot,
 }
 
 impl ClientId {
     pub const MAX_LEN: usize = 128;
 
+    /// Checks an id a client introduces itself with.
     pub fn parse(raw: &str) -> Result<Self, ClientIdError> {
+        let id = Self::bounded(raw)?;
+        if !id
+            .chars()
+            .all(|c| c.is_alphanumeric() || "-_.~@+:=".contains(c))
+        {
+            return Err(ClientIdError::BadCharacter);
+        }
+        if id.starts_with('.') {
+            return Err(ClientIdError::LeadingDot);
+        }
+        Ok(Self(id.into()))
+    }
+
+    /// An id read back from the store, or named in a history request: held to the rules ids
+    /// were stored under before the current ones (no control characters, no `/`), so that
+    /// clients stored then stay readable.
+    pub fn parse_stored(raw: &str) -> Result<Self, ClientIdError> {
+        let id = Self::bounded(raw)?;
+        if id.chars().any(|c| c.is_control() || c == '/') {
+            return Err(ClientIdError::BadCharacter);
+        }
+        Ok(Self(id.into()))
+    }
+
+    fn bounded(raw: &str) -> Result<&str, ClientIdError> {
         let id = raw.trim();
         if id.is_empty() {
             return Err(ClientIdError::Missing);
@@ -31,10 +64,7 @@ impl ClientId {
         if id.len() > Self::MAX_LEN {
             return Err(ClientIdError::TooLong);
         }
-        if id.chars().any(|c| c.is_control() || c == '/') {
-            return Err(ClientIdError::BadCharacter);
-        }
-        Ok(Self(id.into()))
+        Ok(id)
     }
 
     pub fn as_str(&self) -> &str {
@@ -101,13 +131,58 @@ mod tests {
             Ok("alice".into())
         );
         assert_eq!(ClientId::parse("   "), Err(ClientIdError::Missing));
-        assert_eq!(ClientId::parse("a/b"), Err(ClientIdError::BadCharacter));
-        assert_eq!(ClientId::parse("a\nb"), Err(ClientIdError::BadCharacter));
         assert_eq!(
             ClientId::parse(&"x".repeat(129)),
             Err(ClientIdError::TooLong)
         );
-        assert!(ClientId::parse("user@example.com").is_ok());
+        for fine in [
+            "user@example.com",
+            "42",
+            "load-7_x.y~z+1:2=3",
+            "さくら",
+            "a..b",
+            "José",
+        ] {
+            assert!(ClientId::parse(fine).is_ok(), "{fine}");
+        }
+    }
+
+    #[test]
+    fn ids_that_are_not_one_plain_path_segment_are_refused() {
+        for dot in [".", "..", ".hidden"] {
+            assert_eq!(
+                ClientId::parse(dot),
+                Err(ClientIdError::LeadingDot),
+                "{dot}"
+            );
+        }
+        for bad in [
+            "a/b",
+            "\\..\\x",
+            "%2e%2e%2f",
+            "a b",
+            "a\nb",
+            "tab\there",
+            "a?b",
+            "a#b",
+        ] {
+            assert_eq!(
+                ClientId::parse(bad),
+                Err(ClientIdError::BadCharacter),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn ids_stored_under_the_old_rules_stay_readable() {
+        for old in ["..", "a b", "%2e%2e%2f", "\\..\\x"] {
+            assert!(ClientId::parse_stored(old).is_ok(), "{old}");
+        }
+        assert_eq!(
+            ClientId::parse_stored("a/b"),
+            Err(ClientIdError::BadCharacter)
+        );
     }
 
     #[test]

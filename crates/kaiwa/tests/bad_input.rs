@@ -284,6 +284,77 @@ async fn a_native_hello_without_a_usable_client_id_is_refused_with_1008() {
 }
 
 #[tokio::test]
+async fn client_ids_that_are_not_one_plain_path_segment_are_refused_in_both_protocols() {
+    let app = TestApp::spawn(&[]).await;
+    for id in [".", "..", "\\..\\x", "%2e%2e%2f", "a b", "a/b", ".hidden"] {
+        refused_handshake(
+            &app,
+            false,
+            json!({"client_id": id, "timezone": "UTC"}),
+            "invalid_client_id",
+        )
+        .await;
+        refused_handshake(
+            &app,
+            true,
+            json!({"type": "hello", "client_id": id, "timezone": "UTC"}),
+            "invalid_client_id",
+        )
+        .await;
+    }
+    // Letters of any script, digits and the few marks ids are made of pass.
+    for id in ["さくら", "user@example.com", "load-1_a.b~c+d:e=f"] {
+        let mut client = connect(&app, true, id).await;
+        native_still_replies(&mut client, "ok").await;
+    }
+    assert_healthy(&app).await;
+}
+
+async fn invalid_utf8_closes_with_1007(hello: &str) {
+    let app = TestApp::spawn(&[]).await;
+    let mut raw = support::raw::RawClient::connect(app.addr).await;
+    raw.send_text(hello).await;
+    raw.send_text_bytes(b"{\"message_type\": \"text\", \"content\": \"\xff\xfe\"}")
+        .await;
+    assert_eq!(raw.close_code().await, Some(1007));
+    assert_healthy(&app).await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_a_legacy_text_frame_closes_with_1007() {
+    invalid_utf8_closes_with_1007(r#"{"client_id": "bytes", "timezone": "UTC"}"#).await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_a_native_text_frame_closes_with_1007() {
+    invalid_utf8_closes_with_1007(r#"{"type": "hello", "client_id": "bytes", "timezone": "UTC"}"#)
+        .await;
+}
+
+#[tokio::test]
+async fn a_heartbeat_of_the_wrong_shape_is_a_bad_frame_and_the_connection_stays_usable() {
+    let app = TestApp::spawn(&[]).await;
+    let mut client = connect(&app, false, "shapes").await;
+    for wrong in [
+        json!({"type": "heartbeat", "data": []}),
+        json!({"type": "heartbeat", "data": "pong"}),
+        json!({"type": "heartbeat", "data": {"message": 7}}),
+    ] {
+        client.send_json(wrong).await;
+        expect_legacy_error(&mut client, "bad_frame").await;
+    }
+    legacy_still_replies(&mut client).await;
+    let mut native = connect(&app, true, "native-shapes").await;
+    native.send_json(json!({"type": "received"})).await;
+    expect_native_error(&mut native, "bad_frame").await;
+    native
+        .send_json(json!({"type": "sync", "after": "yesterday"}))
+        .await;
+    expect_native_error(&mut native, "bad_frame").await;
+    native_still_replies(&mut native, "after-shapes").await;
+}
+
+#[tokio::test]
 async fn unknown_timezone_is_refused_with_1008_in_both_protocols() {
     let app = TestApp::spawn(&[]).await;
     refused_handshake(

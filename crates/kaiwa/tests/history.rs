@@ -156,3 +156,40 @@ async fn out_of_range_parameters_get_422_with_a_stable_code() {
     let (status, _) = app.get_json("/chat-history/x?limit=100&offset=0").await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn a_client_stored_under_the_old_id_rules_keeps_its_history() {
+    use kaiwa::domain::{ClientId, Timezone};
+    use kaiwa::store::{NewMessage, SqliteStore, Store};
+    use kaiwa_protocol::{MessageStatus, MessageType};
+
+    // An id with a space was accepted before ids were held to one plain path segment.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = SqliteStore::open(dir.path()).await.expect("opens");
+    store
+        .insert_message(NewMessage {
+            client_id: ClientId::parse_stored("old timer").expect("an old id"),
+            client_message_id: None,
+            kind: MessageType::Text,
+            content: "from before".into(),
+            filename: None,
+            mime_type: None,
+            size_bytes: None,
+            timezone: Timezone::parse("UTC").expect("a zone"),
+            status: MessageStatus::Accepted,
+            reason: None,
+            client_timestamp: None,
+            received_at: support::morning(),
+        })
+        .await
+        .expect("stored");
+    store.close().await;
+
+    let app = TestApp::spawn_in(dir, &[]).await;
+    let (status, page) = app.get_json("/chat-history/old%20timer").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["data"][0]["content"], "from before");
+    let (status, page) = app.get_json("/api/v1/clients/old%20timer/messages").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["messages"][0]["content"], "from before");
+}

@@ -192,7 +192,9 @@ pub(crate) fn parse(text: &str, native_header: bool) -> Result<Hello, HandshakeE
     let client_id = ClientId::parse(client_id.as_deref().unwrap_or_default()).map_err(|err| {
         let code = match err {
             ClientIdError::Missing => ErrorCode::MissingClientId,
-            ClientIdError::TooLong | ClientIdError::BadCharacter => ErrorCode::InvalidClientId,
+            ClientIdError::TooLong | ClientIdError::BadCharacter | ClientIdError::LeadingDot => {
+                ErrorCode::InvalidClientId
+            }
         };
         invalid(protocol, code, err.to_string())
     })?;

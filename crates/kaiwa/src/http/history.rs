@@ -38,7 +38,7 @@ struct CursorParams {
 }
 
 fn client(raw: &str) -> Result<ClientId, ApiError> {
-    ClientId::parse(raw).map_err(|err| ApiError::InvalidParameter(err.to_string()))
+    ClientId::parse_stored(raw).map_err(|err| ApiError::InvalidParameter(err.to_string()))
 }
 
 fn limit(raw: Option<&str>) -> Result<u32, ApiError> {

@@ -534,7 +534,12 @@ pub mod raw {
         }
 
         pub async fn send_text(&mut self, text: &str) {
-            let payload = text.as_bytes();
+            self.send_text_bytes(text.as_bytes()).await;
+        }
+
+        /// A text frame with any payload, valid UTF-8 or not (a real client library would
+        /// refuse to send invalid UTF-8 as text).
+        pub async fn send_text_bytes(&mut self, payload: &[u8]) {
             let mask = [0x37, 0xfa, 0x21, 0x3d];
             let mut frame = vec![0x81];
             match payload.len() {

@@ -192,7 +192,7 @@ impl TryFrom<MessageRecord> for StoredMessage {
     fn try_from(row: MessageRecord) -> Result<Self, StoreError> {
         Ok(Self {
             id: row.id,
-            client_id: ClientId::parse(&row.client_id)
+            client_id: ClientId::parse_stored(&row.client_id)
                 .map_err(|_| corrupt("client id", &row.client_id))?,
             client_message_id: row.client_msg_id,
             kind: MessageType::parse(&row.message_type)
