@@ -4,7 +4,7 @@
 use crate::admission::{Admission, InFlight, Sweeper};
 use crate::clock::Clock;
 use crate::config::ServeConfig;
-use crate::gateway::{self, Gateway, GatewaySettings, OutboxLimits, WelcomeInfo};
+use crate::gateway::{self, Gateway, GatewaySettings};
 use crate::http::{self, HttpState};
 use crate::queue::{MemoryQueue, Queue};
 use crate::replies::model::{ModelError, ModelResponder};
@@ -14,7 +14,6 @@ use crate::telemetry;
 use crate::worker::{Delays, Worker};
 use axum::Router;
 use axum::serve::ListenerExt;
-use kaiwa_protocol::native::Limits;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -114,40 +113,7 @@ impl Application {
             queue.clone(),
         ));
         let tracker = TaskTracker::new();
-        let welcome = WelcomeInfo {
-            heartbeat_interval: config.sessions.heartbeat_interval,
-            heartbeat_timeout: config.sessions.heartbeat_timeout,
-            first_message_timeout: config.sessions.first_message_timeout,
-            limits: Limits {
-                max_text_chars: config.content.max_text_chars as usize,
-                max_image_bytes: config.content.max_image_bytes,
-                max_voice_bytes: config.content.max_voice_bytes,
-                max_video_bytes: config.content.max_video_bytes,
-                max_in_flight_per_client: limits.max_in_flight_per_client as usize,
-            },
-            windows: config.windows.describe(),
-        };
-        // An accepted media message sends up to six frames (ack, processing, three replies,
-        // replied): an outbox smaller than that per allowed message can cut off a healthy client.
-        let per_client_frames = 6 * limits.max_in_flight_per_client;
-        if limits.outbox_capacity < per_client_frames {
-            tracing::warn!(
-                outbox_capacity = limits.outbox_capacity,
-                max_in_flight_per_client = limits.max_in_flight_per_client,
-                "--outbox-capacity is below 6 frames per message a client may have in flight; clients using their whole allowance may be disconnected as slow"
-            );
-        }
-        let settings = GatewaySettings {
-            sessions: config.sessions.clone(),
-            max_clients: limits.max_clients as usize,
-            max_in_flight_per_client: limits.max_in_flight_per_client as usize,
-            outbox: OutboxLimits {
-                frames: limits.outbox_capacity as usize,
-                bytes: limits.outbox_bytes,
-            },
-            max_frame_bytes: config.content.max_frame_bytes(),
-            welcome,
-        };
+        let settings = GatewaySettings::from_config(&config);
         let gateway = Arc::new(Gateway::new(
             settings,
             admission.clone(),
@@ -279,10 +245,7 @@ impl Application {
         gateway.begin_drain();
 
         let in_flight = &admission.in_flight;
-        if tokio::time::timeout(shutdown_grace, in_flight.idle())
-            .await
-            .is_err()
-        {
+        if !in_flight.idle_within(shutdown_grace).await {
             tracing::warn!(
                 in_flight = in_flight.current(),
                 "grace period over with messages in flight; they stay accepted and are processed on the next start"

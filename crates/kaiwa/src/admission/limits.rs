@@ -129,6 +129,12 @@ impl InFlight {
         }
     }
 
+    /// Waits up to `grace` for every message in flight to get its last reply: the drain of a
+    /// shutdown. False if some are still in flight when it is over.
+    pub async fn idle_within(&self, grace: Duration) -> bool {
+        tokio::time::timeout(grace, self.idle()).await.is_ok()
+    }
+
     pub fn current(&self) -> usize {
         self.max - self.permits.available_permits()
     }
@@ -174,6 +180,58 @@ mod tests {
         assert!(!in_flight.release(7), "a second release finds nothing");
         assert_eq!(in_flight.current(), 0);
         assert_eq!(in_flight.peak(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_waits_for_a_slot_exactly_as_long_as_it_may() {
+        let in_flight = Arc::new(InFlight::new(1));
+        let taken = in_flight
+            .acquire(None, Duration::ZERO)
+            .await
+            .expect("one permit is free");
+        let started = tokio::time::Instant::now();
+        assert!(
+            in_flight
+                .acquire(None, Duration::from_secs(10))
+                .await
+                .is_none(),
+            "busy"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+
+        // A slot freed during the wait is taken at that moment.
+        let waiting = in_flight.clone();
+        let waiter = tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let slot = waiting.acquire(None, Duration::from_secs(10)).await;
+            (slot.is_some(), started.elapsed())
+        });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        drop(taken);
+        assert_eq!(waiter.await.expect("joins"), (true, Duration::from_secs(3)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_waits_for_messages_in_flight_up_to_the_grace_period_and_no_longer() {
+        let in_flight = Arc::new(InFlight::new(2));
+        let slot = in_flight
+            .acquire(None, Duration::ZERO)
+            .await
+            .expect("a permit");
+        in_flight.park(1, slot);
+        let started = tokio::time::Instant::now();
+        assert!(!in_flight.idle_within(Duration::from_secs(10)).await);
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+
+        // The last reply comes in the fourth second of the grace period: the drain ends then.
+        let releasing = in_flight.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            releasing.release(1);
+        });
+        let started = tokio::time::Instant::now();
+        assert!(in_flight.idle_within(Duration::from_secs(10)).await);
+        assert_eq!(started.elapsed(), Duration::from_secs(4));
     }
 
     #[test]

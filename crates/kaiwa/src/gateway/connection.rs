@@ -121,7 +121,7 @@ pub(crate) async fn serve(
         hello.client_id.as_str(),
         hello.timezone.name(),
         gateway.clock.now(),
-        &gateway.settings.welcome,
+        &gateway.settings,
     ));
     let stream = (hello.protocol == Protocol::Native).then(|| {
         ReplyStream::new(

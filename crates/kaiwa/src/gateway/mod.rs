@@ -10,17 +10,20 @@ mod outbox;
 mod registry;
 mod session;
 mod stream;
+#[cfg(test)]
+mod tests;
 mod wire;
 
 use crate::admission::{Admission, ConnectionSlots};
 use crate::clock::Clock;
-use crate::config::SessionConfig;
+use crate::config::{ServeConfig, SessionConfig};
 use crate::store::Store;
 use axum::Router;
 use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::response::Response;
 use axum::routing::any;
+use kaiwa_protocol::native::{Limits, WindowInfo};
 use registry::Registry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +31,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub(crate) use outbox::OutboxLimits;
-pub(crate) use wire::WelcomeInfo;
 
 /// Per-connection WebSocket buffers. The read buffer is allocated for every connection up
 /// front (axum's default is 128 KiB), so it is kept small; frames larger than it are still read,
@@ -49,7 +51,43 @@ pub struct GatewaySettings {
     pub max_in_flight_per_client: usize,
     pub(crate) outbox: OutboxLimits,
     pub max_frame_bytes: usize,
-    pub(crate) welcome: WelcomeInfo,
+    /// What a native client is told at `welcome` besides the session timers.
+    pub(crate) limits: Limits,
+    pub(crate) windows: Vec<WindowInfo>,
+}
+
+impl GatewaySettings {
+    pub fn from_config(config: &ServeConfig) -> Self {
+        let limits = &config.limits;
+        // An accepted media message sends up to six frames (ack, processing, three replies,
+        // replied): an outbox smaller than that per allowed message can cut off a healthy client.
+        let per_client_frames = 6 * limits.max_in_flight_per_client;
+        if limits.outbox_capacity < per_client_frames {
+            tracing::warn!(
+                outbox_capacity = limits.outbox_capacity,
+                max_in_flight_per_client = limits.max_in_flight_per_client,
+                "--outbox-capacity is below 6 frames per message a client may have in flight; clients using their whole allowance may be disconnected as slow"
+            );
+        }
+        Self {
+            sessions: config.sessions.clone(),
+            max_clients: limits.max_clients as usize,
+            max_in_flight_per_client: limits.max_in_flight_per_client as usize,
+            outbox: OutboxLimits {
+                frames: limits.outbox_capacity as usize,
+                bytes: limits.outbox_bytes,
+            },
+            max_frame_bytes: config.content.max_frame_bytes(),
+            limits: Limits {
+                max_text_chars: config.content.max_text_chars as usize,
+                max_image_bytes: config.content.max_image_bytes,
+                max_voice_bytes: config.content.max_voice_bytes,
+                max_video_bytes: config.content.max_video_bytes,
+                max_in_flight_per_client: limits.max_in_flight_per_client as usize,
+            },
+            windows: config.windows.describe(),
+        }
+    }
 }
 
 pub struct Gateway {

@@ -165,6 +165,11 @@ impl Outbox {
 }
 
 impl Outgoing {
+    #[cfg(test)]
+    pub(crate) fn message(&self) -> &Message {
+        &self.message
+    }
+
     fn text(text: Utf8Bytes, reply_id: Option<i64>) -> Self {
         Self {
             bytes: text.len(),

@@ -1,11 +1,12 @@
 //! Frames as each protocol spells them. Sessions and the delivery task say what to send; this
 //! module says how, so the two protocols never leak into the rest of the gateway.
 
+use super::GatewaySettings;
 use crate::queue::MessageRef;
 use crate::store::StoredReply;
 use axum::extract::ws::Utf8Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
-use kaiwa_protocol::native::{self, Limits, WindowInfo};
+use kaiwa_protocol::native;
 use kaiwa_protocol::{ErrorCode, MessageStatus, legacy};
 use serde::Serialize;
 use std::time::Duration;
@@ -28,24 +29,15 @@ fn iso(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-/// What a native client learns at `welcome`.
-#[derive(Debug, Clone)]
-pub(crate) struct WelcomeInfo {
-    pub heartbeat_interval: Duration,
-    pub heartbeat_timeout: Duration,
-    pub first_message_timeout: Duration,
-    pub limits: Limits,
-    pub windows: Vec<WindowInfo>,
-}
-
 impl Protocol {
     pub(crate) fn welcome(
         self,
         client_id: &str,
         timezone: &str,
         now: DateTime<Utc>,
-        info: &WelcomeInfo,
+        settings: &GatewaySettings,
     ) -> Utf8Bytes {
+        let sessions = &settings.sessions;
         match self {
             Self::Legacy => encode(&legacy::ServerFrame::connected()),
             Self::Native => encode(&native::ServerFrame::Welcome(native::Welcome {
@@ -53,11 +45,11 @@ impl Protocol {
                 timezone: timezone.to_owned(),
                 protocol: kaiwa_protocol::SUBPROTOCOL.to_owned(),
                 server_time: now,
-                heartbeat_interval_ms: millis(info.heartbeat_interval),
-                heartbeat_timeout_ms: millis(info.heartbeat_timeout),
-                first_message_timeout_ms: millis(info.first_message_timeout),
-                limits: info.limits,
-                windows: info.windows.clone(),
+                heartbeat_interval_ms: millis(sessions.heartbeat_interval),
+                heartbeat_timeout_ms: millis(sessions.heartbeat_timeout),
+                first_message_timeout_ms: millis(sessions.first_message_timeout),
+                limits: settings.limits,
+                windows: settings.windows.clone(),
             })),
         }
     }
