@@ -80,7 +80,10 @@ async fn replies_that_could_not_be_stored_on_a_full_disk_come_once_it_has_room_a
     let mut failed = std::collections::HashSet::new();
     while failed.len() < ids.len() {
         let frame = client.next_json().await;
-        assert_ne!(frame["type"], "reply", "no reply can be stored on a full disk: {frame}");
+        assert_ne!(
+            frame["type"], "reply",
+            "no reply can be stored on a full disk: {frame}"
+        );
         if frame["type"] == "error" {
             assert_eq!(frame["code"], "processing_failed", "{frame}");
             failed.insert(frame["id"].as_str().expect("the message's id").to_owned());
@@ -101,7 +104,11 @@ async fn replies_that_could_not_be_stored_on_a_full_disk_come_once_it_has_room_a
             _ => {}
         }
     }
-    assert_eq!(replies, 3 * ids.len(), "each message gets its three replies, once");
+    assert_eq!(
+        replies,
+        3 * ids.len(),
+        "each message gets its three replies, once"
+    );
     eventually("every message replied in the history", || async {
         let (_, page) = app.get_json("/api/v1/clients/patient/messages").await;
         let messages = page["messages"].as_array()?;
