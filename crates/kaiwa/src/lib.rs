@@ -28,6 +28,8 @@ pub mod replies;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 pub mod worker;
 
 pub use app::Application;

@@ -7,13 +7,7 @@ use super::outbox::{Outbox, Outgoing};
 use super::registry::Liveness;
 use super::session::{Ending, Session};
 use super::wire::Protocol;
-use super::{Gateway, GatewaySettings};
-use crate::admission::{Admission, InFlight};
-use crate::clock::SystemClock;
-use crate::config::ServeConfig;
 use crate::domain::{ClientId, Timezone};
-use crate::queue::MemoryQueue;
-use crate::store::{MediaStore, MemoryStore, Store};
 use axum::extract::ws::Message;
 use futures::channel::mpsc as futures_mpsc;
 use kaiwa_protocol::CloseCode;
@@ -22,47 +16,20 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 type Frames = futures_mpsc::UnboundedReceiver<Result<Message, axum::Error>>;
 
-/// A gateway with an in-memory store and queue, configured by `serve` flags.
-struct Fixture {
-    gateway: Arc<Gateway>,
-    _media: tempfile::TempDir,
-}
+struct Fixture(crate::testing::Fixture);
 
 impl Fixture {
     fn new(flags: &[&str]) -> Self {
-        let config = ServeConfig::from_args(flags).expect("valid flags");
-        let media = tempfile::tempdir().expect("a temporary directory");
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
-        let max = config.limits.max_in_flight as usize;
-        let admission = Arc::new(Admission::new(
-            config.content,
-            config.windows,
-            InFlight::new(max),
-            config.limits.in_flight_wait,
-            store.clone(),
-            MediaStore::open(media.path()).expect("media folders"),
-            Arc::new(MemoryQueue::new(max)),
-        ));
-        let gateway = Arc::new(Gateway::new(
-            GatewaySettings::from_config(&config),
-            admission,
-            store,
-            Arc::new(SystemClock),
-            TaskTracker::new(),
-        ));
-        Self {
-            gateway,
-            _media: media,
-        }
+        Self(crate::testing::Fixture::new(flags))
     }
 
     /// A session of a client that just said hello, reading what the test sends.
     fn session(&self, protocol: Protocol) -> (Session, mpsc::Receiver<Outgoing>) {
-        let (outbox, sent) = Outbox::new(self.gateway.settings.outbox);
+        let gateway = &self.0.gateway;
+        let (outbox, sent) = Outbox::new(gateway.settings.outbox);
         let liveness = Arc::new(Liveness::default());
         liveness.heard();
         let hello = Hello {
@@ -72,7 +39,7 @@ impl Fixture {
             resume: Resume::Fresh,
         };
         let session = Session::new(
-            self.gateway.clone(),
+            gateway.clone(),
             hello,
             outbox,
             liveness,

@@ -16,6 +16,9 @@ pub enum ApiError {
     NotFound,
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Something else failed on the server; the text says what, for the log only.
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl IntoResponse for ApiError {
@@ -33,6 +36,14 @@ impl IntoResponse for ApiError {
             ),
             Self::Store(err) => {
                 tracing::error!(%err, "request failed in the store");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::Internal,
+                    "internal error; see the server log".to_owned(),
+                )
+            }
+            Self::Internal(cause) => {
+                tracing::error!(%cause, "request failed");
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
                     ErrorCode::Internal,

@@ -66,7 +66,7 @@ async fn image_reply(Path(file): Path<String>) -> Result<Response, ApiError> {
         .ok_or(ApiError::NotFound)?;
     let png = tokio::task::spawn_blocking(move || image::render(seed))
         .await
-        .map_err(|_| ApiError::NotFound)?;
+        .map_err(|err| ApiError::Internal(format!("drawing image reply {seed} failed: {err}")))?;
     Ok(media_response(image::MIME, Body::from(png)))
 }
 

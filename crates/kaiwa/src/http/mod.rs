@@ -5,6 +5,8 @@ mod error;
 mod health;
 mod history;
 mod media;
+#[cfg(test)]
+mod tests;
 mod web;
 
 pub use error::ApiError;

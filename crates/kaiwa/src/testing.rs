@@ -1,0 +1,69 @@
+//! Fixtures for the library's own unit tests: a gateway and the HTTP state over an in-memory
+//! store and queue, configured by `serve` flags, with no socket and no database file.
+
+use crate::admission::{Admission, InFlight};
+use crate::clock::SystemClock;
+use crate::config::ServeConfig;
+use crate::gateway::{Gateway, GatewaySettings};
+use crate::http::HttpState;
+use crate::queue::MemoryQueue;
+use crate::store::{MediaStore, MemoryStore, Store};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio_util::task::TaskTracker;
+
+pub(crate) struct Fixture {
+    pub(crate) gateway: Arc<Gateway>,
+    pub(crate) store: Arc<MemoryStore>,
+    pub(crate) queue: Arc<MemoryQueue>,
+    pub(crate) media: MediaStore,
+    /// Holds the media folders.
+    _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    pub(crate) fn new(flags: &[&str]) -> Self {
+        let config = ServeConfig::from_args(flags).expect("valid flags");
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = Arc::new(MemoryStore::default());
+        let max = config.limits.max_in_flight as usize;
+        let queue = Arc::new(MemoryQueue::new(max));
+        let media = MediaStore::open(dir.path()).expect("media folders");
+        let admission = Arc::new(Admission::new(
+            config.content,
+            config.windows,
+            InFlight::new(max),
+            config.limits.in_flight_wait,
+            store.clone(),
+            media.clone(),
+            queue.clone(),
+        ));
+        let gateway = Arc::new(Gateway::new(
+            GatewaySettings::from_config(&config),
+            admission,
+            store.clone(),
+            Arc::new(SystemClock),
+            TaskTracker::new(),
+        ));
+        Self {
+            gateway,
+            store,
+            queue,
+            media,
+            _dir: dir,
+        }
+    }
+
+    pub(crate) fn http_state(&self) -> Arc<HttpState> {
+        let store: Arc<dyn Store> = self.store.clone();
+        Arc::new(HttpState {
+            store,
+            gateway: self.gateway.clone(),
+            queue: self.queue.clone(),
+            media: self.media.clone(),
+            started: Instant::now(),
+            responder: "built-in",
+            metrics: None,
+        })
+    }
+}
