@@ -160,7 +160,7 @@ pub(crate) async fn serve(
         return;
     }
     if let Resume::After(after) = hello.resume
-        && after > 0
+        && position > 0
     {
         // What the client says it processed is what it acknowledges.
         gateway

@@ -117,34 +117,20 @@ pub struct StoredMessage {
 impl StoredMessage {
     /// A message as stored under `id`, before any reply.
     pub fn new(id: i64, message: NewMessage) -> Self {
-        let NewMessage {
-            client_id,
-            client_message_id,
-            kind,
-            content,
-            filename,
-            mime_type,
-            size_bytes,
-            timezone,
-            status,
-            reason,
-            client_timestamp,
-            received_at,
-        } = message;
         Self {
             id,
-            client_id,
-            client_message_id,
-            kind,
-            content,
-            filename,
-            mime_type,
-            size_bytes,
-            timezone,
-            status,
-            reason,
-            client_timestamp,
-            received_at,
+            client_id: message.client_id,
+            client_message_id: message.client_message_id,
+            kind: message.kind,
+            content: message.content,
+            filename: message.filename,
+            mime_type: message.mime_type,
+            size_bytes: message.size_bytes,
+            timezone: message.timezone,
+            status: message.status,
+            reason: message.reason,
+            client_timestamp: message.client_timestamp,
+            received_at: message.received_at,
             replies: Vec::new(),
         }
     }
