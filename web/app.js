@@ -9,7 +9,14 @@ import { clockFormat, describeError, formatBytes } from './words.js';
 
 const $ = (id) => document.getElementById(id);
 
-const KEYS = { clientId: 'kaiwa.clientId', timezone: 'kaiwa.timezone', theme: 'kaiwa.theme', connect: 'kaiwa.connect' };
+const KEYS = {
+  clientId: 'kaiwa.clientId',
+  timezone: 'kaiwa.timezone',
+  theme: 'kaiwa.theme',
+  connect: 'kaiwa.connect',
+  /** Followed by the client id: each id has its own reply stream. */
+  replySeq: 'kaiwa.replySeq.',
+};
 const HISTORY_PAGE = 30;
 const UPLOAD_POLL_MS = 100;
 // Errors after which sending the same message again can work.
@@ -31,6 +38,42 @@ const saved = {
     }
   },
 };
+
+/**
+ * Where this browser stands in `clientId`'s reply stream: the `seq` of the last reply it
+ * processed, kept per id so that a reload resumes exactly there. Storage is read on every use,
+ * so a tab that connects after another one with the same id starts where that one stopped; the
+ * copy in memory serves when storage is off.
+ *
+ * A brand-new id starts at 0. An id this browser has no position for (opened in a second
+ * browser, or storage cleared) has null: the connection then starts at the server's latest
+ * reply (see `Connection`), because the history comes over HTTP on welcome and replaying all of
+ * it as missed would only show the same replies again, late. Nothing falls between: the server
+ * fixes the start when it reads the hello, the history fetched after welcome holds every reply up
+ * to that start, and every later one comes over the socket. Taking the position from the newest
+ * `seq` in the loaded history instead would need the history before the hello, and its newest
+ * page need not hold the newest reply (a slow reply to an older message). The server counts the
+ * start as acknowledged: those replies are this browser's to read in the history.
+ */
+function replyPosition(clientId, start = null) {
+  const key = KEYS.replySeq + clientId;
+  const parse = (text) => {
+    const seq = text === null ? NaN : Number(text);
+    return Number.isSafeInteger(seq) && seq >= 0 ? seq : null;
+  };
+  let kept = parse(saved.get(key));
+  if (kept === null && start !== null) {
+    kept = start;
+    saved.set(key, String(start));
+  }
+  return {
+    get: () => parse(saved.get(key)) ?? kept,
+    set(seq) {
+      kept = seq;
+      saved.set(key, String(seq));
+    },
+  };
+}
 
 function randomHex(bytes) {
   // getRandomValues works on plain http too, unlike randomUUID.
@@ -79,8 +122,9 @@ const zones = (() => {
   return list.includes('UTC') ? list : ['UTC', ...list];
 })();
 
+const rememberedId = saved.get(KEYS.clientId);
 const app = {
-  clientId: saved.get(KEYS.clientId) || `web-${randomHex(4)}`,
+  clientId: rememberedId || `web-${randomHex(4)}`,
   timezone: saved.get(KEYS.timezone) || Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC',
   limits: null,
   windows: null,
@@ -93,6 +137,8 @@ const app = {
   recorder: null,
 };
 saved.set(KEYS.clientId, app.clientId);
+// An id made up just now has no replies yet.
+app.position = replyPosition(app.clientId, rememberedId ? null : 0);
 
 const connection = new Connection(socketUrl(window.location));
 const view = new ChatView({ scroller: ui.scroller, list: ui.messages });
@@ -114,7 +160,7 @@ function announce(text) {
 
 function connect() {
   saved.set(KEYS.connect, '1');
-  connection.open(app.clientId, app.timezone);
+  connection.open(app.clientId, app.timezone, app.position);
 }
 
 function disconnect() {
@@ -156,6 +202,13 @@ connection.addEventListener('frame', (event) => onFrame(event.detail));
 ui.connect.addEventListener('click', () => (connection.state === 'disconnected' ? connect() : disconnect()));
 ui.retry.addEventListener('click', () => connection.retryNow());
 window.addEventListener('online', () => connection.retryNow());
+// A page going away may never run its acknowledgement timer, and replies it showed would be
+// recorded as failed. Hidden is the last sure moment on a phone; pagehide covers browsers that
+// do not report hidden when the page navigates away.
+document.addEventListener('visibilitychange', () => {
+  if (document.visibilityState === 'hidden') connection.acknowledge();
+});
+window.addEventListener('pagehide', () => connection.acknowledge());
 
 function onFrame(frame) {
   switch (frame.type) {
@@ -557,6 +610,7 @@ ui.clientId.addEventListener('change', () => {
   if (problem || value === app.clientId) return;
   app.clientId = value;
   saved.set(KEYS.clientId, value);
+  app.position = replyPosition(value);
   resetConversation();
   if (connection.state !== 'disconnected') connect();
 });

@@ -1,5 +1,6 @@
 // The connection to kaiwa over the native protocol `kaiwa.v1`: hello, reconnect with backoff,
-// application-level pings (a browser cannot send WebSocket pings), frames in and out.
+// application-level pings (a browser cannot send WebSocket pings), frames in and out, and the
+// place in the reply stream that makes every reply arrive exactly once across reconnects.
 
 import { describeClose, PING_TIMEOUT } from './words.js';
 
@@ -11,6 +12,10 @@ const BACKOFF_MAX_MS = 15000;
 const BACKOFF_FULL_MS = 3000;
 const PING_EVERY_MS = 15000;
 const PONG_WITHIN_MS = 10000;
+// Acknowledgements are cumulative: one `received` covers a burst of replies.
+const ACK_EVERY_MS = 250;
+// An `after` past the end of the stream, which the server takes as its latest reply.
+const LATEST = Number.MAX_SAFE_INTEGER;
 
 /** The WebSocket address of the server that served this page. */
 export function socketUrl(location) {
@@ -26,12 +31,20 @@ export function socketUrl(location) {
  * - `state`: `{state, reason, retryAt}`, state being `disconnected`, `connecting`, `connected` or
  *   `reconnecting` (waiting until `retryAt` for the next attempt).
  * - `welcome`: the welcome frame; the connection is ready for `send`.
- * - `frame`: every other server frame.
+ * - `frame`: every other server frame. A `reply` is processed once its listeners return: the
+ *   position moves past it then, and the server is told (`received`) soon after.
+ *
+ * The position is the `seq` of the last reply processed, or null when this browser has none
+ * for the client id: `{get(): ?number, set(seq)}`, kept by the page.
  */
 export class Connection extends EventTarget {
   #url;
   #ws = null;
   #identity = null;
+  #position = null;
+  /** The last `seq` the server has as acknowledged by this socket (its hello's `after`, then `received`). */
+  #acked = 0;
+  #ackTimer = null;
   #want = false;
   #attempt = 0;
   #retryTimer = null;
@@ -59,12 +72,14 @@ export class Connection extends EventTarget {
     return this.#ws ? this.#ws.bufferedAmount : 0;
   }
 
-  /** Connects (or reconnects now) as `clientId` in `timezone`. */
-  open(clientId, timezone) {
+  /** Connects (or reconnects now) as `clientId` in `timezone`, resuming after `position`. */
+  open(clientId, timezone, position) {
+    // The old socket acknowledges the old id's replies before it goes.
+    this.#teardown(1000, 'reconnecting with new details');
     this.#identity = { clientId, timezone };
+    this.#position = position;
     this.#want = true;
     this.#attempt = 0;
-    this.#teardown(1000, 'reconnecting with new details');
     this.#connect();
   }
 
@@ -78,6 +93,19 @@ export class Connection extends EventTarget {
     this.#want = false;
     this.#teardown(1000, 'closed by the user');
     this.#setState('disconnected', reason);
+  }
+
+  /** Tells the server now about the replies processed since the last `received`. */
+  acknowledge() {
+    clearTimeout(this.#ackTimer);
+    this.#ackTimer = null;
+    const ws = this.#ws;
+    const seq = this.#position?.get();
+    if (!ws || ws.readyState !== WebSocket.OPEN || !this.welcome || seq === null || seq === undefined) return;
+    // Not `>`: after a clamped `after` the position can be below what the hello claimed.
+    if (seq === this.#acked) return;
+    ws.send(JSON.stringify({ type: 'received', seq }));
+    this.#acked = seq;
   }
 
   /** Sends one JSON frame; false when not connected. */
@@ -114,8 +142,13 @@ export class Connection extends EventTarget {
     ws.addEventListener('open', () => {
       if (ws !== this.#ws) return;
       const { clientId, timezone } = this.#identity;
-      // `resume` every time: replies that could not reach us while away come back, marked missed.
-      ws.send(JSON.stringify({ type: 'hello', client_id: clientId, timezone, resume: true }));
+      // Every reply after the last one processed comes first, marked missed, then `synced`.
+      // Without a position the stream starts at the server's latest reply: the history this
+      // page loads on welcome holds everything before it (see `replyPosition` in app.js).
+      const after = this.#position.get() ?? LATEST;
+      // The server counts `after` as acknowledged.
+      this.#acked = after;
+      ws.send(JSON.stringify({ type: 'hello', client_id: clientId, timezone, after }));
     });
     ws.addEventListener('message', (event) => {
       if (ws !== this.#ws) return;
@@ -150,7 +183,29 @@ export class Connection extends EventTarget {
       return;
     }
     if (frame.type === 'error' && !frame.id) this.#lastError = frame;
+    if (frame.type === 'reply' && Number.isSafeInteger(frame.seq)) {
+      const at = this.#position.get();
+      // The server never sends a reply twice on one connection nor one before `after`; a
+      // reply at or before the position would be shown twice.
+      if (at !== null && frame.seq <= at) return;
+      this.dispatchEvent(new CustomEvent('frame', { detail: frame }));
+      this.#position.set(frame.seq);
+      this.#acknowledgeSoon();
+      return;
+    }
+    if (frame.type === 'synced' && Number.isSafeInteger(frame.seq)) {
+      // Where the server's stream stands: the last reply it sent, all processed by now. It is
+      // below the position when the server has fewer replies than this browser has seen (its
+      // database was reset, or the position came from another server): live replies go on
+      // from its number, and would be dropped as seen if the position stayed ahead.
+      this.#position.set(frame.seq);
+      this.#acknowledgeSoon();
+    }
     this.dispatchEvent(new CustomEvent('frame', { detail: frame }));
+  }
+
+  #acknowledgeSoon() {
+    if (this.#ackTimer === null) this.#ackTimer = setTimeout(() => this.acknowledge(), ACK_EVERY_MS);
   }
 
   #closed(code, detail) {
@@ -177,6 +232,8 @@ export class Connection extends EventTarget {
 
   /** Forgets the current socket without reacting to its close. */
   #teardown(code, reason) {
+    // What was processed is acknowledged before the close, or it would be recorded as failed.
+    this.acknowledge();
     this.#stopPinging();
     clearTimeout(this.#retryTimer);
     this.#retryTimer = null;
