@@ -4,29 +4,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { session } from './support/browser.js';
 import { textOpenZone } from './support/fixtures.js';
-import { waitConnected } from './support/page.js';
-
-/** Sends `count` texts as `clientId` over a socket of its own, and waits for every reply. */
-async function seed(page, url, { clientId, timezone, count }) {
-  await page.goto(`${url}/health`);
-  await page.evaluate(async ({ clientId, timezone, count }) => {
-    const ws = new WebSocket(`ws://${location.host}/ws`, 'kaiwa.v1');
-    await new Promise((resolve, reject) => {
-      ws.onerror = reject;
-      ws.onopen = () => ws.send(JSON.stringify({ type: 'hello', client_id: clientId, timezone }));
-      let replied = 0;
-      ws.onmessage = (event) => {
-        const frame = JSON.parse(event.data);
-        if (frame.type === 'welcome') {
-          for (let n = 1; n <= count; n += 1) ws.send(JSON.stringify({ type: 'send', id: `seed-${n}`, message_type: 'text', content: `old message ${n}` }));
-        }
-        if (frame.type === 'status' && frame.status === 'replied' && (replied += 1) === count) resolve();
-      };
-    });
-    ws.close();
-    localStorage.setItem('kaiwa.clientId', clientId);
-  }, { clientId, timezone, count });
-}
+import { seed, waitConnected } from './support/page.js';
 
 test('scrolling up loads older messages by cursor without moving the view', async (t) => {
   const timezone = textOpenZone();

@@ -79,8 +79,9 @@ test('replies due while the page was disconnected arrive once, marked missed', a
   await waitConnected(page);
   await entry.and(page.locator('[data-status="replied"]')).waitFor();
   await page.locator('#announcer p', { hasText: '3 missed replies arrived' }).waitFor({ state: 'attached' });
-  // Replayed and also in the reloaded history: shown once each.
+  // Replayed and also in the reloaded history: shown once each, in the thread of their message.
   assert.equal(await entry.locator('.replies > li').count(), 3);
+  assert.equal(await entry.locator('.reply-note', { hasText: 'arrived after reconnecting' }).count(), 3);
   await eventually(async () => {
     const { messages } = await kaiwa.json(`/api/v1/clients/${clientId}/messages`);
     return messages[0].replies.every((reply) => reply.delivery === 'delivered');

@@ -63,3 +63,89 @@ export async function dropFile(page, { name, mimeType, buffer }) {
   await page.locator('#drop').waitFor();
   await page.dispatchEvent('#scroller', 'drop', { dataTransfer: transfer });
 }
+
+/** The reply position this page keeps for `clientId` (null when it has none). */
+export async function replyPosition(page, clientId) {
+  const text = await page.evaluate((id) => localStorage.getItem(`kaiwa.replySeq.${id}`), clientId);
+  return text === null ? null : Number(text);
+}
+
+/**
+ * Puts a route between the page's sockets and the server that keeps every JSON frame, both
+ * ways: `sent` (page to server) and `received`. `cut()` drops the network: the live socket
+ * closes as a lost connection does and new ones fail, until `restore()`. The route stays
+ * through reloads.
+ */
+export async function tapSockets(page) {
+  const tap = {
+    sent: [],
+    received: [],
+    down: false,
+    live: null,
+    /** The frames of `type` that went `way` ('sent' or 'received'). */
+    frames(way, type) {
+      return this[way].filter((frame) => frame.type === type);
+    },
+    async cut() {
+      this.down = true;
+      const { ws, server } = this.live;
+      this.live = null;
+      await server.close();
+      await ws.close({ code: 1006, reason: '' });
+    },
+    restore() {
+      this.down = false;
+    },
+  };
+  const keep = (list, message) => {
+    if (typeof message !== 'string') return;
+    try {
+      list.push(JSON.parse(message));
+    } catch {
+      // Not JSON: not a frame a test looks at.
+    }
+  };
+  await page.routeWebSocket(/\/ws$/, (ws) => {
+    if (tap.down) {
+      ws.close({ code: 1006, reason: '' });
+      return;
+    }
+    const server = ws.connectToServer();
+    ws.onMessage((message) => {
+      keep(tap.sent, message);
+      server.send(message);
+    });
+    server.onMessage((message) => {
+      keep(tap.received, message);
+      ws.send(message);
+    });
+    ws.onClose(() => server.close());
+    server.onClose((code, reason) => ws.close({ code, reason }));
+    tap.live = { ws, server };
+  });
+  return tap;
+}
+
+/** Sends `count` texts as `clientId` over a socket of its own, reads every reply, acknowledges none. */
+export async function seed(page, url, { clientId, timezone, count, text = 'old message' }) {
+  await page.goto(`${url}/health`);
+  await page.evaluate(async ({ clientId, timezone, count, text }) => {
+    // Message ids are the server's for good: each seeding has its own.
+    const batch = Math.random().toString(36).slice(2, 10);
+    const ws = new WebSocket(`ws://${location.host}/ws`, 'kaiwa.v1');
+    await new Promise((resolve, reject) => {
+      ws.onerror = reject;
+      ws.onopen = () => ws.send(JSON.stringify({ type: 'hello', client_id: clientId, timezone }));
+      let replied = 0;
+      ws.onmessage = (event) => {
+        const frame = JSON.parse(event.data);
+        if (frame.type === 'welcome') {
+          for (let n = 1; n <= count; n += 1) ws.send(JSON.stringify({ type: 'send', id: `seed-${batch}-${n}`, message_type: 'text', content: `${text} ${n}` }));
+        }
+        if (frame.type === 'status' && frame.status === 'replied' && (replied += 1) === count) resolve();
+      };
+    });
+    ws.close();
+    localStorage.setItem('kaiwa.clientId', clientId);
+  }, { clientId, timezone, count, text });
+}
