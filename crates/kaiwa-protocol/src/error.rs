@@ -45,6 +45,9 @@ pub enum ErrorCode {
     Busy,
     /// The server is shutting down and takes no new messages; retry on another connection.
     ShuttingDown,
+    /// The server's database cannot be reached for now; nothing was stored. Retry after
+    /// `retry_after_ms`.
+    Unavailable,
     /// The message is stored but could not be processed now; it is processed again after a
     /// restart. Not retryable: sending it again would only be recognised as a duplicate.
     ProcessingFailed,
@@ -59,7 +62,11 @@ impl ErrorCode {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            Self::Busy | Self::OverCapacity | Self::ShuttingDown | Self::Internal
+            Self::Busy
+                | Self::OverCapacity
+                | Self::ShuttingDown
+                | Self::Unavailable
+                | Self::Internal
         )
     }
 
@@ -89,6 +96,7 @@ impl ErrorCode {
             Self::ExpectedBinary => "expected_binary",
             Self::Busy => "busy",
             Self::ShuttingDown => "shutting_down",
+            Self::Unavailable => "unavailable",
             Self::ProcessingFailed => "processing_failed",
             Self::InvalidParameter => "invalid_parameter",
             Self::NotFound => "not_found",
@@ -110,6 +118,7 @@ mod tests {
             ErrorCode::MediaMismatch,
             ErrorCode::ExpectedBinary,
             ErrorCode::Busy,
+            ErrorCode::Unavailable,
         ] {
             let json = serde_json::to_string(&code).expect("serializes");
             assert_eq!(json, format!("\"{}\"", code.as_str()));

@@ -1,6 +1,7 @@
-//! The SQLite store alone: how many messages per second `SqliteStore` commits with many
-//! concurrent writers (group commit, one fsync per batch), with no WebSocket in the way.
-//! `bench/run.sh` runs it; it prints one JSON line for `kaiwa-load table`.
+//! A store alone: how many messages per second the SQLite store (or, with `--database-url
+//! postgres://...`, the PostgreSQL store) commits with many concurrent writers (group commit,
+//! one commit per batch), with no WebSocket in the way. `bench/run.sh` runs it; it prints one
+//! JSON line for `kaiwa-load table`.
 //!
 //!     cargo run --release -p kaiwa --example store_bench -- --messages 200000 --writers 64
 
@@ -8,11 +9,11 @@ use anyhow::Context;
 use clap::Parser;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use kaiwa::config::{Database, StoreConfig};
 use kaiwa::domain::{ClientId, Timezone};
-use kaiwa::store::{Inserted, NewMessage, SqliteStore, Store};
+use kaiwa::store::{Durability, Inserted, NewMessage};
 use kaiwa_protocol::{MessageStatus, MessageType};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Debug, Parser)]
@@ -26,9 +27,12 @@ struct Args {
     /// Inserts one writer keeps waiting at once.
     #[arg(long, default_value_t = 16)]
     depth: usize,
-    /// Data directory (a fresh temporary one by default).
+    /// Data directory for the SQLite file (a fresh temporary one by default).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// A database to use instead of the SQLite file: postgres://... (it should be empty).
+    #[arg(long, value_parser = Database::parse)]
+    database_url: Option<Database>,
     #[arg(long)]
     label: Option<String>,
 }
@@ -41,7 +45,14 @@ async fn main() -> anyhow::Result<()> {
         .data_dir
         .clone()
         .unwrap_or_else(|| temp.path().to_owned());
-    let store = Arc::new(SqliteStore::open(&dir).await.context("opening the store")?);
+    let config = StoreConfig {
+        data_dir: dir,
+        database_url: args.database_url.clone(),
+        durability: Durability::Full,
+    };
+    let store = kaiwa::app::open_store(&config)
+        .await
+        .context("opening the store")?;
     let timezone = Timezone::parse("Asia/Ho_Chi_Minh")?;
     let per_writer = args.messages / args.writers.max(1);
     let started = Instant::now();

@@ -3,13 +3,15 @@
 
 use crate::admission::{Admission, InFlight, Sweeper};
 use crate::clock::Clock;
-use crate::config::ServeConfig;
+use crate::config::{Database, ServeConfig, StoreConfig};
 use crate::gateway::{self, Gateway, GatewaySettings};
 use crate::http::{self, HttpState};
 use crate::queue::{MemoryQueue, Queue};
 use crate::replies::model::{ModelError, ModelResponder};
 use crate::replies::{BuiltinResponder, ReplyMaker, TextResponder};
-use crate::store::{MediaStore, SqliteStore, Store, StoreError, StoredMessage};
+use crate::store::{
+    MediaStore, PgStore, SqliteOptions, SqliteStore, Store, StoreError, StoredMessage,
+};
 use crate::telemetry;
 use crate::worker::{Delays, Worker};
 use axum::Router;
@@ -33,8 +35,15 @@ pub enum AppError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{database}: {source}")]
+    Open {
+        database: String,
+        source: StoreError,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
     #[error(transparent)]
@@ -67,6 +76,45 @@ fn text_responder(config: &ServeConfig) -> Result<Arc<dyn TextResponder>, AppErr
     }
 }
 
+/// Opens the database the configuration names, applying pending migrations.
+pub async fn open_store(config: &StoreConfig) -> Result<Arc<dyn Store>, AppError> {
+    let database = config.database()?;
+    let opened: Result<Arc<dyn Store>, StoreError> = match &database {
+        Database::Sqlite(path) => {
+            let options = SqliteOptions {
+                durability: config.durability,
+            };
+            SqliteStore::open(path, options)
+                .await
+                .map(|store| Arc::new(store) as Arc<dyn Store>)
+        }
+        Database::Postgres(url) => PgStore::connect(url.expose())
+            .await
+            .map(|store| Arc::new(store) as Arc<dyn Store>),
+    };
+    let store = opened.map_err(|source| AppError::Open {
+        database: database.describe(),
+        source,
+    })?;
+    tracing::info!(database = %database.describe(), "store open");
+    Ok(store)
+}
+
+/// Applies the pending migrations of the database the configuration names; returns the
+/// database and how many were applied.
+pub async fn migrate(config: &StoreConfig) -> Result<(String, usize), AppError> {
+    let database = config.database()?;
+    let applied = match &database {
+        Database::Sqlite(path) => SqliteStore::migrate(path).await,
+        Database::Postgres(url) => PgStore::migrate(url.expose()).await,
+    };
+    let applied = applied.map_err(|source| AppError::Open {
+        database: database.describe(),
+        source,
+    })?;
+    Ok((database.describe(), applied))
+}
+
 /// A built, bound, not yet running kaiwa.
 pub struct Application {
     listener: TcpListener,
@@ -87,8 +135,8 @@ pub struct Application {
 impl Application {
     /// Opens the store (applying migrations), builds the components and binds the listener.
     pub async fn build(config: ServeConfig, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
-        let store = SqliteStore::open_with(&config.store.data_dir, config.durability).await?;
-        Self::build_with_store(config, clock, Arc::new(store)).await
+        let store = open_store(&config.store).await?;
+        Self::build_with_store(config, clock, store).await
     }
 
     /// Builds the components around a store that is already open: for tests that wrap the

@@ -33,10 +33,97 @@ pub enum Command {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Storage")]
 pub struct StoreConfig {
-    /// Directory for the SQLite database, media files and logs.
+    /// Directory for media files, logs and the SQLite database (unless --database-url names
+    /// another database).
     #[arg(long, env = "KAIWA_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+
+    /// Where messages and replies are kept: postgres://user[:password]@host[:port]/database, or
+    /// sqlite://path/to/file.db. Default: the SQLite file kaiwa.db in --data-dir, which needs
+    /// no server. DATABASE_URL is read when KAIWA_DATABASE_URL is unset. The URL is never
+    /// printed: prefer the environment or .env when it holds a password.
+    #[arg(long, env = "KAIWA_DATABASE_URL", hide_env_values = true, value_parser = Database::parse)]
+    pub database_url: Option<Database>,
+
+    /// How hard the SQLite database syncs: `full` (an acked message survives a power cut) or
+    /// `normal` (it survives the process crashing; faster).
+    #[arg(long = "sqlite-synchronous", env = "KAIWA_SQLITE_SYNCHRONOUS", value_enum, default_value_t = Durability::Full)]
+    pub durability: Durability,
+}
+
+impl StoreConfig {
+    /// The database to use: `--database-url`, else `DATABASE_URL`, else the SQLite file in the
+    /// data directory.
+    pub fn database(&self) -> Result<Database, ConfigError> {
+        if let Some(database) = &self.database_url {
+            return Ok(database.clone());
+        }
+        match std::env::var("DATABASE_URL") {
+            Ok(raw) if !raw.trim().is_empty() => {
+                Database::parse(&raw).map_err(ConfigError::DatabaseUrl)
+            }
+            _ => Ok(Database::Sqlite(self.data_dir.join("kaiwa.db"))),
+        }
+    }
+}
+
+/// Which database holds messages and replies.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Database {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL server. The URL may hold a password: it is never printed whole.
+    Postgres(Secret),
+}
+
+impl Database {
+    /// Reads a database URL. The error never repeats the URL (it may hold a password).
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let raw = raw.trim();
+        let Some((scheme, rest)) = raw.split_once(':') else {
+            return Err(
+                "a database URL starts with postgres:// or sqlite:// (the value is not shown)"
+                    .into(),
+            );
+        };
+        match scheme.to_ascii_lowercase().as_str() {
+            "postgres" | "postgresql" => {
+                crate::store::PgStore::check_url(raw)?;
+                Ok(Self::Postgres(Secret(raw.to_owned())))
+            }
+            "sqlite" => {
+                let path = rest.strip_prefix("//").unwrap_or(rest);
+                let path = path.split('?').next().unwrap_or_default();
+                if path.is_empty() {
+                    return Err(
+                        "a sqlite:// URL needs a file path, e.g. sqlite://data/kaiwa.db".into(),
+                    );
+                }
+                Ok(Self::Sqlite(PathBuf::from(path)))
+            }
+            other => Err(format!(
+                "unsupported database URL scheme {:?}: use postgres://... or sqlite://...",
+                other.chars().take(20).collect::<String>()
+            )),
+        }
+    }
+
+    /// The database for logs and messages: the SQLite file, or PostgreSQL's user, host, port
+    /// and database without the password.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Sqlite(path) => format!("SQLite {}", path.display()),
+            Self::Postgres(url) => crate::store::PgStore::describe_url(url.expose()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -69,11 +156,6 @@ pub struct ServeConfig {
     /// example on a full disk) before it is queued again, without waiting for a restart.
     #[arg(long, env = "KAIWA_REQUEUE_AFTER", default_value = "30", value_parser = parse_seconds, help_heading = "Replies")]
     pub requeue_after: Duration,
-
-    /// How hard the database syncs: `full` (an acked message survives a power cut) or `normal`
-    /// (it survives the process crashing; faster).
-    #[arg(long = "sqlite-synchronous", env = "KAIWA_SQLITE_SYNCHRONOUS", value_enum, default_value_t = Durability::Full, help_heading = "Storage")]
-    pub durability: Durability,
 
     /// Seconds to let messages in flight finish their replies on shutdown before closing.
     #[arg(long, env = "KAIWA_SHUTDOWN_GRACE", default_value = "10", value_parser = parse_seconds, help_heading = "Sessions")]
@@ -301,6 +383,8 @@ pub enum ConfigError {
     PromptFile(PathBuf),
     #[error("--model-base-url must start with http:// or https://, not {0:?}")]
     BaseUrl(String),
+    #[error("DATABASE_URL: {0}")]
+    DatabaseUrl(String),
     #[error(transparent)]
     Parse(#[from] clap::Error),
 }

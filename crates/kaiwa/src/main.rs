@@ -4,7 +4,6 @@ use anyhow::Context;
 use clap::Parser;
 use kaiwa::clock::SystemClock;
 use kaiwa::config::{Cli, Command};
-use kaiwa::store::SqliteStore;
 use kaiwa::{Application, shutdown, telemetry};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -38,11 +37,8 @@ fn run(cli: Cli, env_file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
                 app.run_until(shutdown::signal()).await?;
             }
             Command::Migrate(store) => {
-                let applied = SqliteStore::migrate(&store.data_dir).await?;
-                println!(
-                    "{applied} migration(s) applied to {}",
-                    kaiwa::store::database_path(&store.data_dir).display()
-                );
+                let (database, applied) = kaiwa::app::migrate(&store).await?;
+                println!("{applied} migration(s) applied to {database}");
             }
         }
         Ok(())

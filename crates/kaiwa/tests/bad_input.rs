@@ -332,6 +332,16 @@ async fn invalid_utf8_in_a_native_text_frame_closes_with_1007() {
 }
 
 #[tokio::test]
+async fn invalid_utf8_in_the_handshake_frame_closes_with_1007() {
+    let app = TestApp::spawn(&[]).await;
+    let mut raw = support::raw::RawClient::connect(app.addr).await;
+    raw.send_text_bytes(b"{\"client_id\": \"\xc3\x28\", \"timezone\": \"UTC\"}")
+        .await;
+    assert_eq!(raw.close_code().await, Some(1007));
+    assert_healthy(&app).await;
+}
+
+#[tokio::test]
 async fn a_heartbeat_of_the_wrong_shape_is_a_bad_frame_and_the_connection_stays_usable() {
     let app = TestApp::spawn(&[]).await;
     let mut client = connect(&app, false, "shapes").await;

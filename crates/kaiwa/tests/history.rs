@@ -160,12 +160,14 @@ async fn out_of_range_parameters_get_422_with_a_stable_code() {
 #[tokio::test]
 async fn a_client_stored_under_the_old_id_rules_keeps_its_history() {
     use kaiwa::domain::{ClientId, Timezone};
-    use kaiwa::store::{NewMessage, SqliteStore, Store};
+    use kaiwa::store::{NewMessage, SqliteOptions, SqliteStore, Store};
     use kaiwa_protocol::{MessageStatus, MessageType};
 
     // An id with a space was accepted before ids were held to one plain path segment.
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let store = SqliteStore::open(dir.path()).await.expect("opens");
+    let store = SqliteStore::open(&dir.path().join("kaiwa.db"), SqliteOptions::default())
+        .await
+        .expect("opens");
     store
         .insert_message(NewMessage {
             client_id: ClientId::parse_stored("old timer").expect("an old id"),

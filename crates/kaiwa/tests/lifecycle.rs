@@ -80,6 +80,10 @@ async fn a_reconnecting_client_takes_over_from_its_own_dead_connection() {
     let mut dead = RawClient::connect(app.addr).await;
     dead.send_text(r#"{"type": "hello", "client_id": "roamer", "timezone": "UTC"}"#)
         .await;
+    eventually("the first connection's session", || async {
+        (app.health().await["connections"] == 1).then_some(())
+    })
+    .await;
     // Once its last frame is older than the probe and it does not answer the ping, the new
     // connection takes the id (a connection attempted too early is refused, as for a live one).
     let mut back = eventually("the take-over", || async {

@@ -15,5 +15,9 @@ WHERE numbered.id = replies.id;
 -- A stream position names one reply; resume and acknowledgements read ranges of it.
 CREATE UNIQUE INDEX replies_client_seq ON replies (client_id, seq);
 
+-- What a client has not acknowledged yet: acknowledgements (cumulative, "everything up to n")
+-- and `resume` without a position touch only these rows, however long the client's history.
+CREATE INDEX replies_unacknowledged ON replies (client_id, seq) WHERE delivery <> 'delivered';
+
 -- Resume no longer looks for failed replies: it reads the stream after a position.
 DROP INDEX replies_failed;

@@ -74,6 +74,13 @@ pub enum AdmissionError {
     Stopped,
 }
 
+impl AdmissionError {
+    /// Whether the same message can be taken later: the database is only unreachable for now.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Store(err) if err.is_transient())
+    }
+}
+
 /// A message after [`Admission::admit`]: decided without the store, or on its way into it.
 #[derive(Debug)]
 pub enum Admitting {
@@ -255,7 +262,7 @@ impl Admission {
         );
         self.in_flight.park(message_id, ticket.slot);
         if let Err(err) = self.queue.publish_job(ticket.job).await {
-            // The message stays `accepted` in the store, so it is processed after a restart.
+            // The message stays `accepted` in the store: the sweeper queues it again.
             self.in_flight.release(message_id);
             return Err(err.into());
         }

@@ -72,6 +72,10 @@ impl Sweeper {
         for message in unfinished {
             let id = message.id;
             if self.admission.in_flight.holds(id) {
+                // Being processed again: its retries so far still count if it fails once more.
+                if let Some(stuck) = self.stuck.get(&id) {
+                    seen.insert(id, *stuck);
+                }
                 continue;
             }
             let mut stuck = self.stuck.get(&id).copied().unwrap_or(Stuck {

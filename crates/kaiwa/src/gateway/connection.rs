@@ -70,6 +70,18 @@ pub(crate) async fn serve(
     let hello = match handshake::receive(&mut socket, native, timeout).await {
         Ok(hello) => hello,
         Err(HandshakeError::Gone) => return,
+        Err(HandshakeError::InvalidUtf8) => {
+            let detail = "a text frame was not valid UTF-8";
+            refuse(
+                &mut socket,
+                guess,
+                ErrorCode::MalformedJson,
+                CloseCode::InvalidPayload,
+                detail,
+            )
+            .await;
+            return;
+        }
         Err(HandshakeError::Timeout) => {
             let detail = "no handshake frame in time";
             refuse(

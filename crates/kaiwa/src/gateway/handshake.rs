@@ -34,6 +34,8 @@ pub(crate) enum HandshakeError {
     Gone,
     /// No handshake frame in time.
     Timeout,
+    /// The first frame was a text frame that is not UTF-8.
+    InvalidUtf8,
     /// The handshake frame was wrong; `protocol` is the one to answer in.
     Invalid {
         protocol: Protocol,
@@ -71,6 +73,7 @@ where
                     });
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Err(err)) if is_invalid_utf8(&err) => return Err(HandshakeError::InvalidUtf8),
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
                     return Err(HandshakeError::Gone);
                 }
@@ -87,6 +90,13 @@ where
         ));
     }
     parse(&first, native)
+}
+
+/// Whether a read failed on a text frame that is not valid UTF-8 (close 1007).
+pub(crate) fn is_invalid_utf8(err: &axum::Error) -> bool {
+    std::error::Error::source(err)
+        .and_then(|source| source.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|inner| matches!(inner, tungstenite::Error::Utf8(_)))
 }
 
 /// A handshake holds a client id, a timezone and a flag; refusing anything larger before

@@ -364,6 +364,16 @@ fn answer(protocol: Protocol, outbox: &Outbox, settled: Settled) {
             );
             Some(protocol.error(ErrorCode::Busy, message, id, Some(retry_after)))
         }
+        Verdict::Failed(err) if err.is_transient() => {
+            metrics::counter!("kaiwa_messages_total", "status" => "unavailable").increment(1);
+            Some(protocol.error(
+                ErrorCode::Unavailable,
+                "the database is unavailable for now; nothing was stored: send this again shortly"
+                    .into(),
+                id,
+                Some(std::time::Duration::from_secs(1)),
+            ))
+        }
         Verdict::Failed(_) => Some(protocol.error(
             ErrorCode::Internal,
             "the message could not be stored; send it again".into(),

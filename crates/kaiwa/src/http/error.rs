@@ -34,6 +34,14 @@ impl IntoResponse for ApiError {
                 ErrorCode::NotFound,
                 "not found".to_owned(),
             ),
+            Self::Store(err) if err.is_transient() => {
+                tracing::warn!(%err, "request failed: the database is unavailable");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Unavailable,
+                    "the database is unavailable for now; retry shortly".to_owned(),
+                )
+            }
             Self::Store(err) => {
                 tracing::error!(%err, "request failed in the store");
                 (

@@ -1,6 +1,7 @@
 //! Health (R19) with the live counters, and Prometheus metrics.
 
 use super::HttpState;
+use crate::store::StoreHealth;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -15,14 +16,24 @@ pub(super) fn router() -> Router<Arc<HttpState>> {
         .route("/metrics", get(metrics))
 }
 
-/// 200 while serving, 503 while draining for shutdown, so a load balancer stops sending
-/// clients here first.
+/// 200 while serving; 503 while draining for shutdown, or while the database takes no writes
+/// (`degraded`, with the reason), so a load balancer stops sending clients here.
 async fn health(State(state): State<Arc<HttpState>>) -> Response {
     let gateway = &state.gateway;
     let in_flight = &gateway.admission.in_flight;
     let draining = gateway.is_draining();
+    let degraded = match state.store.health() {
+        StoreHealth::Ok => None,
+        StoreHealth::Degraded(reason) => Some(reason),
+    };
+    let status = match (draining, &degraded) {
+        (true, _) => "draining",
+        (false, Some(_)) => "degraded",
+        (false, None) => "ok",
+    };
     let body = json!({
-        "status": if draining { "draining" } else { "ok" },
+        "status": status,
+        "reason": degraded,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": state.started.elapsed().as_secs(),
         "connections": gateway.connected(),
@@ -34,12 +45,12 @@ async fn health(State(state): State<Arc<HttpState>>) -> Response {
         "queue_depth": state.queue.depth(),
         "responder": state.responder,
     });
-    let status = if draining {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
+    let code = if status == "ok" {
         StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(body)).into_response()
+    (code, Json(body)).into_response()
 }
 
 async fn metrics(State(state): State<Arc<HttpState>>) -> Response {

@@ -75,7 +75,7 @@ pub enum Event {
         reply: StoredReply,
         last: bool,
     },
-    /// Processing failed; the message stays accepted and is processed again after a restart.
+    /// Processing failed; the message stays accepted and the sweeper queues it again.
     Failed { message: MessageRef, reason: String },
 }
 

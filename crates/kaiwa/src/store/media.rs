@@ -84,7 +84,7 @@ impl MediaStore {
         let target = self.data_dir.join(&relative);
         tokio::task::spawn_blocking(move || write_durably(&target, &bytes))
             .await
-            .map_err(|join| StoreError::Io(std::io::Error::other(join)))??;
+            .map_err(|join| StoreError::from(std::io::Error::other(join)))??;
         Ok(relative)
     }
 

@@ -1,13 +1,19 @@
 //! Durable state: messages, replies and their delivery statuses behind the [`Store`] trait, and
 //! uploaded files in the [`MediaStore`].
 
+mod batch;
+#[cfg(test)]
+mod contract;
 mod media;
 mod memory;
+mod postgres;
+mod sql;
 mod sqlite;
 
 pub use media::MediaStore;
 pub use memory::MemoryStore;
-pub use sqlite::{SqliteStore, database_path};
+pub use postgres::PgStore;
+pub use sqlite::{Durability, SqliteOptions, SqliteStore};
 
 use crate::domain::{ClientId, Timezone};
 use async_trait::async_trait;
@@ -16,18 +22,6 @@ use futures::future::BoxFuture;
 use kaiwa_protocol::{Delivery, MessageStatus, MessageType, ReplyType};
 use std::path::PathBuf;
 use std::sync::Arc;
-
-/// How hard the SQLite store syncs its commits to disk (its `synchronous` setting in WAL mode).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Durability {
-    /// Every batch is synced before its messages are acked: an acked message survives a power
-    /// cut. One fsync per batch, not per message.
-    #[default]
-    Full,
-    /// Commits are not synced; the WAL is synced at checkpoints. An acked message survives the
-    /// process crashing or being killed; a power cut or an OS crash may lose the last moments.
-    Normal,
-}
 
 /// The result of a write the store has already taken in.
 pub type StoreFuture<T> = BoxFuture<'static, Result<T, StoreError>>;
@@ -144,23 +138,52 @@ pub struct MissedReply {
     pub client_message_id: Option<String>,
 }
 
-#[derive(Debug, thiserror::Error)]
+/// What went wrong in a store, whichever database is behind it.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
+    /// The database cannot be reached now (refused, lost, restarting); the store reconnects
+    /// by itself, and the same request can succeed later.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// The database took the request and failed it (a full disk, a constraint, a bad query).
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
-    /// A batch write failed; every command in the batch gets the same error.
-    #[error("database write failed: {0}")]
-    Write(Arc<rusqlite::Error>),
+    Database(String),
     #[error("could not apply migrations: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(String),
+    #[error(
+        "the database schema is newer than this kaiwa: it has migration {0}, which this version does not know; run a newer kaiwa"
+    )]
+    SchemaTooNew(i64),
     #[error("file error: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("another kaiwa process is using the data directory {0}")]
+    Io(Arc<std::io::Error>),
+    #[error("another kaiwa process is using the database {0}")]
     Locked(PathBuf),
     #[error("the store is closed")]
     Closed,
     #[error("unexpected value in the database: {0}")]
     Corrupt(String),
+}
+
+impl StoreError {
+    /// Whether the same request may succeed later without anything changing on the client's
+    /// side.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(err: std::io::Error) -> Self {
+        Self::Io(Arc::new(err))
+    }
+}
+
+/// Whether a store can take writes now, for `/health`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreHealth {
+    Ok,
+    /// Writes fail for now; the reason is for operators.
+    Degraded(String),
 }
 
 /// Where messages and replies are kept. Writes are batched by the implementation, so callers
@@ -233,6 +256,11 @@ pub trait Store: Send + Sync + 'static {
     /// Messages accepted but never replied to, oldest first: the process stopped while they
     /// were in flight, or their processing failed.
     async fn unfinished_messages(&self) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// Whether writes are going through now.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::Ok
+    }
 
     /// Writes everything pending and closes. Later calls fail with [`StoreError::Closed`].
     async fn close(&self);

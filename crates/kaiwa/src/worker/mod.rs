@@ -207,7 +207,7 @@ impl Worker {
                 true
             }
             Err(err) => {
-                tracing::error!(message_id = job.message_id, %err, "could not store the replies; the message will be processed again after a restart");
+                tracing::error!(message_id = job.message_id, %err, "could not store the replies; the sweeper queues the message again");
                 self.publish(Event::Failed {
                     message: message.clone(),
                     reason: "the replies could not be stored; the message is kept and will be processed again".to_owned(),

@@ -9,7 +9,7 @@ use chrono_tz::Tz;
 use futures::{SinkExt, StreamExt};
 use kaiwa::app::AppError;
 use kaiwa::clock::ManualClock;
-use kaiwa::store::{SqliteStore, Store};
+use kaiwa::store::Store;
 use kaiwa::{Application, ServeConfig};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
@@ -106,10 +106,10 @@ impl TestApp {
         args.extend_from_slice(flags);
         let config = ServeConfig::from_args(args).expect("a valid configuration");
         let clock = Arc::new(ManualClock::new(morning()));
-        let store = SqliteStore::open_with(dir.path(), config.durability)
+        let store = kaiwa::app::open_store(&config.store)
             .await
             .expect("the store opens");
-        let app = Application::build_with_store(config, clock.clone(), wrap(Arc::new(store)))
+        let app = Application::build_with_store(config, clock.clone(), wrap(store))
             .await
             .expect("kaiwa starts");
         let addr = app.local_addr();

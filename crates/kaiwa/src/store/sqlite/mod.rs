@@ -4,10 +4,12 @@
 
 mod writer;
 
-use writer::{Command, DeliveryUpdate, ReplyBatch, StreamUpdate, Writer};
+use writer::Writer;
 
+use super::batch::{DeliveryUpdate, ReplyBatch, StreamUpdate, Writes};
+use super::sql::migrate_error;
 use super::{
-    Durability, Inserted, MissedReply, NewMessage, NewReply, Store, StoreError, StoreFuture,
+    Inserted, MissedReply, NewMessage, NewReply, Store, StoreError, StoreFuture, StoreHealth,
     StoredMessage, StoredReply,
 };
 use crate::domain::{ClientId, Timezone};
@@ -23,33 +25,47 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, oneshot};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
+/// How hard the SQLite store syncs its commits to disk (its `synchronous` setting in WAL mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Durability {
+    /// Every batch is synced before its messages are acked: an acked message survives a power
+    /// cut. One fsync per batch, not per message.
+    #[default]
+    Full,
+    /// Commits are not synced; the WAL is synced at checkpoints. An acked message survives the
+    /// process crashing or being killed; a power cut or an OS crash may lose the last moments.
+    Normal,
+}
+
+/// The SQLite store's own settings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SqliteOptions {
+    pub durability: Durability,
+}
+
 pub struct SqliteStore {
-    /// To the writer thread. Unbounded because every command stems from a message holding an
-    /// in-flight slot or a reply frame in a bounded outbox: the limits upstream bound it.
-    commands: mpsc::UnboundedSender<Command>,
+    /// To the writer thread.
+    writes: Writes,
     reads: SqlitePool,
     /// The writer's thread, joined by `close` after its last commit.
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// An exclusive lock on `<data-dir>/kaiwa.lock`: the writer owns the id counters, so two
-    /// processes must never write the same database. Released by `close`, not by the last drop,
-    /// so that a restart need not wait for every holder of the store to let go.
+    /// Whether the writer's last batch went through, and why not.
+    health: Arc<Mutex<StoreHealth>>,
+    /// An exclusive lock on the file beside the database (`kaiwa.lock` for `kaiwa.db`): the
+    /// writer owns the id counters, so two processes must never write the same database.
+    /// Released by `close`, not by the last drop, so that a restart need not wait for every
+    /// holder of the store to let go.
     lock: Mutex<Option<File>>,
 }
 
 impl SqliteStore {
-    /// Opens the store with full durability; see [`SqliteStore::open_with`].
-    pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        Self::open_with(data_dir, Durability::Full).await
-    }
-
-    /// Opens (creating if needed) `<data-dir>/kaiwa.db`, applies pending migrations, marks
-    /// replies left `pending` by a previous process as `failed`, and starts the writer.
-    pub async fn open_with(data_dir: &Path, durability: Durability) -> Result<Self, StoreError> {
-        let (lock, mut conn, _) = migrated(data_dir).await?;
+    /// Opens (creating if needed) the database file at `path`, applies pending migrations,
+    /// marks replies left `pending` by a previous process as `failed`, and starts the writer.
+    pub async fn open(path: &Path, options: SqliteOptions) -> Result<Self, StoreError> {
+        let (lock, mut conn, _) = migrated(path).await?;
         let swept =
             sqlx::query("UPDATE replies SET delivery = 'failed' WHERE delivery = 'pending'")
                 .execute(&mut conn)
@@ -64,43 +80,40 @@ impl SqliteStore {
         conn.close().await?;
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(read_options(data_dir))
+            .connect_with(read_options(path))
             .await?;
-        let (commands, rx) = mpsc::unbounded_channel();
-        let writer = Writer::open(&database_path(data_dir), durability, rx)
-            .map_err(|err| StoreError::Write(Arc::new(err)))?;
+        let (writes, rx) = Writes::channel();
+        let health = Arc::new(Mutex::new(StoreHealth::Ok));
+        let writer = Writer::open(path, options.durability, rx, health.clone())
+            .map_err(|err| writer::write_error(&err))?;
         Ok(Self {
-            commands,
+            writes,
             reads,
             writer: Mutex::new(Some(writer.spawn()?)),
+            health,
             lock: Mutex::new(Some(lock)),
         })
     }
 
-    /// Applies pending migrations and returns how many there were.
-    pub async fn migrate(data_dir: &Path) -> Result<usize, StoreError> {
-        let (_lock, conn, applied) = migrated(data_dir).await?;
+    /// Applies pending migrations to the database file at `path` and returns how many there
+    /// were.
+    pub async fn migrate(path: &Path) -> Result<usize, StoreError> {
+        let (_lock, conn, applied) = migrated(path).await?;
         conn.close().await?;
         Ok(applied)
     }
+}
 
-    fn send(&self, command: Command) -> Result<(), StoreError> {
-        self.commands.send(command).map_err(|_| StoreError::Closed)
+/// Locks the database (creating its directory if needed) and applies pending migrations.
+/// Returns the lock, the connection that migrated (for more start-up work) and how many
+/// migrations it applied.
+async fn migrated(path: &Path) -> Result<(File, SqliteConnection, usize), StoreError> {
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
     }
-}
-
-/// Where the database lives in a data directory.
-pub fn database_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("kaiwa.db")
-}
-
-/// Locks the data directory (creating it if needed) and applies pending migrations. Returns the
-/// lock, the connection that migrated (for more start-up work) and how many migrations it applied.
-async fn migrated(data_dir: &Path) -> Result<(File, SqliteConnection, usize), StoreError> {
-    std::fs::create_dir_all(data_dir)?;
-    let lock = lock_data_dir(data_dir)?;
+    let lock = lock_database(path)?;
     let options = SqliteConnectOptions::new()
-        .filename(database_path(data_dir))
+        .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         // The migrations and the start-up sweep are durable before the first message is taken.
@@ -121,7 +134,7 @@ async fn migrated(data_dir: &Path) -> Result<(File, SqliteConnection, usize), St
     } else {
         HashSet::new()
     };
-    MIGRATOR.run(&mut conn).await?;
+    MIGRATOR.run(&mut conn).await.map_err(migrate_error)?;
     let pending = MIGRATOR
         .iter()
         .filter(|migration| !applied.contains(&migration.version))
@@ -130,21 +143,26 @@ async fn migrated(data_dir: &Path) -> Result<(File, SqliteConnection, usize), St
 }
 
 /// The read pool's connections. The writer thread opens its own (see [`writer`]).
-fn read_options(data_dir: &Path) -> SqliteConnectOptions {
+fn read_options(path: &Path) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
-        .filename(database_path(data_dir))
+        .filename(path)
         .read_only(true)
         // History reads map the file rather than copying pages into each connection's cache.
         .pragma("mmap_size", "268435456")
 }
 
-fn lock_data_dir(data_dir: &Path) -> Result<File, StoreError> {
-    let file = File::create(data_dir.join("kaiwa.lock"))?;
+fn lock_database(path: &Path) -> Result<File, StoreError> {
+    let file = File::create(lock_path(path))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked(data_dir.to_owned())),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked(path.to_owned())),
         Err(std::fs::TryLockError::Error(err)) => Err(err.into()),
     }
+}
+
+/// The lock file of a database: `kaiwa.lock` beside `kaiwa.db`.
+fn lock_path(path: &Path) -> PathBuf {
+    path.with_extension("lock")
 }
 
 const MESSAGE_COLUMNS: &str = "id, client_id, client_msg_id, message_type, content, filename, \
@@ -276,12 +294,7 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     fn insert_message(&self, message: NewMessage) -> StoreFuture<Inserted> {
-        let (tx, rx) = oneshot::channel();
-        let sent = self.send(Command::Message(Box::new(message), tx));
-        Box::pin(async move {
-            sent?;
-            rx.await.map_err(|_| StoreError::Closed)?
-        })
+        self.writes.insert_message(message)
     }
 
     async fn insert_replies(
@@ -292,54 +305,39 @@ impl Store for SqliteStore {
         created_at: DateTime<Utc>,
         completes: bool,
     ) -> Result<Vec<StoredReply>, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        let batch = ReplyBatch {
-            message_id,
-            client_id: client_id.clone(),
-            replies,
-            created_at,
-            completes,
-        };
-        self.send(Command::Replies(batch, tx))?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.writes
+            .insert_replies(ReplyBatch {
+                message_id,
+                client_id: client_id.clone(),
+                replies,
+                created_at,
+                completes,
+            })
+            .await
     }
 
     fn record_delivery(&self, reply_id: i64, delivery: Delivery, at: DateTime<Utc>) {
-        let update = DeliveryUpdate {
+        self.writes.record_delivery(DeliveryUpdate {
             reply_id,
             delivery,
             at,
-        };
-        if self.send(Command::Delivery(update)).is_err() {
-            // Only after shutdown: the reply stays `pending` and the next start marks it failed.
-            tracing::debug!(
-                reply_id,
-                "delivery status not recorded: the store is closed"
-            );
-        }
+        });
     }
 
     fn record_received(&self, client_id: &ClientId, seq: u64, at: DateTime<Utc>) {
-        let update = StreamUpdate {
+        self.writes.record_received(StreamUpdate {
             client_id: client_id.clone(),
             seq,
             at,
-        };
-        if self.send(Command::Received(update)).is_err() {
-            tracing::debug!(%client_id, seq, "acknowledgement not recorded: the store is closed");
-        }
+        });
     }
 
     fn record_departure(&self, client_id: &ClientId, acknowledged: u64, at: DateTime<Utc>) {
-        let update = StreamUpdate {
+        self.writes.record_departure(StreamUpdate {
             client_id: client_id.clone(),
             seq: acknowledged,
             at,
-        };
-        if self.send(Command::Departure(update)).is_err() {
-            // Only after shutdown: the next start marks pending replies failed.
-            tracing::debug!(%client_id, "departure not recorded: the store is closed");
-        }
+        });
     }
 
     async fn history(
@@ -444,11 +442,15 @@ impl Store for SqliteStore {
         rows.into_iter().map(StoredMessage::try_from).collect()
     }
 
+    fn health(&self) -> StoreHealth {
+        self.health
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
     async fn close(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.send(Command::Close(tx)).is_ok() && rx.await.is_err() {
-            tracing::warn!("the database writer stopped before confirming its last commit");
-        }
+        self.writes.close().await;
         let writer = self
             .writer
             .lock()
@@ -474,10 +476,8 @@ impl Store for SqliteStore {
 #[cfg(test)]
 impl SqliteStore {
     /// Waits until everything sent to the writer so far is committed.
-    async fn barrier(&self) {
-        let (tx, rx) = oneshot::channel();
-        self.send(Command::Barrier(tx)).expect("the store is open");
-        rx.await.expect("the writer answers");
+    pub(super) async fn barrier(&self) {
+        self.writes.barrier().await;
     }
 }
 
@@ -517,7 +517,9 @@ mod tests {
     #[tokio::test]
     async fn a_client_message_id_is_stored_once() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = SqliteStore::open(dir.path()).await.expect("opens");
+        let store = SqliteStore::open(&dir.path().join("kaiwa.db"), SqliteOptions::default())
+            .await
+            .expect("opens");
         let first = store
             .insert_message(message("a", Some("m1")))
             .await
@@ -541,7 +543,9 @@ mod tests {
     #[tokio::test]
     async fn replies_are_stored_once_per_message_and_delivered_stays_delivered() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = SqliteStore::open(dir.path()).await.expect("opens");
+        let store = SqliteStore::open(&dir.path().join("kaiwa.db"), SqliteOptions::default())
+            .await
+            .expect("opens");
         let client = ClientId::parse("a").expect("id");
         let Inserted::New(id) = store
             .insert_message(message("a", None))
@@ -581,7 +585,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let client = ClientId::parse("a").expect("id");
         {
-            let store = SqliteStore::open(dir.path()).await.expect("opens");
+            let store = SqliteStore::open(&dir.path().join("kaiwa.db"), SqliteOptions::default())
+                .await
+                .expect("opens");
             let Inserted::New(id) = store
                 .insert_message(message("a", Some("x")))
                 .await
@@ -595,7 +601,9 @@ mod tests {
                 .expect("stored");
             store.close().await;
         }
-        let store = SqliteStore::open(dir.path()).await.expect("reopens");
+        let store = SqliteStore::open(&dir.path().join("kaiwa.db"), SqliteOptions::default())
+            .await
+            .expect("reopens");
         let missed = store.replies_after(&client, 0, 10).await.expect("reads");
         assert_eq!(missed.len(), 1);
         assert_eq!(missed[0].reply.seq, 1);
@@ -607,13 +615,15 @@ mod tests {
     #[tokio::test]
     async fn a_second_store_on_the_same_directory_is_refused_until_the_first_closes() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let first = SqliteStore::open(dir.path()).await.expect("opens");
+        let first = SqliteStore::open(&dir.path().join("kaiwa.db"), SqliteOptions::default())
+            .await
+            .expect("opens");
         assert!(matches!(
-            SqliteStore::open(dir.path()).await,
+            SqliteStore::open(&dir.path().join("kaiwa.db"), SqliteOptions::default()).await,
             Err(StoreError::Locked(_))
         ));
         first.close().await;
-        let second = SqliteStore::open(dir.path())
+        let second = SqliteStore::open(&dir.path().join("kaiwa.db"), SqliteOptions::default())
             .await
             .expect("opens after close");
         second.close().await;

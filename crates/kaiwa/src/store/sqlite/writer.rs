@@ -6,15 +6,15 @@
 //! statements: a write is then a few microseconds of SQLite, with no handoff between threads
 //! or runtimes per statement, which is what bounds the whole server's throughput.
 
-use super::super::{Durability, Existing, Inserted, NewMessage, NewReply, StoreError, StoredReply};
-use crate::domain::ClientId;
+use super::super::batch::{Batch, Command, ReplyBatch, Updates, respond};
+use super::super::{Existing, Inserted, NewMessage, StoreError, StoreHealth, StoredReply};
+use super::Durability;
 use chrono::{DateTime, SecondsFormat, Utc};
 use kaiwa_protocol::{Delivery, MessageStatus, ReplyType};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -48,60 +48,15 @@ const FIND_REPLIES: &str = "SELECT id, reply_type, content, filename, mime_type,
          delivery, created_at, delivered_at, seq \
      FROM replies WHERE message_id = ?1 ORDER BY id";
 
-pub(super) enum Command {
-    Message(
-        Box<NewMessage>,
-        oneshot::Sender<Result<Inserted, StoreError>>,
-    ),
-    Replies(
-        ReplyBatch,
-        oneshot::Sender<Result<Vec<StoredReply>, StoreError>>,
-    ),
-    Delivery(DeliveryUpdate),
-    Received(StreamUpdate),
-    Departure(StreamUpdate),
-    /// Answered once every command sent before it is committed.
-    #[cfg(test)]
-    Barrier(oneshot::Sender<()>),
-    Close(oneshot::Sender<()>),
-}
-
-pub(super) struct ReplyBatch {
-    pub message_id: i64,
-    pub client_id: ClientId,
-    pub replies: Vec<NewReply>,
-    pub created_at: DateTime<Utc>,
-    pub completes: bool,
-}
-
-#[derive(Clone, Copy)]
-pub(super) struct DeliveryUpdate {
-    pub reply_id: i64,
-    pub delivery: Delivery,
-    pub at: DateTime<Utc>,
-}
-
-/// A client's reply stream up to (`Received`) or after (`Departure`) a position.
-pub(super) struct StreamUpdate {
-    pub client_id: ClientId,
-    pub seq: u64,
-    pub at: DateTime<Utc>,
-}
-
 fn timestamp(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
-}
-
-/// Sends a command's result back; a caller that gave up waiting is no error.
-fn respond<T>(tx: oneshot::Sender<T>, value: T) {
-    if tx.send(value).is_err() {
-        tracing::trace!("a store caller stopped waiting for its result");
-    }
 }
 
 pub(super) struct Writer {
     conn: Connection,
     commands: mpsc::UnboundedReceiver<Command>,
+    /// What the store reports to `/health`: degraded from a failed batch until one succeeds.
+    health: Arc<Mutex<StoreHealth>>,
     /// Ids are assigned here, before the insert, so a batch needs no round trip to learn them.
     /// Safe because this thread is the database's only writer (see the lock file).
     next_message_id: i64,
@@ -137,6 +92,7 @@ impl Writer {
         path: &Path,
         durability: Durability,
         commands: mpsc::UnboundedReceiver<Command>,
+        health: Arc<Mutex<StoreHealth>>,
     ) -> Result<Self, rusqlite::Error> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
@@ -171,6 +127,7 @@ impl Writer {
         Ok(Self {
             conn,
             commands,
+            health,
             next_message_id,
             next_reply_id,
         })
@@ -214,64 +171,41 @@ impl Writer {
     /// Writes one batch in one transaction and answers every command in it. Returns the close
     /// request if the batch held one.
     fn commit(&mut self, commands: &mut Vec<Command>) -> Option<oneshot::Sender<()>> {
-        let mut messages = Vec::new();
-        let mut replies = Vec::new();
-        let mut deliveries: HashMap<i64, DeliveryUpdate> = HashMap::new();
-        // Acknowledgements are cumulative: a client's highest one in the batch says it all.
-        let mut received: HashMap<ClientId, StreamUpdate> = HashMap::new();
-        let mut departures = Vec::new();
-        let mut close = None;
-        #[cfg(test)]
-        let mut barriers = Vec::new();
-        for command in commands.drain(..) {
-            match command {
-                Command::Message(message, respond) => {
-                    messages.push(PendingMessage {
-                        id: self.next_message_id,
-                        message,
-                        respond,
-                    });
-                    self.next_message_id += 1;
-                }
-                Command::Replies(batch, respond) => {
-                    let first_id = self.next_reply_id;
-                    self.next_reply_id += batch.replies.len() as i64;
-                    replies.push(PendingReplies {
-                        first_id,
-                        first_seq: 0,
-                        batch,
-                        respond,
-                    });
-                }
-                // The last word on a reply wins, except that delivered stays delivered.
-                Command::Delivery(update) => {
-                    let entry = deliveries.entry(update.reply_id).or_insert(update);
-                    if entry.delivery != Delivery::Delivered {
-                        *entry = update;
-                    }
-                }
-                Command::Received(update) => match received.entry(update.client_id.clone()) {
-                    Entry::Occupied(mut known) if known.get().seq < update.seq => {
-                        known.insert(update);
-                    }
-                    Entry::Occupied(_) => {}
-                    Entry::Vacant(new) => {
-                        new.insert(update);
-                    }
-                },
-                Command::Departure(update) => departures.push(update),
-                #[cfg(test)]
-                Command::Barrier(done) => barriers.push(done),
-                Command::Close(done) => close = Some(done),
-            }
-        }
+        let Batch {
+            messages,
+            replies,
+            updates,
+            close,
+            #[cfg(test)]
+            barriers,
+        } = Batch::gather(commands.drain(..));
         #[cfg(test)]
         let _answer_barriers_on_return = BarrierGuard(barriers);
-        let updates = Updates {
-            deliveries,
-            received,
-            departures,
-        };
+        let messages: Vec<PendingMessage> = messages
+            .into_iter()
+            .map(|(message, respond)| {
+                let id = self.next_message_id;
+                self.next_message_id += 1;
+                PendingMessage {
+                    id,
+                    message,
+                    respond,
+                }
+            })
+            .collect();
+        let mut replies: Vec<PendingReplies> = replies
+            .into_iter()
+            .map(|(batch, respond)| {
+                let first_id = self.next_reply_id;
+                self.next_reply_id += batch.replies.len() as i64;
+                PendingReplies {
+                    first_id,
+                    first_seq: 0,
+                    batch,
+                    respond,
+                }
+            })
+            .collect();
         if messages.is_empty() && replies.is_empty() && updates.is_empty() {
             return close;
         }
@@ -279,6 +213,7 @@ impl Writer {
         let count = messages.len() + replies.len() + updates.len();
         match self.write(&messages, &mut replies, &updates) {
             Ok(mut written) => {
+                self.set_health(StoreHealth::Ok);
                 metrics::histogram!("kaiwa_store_batch_size").record(count as f64);
                 metrics::histogram!("kaiwa_store_commit_seconds")
                     .record(started.elapsed().as_secs_f64());
@@ -304,17 +239,31 @@ impl Writer {
                 }
             }
             Err(err) => {
-                tracing::error!(%err, commands = count, lost_delivery_updates = updates.len(), "database batch failed; its delivery updates are lost and those replies count as failed after a restart");
-                let err = Arc::new(err);
+                tracing::error!(%err, commands = count, lost_delivery_updates = updates.len(), "database batch failed; its delivery updates are lost");
+                let err = write_error(&err);
+                self.set_health(StoreHealth::Degraded(err.to_string()));
                 for pending in messages {
-                    respond(pending.respond, Err(StoreError::Write(err.clone())));
+                    respond(pending.respond, Err(err.clone()));
                 }
                 for pending in replies {
-                    respond(pending.respond, Err(StoreError::Write(err.clone())));
+                    respond(pending.respond, Err(err.clone()));
                 }
             }
         }
         close
+    }
+
+    fn set_health(&self, health: StoreHealth) {
+        let mut current = self
+            .health
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if *current != health {
+            if health == StoreHealth::Ok {
+                tracing::info!("database writes go through again");
+            }
+            *current = health;
+        }
     }
 
     fn write(
@@ -461,25 +410,6 @@ impl Writer {
     }
 }
 
-/// The delivery updates of one batch.
-struct Updates {
-    /// The last word on each reply, by id.
-    deliveries: HashMap<i64, DeliveryUpdate>,
-    /// Each client's highest acknowledgement.
-    received: HashMap<ClientId, StreamUpdate>,
-    departures: Vec<StreamUpdate>,
-}
-
-impl Updates {
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn len(&self) -> usize {
-        self.deliveries.len() + self.received.len() + self.departures.len()
-    }
-}
-
 /// A stream position as SQLite stores it (a signed integer; positions never come near the top).
 fn seq_param(seq: u64) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
@@ -529,6 +459,13 @@ fn stored_earlier(
             delivered_at: at.as_deref().map(parse_time).transpose()?,
         });
     }
+    // In the order they were asked for, as a fresh reply set would be.
+    stored.sort_by_key(|reply| {
+        batch
+            .replies
+            .iter()
+            .position(|asked| asked.reply_type == reply.reply_type)
+    });
     Ok(stored)
 }
 
@@ -560,6 +497,12 @@ fn stored_replies(first_id: i64, first_seq: u64, batch: ReplyBatch) -> Vec<Store
         .collect()
 }
 
+/// A failed write as a store error. SQLite fails a write only for something on this machine
+/// (a full disk, a locked or broken file): none of it is a connection to come back.
+pub(super) fn write_error(err: &rusqlite::Error) -> StoreError {
+    StoreError::Database(err.to_string())
+}
+
 fn parse_time(text: &str) -> Result<DateTime<Utc>, rusqlite::Error> {
     DateTime::parse_from_rfc3339(text)
         .map(|at| at.with_timezone(&Utc))
@@ -587,7 +530,7 @@ impl Drop for BarrierGuard {
 mod tests {
     use super::*;
     use crate::store::Store;
-    use crate::store::sqlite::SqliteStore;
+    use crate::store::sqlite::{SqliteOptions, SqliteStore};
 
     const MIGRATIONS: [&str; 4] = [
         include_str!("../../../migrations/sqlite/20261121000001_init.sql"),
@@ -613,9 +556,11 @@ mod tests {
     #[tokio::test]
     async fn no_write_builds_a_scratch_table() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = SqliteStore::open(dir.path()).await.expect("opens");
+        let store = SqliteStore::open(&dir.path().join("kaiwa.db"), SqliteOptions::default())
+            .await
+            .expect("opens");
         store.close().await;
-        let conn = Connection::open(super::super::database_path(dir.path())).expect("opens");
+        let conn = Connection::open(dir.path().join("kaiwa.db")).expect("opens");
         conn.execute_batch("PRAGMA foreign_keys = ON")
             .expect("pragma");
         // A CHECK (x IN (a, b, c)) fills a temporary b-tree per row (see migration 3); this is
@@ -626,7 +571,6 @@ mod tests {
             INSERT_REPLY,
             MARK_REPLIED,
             RECORD_DELIVERY,
-            RECORD_RECEIVED,
             RECORD_DEPARTURE,
             LATEST_SEQ,
         ] {
@@ -636,6 +580,74 @@ mod tests {
                 "{sql} opens a scratch table: {ops:?}"
             );
         }
+        // An acknowledgement changes the key of the index it finds its rows by, so SQLite
+        // collects their row ids first: one scratch table a statement, not one a row.
+        let ops = opcodes(&conn, RECORD_RECEIVED);
+        assert_eq!(
+            ops.iter().filter(|op| *op == "OpenEphemeral").count(),
+            1,
+            "{ops:?}"
+        );
+    }
+
+    #[test]
+    fn existing_replies_are_numbered_per_client_in_the_order_they_were_stored() {
+        let conn = Connection::open_in_memory().expect("opens");
+        conn.execute_batch("PRAGMA foreign_keys = ON")
+            .expect("pragma");
+        for migration in &MIGRATIONS[..3] {
+            conn.execute_batch(migration).expect("migrates");
+        }
+        conn.execute_batch(
+            "INSERT INTO messages (id, client_id, message_type, content, timezone, status, \
+                 received_at) \
+             VALUES (1, 'a', 'image', 'x', 'UTC', 'replied', 't'), \
+                    (2, 'b', 'text', 'y', 'UTC', 'replied', 't'), \
+                    (3, 'a', 'text', 'z', 'UTC', 'replied', 't'); \
+             INSERT INTO replies (id, message_id, client_id, reply_type, content, delivery, \
+                 created_at) \
+             VALUES (10, 1, 'a', 'text', '', 'delivered', 't'), \
+                    (11, 1, 'a', 'voice', '', 'failed', 't'), \
+                    (12, 2, 'b', 'text', '', 'delivered', 't'), \
+                    (13, 1, 'a', 'image', '', 'failed', 't'), \
+                    (14, 3, 'a', 'text', '', 'pending', 't');",
+        )
+        .expect("rows");
+        conn.execute_batch(&format!("BEGIN; {} COMMIT;", MIGRATIONS[3]))
+            .expect("migrates");
+        let mut numbered = conn
+            .prepare("SELECT id, client_id, seq FROM replies ORDER BY id")
+            .expect("prepares");
+        let rows: Vec<(i64, String, i64)> = numbered
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .expect("runs")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(
+            rows,
+            [
+                (10, "a".into(), 1),
+                (11, "a".into(), 2),
+                (12, "b".into(), 1),
+                (13, "a".into(), 3),
+                (14, "a".into(), 4)
+            ]
+        );
+        // Acknowledgements read only what is not acknowledged yet.
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {RECORD_RECEIVED}"))
+            .expect("explains")
+            .query_map(rusqlite::params!["a", 3, "t"], |row| {
+                row.get::<_, String>(3)
+            })
+            .expect("runs")
+            .collect::<Result<_, _>>()
+            .expect("plan");
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("replies_unacknowledged")),
+            "{plan:?}"
+        );
     }
 
     #[test]

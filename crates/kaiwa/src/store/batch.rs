@@ -1,0 +1,225 @@
+//! The writes both database stores batch: the commands a store sends to its one writer, the
+//! handle that sends them, and a batch of commands sorted by kind for one transaction. Each
+//! backend's writer only decides how a batch becomes SQL.
+
+use super::{Inserted, NewMessage, NewReply, StoreError, StoreFuture, StoredReply};
+use crate::domain::ClientId;
+use chrono::{DateTime, Utc};
+use kaiwa_protocol::Delivery;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use tokio::sync::{mpsc, oneshot};
+
+/// Where a command's result goes.
+pub(super) type Respond<T> = oneshot::Sender<Result<T, StoreError>>;
+
+pub(super) enum Command {
+    Message(Box<NewMessage>, Respond<Inserted>),
+    Replies(ReplyBatch, Respond<Vec<StoredReply>>),
+    Delivery(DeliveryUpdate),
+    Received(StreamUpdate),
+    Departure(StreamUpdate),
+    /// Answered once every command sent before it is committed.
+    #[cfg(test)]
+    Barrier(oneshot::Sender<()>),
+    Close(oneshot::Sender<()>),
+}
+
+pub(super) struct ReplyBatch {
+    pub message_id: i64,
+    pub client_id: ClientId,
+    pub replies: Vec<NewReply>,
+    pub created_at: DateTime<Utc>,
+    pub completes: bool,
+}
+
+#[derive(Clone, Copy)]
+pub(super) struct DeliveryUpdate {
+    pub reply_id: i64,
+    pub delivery: Delivery,
+    pub at: DateTime<Utc>,
+}
+
+/// A client's reply stream up to (`Received`) or after (`Departure`) a position.
+pub(super) struct StreamUpdate {
+    pub client_id: ClientId,
+    pub seq: u64,
+    pub at: DateTime<Utc>,
+}
+
+/// Sends a command's result back; a caller that gave up waiting is no error.
+pub(super) fn respond<T>(tx: oneshot::Sender<T>, value: T) {
+    if tx.send(value).is_err() {
+        tracing::trace!("a store caller stopped waiting for its result");
+    }
+}
+
+/// The sending side of a writer's channel, with the store's write calls on it.
+pub(super) struct Writes {
+    /// Unbounded because every command stems from a message holding an in-flight slot or a
+    /// reply frame in a bounded outbox: the limits upstream bound it.
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Writes {
+    pub(super) fn channel() -> (Self, mpsc::UnboundedReceiver<Command>) {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        (Self { commands }, receiver)
+    }
+
+    fn send(&self, command: Command) -> Result<(), StoreError> {
+        self.commands.send(command).map_err(|_| StoreError::Closed)
+    }
+
+    pub(super) fn insert_message(&self, message: NewMessage) -> StoreFuture<Inserted> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.send(Command::Message(Box::new(message), tx));
+        Box::pin(async move {
+            sent?;
+            rx.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+
+    pub(super) async fn insert_replies(
+        &self,
+        batch: ReplyBatch,
+    ) -> Result<Vec<StoredReply>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Replies(batch, tx))?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    pub(super) fn record_delivery(&self, update: DeliveryUpdate) {
+        let reply_id = update.reply_id;
+        if self.send(Command::Delivery(update)).is_err() {
+            // Only after shutdown: the reply stays `pending` and the next start marks it failed.
+            tracing::debug!(
+                reply_id,
+                "delivery status not recorded: the store is closed"
+            );
+        }
+    }
+
+    pub(super) fn record_received(&self, update: StreamUpdate) {
+        if self.send(Command::Received(update)).is_err() {
+            tracing::debug!("acknowledgement not recorded: the store is closed");
+        }
+    }
+
+    pub(super) fn record_departure(&self, update: StreamUpdate) {
+        if self.send(Command::Departure(update)).is_err() {
+            tracing::debug!("departure not recorded: the store is closed");
+        }
+    }
+
+    /// Asks the writer to commit what it has and stop; waits for its answer.
+    pub(super) async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.send(Command::Close(tx)).is_ok() && rx.await.is_err() {
+            tracing::warn!("the database writer stopped before confirming its last commit");
+        }
+    }
+
+    /// Waits until everything sent so far is committed.
+    #[cfg(test)]
+    pub(super) async fn barrier(&self) {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Barrier(tx)).expect("the store is open");
+        rx.await.expect("the writer answers");
+    }
+}
+
+/// The commands of one transaction, by kind, in the order they were sent.
+#[derive(Default)]
+pub(super) struct Batch {
+    pub messages: Vec<(Box<NewMessage>, Respond<Inserted>)>,
+    pub replies: Vec<(ReplyBatch, Respond<Vec<StoredReply>>)>,
+    pub updates: Updates,
+    /// A close request: the writer stops after this batch.
+    pub close: Option<oneshot::Sender<()>>,
+    /// Answered when the batch is done, however it ends.
+    #[cfg(test)]
+    pub barriers: Vec<oneshot::Sender<()>>,
+}
+
+/// The delivery updates of one batch, reduced to what each one's last word says.
+#[derive(Default)]
+pub(super) struct Updates {
+    /// The last word on each reply, by id, except that delivered stays delivered.
+    pub deliveries: HashMap<i64, DeliveryUpdate>,
+    /// Each client's highest acknowledgement (they are cumulative).
+    pub received: HashMap<ClientId, StreamUpdate>,
+    pub departures: Vec<StreamUpdate>,
+}
+
+impl Updates {
+    pub(super) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.deliveries.len() + self.received.len() + self.departures.len()
+    }
+}
+
+impl Batch {
+    pub(super) fn gather(commands: impl IntoIterator<Item = Command>) -> Self {
+        let mut batch = Self::default();
+        for command in commands {
+            match command {
+                Command::Message(message, respond) => batch.messages.push((message, respond)),
+                Command::Replies(replies, respond) => batch.replies.push((replies, respond)),
+                Command::Delivery(update) => {
+                    let entry = batch
+                        .updates
+                        .deliveries
+                        .entry(update.reply_id)
+                        .or_insert(update);
+                    if entry.delivery != Delivery::Delivered {
+                        *entry = update;
+                    }
+                }
+                Command::Received(update) => {
+                    match batch.updates.received.entry(update.client_id.clone()) {
+                        Entry::Occupied(mut known) if known.get().seq < update.seq => {
+                            known.insert(update);
+                        }
+                        Entry::Occupied(_) => {}
+                        Entry::Vacant(new) => {
+                            new.insert(update);
+                        }
+                    }
+                }
+                Command::Departure(update) => batch.updates.departures.push(update),
+                #[cfg(test)]
+                Command::Barrier(done) => batch.barriers.push(done),
+                Command::Close(done) => batch.close = Some(done),
+            }
+        }
+        batch
+    }
+
+    /// Whether there is anything to write.
+    pub(super) fn is_empty(&self) -> bool {
+        self.messages.is_empty() && self.replies.is_empty() && self.updates.is_empty()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.messages.len() + self.replies.len() + self.updates.len()
+    }
+
+    /// Answers every write of the batch with `err` (its transaction failed or never ran).
+    pub(super) fn fail(self, err: &StoreError) -> Option<oneshot::Sender<()>> {
+        for (_, tx) in self.messages {
+            respond(tx, Err(err.clone()));
+        }
+        for (_, tx) in self.replies {
+            respond(tx, Err(err.clone()));
+        }
+        #[cfg(test)]
+        for done in self.barriers {
+            respond(done, ());
+        }
+        self.close
+    }
+}

@@ -1,0 +1,547 @@
+//! The contract of [`Store`], written once and run against every implementation: the in-memory
+//! store, SQLite and PostgreSQL (each test of the last on a database of its own, on the server
+//! the tests use; see `tests/support/postgres.rs`).
+
+use super::{
+    Existing, Inserted, MemoryStore, NewMessage, NewReply, PgStore, SqliteOptions, SqliteStore,
+    Store, StoredMessage, StoredReply,
+};
+use crate::domain::{ClientId, Timezone};
+use chrono::{DateTime, TimeZone, Utc};
+use futures::future::join_all;
+use kaiwa_protocol::{Delivery, MessageStatus, MessageType, ReplyType};
+use std::sync::Arc;
+
+#[path = "../../tests/support/postgres.rs"]
+mod test_postgres;
+
+/// One store under test, and what the contract needs around it.
+trait Backend: Sized {
+    async fn open() -> Self;
+    fn store(&self) -> &dyn Store;
+    /// Waits until every write sent so far is applied (writes are batched).
+    async fn settle(&self);
+}
+
+/// A store that keeps its data across a close, or a crash.
+trait Durable: Backend {
+    /// Stops without closing (as a killed process would), and opens the same data again.
+    async fn crash_and_reopen(self) -> Self;
+    /// Closes, and opens the same data again.
+    async fn close_and_reopen(self) -> Self;
+}
+
+struct Memory(MemoryStore);
+
+impl Backend for Memory {
+    async fn open() -> Self {
+        Self(MemoryStore::default())
+    }
+
+    fn store(&self) -> &dyn Store {
+        &self.0
+    }
+
+    async fn settle(&self) {}
+}
+
+struct Sqlite {
+    store: Arc<SqliteStore>,
+    dir: tempfile::TempDir,
+}
+
+impl Sqlite {
+    async fn open_in(dir: tempfile::TempDir) -> Self {
+        let store = SqliteStore::open(&dir.path().join("kaiwa.db"), SqliteOptions::default())
+            .await
+            .expect("the SQLite store opens");
+        Self {
+            store: Arc::new(store),
+            dir,
+        }
+    }
+}
+
+impl Backend for Sqlite {
+    async fn open() -> Self {
+        Self::open_in(tempfile::tempdir().expect("a temporary directory")).await
+    }
+
+    fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    async fn settle(&self) {
+        self.store.barrier().await;
+    }
+}
+
+impl Durable for Sqlite {
+    async fn crash_and_reopen(self) -> Self {
+        let Self { store, dir } = self;
+        drop(store);
+        Self::open_in(dir).await
+    }
+
+    async fn close_and_reopen(self) -> Self {
+        self.store.close().await;
+        self.crash_and_reopen().await
+    }
+}
+
+struct Postgres {
+    store: Arc<PgStore>,
+    database: test_postgres::TestDatabase,
+}
+
+impl Postgres {
+    async fn open_on(database: test_postgres::TestDatabase) -> Self {
+        let store = PgStore::connect(&database.url)
+            .await
+            .expect("the PostgreSQL store opens");
+        Self {
+            store: Arc::new(store),
+            database,
+        }
+    }
+}
+
+impl Backend for Postgres {
+    async fn open() -> Self {
+        Self::open_on(test_postgres::TestDatabase::create().await).await
+    }
+
+    fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    async fn settle(&self) {
+        self.store.barrier().await;
+    }
+}
+
+impl Durable for Postgres {
+    async fn crash_and_reopen(self) -> Self {
+        let Self { store, database } = self;
+        drop(store);
+        Self::open_on(database).await
+    }
+
+    async fn close_and_reopen(self) -> Self {
+        self.store.close().await;
+        self.crash_and_reopen().await
+    }
+}
+
+fn client(name: &str) -> ClientId {
+    ClientId::parse(name).expect("an id")
+}
+
+fn at(second: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 21, 9, 0, second)
+        .single()
+        .expect("a time")
+}
+
+fn message(client_id: &str, client_message_id: Option<&str>, content: &str) -> NewMessage {
+    NewMessage {
+        client_id: client(client_id),
+        client_message_id: client_message_id.map(str::to_owned),
+        kind: MessageType::Text,
+        content: content.to_owned(),
+        filename: None,
+        mime_type: None,
+        size_bytes: None,
+        timezone: Timezone::parse("Asia/Tokyo").expect("a zone"),
+        status: MessageStatus::Accepted,
+        reason: None,
+        client_timestamp: Some("client clock".into()),
+        received_at: at(0),
+    }
+}
+
+fn reply(reply_type: ReplyType, content: &str) -> NewReply {
+    NewReply {
+        reply_type,
+        content: content.to_owned(),
+        filename: (reply_type != ReplyType::Text).then(|| format!("{content}.bin")),
+        mime_type: (reply_type != ReplyType::Text).then(|| "application/octet-stream".into()),
+        fallback: reply_type == ReplyType::Text && content.contains("fallback"),
+    }
+}
+
+async fn stored(store: &dyn Store, message: NewMessage) -> i64 {
+    match store.insert_message(message).await.expect("stored") {
+        Inserted::New(id) => id,
+        Inserted::Duplicate(existing) => panic!("unexpected duplicate of {existing:?}"),
+    }
+}
+
+async fn replied(
+    store: &dyn Store,
+    message_id: i64,
+    client_id: &str,
+    replies: Vec<NewReply>,
+) -> Vec<StoredReply> {
+    store
+        .insert_replies(message_id, &client(client_id), replies, at(1), true)
+        .await
+        .expect("replies stored")
+}
+
+async fn all_history(store: &dyn Store, client_id: &str) -> Vec<StoredMessage> {
+    store
+        .history(&client(client_id), None, 100)
+        .await
+        .expect("history")
+}
+
+async fn ids_follow_the_order_of_the_calls(backend: impl Backend) {
+    let store = backend.store();
+    // Taken in by the store as they are called, committed together.
+    let pending: Vec<_> = (0..40)
+        .map(|n| store.insert_message(message(&format!("c{}", n % 3), Some(&format!("m{n}")), "x")))
+        .collect();
+    let ids: Vec<i64> = join_all(pending)
+        .await
+        .into_iter()
+        .map(|inserted| match inserted.expect("stored") {
+            Inserted::New(id) => id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "{ids:?}");
+    let later = stored(store, message("c0", Some("later"), "x")).await;
+    assert!(later > ids[39]);
+}
+
+async fn a_native_resend_returns_the_first_message(backend: impl Backend) {
+    let store = backend.store();
+    let mut first = message("alice", Some("m1"), "hello");
+    first.status = MessageStatus::Rejected;
+    first.reason = Some("too early".into());
+    let id = stored(store, first).await;
+    let again = store
+        .insert_message(message("alice", Some("m1"), "hello again"))
+        .await
+        .expect("answered");
+    assert_eq!(
+        again,
+        Inserted::Duplicate(Existing {
+            id,
+            status: MessageStatus::Rejected,
+            reason: Some("too early".into()),
+            received_at: at(0),
+        })
+    );
+    // Twice in one batch: the first is stored, the second is its duplicate.
+    let (one, two) = futures::join!(
+        store.insert_message(message("alice", Some("twice"), "a")),
+        store.insert_message(message("alice", Some("twice"), "b")),
+    );
+    let Inserted::New(first_of_two) = one.expect("stored") else {
+        panic!("the first of the two is new");
+    };
+    assert!(
+        matches!(two.expect("answered"), Inserted::Duplicate(Existing { id, .. }) if id == first_of_two)
+    );
+    // Another client's id, and messages without an id (legacy), are always new.
+    stored(store, message("bob", Some("m1"), "mine")).await;
+    stored(store, message("alice", None, "legacy")).await;
+    stored(store, message("alice", None, "legacy")).await;
+    let history = all_history(store, "alice").await;
+    assert_eq!(history.len(), 4);
+    assert_eq!(history.last().map(|m| m.content.as_str()), Some("hello"));
+}
+
+async fn replies_are_stored_once_per_type_and_numbered_per_client(backend: impl Backend) {
+    let store = backend.store();
+    let image = stored(store, message("carol", Some("i"), "a picture")).await;
+    let text = stored(store, message("carol", Some("t"), "words")).await;
+    let other = stored(store, message("dave", Some("t"), "words")).await;
+
+    // The media first, the text later (a slow model): the set completes with the text.
+    let media = store
+        .insert_replies(
+            image,
+            &client("carol"),
+            vec![
+                reply(ReplyType::Voice, "voice"),
+                reply(ReplyType::Image, "image"),
+            ],
+            at(1),
+            false,
+        )
+        .await
+        .expect("stored");
+    assert_eq!(media.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(
+        all_history(store, "carol").await[1].status,
+        MessageStatus::Accepted
+    );
+    let first = replied(store, text, "carol", vec![reply(ReplyType::Text, "first")]).await;
+    assert_eq!(first[0].seq, 3);
+    let dave = replied(store, other, "dave", vec![reply(ReplyType::Text, "his")]).await;
+    assert_eq!(dave[0].seq, 1, "each client has a stream of its own");
+
+    // A job processed twice: what is stored stands, and only what is missing is added.
+    let again = replied(
+        store,
+        image,
+        "carol",
+        vec![
+            reply(ReplyType::Text, "the text"),
+            reply(ReplyType::Voice, "another voice"),
+            reply(ReplyType::Image, "another image"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        again
+            .iter()
+            .map(|r| (r.reply_type, r.content.as_str(), r.seq))
+            .collect::<Vec<_>>(),
+        [
+            (ReplyType::Text, "the text", 4),
+            (ReplyType::Voice, "voice", 1),
+            (ReplyType::Image, "image", 2),
+        ]
+    );
+    assert_eq!(again[1].id, media[0].id);
+    let twice = replied(store, text, "carol", vec![reply(ReplyType::Text, "second")]).await;
+    assert_eq!(twice, first, "the first reply set stands");
+
+    let history = all_history(store, "carol").await;
+    assert!(history.iter().all(|m| m.status == MessageStatus::Replied));
+    let replies: Vec<u64> = history
+        .iter()
+        .flat_map(|m| m.replies.iter().map(|r| r.seq))
+        .collect();
+    assert_eq!(replies.len(), 4, "no reply stored twice: {history:?}");
+    assert_eq!(store.latest_seq(&client("carol")).await.expect("read"), 4);
+    assert_eq!(store.latest_seq(&client("nobody")).await.expect("read"), 0);
+}
+
+async fn the_stream_reads_back_in_order_and_delivered_is_never_overwritten(backend: impl Backend) {
+    let store = backend.store();
+    let mut seqs = Vec::new();
+    for n in 0..5 {
+        let id = stored(store, message("erin", Some(&format!("m{n}")), "hi")).await;
+        seqs.extend(
+            replied(
+                store,
+                id,
+                "erin",
+                vec![reply(ReplyType::Text, &format!("r{n}"))],
+            )
+            .await,
+        );
+    }
+    let after_two = store
+        .replies_after(&client("erin"), 2, 2)
+        .await
+        .expect("read");
+    assert_eq!(
+        after_two
+            .iter()
+            .map(|m| (m.reply.seq, m.client_message_id.as_deref()))
+            .collect::<Vec<_>>(),
+        [(3, Some("m2")), (4, Some("m3"))]
+    );
+
+    // Written to a legacy socket, then a late failure: delivered stays delivered.
+    store.record_delivery(seqs[0].id, Delivery::Delivered, at(2));
+    store.record_delivery(seqs[0].id, Delivery::Failed, at(3));
+    // Acknowledged up to 3; the client leaves having acknowledged 3: 4 and 5 failed.
+    store.record_received(&client("erin"), 3, at(4));
+    store.record_departure(&client("erin"), 3, at(5));
+    // A departure that says less does not undo an acknowledgement.
+    store.record_departure(&client("erin"), 1, at(6));
+    backend.settle().await;
+    let replies = store
+        .replies_after(&client("erin"), 0, 10)
+        .await
+        .expect("read");
+    let deliveries: Vec<Delivery> = replies.iter().map(|m| m.reply.delivery).collect();
+    assert_eq!(
+        deliveries,
+        [
+            Delivery::Delivered,
+            Delivery::Delivered,
+            Delivery::Delivered,
+            Delivery::Failed,
+            Delivery::Failed
+        ]
+    );
+    assert_eq!(replies[0].reply.delivered_at, Some(at(2)));
+    assert_eq!(replies[2].reply.delivered_at, Some(at(4)));
+    assert_eq!(
+        store
+            .first_unacknowledged(&client("erin"))
+            .await
+            .expect("read"),
+        Some(4)
+    );
+    // Acknowledged on a later connection: failed becomes delivered.
+    store.record_received(&client("erin"), 5, at(7));
+    backend.settle().await;
+    assert_eq!(
+        store
+            .first_unacknowledged(&client("erin"))
+            .await
+            .expect("read"),
+        None
+    );
+}
+
+async fn cursor_pages_stay_correct_while_new_messages_arrive(backend: impl Backend) {
+    let store = backend.store();
+    for n in 0..7 {
+        stored(
+            store,
+            message("fay", Some(&format!("old{n}")), &format!("old{n}")),
+        )
+        .await;
+        stored(store, message("someone-else", Some(&format!("x{n}")), "x")).await;
+    }
+    let first = store.history(&client("fay"), None, 3).await.expect("read");
+    let mut seen: Vec<String> = first.iter().map(|m| m.content.clone()).collect();
+    for n in 0..4 {
+        stored(
+            store,
+            message("fay", Some(&format!("new{n}")), &format!("new{n}")),
+        )
+        .await;
+    }
+    let mut before = first.last().map(|m| m.id);
+    while let Some(cursor) = before {
+        let page = store
+            .history(&client("fay"), Some(cursor), 3)
+            .await
+            .expect("read");
+        seen.extend(page.iter().map(|m| m.content.clone()));
+        before = (page.len() == 3).then(|| page[2].id);
+    }
+    let expected: Vec<String> = (0..7).rev().map(|n| format!("old{n}")).collect();
+    assert_eq!(seen, expected, "no gap, no repeat");
+
+    let (page, total) = store
+        .history_by_offset(&client("fay"), 2, 3)
+        .await
+        .expect("read");
+    assert_eq!(total, 11);
+    assert_eq!(
+        page.iter().map(|m| m.content.as_str()).collect::<Vec<_>>(),
+        ["new1", "new0", "old6"]
+    );
+    let only = all_history(store, "fay").await;
+    assert_eq!(only[0].client_timestamp.as_deref(), Some("client clock"));
+    assert_eq!(only[0].timezone.name(), "Asia/Tokyo");
+}
+
+async fn unfinished_messages_survive_an_unclean_stop(backend: impl Durable) {
+    let store = backend.store();
+    let done = stored(store, message("gus", Some("done"), "answered")).await;
+    replied(store, done, "gus", vec![reply(ReplyType::Text, "yes")]).await;
+    let waiting = stored(store, message("gus", Some("waiting"), "not yet")).await;
+    let mut rejected = message("gus", Some("no"), "rejected");
+    rejected.status = MessageStatus::Rejected;
+    stored(store, rejected).await;
+    let backend = backend.crash_and_reopen().await;
+    let store = backend.store();
+    let unfinished = store.unfinished_messages().await.expect("read");
+    assert_eq!(
+        unfinished.iter().map(|m| m.id).collect::<Vec<_>>(),
+        [waiting]
+    );
+    // The reply the stopped run never got to its client counts as not delivered.
+    let replies = store
+        .replies_after(&client("gus"), 0, 10)
+        .await
+        .expect("read");
+    assert_eq!(replies[0].reply.delivery, Delivery::Failed);
+    // New ids continue after the old ones.
+    assert!(stored(store, message("gus", Some("next"), "x")).await > waiting);
+}
+
+async fn close_writes_everything_sent_before_it(backend: impl Durable) {
+    let store = backend.store();
+    let id = stored(store, message("hal", Some("m"), "x")).await;
+    let replies = replied(store, id, "hal", vec![reply(ReplyType::Text, "r")]).await;
+    store.record_received(&client("hal"), replies[0].seq, at(9));
+    let backend = backend.close_and_reopen().await;
+    let read = backend
+        .store()
+        .replies_after(&client("hal"), 0, 10)
+        .await
+        .expect("read");
+    assert_eq!(read[0].reply.delivery, Delivery::Delivered);
+    assert!(
+        backend
+            .store()
+            .insert_message(message("hal", Some("m"), "x"))
+            .await
+            .is_ok_and(|inserted| matches!(inserted, Inserted::Duplicate(_)))
+    );
+}
+
+macro_rules! contract {
+    ($backend:ident, $name:ident $(, durable: $($durable:ident),*)?) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test]
+            async fn ids_follow_the_order_of_the_calls() {
+                super::ids_follow_the_order_of_the_calls($backend::open().await).await;
+            }
+
+            #[tokio::test]
+            async fn a_native_resend_returns_the_first_message() {
+                super::a_native_resend_returns_the_first_message($backend::open().await).await;
+            }
+
+            #[tokio::test]
+            async fn replies_are_stored_once_per_type_and_numbered_per_client() {
+                super::replies_are_stored_once_per_type_and_numbered_per_client(
+                    $backend::open().await,
+                )
+                .await;
+            }
+
+            #[tokio::test]
+            async fn the_stream_reads_back_in_order_and_delivered_is_never_overwritten() {
+                super::the_stream_reads_back_in_order_and_delivered_is_never_overwritten(
+                    $backend::open().await,
+                )
+                .await;
+            }
+
+            #[tokio::test]
+            async fn cursor_pages_stay_correct_while_new_messages_arrive() {
+                super::cursor_pages_stay_correct_while_new_messages_arrive($backend::open().await)
+                    .await;
+            }
+
+            $($(
+                #[tokio::test]
+                async fn $durable() {
+                    super::$durable($backend::open().await).await;
+                }
+            )*)?
+        }
+    };
+}
+
+contract!(Memory, memory);
+contract!(
+    Sqlite,
+    sqlite,
+    durable: unfinished_messages_survive_an_unclean_stop,
+    close_writes_everything_sent_before_it
+);
+contract!(
+    Postgres,
+    postgres,
+    durable: unfinished_messages_survive_an_unclean_stop,
+    close_writes_everything_sent_before_it
+);

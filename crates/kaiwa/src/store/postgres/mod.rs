@@ -1,0 +1,471 @@
+//! The PostgreSQL store: one batching writer task that commits every waiting command in one
+//! transaction ([`writer`]), and a pool of connections for reads. Several kaiwa processes may
+//! share one database: ids come from the database's sequences, and each client's reply stream
+//! is numbered under a lock of that client's own.
+
+mod writer;
+
+use writer::Writer;
+
+use super::batch::{DeliveryUpdate, ReplyBatch, StreamUpdate, Writes};
+use super::sql::migrate_error;
+use super::{
+    Inserted, MissedReply, NewMessage, NewReply, Store, StoreError, StoreFuture, StoreHealth,
+    StoredMessage, StoredReply,
+};
+use crate::domain::{ClientId, Timezone};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use kaiwa_protocol::{Delivery, MessageStatus, MessageType, ReplyType};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{Connection, FromRow};
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// How long connecting may take before the database counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections for reads (history, resume, recovery).
+const READ_CONNECTIONS: u32 = 8;
+
+pub struct PgStore {
+    /// To the writer task.
+    writes: Writes,
+    reads: PgPool,
+    /// The writer task, awaited by `close` after its last commit.
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Whether the writer's last batch went through, and why not.
+    health: Arc<Mutex<StoreHealth>>,
+}
+
+impl PgStore {
+    /// Checks that `url` is a PostgreSQL URL sqlx can use. The error never repeats the URL.
+    pub fn check_url(url: &str) -> Result<(), String> {
+        PgConnectOptions::from_str(url)
+            .map(drop)
+            .map_err(|err| format!("not a usable PostgreSQL URL (the URL is not shown): {err}"))
+    }
+
+    /// A PostgreSQL URL without its password: `postgres://user@host:port/database`.
+    pub fn describe_url(url: &str) -> String {
+        match PgConnectOptions::from_str(url) {
+            Ok(options) => describe(&options),
+            Err(_) => "PostgreSQL (an unreadable URL)".to_owned(),
+        }
+    }
+
+    /// Connects, applies pending migrations (under PostgreSQL's advisory lock, so processes
+    /// starting together do not race), marks replies left `pending` by a previous run as
+    /// `failed`, and starts the writer.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = connect_options(url)?;
+        let mut conn = connect(&options).await?;
+        MIGRATOR.run(&mut conn).await.map_err(migrate_error)?;
+        // One process per database for now: replies still pending were on their way to
+        // clients of a run that stopped. (Processes sharing a database will scope this to
+        // their own.)
+        let swept =
+            sqlx::query("UPDATE replies SET delivery = 'failed' WHERE delivery = 'pending'")
+                .execute(&mut conn)
+                .await?
+                .rows_affected();
+        if swept > 0 {
+            tracing::info!(
+                replies = swept,
+                "replies left undelivered by the previous run marked failed"
+            );
+        }
+        conn.close().await?;
+        let reads = PgPoolOptions::new()
+            .max_connections(READ_CONNECTIONS)
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_with(options.clone())
+            .await
+            .map_err(|err| unreachable(&options, &err))?;
+        let health = Arc::new(Mutex::new(StoreHealth::Ok));
+        let (writes, rx) = Writes::channel();
+        let writer = Writer::connect(options, rx, health.clone()).await?;
+        Ok(Self {
+            writes,
+            reads,
+            writer: Mutex::new(Some(tokio::spawn(writer.run()))),
+            health,
+        })
+    }
+
+    /// Applies pending migrations and returns how many there were.
+    pub async fn migrate(url: &str) -> Result<usize, StoreError> {
+        let options = connect_options(url)?;
+        let mut conn = connect(&options).await?;
+        let has_table: bool =
+            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                .fetch_one(&mut conn)
+                .await?;
+        let applied: HashSet<i64> = if has_table {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations")
+                .fetch_all(&mut conn)
+                .await?
+                .into_iter()
+                .collect()
+        } else {
+            HashSet::new()
+        };
+        MIGRATOR.run(&mut conn).await.map_err(migrate_error)?;
+        conn.close().await?;
+        Ok(MIGRATOR
+            .iter()
+            .filter(|migration| !applied.contains(&migration.version))
+            .count())
+    }
+}
+
+fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
+    PgConnectOptions::from_str(url)
+        .map(|options| options.application_name("kaiwa"))
+        .map_err(|err| StoreError::Database(format!("not a usable PostgreSQL URL: {err}")))
+}
+
+fn describe(options: &PgConnectOptions) -> String {
+    format!(
+        "postgres://{}@{}:{}/{}",
+        options.get_username(),
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or_default()
+    )
+}
+
+/// A connection that could not be made, naming the server but not the password.
+fn unreachable(options: &PgConnectOptions, err: &sqlx::Error) -> StoreError {
+    StoreError::Unavailable(format!(
+        "could not connect to PostgreSQL at {}: {err}",
+        describe(options)
+    ))
+}
+
+async fn connect(options: &PgConnectOptions) -> Result<PgConnection, StoreError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(options)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(err)) => Err(unreachable(options, &err)),
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "could not connect to PostgreSQL at {}: no answer within {}s",
+            describe(options),
+            CONNECT_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+const MESSAGE_COLUMNS: &str = "id, client_id, client_msg_id, message_type, content, filename, \
+     mime_type, size_bytes, timezone, status, status_reason, client_timestamp, received_at";
+const REPLY_COLUMNS: &str = "id, message_id, seq, reply_type, content, filename, mime_type, \
+     fallback, delivery, created_at, delivered_at";
+
+#[derive(FromRow)]
+struct MessageRecord {
+    id: i64,
+    client_id: String,
+    client_msg_id: Option<String>,
+    message_type: String,
+    content: String,
+    filename: Option<String>,
+    mime_type: Option<String>,
+    size_bytes: Option<i64>,
+    timezone: String,
+    status: String,
+    status_reason: Option<String>,
+    client_timestamp: Option<String>,
+    received_at: DateTime<Utc>,
+}
+
+#[derive(FromRow)]
+pub(super) struct ReplyRecord {
+    id: i64,
+    message_id: i64,
+    seq: i64,
+    reply_type: String,
+    content: String,
+    filename: Option<String>,
+    mime_type: Option<String>,
+    fallback: bool,
+    delivery: String,
+    created_at: DateTime<Utc>,
+    delivered_at: Option<DateTime<Utc>>,
+}
+
+fn corrupt(what: &str, value: &str) -> StoreError {
+    StoreError::Corrupt(format!("{what} {value:?}"))
+}
+
+impl TryFrom<MessageRecord> for StoredMessage {
+    type Error = StoreError;
+
+    fn try_from(row: MessageRecord) -> Result<Self, StoreError> {
+        Ok(Self {
+            id: row.id,
+            client_id: ClientId::parse_stored(&row.client_id)
+                .map_err(|_| corrupt("client id", &row.client_id))?,
+            client_message_id: row.client_msg_id,
+            kind: MessageType::parse(&row.message_type)
+                .ok_or_else(|| corrupt("message type", &row.message_type))?,
+            content: row.content,
+            filename: row.filename,
+            mime_type: row.mime_type,
+            size_bytes: row.size_bytes.and_then(|size| u64::try_from(size).ok()),
+            timezone: Timezone::parse(&row.timezone)
+                .map_err(|_| corrupt("timezone", &row.timezone))?,
+            status: MessageStatus::parse(&row.status)
+                .ok_or_else(|| corrupt("message status", &row.status))?,
+            reason: row.status_reason,
+            client_timestamp: row.client_timestamp,
+            received_at: row.received_at,
+            replies: Vec::new(),
+        })
+    }
+}
+
+impl TryFrom<ReplyRecord> for StoredReply {
+    type Error = StoreError;
+
+    fn try_from(row: ReplyRecord) -> Result<Self, StoreError> {
+        Ok(Self {
+            id: row.id,
+            message_id: row.message_id,
+            seq: u64::try_from(row.seq).map_err(|_| corrupt("reply seq", &row.seq.to_string()))?,
+            reply_type: ReplyType::parse(&row.reply_type)
+                .ok_or_else(|| corrupt("reply type", &row.reply_type))?,
+            content: row.content,
+            filename: row.filename,
+            mime_type: row.mime_type,
+            fallback: row.fallback,
+            delivery: Delivery::parse(&row.delivery)
+                .ok_or_else(|| corrupt("delivery status", &row.delivery))?,
+            created_at: row.created_at,
+            delivered_at: row.delivered_at,
+        })
+    }
+}
+
+/// A stream position as PostgreSQL stores it.
+fn seq_param(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+impl PgStore {
+    /// Converts message rows and attaches their replies, fetched in one query.
+    async fn with_replies(
+        &self,
+        rows: Vec<MessageRecord>,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let mut messages = rows
+            .into_iter()
+            .map(StoredMessage::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        if messages.is_empty() {
+            return Ok(messages);
+        }
+        let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
+        let replies: Vec<ReplyRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {REPLY_COLUMNS} FROM replies WHERE message_id = ANY($1) ORDER BY id"
+        )))
+        .bind(&ids)
+        .fetch_all(&self.reads)
+        .await?;
+        let position: HashMap<i64, usize> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.id, i))
+            .collect();
+        for reply in replies {
+            let reply = StoredReply::try_from(reply)?;
+            if let Some(&i) = position.get(&reply.message_id) {
+                messages[i].replies.push(reply);
+            }
+        }
+        Ok(messages)
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn insert_message(&self, message: NewMessage) -> StoreFuture<Inserted> {
+        self.writes.insert_message(message)
+    }
+
+    async fn insert_replies(
+        &self,
+        message_id: i64,
+        client_id: &ClientId,
+        replies: Vec<NewReply>,
+        created_at: DateTime<Utc>,
+        completes: bool,
+    ) -> Result<Vec<StoredReply>, StoreError> {
+        self.writes
+            .insert_replies(ReplyBatch {
+                message_id,
+                client_id: client_id.clone(),
+                replies,
+                created_at,
+                completes,
+            })
+            .await
+    }
+
+    fn record_delivery(&self, reply_id: i64, delivery: Delivery, at: DateTime<Utc>) {
+        self.writes.record_delivery(DeliveryUpdate {
+            reply_id,
+            delivery,
+            at,
+        });
+    }
+
+    fn record_received(&self, client_id: &ClientId, seq: u64, at: DateTime<Utc>) {
+        self.writes.record_received(StreamUpdate {
+            client_id: client_id.clone(),
+            seq,
+            at,
+        });
+    }
+
+    fn record_departure(&self, client_id: &ClientId, acknowledged: u64, at: DateTime<Utc>) {
+        self.writes.record_departure(StreamUpdate {
+            client_id: client_id.clone(),
+            seq: acknowledged,
+            at,
+        });
+    }
+
+    async fn history(
+        &self,
+        client_id: &ClientId,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages \
+             WHERE client_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+        )))
+        .bind(client_id.as_str())
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reads)
+        .await?;
+        self.with_replies(rows).await
+    }
+
+    async fn history_by_offset(
+        &self,
+        client_id: &ClientId,
+        offset: u64,
+        limit: u32,
+    ) -> Result<(Vec<StoredMessage>, u64), StoreError> {
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE client_id = $1")
+            .bind(client_id.as_str())
+            .fetch_one(&self.reads)
+            .await?;
+        let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages \
+             WHERE client_id = $1 ORDER BY id DESC LIMIT $2 OFFSET $3"
+        )))
+        .bind(client_id.as_str())
+        .bind(i64::from(limit))
+        .bind(i64::try_from(offset).unwrap_or(i64::MAX))
+        .fetch_all(&self.reads)
+        .await?;
+        Ok((self.with_replies(rows).await?, total.max(0) as u64))
+    }
+
+    async fn replies_after(
+        &self,
+        client_id: &ClientId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<MissedReply>, StoreError> {
+        #[derive(FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            reply: ReplyRecord,
+            client_msg_id: Option<String>,
+        }
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT r.id, r.message_id, r.seq, r.reply_type, r.content, r.filename, r.mime_type, \
+                 r.fallback, r.delivery, r.created_at, r.delivered_at, m.client_msg_id \
+             FROM replies AS r JOIN messages AS m ON m.id = r.message_id \
+             WHERE r.client_id = $1 AND r.seq > $2 \
+             ORDER BY r.seq LIMIT $3",
+        )
+        .bind(client_id.as_str())
+        .bind(seq_param(after))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reads)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(MissedReply {
+                    reply: StoredReply::try_from(row.reply)?,
+                    client_message_id: row.client_msg_id,
+                })
+            })
+            .collect()
+    }
+
+    async fn latest_seq(&self, client_id: &ClientId) -> Result<u64, StoreError> {
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(seq) FROM replies WHERE client_id = $1")
+                .bind(client_id.as_str())
+                .fetch_one(&self.reads)
+                .await?;
+        Ok(seq.and_then(|seq| u64::try_from(seq).ok()).unwrap_or(0))
+    }
+
+    async fn first_unacknowledged(&self, client_id: &ClientId) -> Result<Option<u64>, StoreError> {
+        let seq: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(seq) FROM replies WHERE client_id = $1 AND delivery <> 'delivered'",
+        )
+        .bind(client_id.as_str())
+        .fetch_one(&self.reads)
+        .await?;
+        Ok(seq.and_then(|seq| u64::try_from(seq).ok()))
+    }
+
+    async fn unfinished_messages(&self) -> Result<Vec<StoredMessage>, StoreError> {
+        let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE status = 'accepted' ORDER BY id"
+        )))
+        .fetch_all(&self.reads)
+        .await?;
+        rows.into_iter().map(StoredMessage::try_from).collect()
+    }
+
+    fn health(&self) -> StoreHealth {
+        self.health
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    async fn close(&self) {
+        self.writes.close().await;
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(writer) = writer
+            && let Err(err) = writer.await
+        {
+            tracing::error!(%err, "the database writer task failed");
+        }
+        self.reads.close().await;
+    }
+}
+
+#[cfg(test)]
+impl PgStore {
+    /// Waits until everything sent to the writer so far is committed.
+    pub(super) async fn barrier(&self) {
+        self.writes.barrier().await;
+    }
+}

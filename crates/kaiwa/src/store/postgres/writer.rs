@@ -1,0 +1,625 @@
+//! The PostgreSQL writer: one task with a connection of its own. It takes every command waiting,
+//! writes them in one transaction with one multi-row statement per kind of row (rows passed as
+//! arrays and read back with `UNNEST`), commits once, and answers each command. When the
+//! database cannot be reached it answers at once that it is unavailable, instead of queueing,
+//! and reconnects with backoff.
+
+use super::super::batch::{Batch, Command, ReplyBatch, Updates, respond};
+use super::super::{Existing, Inserted, NewMessage, StoreError, StoreHealth, StoredReply};
+use super::{ReplyRecord, connect, describe, seq_param};
+use kaiwa_protocol::{Delivery, MessageStatus};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{Connection, Postgres, Transaction};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Commands taken in one transaction, at most.
+const MAX_BATCH: usize = 4096;
+/// The first wait before reconnecting, doubled after each failure up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The advisory lock namespace of reply streams: replies of one client are numbered by one
+/// transaction at a time, whichever process writes them. (The second key is the client id's
+/// hash; sqlx's migration lock uses the one-key form, so the two never meet.)
+const REPLY_STREAM_LOCKS: i32 = 0x6b61_6977; // "kaiw"
+
+pub(super) struct Writer {
+    options: PgConnectOptions,
+    /// `None` while the database is unreachable.
+    conn: Option<PgConnection>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    health: Arc<Mutex<StoreHealth>>,
+    backoff: Duration,
+    /// When to try connecting again, while unreachable.
+    retry_at: tokio::time::Instant,
+}
+
+/// What one batch learned from the database.
+struct Written {
+    /// Per message, in the batch's order: new under this id, or stored before.
+    messages: Vec<Inserted>,
+    /// Per reply batch, in the batch's order.
+    replies: Vec<Vec<StoredReply>>,
+}
+
+impl Writer {
+    pub(super) async fn connect(
+        options: PgConnectOptions,
+        commands: mpsc::UnboundedReceiver<Command>,
+        health: Arc<Mutex<StoreHealth>>,
+    ) -> Result<Self, StoreError> {
+        let conn = connect(&options).await?;
+        Ok(Self {
+            options,
+            conn: Some(conn),
+            commands,
+            health,
+            backoff: FIRST_BACKOFF,
+            retry_at: tokio::time::Instant::now(),
+        })
+    }
+
+    pub(super) async fn run(mut self) {
+        let mut commands = Vec::with_capacity(256);
+        loop {
+            tokio::select! {
+                received = self.commands.recv_many(&mut commands, MAX_BATCH) => {
+                    if received == 0 {
+                        return;
+                    }
+                }
+                () = tokio::time::sleep_until(self.retry_at), if self.conn.is_none() => {
+                    self.reconnect().await;
+                    continue;
+                }
+            }
+            let batch = Batch::gather(commands.drain(..));
+            if let Some(closed) = self.commit(batch).await {
+                self.commands.close();
+                let rest: Vec<Command> =
+                    std::iter::from_fn(|| self.commands.try_recv().ok()).collect();
+                if !rest.is_empty() {
+                    self.commit(Batch::gather(rest)).await;
+                }
+                if let Some(conn) = self.conn.take()
+                    && let Err(err) = conn.close().await
+                {
+                    tracing::debug!(%err, "closing the database writer's connection");
+                }
+                respond(closed, ());
+                return;
+            }
+        }
+    }
+
+    async fn reconnect(&mut self) {
+        match connect(&self.options).await {
+            Ok(conn) => {
+                tracing::info!(database = %describe(&self.options), "reconnected to the database");
+                self.conn = Some(conn);
+                self.backoff = FIRST_BACKOFF;
+                self.set_health(StoreHealth::Ok);
+            }
+            Err(err) => {
+                tracing::warn!(%err, retry_in_ms = self.backoff.as_millis() as u64, "the database is still unreachable");
+                self.set_health(StoreHealth::Degraded(err.to_string()));
+                self.retry_at = tokio::time::Instant::now() + self.backoff;
+                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+
+    /// Writes one batch and answers every command in it. Returns the close request if the
+    /// batch held one.
+    async fn commit(&mut self, batch: Batch) -> Option<oneshot::Sender<()>> {
+        if batch.is_empty() {
+            return batch.fail(&StoreError::Closed);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            // Unreachable: fail at once, so clients are told to retry now rather than later.
+            let count = batch.len();
+            tracing::debug!(commands = count, "database unreachable: batch refused");
+            let reason = self.health_reason();
+            return batch.fail(&StoreError::Unavailable(reason));
+        };
+        let started = Instant::now();
+        let mut result = write(conn, &batch).await;
+        // Two processes' batches can wait on each other's row locks: PostgreSQL then aborts
+        // one of them, which can simply run again.
+        if let Err(err) = &result
+            && is_retryable(err)
+        {
+            tracing::debug!(%err, "batch aborted by a conflict; running it again");
+            result = write(conn, &batch).await;
+        }
+        match result {
+            Ok(written) => {
+                self.set_health(StoreHealth::Ok);
+                metrics::histogram!("kaiwa_store_batch_size").record(batch.len() as f64);
+                metrics::histogram!("kaiwa_store_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                answer(batch, written)
+            }
+            Err(err) => {
+                let err = super::super::sql::error(&err);
+                tracing::error!(%err, commands = batch.len(), lost_delivery_updates = batch.updates.len(), "database batch failed");
+                if err.is_transient() {
+                    self.conn = None;
+                    self.set_health(StoreHealth::Degraded(err.to_string()));
+                    self.retry_at = tokio::time::Instant::now();
+                }
+                batch.fail(&err)
+            }
+        }
+    }
+
+    fn health_reason(&self) -> String {
+        match &*self
+            .health
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        {
+            StoreHealth::Degraded(reason) => reason.clone(),
+            StoreHealth::Ok => "reconnecting to the database".to_owned(),
+        }
+    }
+
+    fn set_health(&self, health: StoreHealth) {
+        let mut current = self
+            .health
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *current = health;
+    }
+}
+
+fn is_retryable(err: &sqlx::Error) -> bool {
+    // 40001 serialization failure, 40P01 deadlock detected.
+    matches!(err, sqlx::Error::Database(db) if db.code().is_some_and(|code| code == "40001" || code == "40P01"))
+}
+
+/// Answers every command of a committed batch.
+fn answer(batch: Batch, written: Written) -> Option<oneshot::Sender<()>> {
+    let Batch {
+        messages,
+        replies,
+        close,
+        #[cfg(test)]
+        barriers,
+        ..
+    } = batch;
+    for ((_, tx), inserted) in messages.into_iter().zip(written.messages) {
+        respond(tx, Ok(inserted));
+    }
+    for ((_, tx), stored) in replies.into_iter().zip(written.replies) {
+        respond(tx, Ok(stored));
+    }
+    #[cfg(test)]
+    for done in barriers {
+        respond(done, ());
+    }
+    close
+}
+
+/// The whole batch in one transaction.
+async fn write(conn: &mut PgConnection, batch: &Batch) -> Result<Written, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    let messages = insert_messages(&mut tx, &batch.messages).await?;
+    let replies = insert_replies(&mut tx, &batch.replies).await?;
+    record_updates(&mut tx, &batch.updates).await?;
+    tx.commit().await?;
+    Ok(Written { messages, replies })
+}
+
+/// Stores new messages under ids taken from the table's sequence in the order of the calls;
+/// a native resend of a stored client message id gets the stored message instead.
+async fn insert_messages(
+    tx: &mut Transaction<'_, Postgres>,
+    messages: &[(Box<NewMessage>, super::super::batch::Respond<Inserted>)],
+) -> Result<Vec<Inserted>, sqlx::Error> {
+    if messages.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT nextval(pg_get_serial_sequence('messages', 'id')) FROM generate_series(1, $1)",
+    )
+    .bind(messages.len() as i64)
+    .fetch_all(&mut **tx)
+    .await?;
+    // A sequence hands out increasing values: sorted, they follow the order of the calls.
+    ids.sort_unstable();
+    // A client message id sent twice within the batch is stored once, by its first send.
+    let mut first_of: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut repeat_of: Vec<Option<usize>> = Vec::with_capacity(messages.len());
+    for (index, (message, _)) in messages.iter().enumerate() {
+        let repeat = message.client_message_id.as_deref().and_then(|cmid| {
+            match first_of.entry((message.client_id.as_str(), cmid)) {
+                std::collections::hash_map::Entry::Occupied(first) => Some(*first.get()),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(index);
+                    None
+                }
+            }
+        });
+        repeat_of.push(repeat);
+    }
+    let rows: Vec<usize> = (0..messages.len())
+        .filter(|&i| repeat_of[i].is_none())
+        .collect();
+    let column = |f: &dyn Fn(&NewMessage) -> Option<String>| -> Vec<Option<String>> {
+        rows.iter().map(|&i| f(&messages[i].0)).collect()
+    };
+    let inserted: HashSet<i64> = sqlx::query_scalar(
+        "INSERT INTO messages (id, client_id, client_msg_id, message_type, content, filename, \
+             mime_type, size_bytes, timezone, status, status_reason, client_timestamp, received_at) \
+         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::text[], $7::text[], $8::bigint[], $9::text[], $10::text[], $11::text[], \
+             $12::text[], $13::timestamptz[]) \
+         ON CONFLICT DO NOTHING RETURNING id",
+    )
+    .bind(rows.iter().map(|&i| ids[i]).collect::<Vec<i64>>())
+    .bind(column(&|m| Some(m.client_id.as_str().to_owned())))
+    .bind(column(&|m| m.client_message_id.clone()))
+    .bind(column(&|m| Some(m.kind.as_str().to_owned())))
+    .bind(column(&|m| Some(m.content.clone())))
+    .bind(column(&|m| m.filename.clone()))
+    .bind(column(&|m| m.mime_type.clone()))
+    .bind(
+        rows.iter()
+            .map(|&i| messages[i].0.size_bytes.and_then(|size| i64::try_from(size).ok()))
+            .collect::<Vec<Option<i64>>>(),
+    )
+    .bind(column(&|m| Some(m.timezone.name().to_owned())))
+    .bind(column(&|m| Some(m.status.as_str().to_owned())))
+    .bind(column(&|m| m.reason.clone()))
+    .bind(column(&|m| m.client_timestamp.clone()))
+    .bind(
+        rows.iter()
+            .map(|&i| messages[i].0.received_at)
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .collect();
+    // Rows that were not inserted resend a client message id stored before this batch.
+    let resent: Vec<usize> = rows
+        .iter()
+        .copied()
+        .filter(|&i| !inserted.contains(&ids[i]))
+        .collect();
+    let mut existing: HashMap<(String, String), Existing> = HashMap::new();
+    if !resent.is_empty() {
+        #[derive(sqlx::FromRow)]
+        struct Found {
+            id: i64,
+            client_id: String,
+            client_msg_id: String,
+            status: String,
+            status_reason: Option<String>,
+            received_at: chrono::DateTime<chrono::Utc>,
+        }
+        let found: Vec<Found> = sqlx::query_as(
+            "SELECT m.id, m.client_id, m.client_msg_id, m.status, m.status_reason, m.received_at \
+                 FROM messages AS m \
+                 JOIN UNNEST($1::text[], $2::text[]) AS r(client_id, client_msg_id) \
+                     ON m.client_id = r.client_id AND m.client_msg_id = r.client_msg_id",
+        )
+        .bind(
+            resent
+                .iter()
+                .map(|&i| messages[i].0.client_id.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            resent
+                .iter()
+                .map(|&i| messages[i].0.client_message_id.clone().unwrap_or_default())
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(&mut **tx)
+        .await?;
+        for row in found {
+            let status = MessageStatus::parse(&row.status).ok_or_else(|| {
+                sqlx::Error::Protocol(format!("unknown message status {:?}", row.status))
+            })?;
+            existing.insert(
+                (row.client_id, row.client_msg_id),
+                Existing {
+                    id: row.id,
+                    status,
+                    reason: row.status_reason,
+                    received_at: row.received_at,
+                },
+            );
+        }
+    }
+    let mut outcome: Vec<Inserted> = Vec::with_capacity(messages.len());
+    for (index, (message, _)) in messages.iter().enumerate() {
+        let result = match repeat_of[index] {
+            // A repeat within the batch answers as its first send turned out.
+            Some(first) => match &outcome[first] {
+                Inserted::New(id) => Inserted::Duplicate(Existing {
+                    id: *id,
+                    status: messages[first].0.status,
+                    reason: messages[first].0.reason.clone(),
+                    received_at: messages[first].0.received_at,
+                }),
+                duplicate => duplicate.clone(),
+            },
+            None if inserted.contains(&ids[index]) => Inserted::New(ids[index]),
+            None => {
+                let key = (
+                    message.client_id.as_str().to_owned(),
+                    message.client_message_id.clone().unwrap_or_default(),
+                );
+                let stored = existing.get(&key).cloned().ok_or_else(|| {
+                    sqlx::Error::Protocol(format!(
+                        "message {} was neither inserted nor found",
+                        ids[index]
+                    ))
+                })?;
+                Inserted::Duplicate(stored)
+            }
+        };
+        outcome.push(result);
+    }
+    Ok(outcome)
+}
+
+/// Stores reply sets. Each client's replies are numbered under an advisory lock of that
+/// client's, taken in one order by every process (so two processes never wait on each other in
+/// a circle), which makes the numbering gap-free and the per-type check below exact.
+async fn insert_replies(
+    tx: &mut Transaction<'_, Postgres>,
+    batches: &[(ReplyBatch, super::super::batch::Respond<Vec<StoredReply>>)],
+) -> Result<Vec<Vec<StoredReply>>, sqlx::Error> {
+    if batches.is_empty() {
+        return Ok(Vec::new());
+    }
+    let clients: Vec<String> = batches
+        .iter()
+        .map(|(batch, _)| batch.client_id.as_str().to_owned())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock($1, hashtext(c)) \
+         FROM (SELECT DISTINCT c FROM UNNEST($2::text[]) AS c) AS clients ORDER BY hashtext(c)",
+    )
+    .bind(REPLY_STREAM_LOCKS)
+    .bind(&clients)
+    .execute(&mut **tx)
+    .await?;
+    let message_ids: Vec<i64> = batches.iter().map(|(batch, _)| batch.message_id).collect();
+    let stored: Vec<ReplyRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {} FROM replies WHERE message_id = ANY($1) ORDER BY id",
+        super::REPLY_COLUMNS
+    )))
+    .bind(&message_ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut existing: HashMap<(i64, &'static str), StoredReply> = HashMap::new();
+    for record in stored {
+        let reply =
+            StoredReply::try_from(record).map_err(|err| sqlx::Error::Protocol(err.to_string()))?;
+        existing.insert((reply.message_id, reply.reply_type.as_str()), reply);
+    }
+    let latest: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT client_id, MAX(seq) FROM replies WHERE client_id = ANY($1) GROUP BY client_id",
+    )
+    .bind(&clients)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut next_seq: HashMap<String, i64> = latest
+        .into_iter()
+        .map(|(client, seq)| (client, seq + 1))
+        .collect();
+
+    // Which replies are new, and their stream positions, in the order of the calls.
+    struct Row<'a> {
+        batch: usize,
+        reply: &'a super::super::NewReply,
+        seq: i64,
+    }
+    let mut rows: Vec<Row<'_>> = Vec::new();
+    let mut taken: HashSet<(i64, &'static str)> = HashSet::new();
+    for (index, (batch, _)) in batches.iter().enumerate() {
+        for reply in &batch.replies {
+            let key = (batch.message_id, reply.reply_type.as_str());
+            if existing.contains_key(&key) || !taken.insert(key) {
+                continue;
+            }
+            let next = next_seq
+                .entry(batch.client_id.as_str().to_owned())
+                .or_insert(1);
+            rows.push(Row {
+                batch: index,
+                reply,
+                seq: *next,
+            });
+            *next += 1;
+        }
+    }
+    let mut ids: HashMap<(String, i64), i64> = HashMap::new();
+    if !rows.is_empty() {
+        let returned: Vec<(i64, String, i64)> = sqlx::query_as(
+            "INSERT INTO replies (message_id, client_id, seq, reply_type, content, filename, \
+                 mime_type, fallback, created_at) \
+             SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[], \
+                 $5::text[], $6::text[], $7::text[], $8::bool[], $9::timestamptz[]) \
+             RETURNING id, client_id, seq",
+        )
+        .bind(
+            rows.iter()
+                .map(|r| batches[r.batch].0.message_id)
+                .collect::<Vec<i64>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| batches[r.batch].0.client_id.as_str().to_owned())
+                .collect::<Vec<String>>(),
+        )
+        .bind(rows.iter().map(|r| r.seq).collect::<Vec<i64>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.reply.reply_type.as_str().to_owned())
+                .collect::<Vec<String>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.reply.content.clone())
+                .collect::<Vec<String>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.reply.filename.clone())
+                .collect::<Vec<Option<String>>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.reply.mime_type.clone())
+                .collect::<Vec<Option<String>>>(),
+        )
+        .bind(rows.iter().map(|r| r.reply.fallback).collect::<Vec<bool>>())
+        .bind(
+            rows.iter()
+                .map(|r| batches[r.batch].0.created_at)
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(&mut **tx)
+        .await?;
+        ids = returned
+            .into_iter()
+            .map(|(id, client, seq)| ((client, seq), id))
+            .collect();
+    }
+    let completed: Vec<i64> = batches
+        .iter()
+        .filter(|(batch, _)| batch.completes)
+        .map(|(batch, _)| batch.message_id)
+        .collect();
+    if !completed.is_empty() {
+        sqlx::query(
+            "UPDATE messages SET status = 'replied' WHERE id = ANY($1) AND status = 'accepted'",
+        )
+        .bind(&completed)
+        .execute(&mut **tx)
+        .await?;
+    }
+
+    // Each batch's answer: its replies as stored, new or from before, in the order asked.
+    let mut new_rows = rows.into_iter().peekable();
+    let mut answers = Vec::with_capacity(batches.len());
+    let mut stored_now: HashMap<(i64, &'static str), StoredReply> = HashMap::new();
+    for (index, (batch, _)) in batches.iter().enumerate() {
+        let mut answer = Vec::with_capacity(batch.replies.len());
+        for reply in &batch.replies {
+            let key = (batch.message_id, reply.reply_type.as_str());
+            if let Some(row) = new_rows.peek()
+                && row.batch == index
+                && std::ptr::eq(row.reply, reply)
+            {
+                let id = ids
+                    .get(&(batch.client_id.as_str().to_owned(), row.seq))
+                    .copied()
+                    .ok_or_else(|| {
+                        sqlx::Error::Protocol("an inserted reply was not returned".into())
+                    })?;
+                let stored = StoredReply {
+                    id,
+                    message_id: batch.message_id,
+                    seq: u64::try_from(row.seq).unwrap_or_default(),
+                    reply_type: reply.reply_type,
+                    content: reply.content.clone(),
+                    filename: reply.filename.clone(),
+                    mime_type: reply.mime_type.clone(),
+                    fallback: reply.fallback,
+                    delivery: Delivery::Pending,
+                    created_at: batch.created_at,
+                    delivered_at: None,
+                };
+                stored_now.insert(key, stored.clone());
+                answer.push(stored);
+                new_rows.next();
+            } else if let Some(stored) = existing.get(&key).or_else(|| stored_now.get(&key)) {
+                // Stored before (a job processed twice): the first reply stands.
+                answer.push(stored.clone());
+            }
+        }
+        answers.push(answer);
+    }
+    Ok(answers)
+}
+
+/// Delivery statuses: by reply, by acknowledgement, by departure; delivered stays delivered.
+async fn record_updates(conn: &mut PgConnection, updates: &Updates) -> Result<(), sqlx::Error> {
+    if !updates.deliveries.is_empty() {
+        let deliveries: Vec<_> = updates.deliveries.values().collect();
+        sqlx::query(
+            "UPDATE replies AS r SET delivery = u.delivery, \
+                 delivered_at = CASE WHEN u.delivery = 'delivered' THEN u.at END \
+             FROM UNNEST($1::bigint[], $2::text[], $3::timestamptz[]) AS u(id, delivery, at) \
+             WHERE r.id = u.id AND r.delivery <> 'delivered'",
+        )
+        .bind(deliveries.iter().map(|u| u.reply_id).collect::<Vec<i64>>())
+        .bind(
+            deliveries
+                .iter()
+                .map(|u| u.delivery.as_str().to_owned())
+                .collect::<Vec<String>>(),
+        )
+        .bind(deliveries.iter().map(|u| u.at).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !updates.received.is_empty() {
+        let received: Vec<_> = updates.received.values().collect();
+        sqlx::query(
+            "UPDATE replies AS r SET delivery = 'delivered', delivered_at = u.at \
+             FROM UNNEST($1::text[], $2::bigint[], $3::timestamptz[]) AS u(client_id, seq, at) \
+             WHERE r.client_id = u.client_id AND r.seq <= u.seq AND r.delivery <> 'delivered'",
+        )
+        .bind(
+            received
+                .iter()
+                .map(|u| u.client_id.as_str().to_owned())
+                .collect::<Vec<String>>(),
+        )
+        .bind(
+            received
+                .iter()
+                .map(|u| seq_param(u.seq))
+                .collect::<Vec<i64>>(),
+        )
+        .bind(received.iter().map(|u| u.at).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !updates.departures.is_empty() {
+        sqlx::query(
+            "UPDATE replies AS r SET delivery = 'failed' \
+             FROM UNNEST($1::text[], $2::bigint[]) AS u(client_id, seq) \
+             WHERE r.client_id = u.client_id AND r.seq > u.seq AND r.delivery = 'pending'",
+        )
+        .bind(
+            updates
+                .departures
+                .iter()
+                .map(|u| u.client_id.as_str().to_owned())
+                .collect::<Vec<String>>(),
+        )
+        .bind(
+            updates
+                .departures
+                .iter()
+                .map(|u| seq_param(u.seq))
+                .collect::<Vec<i64>>(),
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
