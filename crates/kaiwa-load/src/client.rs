@@ -735,14 +735,23 @@ pub fn native_frame(ledger: &mut Ledger, text: &str, at: std::time::Instant) -> 
         native::ServerFrame::Status(status) => {
             ledger.observe(status.id.as_deref(), Observed::Status(status.status), at)
         }
-        native::ServerFrame::Reply(reply) if !reply.missed => ledger.observe(
-            reply.id.as_deref(),
-            Observed::Reply {
-                reply_id: reply.reply.id,
-                reply_type: reply.reply.reply_type,
-            },
-            at,
-        ),
+        native::ServerFrame::Reply(reply) if !reply.missed => {
+            ledger.reply_seq(reply.seq);
+            ledger.observe(
+                reply.id.as_deref(),
+                Observed::Reply {
+                    reply_id: reply.reply.id,
+                    reply_type: reply.reply.reply_type,
+                },
+                at,
+            )
+        }
+        // We never ask for a replay, but a replayed reply still takes its place in the stream.
+        native::ServerFrame::Reply(reply) => {
+            ledger.reply_seq(reply.seq);
+            ledger.problem(Problem::UnexpectedFrame);
+            Effect::Nothing
+        }
         native::ServerFrame::Delta(delta) => {
             ledger.observe(delta.id.as_deref(), Observed::Delta, at)
         }
@@ -761,8 +770,7 @@ pub fn native_frame(ledger: &mut Ledger, text: &str, at: std::time::Instant) -> 
             }
         },
         // We never ask for a replay, a pong or a second welcome.
-        native::ServerFrame::Reply(_)
-        | native::ServerFrame::Welcome(_)
+        native::ServerFrame::Welcome(_)
         | native::ServerFrame::Pong { .. }
         | native::ServerFrame::Synced { .. } => {
             ledger.problem(Problem::UnexpectedFrame);

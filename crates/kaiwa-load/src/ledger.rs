@@ -1,13 +1,14 @@
 //! The accounting of one client's messages: what each message must get back (one ack; for an
 //! accepted one `processing`, its reply set in order and `replied`; for a rejected one nothing
 //! more), what it did get, and what that makes it: complete, lost, duplicated, unexpected or
-//! misjudged against its window. Pure bookkeeping, fed by the client's reader, so it can be
-//! tested frame by frame.
+//! misjudged against its window. Beside the messages it follows the connection's reply stream:
+//! native replies carry `seq`, which must go 1, 2, 3... on a connection, each once. Pure
+//! bookkeeping, fed by the client's reader, so it can be tested frame by frame.
 
 use crate::report::{Live, Problem, Tally};
 use crate::windows::Expectation;
 use kaiwa_protocol::{ErrorCode, MessageStatus, MessageType, ReplyType};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -100,11 +101,69 @@ struct Tracked {
     settled: bool,
 }
 
+/// A connection's reply stream as the client sees it. The server numbers a client id's replies
+/// 1, 2, 3... and sends them on a connection in that order, each once; a fresh client id (every
+/// run makes its own) starts at 1.
+#[derive(Debug, Default)]
+struct Stream {
+    /// The highest `seq` seen: what the client acknowledges with `received`.
+    last: u64,
+    /// `seq`s jumped over, as ranges `start..=end` by start. Judged at the end, so that a reply
+    /// that comes late counts as out of order rather than as a gap and then something else.
+    skipped: BTreeMap<u64, u64>,
+}
+
+impl Stream {
+    /// Takes the `seq` of the next reply on the connection.
+    fn take(&mut self, seq: u64) -> Option<Problem> {
+        let next = self.last.saturating_add(1);
+        if seq >= next {
+            if seq > next {
+                self.skipped.insert(next, seq - 1);
+            }
+            self.last = seq;
+            None
+        } else if self.fill(seq) {
+            Some(Problem::SeqOutOfOrder)
+        } else {
+            Some(Problem::SeqRepeat)
+        }
+    }
+
+    /// Whether `seq` was skipped; if so it no longer is.
+    fn fill(&mut self, seq: u64) -> bool {
+        let Some((&start, &end)) = self.skipped.range(..=seq).next_back() else {
+            return false;
+        };
+        if seq > end {
+            return false;
+        }
+        self.skipped.remove(&start);
+        if start < seq {
+            self.skipped.insert(start, seq - 1);
+        }
+        if seq < end {
+            self.skipped.insert(seq + 1, end);
+        }
+        true
+    }
+
+    /// How many `seq`s were skipped and never came.
+    fn missing(&self) -> u64 {
+        self.skipped
+            .iter()
+            .map(|(start, end)| end - start + 1)
+            .sum()
+    }
+}
+
 /// One client's messages and what became of them.
 #[derive(Debug)]
 pub struct Ledger {
     mode: Mode,
     messages: HashMap<String, Tracked>,
+    /// The client has one connection that carries replies, so one stream.
+    stream: Stream,
     /// Every reply id seen, to catch a reply delivered twice.
     reply_ids: HashSet<i64>,
     /// Legacy: which message a stored id belongs to, so a late frame finds its message.
@@ -121,6 +180,7 @@ impl Ledger {
         Self {
             mode,
             messages: HashMap::new(),
+            stream: Stream::default(),
             reply_ids: HashSet::new(),
             by_message_id: HashMap::new(),
             current: None,
@@ -137,6 +197,21 @@ impl Ledger {
 
     pub fn tally_mut(&mut self) -> &mut Tally {
         &mut self.tally
+    }
+
+    /// How far the client has processed its reply stream: the `seq` a `received` frame
+    /// acknowledges. For the echo baseline, the number of frames echoed, so that an echo client
+    /// acknowledges as often as a native one.
+    pub fn stream_position(&self) -> u64 {
+        self.stream.last
+    }
+
+    /// The `seq` of a native reply, in the order replies arrived on the connection. Call it for
+    /// every reply frame, before [`Ledger::observe`].
+    pub fn reply_seq(&mut self, seq: u64) {
+        if let Some(problem) = self.stream.take(seq) {
+            self.problem(problem);
+        }
     }
 
     /// Records a send. Sending a key again (after `busy`) is a resend, not a new message.
@@ -198,6 +273,10 @@ impl Ledger {
         if observed == Observed::Delta {
             self.tally.deltas += 1;
             return Effect::Nothing;
+        }
+        if observed == Observed::Echo {
+            // The echo server numbers nothing: every frame it sends back is the next one.
+            self.stream.last += 1;
         }
         let Some(key) = key else {
             self.problem(Problem::UnexpectedFrame);
@@ -419,6 +498,9 @@ impl Ledger {
         for problem in lost {
             self.problem(problem);
         }
+        let missing = self.stream.missing();
+        Live::add(&self.live.problems, missing);
+        self.tally.problems_of(Problem::SeqGap, missing);
         self.tally
     }
 }
@@ -757,6 +839,78 @@ mod tests {
                 ("unexpected_frame".into(), 1)
             ]
         );
+    }
+
+    /// Feeds reply `seq`s as a connection delivered them and returns what the stream made of
+    /// them, and where it stands.
+    fn stream_of(seqs: &[u64]) -> (Vec<(String, u64)>, u64) {
+        let mut ledger = ledger(Mode::Native);
+        for &seq in seqs {
+            ledger.reply_seq(seq);
+        }
+        let position = ledger.stream_position();
+        (problems(&ledger.finish()), position)
+    }
+
+    #[test]
+    fn replies_in_seq_order_from_one_are_no_problem() {
+        assert_eq!(stream_of(&[1, 2, 3, 4]), (vec![], 4));
+        assert_eq!(stream_of(&[]), (vec![], 0));
+    }
+
+    #[test]
+    fn a_gap_in_the_stream_counts_every_seq_that_never_came() {
+        assert_eq!(stream_of(&[1, 2, 5, 6]), (vec![("seq_gap".into(), 2)], 6));
+        assert_eq!(
+            stream_of(&[2, 3, 4]),
+            (vec![("seq_gap".into(), 1)], 4),
+            "a fresh client's stream starts at 1"
+        );
+        assert_eq!(stream_of(&[1, 3, 5]), (vec![("seq_gap".into(), 2)], 5));
+    }
+
+    #[test]
+    fn a_seq_delivered_twice_is_a_repeat() {
+        assert_eq!(
+            stream_of(&[1, 2, 2, 3]),
+            (vec![("seq_repeat".into(), 1)], 3)
+        );
+        assert_eq!(
+            stream_of(&[1, 2, 3, 1]),
+            (vec![("seq_repeat".into(), 1)], 3),
+            "an old seq already delivered"
+        );
+    }
+
+    #[test]
+    fn a_skipped_seq_that_comes_late_is_out_of_order_not_a_gap() {
+        assert_eq!(
+            stream_of(&[1, 3, 2, 4]),
+            (vec![("seq_out_of_order".into(), 1)], 4)
+        );
+        // Two of a run of four skipped come late, one of them twice; the other two never come.
+        assert_eq!(
+            stream_of(&[1, 6, 3, 4, 3, 7]),
+            (
+                vec![
+                    ("seq_gap".into(), 2),
+                    ("seq_repeat".into(), 1),
+                    ("seq_out_of_order".into(), 2)
+                ],
+                7
+            )
+        );
+    }
+
+    #[test]
+    fn echo_clients_acknowledge_one_position_per_frame_echoed() {
+        let mut ledger = ledger(Mode::Echo);
+        send(&mut ledger, "m1", MessageType::Text, Expectation::Accept);
+        send(&mut ledger, "m2", MessageType::Text, Expectation::Accept);
+        let now = Instant::now();
+        ledger.observe(Some("m1"), Observed::Echo, now);
+        ledger.observe(Some("m2"), Observed::Echo, now);
+        assert_eq!(ledger.stream_position(), 2);
     }
 
     #[test]

@@ -31,6 +31,14 @@ pub enum Problem {
     WrongReply,
     /// Frames of one message in the wrong order (a reply before the ack, `replied` too early).
     OutOfOrder,
+    /// Replies a connection's stream skipped: their `seq` never arrived, though later ones did.
+    /// Counted once per missing `seq`.
+    SeqGap,
+    /// A reply whose `seq` the connection had already delivered.
+    SeqRepeat,
+    /// A reply whose `seq` had been skipped arrived after a later one: the stream was out of
+    /// order, not short.
+    SeqOutOfOrder,
     /// Accepted although its window says it must be rejected.
     AcceptedOutsideWindow,
     /// Rejected although its window says it must be accepted.
@@ -65,6 +73,9 @@ impl fmt::Display for Problem {
             Self::MalformedFrame => "malformed_frame",
             Self::WrongReply => "wrong_reply",
             Self::OutOfOrder => "out_of_order",
+            Self::SeqGap => "seq_gap",
+            Self::SeqRepeat => "seq_repeat",
+            Self::SeqOutOfOrder => "seq_out_of_order",
             Self::AcceptedOutsideWindow => "accepted_outside_window",
             Self::RejectedInsideWindow => "rejected_inside_window",
             Self::Error(code) => return write!(f, "error:{code}"),
@@ -203,7 +214,13 @@ pub struct Tally {
 
 impl Tally {
     pub fn problem(&mut self, problem: Problem) {
-        *self.problems.entry(problem).or_default() += 1;
+        self.problems_of(problem, 1);
+    }
+
+    pub fn problems_of(&mut self, problem: Problem, count: u64) {
+        if count > 0 {
+            *self.problems.entry(problem).or_default() += count;
+        }
     }
 
     pub fn kind(&mut self, kind: MessageType) -> &mut TypeTally {

@@ -135,7 +135,7 @@ async fn the_echo_baseline_returns_every_frame() {
 enum Fake {
     /// Acks, says `processing`, and never replies.
     WithholdReplies,
-    /// Answers properly, but sends the text reply twice.
+    /// Answers properly, but sends the text reply twice (the same `seq` too).
     DuplicateReply,
 }
 
@@ -150,7 +150,8 @@ fn choose(_: &Request, mut response: Response) -> Result<Response, ErrorResponse
     Ok(response)
 }
 
-/// A native server that welcomes every client and answers sends as `behaviour` says.
+/// A native server that welcomes every client and answers sends as `behaviour` says, numbering
+/// each connection's replies from 1 as kaiwa numbers a new client id's.
 async fn fake_server(behaviour: Fake) -> (SocketAddr, oneshot::Sender<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
     let addr = listener.local_addr().expect("an address");
@@ -165,14 +166,15 @@ async fn fake_server(behaviour: Fake) -> (SocketAddr, oneshot::Sender<()>) {
                 let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, choose).await else {
                     return;
                 };
-                let mut next_id = 1;
+                let mut next_id = 0;
                 while let Some(Ok(frame)) = ws.next().await {
                     let Message::Text(text) = frame else { continue };
                     let answers = match serde_json::from_str::<native::ClientFrame>(&text) {
                         Ok(native::ClientFrame::Hello(hello)) => vec![welcome(hello)],
                         Ok(native::ClientFrame::Send(send)) => {
                             next_id += 1;
-                            answer(behaviour, &send.id.unwrap_or_default(), next_id)
+                            let seq = u64::try_from(next_id).unwrap_or_default();
+                            answer(behaviour, &send.id.unwrap_or_default(), next_id, seq)
                         }
                         _ => vec![],
                     };
@@ -218,7 +220,7 @@ fn welcome(hello: native::Hello) -> native::ServerFrame {
     })
 }
 
-fn answer(behaviour: Fake, id: &str, message_id: i64) -> Vec<native::ServerFrame> {
+fn answer(behaviour: Fake, id: &str, message_id: i64, seq: u64) -> Vec<native::ServerFrame> {
     let status = |status| {
         native::ServerFrame::Status(native::Status {
             id: Some(id.to_owned()),
@@ -237,7 +239,7 @@ fn answer(behaviour: Fake, id: &str, message_id: i64) -> Vec<native::ServerFrame
     let reply = native::ServerFrame::Reply(native::Reply {
         id: Some(id.to_owned()),
         message_id,
-        seq: u64::try_from(message_id).unwrap_or_default(),
+        seq,
         reply: native::ReplyBody {
             id: message_id,
             reply_type: ReplyType::Text,
@@ -275,16 +277,21 @@ async fn replies_that_never_come_are_reported_as_lost_and_fail_the_run() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reply_delivered_twice_is_reported_as_a_duplicate() {
+async fn a_reply_delivered_twice_is_reported_as_a_duplicate_and_a_repeated_seq() {
     let (addr, _stop) = fake_server(Fake::DuplicateReply).await;
     let mut config = config(format!("ws://{addr}/ws"), Mode::Native, 2, 6);
     config.mix = Mix::text();
     let summary = kaiwa_load::run(config).await.expect("the run completes");
     assert!(!summary.ok);
     assert_eq!(summary.lost, 0);
+    let problems: Vec<(&str, u64)> = summary
+        .problems
+        .iter()
+        .map(|(problem, count)| (problem.as_str(), *count))
+        .collect();
     assert_eq!(
-        summary.problems.get("duplicate_reply"),
-        Some(&6),
+        problems,
+        [("duplicate_reply", 6), ("seq_repeat", 6)],
         "{}",
         summary.table()
     );
