@@ -270,10 +270,12 @@ pub async fn run(shared: Shared, plan: ClientPlan, pace: Pace, start: Option<Sta
     let (sink, stream) = (*ws).split();
     let (notes_tx, notes_rx) = mpsc::unbounded_channel();
     let (commands_tx, commands_rx) = mpsc::unbounded_channel();
+    let (acks_tx, acks_rx) = watch::channel(0);
     let writer = Writer {
         sink,
         notes: notes_tx,
         commands: commands_rx,
+        acks: acks_rx,
         permits: permits.clone(),
         mode: shared.mode,
         mix: shared.mix.clone(),
@@ -291,14 +293,16 @@ pub async fn run(shared: Shared, plan: ClientPlan, pace: Pace, start: Option<Sta
         stream,
         notes: notes_rx,
         commands: commands_tx,
+        acks: acks_tx,
         permits,
         mode: shared.mode,
         drain: shared.drain_timeout,
         drain_deadline: None,
     };
     reader.run(&mut ledger, &shared.stop).await;
-    if writer.await.is_err() {
-        ledger.problem(Problem::ConnectFailed);
+    match writer.await {
+        Ok(acknowledgements) => ledger.tally_mut().acknowledgements = acknowledgements,
+        Err(_) => ledger.problem(Problem::ConnectFailed),
     }
     shared.live.connection_closed();
     let mut tally = ledger.finish();
@@ -380,6 +384,10 @@ struct Writer {
     sink: SplitSink<Ws, Message>,
     notes: mpsc::UnboundedSender<Note>,
     commands: mpsc::UnboundedReceiver<Command>,
+    /// The reply stream position to acknowledge, from the reader. A watch keeps only the
+    /// latest: acknowledgements are cumulative, so one that waited behind a large frame
+    /// replaces those that came after it instead of queueing beside them.
+    acks: watch::Receiver<u64>,
     /// Free places in the client's window of unsettled messages; the reader gives them back.
     permits: Arc<Semaphore>,
     mode: Mode,
@@ -395,10 +403,13 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(mut self) {
+    /// Sends until done or told to close; returns how many `received` frames it sent.
+    async fn run(mut self) -> u64 {
         let mut seq: u64 = 0;
         let mut resends: VecDeque<(Instant, String, MessageType)> = VecDeque::new();
         let mut sending = true;
+        let mut acks_open = true;
+        let mut acknowledgements = 0;
         loop {
             let due = match self.pace {
                 Pace::Open { interval, phase } => {
@@ -419,6 +430,19 @@ impl Writer {
             let next_resend = resends.front().map(|(at, _, _)| *at);
             tokio::select! {
                 biased;
+                // First, so that the reader's last acknowledgement goes out before its Close.
+                changed = self.acks.changed(), if acks_open => {
+                    if changed.is_err() {
+                        acks_open = false;
+                        continue;
+                    }
+                    let seq = *self.acks.borrow_and_update();
+                    let received = to_json(&native::ClientFrame::Received { seq });
+                    if self.sink.send(Message::text(received)).await.is_err() {
+                        break;
+                    }
+                    acknowledgements += 1;
+                }
                 command = self.commands.recv() => match command {
                     Some(Command::Resend { key, kind, at }) => resends.push_back((at, key, kind)),
                     Some(Command::Pong) => {
@@ -468,6 +492,7 @@ impl Writer {
         };
         // If this fails, the connection is already gone, and the reader has reported how.
         self.sink.send(Message::Close(Some(close))).await.ok();
+        acknowledgements
     }
 
     async fn write(
@@ -539,6 +564,8 @@ struct Reader {
     stream: SplitStream<Ws>,
     notes: mpsc::UnboundedReceiver<Note>,
     commands: mpsc::UnboundedSender<Command>,
+    /// Tells the writer how far to acknowledge the reply stream.
+    acks: watch::Sender<u64>,
     /// Given back as messages settle, so the writer may send the next.
     permits: Arc<Semaphore>,
     mode: Mode,
@@ -569,8 +596,17 @@ impl Reader {
                         break;
                     }
                 }
+                // Acknowledgements as a real client sends them, cheaply: one `received` per
+                // read burst, for everything in it. This branch comes last, so it runs only
+                // once the socket has nothing more to read right now; a burst of replies (the
+                // server writes several frames per send) costs one frame and one store update,
+                // not one per reply, and no reply waits on a timer to be acknowledged.
+                () = std::future::ready(()), if self.owes_ack(ledger) => self.acknowledge(ledger),
             }
         }
+        // What was processed is acknowledged before the close: the server records replies
+        // sent but not acknowledged as failed when the connection ends.
+        self.acknowledge(ledger);
         self.commands.send(Command::Close).ok();
         if server_closed {
             return;
@@ -588,6 +624,19 @@ impl Reader {
         };
         if tokio::time::timeout(CLOSE_TIMEOUT, closing).await.is_err() {
             ledger.problem(Problem::Closed(1006));
+        }
+    }
+
+    /// Whether replies were processed that the server has not been told of. The legacy
+    /// protocol has no acknowledgements.
+    fn owes_ack(&self, ledger: &Ledger) -> bool {
+        self.mode != Mode::Legacy && ledger.stream_position() > *self.acks.borrow()
+    }
+
+    fn acknowledge(&self, ledger: &Ledger) {
+        if self.owes_ack(ledger) {
+            // The writer may be gone with the connection; then there is no one to tell.
+            self.acks.send_replace(ledger.stream_position());
         }
     }
 

@@ -1,6 +1,9 @@
 //! A bare WebSocket echo server, the ceiling kaiwa is measured against: the same runtime and
 //! WebSocket stack (tokio, axum, tungstenite) with the same buffer sizes, and nothing else: no
-//! parsing, no storage, no replies. Every text or binary frame comes straight back.
+//! parsing, no storage, no replies. Every text or binary frame comes straight back, except the
+//! clients' acknowledgements (`received`), which are read and dropped as kaiwa reads them and
+//! answers nothing: the load tool sends them to both servers, so that both runs carry the same
+//! client traffic and the ratio compares like with like.
 
 use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -31,6 +34,7 @@ async fn upgrade(ws: WebSocketUpgrade) -> Response {
 async fn echo(mut socket: WebSocket) {
     while let Some(Ok(message)) = socket.recv().await {
         match message {
+            Message::Text(ref text) if is_acknowledgement(text.as_str()) => {}
             Message::Text(_) | Message::Binary(_) => {
                 if socket.send(message).await.is_err() {
                     return;
@@ -40,6 +44,13 @@ async fn echo(mut socket: WebSocket) {
             Message::Ping(_) | Message::Pong(_) => {}
         }
     }
+}
+
+/// Whether a text frame is a `received` frame of the load tool. A prefix, not a parse: the
+/// echo does no JSON work, and the tool writes the `type` tag first (serde writes an internally
+/// tagged enum's tag before its fields).
+fn is_acknowledgement(text: &str) -> bool {
+    text.starts_with(r#"{"type":"received""#)
 }
 
 /// Serves the echo endpoint on `listener` until `shutdown` resolves.
@@ -54,4 +65,23 @@ pub async fn serve(
     axum::serve(listener, router())
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kaiwa_protocol::native::ClientFrame;
+
+    #[test]
+    fn the_tools_acknowledgements_are_recognised_and_its_messages_are_not() {
+        let received = serde_json::to_string(&ClientFrame::Received { seq: 17 }).expect("JSON");
+        assert!(is_acknowledgement(&received), "{received}");
+        let send = serde_json::to_string(&ClientFrame::Send(kaiwa_protocol::native::Send {
+            id: Some("received".into()),
+            content: Some(r#"{"type":"received"}"#.into()),
+            ..Default::default()
+        }))
+        .expect("JSON");
+        assert!(!is_acknowledgement(&send), "{send}");
+    }
 }

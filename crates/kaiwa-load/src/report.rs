@@ -201,6 +201,8 @@ pub struct Tally {
     pub completed: u64,
     pub replies: u64,
     pub deltas: u64,
+    /// `received` frames sent: how often the client acknowledged its reply stream.
+    pub acknowledgements: u64,
     pub refusals: u64,
     pub connected: u64,
     pub clients: u64,
@@ -236,6 +238,7 @@ impl Tally {
         self.completed += other.completed;
         self.replies += other.replies;
         self.deltas += other.deltas;
+        self.acknowledgements += other.acknowledgements;
         self.refusals += other.refusals;
         self.connected += other.connected;
         self.clients += other.clients;
@@ -335,6 +338,9 @@ pub struct Summary {
     pub completed: u64,
     pub replies: u64,
     pub deltas: u64,
+    /// `received` frames the clients sent to acknowledge their replies.
+    #[serde(default)]
+    pub acknowledgements: u64,
     pub lost: u64,
     pub connected: u64,
     pub refusals: u64,
@@ -417,6 +423,7 @@ impl Summary {
             completed: tally.completed,
             replies: tally.replies,
             deltas: tally.deltas,
+            acknowledgements: tally.acknowledgements,
             lost: tally.lost(),
             connected: tally.connected,
             refusals: tally.refusals,
@@ -468,13 +475,14 @@ impl Summary {
         if self.sent > 0 {
             let _ = writeln!(
                 out,
-                "  sent {}  accepted {}  rejected {}  completed {}  replies {}  deltas {}  busy (retried) {}  lost {}",
+                "  sent {}  accepted {}  rejected {}  completed {}  replies {}  deltas {}  received frames {}  busy (retried) {}  lost {}",
                 self.sent,
                 self.accepted,
                 self.rejected,
                 self.completed,
                 self.replies,
                 self.deltas,
+                self.acknowledgements,
                 self.busy,
                 self.lost
             );

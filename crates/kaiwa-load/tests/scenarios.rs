@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -133,10 +133,23 @@ async fn the_echo_baseline_returns_every_frame() {
 /// What a fake native server does with each `send` after acking it.
 #[derive(Clone, Copy)]
 enum Fake {
+    /// Answers properly: ack, `processing`, the text reply, `replied`.
+    Answer,
     /// Acks, says `processing`, and never replies.
     WithholdReplies,
     /// Answers properly, but sends the text reply twice (the same `seq` too).
     DuplicateReply,
+}
+
+/// What a fake server's connection saw of its reply stream, reported when it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Acknowledged {
+    /// The `seq` of the last reply sent.
+    sent: u64,
+    /// The highest `seq` the client acknowledged.
+    received: u64,
+    /// How many `received` frames it took.
+    frames: u64,
 }
 
 /// Chooses kaiwa.v1, as kaiwa does for clients that offer it.
@@ -150,45 +163,83 @@ fn choose(_: &Request, mut response: Response) -> Result<Response, ErrorResponse
     Ok(response)
 }
 
+/// A fake native server, stopped when dropped.
+struct FakeServer {
+    addr: SocketAddr,
+    /// One report per connection that ended.
+    streams: mpsc::UnboundedReceiver<Acknowledged>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl FakeServer {
+    fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+}
+
 /// A native server that welcomes every client and answers sends as `behaviour` says, numbering
 /// each connection's replies from 1 as kaiwa numbers a new client id's.
-async fn fake_server(behaviour: Fake) -> (SocketAddr, oneshot::Sender<()>) {
+async fn fake_server(behaviour: Fake) -> FakeServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
     let addr = listener.local_addr().expect("an address");
     let (stop, mut stopped) = oneshot::channel::<()>();
+    let (streams_tx, streams) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
             let (tcp, _) = tokio::select! {
                 accepted = listener.accept() => accepted.expect("accepts"),
                 _ = &mut stopped => return,
             };
+            let streams_tx = streams_tx.clone();
             tokio::spawn(async move {
                 let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, choose).await else {
                     return;
                 };
                 let mut next_id = 0;
-                while let Some(Ok(frame)) = ws.next().await {
+                let mut stream = Acknowledged {
+                    sent: 0,
+                    received: 0,
+                    frames: 0,
+                };
+                'connection: while let Some(Ok(frame)) = ws.next().await {
                     let Message::Text(text) = frame else { continue };
                     let answers = match serde_json::from_str::<native::ClientFrame>(&text) {
                         Ok(native::ClientFrame::Hello(hello)) => vec![welcome(hello)],
                         Ok(native::ClientFrame::Send(send)) => {
                             next_id += 1;
-                            let seq = u64::try_from(next_id).unwrap_or_default();
-                            answer(behaviour, &send.id.unwrap_or_default(), next_id, seq)
+                            stream.sent += 1;
+                            answer(
+                                behaviour,
+                                &send.id.unwrap_or_default(),
+                                next_id,
+                                stream.sent,
+                            )
+                        }
+                        Ok(native::ClientFrame::Received { seq }) => {
+                            stream.received = stream.received.max(seq);
+                            stream.frames += 1;
+                            vec![]
                         }
                         _ => vec![],
                     };
                     for answer in answers {
                         let json = serde_json::to_string(&answer).expect("serializes");
                         if ws.send(Message::text(json)).await.is_err() {
-                            return;
+                            break 'connection;
                         }
                     }
+                }
+                if next_id > 0 {
+                    streams_tx.send(stream).ok();
                 }
             });
         }
     });
-    (addr, stop)
+    FakeServer {
+        addr,
+        streams,
+        _stop: stop,
+    }
 }
 
 fn welcome(hello: native::Hello) -> native::ServerFrame {
@@ -252,6 +303,12 @@ fn answer(behaviour: Fake, id: &str, message_id: i64, seq: u64) -> Vec<native::S
         missed: false,
     });
     match behaviour {
+        Fake::Answer => vec![
+            ack,
+            status(MessageStatus::Processing),
+            reply,
+            status(MessageStatus::Replied),
+        ],
         Fake::WithholdReplies => vec![ack, status(MessageStatus::Processing)],
         Fake::DuplicateReply => vec![
             ack,
@@ -264,9 +321,37 @@ fn answer(behaviour: Fake, id: &str, message_id: i64, seq: u64) -> Vec<native::S
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_reply_is_acknowledged_before_the_client_closes() {
+    let mut server = fake_server(Fake::Answer).await;
+    let mut config = config(server.url(), Mode::Native, 3, 300);
+    config.mix = Mix::text();
+    let summary = kaiwa_load::run(config).await.expect("the run completes");
+    assert!(summary.ok, "{}", summary.table());
+    let mut replies = 0;
+    let mut frames = 0;
+    for _ in 0..3 {
+        let stream = tokio::time::timeout(Duration::from_secs(5), server.streams.recv())
+            .await
+            .expect("every connection ends")
+            .expect("a report");
+        assert!(stream.sent > 0, "{stream:?}");
+        assert_eq!(stream.received, stream.sent, "{stream:?}");
+        replies += stream.sent;
+        frames += stream.frames;
+    }
+    assert_eq!(replies, 300);
+    // At most one acknowledgement per read burst that brought a reply; how many replies a
+    // burst holds depends on scheduling, so fewer frames than replies is likely, not certain.
+    assert!(
+        frames <= replies,
+        "{frames} received frames for {replies} replies"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_that_never_come_are_reported_as_lost_and_fail_the_run() {
-    let (addr, _stop) = fake_server(Fake::WithholdReplies).await;
-    let mut config = config(format!("ws://{addr}/ws"), Mode::Native, 3, 12);
+    let server = fake_server(Fake::WithholdReplies).await;
+    let mut config = config(server.url(), Mode::Native, 3, 12);
     config.mix = Mix::text();
     config.drain_timeout = Duration::from_millis(300);
     let summary = kaiwa_load::run(config).await.expect("the run completes");
@@ -278,8 +363,8 @@ async fn replies_that_never_come_are_reported_as_lost_and_fail_the_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_delivered_twice_is_reported_as_a_duplicate_and_a_repeated_seq() {
-    let (addr, _stop) = fake_server(Fake::DuplicateReply).await;
-    let mut config = config(format!("ws://{addr}/ws"), Mode::Native, 2, 6);
+    let server = fake_server(Fake::DuplicateReply).await;
+    let mut config = config(server.url(), Mode::Native, 2, 6);
     config.mix = Mix::text();
     let summary = kaiwa_load::run(config).await.expect("the run completes");
     assert!(!summary.ok);
