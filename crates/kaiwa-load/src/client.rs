@@ -10,7 +10,7 @@ use crate::windows::{Expectation, Windows};
 use chrono::{SecondsFormat, Utc};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
-use kaiwa_protocol::{CloseCode, ErrorCode, MessageStatus, MessageType, legacy, native};
+use kaiwa_protocol::{ErrorCode, MessageStatus, MessageType, legacy, native};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use std::collections::VecDeque;
@@ -37,7 +37,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connection attempts that fail below the WebSocket (refused, reset) before giving up.
 const TRANSPORT_ATTEMPTS: u32 = 5;
-/// Bounds of the wait between attempts while the server is full.
+/// Bounds of the wait between attempts while the server says to come back (1013 when full).
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
@@ -77,8 +77,9 @@ pub struct Welcome {
 #[derive(Debug)]
 pub enum Attempt {
     Ready(Box<Ws>, Welcome),
-    /// The server is full (close 1013): wait and try again.
-    Refused,
+    /// The server closed with this code, one that says to reconnect with backoff (1013 when it
+    /// is full): wait and try again.
+    Refused(u16),
     /// The connection broke below the WebSocket: worth another try or two.
     Transport(String),
     Failed(Problem),
@@ -154,14 +155,18 @@ async fn connect_inner(url: &str, mode: Mode, plan: &ClientPlan) -> Attempt {
     // A full server closes right after the upgrade, so this write may fail; its close frame
     // is still there to read.
     let sent = ws.send(Message::text(hello)).await;
+    // A refusal is an error frame, then the close whose code says whether to come back: the
+    // error says why, the close code decides.
+    let mut refusal: Option<ErrorCode> = None;
     loop {
         let frame = match ws.next().await {
             Some(Ok(frame)) => frame,
             Some(Err(err)) => {
                 return match sent {
                     // Our hello crossed the server's refusal, and the reset took its close
-                    // frame with it: that is a full server too.
-                    Err(_) => Attempt::Refused,
+                    // frame with it: a connection lost without a close is 1006, which says to
+                    // come back.
+                    Err(_) => Attempt::Refused(ABNORMAL_CLOSURE),
                     Ok(()) => Attempt::Transport(err.to_string()),
                 };
             }
@@ -170,15 +175,21 @@ async fn connect_inner(url: &str, mode: Mode, plan: &ClientPlan) -> Attempt {
         let text = match frame {
             Message::Text(text) => text,
             Message::Close(close) => {
-                let code = close.map_or(1005, |c| u16::from(c.code));
-                return if code == CloseCode::OverCapacity.code() {
-                    Attempt::Refused
+                let code = close.map_or(NO_STATUS, |c| u16::from(c.code));
+                return if kaiwa_protocol::reconnects(code) {
+                    Attempt::Refused(code)
                 } else {
-                    Attempt::Failed(Problem::Closed(code))
+                    Attempt::Failed(refusal.map_or(Problem::Closed(code), |error| {
+                        Problem::Error(error.as_str().to_owned())
+                    }))
                 };
             }
             _ => continue,
         };
+        if refusal.is_some() {
+            // Only the close may follow a refusal.
+            return Attempt::Failed(Problem::UnexpectedFrame);
+        }
         match mode {
             Mode::Echo => return Attempt::Ready(Box::new(ws), Welcome::default()),
             Mode::Native => match serde_json::from_str::<native::ServerFrame>(&text) {
@@ -195,24 +206,15 @@ async fn connect_inner(url: &str, mode: Mode, plan: &ClientPlan) -> Attempt {
                         },
                     );
                 }
-                Ok(native::ServerFrame::Error(error)) if error.code == ErrorCode::OverCapacity => {
-                    return Attempt::Refused;
-                }
-                Ok(native::ServerFrame::Error(error)) => {
-                    return Attempt::Failed(Problem::Error(error.code.as_str().to_owned()));
-                }
+                Ok(native::ServerFrame::Error(error)) => refusal = Some(error.code),
                 _ => return Attempt::Failed(Problem::UnexpectedFrame),
             },
             Mode::Legacy => match serde_json::from_str::<legacy::ServerFrame>(&text) {
                 Ok(frame) if frame.kind == legacy::FrameKind::System => {
                     return Attempt::Ready(Box::new(ws), Welcome::default());
                 }
-                Ok(frame) if frame.data.code == Some(ErrorCode::OverCapacity) => {
-                    return Attempt::Refused;
-                }
                 Ok(frame) if frame.kind == legacy::FrameKind::Error => {
-                    let code = frame.data.code.map_or("unknown", ErrorCode::as_str);
-                    return Attempt::Failed(Problem::Error(code.to_owned()));
+                    refusal = Some(frame.data.code.unwrap_or(ErrorCode::Internal));
                 }
                 Ok(frame) if frame.kind == legacy::FrameKind::Heartbeat => continue,
                 _ => return Attempt::Failed(Problem::UnexpectedFrame),
@@ -220,6 +222,11 @@ async fn connect_inner(url: &str, mode: Mode, plan: &ClientPlan) -> Attempt {
         }
     }
 }
+
+/// What the tool records for a connection that ended without a close frame (RFC 6455, 7.1.5).
+const ABNORMAL_CLOSURE: u16 = 1006;
+/// What the tool records for a close frame without a code.
+const NO_STATUS: u16 = 1005;
 
 fn to_json<T: serde::Serialize>(frame: &T) -> String {
     // Plain data types: serializing cannot fail.
@@ -310,7 +317,9 @@ pub async fn run(shared: Shared, plan: ClientPlan, pace: Pace, start: Option<Sta
     tally
 }
 
-/// Connects, retrying while the server is full; `None` if the client never got in.
+/// Connects, retrying with backoff for as long as the run lasts while the server closes with a
+/// code that says to come back ([`kaiwa_protocol::reconnects`]: 1013 when it is full, but also a
+/// server restarting or failing for a moment); `None` if the client never got in.
 async fn wait_for_turn(
     shared: &Shared,
     plan: &ClientPlan,
@@ -326,8 +335,8 @@ async fn wait_for_turn(
         }
         match connect(&shared.url, shared.mode, plan).await {
             Attempt::Ready(ws, welcome) => return Some((ws, welcome)),
-            Attempt::Refused => {
-                ledger.tally_mut().refusals += 1;
+            Attempt::Refused(code) => {
+                ledger.tally_mut().refused(code);
                 Live::add(&shared.live.refusals, 1);
             }
             Attempt::Transport(err) => {
@@ -623,7 +632,7 @@ impl Reader {
             }
         };
         if tokio::time::timeout(CLOSE_TIMEOUT, closing).await.is_err() {
-            ledger.problem(Problem::Closed(1006));
+            ledger.problem(Problem::Closed(ABNORMAL_CLOSURE));
         }
     }
 
@@ -676,13 +685,13 @@ impl Reader {
                 false
             }
             Some(Ok(Message::Close(close))) => {
-                let code = close.map_or(1005, |c| u16::from(c.code));
+                let code = close.map_or(NO_STATUS, |c| u16::from(c.code));
                 ledger.problem(Problem::Closed(code));
                 true
             }
             Some(Ok(_)) => false,
             Some(Err(_)) | None => {
-                ledger.problem(Problem::Closed(1006));
+                ledger.problem(Problem::Closed(ABNORMAL_CLOSURE));
                 true
             }
         }

@@ -62,7 +62,8 @@ pub enum ConnectionsError {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PartReport {
     pub connected: u64,
-    pub refusals: u64,
+    /// By close code.
+    pub refusals: BTreeMap<u16, u64>,
     pub problems: BTreeMap<String, u64>,
 }
 
@@ -101,9 +102,10 @@ pub async fn hold(url: &str, first: usize, count: usize, run_id: &str) -> Held {
             let permit = gate.acquire_owned().await;
             let ws = match client::connect(&url, Mode::Native, &plan).await {
                 Attempt::Ready(ws, _) => Some(ws),
-                Attempt::Refused => {
-                    tally.refusals += 1;
-                    tally.problem(Problem::Closed(1013));
+                // Idle connections are not retried: a refusal is a connection short.
+                Attempt::Refused(code) => {
+                    tally.refused(code);
+                    tally.problem(Problem::Closed(code));
                     None
                 }
                 Attempt::Transport(err) => {
@@ -185,7 +187,7 @@ impl PartReport {
     pub fn from_tally(tally: &Tally) -> Self {
         Self {
             connected: tally.connected,
-            refusals: tally.refusals,
+            refusals: tally.refusals.clone(),
             problems: tally
                 .problems
                 .iter()
@@ -296,7 +298,9 @@ pub async fn run(config: ConnectionsConfig) -> Result<Summary, ConnectionsError>
             let report: PartReport = serde_json::from_str(&line)
                 .map_err(|e| ConnectionsError::Child(format!("{e}: {line}")))?;
             tally.connected += report.connected;
-            tally.refusals += report.refusals;
+            for (code, count) in report.refusals {
+                *tally.refusals.entry(code).or_default() += count;
+            }
             for (problem, count) in report.problems {
                 *extra_problems.entry(problem).or_default() += count;
             }

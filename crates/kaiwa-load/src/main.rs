@@ -25,7 +25,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Scenario {
     /// The exercise's scenario: 100 clients in random timezones, 2,000 mixed messages with media,
-    /// every client sending at least one; refused clients (1013) wait and retry for their turn.
+    /// every client sending at least one; clients refused with a close code that says to come
+    /// back (1013 when the server is full) wait and retry for their turn.
     Spec(MessageArgs),
     /// Clients sending as fast as answers come back (or at --rate); reports messages per second.
     Throughput(MessageArgs),

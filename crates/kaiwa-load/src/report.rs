@@ -2,7 +2,7 @@
 //! counters behind the progress bar ([`Live`]), and the final [`Summary`] as a table and as JSON.
 
 use hdrhistogram::Histogram;
-use kaiwa_protocol::MessageType;
+use kaiwa_protocol::{CloseCode, MessageType};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -79,11 +79,28 @@ impl fmt::Display for Problem {
             Self::AcceptedOutsideWindow => "accepted_outside_window",
             Self::RejectedInsideWindow => "rejected_inside_window",
             Self::Error(code) => return write!(f, "error:{code}"),
-            Self::Closed(code) => return write!(f, "closed:{code}"),
+            Self::Closed(code) => return write!(f, "closed:{}", close_label(*code)),
             Self::ConnectFailed => "connect_failed",
             Self::NoTurn => "no_turn",
         };
         f.write_str(name)
+    }
+}
+
+/// A close code with its name when it has one (`4509 duplicate_connection`), so a report reads
+/// without the protocol's table at hand, whatever the numbering of the day.
+pub fn close_label(code: u16) -> String {
+    let name = match CloseCode::from_code(code) {
+        Some(close) => Some(close.name()),
+        // What the tool records for a connection that ended without a close frame, or with one
+        // that carried no code.
+        None if code == 1006 => Some("abnormal_closure"),
+        None if code == 1005 => Some("no_status"),
+        None => None,
+    };
+    match name {
+        Some(name) => format!("{code} {name}"),
+        None => code.to_string(),
     }
 }
 
@@ -203,7 +220,9 @@ pub struct Tally {
     pub deltas: u64,
     /// `received` frames sent: how often the client acknowledged its reply stream.
     pub acknowledgements: u64,
-    pub refusals: u64,
+    /// Connection attempts the server closed with a code that says come back (1013 when it is
+    /// full), by code.
+    pub refusals: BTreeMap<u16, u64>,
     pub connected: u64,
     pub clients: u64,
     /// Clients that sent at least one message.
@@ -225,6 +244,14 @@ impl Tally {
         }
     }
 
+    pub fn refused(&mut self, code: u16) {
+        *self.refusals.entry(code).or_default() += 1;
+    }
+
+    pub fn refusal_count(&self) -> u64 {
+        self.refusals.values().sum()
+    }
+
     pub fn kind(&mut self, kind: MessageType) -> &mut TypeTally {
         self.by_type.entry(kind.as_str()).or_default()
     }
@@ -239,7 +266,9 @@ impl Tally {
         self.replies += other.replies;
         self.deltas += other.deltas;
         self.acknowledgements += other.acknowledgements;
-        self.refusals += other.refusals;
+        for (code, count) in &other.refusals {
+            *self.refusals.entry(*code).or_default() += count;
+        }
         self.connected += other.connected;
         self.clients += other.clients;
         self.clients_sent += other.clients_sent;
@@ -344,6 +373,9 @@ pub struct Summary {
     pub lost: u64,
     pub connected: u64,
     pub refusals: u64,
+    /// The refusals by close code and name (`"1013 over_capacity"`).
+    #[serde(default)]
+    pub refused_by: BTreeMap<String, u64>,
     pub max_concurrent: u64,
     pub clients_sent: u64,
     pub problems: BTreeMap<String, u64>,
@@ -426,7 +458,12 @@ impl Summary {
             acknowledgements: tally.acknowledgements,
             lost: tally.lost(),
             connected: tally.connected,
-            refusals: tally.refusals,
+            refusals: tally.refusal_count(),
+            refused_by: tally
+                .refusals
+                .iter()
+                .map(|(code, count)| (close_label(*code), *count))
+                .collect(),
             max_concurrent: info.max_concurrent,
             clients_sent: tally.clients_sent,
             ok: problems.is_empty(),
@@ -452,9 +489,19 @@ impl Summary {
             .offered_rate
             .map(|r| format!(", offered {r:.0} msg/s"))
             .unwrap_or_default();
+        let refused: Vec<String> = self
+            .refused_by
+            .iter()
+            .map(|(close, count)| format!("{close} ×{count}"))
+            .collect();
+        let refused = if refused.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", refused.join(", "))
+        };
         let _ = writeln!(
             out,
-            "  {} clients ({} connected, at most {} at once, {} refused with 1013 and retried), {} sent a message; {:.1} s{rate}",
+            "  {} clients ({} connected, at most {} at once, {} refused{refused}), {} sent a message; {:.1} s{rate}",
             self.clients,
             self.connected,
             self.max_concurrent,
@@ -548,7 +595,7 @@ impl Summary {
         } else {
             let _ = writeln!(out, "  FAILED: problems by kind");
             for (problem, count) in &self.problems {
-                let _ = writeln!(out, "    {problem:<28} {count}");
+                let _ = writeln!(out, "    {problem:<36} {count}");
             }
         }
         out
@@ -607,6 +654,54 @@ mod tests {
         assert_eq!(a.problem_count(), 3);
         let text = &a.by_type["text"];
         assert_eq!(text.reply.as_ref().map(|h| h.len()), Some(2));
+    }
+
+    #[test]
+    fn close_codes_are_named_by_the_protocols_numbering() {
+        assert_eq!(
+            Problem::Closed(4509).to_string(),
+            "closed:4509 duplicate_connection"
+        );
+        assert_eq!(
+            Problem::Closed(4502).to_string(),
+            "closed:4502 first_message_timeout"
+        );
+        assert_eq!(Problem::Closed(4510).to_string(), "closed:4510 replaced");
+        assert_eq!(
+            Problem::Closed(1006).to_string(),
+            "closed:1006 abnormal_closure"
+        );
+        assert_eq!(Problem::Closed(4321).to_string(), "closed:4321");
+        assert_eq!(close_label(1013), "1013 over_capacity");
+    }
+
+    #[test]
+    fn refusals_are_shown_by_close_code() {
+        let mut tally = Tally::default();
+        tally.refused(1013);
+        tally.refused(1013);
+        let mut other = Tally::default();
+        other.refused(1001);
+        tally.merge(&other);
+        let info = RunInfo {
+            scenario: "spec".into(),
+            label: None,
+            protocol: "native".into(),
+            url: "ws://127.0.0.1:1/ws".into(),
+            started_at: String::new(),
+            offered_rate: None,
+            elapsed: Duration::from_secs(1),
+            max_concurrent: 1,
+        };
+        let summary = Summary::new(info, &tally);
+        assert_eq!(summary.refusals, 3);
+        assert!(
+            summary
+                .table()
+                .contains("3 refused: 1001 going_away ×1, 1013 over_capacity ×2"),
+            "{}",
+            summary.table()
+        );
     }
 
     #[test]

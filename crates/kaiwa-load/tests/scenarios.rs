@@ -9,16 +9,18 @@ use kaiwa_load::connections::{self, ConnectionsConfig};
 use kaiwa_load::media::Samples;
 use kaiwa_load::plan::Mix;
 use kaiwa_load::{LoadConfig, Mode};
-use kaiwa_protocol::{MessageStatus, MessageType, ReplyType, native};
+use kaiwa_protocol::{CloseCode, ErrorCode, MessageStatus, MessageType, ReplyType, native};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tempfile::TempDir;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 
 /// A kaiwa on a free port with its own data directory, stopped when dropped.
 struct Server {
@@ -177,15 +179,29 @@ impl FakeServer {
     }
 }
 
+/// How a fake server turns connections away, as kaiwa does: an error frame after the hello,
+/// then a close with `code`.
+#[derive(Clone, Copy)]
+struct Refusal {
+    error: ErrorCode,
+    code: u16,
+    /// The first this many connections are refused.
+    times: usize,
+}
+
 /// A native server that welcomes every client and answers sends as `behaviour` says, numbering
 /// each connection's replies from 1 as kaiwa numbers a new client id's.
 async fn fake_server(behaviour: Fake) -> FakeServer {
+    refusing_server(behaviour, None).await
+}
+
+async fn refusing_server(behaviour: Fake, refusal: Option<Refusal>) -> FakeServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
     let addr = listener.local_addr().expect("an address");
     let (stop, mut stopped) = oneshot::channel::<()>();
     let (streams_tx, streams) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        loop {
+        for connection in 0.. {
             let (tcp, _) = tokio::select! {
                 accepted = listener.accept() => accepted.expect("accepts"),
                 _ = &mut stopped => return,
@@ -195,6 +211,10 @@ async fn fake_server(behaviour: Fake) -> FakeServer {
                 let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, choose).await else {
                     return;
                 };
+                if let Some(refusal) = refusal.filter(|r| connection < r.times) {
+                    refuse(&mut ws, refusal).await;
+                    return;
+                }
                 let mut next_id = 0;
                 let mut stream = Acknowledged {
                     sent: 0,
@@ -240,6 +260,25 @@ async fn fake_server(behaviour: Fake) -> FakeServer {
         streams,
         _stop: stop,
     }
+}
+
+async fn refuse(ws: &mut WebSocketStream<TcpStream>, refusal: Refusal) {
+    // The hello.
+    ws.next().await;
+    let error = native::ServerFrame::Error(native::Error {
+        code: refusal.error,
+        message: "refused".into(),
+        id: None,
+        retry_after_ms: None,
+    });
+    let json = serde_json::to_string(&error).expect("serializes");
+    ws.send(Message::text(json)).await.ok();
+    let close = CloseFrame {
+        code: refusal.code.into(),
+        reason: "refused".into(),
+    };
+    ws.send(Message::Close(Some(close))).await.ok();
+    while let Some(Ok(_)) = ws.next().await {}
 }
 
 fn welcome(hello: native::Hello) -> native::ServerFrame {
@@ -379,6 +418,45 @@ async fn a_reply_delivered_twice_is_reported_as_a_duplicate_and_a_repeated_seq()
         [("duplicate_reply", 6), ("seq_repeat", 6)],
         "{}",
         summary.table()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_code_that_says_come_back_is_retried_even_one_the_tool_does_not_know() {
+    let refusal = Refusal {
+        error: ErrorCode::Internal,
+        code: 4321,
+        times: 3,
+    };
+    let server = refusing_server(Fake::Answer, Some(refusal)).await;
+    let mut config = config(server.url(), Mode::Native, 1, 2);
+    config.mix = Mix::text();
+    let summary = kaiwa_load::run(config).await.expect("the run completes");
+    assert!(summary.ok, "{}", summary.table());
+    assert_eq!(summary.completed, 2);
+    assert_eq!(summary.refusals, 3);
+    assert_eq!(
+        summary.refused_by.into_iter().collect::<Vec<_>>(),
+        [("4321".to_owned(), 3)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_code_that_says_do_not_reconnect_ends_the_client_at_once() {
+    let refusal = Refusal {
+        error: ErrorCode::DuplicateConnection,
+        code: CloseCode::DuplicateConnection.code(),
+        times: usize::MAX,
+    };
+    let server = refusing_server(Fake::Answer, Some(refusal)).await;
+    let mut config = config(server.url(), Mode::Native, 1, 2);
+    config.mix = Mix::text();
+    let summary = kaiwa_load::run(config).await.expect("the run completes");
+    assert!(!summary.ok);
+    assert_eq!((summary.refusals, summary.sent), (0, 0));
+    assert_eq!(
+        summary.problems.into_iter().collect::<Vec<_>>(),
+        [("error:duplicate_connection".to_owned(), 1)]
     );
 }
 
