@@ -21,6 +21,32 @@ cargo fmt --all -- --check
 step "lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "services: PostgreSQL"
+# The store's contract and the server's PostgreSQL tests make a database of their own on this
+# server and drop it after; KAIWA_TEST_POSTGRES points them at another one.
+pg_url="${KAIWA_TEST_POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}"
+pg_start='pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start'
+pg_ready() {
+  if command -v pg_isready >/dev/null; then
+    pg_isready -q -d "$pg_url"
+  else
+    # No client tools: at least something must listen on the port.
+    (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null
+  fi
+}
+if ! pg_ready; then
+  if [ -z "${KAIWA_TEST_POSTGRES:-}" ] && command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
+    echo "PostgreSQL does not answer; starting it: $pg_start"
+    sh -c "$pg_start" || true
+    for _ in $(seq 1 30); do
+      pg_ready && break
+      sleep 1
+    done
+  fi
+  pg_ready || fail "PostgreSQL does not answer at ${KAIWA_TEST_POSTGRES:-127.0.0.1:5432}: start it ($pg_start) or set KAIWA_TEST_POSTGRES to a server the tests may create databases on"
+fi
+echo "PostgreSQL answers"
+
 step "tests"
 cargo nextest run --workspace --locked --no-fail-fast "$@"
 

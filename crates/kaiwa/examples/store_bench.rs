@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use kaiwa::config::{Database, StoreConfig};
+use kaiwa::config::{Secret, StoreConfig};
 use kaiwa::domain::{ClientId, Timezone};
 use kaiwa::store::{Durability, Inserted, NewMessage};
 use kaiwa_protocol::{MessageStatus, MessageType};
@@ -31,8 +31,8 @@ struct Args {
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// A database to use instead of the SQLite file: postgres://... (it should be empty).
-    #[arg(long, value_parser = Database::parse)]
-    database_url: Option<Database>,
+    #[arg(long)]
+    database_url: Option<String>,
     #[arg(long)]
     label: Option<String>,
 }
@@ -47,7 +47,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| temp.path().to_owned());
     let config = StoreConfig {
         data_dir: dir,
-        database_url: args.database_url.clone(),
+        database_url: args.database_url.clone().map(Secret::new),
         durability: Durability::Full,
     };
     let store = kaiwa::app::open_store(&config)

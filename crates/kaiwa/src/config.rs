@@ -44,8 +44,9 @@ pub struct StoreConfig {
     /// sqlite://path/to/file.db. Default: the SQLite file kaiwa.db in --data-dir, which needs
     /// no server. DATABASE_URL is read when KAIWA_DATABASE_URL is unset. The URL is never
     /// printed: prefer the environment or .env when it holds a password.
-    #[arg(long, env = "KAIWA_DATABASE_URL", hide_env_values = true, value_parser = Database::parse)]
-    pub database_url: Option<Database>,
+    // Read as a secret and checked later: clap would repeat an invalid value in its error.
+    #[arg(long, env = "KAIWA_DATABASE_URL", hide_env_values = true, value_parser = parse_secret)]
+    pub database_url: Option<Secret>,
 
     /// How hard the SQLite database syncs: `full` (an acked message survives a power cut) or
     /// `normal` (it survives the process crashing; faster).
@@ -57,12 +58,17 @@ impl StoreConfig {
     /// The database to use: `--database-url`, else `DATABASE_URL`, else the SQLite file in the
     /// data directory.
     pub fn database(&self) -> Result<Database, ConfigError> {
-        if let Some(database) = &self.database_url {
-            return Ok(database.clone());
+        if let Some(url) = self
+            .database_url
+            .as_ref()
+            .filter(|url| !url.expose().is_empty())
+        {
+            return Database::parse(url.expose())
+                .map_err(|err| ConfigError::DatabaseUrl("--database-url", err));
         }
         match std::env::var("DATABASE_URL") {
             Ok(raw) if !raw.trim().is_empty() => {
-                Database::parse(&raw).map_err(ConfigError::DatabaseUrl)
+                Database::parse(&raw).map_err(|err| ConfigError::DatabaseUrl("DATABASE_URL", err))
             }
             _ => Ok(Database::Sqlite(self.data_dir.join("kaiwa.db"))),
         }
@@ -257,6 +263,10 @@ impl ModelConfig {
 pub struct Secret(String);
 
 impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -383,8 +393,8 @@ pub enum ConfigError {
     PromptFile(PathBuf),
     #[error("--model-base-url must start with http:// or https://, not {0:?}")]
     BaseUrl(String),
-    #[error("DATABASE_URL: {0}")]
-    DatabaseUrl(String),
+    #[error("{0}: {1}")]
+    DatabaseUrl(&'static str, String),
     #[error(transparent)]
     Parse(#[from] clap::Error),
 }

@@ -61,11 +61,16 @@ fn init_logs() {
     });
 }
 
+pub mod postgres;
+
 pub struct TestApp {
     pub addr: SocketAddr,
     pub clock: Arc<ManualClock>,
     pub http: reqwest::Client,
     dir: Option<TempDir>,
+    /// The PostgreSQL database of this test, when it runs on PostgreSQL (else SQLite, in the
+    /// data directory).
+    database: Option<Arc<postgres::TestDatabase>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), AppError>>>,
 }
@@ -88,9 +93,45 @@ impl TestApp {
         flags: &[&str],
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
     ) -> TestApp {
+        Self::start(dir, None, flags, wrap).await
+    }
+
+    /// Starts kaiwa on a PostgreSQL database of this test's own.
+    pub async fn spawn_postgres(flags: &[&str]) -> TestApp {
+        let database = Arc::new(postgres::TestDatabase::create().await);
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        Self::start(dir, Some(database), flags, |store| store).await
+    }
+
+    /// Stops kaiwa as SIGTERM would, and starts it again on the same data directory and
+    /// database.
+    pub async fn restart(mut self, flags: &[&str]) -> TestApp {
+        self.shutdown().await.expect("kaiwa stops cleanly");
+        let dir = self.dir.take().expect("the data directory");
+        Self::start(dir, self.database.take(), flags, |store| store).await
+    }
+
+    /// The URL of this test's PostgreSQL database, if it runs on one.
+    pub fn database_url(&self) -> Option<&str> {
+        self.database.as_ref().map(|database| database.url.as_str())
+    }
+
+    async fn start(
+        dir: TempDir,
+        database: Option<Arc<postgres::TestDatabase>>,
+        flags: &[&str],
+        wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+    ) -> TestApp {
         init_logs();
         let data_dir = dir.path().to_str().expect("a UTF-8 path").to_owned();
+        // Always named, so that a DATABASE_URL in the environment never redirects a test.
+        let database_url = match &database {
+            Some(database) => database.url.clone(),
+            None => format!("sqlite://{data_dir}/kaiwa.db"),
+        };
         let mut args = vec![
+            "--database-url",
+            &database_url,
             "--bind",
             "127.0.0.1:0",
             "--data-dir",
@@ -122,6 +163,7 @@ impl TestApp {
             clock,
             http: reqwest::Client::new(),
             dir: Some(dir),
+            database,
             stop: Some(stop),
             task: Some(task),
         }

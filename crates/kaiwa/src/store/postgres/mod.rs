@@ -63,7 +63,7 @@ impl PgStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = connect_options(url)?;
         let mut conn = connect(&options).await?;
-        MIGRATOR.run(&mut conn).await.map_err(migrate_error)?;
+        migrated(&mut conn).await?;
         // One process per database for now: replies still pending were on their way to
         // clients of a run that stopped. (Processes sharing a database will scope this to
         // their own.)
@@ -100,26 +100,50 @@ impl PgStore {
     pub async fn migrate(url: &str) -> Result<usize, StoreError> {
         let options = connect_options(url)?;
         let mut conn = connect(&options).await?;
-        let has_table: bool =
-            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-                .fetch_one(&mut conn)
-                .await?;
-        let applied: HashSet<i64> = if has_table {
-            sqlx::query_scalar("SELECT version FROM _sqlx_migrations")
-                .fetch_all(&mut conn)
-                .await?
-                .into_iter()
-                .collect()
-        } else {
-            HashSet::new()
-        };
-        MIGRATOR.run(&mut conn).await.map_err(migrate_error)?;
+        let applied = migrated(&mut conn).await?;
         conn.close().await?;
-        Ok(MIGRATOR
-            .iter()
-            .filter(|migration| !applied.contains(&migration.version))
-            .count())
+        Ok(applied)
     }
+}
+
+/// The advisory lock kaiwa holds while it migrates: two processes starting at once take turns,
+/// and the second finds the schema done.
+const MIGRATION_LOCK: i64 = 0x6b61_6977_615f_6d69; // "kaiwa_mi"
+
+/// Applies pending migrations under [`MIGRATION_LOCK`]; returns how many it applied.
+async fn migrated(conn: &mut PgConnection) -> Result<usize, StoreError> {
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *conn)
+        .await?;
+    let result = apply_migrations(conn).await;
+    let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *conn)
+        .await;
+    let applied = result?;
+    unlocked?;
+    Ok(applied)
+}
+
+async fn apply_migrations(conn: &mut PgConnection) -> Result<usize, StoreError> {
+    let has_table: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await?;
+    let applied: HashSet<i64> = if has_table {
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations")
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect()
+    } else {
+        HashSet::new()
+    };
+    MIGRATOR.run(&mut *conn).await.map_err(migrate_error)?;
+    Ok(MIGRATOR
+        .iter()
+        .filter(|migration| !applied.contains(&migration.version))
+        .count())
 }
 
 fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
