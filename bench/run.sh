@@ -6,10 +6,14 @@
 #   4. rate-N      p99 latency at fixed offered rates (open loop)
 #   5. idle-N      resident memory per idle connection, read from /proc/<pid>/status
 #   6. store       the SQLite store alone, concurrent inserts, group commit
+# With PostgreSQL (on by default; WITH_POSTGRES=0 leaves it out), beside the SQLite figures:
+#   3. kaiwa-postgres, 4. rate-1000-postgres, 6. store-postgres: the same, with kaiwa's store on
+#      a fresh database of the PostgreSQL server in POSTGRES, dropped afterwards
 # Everything runs on loopback. Reports land in target/bench/<UTC time>/ as JSON, with the table.
 #
 # Settings (environment): CLIENTS (50), DURATION seconds (10), RATES ("1000 5000"),
-# IDLE ("10000 19000"), STORE_MESSAGES (200000), PORT (18082), ECHO_PORT (18090).
+# IDLE ("10000 19000"), STORE_MESSAGES (200000), PORT (18082), ECHO_PORT (18090),
+# WITH_POSTGRES (1), POSTGRES (postgres://postgres@127.0.0.1:5432/postgres).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +29,9 @@ mkdir -p "$out"
 # On the real disk, not tmpfs: the store's fsyncs are part of what is measured.
 work=$(mktemp -d "$PWD/target/bench-data.XXXXXX")
 server_pid=""
+WITH_POSTGRES=${WITH_POSTGRES:-1}
+POSTGRES=${POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}
+pg_databases=()
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
@@ -37,6 +44,9 @@ stop_server() {
 }
 cleanup() {
   stop_server
+  for db in "${pg_databases[@]}"; do
+    psql -q "$POSTGRES" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+  done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -59,6 +69,19 @@ start_kaiwa() {
   server_pid=$!
   wait_for_port "$PORT"
 }
+
+# A fresh PostgreSQL database for one run; prints its URL.
+pg_database() {
+  local name="kaiwa_bench_$1_$$"
+  psql -q "$POSTGRES" -c "CREATE DATABASE $name" >/dev/null
+  pg_databases+=("$name")
+  echo "${POSTGRES%/*}/$name"
+}
+
+if [[ "$WITH_POSTGRES" == 1 ]] && ! psql -q "$POSTGRES" -c "SELECT 1" >/dev/null 2>&1; then
+  echo "PostgreSQL does not answer at $POSTGRES: start it, set POSTGRES, or WITH_POSTGRES=0" >&2
+  exit 1
+fi
 
 # The flags kaiwa is benchmarked with: no reply delays, limits out of the way, idle
 # connections never closed.
@@ -95,6 +118,14 @@ load throughput --url "ws://127.0.0.1:$PORT/ws" --clients "$CLIENTS" --duration 
   --label kaiwa-sync-normal --json "$out/3-kaiwa-normal.json" || true
 stop_server
 
+if [[ "$WITH_POSTGRES" == 1 ]]; then
+  step "kaiwa end to end on PostgreSQL: $CLIENTS clients for ${DURATION}s"
+  start_kaiwa throughput-postgres "${FAST[@]}" --database-url "$(pg_database throughput)"
+  load throughput --url "ws://127.0.0.1:$PORT/ws" --clients "$CLIENTS" --duration "$DURATION" \
+    --label kaiwa-postgres --json "$out/3-kaiwa-postgres.json" || true
+  stop_server
+fi
+
 for rate in $RATES; do
   step "kaiwa at $rate msg/s offered for ${DURATION}s"
   start_kaiwa "rate-$rate" "${FAST[@]}"
@@ -102,6 +133,14 @@ for rate in $RATES; do
     --duration "$DURATION" --label "rate-$rate" --json "$out/4-rate-$rate.json" || true
   stop_server
 done
+
+if [[ "$WITH_POSTGRES" == 1 ]]; then
+  step "kaiwa on PostgreSQL at 1000 msg/s offered for ${DURATION}s"
+  start_kaiwa rate-1000-postgres "${FAST[@]}" --database-url "$(pg_database rate)"
+  load throughput --url "ws://127.0.0.1:$PORT/ws" --clients "$CLIENTS" --rate 1000 \
+    --duration "$DURATION" --label rate-1000-postgres --json "$out/4-rate-1000-postgres.json" || true
+  stop_server
+fi
 
 for n in $IDLE; do
   step "$n idle connections"
@@ -114,6 +153,12 @@ done
 step "SQLite store alone: $STORE_MESSAGES messages, 64 concurrent writers"
 target/release/examples/store_bench --messages "$STORE_MESSAGES" --writers 64 \
   --data-dir "$work/store" --label store >"$out/6-store.json"
+
+if [[ "$WITH_POSTGRES" == 1 ]]; then
+  step "PostgreSQL store alone: $STORE_MESSAGES messages, 64 concurrent writers"
+  target/release/examples/store_bench --messages "$STORE_MESSAGES" --writers 64 \
+    --database-url "$(pg_database store)" --label store-postgres >"$out/6-store-postgres.json"
+fi
 
 step "results in $out"
 {
