@@ -70,12 +70,12 @@ start_kaiwa() {
   wait_for_port "$PORT"
 }
 
-# A fresh PostgreSQL database for one run; prints its URL.
+# A fresh PostgreSQL database for one run, in $pg_url (not in a subshell: cleanup drops it).
 pg_database() {
   local name="kaiwa_bench_$1_$$"
   psql -q "$POSTGRES" -c "CREATE DATABASE $name" >/dev/null
   pg_databases+=("$name")
-  echo "${POSTGRES%/*}/$name"
+  pg_url="${POSTGRES%/*}/$name"
 }
 
 if [[ "$WITH_POSTGRES" == 1 ]] && ! psql -q "$POSTGRES" -c "SELECT 1" >/dev/null 2>&1; then
@@ -120,7 +120,8 @@ stop_server
 
 if [[ "$WITH_POSTGRES" == 1 ]]; then
   step "kaiwa end to end on PostgreSQL: $CLIENTS clients for ${DURATION}s"
-  start_kaiwa throughput-postgres "${FAST[@]}" --database-url "$(pg_database throughput)"
+  pg_database throughput
+  start_kaiwa throughput-postgres "${FAST[@]}" --database-url "$pg_url"
   load throughput --url "ws://127.0.0.1:$PORT/ws" --clients "$CLIENTS" --duration "$DURATION" \
     --label kaiwa-postgres --json "$out/3-kaiwa-postgres.json" || true
   stop_server
@@ -136,7 +137,8 @@ done
 
 if [[ "$WITH_POSTGRES" == 1 ]]; then
   step "kaiwa on PostgreSQL at 1000 msg/s offered for ${DURATION}s"
-  start_kaiwa rate-1000-postgres "${FAST[@]}" --database-url "$(pg_database rate)"
+  pg_database rate
+  start_kaiwa rate-1000-postgres "${FAST[@]}" --database-url "$pg_url"
   load throughput --url "ws://127.0.0.1:$PORT/ws" --clients "$CLIENTS" --rate 1000 \
     --duration "$DURATION" --label rate-1000-postgres --json "$out/4-rate-1000-postgres.json" || true
   stop_server
@@ -156,8 +158,9 @@ target/release/examples/store_bench --messages "$STORE_MESSAGES" --writers 64 \
 
 if [[ "$WITH_POSTGRES" == 1 ]]; then
   step "PostgreSQL store alone: $STORE_MESSAGES messages, 64 concurrent writers"
+  pg_database store
   target/release/examples/store_bench --messages "$STORE_MESSAGES" --writers 64 \
-    --database-url "$(pg_database store)" --label store-postgres >"$out/6-store-postgres.json"
+    --database-url "$pg_url" --label store-postgres >"$out/6-store-postgres.json"
 fi
 
 step "results in $out"
