@@ -148,8 +148,8 @@ impl Store for SlowReplies {
         self.inner.latest_seq(client_id).await
     }
 
-    async fn first_unacknowledged(&self, client_id: &ClientId) -> Result<Option<u64>, StoreError> {
-        self.inner.first_unacknowledged(client_id).await
+    async fn acknowledged(&self, client_id: &ClientId) -> Result<u64, StoreError> {
+        self.inner.acknowledged(client_id).await
     }
 
     async fn unfinished_messages(&self) -> Result<Vec<StoredMessage>, StoreError> {

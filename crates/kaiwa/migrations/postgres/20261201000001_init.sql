@@ -48,6 +48,11 @@ CREATE TABLE replies (
 CREATE UNIQUE INDEX replies_message ON replies (message_id, reply_type);
 -- A stream position names one reply; resume and acknowledgements read ranges of it.
 CREATE UNIQUE INDEX replies_client_seq ON replies (client_id, seq);
--- What a client has not acknowledged yet: acknowledgements (cumulative, "everything up to n")
--- and `resume` without a position touch only these rows, however long the client's history.
-CREATE INDEX replies_unacknowledged ON replies (client_id, seq) WHERE delivery <> 'delivered';
+
+-- How far each client has acknowledged its stream. An acknowledgement ("everything up to n")
+-- then updates only the replies since the last one, however long the client's history, and
+-- `resume` without a position finds where to start in one lookup.
+CREATE TABLE reply_streams (
+    client_id    TEXT   PRIMARY KEY,
+    acknowledged BIGINT NOT NULL CHECK (acknowledged >= 0)
+);

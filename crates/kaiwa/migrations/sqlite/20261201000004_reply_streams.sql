@@ -15,9 +15,18 @@ WHERE numbered.id = replies.id;
 -- A stream position names one reply; resume and acknowledgements read ranges of it.
 CREATE UNIQUE INDEX replies_client_seq ON replies (client_id, seq);
 
--- What a client has not acknowledged yet: acknowledgements (cumulative, "everything up to n")
--- and `resume` without a position touch only these rows, however long the client's history.
-CREATE INDEX replies_unacknowledged ON replies (client_id, seq) WHERE delivery <> 'delivered';
+-- How far each client has acknowledged its stream. An acknowledgement ("everything up to n")
+-- then updates only the replies since the last one, however long the client's history, and
+-- `resume` without a position finds where to start in one lookup. Replies already recorded
+-- delivered (written to a legacy socket, before acknowledgements existed) count as
+-- acknowledged.
+CREATE TABLE reply_streams (
+    client_id    TEXT    PRIMARY KEY,
+    acknowledged INTEGER NOT NULL CHECK (acknowledged >= 0)
+) WITHOUT ROWID;
+
+INSERT INTO reply_streams (client_id, acknowledged)
+SELECT client_id, MAX(seq) FROM replies WHERE delivery = 'delivered' GROUP BY client_id;
 
 -- Resume no longer looks for failed replies: it reads the stream after a position.
 DROP INDEX replies_failed;

@@ -252,10 +252,7 @@ async fn start_position(gateway: &Gateway, hello: &Hello) -> Result<u64, StoreEr
     Ok(match hello.resume {
         Resume::Fresh => latest,
         Resume::After(after) => after.min(latest),
-        Resume::Unacknowledged => match store.first_unacknowledged(&hello.client_id).await? {
-            Some(first) => first - 1,
-            None => latest,
-        },
+        Resume::Unacknowledged => store.acknowledged(&hello.client_id).await?.min(latest),
     })
 }
 

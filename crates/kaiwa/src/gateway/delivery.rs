@@ -37,13 +37,16 @@ impl Gateway {
             (s.protocol, s.outbox.clone(), s.stream.clone())
         });
         match event {
-            Event::Processing(message) => {
-                if let Some((protocol, outbox, _)) = session
-                    && let Some(frame) = protocol.status(&message, MessageStatus::Processing)
-                {
-                    outbox.push(frame);
+            Event::Processing(message) => match session {
+                // Native: in order with the message's replies.
+                Some((_, _, Some(stream))) => stream.processing(&message),
+                Some((protocol, outbox, None)) => {
+                    if let Some(frame) = protocol.status(&message, MessageStatus::Processing) {
+                        outbox.push(frame);
+                    }
                 }
-            }
+                None => {}
+            },
             Event::Delta { message, delta } => {
                 if let Some((protocol, outbox, _)) = session
                     && let Some(frame) = protocol.delta(&message, delta)
@@ -84,6 +87,9 @@ impl Gateway {
             }
             Event::Failed { message, reason } => {
                 self.admission.in_flight.release(message.message_id);
+                if let Some((_, _, Some(stream))) = &session {
+                    stream.forget(message.message_id);
+                }
                 if let Some((protocol, outbox, _)) = session {
                     outbox.push(protocol.error(
                         ErrorCode::ProcessingFailed,

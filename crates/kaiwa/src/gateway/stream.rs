@@ -11,7 +11,7 @@ use crate::domain::ClientId;
 use crate::queue::MessageRef;
 use crate::store::{Store, StoredReply};
 use kaiwa_protocol::{ErrorCode, MessageStatus};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -66,6 +66,11 @@ struct State {
     /// Bumped when the client moves the position (`sync` with `after`), so that a page read
     /// from the old position is not sent.
     generation: u64,
+    /// Messages whose `processing` status went out. A reply read back from the store can
+    /// overtake its message's `processing` on the way here: the status then goes out before
+    /// it, and the late event is dropped. An entry lives until the live event of the message's
+    /// last reply, which comes after every other event of the message.
+    started: HashSet<i64>,
 }
 
 /// The one task that may read the stream back from the store, and what it is doing.
@@ -108,6 +113,7 @@ impl ReplyStream {
                 catch_up: CatchUp::Idle,
                 replay: None,
                 generation: 0,
+                started: HashSet::new(),
             }),
             wake: Notify::new(),
         })
@@ -116,6 +122,17 @@ impl ReplyStream {
     /// The `seq` of the last reply handed to the outbox.
     pub(crate) fn sent(&self) -> u64 {
         self.lock().sent
+    }
+
+    /// A worker took a message: its `processing` status, unless a reply of it went out already.
+    pub(crate) fn processing(&self, message: &MessageRef) {
+        let mut state = self.lock();
+        self.start(&mut state, message);
+    }
+
+    /// A message's processing failed: nothing more of it is coming.
+    pub(crate) fn forget(&self, message_id: i64) {
+        self.lock().started.remove(&message_id);
     }
 
     /// A reply from a worker. In its turn it goes out at once; ahead of its turn it waits for
@@ -127,7 +144,7 @@ impl ReplyStream {
         state.known = state.known.max(seq);
         if seq <= state.sent {
             // Sent already, read back from the store: only the status that follows it is owed.
-            return !live.last || self.push_replied(&live.message);
+            return !live.last || self.finish(&mut state, &live.message);
         }
         if seq == state.sent + 1 {
             let pushed = self.push_live(&mut state, live);
@@ -237,10 +254,14 @@ impl ReplyStream {
     async fn read_from_store(&self) -> bool {
         let mut empty_reads = 0;
         loop {
-            let (after, generation) = {
+            let (after, generation, replaying) = {
                 let state = self.lock();
-                (state.sent, state.generation)
+                (state.sent, state.generation, state.replay.is_some())
             };
+            // Reads for a replay are the protocol working; reads for a gap in a live stream
+            // mean reply events arrive out of order or go missing.
+            metrics::counter!("kaiwa_reply_stream_reads_total", "why" => if replaying { "replay" } else { "gap" })
+                .increment(1);
             let page = match self.store.replies_after(&self.client_id, after, PAGE).await {
                 Ok(page) => page,
                 Err(err) => {
@@ -289,6 +310,10 @@ impl ReplyStream {
                     client_message_id: missed.client_message_id,
                 };
                 let replayed = state.replay.is_some();
+                if !replayed {
+                    // Filling a gap of a live stream: this message's status comes first.
+                    self.start(&mut state, &message);
+                }
                 if !self
                     .outbox
                     .push(Protocol::Native.reply(&message, &missed.reply, replayed))
@@ -299,8 +324,10 @@ impl ReplyStream {
                 if let Some(count) = state.replay.as_mut() {
                     *count += 1;
                 }
+                // Without its live event, whether this is the message's last reply is not
+                // known yet: `replied` waits for that event.
                 if live.is_some_and(|live| live.last) {
-                    self.push_replied(&message);
+                    self.finish(&mut state, &message);
                 }
             }
         }
@@ -317,7 +344,7 @@ impl ReplyStream {
             let live = entry.remove();
             if seq <= state.sent {
                 if live.last {
-                    self.push_replied(&live.message);
+                    self.finish(state, &live.message);
                 }
             } else {
                 self.push_live(state, live);
@@ -331,6 +358,7 @@ impl ReplyStream {
             reply,
             last,
         } = live;
+        self.start(state, &message);
         if !self
             .outbox
             .push(Protocol::Native.reply(&message, &reply, false))
@@ -338,10 +366,22 @@ impl ReplyStream {
             return false;
         }
         state.sent = reply.seq;
-        !last || self.push_replied(&message)
+        !last || self.finish(state, &message)
     }
 
-    fn push_replied(&self, message: &MessageRef) -> bool {
+    /// Sends a message's `processing` status, once, before anything else of it.
+    fn start(&self, state: &mut State, message: &MessageRef) {
+        if state.started.insert(message.message_id)
+            && let Some(frame) = Protocol::Native.status(message, MessageStatus::Processing)
+        {
+            self.outbox.push(frame);
+        }
+    }
+
+    /// Sends a message's `replied` status, on the live event of its last reply: nothing more
+    /// of the message comes after it, so it is forgotten.
+    fn finish(&self, state: &mut State, message: &MessageRef) -> bool {
+        state.started.remove(&message.message_id);
         Protocol::Native
             .status(message, MessageStatus::Replied)
             .is_none_or(|frame| self.outbox.push(frame))

@@ -375,23 +375,23 @@ async fn the_stream_reads_back_in_order_and_delivered_is_never_overwritten(backe
     );
     assert_eq!(replies[0].reply.delivered_at, Some(at(2)));
     assert_eq!(replies[2].reply.delivered_at, Some(at(4)));
-    assert_eq!(
-        store
-            .first_unacknowledged(&client("erin"))
-            .await
-            .expect("read"),
-        Some(4)
-    );
+    assert_eq!(store.acknowledged(&client("erin")).await.expect("read"), 3);
+    // An older acknowledgement changes nothing.
+    store.record_received(&client("erin"), 2, at(7));
     // Acknowledged on a later connection: failed becomes delivered.
-    store.record_received(&client("erin"), 5, at(7));
+    store.record_received(&client("erin"), 5, at(8));
     backend.settle().await;
-    assert_eq!(
-        store
-            .first_unacknowledged(&client("erin"))
-            .await
-            .expect("read"),
-        None
+    assert_eq!(store.acknowledged(&client("erin")).await.expect("read"), 5);
+    let replies = store
+        .replies_after(&client("erin"), 0, 10)
+        .await
+        .expect("read");
+    assert!(
+        replies
+            .iter()
+            .all(|m| m.reply.delivery == Delivery::Delivered)
     );
+    assert_eq!(replies[3].reply.delivered_at, Some(at(8)));
 }
 
 async fn cursor_pages_stay_correct_while_new_messages_arrive(backend: impl Backend) {

@@ -30,6 +30,8 @@ struct Data {
     reply_owner: HashMap<i64, i64>,
     /// Each client's replies in stream order: `seq` to reply id.
     streams: HashMap<ClientId, BTreeMap<u64, i64>>,
+    /// How far each client acknowledged its stream.
+    acknowledged: HashMap<ClientId, u64>,
     next_reply_id: i64,
 }
 
@@ -179,7 +181,12 @@ impl Store for MemoryStore {
 
     fn record_received(&self, client_id: &ClientId, seq: u64, at: DateTime<Utc>) {
         let mut data = self.lock();
-        for id in data.stream_ids(client_id, ..=seq) {
+        let since = data.acknowledged.get(client_id).copied().unwrap_or(0);
+        if seq <= since {
+            return;
+        }
+        data.acknowledged.insert(client_id.clone(), seq);
+        for id in data.stream_ids(client_id, since.saturating_add(1)..=seq) {
             if let Some(reply) = data.reply_mut(id)
                 && reply.delivery != Delivery::Delivered
             {
@@ -275,16 +282,13 @@ impl Store for MemoryStore {
             .unwrap_or(0))
     }
 
-    async fn first_unacknowledged(&self, client_id: &ClientId) -> Result<Option<u64>, StoreError> {
-        let data = self.lock();
-        let Some(stream) = data.streams.get(client_id) else {
-            return Ok(None);
-        };
-        Ok(stream.iter().find_map(|(&seq, &id)| {
-            data.reply(id)
-                .filter(|reply| reply.delivery != Delivery::Delivered)
-                .map(|_| seq)
-        }))
+    async fn acknowledged(&self, client_id: &ClientId) -> Result<u64, StoreError> {
+        Ok(self
+            .lock()
+            .acknowledged
+            .get(client_id)
+            .copied()
+            .unwrap_or(0))
     }
 
     async fn unfinished_messages(&self) -> Result<Vec<StoredMessage>, StoreError> {

@@ -250,8 +250,8 @@ pub trait Store: Send + Sync + 'static {
     /// The `seq` of a client's latest reply (0 when it has none).
     async fn latest_seq(&self, client_id: &ClientId) -> Result<u64, StoreError>;
 
-    /// The `seq` of a client's first reply that is not `delivered`, if any.
-    async fn first_unacknowledged(&self, client_id: &ClientId) -> Result<Option<u64>, StoreError>;
+    /// The `seq` up to which a client has acknowledged its replies (0 for none).
+    async fn acknowledged(&self, client_id: &ClientId) -> Result<u64, StoreError>;
 
     /// Messages accepted but never replied to, oldest first: the process stopped while they
     /// were in flight, or their processing failed.

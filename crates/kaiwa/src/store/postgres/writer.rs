@@ -577,24 +577,32 @@ async fn record_updates(conn: &mut PgConnection, updates: &Updates) -> Result<()
     }
     if !updates.received.is_empty() {
         let received: Vec<_> = updates.received.values().collect();
+        let clients: Vec<String> = received
+            .iter()
+            .map(|u| u.client_id.as_str().to_owned())
+            .collect();
+        let seqs: Vec<i64> = received.iter().map(|u| seq_param(u.seq)).collect();
+        // Only the range since each client's last acknowledgement.
         sqlx::query(
             "UPDATE replies AS r SET delivery = 'delivered', delivered_at = u.at \
              FROM UNNEST($1::text[], $2::bigint[], $3::timestamptz[]) AS u(client_id, seq, at) \
-             WHERE r.client_id = u.client_id AND r.seq <= u.seq AND r.delivery <> 'delivered'",
+             LEFT JOIN reply_streams AS s ON s.client_id = u.client_id \
+             WHERE r.client_id = u.client_id AND r.seq <= u.seq \
+               AND r.seq > COALESCE(s.acknowledged, 0) AND r.delivery <> 'delivered'",
         )
-        .bind(
-            received
-                .iter()
-                .map(|u| u.client_id.as_str().to_owned())
-                .collect::<Vec<String>>(),
-        )
-        .bind(
-            received
-                .iter()
-                .map(|u| seq_param(u.seq))
-                .collect::<Vec<i64>>(),
-        )
+        .bind(&clients)
+        .bind(&seqs)
         .bind(received.iter().map(|u| u.at).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            "INSERT INTO reply_streams (client_id, acknowledged) \
+             SELECT * FROM UNNEST($1::text[], $2::bigint[]) \
+             ON CONFLICT (client_id) DO UPDATE \
+                 SET acknowledged = GREATEST(reply_streams.acknowledged, EXCLUDED.acknowledged)",
+        )
+        .bind(&clients)
+        .bind(&seqs)
         .execute(&mut *conn)
         .await?;
     }
