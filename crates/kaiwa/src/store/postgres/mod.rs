@@ -35,8 +35,8 @@ pub struct PgStore {
     /// To the writer task.
     writes: Writes,
     reads: PgPool,
-    /// The writer task, awaited by `close` after its last commit.
-    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The writer's thread, joined by `close` after its last commit.
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Whether the writer's last batch went through, and why not.
     health: Arc<Mutex<StoreHealth>>,
 }
@@ -87,11 +87,11 @@ impl PgStore {
             .map_err(|err| unreachable(&options, &err))?;
         let health = Arc::new(Mutex::new(StoreHealth::Ok));
         let (writes, rx) = Writes::channel();
-        let writer = Writer::connect(options, rx, health.clone()).await?;
+        let writer = spawn_writer(options, rx, health.clone()).await?;
         Ok(Self {
             writes,
             reads,
-            writer: Mutex::new(Some(tokio::spawn(writer.run()))),
+            writer: Mutex::new(Some(writer)),
             health,
         })
     }
@@ -144,6 +144,49 @@ async fn apply_migrations(conn: &mut PgConnection) -> Result<usize, StoreError> 
         .iter()
         .filter(|migration| !applied.contains(&migration.version))
         .count())
+}
+
+/// Runs the writer on a thread of its own, with a runtime of its own: its round trips to the
+/// database then never wait behind the sessions' tasks for a turn, which under load took longer
+/// than the database did.
+async fn spawn_writer(
+    options: PgConnectOptions,
+    commands: tokio::sync::mpsc::UnboundedReceiver<super::batch::Command>,
+    health: Arc<Mutex<StoreHealth>>,
+) -> Result<std::thread::JoinHandle<()>, StoreError> {
+    let (ready, connected) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("kaiwa-pg-writer".to_owned())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    if ready.send(Err(StoreError::from(err))).is_err() {
+                        tracing::debug!("the store stopped waiting for its writer");
+                    }
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match Writer::connect(options, commands, health).await {
+                    Ok(writer) => {
+                        if ready.send(Ok(())).is_ok() {
+                            writer.run().await;
+                        }
+                    }
+                    Err(err) => {
+                        if ready.send(Err(err)).is_err() {
+                            tracing::debug!("the store stopped waiting for its writer");
+                        }
+                    }
+                }
+            });
+        })?;
+    connected.await.map_err(|_| StoreError::Closed)??;
+    Ok(thread)
 }
 
 fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
@@ -476,10 +519,12 @@ impl Store for PgStore {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .take();
-        if let Some(writer) = writer
-            && let Err(err) = writer.await
-        {
-            tracing::error!(%err, "the database writer task failed");
+        if let Some(writer) = writer {
+            match tokio::task::spawn_blocking(move || writer.join()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => tracing::error!("the database writer thread panicked"),
+                Err(err) => tracing::error!(%err, "could not join the database writer thread"),
+            }
         }
         self.reads.close().await;
     }

@@ -248,7 +248,8 @@ async fn insert_messages(
     let rows: Vec<usize> = (0..messages.len())
         .filter(|&i| repeat_of[i].is_none())
         .collect();
-    let column = |f: &dyn Fn(&NewMessage) -> Option<String>| -> Vec<Option<String>> {
+    // Columns as arrays of borrowed text: the rows are encoded straight from the messages.
+    let column = |f: &dyn for<'m> Fn(&'m NewMessage) -> Option<&'m str>| -> Vec<Option<&str>> {
         rows.iter().map(|&i| f(&messages[i].0)).collect()
     };
     let inserted: HashSet<i64> = sqlx::query_scalar(
@@ -260,21 +261,21 @@ async fn insert_messages(
          ON CONFLICT DO NOTHING RETURNING id",
     )
     .bind(rows.iter().map(|&i| ids[i]).collect::<Vec<i64>>())
-    .bind(column(&|m| Some(m.client_id.as_str().to_owned())))
-    .bind(column(&|m| m.client_message_id.clone()))
-    .bind(column(&|m| Some(m.kind.as_str().to_owned())))
-    .bind(column(&|m| Some(m.content.clone())))
-    .bind(column(&|m| m.filename.clone()))
-    .bind(column(&|m| m.mime_type.clone()))
+    .bind(column(&|m| Some(m.client_id.as_str())))
+    .bind(column(&|m| m.client_message_id.as_deref()))
+    .bind(column(&|m| Some(m.kind.as_str())))
+    .bind(column(&|m| Some(m.content.as_str())))
+    .bind(column(&|m| m.filename.as_deref()))
+    .bind(column(&|m| m.mime_type.as_deref()))
     .bind(
         rows.iter()
             .map(|&i| messages[i].0.size_bytes.and_then(|size| i64::try_from(size).ok()))
             .collect::<Vec<Option<i64>>>(),
     )
-    .bind(column(&|m| Some(m.timezone.name().to_owned())))
-    .bind(column(&|m| Some(m.status.as_str().to_owned())))
-    .bind(column(&|m| m.reason.clone()))
-    .bind(column(&|m| m.client_timestamp.clone()))
+    .bind(column(&|m| Some(m.timezone.name())))
+    .bind(column(&|m| Some(m.status.as_str())))
+    .bind(column(&|m| m.reason.as_deref()))
+    .bind(column(&|m| m.client_timestamp.as_deref()))
     .bind(
         rows.iter()
             .map(|&i| messages[i].0.received_at)
@@ -407,15 +408,18 @@ async fn insert_replies(
             StoredReply::try_from(record).map_err(|err| sqlx::Error::Protocol(err.to_string()))?;
         existing.insert((reply.message_id, reply.reply_type.as_str()), reply);
     }
-    let latest: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT client_id, MAX(seq) FROM replies WHERE client_id = ANY($1) GROUP BY client_id",
+    // Each client's newest reply, read from the end of its index (a MAX with GROUP BY would
+    // read every reply the client ever had).
+    let latest: Vec<(String, Option<i64>)> = sqlx::query_as(
+        "SELECT c, (SELECT seq FROM replies WHERE client_id = c ORDER BY seq DESC LIMIT 1) \
+         FROM UNNEST($1::text[]) AS c",
     )
     .bind(&clients)
     .fetch_all(&mut **tx)
     .await?;
     let mut next_seq: HashMap<String, i64> = latest
         .into_iter()
-        .map(|(client, seq)| (client, seq + 1))
+        .map(|(client, seq)| (client, seq.unwrap_or(0) + 1))
         .collect();
 
     // Which replies are new, and their stream positions, in the order of the calls.
@@ -459,29 +463,29 @@ async fn insert_replies(
         )
         .bind(
             rows.iter()
-                .map(|r| batches[r.batch].0.client_id.as_str().to_owned())
-                .collect::<Vec<String>>(),
+                .map(|r| batches[r.batch].0.client_id.as_str())
+                .collect::<Vec<&str>>(),
         )
         .bind(rows.iter().map(|r| r.seq).collect::<Vec<i64>>())
         .bind(
             rows.iter()
-                .map(|r| r.reply.reply_type.as_str().to_owned())
-                .collect::<Vec<String>>(),
+                .map(|r| r.reply.reply_type.as_str())
+                .collect::<Vec<&str>>(),
         )
         .bind(
             rows.iter()
-                .map(|r| r.reply.content.clone())
-                .collect::<Vec<String>>(),
+                .map(|r| r.reply.content.as_str())
+                .collect::<Vec<&str>>(),
         )
         .bind(
             rows.iter()
-                .map(|r| r.reply.filename.clone())
-                .collect::<Vec<Option<String>>>(),
+                .map(|r| r.reply.filename.as_deref())
+                .collect::<Vec<Option<&str>>>(),
         )
         .bind(
             rows.iter()
-                .map(|r| r.reply.mime_type.clone())
-                .collect::<Vec<Option<String>>>(),
+                .map(|r| r.reply.mime_type.as_deref())
+                .collect::<Vec<Option<&str>>>(),
         )
         .bind(rows.iter().map(|r| r.reply.fallback).collect::<Vec<bool>>())
         .bind(
@@ -582,13 +586,18 @@ async fn record_updates(conn: &mut PgConnection, updates: &Updates) -> Result<()
             .map(|u| u.client_id.as_str().to_owned())
             .collect();
         let seqs: Vec<i64> = received.iter().map(|u| seq_param(u.seq)).collect();
-        // Only the range since each client's last acknowledgement.
+        // Only the range since each client's last acknowledgement, found by a range scan of the
+        // client's part of the stream (a join the planner is free to order could read every
+        // reply).
         sqlx::query(
-            "UPDATE replies AS r SET delivery = 'delivered', delivered_at = u.at \
-             FROM UNNEST($1::text[], $2::bigint[], $3::timestamptz[]) AS u(client_id, seq, at) \
-             LEFT JOIN reply_streams AS s ON s.client_id = u.client_id \
-             WHERE r.client_id = u.client_id AND r.seq <= u.seq \
-               AND r.seq > COALESCE(s.acknowledged, 0) AND r.delivery <> 'delivered'",
+            "UPDATE replies AS r SET delivery = 'delivered', delivered_at = t.at \
+             FROM (SELECT range.id, u.at \
+                   FROM UNNEST($1::text[], $2::bigint[], $3::timestamptz[]) AS u(client_id, seq, at) \
+                   LEFT JOIN reply_streams AS s ON s.client_id = u.client_id \
+                   CROSS JOIN LATERAL (SELECT id FROM replies \
+                       WHERE client_id = u.client_id \
+                         AND seq > COALESCE(s.acknowledged, 0) AND seq <= u.seq) AS range) AS t \
+             WHERE r.id = t.id AND r.delivery <> 'delivered'",
         )
         .bind(&clients)
         .bind(&seqs)
@@ -609,8 +618,11 @@ async fn record_updates(conn: &mut PgConnection, updates: &Updates) -> Result<()
     if !updates.departures.is_empty() {
         sqlx::query(
             "UPDATE replies AS r SET delivery = 'failed' \
-             FROM UNNEST($1::text[], $2::bigint[]) AS u(client_id, seq) \
-             WHERE r.client_id = u.client_id AND r.seq > u.seq AND r.delivery = 'pending'",
+             FROM (SELECT range.id \
+                   FROM UNNEST($1::text[], $2::bigint[]) AS u(client_id, seq) \
+                   CROSS JOIN LATERAL (SELECT id FROM replies \
+                       WHERE client_id = u.client_id AND seq > u.seq) AS range) AS t \
+             WHERE r.id = t.id AND r.delivery = 'pending'",
         )
         .bind(
             updates
