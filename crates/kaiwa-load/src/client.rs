@@ -145,6 +145,7 @@ async fn connect_inner(url: &str, mode: Mode, plan: &ClientPlan) -> Attempt {
             timezone: Some(plan.timezone.name().to_owned()),
             resume: false,
             after: None,
+            token: None,
         })),
         Mode::Legacy => to_json(&legacy::ClientFrame {
             client_id: Some(plan.client_id.clone()),
@@ -827,10 +828,12 @@ pub fn native_frame(ledger: &mut Ledger, text: &str, at: std::time::Instant) -> 
                 Effect::Nothing
             }
         },
-        // We never ask for a replay, a pong or a second welcome.
+        // We never ask for a replay, a pong or a second welcome, nor connect with a token.
         native::ServerFrame::Welcome(_)
         | native::ServerFrame::Pong { .. }
-        | native::ServerFrame::Synced { .. } => {
+        | native::ServerFrame::Synced { .. }
+        | native::ServerFrame::TokenExpired { .. }
+        | native::ServerFrame::Refreshed { .. } => {
             ledger.problem(Problem::UnexpectedFrame);
             Effect::Nothing
         }

@@ -187,6 +187,7 @@ async fn probe_windows(url: &str, seed: u64) -> Option<Windows> {
         timezone: Some("UTC".to_owned()),
         resume: false,
         after: None,
+        token: None,
     });
     ws.send(Message::text(serde_json::to_string(&hello).ok()?))
         .await

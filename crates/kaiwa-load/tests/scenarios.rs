@@ -307,6 +307,7 @@ fn welcome(hello: native::Hello) -> native::ServerFrame {
             .into_iter()
             .map(|kind| window(kind, "00:00", "24:00"))
             .collect(),
+        token_expires_at: None,
     })
 }
 

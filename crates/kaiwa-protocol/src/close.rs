@@ -37,6 +37,19 @@ pub enum CloseCode {
     DuplicateConnection,
     /// 4510: a newer connection with the same client id took over (R15, policy `replace`).
     Replaced,
+    /// 4601: auth is on and the client gave no token.
+    MissingToken,
+    /// 4602: the token is not a JWT the server accepts (shape, algorithm, missing claims).
+    MalformedToken,
+    /// 4603: the token has expired: at the handshake, or during the session with no `refresh`
+    /// within the grace period.
+    ExpiredToken,
+    /// 4604: the token's signature does not verify with any of the server's secrets.
+    InvalidTokenSignature,
+    /// 4605: the token was issued for another audience.
+    WrongTokenAudience,
+    /// 4606: the handshake's `client_id` is not the token's `sub`.
+    ClientIdMismatch,
 }
 
 /// Whether a client should reconnect (with backoff) after a close with `code`, for any code,
@@ -56,7 +69,7 @@ pub fn reconnects(code: u16) -> bool {
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 13] = [
+    pub const ALL: [CloseCode; 19] = [
         Self::Normal,
         Self::GoingAway,
         Self::InvalidPayload,
@@ -70,6 +83,12 @@ impl CloseCode {
         Self::FirstMessageTimeout,
         Self::DuplicateConnection,
         Self::Replaced,
+        Self::MissingToken,
+        Self::MalformedToken,
+        Self::ExpiredToken,
+        Self::InvalidTokenSignature,
+        Self::WrongTokenAudience,
+        Self::ClientIdMismatch,
     ];
 
     pub fn code(self) -> u16 {
@@ -87,6 +106,12 @@ impl CloseCode {
             Self::FirstMessageTimeout => 4502,
             Self::DuplicateConnection => 4509,
             Self::Replaced => 4510,
+            Self::MissingToken => 4601,
+            Self::MalformedToken => 4602,
+            Self::ExpiredToken => 4603,
+            Self::InvalidTokenSignature => 4604,
+            Self::WrongTokenAudience => 4605,
+            Self::ClientIdMismatch => 4606,
         }
     }
 
@@ -110,6 +135,12 @@ impl CloseCode {
             Self::FirstMessageTimeout => "first_message_timeout",
             Self::DuplicateConnection => "duplicate_connection",
             Self::Replaced => "replaced",
+            Self::MissingToken => "missing_token",
+            Self::MalformedToken => "malformed_token",
+            Self::ExpiredToken => "expired_token",
+            Self::InvalidTokenSignature => "invalid_token_signature",
+            Self::WrongTokenAudience => "wrong_token_audience",
+            Self::ClientIdMismatch => "client_id_mismatch",
         }
     }
 
@@ -161,6 +192,12 @@ mod tests {
             CloseCode::FirstMessageTimeout,
             CloseCode::DuplicateConnection,
             CloseCode::Replaced,
+            CloseCode::MissingToken,
+            CloseCode::MalformedToken,
+            CloseCode::ExpiredToken,
+            CloseCode::InvalidTokenSignature,
+            CloseCode::WrongTokenAudience,
+            CloseCode::ClientIdMismatch,
         ];
         for close in come_back {
             assert!(close.should_reconnect(), "{close:?}");

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 /// A stable, machine-readable error code. The human-readable text beside it may change; these
 /// names do not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The frame is not valid JSON.
@@ -55,6 +56,26 @@ pub enum ErrorCode {
     InvalidParameter,
     NotFound,
     Internal,
+    /// Auth is on and no token came: not in the handshake frame, nor in the upgrade request
+    /// (`Authorization: Bearer`, `?token=`), nor in the HTTP request. Close code 4601.
+    MissingToken,
+    /// The token is not a JWT kaiwa accepts: not three base64url parts, not JSON, an algorithm
+    /// other than HS256, `sub`, `exp` or `aud` missing, or a `sub` that is not a client id.
+    /// Close code 4602.
+    MalformedToken,
+    /// The token's `exp` has passed (beyond the clock leeway). Close code 4603, also when a
+    /// token runs out during a session and no `refresh` came within the grace period.
+    ExpiredToken,
+    /// The token's signature does not verify with any secret the server holds. Close code 4604.
+    InvalidTokenSignature,
+    /// The token's `aud` is not the audience the server expects. Close code 4605.
+    WrongTokenAudience,
+    /// The handshake names a client id other than the token's `sub`, a `refresh` token is for
+    /// another client, or an HTTP request reads another client's history or files (status 403).
+    /// Close code 4606.
+    ClientIdMismatch,
+    /// HTTP: the credentials given do not open this endpoint (a wrong admin token; status 403).
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -101,6 +122,13 @@ impl ErrorCode {
             Self::InvalidParameter => "invalid_parameter",
             Self::NotFound => "not_found",
             Self::Internal => "internal",
+            Self::MissingToken => "missing_token",
+            Self::MalformedToken => "malformed_token",
+            Self::ExpiredToken => "expired_token",
+            Self::InvalidTokenSignature => "invalid_token_signature",
+            Self::WrongTokenAudience => "wrong_token_audience",
+            Self::ClientIdMismatch => "client_id_mismatch",
+            Self::Forbidden => "forbidden",
         }
     }
 }
@@ -119,6 +147,9 @@ mod tests {
             ErrorCode::ExpectedBinary,
             ErrorCode::Busy,
             ErrorCode::Unavailable,
+            ErrorCode::MissingToken,
+            ErrorCode::InvalidTokenSignature,
+            ErrorCode::ClientIdMismatch,
         ] {
             let json = serde_json::to_string(&code).expect("serializes");
             assert_eq!(json, format!("\"{}\"", code.as_str()));

@@ -1,11 +1,12 @@
-//! Bodies of the chat history endpoints.
+//! Bodies of the HTTP API: the chat history endpoints, and the error body every endpoint uses.
 
-use crate::{Delivery, MessageStatus, MessageType, ReplyType};
+use crate::{Delivery, ErrorCode, MessageStatus, MessageType, ReplyType};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// `GET /chat-history/{client_id}?limit&offset`, as the Python server answered it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LegacyHistory {
     pub status: String,
     pub data: Vec<LegacyMessage>,
@@ -13,6 +14,7 @@ pub struct LegacyHistory {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LegacyMessage {
     pub id: i64,
     pub client_id: String,
@@ -28,6 +30,7 @@ pub struct LegacyMessage {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LegacyReply {
     pub id: i64,
     pub content: String,
@@ -36,6 +39,7 @@ pub struct LegacyReply {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LegacyPagination {
     pub total: u64,
     pub offset: u64,
@@ -47,6 +51,7 @@ pub struct LegacyPagination {
 /// `before` to load older messages. The cursor names a message, so pages stay correct while new
 /// messages arrive.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HistoryPage {
     pub messages: Vec<HistoryMessage>,
     /// `None` on the oldest page.
@@ -54,6 +59,7 @@ pub struct HistoryPage {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HistoryMessage {
     pub id: i64,
     /// The client's own id of the message (native protocol only).
@@ -75,6 +81,7 @@ pub struct HistoryMessage {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HistoryReply {
     pub id: i64,
     /// The reply's place in the client's reply stream, as in the native `reply` frame.
@@ -89,4 +96,15 @@ pub struct HistoryReply {
     pub delivery: Delivery,
     pub created_at: DateTime<Utc>,
     pub delivered_at: Option<DateTime<Utc>>,
+}
+
+/// The body of every HTTP error: a stable `code` (the same codes as the WebSocket error
+/// frames) and a readable `message`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ErrorBody {
+    /// Always `"error"`.
+    pub status: String,
+    pub code: ErrorCode,
+    pub message: String,
 }

@@ -54,6 +54,14 @@ pub struct ClientFrame {
         deserialize_with = "lenient_string"
     )]
     pub timestamp: Option<String>,
+    /// The signed token (JWT) of a server with auth on, in the handshake or a `refresh` frame
+    /// (a kaiwa addition).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_string"
+    )]
+    pub token: Option<String>,
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -225,6 +233,20 @@ impl ServerFrame {
                 ..Data::default()
             },
             is_system: false,
+        }
+    }
+
+    /// A notice from the server that is not about a message: a `system` frame whose `code` says
+    /// what it is about (a kaiwa addition), e.g. `expired_token`.
+    pub fn notice(code: Option<ErrorCode>, message: String) -> Self {
+        Self {
+            kind: FrameKind::System,
+            data: Data {
+                message: Some(message),
+                code,
+                ..Data::default()
+            },
+            is_system: true,
         }
     }
 

@@ -5,6 +5,7 @@ use std::fmt;
 
 /// What a client sends (R4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum MessageType {
     Text,
@@ -53,6 +54,7 @@ impl fmt::Display for MessageType {
 
 /// What the server answers with (R8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ReplyType {
     Text,
@@ -87,6 +89,7 @@ impl fmt::Display for ReplyType {
 /// `processing` is announced on the wire but not stored: a message that was processing when the
 /// server stopped is still `accepted` in the database and is processed again on restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum MessageStatus {
     Accepted,
@@ -122,6 +125,7 @@ impl MessageStatus {
 /// `delivered` means the frame was written to the client's connection; `failed` means the client
 /// was gone (or too slow) when it was due, and a native client can ask for it again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Delivery {
     Pending,

@@ -40,6 +40,13 @@ pub enum ClientFrame {
     Received {
         seq: u64,
     },
+    /// A new token for this connection (auth on): before the current one runs out, or within
+    /// the grace period after `token_expired`. Answered with `refreshed`, or an `error` with
+    /// the token's error code (the connection goes on, with the old token's deadline).
+    Refresh {
+        #[serde(default)]
+        token: Option<String>,
+    },
     /// Any frame type this version does not know.
     #[serde(other)]
     Unknown,
@@ -65,6 +72,7 @@ pub struct IncomingFrame {
     pub nonce: Option<u64>,
     pub after: Option<u64>,
     pub seq: Option<u64>,
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -81,6 +89,10 @@ pub struct Hello {
     /// right after `welcome`, in order, then `synced`. Implies `resume`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<u64>,
+    /// The signed token (JWT) that says who the client is, when the server has auth on; its
+    /// `sub` is the client id, and `client_id` may then be left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -126,6 +138,17 @@ pub enum ServerFrame {
         replies: u32,
         seq: u64,
     },
+    /// The connection's token has expired: send `refresh` with a new one within
+    /// `closes_in_ms`, or the connection is closed with 4603 (`expired_token`).
+    TokenExpired {
+        expired_at: DateTime<Utc>,
+        closes_in_ms: u64,
+        message: String,
+    },
+    /// The answer to a `refresh` that carried a good token: it now runs until `expires_at`.
+    Refreshed {
+        expires_at: DateTime<Utc>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -140,6 +163,9 @@ pub struct Welcome {
     pub first_message_timeout_ms: u64,
     pub limits: Limits,
     pub windows: Vec<WindowInfo>,
+    /// When the connection's token runs out (auth on only): `refresh` before then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_expires_at: Option<DateTime<Utc>>,
 }
 
 /// The limits a client should check before sending, so it can refuse a file without uploading it.
@@ -269,6 +295,7 @@ mod tests {
                 timezone: Some("UTC".into()),
                 resume: true,
                 after: Some(17),
+                token: Some("a.b.c".into()),
             }),
             ClientFrame::Send(Send {
                 id: Some("m1".into()),
@@ -281,6 +308,9 @@ mod tests {
             ClientFrame::Sync { after: None },
             ClientFrame::Sync { after: Some(3) },
             ClientFrame::Received { seq: 9 },
+            ClientFrame::Refresh {
+                token: Some("a.b.c".into()),
+            },
         ];
         for frame in frames {
             let json = serde_json::to_string(&frame).expect("serializes");

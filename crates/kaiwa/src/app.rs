@@ -2,6 +2,7 @@
 //! and shuts down in order.
 
 use crate::admission::{Admission, InFlight, Sweeper};
+use crate::auth::{Access, AdminAccess, AuthError, Authenticator};
 use crate::clock::Clock;
 use crate::config::{Database, ServeConfig, StoreConfig};
 use crate::gateway::{self, Gateway, GatewaySettings};
@@ -23,7 +24,6 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower_http::cors::{Any, CorsLayer};
 
 /// Past the grace period, how long tasks get to wind down before the process stops waiting.
 const HARD_STOP: Duration = Duration::from_secs(5);
@@ -50,6 +50,8 @@ pub enum AppError {
     Queue(#[from] crate::queue::QueueError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 /// The language model when an API key is configured, else the built-in responder; says which.
@@ -118,6 +120,8 @@ pub async fn migrate(config: &StoreConfig) -> Result<(String, usize), AppError> 
 /// A built, bound, not yet running kaiwa.
 pub struct Application {
     listener: TcpListener,
+    /// The admin address's listener and router (`--admin-bind`), if there is one.
+    admin: Option<(TcpListener, Router)>,
     router: Router,
     gateway: Arc<Gateway>,
     admission: Arc<Admission>,
@@ -161,7 +165,8 @@ impl Application {
             queue.clone(),
         ));
         let tracker = TaskTracker::new();
-        let settings = GatewaySettings::from_config(&config);
+        let auth = Authenticator::start(&config.auth, config.bind)?;
+        let settings = GatewaySettings::from_config(&config).with_auth(auth.clone());
         let gateway = Arc::new(Gateway::new(
             settings,
             admission.clone(),
@@ -185,11 +190,24 @@ impl Application {
             started: Instant::now(),
             responder: responder.name(),
             metrics: telemetry::metrics_handle(),
+            access: Access {
+                tokens: auth.clone(),
+                admin: AdminAccess::from_config(&config.auth, auth.is_some()),
+            },
         });
+        let admin = match config.auth.admin_bind {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| AppError::Bind { addr, source })?;
+                Some((listener, http::admin_router(http_state.clone())))
+            }
+            None => None,
+        };
         let router = Router::new()
             .merge(gateway::router(gateway.clone()))
             .merge(http::router(http_state))
-            .layer(CorsLayer::new().allow_origin(Any).allow_methods(Any));
+            .layer(http::cors::layer(&config.auth, auth.is_some()));
         let listener = TcpListener::bind(config.bind)
             .await
             .map_err(|source| AppError::Bind {
@@ -198,6 +216,7 @@ impl Application {
             })?;
         Ok(Self {
             listener,
+            admin,
             router,
             gateway,
             admission,
@@ -209,6 +228,13 @@ impl Application {
             requeue_after: config.requeue_after,
             unfinished,
         })
+    }
+
+    /// The admin address actually bound, when `--admin-bind` is given.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
     }
 
     /// The address actually bound (useful with port 0).
@@ -229,6 +255,7 @@ impl Application {
         let addr = self.local_addr();
         let Self {
             listener,
+            admin,
             router,
             gateway,
             admission,
@@ -251,6 +278,14 @@ impl Application {
                 tracing::debug!(%err, "could not set TCP_NODELAY");
             }
         });
+        if let Some((listener, router)) = admin {
+            // Served until the main listener stops; it holds no sessions to drain.
+            tracker.spawn(
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
+                    .into_future(),
+            );
+        }
         let server = tokio::spawn(
             axum::serve(listener, router)
                 .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())

@@ -30,6 +30,9 @@ pub enum Command {
     Serve(Box<ServeConfig>),
     /// Apply pending database migrations, then exit.
     Migrate(StoreConfig),
+    /// Print a token for a client, signed with the configured secret (for development and
+    /// tests).
+    Token(crate::auth::TokenArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -172,6 +175,9 @@ pub struct ServeConfig {
 
     #[command(flatten)]
     pub log: LogConfig,
+
+    #[command(flatten)]
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// The language model that writes text replies (R10). Without an API key, the built-in
@@ -397,6 +403,8 @@ pub enum ConfigError {
     DatabaseUrl(&'static str, String),
     #[error(transparent)]
     Parse(#[from] clap::Error),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
 }
 
 /// Parses only the `serve` flags, for tests and embedders that build a config from arguments.
@@ -445,6 +453,7 @@ impl ServeConfig {
                 total: self.limits.max_in_flight,
             });
         }
+        self.auth.check(self.bind)?;
         Ok(())
     }
 }

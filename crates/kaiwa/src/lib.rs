@@ -14,10 +14,12 @@
 //! 6. [`replies`]: what the replies say and contain: text from a [`replies::TextResponder`],
 //!    voice clips and generated images.
 //!
-//! [`http`] serves history, health, metrics and media; [`app`] wires it all together.
+//! [`http`] serves history, health, metrics and media; [`auth`] says who a client is (signed
+//! tokens); [`app`] wires it all together.
 
 pub mod admission;
 pub mod app;
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod domain;

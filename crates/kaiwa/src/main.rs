@@ -40,6 +40,7 @@ fn run(cli: Cli, env_file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
                 let (database, applied) = kaiwa::app::migrate(&store).await?;
                 println!("{applied} migration(s) applied to {database}");
             }
+            Command::Token(args) => println!("{}", kaiwa::auth::issue(&args)?),
         }
         Ok(())
     })

@@ -2,6 +2,7 @@
 //! store and queue, configured by `serve` flags, with no socket and no database file.
 
 use crate::admission::{Admission, InFlight};
+use crate::auth::{Access, AdminAccess, Authenticator};
 use crate::clock::SystemClock;
 use crate::config::ServeConfig;
 use crate::gateway::{Gateway, GatewaySettings};
@@ -17,6 +18,8 @@ pub(crate) struct Fixture {
     pub(crate) store: Arc<MemoryStore>,
     pub(crate) queue: Arc<MemoryQueue>,
     pub(crate) media: MediaStore,
+    /// Who may read what over HTTP, from the flags.
+    pub(crate) access: Access,
     /// Holds the media folders.
     _dir: tempfile::TempDir,
 }
@@ -24,6 +27,17 @@ pub(crate) struct Fixture {
 impl Fixture {
     pub(crate) fn new(flags: &[&str]) -> Self {
         let config = ServeConfig::from_args(flags).expect("valid flags");
+        let auth = Authenticator::new(
+            &config.auth.keys,
+            config.auth.leeway,
+            config.auth.refresh_grace,
+        )
+        .expect("valid auth flags")
+        .map(Arc::new);
+        let access = Access {
+            tokens: auth.clone(),
+            admin: AdminAccess::from_config(&config.auth, auth.is_some()),
+        };
         let dir = tempfile::tempdir().expect("a temporary directory");
         let store = Arc::new(MemoryStore::default());
         let max = config.limits.max_in_flight as usize;
@@ -39,7 +53,7 @@ impl Fixture {
             queue.clone(),
         ));
         let gateway = Arc::new(Gateway::new(
-            GatewaySettings::from_config(&config),
+            GatewaySettings::from_config(&config).with_auth(auth),
             admission,
             store.clone(),
             Arc::new(SystemClock),
@@ -50,6 +64,7 @@ impl Fixture {
             store,
             queue,
             media,
+            access,
             _dir: dir,
         }
     }
@@ -64,6 +79,7 @@ impl Fixture {
             started: Instant::now(),
             responder: "built-in",
             metrics: None,
+            access: self.access.clone(),
         })
     }
 }

@@ -4,6 +4,7 @@
 
 use super::wire::Protocol;
 use crate::admission::{self, Submission};
+use crate::auth::Token;
 use axum::extract::ws::Message;
 use bytes::Bytes;
 use kaiwa_protocol::{ErrorCode, legacy, native};
@@ -25,6 +26,8 @@ pub(super) enum Command {
     Sync { after: Option<u64> },
     /// Native: every reply up to `seq` was processed.
     Received { seq: u64 },
+    /// A new token for the connection (auth on), in either protocol.
+    Refresh { token: Option<Token> },
     /// A frame that asks for nothing valid: the client is told why, and the connection goes on.
     Refuse {
         code: ErrorCode,
@@ -64,6 +67,11 @@ impl Command {
                         Self::Ping { nonce: None }
                     } else {
                         Self::Alive
+                    };
+                }
+                Some("refresh") => {
+                    return Self::Refresh {
+                        token: frame.token.map(Token::new),
                     };
                 }
                 Some(other) => {
@@ -121,6 +129,9 @@ impl Command {
                 }
             }
             Some("ping") => Self::Ping { nonce: frame.nonce },
+            Some("refresh") => Self::Refresh {
+                token: frame.token.map(Token::new),
+            },
             Some("sync") => Self::Sync { after: frame.after },
             Some("received") => match frame.seq {
                 Some(seq) => Self::Received { seq },
@@ -224,6 +235,17 @@ mod tests {
             ),
             Command::Announce(_)
         ));
+        for refresh in [
+            native(r#"{"type":"refresh","token":"a.b.c"}"#),
+            legacy(r#"{"type":"refresh","token":"a.b.c"}"#),
+        ] {
+            assert_eq!(
+                refresh,
+                Command::Refresh {
+                    token: Some(Token::new("a.b.c"))
+                }
+            );
+        }
     }
 
     #[test]

@@ -3,13 +3,14 @@
 //! bookkeeping of a client that left.
 
 use super::Gateway;
-use super::handshake::{self, HandshakeError, Hello, Resume};
+use super::handshake::{self, Credentials, HandshakeError, Hello, Resume};
 use super::outbox::{Closing, Outbox, Writer};
 use super::registry::{Duplicate, Liveness, SessionHandle};
 use super::session::Session;
 use super::stream::ReplyStream;
 use super::wire::Protocol;
 use crate::admission::ConnectionSlot;
+use crate::auth::{AuthError, Token};
 use crate::store::StoreError;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{Stream, StreamExt};
@@ -25,12 +26,13 @@ const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 const LIVENESS_PROBE: Duration = Duration::from_secs(3);
 
 /// Serves one upgraded connection from handshake to close. `slot` is the client slot taken at
-/// the upgrade; without one the server is full.
+/// the upgrade; without one the server is full. `offered` is the token of the upgrade request.
 pub(crate) async fn serve(
     gateway: Arc<Gateway>,
     mut socket: WebSocket,
     native: bool,
     slot: Option<ConnectionSlot>,
+    offered: Result<Option<Token>, AuthError>,
 ) {
     let guess = if native {
         Protocol::Native
@@ -67,7 +69,12 @@ pub(crate) async fn serve(
         return;
     }
     let timeout = gateway.settings.sessions.handshake_timeout;
-    let hello = match handshake::receive(&mut socket, native, timeout).await {
+    let credentials = Credentials {
+        auth: gateway.settings.auth.clone(),
+        upgrade: offered,
+        clock: gateway.clock.clone(),
+    };
+    let hello = match handshake::receive(&mut socket, native, timeout, &credentials).await {
         Ok(hello) => hello,
         Err(HandshakeError::Gone) => return,
         Err(HandshakeError::InvalidUtf8) => {
@@ -97,16 +104,16 @@ pub(crate) async fn serve(
         Err(HandshakeError::Invalid {
             protocol,
             code,
+            close,
             message,
         }) => {
-            refuse(
-                &mut socket,
-                protocol,
-                code,
-                CloseCode::BadHandshake,
-                &message,
-            )
-            .await;
+            if close != CloseCode::BadHandshake {
+                // A token refused: the code says why; the token itself is never logged.
+                metrics::counter!("kaiwa_connections_refused_total", "reason" => code.as_str())
+                    .increment(1);
+                tracing::info!(code = code.as_str(), "refused at the handshake");
+            }
+            refuse(&mut socket, protocol, code, close, &message).await;
             return;
         }
     };
@@ -134,6 +141,7 @@ pub(crate) async fn serve(
         hello.timezone.name(),
         gateway.clock.now(),
         &gateway.settings,
+        hello.token.as_ref().map(|claims| claims.expires_at),
     ));
     let stream = (hello.protocol == Protocol::Native).then(|| {
         ReplyStream::new(

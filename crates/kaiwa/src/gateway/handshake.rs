@@ -1,10 +1,14 @@
 //! The first frame of a connection: which protocol it speaks, who the client is, its timezone.
+//! With auth on, who the client is comes from its token, never from the frame.
 
 use super::wire::Protocol;
+use crate::auth::{AuthError, Authenticator, Claims, Token};
+use crate::clock::Clock;
 use crate::domain::{ClientId, ClientIdError, Timezone, TimezoneError};
 use axum::extract::ws::Message;
 use futures::{Stream, StreamExt};
-use kaiwa_protocol::{ErrorCode, legacy, native};
+use kaiwa_protocol::{CloseCode, ErrorCode, legacy, native};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A client that introduced itself properly.
@@ -15,6 +19,31 @@ pub(crate) struct Hello {
     pub timezone: Timezone,
     /// Native only: where the client's reply stream picks up.
     pub resume: Resume,
+    /// What the client's token says, when auth is on.
+    pub token: Option<Claims>,
+}
+
+/// What a handshake checks who the client is with.
+pub(crate) struct Credentials {
+    /// The server's authenticator; `None` when auth is off and clients name themselves.
+    pub auth: Option<Arc<Authenticator>>,
+    /// The token the upgrade request carried (`Authorization: Bearer`, `?token=`), or why it
+    /// could not be read. The handshake frame's own `token` comes first.
+    pub upgrade: Result<Option<Token>, AuthError>,
+    /// The server's clock, which judges expiry.
+    pub clock: Arc<dyn Clock>,
+}
+
+#[cfg(test)]
+impl Credentials {
+    /// Auth off: the client id is the frame's.
+    pub(crate) fn anonymous() -> Self {
+        Self {
+            auth: None,
+            upgrade: Ok(None),
+            clock: Arc::new(crate::clock::SystemClock),
+        }
+    }
 }
 
 /// Where a native client's reply stream starts on this connection.
@@ -36,10 +65,12 @@ pub(crate) enum HandshakeError {
     Timeout,
     /// The first frame was a text frame that is not UTF-8.
     InvalidUtf8,
-    /// The handshake frame was wrong; `protocol` is the one to answer in.
+    /// The handshake frame was wrong, or its token; `protocol` is the one to answer in, and
+    /// `close` the close code that follows the error frame.
     Invalid {
         protocol: Protocol,
         code: ErrorCode,
+        close: CloseCode,
         message: String,
     },
 }
@@ -50,6 +81,7 @@ pub(crate) async fn receive<S>(
     socket: &mut S,
     native: bool,
     timeout: Duration,
+    credentials: &Credentials,
 ) -> Result<Hello, HandshakeError>
 where
     S: Stream<Item = Result<Message, axum::Error>> + Unpin,
@@ -64,13 +96,11 @@ where
             match socket.next().await {
                 Some(Ok(Message::Text(text))) => return Ok(text),
                 Some(Ok(Message::Binary(_))) => {
-                    return Err(HandshakeError::Invalid {
-                        protocol: guess,
-                        code: ErrorCode::UnexpectedBinary,
-                        message:
-                            "the first frame must be a JSON text frame with client_id and timezone"
-                                .into(),
-                    });
+                    return Err(invalid(
+                        guess,
+                        ErrorCode::UnexpectedBinary,
+                        "the first frame must be a JSON text frame with client_id and timezone",
+                    ));
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 Some(Err(err)) if is_invalid_utf8(&err) => return Err(HandshakeError::InvalidUtf8),
@@ -89,7 +119,7 @@ where
             format!("the handshake frame must be under {MAX_HELLO_BYTES} bytes"),
         ));
     }
-    parse(&first, native)
+    parse(&first, native, credentials)
 }
 
 /// Whether a read failed on a text frame that is not valid UTF-8 (close 1007).
@@ -107,7 +137,18 @@ fn invalid(protocol: Protocol, code: ErrorCode, message: impl Into<String>) -> H
     HandshakeError::Invalid {
         protocol,
         code,
+        close: CloseCode::BadHandshake,
         message: message.into(),
+    }
+}
+
+/// A token refused: its own error code and close code.
+fn refused(protocol: Protocol, err: &AuthError) -> HandshakeError {
+    HandshakeError::Invalid {
+        protocol,
+        code: err.code(),
+        close: err.close_code(),
+        message: err.to_string(),
     }
 }
 
@@ -119,14 +160,19 @@ fn resume(resume: bool, after: Option<u64>) -> Resume {
     }
 }
 
-pub(crate) fn parse(text: &str, native_header: bool) -> Result<Hello, HandshakeError> {
-    let (protocol, client_id, timezone, resume) = if native_header {
+pub(crate) fn parse(
+    text: &str,
+    native_header: bool,
+    credentials: &Credentials,
+) -> Result<Hello, HandshakeError> {
+    let (protocol, client_id, timezone, resume, token) = if native_header {
         match serde_json::from_str::<native::IncomingFrame>(text) {
             Ok(hello) if hello.kind.as_deref() == Some("hello") => (
                 Protocol::Native,
                 hello.client_id,
                 hello.timezone,
                 resume(hello.resume, hello.after),
+                hello.token,
             ),
             Ok(_) => {
                 return Err(invalid(
@@ -175,6 +221,7 @@ pub(crate) fn parse(text: &str, native_header: bool) -> Result<Hello, HandshakeE
                 hello.client_id,
                 hello.timezone,
                 resume(hello.resume, hello.after),
+                hello.token,
             )
         } else {
             let frame: legacy::ClientFrame = serde_json::from_value(value).map_err(|err| {
@@ -184,7 +231,8 @@ pub(crate) fn parse(text: &str, native_header: bool) -> Result<Hello, HandshakeE
                     format!("invalid handshake frame: {err}"),
                 )
             })?;
-            if frame.client_id.is_none() && (frame.message_type.is_some() || frame.kind.is_some()) {
+            let introduces = frame.client_id.is_some() || frame.token.is_some();
+            if !introduces && (frame.message_type.is_some() || frame.kind.is_some()) {
                 return Err(invalid(
                     Protocol::Legacy,
                     ErrorCode::HandshakeRequired,
@@ -196,18 +244,18 @@ pub(crate) fn parse(text: &str, native_header: bool) -> Result<Hello, HandshakeE
                 frame.client_id,
                 frame.timezone,
                 Resume::Fresh,
+                frame.token,
             )
         }
     };
-    let client_id = ClientId::parse(client_id.as_deref().unwrap_or_default()).map_err(|err| {
-        let code = match err {
-            ClientIdError::Missing => ErrorCode::MissingClientId,
-            ClientIdError::TooLong | ClientIdError::BadCharacter | ClientIdError::LeadingDot => {
-                ErrorCode::InvalidClientId
-            }
-        };
-        invalid(protocol, code, err.to_string())
-    })?;
+    let (client_id, token) = match &credentials.auth {
+        None => (named(protocol, client_id.as_deref())?, None),
+        Some(auth) => {
+            let claims = identify(auth, client_id.as_deref(), token, credentials)
+                .map_err(|err| refused(protocol, &err))?;
+            (claims.client_id.clone(), Some(claims))
+        }
+    };
     let timezone = Timezone::parse(timezone.as_deref().unwrap_or_default()).map_err(|err| {
         let code = match err {
             TimezoneError::Missing => ErrorCode::MissingTimezone,
@@ -220,12 +268,53 @@ pub(crate) fn parse(text: &str, native_header: bool) -> Result<Hello, HandshakeE
         client_id,
         timezone,
         resume,
+        token,
     })
+}
+
+/// Auth off: the client id the frame names.
+fn named(protocol: Protocol, client_id: Option<&str>) -> Result<ClientId, HandshakeError> {
+    ClientId::parse(client_id.unwrap_or_default()).map_err(|err| {
+        let code = match err {
+            ClientIdError::Missing => ErrorCode::MissingClientId,
+            ClientIdError::TooLong | ClientIdError::BadCharacter | ClientIdError::LeadingDot => {
+                ErrorCode::InvalidClientId
+            }
+        };
+        invalid(protocol, code, err.to_string())
+    })
+}
+
+/// Auth on: the client is its token's `sub`. The frame's `token` comes first, then the
+/// upgrade request's; a `client_id` in the frame must be the same as `sub`.
+fn identify(
+    auth: &Authenticator,
+    claimed: Option<&str>,
+    token: Option<String>,
+    credentials: &Credentials,
+) -> Result<Claims, AuthError> {
+    let token = match token.filter(|token| !token.trim().is_empty()) {
+        Some(token) => Token::new(token),
+        None => credentials
+            .upgrade
+            .clone()?
+            .ok_or(AuthError::MissingToken)?,
+    };
+    let now = credentials.clock.now();
+    match claimed.filter(|id| !id.trim().is_empty()) {
+        Some(claimed) => auth.verify_for(&token, claimed, now),
+        None => auth.verify(&token, now),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A handshake with auth off.
+    fn parse(text: &str, native_header: bool) -> Result<Hello, HandshakeError> {
+        super::parse(text, native_header, &Credentials::anonymous())
+    }
 
     fn code(result: &Result<Hello, HandshakeError>) -> Option<ErrorCode> {
         match result {

@@ -5,6 +5,7 @@
 mod command;
 mod connection;
 mod delivery;
+mod expiry;
 mod handshake;
 mod outbox;
 mod registry;
@@ -15,12 +16,14 @@ mod tests;
 mod wire;
 
 use crate::admission::{Admission, ConnectionSlots};
+use crate::auth::{self, Authenticator};
 use crate::clock::Clock;
 use crate::config::{ServeConfig, SessionConfig};
 use crate::store::Store;
 use axum::Router;
-use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::any;
 use kaiwa_protocol::native::{Limits, WindowInfo};
@@ -54,6 +57,8 @@ pub struct GatewaySettings {
     /// What a native client is told at `welcome` besides the session timers.
     pub(crate) limits: Limits,
     pub(crate) windows: Vec<WindowInfo>,
+    /// Checks the tokens of clients when auth is on; `None` when it is off.
+    pub(crate) auth: Option<Arc<Authenticator>>,
 }
 
 impl GatewaySettings {
@@ -86,7 +91,13 @@ impl GatewaySettings {
                 max_in_flight_per_client: limits.max_in_flight_per_client as usize,
             },
             windows: config.windows.describe(),
+            auth: None,
         }
+    }
+
+    /// The same settings with auth on (`Some`) or off.
+    pub fn with_auth(self, auth: Option<Arc<Authenticator>>) -> Self {
+        Self { auth, ..self }
     }
 }
 
@@ -161,7 +172,39 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new().route("/ws", any(upgrade)).with_state(gateway)
 }
 
-async fn upgrade(State(gateway): State<Arc<Gateway>>, ws: WebSocketUpgrade) -> Response {
+/// The `/ws` endpoint in the HTTP API's OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    #[derive(utoipa::OpenApi)]
+    #[openapi(paths(upgrade))]
+    struct Doc;
+    <Doc as utoipa::OpenApi>::openapi()
+}
+
+/// The WebSocket endpoint of both protocols (see docs/protocol.md). With auth on, the token
+/// may come in the handshake frame, or here.
+#[utoipa::path(
+    get,
+    path = "/ws",
+    tag = "websocket",
+    params(
+        ("token" = Option<String>, Query, description = "The client's token (auth on), for clients that cannot set headers; the handshake frame's `token` is preferred."),
+    ),
+    responses(
+        (status = 101, description = "Switched to WebSocket: `kaiwa.v1` if offered in `Sec-WebSocket-Protocol`, else the legacy protocol. Refusals (auth included) come as an error frame and a close code."),
+        (status = 400, description = "Not a WebSocket upgrade request.", content_type = "text/plain"),
+        (status = 405, description = "Not a GET request.", content_type = "text/plain"),
+        (status = 426, description = "The connection cannot be upgraded.", content_type = "text/plain"),
+    ),
+)]
+pub(crate) async fn upgrade(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    ws: WebSocketUpgrade,
+) -> Response {
+    // Read now, checked after the handshake frame: a refusal is then a close code the client
+    // can act on, in whichever protocol it speaks.
+    let offered = auth::upgrade_token(&headers, query.as_deref());
     let max_frame = gateway.settings.max_frame_bytes;
     let ws = ws
         .protocols([kaiwa_protocol::SUBPROTOCOL])
@@ -176,6 +219,6 @@ async fn upgrade(State(gateway): State<Arc<Gateway>>, ws: WebSocketUpgrade) -> R
     ws.on_failed_upgrade(|err| tracing::debug!(%err, "WebSocket upgrade failed"))
         .on_upgrade(move |socket| {
             let tracker = gateway.tracker.clone();
-            tracker.track_future(connection::serve(gateway, socket, native, slot))
+            tracker.track_future(connection::serve(gateway, socket, native, slot, offered))
         })
 }

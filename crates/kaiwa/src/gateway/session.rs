@@ -3,6 +3,7 @@
 //! the heartbeat and watches for the reasons a session ends.
 
 use super::command::Command;
+use super::expiry::{Expiry, Lapse};
 use super::handshake::Hello;
 use super::outbox::Outbox;
 use super::registry::Liveness;
@@ -10,6 +11,7 @@ use super::stream::ReplyStream;
 use super::wire::Protocol;
 use super::{Gateway, GatewaySettings};
 use crate::admission::{Pipeline, Sender, Settled, Submission, Verdict};
+use crate::auth::Token;
 use axum::extract::ws::{CloseFrame, Message};
 use futures::{Stream, StreamExt};
 use kaiwa_protocol::{CloseCode, ErrorCode, MessageStatus};
@@ -52,6 +54,13 @@ impl Ending {
                 format!("frames are limited to {} bytes", settings.max_frame_bytes)
             }
             CloseCode::InvalidPayload => "a text frame was not valid UTF-8".into(),
+            CloseCode::ExpiredToken => format!(
+                "the token expired and no refresh came within {}s",
+                settings
+                    .auth
+                    .as_ref()
+                    .map_or(0.0, |auth| auth.refresh_grace.as_secs_f64())
+            ),
             other => other.name().into(),
         };
         Some(super::connection::close_frame(code, &detail))
@@ -99,6 +108,8 @@ pub(super) struct Session {
     awaiting_binary: Option<Submission>,
     /// Whether the client sent a message yet (R16).
     sent_message: bool,
+    /// When the client's token runs out (auth on); `None` with auth off.
+    expiry: Option<Expiry>,
 }
 
 impl Session {
@@ -111,6 +122,11 @@ impl Session {
         stream: Option<Arc<ReplyStream>>,
         position: u64,
     ) -> Self {
+        let expiry = hello
+            .token
+            .as_ref()
+            .zip(gateway.settings.auth.as_ref())
+            .map(|(claims, auth)| Expiry::new(claims, gateway.clock.now(), auth.refresh_grace));
         let client = Arc::new(Sender {
             client_id: hello.client_id,
             timezone: hello.timezone,
@@ -136,6 +152,7 @@ impl Session {
             acknowledged: position,
             awaiting_binary: None,
             sent_message: false,
+            expiry,
         }
     }
 
@@ -152,6 +169,9 @@ impl Session {
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let first_message_deadline = tokio::time::sleep(sessions.first_message_timeout);
         tokio::pin!(first_message_deadline);
+        // Far off, and not polled, when auth is off.
+        let token_deadline = tokio::time::sleep_until(self.token_deadline());
+        tokio::pin!(token_deadline);
         let close_sessions = self.gateway.close_sessions.clone();
         let overflowed = self.outbox.overflowed().clone();
         let replaced = self.replaced.clone();
@@ -166,6 +186,12 @@ impl Session {
                 () = overflowed.cancelled() => return Ending::Closed(CloseCode::SlowConsumer),
                 () = &mut first_message_deadline, if !self.sent_message => {
                     return Ending::Closed(CloseCode::FirstMessageTimeout);
+                }
+                () = &mut token_deadline, if self.expiry.is_some() => {
+                    if let Some(ending) = self.token_lapsed() {
+                        return ending;
+                    }
+                    token_deadline.as_mut().reset(self.token_deadline());
                 }
                 _ = heartbeat.tick() => {
                     if self.liveness.silent_for() > sessions.heartbeat_timeout {
@@ -187,6 +213,9 @@ impl Session {
                     };
                     if let Some(ending) = self.apply(command) {
                         return ending;
+                    }
+                    if self.expiry.as_mut().is_some_and(Expiry::take_renewed) {
+                        token_deadline.as_mut().reset(self.token_deadline());
                     }
                 }
             }
@@ -238,10 +267,63 @@ impl Session {
                 ),
             },
             Command::Received { seq } => self.acknowledge(seq),
+            Command::Refresh { token } => self.refresh(token),
             Command::Refuse { code, message, id } => self.refuse(code, message, id),
             Command::Close => return Some(Ending::ClientClosed),
         }
         None
+    }
+
+    /// When the token clock fires next (a day away with auth off, where it is never polled).
+    fn token_deadline(&self) -> Instant {
+        self.expiry.as_ref().map_or_else(
+            || Instant::now() + std::time::Duration::from_secs(86_400),
+            Expiry::deadline,
+        )
+    }
+
+    /// The token clock fired: the client is warned first, and closed at the end of the grace.
+    fn token_lapsed(&mut self) -> Option<Ending> {
+        match self.expiry.as_mut()?.lapse() {
+            Lapse::Warn {
+                expired_at,
+                closes_in,
+            } => {
+                tracing::info!(client_id = %self.client.client_id, "token expired; waiting for a refresh");
+                self.outbox
+                    .push(self.protocol.token_expired(expired_at, closes_in));
+                None
+            }
+            Lapse::Close => {
+                tracing::info!(client_id = %self.client.client_id, "token expired and not refreshed");
+                Some(Ending::Closed(CloseCode::ExpiredToken))
+            }
+        }
+    }
+
+    /// A new token for this connection: good and for this client, it moves the deadline; any
+    /// other is refused with its code, and the old deadline stands.
+    fn refresh(&mut self, token: Option<Token>) {
+        let Some(auth) = self.gateway.settings.auth.clone() else {
+            return self.refuse(
+                ErrorCode::UnknownFrame,
+                "this server has auth off: there is no token to refresh".into(),
+                None,
+            );
+        };
+        let now = self.gateway.clock.now();
+        let verified = token
+            .ok_or(crate::auth::AuthError::MissingToken)
+            .and_then(|token| auth.verify_for(&token, self.client.client_id.as_str(), now));
+        match verified {
+            Ok(claims) => {
+                if let Some(expiry) = self.expiry.as_mut() {
+                    expiry.renew(&claims, now);
+                }
+                self.outbox.push(self.protocol.refreshed(claims.expires_at));
+            }
+            Err(err) => self.refuse(err.code(), err.to_string(), None),
+        }
     }
 
     /// Hands a message to this client's admission pipeline, which answers it in order while

@@ -36,6 +36,7 @@ impl Protocol {
         timezone: &str,
         now: DateTime<Utc>,
         settings: &GatewaySettings,
+        token_expires_at: Option<DateTime<Utc>>,
     ) -> Utf8Bytes {
         let sessions = &settings.sessions;
         match self {
@@ -50,7 +51,39 @@ impl Protocol {
                 first_message_timeout_ms: millis(sessions.first_message_timeout),
                 limits: settings.limits,
                 windows: settings.windows.clone(),
+                token_expires_at,
             })),
+        }
+    }
+
+    /// The connection's token ran out: it has `closes_in` to send `refresh`.
+    pub(crate) fn token_expired(self, expired_at: DateTime<Utc>, closes_in: Duration) -> Utf8Bytes {
+        let message = format!(
+            "your token expired at {}: send {{\"type\":\"refresh\",\"token\":...}} with a new one within {} s, or the connection closes with 4603",
+            iso(expired_at),
+            closes_in.as_secs_f64()
+        );
+        match self {
+            Self::Legacy => encode(&legacy::ServerFrame::notice(
+                Some(ErrorCode::ExpiredToken),
+                message,
+            )),
+            Self::Native => encode(&native::ServerFrame::TokenExpired {
+                expired_at,
+                closes_in_ms: millis(closes_in),
+                message,
+            }),
+        }
+    }
+
+    /// The answer to a good `refresh`: the connection's token now runs until `expires_at`.
+    pub(crate) fn refreshed(self, expires_at: DateTime<Utc>) -> Utf8Bytes {
+        match self {
+            Self::Legacy => encode(&legacy::ServerFrame::notice(
+                None,
+                format!("Token refreshed; it expires at {}", iso(expires_at)),
+            )),
+            Self::Native => encode(&native::ServerFrame::Refreshed { expires_at }),
         }
     }
 

@@ -1,12 +1,13 @@
 //! The one error type of the HTTP API: a status and a stable code for the client, the cause
 //! logged on the server and never sent.
 
+use crate::auth::AuthError;
 use crate::store::StoreError;
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kaiwa_protocol::ErrorCode;
-use serde_json::json;
+use kaiwa_protocol::history::ErrorBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -19,6 +20,12 @@ pub enum ApiError {
     /// Something else failed on the server; the text says what, for the log only.
     #[error("{0}")]
     Internal(String),
+    /// No token, or one that is not valid (401): the code says which.
+    #[error(transparent)]
+    Unauthorized(#[from] AuthError),
+    /// A valid token that does not open this resource (403): the code says why.
+    #[error("{1}")]
+    Forbidden(ErrorCode, String),
 }
 
 impl IntoResponse for ApiError {
@@ -50,6 +57,8 @@ impl IntoResponse for ApiError {
                     "internal error; see the server log".to_owned(),
                 )
             }
+            Self::Unauthorized(err) => (StatusCode::UNAUTHORIZED, err.code(), err.to_string()),
+            Self::Forbidden(code, message) => (StatusCode::FORBIDDEN, *code, message.clone()),
             Self::Internal(cause) => {
                 tracing::error!(%cause, "request failed");
                 (
@@ -59,7 +68,24 @@ impl IntoResponse for ApiError {
                 )
             }
         };
-        let body = json!({"status": "error", "code": code, "message": message});
-        (status, Json(body)).into_response()
+        let body = ErrorBody {
+            status: "error".to_owned(),
+            code,
+            message,
+        };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            // RFC 6750: a 401 says which scheme would do, and whether the token given was bad.
+            let challenge = if code == ErrorCode::MissingToken {
+                r#"Bearer realm="kaiwa""#
+            } else {
+                r#"Bearer realm="kaiwa", error="invalid_token""#
+            };
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
+        response
     }
 }

@@ -1,27 +1,112 @@
-//! Health (R19) with the live counters, and Prometheus metrics.
+//! Health (R19) and Prometheus metrics. Anyone gets the liveness answer of `/health`; the live
+//! counters and `/metrics` are for operators: open when auth is off and no admin token is set,
+//! else behind the admin token, or on the admin address (`--admin-bind`).
 
 use super::HttpState;
+use super::access::{self, HealthView};
 use crate::store::StoreHealth;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::json;
+use kaiwa_protocol::history::ErrorBody;
+use serde::Serialize;
 use std::sync::Arc;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-pub(super) fn router() -> Router<Arc<HttpState>> {
-    Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
+pub(super) fn router() -> OpenApiRouter<Arc<HttpState>> {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(metrics))
 }
 
-/// 200 while serving; 503 while draining for shutdown, or while the database takes no writes
-/// (`degraded`, with the reason), so a load balancer stops sending clients here.
-async fn health(State(state): State<Arc<HttpState>>) -> Response {
-    let gateway = &state.gateway;
-    let in_flight = &gateway.admission.in_flight;
-    let draining = gateway.is_draining();
+/// The admin address: both endpoints in full, with no token (it is meant for a private
+/// network).
+pub(super) fn admin_router() -> Router<Arc<HttpState>> {
+    Router::new()
+        .route(
+            "/health",
+            axum::routing::get(|State(state): State<Arc<HttpState>>| async move {
+                detailed(&state).await
+            }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(|State(state): State<Arc<HttpState>>| async move { render(&state) }),
+        )
+}
+
+/// Whether the server takes clients: `ok`, `draining` (shutting down) or `degraded` (the
+/// database takes no writes).
+#[derive(Debug, Serialize, ToSchema)]
+struct Liveness {
+    status: String,
+}
+
+/// The liveness answer with the live counters.
+#[derive(Debug, Serialize, ToSchema)]
+struct HealthReport {
+    /// `ok`, `draining` or `degraded`.
+    status: String,
+    /// Why the server is degraded.
+    reason: Option<String>,
+    version: String,
+    uptime_seconds: u64,
+    /// Sessions past the handshake.
+    connections: u64,
+    /// Client slots taken, handshakes included.
+    slots_in_use: u64,
+    max_clients: u64,
+    in_flight: u64,
+    in_flight_peak: u64,
+    max_in_flight: u64,
+    /// Jobs waiting for a worker, when the queue can tell.
+    queue_depth: Option<u64>,
+    /// `built-in`, or the language model's name.
+    responder: String,
+}
+
+/// Whether the server takes clients: 200 while serving; 503 while draining for shutdown, or
+/// while the database takes no writes, so a load balancer stops sending clients here. The live
+/// counters come with the admin token (or when the admin endpoints are open).
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    security((), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "Serving. The counters come with the admin token (or when auth and the admin token are off).", body = inline(Health)),
+        (status = 503, description = "Draining for shutdown, or degraded.", body = inline(Health)),
+        (status = 401, description = "The Authorization header is not a bearer token.", body = ErrorBody),
+        (status = 403, description = "A token that is not the admin token (`forbidden`).", body = ErrorBody),
+    ),
+)]
+async fn health(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    match access::health(&state, &headers) {
+        Ok(HealthView::Detailed) => detailed(&state).await,
+        Ok(HealthView::Liveness) => {
+            let (code, status, _) = status(&state);
+            let liveness = Liveness {
+                status: status.to_owned(),
+            };
+            (code, Json(Health::Liveness(liveness))).into_response()
+        }
+        Err(err) => err.into_response(),
+    }
+}
+
+/// The two answers of `/health`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+enum Health {
+    Detailed(HealthReport),
+    Liveness(Liveness),
+}
+
+fn status(state: &HttpState) -> (StatusCode, &'static str, Option<String>) {
+    let draining = state.gateway.is_draining();
     let degraded = match state.store.health() {
         StoreHealth::Ok => None,
         StoreHealth::Degraded(reason) => Some(reason),
@@ -31,29 +116,58 @@ async fn health(State(state): State<Arc<HttpState>>) -> Response {
         (false, Some(_)) => "degraded",
         (false, None) => "ok",
     };
-    let body = json!({
-        "status": status,
-        "reason": degraded,
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": state.started.elapsed().as_secs(),
-        "connections": gateway.connected(),
-        "slots_in_use": gateway.slots_in_use(),
-        "max_clients": gateway.settings.max_clients,
-        "in_flight": in_flight.current(),
-        "in_flight_peak": in_flight.peak(),
-        "max_in_flight": in_flight.max(),
-        "queue_depth": state.queue.depth(),
-        "responder": state.responder,
-    });
     let code = if status == "ok" {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, Json(body)).into_response()
+    (code, status, degraded)
 }
 
-async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
+async fn detailed(state: &HttpState) -> Response {
+    let gateway = &state.gateway;
+    let in_flight = &gateway.admission.in_flight;
+    let (code, status, reason) = status(state);
+    let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    let report = HealthReport {
+        status: status.to_owned(),
+        reason,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        uptime_seconds: state.started.elapsed().as_secs(),
+        connections: count(gateway.connected()),
+        slots_in_use: count(gateway.slots_in_use()),
+        max_clients: count(gateway.settings.max_clients),
+        in_flight: count(in_flight.current()),
+        in_flight_peak: count(in_flight.peak()),
+        max_in_flight: count(in_flight.max()),
+        queue_depth: state.queue.depth().map(count),
+        responder: state.responder.to_owned(),
+    };
+    (code, Json(Health::Detailed(report))).into_response()
+}
+
+/// Prometheus metrics (text format): open when auth is off and no admin token is set, else
+/// the admin token's, or on the admin address.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The metrics, in Prometheus' text format 0.0.4.", content_type = "text/plain", body = String),
+        (status = 401, description = "No admin token (`missing_token`), or not a bearer token.", body = ErrorBody),
+        (status = 403, description = "Not the admin token, or no admin token can open them on this address (`forbidden`).", body = ErrorBody),
+        (status = 404, description = "Metrics are not enabled in this process.", content_type = "text/plain", body = String),
+    ),
+)]
+async fn metrics(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    match access::admin(&state, &headers) {
+        Ok(()) => render(&state),
+        Err(err) => err.into_response(),
+    }
+}
+
+fn render(state: &HttpState) -> Response {
     match &state.metrics {
         Some(handle) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -62,6 +176,7 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
             .into_response(),
         None => (
             StatusCode::NOT_FOUND,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             "metrics are not enabled in this process",
         )
             .into_response(),

@@ -1,28 +1,31 @@
 //! Chat history (R12): the legacy offset endpoint, and the native cursor endpoint that stays
-//! correct while new messages arrive.
+//! correct while new messages arrive. With auth on, a client reads only its own.
 
-use super::{ApiError, HttpState};
+use super::{ApiError, HttpState, access};
+use crate::auth::Access;
 use crate::domain::ClientId;
 use crate::store::{StoredMessage, StoredReply};
-use axum::extract::rejection::QueryRejection;
+use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::http::HeaderMap;
 use kaiwa_protocol::history::{
-    HistoryMessage, HistoryPage, HistoryReply, LegacyHistory, LegacyMessage, LegacyPagination,
-    LegacyReply,
+    ErrorBody, HistoryMessage, HistoryPage, HistoryReply, LegacyHistory, LegacyMessage,
+    LegacyPagination, LegacyReply,
 };
 use kaiwa_protocol::{Delivery, MessageStatus};
 use serde::Deserialize;
 use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 const DEFAULT_LIMIT: u32 = 50;
 const MAX_LIMIT: u32 = 100;
 
-pub(super) fn router() -> Router<Arc<HttpState>> {
-    Router::new()
-        .route("/chat-history/{client_id}", get(legacy))
-        .route("/api/v1/clients/{client_id}/messages", get(page))
+pub(super) fn router() -> OpenApiRouter<Arc<HttpState>> {
+    OpenApiRouter::new()
+        .routes(routes!(legacy))
+        .routes(routes!(page))
 }
 
 #[derive(Debug, Deserialize)]
@@ -37,8 +40,16 @@ struct CursorParams {
     before: Option<String>,
 }
 
-fn client(raw: &str) -> Result<ClientId, ApiError> {
-    ClientId::parse_stored(raw).map_err(|err| ApiError::InvalidParameter(err.to_string()))
+/// The client id of the path; with auth on, it must be the token's.
+fn client(
+    state: &HttpState,
+    headers: &HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<ClientId, ApiError> {
+    let Path(raw) = path.map_err(|rejection| ApiError::InvalidParameter(rejection.body_text()))?;
+    // Who asks comes before what is asked: without a token, nothing is looked at.
+    access::history(state, headers, &raw)?;
+    ClientId::parse_stored(&raw).map_err(|err| ApiError::InvalidParameter(err.to_string()))
 }
 
 fn limit(raw: Option<&str>) -> Result<u32, ApiError> {
@@ -64,21 +75,49 @@ fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
 }
 
 /// The text, or the URL of a stored file (its path under the data directory, served at `/`).
-fn content(message: &StoredMessage) -> String {
-    if message.kind.is_media() && !message.content.is_empty() {
-        format!("/{}", message.content)
-    } else {
-        message.content.clone()
+/// With auth on, the URL carries `sig`, the server's word that the file is this client's.
+fn content(message: &StoredMessage, access: &Access) -> String {
+    if !message.kind.is_media() || message.content.is_empty() {
+        return message.content.clone();
+    }
+    match &access.tokens {
+        Some(auth) => format!(
+            "/{}?sig={}",
+            message.content,
+            auth.sign_media(&message.client_id, &message.content)
+        ),
+        None => format!("/{}", message.content),
     }
 }
 
+/// The Python server's history: newest first, by offset.
+#[utoipa::path(
+    get,
+    path = "/chat-history/{client_id}",
+    tag = "history",
+    params(
+        ("client_id" = String, Path, min_length = 1, description = "The client whose history this is."),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "Messages per page (default 50)."),
+        ("offset" = Option<u64>, Query, minimum = 0, description = "Messages to skip, newest first (default 0)."),
+    ),
+    security(("client_token" = [])),
+    responses(
+        (status = 200, description = "A page of messages, newest first, each with its replies.", body = LegacyHistory),
+        (status = 401, description = "Auth is on and the request has no valid token: `code` says what is wrong with it.", body = ErrorBody),
+        (status = 403, description = "The token is for another client (`client_id_mismatch`).", body = ErrorBody),
+        (status = 422, description = "A parameter is out of range or malformed (`invalid_parameter`).", body = ErrorBody),
+        (status = 500, description = "The store failed (`internal`).", body = ErrorBody),
+        (status = 503, description = "The database is unavailable for now (`unavailable`).", body = ErrorBody),
+    ),
+)]
 async fn legacy(
     State(state): State<Arc<HttpState>>,
-    Path(client_id): Path<String>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
     params: Result<Query<OffsetParams>, QueryRejection>,
 ) -> Result<Json<LegacyHistory>, ApiError> {
+    let client_id = client(&state, &headers, path)?;
     let params = query(params)?;
-    let client_id = client(&client_id)?;
     let limit = limit(params.limit.as_deref())?;
     let offset = match params.offset.as_deref() {
         None => 0,
@@ -95,7 +134,7 @@ async fn legacy(
         .map(|message| LegacyMessage {
             id: message.id,
             client_id: message.client_id.to_string(),
-            content: content(&message),
+            content: content(&message, &state.access),
             message_type: message.kind,
             timezone: message.timezone.name().to_owned(),
             is_accepted: message.status != MessageStatus::Rejected,
@@ -127,13 +166,34 @@ async fn legacy(
     }))
 }
 
+/// kaiwa's history: newest first, with a cursor that stays correct while messages arrive.
+#[utoipa::path(
+    get,
+    path = "/api/v1/clients/{client_id}/messages",
+    tag = "history",
+    params(
+        ("client_id" = String, Path, min_length = 1, description = "The client whose history this is."),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "Messages per page (default 50)."),
+        ("before" = Option<String>, Query, description = "A `next_cursor` from an earlier page: only older messages. Empty or absent: the newest."),
+    ),
+    security(("client_token" = [])),
+    responses(
+        (status = 200, description = "A page of messages, newest first, each with its replies.", body = HistoryPage),
+        (status = 401, description = "Auth is on and the request has no valid token: `code` says what is wrong with it.", body = ErrorBody),
+        (status = 403, description = "The token is for another client (`client_id_mismatch`).", body = ErrorBody),
+        (status = 422, description = "A parameter is out of range or malformed (`invalid_parameter`).", body = ErrorBody),
+        (status = 500, description = "The store failed (`internal`).", body = ErrorBody),
+        (status = 503, description = "The database is unavailable for now (`unavailable`).", body = ErrorBody),
+    ),
+)]
 async fn page(
     State(state): State<Arc<HttpState>>,
-    Path(client_id): Path<String>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
     params: Result<Query<CursorParams>, QueryRejection>,
 ) -> Result<Json<HistoryPage>, ApiError> {
+    let client_id = client(&state, &headers, path)?;
     let params = query(params)?;
-    let client_id = client(&client_id)?;
     let limit = limit(params.limit.as_deref())?;
     let before = match params.before.as_deref() {
         None | Some("") => None,
@@ -156,15 +216,18 @@ async fn page(
         .then(|| messages.last().map(|m| m.id.to_string()))
         .flatten();
     Ok(Json(HistoryPage {
-        messages: messages.into_iter().map(history_message).collect(),
+        messages: messages
+            .into_iter()
+            .map(|message| history_message(message, &state.access))
+            .collect(),
         next_cursor,
     }))
 }
 
-fn history_message(message: StoredMessage) -> HistoryMessage {
+fn history_message(message: StoredMessage, access: &Access) -> HistoryMessage {
     HistoryMessage {
         id: message.id,
-        content: content(&message),
+        content: content(&message, access),
         client_message_id: message.client_message_id,
         message_type: message.kind,
         filename: message.filename,

@@ -1,33 +1,78 @@
 //! Media over HTTP: uploaded files (with range requests, so a video can be seeked), the spoken
-//! voice replies and the generated image replies.
+//! voice replies and the generated image replies. With auth on, an uploaded file is served only
+//! to its client; reply media reveals nothing about anyone and stays public.
 
-use super::{ApiError, HttpState};
+use super::{ApiError, HttpState, access};
 use crate::replies::{image, voice};
-use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use kaiwa_protocol::history::ErrorBody;
+use serde::Deserialize;
 use std::sync::Arc;
 use tower::ServiceExt;
 use tower_http::services::ServeFile;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Reply media never changes once made: it may be cached for good.
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+/// An uploaded file never changes under its name either, but with auth on only its client may
+/// see it: no shared cache may keep it.
+const IMMUTABLE_PRIVATE: &str = "private, max-age=31536000, immutable";
 
-pub(super) fn router() -> Router<Arc<HttpState>> {
-    Router::new()
-        .route("/media/replies/voice/{file}", get(voice_reply))
-        .route("/media/replies/image/{file}", get(image_reply))
-        .route("/media/{folder}/{file}", get(uploaded))
+pub(super) fn router() -> OpenApiRouter<Arc<HttpState>> {
+    OpenApiRouter::new()
+        .routes(routes!(voice_reply))
+        .routes(routes!(image_reply))
+        .routes(routes!(uploaded))
 }
 
+#[derive(Debug, Deserialize)]
+struct FileParams {
+    sig: Option<String>,
+}
+
+/// An uploaded file, at the path the history gives in `content`.
+#[utoipa::path(
+    get,
+    path = "/media/{folder}/{file}",
+    tag = "media",
+    params(
+        ("folder" = String, Path, description = "`images`, `videos` or `voices`."),
+        ("file" = String, Path, description = "The stored file's name: letters, digits and dots."),
+        ("sig" = Option<String>, Query, description = "Auth on: the proof that the file is the token's client's, as the history's link carries it."),
+        ("Range" = Option<String>, Header, description = "A byte range, e.g. `bytes=0-1023`."),
+    ),
+    security(("client_token" = [])),
+    responses(
+        (status = 200, description = "The file, with `ETag`, `Last-Modified` and `Accept-Ranges: bytes`.", content(("image/*"), ("video/*"), ("audio/*"))),
+        (status = 206, description = "The range asked for.", content(("image/*"), ("video/*"), ("audio/*"))),
+        (status = 304, description = "Not modified since the `If-Modified-Since` given."),
+        (status = 401, description = "Auth is on and the request has no valid token: `code` says what is wrong with it.", body = ErrorBody),
+        (status = 403, description = "The token is for a client this file is not one of (`client_id_mismatch`).", body = ErrorBody),
+        (status = 404, description = "No such file (`not_found`).", body = ErrorBody),
+        (status = 416, description = "The range is outside the file."),
+    ),
+)]
 async fn uploaded(
     State(state): State<Arc<HttpState>>,
-    Path((folder, file)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    params: Result<Query<FileParams>, QueryRejection>,
+    headers: HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let Path((folder, file)) = path.map_err(|_| ApiError::NotFound)?;
+    let proof = params.ok().and_then(|Query(params)| params.sig);
+    // The file's own path as the history stores it: what `sig` vouches for.
+    access::file(
+        &state,
+        &headers,
+        &format!("media/{folder}/{file}"),
+        proof.as_deref(),
+    )?;
     let path = state
         .media
         .stored_file(&folder, &file)
@@ -37,6 +82,9 @@ async fn uploaded(
         .await
         .unwrap_or_else(|never| match never {})
         .map(Body::new);
+    if response.status() == StatusCode::NOT_FOUND {
+        return Err(ApiError::NotFound);
+    }
     let found = response.status().is_success() || response.status() == StatusCode::NOT_MODIFIED;
     let headers = response.headers_mut();
     headers.insert(
@@ -45,12 +93,29 @@ async fn uploaded(
     );
     // Only a file that exists may be cached for good: it never changes under its name.
     if found {
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE));
+        let cache = if state.access.tokens.is_some() {
+            IMMUTABLE_PRIVATE
+        } else {
+            IMMUTABLE
+        };
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
     }
     Ok(response)
 }
 
-async fn voice_reply(Path(file): Path<String>) -> Result<Response, ApiError> {
+/// A spoken voice reply, built into the server.
+#[utoipa::path(
+    get,
+    path = "/media/replies/voice/{file}",
+    tag = "media",
+    params(("file" = String, Path, description = "`voice.wav`, `video.wav` or `image.wav`.")),
+    responses(
+        (status = 200, description = "The clip.", content_type = "audio/wav", body = [u8]),
+        (status = 404, description = "No such clip (`not_found`).", body = ErrorBody),
+    ),
+)]
+async fn voice_reply(path: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
+    let Path(file) = path.map_err(|_| ApiError::NotFound)?;
     let clip = file
         .strip_suffix(".wav")
         .and_then(voice::clip)
@@ -58,7 +123,20 @@ async fn voice_reply(Path(file): Path<String>) -> Result<Response, ApiError> {
     Ok(media_response(voice::MIME, Body::from(clip.wav)))
 }
 
-async fn image_reply(Path(file): Path<String>) -> Result<Response, ApiError> {
+/// The image reply of a message: a PNG drawn from its id, the same every time.
+#[utoipa::path(
+    get,
+    path = "/media/replies/image/{file}",
+    tag = "media",
+    params(("file" = String, Path, description = "`<message id>.png`, for a positive id.")),
+    responses(
+        (status = 200, description = "A 256×256 PNG.", content_type = "image/png", body = [u8]),
+        (status = 404, description = "Not a positive id with `.png` (`not_found`).", body = ErrorBody),
+        (status = 500, description = "The picture could not be drawn (`internal`).", body = ErrorBody),
+    ),
+)]
+async fn image_reply(path: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
+    let Path(file) = path.map_err(|_| ApiError::NotFound)?;
     let seed: i64 = file
         .strip_suffix(".png")
         .and_then(|id| id.parse().ok())

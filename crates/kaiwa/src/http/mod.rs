@@ -1,16 +1,20 @@
 //! The HTTP API beside the WebSocket: chat history, health, metrics, media files, and the
-//! browser client.
+//! browser client, described by the OpenAPI document at `/api/openapi.json`.
 
+mod access;
+pub(crate) mod cors;
 mod error;
 mod health;
 mod history;
 mod media;
+mod openapi;
 #[cfg(test)]
 mod tests;
 mod web;
 
 pub use error::ApiError;
 
+use crate::auth::Access;
 use crate::gateway::Gateway;
 use crate::queue::Queue;
 use crate::store::{MediaStore, Store};
@@ -30,13 +34,23 @@ pub struct HttpState {
     pub responder: &'static str,
     /// `None` when another metrics recorder was installed first (e.g. in tests).
     pub metrics: Option<PrometheusHandle>,
+    /// Who may read what: client tokens, the admin token.
+    pub access: Access,
 }
 
 pub fn router(state: Arc<HttpState>) -> Router {
-    Router::new()
+    let (router, routes) = utoipa_axum::router::OpenApiRouter::new()
         .merge(history::router())
         .merge(health::router())
         .merge(media::router())
         .merge(web::router())
-        .with_state(state)
+        .merge(openapi::router())
+        .split_for_parts();
+    let document = openapi::document(routes, &state.access);
+    router.with_state(state).layer(axum::Extension(document))
+}
+
+/// The admin address (`--admin-bind`): `/health` in full and `/metrics`, with no token.
+pub fn admin_router(state: Arc<HttpState>) -> Router {
+    health::admin_router().with_state(state)
 }

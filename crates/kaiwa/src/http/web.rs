@@ -1,19 +1,21 @@
 //! The browser chat client: the page at `/` and its assets under `/assets/`, embedded in the
-//! binary at compile time so that running kaiwa needs nothing else on disk.
+//! binary at compile time so that running kaiwa needs nothing else on disk. The page is told at
+//! load whether the server needs a token (a `<meta name="kaiwa-auth">` tag).
 
 use super::HttpState;
-use axum::Router;
-use axum::extract::Path;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use std::borrow::Cow;
 use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// One embedded file of `web/`.
 struct Asset {
     name: &'static str,
     content_type: &'static str,
-    body: &'static [u8],
+    body: Cow<'static, [u8]>,
     /// A hash of the body, fixed at compile time, so a browser can revalidate for free.
     etag: u64,
 }
@@ -24,7 +26,7 @@ macro_rules! asset {
         Asset {
             name: $name,
             content_type: $content_type,
-            body: BODY,
+            body: Cow::Borrowed(BODY),
             etag: fnv1a(BODY),
         }
     }};
@@ -58,15 +60,61 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; st
      img-src 'self' blob: data:; media-src 'self' blob:; connect-src 'self'; \
      base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-pub(super) fn router() -> Router<Arc<HttpState>> {
-    Router::new()
-        .route("/", get(index))
-        .route("/index.html", get(index))
-        .route("/assets/{file}", get(asset))
+/// What the page says about auth in the file; the server says `token` instead when auth is on.
+const AUTH_OFF: &str = r#"<meta name="kaiwa-auth" content="none">"#;
+const AUTH_ON: &str = r#"<meta name="kaiwa-auth" content="token">"#;
+
+pub(super) fn router() -> OpenApiRouter<Arc<HttpState>> {
+    OpenApiRouter::new()
+        .routes(routes!(index))
+        .routes(routes!(index_html))
+        .routes(routes!(asset))
 }
 
-async fn index(headers: HeaderMap) -> Response {
-    let mut response = serve(&INDEX, &headers);
+/// The browser client.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "browser client",
+    params(("If-None-Match" = Option<String>, Header, description = "The page's `ETag`, to get 304 if it is unchanged.")),
+    responses(
+        (status = 200, description = "The page.", content_type = "text/html", body = String),
+        (status = 304, description = "Unchanged since the `ETag` given."),
+    ),
+)]
+async fn index(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    page(&state, &headers)
+}
+
+/// The browser client, by its file name.
+#[utoipa::path(
+    get,
+    path = "/index.html",
+    tag = "browser client",
+    params(("If-None-Match" = Option<String>, Header, description = "The page's `ETag`, to get 304 if it is unchanged.")),
+    responses(
+        (status = 200, description = "The page.", content_type = "text/html", body = String),
+        (status = 304, description = "Unchanged since the `ETag` given."),
+    ),
+)]
+async fn index_html(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    page(&state, &headers)
+}
+
+fn page(state: &HttpState, headers: &HeaderMap) -> Response {
+    let with_auth;
+    let index = if state.access.tokens.is_some() {
+        let text = String::from_utf8_lossy(&INDEX.body).replace(AUTH_OFF, AUTH_ON);
+        with_auth = Asset {
+            etag: fnv1a(text.as_bytes()),
+            body: Cow::Owned(text.into_bytes()),
+            ..INDEX
+        };
+        &with_auth
+    } else {
+        &INDEX
+    };
+    let mut response = serve(index, headers);
     response.headers_mut().insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CONTENT_SECURITY_POLICY),
@@ -74,10 +122,31 @@ async fn index(headers: HeaderMap) -> Response {
     response
 }
 
-async fn asset(Path(file): Path<String>, headers: HeaderMap) -> Response {
-    match ASSETS.iter().find(|asset| asset.name == file) {
+/// A file of the browser client: its modules, style sheet and icon.
+#[utoipa::path(
+    get,
+    path = "/assets/{file}",
+    tag = "browser client",
+    params(
+        ("file" = String, Path, description = "`app.js`, `style.css`, `favicon.svg`..."),
+        ("If-None-Match" = Option<String>, Header, description = "The file's `ETag`, to get 304 if it is unchanged."),
+    ),
+    responses(
+        (status = 200, description = "The file.", content(("text/javascript"), ("text/css"), ("image/svg+xml"))),
+        (status = 304, description = "Unchanged since the `ETag` given."),
+        (status = 404, description = "No such file (`not_found`).", body = kaiwa_protocol::history::ErrorBody),
+    ),
+)]
+async fn asset(
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let found = path
+        .ok()
+        .and_then(|Path(file)| ASSETS.iter().find(|asset| asset.name == file));
+    match found {
         Some(asset) => serve(asset, &headers),
-        None => StatusCode::NOT_FOUND.into_response(),
+        None => super::ApiError::NotFound.into_response(),
     }
 }
 
@@ -101,7 +170,11 @@ fn serve(asset: &Asset, request: &HeaderMap) -> Response {
     (
         common,
         [(header::CONTENT_TYPE, asset.content_type)],
-        asset.body,
+        match &asset.body {
+            // Embedded files go out without a copy.
+            Cow::Borrowed(body) => axum::body::Body::from(*body),
+            Cow::Owned(body) => axum::body::Body::from(body.clone()),
+        },
     )
         .into_response()
 }
@@ -124,7 +197,7 @@ mod tests {
 
     #[test]
     fn every_asset_the_page_names_is_embedded() {
-        let page = std::str::from_utf8(INDEX.body).expect("the page is UTF-8");
+        let page = std::str::from_utf8(&INDEX.body).expect("the page is UTF-8");
         for start in page
             .match_indices("/assets/")
             .map(|(at, _)| at + "/assets/".len())
@@ -141,9 +214,19 @@ mod tests {
     }
 
     #[test]
+    fn the_page_says_whether_auth_is_on_in_a_tag_the_server_can_change() {
+        let page = std::str::from_utf8(&INDEX.body).expect("the page is UTF-8");
+        assert_eq!(
+            page.matches(AUTH_OFF).count(),
+            1,
+            "{AUTH_OFF} once in index.html"
+        );
+    }
+
+    #[test]
     fn every_module_import_is_embedded() {
         for asset in ASSETS.iter().filter(|asset| asset.content_type == JS) {
-            let source = std::str::from_utf8(asset.body).expect("modules are UTF-8");
+            let source = std::str::from_utf8(&asset.body).expect("modules are UTF-8");
             for (at, _) in source.match_indices("from './") {
                 let name: String = source[at + "from './".len()..]
                     .chars()
