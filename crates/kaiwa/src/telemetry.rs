@@ -36,6 +36,9 @@ pub enum TelemetryError {
     AlreadyInstalled,
 }
 
+/// Keeps WebSocket frames out of the logs.
+const NO_FRAMES: &str = "tungstenite::protocol=debug";
+
 const GATEWAY_TARGETS: [&str; 4] = [
     "kaiwa::gateway",
     "kaiwa::admission",
@@ -46,10 +49,17 @@ const WORKER_TARGETS: [&str; 3] = ["kaiwa::worker", "kaiwa::replies", "kaiwa::qu
 
 /// Installs the global logger. Call once, from the binary.
 pub fn init(config: &LogConfig, data_dir: &Path) -> Result<TelemetryGuard, TelemetryError> {
-    let filter = EnvFilter::try_new(&config.filter).map_err(|source| TelemetryError::Filter {
-        filter: config.filter.clone(),
-        source,
-    })?;
+    let filter = EnvFilter::try_new(&config.filter)
+        .map_err(|source| TelemetryError::Filter {
+            filter: config.filter.clone(),
+            source,
+        })?
+        // tungstenite logs every frame it reads at TRACE, tokens and messages included: never
+        // below DEBUG, whatever the filter asks (a more specific directive wins).
+        .add_directive(NO_FRAMES.parse().map_err(|source| TelemetryError::Filter {
+            filter: NO_FRAMES.to_owned(),
+            source,
+        })?);
     let stdout = match config.log_format {
         LogFormat::Text => fmt::layer()
             .with_target(true)

@@ -65,6 +65,8 @@ pub mod postgres;
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The admin address, with `--admin-bind`.
+    pub admin_addr: Option<SocketAddr>,
     pub clock: Arc<ManualClock>,
     pub http: reqwest::Client,
     dir: Option<TempDir>,
@@ -154,12 +156,14 @@ impl TestApp {
             .await
             .expect("kaiwa starts");
         let addr = app.local_addr();
+        let admin_addr = app.admin_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until(async move {
             stopped.await.ok();
         }));
         TestApp {
             addr,
+            admin_addr,
             clock,
             http: reqwest::Client::new(),
             dir: Some(dir),
@@ -328,7 +332,21 @@ pub struct Closed {
 
 impl Client {
     pub async fn connect(url: &str, native: bool) -> Result<Client> {
+        Self::connect_with(url, native, &[]).await
+    }
+
+    /// Connects with extra headers on the upgrade request (`Authorization`, say).
+    pub async fn connect_with(
+        url: &str,
+        native: bool,
+        headers: &[(&'static str, &str)],
+    ) -> Result<Client> {
         let mut request = url.into_client_request()?;
+        for (name, value) in headers {
+            request
+                .headers_mut()
+                .insert(*name, HeaderValue::from_str(value)?);
+        }
         if native {
             request.headers_mut().insert(
                 "Sec-WebSocket-Protocol",
@@ -664,5 +682,49 @@ where
             "timed out waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Signed tokens for tests: made with the same code the server checks them with.
+pub mod tokens {
+    use chrono::{DateTime, Utc};
+    use kaiwa::auth::{Authenticator, KeyConfig};
+    use kaiwa::config::Secret;
+    use kaiwa::domain::ClientId;
+    use std::time::Duration;
+
+    /// The secret tests turn auth on with.
+    pub const SECRET: &str = "a-test-secret-that-is-long-enough-for-hs256";
+    /// A second one, for rotations.
+    pub const OTHER_SECRET: &str = "another-test-secret-also-long-enough-for-it";
+
+    /// An authenticator signing with `secret` for `audience`.
+    pub fn signer(secret: &str, audience: &str) -> Authenticator {
+        let keys = KeyConfig {
+            secrets: vec![Secret::new(secret)],
+            secret_files: Vec::new(),
+            audience: audience.into(),
+        };
+        Authenticator::new(&keys, Duration::ZERO, Duration::ZERO)
+            .expect("valid keys")
+            .expect("a secret")
+    }
+
+    /// A token for `client` signed with `secret` for the audience `kaiwa`, good for `ttl` from
+    /// `now` (the server's clock).
+    pub fn token(secret: &str, client: &str, ttl: Duration, now: DateTime<Utc>) -> String {
+        token_for(secret, "kaiwa", client, ttl, now)
+    }
+
+    pub fn token_for(
+        secret: &str,
+        audience: &str,
+        client: &str,
+        ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> String {
+        signer(secret, audience)
+            .issue(&ClientId::parse(client).expect("an id"), ttl, now)
+            .expect("signed")
     }
 }
