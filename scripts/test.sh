@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite, the way CI does: formatting, lints, every test in the workspace,
-# then the browser client's tests in headless Chromium. Installs or starts what the tests need
-# first, so it works on a fresh machine; a prerequisite it cannot get fails the run.
+# schemathesis against the HTTP API's OpenAPI document, then the browser client's tests in
+# headless Chromium. Installs or starts what the tests need first, so it works on a fresh
+# machine; a prerequisite it cannot get fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -95,6 +96,38 @@ KAIWA_BIN="$(cargo build -p kaiwa --locked --message-format=json-render-diagnost
 export KAIWA_BIN
 export BROWSER_TEST_OUTPUT="$PWD/target/browser-tests"
 rm -rf "$BROWSER_TEST_OUTPUT"
+
+step "API fuzzing: prerequisites (schemathesis, in target/schemathesis)"
+# schemathesis fuzzes the HTTP API against the OpenAPI document kaiwa serves; it comes from PyPI
+# into a virtual environment of its own, made again when the pinned version changes.
+schemathesis_version=4.32.5
+venv=target/schemathesis
+if [ "$("$venv/bin/st" --version 2>/dev/null)" != "st, version $schemathesis_version" ]; then
+  command -v python3 >/dev/null || fail "python3 is needed to fuzz the HTTP API with schemathesis (not found)"
+  rm -rf "$venv"
+  if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+    # Debian's python3 makes no virtual environment without python3-venv.
+    command -v apt-get >/dev/null || fail "python3 cannot make a virtual environment (python3 -m venv) and there is no apt-get to install python3-venv"
+    sudo=""
+    if [ "$(id -u)" != 0 ]; then
+      command -v sudo >/dev/null || fail "python3-venv is missing; installing it needs root (or sudo)"
+      sudo=sudo
+    fi
+    echo "installing python3-venv"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y python3-venv || { $sudo apt-get update && $sudo apt-get install -y python3-venv; } \
+      || fail "could not install python3-venv with apt-get"
+    rm -rf "$venv"
+    python3 -m venv "$venv" || fail "python3 -m venv $venv failed"
+  fi
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$schemathesis_version" \
+    || fail "could not install schemathesis $schemathesis_version from PyPI into $venv"
+fi
+"$venv/bin/st" --version
+command -v curl >/dev/null || fail "curl is needed to wait for kaiwa in the API fuzzing (not found)"
+
+step "API fuzzing (schemathesis against /api/openapi.json, auth off and on)"
+scripts/api-fuzz.sh "$KAIWA_BIN" "$venv/bin/st"
 
 step "browser tests (screenshots and logs in target/browser-tests/)"
 (cd web/tests && node --test --test-concurrency=1 --test-reporter=spec)

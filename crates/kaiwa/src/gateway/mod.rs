@@ -25,7 +25,7 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use axum::routing::any;
+use axum::routing::get;
 use kaiwa_protocol::native::{Limits, WindowInfo};
 use registry::Registry;
 use std::sync::Arc;
@@ -169,7 +169,9 @@ impl Gateway {
 }
 
 pub fn router(gateway: Arc<Gateway>) -> Router {
-    Router::new().route("/ws", any(upgrade)).with_state(gateway)
+    // GET only (HTTP/1.1 upgrades; the server speaks no HTTP/2): other methods get 405 with
+    // `Allow`, from the router.
+    Router::new().route("/ws", get(upgrade)).with_state(gateway)
 }
 
 /// The `/ws` endpoint in the HTTP API's OpenAPI document.
@@ -192,7 +194,6 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     responses(
         (status = 101, description = "Switched to WebSocket: `kaiwa.v1` if offered in `Sec-WebSocket-Protocol`, else the legacy protocol. Refusals (auth included) come as an error frame and a close code."),
         (status = 400, description = "Not a WebSocket upgrade request.", content_type = "text/plain"),
-        (status = 405, description = "Not a GET request.", content_type = "text/plain"),
         (status = 426, description = "The connection cannot be upgraded.", content_type = "text/plain"),
     ),
 )]

@@ -41,6 +41,8 @@ pub(super) fn admin_router() -> Router<Arc<HttpState>> {
 /// Whether the server takes clients: `ok`, `draining` (shutting down) or `degraded` (the
 /// database takes no writes).
 #[derive(Debug, Serialize, ToSchema)]
+// Nothing more: the document must tell it from the detailed answer.
+#[serde(deny_unknown_fields)]
 struct Liveness {
     status: String,
 }

@@ -49,6 +49,12 @@ fn client(
     let Path(raw) = path.map_err(|rejection| ApiError::InvalidParameter(rejection.body_text()))?;
     // Who asks comes before what is asked: without a token, nothing is looked at.
     access::history(state, headers, &raw)?;
+    // The path names the id exactly (the OpenAPI document says so too): no space around it.
+    if raw.trim() != raw {
+        return Err(ApiError::InvalidParameter(
+            "the client id in the path has spaces around it".into(),
+        ));
+    }
     ClientId::parse_stored(&raw).map_err(|err| ApiError::InvalidParameter(err.to_string()))
 }
 
@@ -96,9 +102,9 @@ fn content(message: &StoredMessage, access: &Access) -> String {
     path = "/chat-history/{client_id}",
     tag = "history",
     params(
-        ("client_id" = String, Path, min_length = 1, description = "The client whose history this is."),
+        ("client_id" = String, Path, min_length = 1, max_length = 128, pattern = r"^[^\s/\x00-\x1F\x7F-\x9F](?:[^/\x00-\x1F\x7F-\x9F]*[^\s/\x00-\x1F\x7F-\x9F])?$", description = "The client whose history this is: at most 128 bytes, no `/`, no control characters, no space around it."),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "Messages per page (default 50)."),
-        ("offset" = Option<u64>, Query, minimum = 0, description = "Messages to skip, newest first (default 0)."),
+        ("offset" = Option<i64>, Query, minimum = 0, description = "Messages to skip, newest first (default 0)."),
     ),
     security(("client_token" = [])),
     responses(
@@ -121,9 +127,15 @@ async fn legacy(
     let limit = limit(params.limit.as_deref())?;
     let offset = match params.offset.as_deref() {
         None => 0,
-        Some(text) => text.trim().parse::<u64>().map_err(|_| {
-            ApiError::InvalidParameter("offset must be a non-negative integer".into())
-        })?,
+        // No larger than a database's OFFSET takes (a signed 64-bit integer).
+        Some(text) => text
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|offset| i64::try_from(*offset).is_ok())
+            .ok_or_else(|| {
+                ApiError::InvalidParameter("offset must be a non-negative integer".into())
+            })?,
     };
     let (messages, total) = state
         .store
@@ -172,9 +184,9 @@ async fn legacy(
     path = "/api/v1/clients/{client_id}/messages",
     tag = "history",
     params(
-        ("client_id" = String, Path, min_length = 1, description = "The client whose history this is."),
+        ("client_id" = String, Path, min_length = 1, max_length = 128, pattern = r"^[^\s/\x00-\x1F\x7F-\x9F](?:[^/\x00-\x1F\x7F-\x9F]*[^\s/\x00-\x1F\x7F-\x9F])?$", description = "The client whose history this is: at most 128 bytes, no `/`, no control characters, no space around it."),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "Messages per page (default 50)."),
-        ("before" = Option<String>, Query, description = "A `next_cursor` from an earlier page: only older messages. Empty or absent: the newest."),
+        ("before" = Option<String>, Query, pattern = r"^(|[1-9][0-9]{0,17})$", description = "A `next_cursor` from an earlier page: only older messages. Empty or absent: the newest."),
     ),
     security(("client_token" = [])),
     responses(
@@ -197,12 +209,11 @@ async fn page(
     let limit = limit(params.limit.as_deref())?;
     let before = match params.before.as_deref() {
         None | Some("") => None,
+        // Exactly as next_cursor spells it: digits, no sign, no leading zero.
         Some(cursor) => Some(
-            cursor
-                .trim()
-                .parse::<i64>()
-                .ok()
-                .filter(|id| *id > 0)
+            Some(cursor)
+                .filter(|c| c.bytes().all(|b| b.is_ascii_digit()) && !c.starts_with('0'))
+                .and_then(|c| c.parse::<i64>().ok())
                 .ok_or_else(|| {
                     ApiError::InvalidParameter("before must be a cursor from next_cursor".into())
                 })?,
