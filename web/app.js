@@ -3,7 +3,7 @@
 
 import { Connection, socketUrl } from './protocol.js';
 import { Conversation } from './conversation.js';
-import { ChatView, StatusView, el, notice } from './ui.js';
+import { ChatView, StatusView, el, notice, uploads } from './ui.js';
 import { VoiceRecorder, canRecord, checkFile, checkText, kindOf, safeName } from './media.js';
 import { clockFormat, describeError, formatBytes } from './words.js';
 
@@ -16,6 +16,8 @@ const KEYS = {
   connect: 'kaiwa.connect',
   /** Followed by the client id: each id has its own reply stream. */
   replySeq: 'kaiwa.replySeq.',
+  /** The token, on a server with auth on: in this tab's session storage only. */
+  token: 'kaiwa.token',
 };
 const HISTORY_PAGE = 30;
 const UPLOAD_POLL_MS = 100;
@@ -75,6 +77,41 @@ function replyPosition(clientId, start = null) {
   };
 }
 
+/** Whether the server needs a token: it says so in the page (`<meta name="kaiwa-auth">`). */
+const authRequired = document.querySelector('meta[name="kaiwa-auth"]')?.content === 'token';
+
+const tab = {
+  get(key) {
+    try {
+      return sessionStorage.getItem(key);
+    } catch {
+      return null;
+    }
+  },
+  set(key, value) {
+    try {
+      if (value === null) sessionStorage.removeItem(key);
+      else sessionStorage.setItem(key, value);
+    } catch {
+      // Storage can be off: the token lasts as long as the page.
+    }
+  },
+};
+
+/**
+ * What a token says about itself: its `sub` (the client id) and `exp`. The page only reads it to
+ * know who it will be; the server checks the signature.
+ */
+function tokenClaims(token) {
+  try {
+    const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    const claims = JSON.parse(atob(part.padEnd(part.length + ((4 - (part.length % 4)) % 4), '=')));
+    return typeof claims.sub === 'string' && claims.sub ? claims : null;
+  } catch {
+    return null;
+  }
+}
+
 function randomHex(bytes) {
   // getRandomValues works on plain http too, unlike randomUUID.
   return Array.from(crypto.getRandomValues(new Uint8Array(bytes)), (b) => b.toString(16).padStart(2, '0')).join('');
@@ -113,6 +150,9 @@ const ui = {
   record: $('record'),
   attachment: $('attachment'),
   announcer: $('announcer'),
+  tokenField: $('token-field'),
+  token: $('token'),
+  tokenError: $('token-error'),
 };
 
 // --- state ---
@@ -135,7 +175,14 @@ const app = {
   history: { loaded: false, cursor: null, loading: false },
   staged: null,
   recorder: null,
+  /** The token, when the server needs one. */
+  token: authRequired ? tab.get(KEYS.token) : null,
 };
+if (authRequired && app.token) {
+  // With auth on, the client id is the token's.
+  const claims = tokenClaims(app.token);
+  if (claims) app.clientId = claims.sub;
+}
 saved.set(KEYS.clientId, app.clientId);
 // An id made up just now has no replies yet.
 app.position = replyPosition(app.clientId, rememberedId ? null : 0);
@@ -160,7 +207,45 @@ function announce(text) {
 
 function connect() {
   saved.set(KEYS.connect, '1');
-  connection.open(app.clientId, app.timezone, app.position);
+  if (authRequired && !app.token) {
+    status.show({ state: 'disconnected', reason: 'this server needs a token: paste yours above', retryAt: 0 }, app);
+    ui.token.focus();
+    return;
+  }
+  connection.open(app.clientId, app.timezone, app.position, app.token);
+}
+
+/** A token the person gave: it names the client, and refreshes a live connection. */
+function useToken(token) {
+  const claims = tokenClaims(token);
+  showProblem(ui.token, ui.tokenError, claims ? null : 'This is not a token (three parts separated by dots, with a client id).');
+  if (!claims) return;
+  app.token = token;
+  tab.set(KEYS.token, token);
+  if (claims.sub !== app.clientId) {
+    app.clientId = claims.sub;
+    ui.clientId.value = claims.sub;
+    saved.set(KEYS.clientId, claims.sub);
+    app.position = replyPosition(claims.sub);
+    resetConversation();
+    connect();
+  } else if (connection.ready) {
+    connection.refresh(token);
+  } else {
+    connect();
+  }
+}
+
+if (authRequired) {
+  ui.tokenField.hidden = false;
+  ui.clientId.readOnly = true;
+  if (app.token) ui.token.value = app.token;
+  ui.token.addEventListener('change', () => useToken(ui.token.value.trim()));
+  // History files need the token in a header, which an <img src> cannot send.
+  uploads.fetcher = async (url) => {
+    const response = await fetch(url, { headers: { Authorization: `Bearer ${app.token}` } });
+    return response.ok ? URL.createObjectURL(await response.blob()) : null;
+  };
 }
 
 function disconnect() {
@@ -233,6 +318,17 @@ function onFrame(frame) {
     }
     case 'error':
       onError(frame);
+      return;
+    case 'token_expired': {
+      const seconds = Math.round((Number(frame.closes_in_ms) || 0) / 1000);
+      say(`Your token has expired: paste a new one within ${seconds} s to stay connected.`);
+      showProblem(ui.token, ui.tokenError, 'Expired: paste a new token.');
+      ui.token.focus();
+      return;
+    }
+    case 'refreshed':
+      showProblem(ui.token, ui.tokenError, null);
+      say('Token refreshed.', 'info');
       return;
     case 'synced':
       if (frame.replies > 0) announce(`${frame.replies} missed ${frame.replies === 1 ? 'reply' : 'replies'} arrived`);
@@ -506,7 +602,8 @@ function showRecording(recorder) {
 async function fetchPage(clientId, before) {
   const params = new URLSearchParams({ limit: String(HISTORY_PAGE) });
   if (before) params.set('before', before);
-  const response = await fetch(`/api/v1/clients/${encodeURIComponent(clientId)}/messages?${params}`, { cache: 'no-store' });
+  const headers = app.token ? { Authorization: `Bearer ${app.token}` } : {};
+  const response = await fetch(`/api/v1/clients/${encodeURIComponent(clientId)}/messages?${params}`, { cache: 'no-store', headers });
   const body = await response.json().catch(() => null);
   if (!response.ok) throw new Error(body?.message ?? `the server answered ${response.status}`);
   return body;

@@ -72,11 +72,14 @@ export class Connection extends EventTarget {
     return this.#ws ? this.#ws.bufferedAmount : 0;
   }
 
-  /** Connects (or reconnects now) as `clientId` in `timezone`, resuming after `position`. */
-  open(clientId, timezone, position) {
+  /**
+   * Connects (or reconnects now) as `clientId` in `timezone`, resuming after `position`. With
+   * a `token` (a server with auth on), the token says who the client is.
+   */
+  open(clientId, timezone, position, token = null) {
     // The old socket acknowledges the old id's replies before it goes.
     this.#teardown(1000, 'reconnecting with new details');
-    this.#identity = { clientId, timezone };
+    this.#identity = { clientId, timezone, token };
     this.#position = position;
     this.#want = true;
     this.#attempt = 0;
@@ -106,6 +109,15 @@ export class Connection extends EventTarget {
     if (seq === this.#acked) return;
     ws.send(JSON.stringify({ type: 'received', seq }));
     this.#acked = seq;
+  }
+
+  /**
+   * A new token for this connection (the server asked, with `token_expired`, or the old one is
+   * about to run out); later connections use it too.
+   */
+  refresh(token) {
+    if (this.#identity) this.#identity.token = token;
+    return this.send({ type: 'refresh', token });
   }
 
   /** Sends one JSON frame; false when not connected. */
@@ -141,14 +153,17 @@ export class Connection extends EventTarget {
     this.#ws = ws;
     ws.addEventListener('open', () => {
       if (ws !== this.#ws) return;
-      const { clientId, timezone } = this.#identity;
+      const { clientId, timezone, token } = this.#identity;
       // Every reply after the last one processed comes first, marked missed, then `synced`.
       // Without a position the stream starts at the server's latest reply: the history this
       // page loads on welcome holds everything before it (see `replyPosition` in app.js).
       const after = this.#position.get() ?? LATEST;
       // The server counts `after` as acknowledged.
       this.#acked = after;
-      ws.send(JSON.stringify({ type: 'hello', client_id: clientId, timezone, after }));
+      const hello = { type: 'hello', client_id: clientId, timezone, after };
+      // In the frame, not the URL: a URL may end up in logs on the way.
+      if (token) hello.token = token;
+      ws.send(JSON.stringify(hello));
     });
     ws.addEventListener('message', (event) => {
       if (ws !== this.#ws) return;

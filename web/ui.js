@@ -3,6 +3,23 @@
 
 import { STATES, clockFormat, formatBytes } from './words.js';
 
+/**
+ * How the page shows an uploaded file. On a server with auth on, `/media/` links need the
+ * token in a header, which `src` cannot send: the page sets `fetcher` to one that fetches the
+ * file with it and returns a `blob:` URL.
+ */
+export const uploads = { fetcher: null };
+
+/** `element` showing the uploaded file at `url`. */
+function showUpload(element, url) {
+  if (uploads.fetcher && url.startsWith('/media/') && !url.startsWith('/media/replies/')) {
+    uploads.fetcher(url).then((blobUrl) => { if (blobUrl) element.src = blobUrl; });
+  } else {
+    element.src = url;
+  }
+  return element;
+}
+
 /** Shorthand for building elements: `el('p', {className: 'x'}, 'text', child)`. */
 export function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
@@ -184,11 +201,11 @@ export class ChatView {
       case 'text':
         return [el('p', { className: 'text' }, entry.text)];
       case 'image':
-        return [url ? el('img', { src: url, alt: entry.filename ? `Image ${entry.filename}` : 'Image you sent', className: 'sent-image' }) : null, caption];
+        return [url ? showUpload(el('img', { alt: entry.filename ? `Image ${entry.filename}` : 'Image you sent', className: 'sent-image' }), url) : null, caption];
       case 'voice':
-        return [url ? el('audio', { src: url, controls: true, preload: 'metadata', 'aria-label': 'Your voice message' }) : null, caption];
+        return [url ? showUpload(el('audio', { controls: true, preload: 'metadata', 'aria-label': 'Your voice message' }), url) : null, caption];
       case 'video':
-        return [url ? el('video', { src: url, controls: true, preload: 'metadata', playsInline: true, className: 'sent-video', 'aria-label': 'Your video' }) : null, caption];
+        return [url ? showUpload(el('video', { controls: true, preload: 'metadata', playsInline: true, className: 'sent-video', 'aria-label': 'Your video' }), url) : null, caption];
       default:
         return [el('p', { className: 'text muted' }, entry.messageId ? `Message #${entry.messageId} (sent earlier)` : 'Message')];
     }

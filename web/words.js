@@ -32,6 +32,12 @@ const CLOSES = {
   4502: { text: 'no message was sent soon after connecting, so the server freed the connection; sending one connects again', again: 'stop' },
   4509: { text: 'another tab is connected with this id', again: 'stop' },
   4510: { text: 'another tab took over this id', again: 'stop' },
+  4601: { text: 'this server needs a token: paste yours above', again: 'stop' },
+  4602: { text: 'the token is not one this server reads: check that it was pasted whole', again: 'stop' },
+  4603: { text: 'the token has expired: paste a new one above', again: 'stop' },
+  4604: { text: 'the token was not signed by this server: paste one from it', again: 'stop' },
+  4605: { text: 'the token is for another service: paste one for this server', again: 'stop' },
+  4606: { text: 'the token is for another client id', again: 'stop' },
   [PING_TIMEOUT]: { text: 'the server stopped answering pings', again: 'retry' },
 };
 
@@ -61,6 +67,8 @@ const ERRORS = {
   duplicate_connection: 'another tab is connected with this id',
   unknown_timezone: 'the server does not know this timezone',
   invalid_client_id: 'the client id is not valid',
+  expired_token: 'the token has expired',
+  client_id_mismatch: 'the token is for another client id',
 };
 
 /** A readable line for an error frame: our words first, then the server's own detail. */
