@@ -609,6 +609,23 @@ async function fetchPage(clientId, before) {
   return body;
 }
 
+/**
+ * A page of history without the replies the socket owes this page. While connected, every reply
+ * after the reply position comes over the socket, in order, those due while the page was away
+ * marked missed; the history requested on welcome is read while that replay runs, and holds some
+ * of them too. Shown from the history, such a reply would lose its mark, and the socket's copy
+ * would then be dropped as one already shown. Disconnected, nothing is on its way, so the history
+ * shows all it has.
+ */
+function historyOwnPart(messages) {
+  const position = app.position.get();
+  if (position === null || !connection.ready) return messages;
+  return messages.map((message) => ({
+    ...message,
+    replies: (message.replies ?? []).filter((reply) => !(reply.seq > position)),
+  }));
+}
+
 /** The newest page, on every connect: the first fills the view, later ones reconcile it. */
 async function loadLatest() {
   const clientId = app.clientId;
@@ -617,7 +634,7 @@ async function loadLatest() {
     if (clientId !== app.clientId) return;
     const first = !app.history.loaded;
     view.keepingPosition(() => {
-      conversation.merge(page.messages);
+      conversation.merge(historyOwnPart(page.messages));
       if (first) {
         app.history.loaded = true;
         app.history.cursor = page.next_cursor;
@@ -643,7 +660,7 @@ async function loadOlder() {
     if (clientId !== app.clientId) return;
     // Everything that changes height above the view happens inside, so none of it moves it.
     view.keepingPosition(() => {
-      conversation.merge(page.messages);
+      conversation.merge(historyOwnPart(page.messages));
       history.cursor = page.next_cursor;
       history.loading = false;
       showHistoryState();
