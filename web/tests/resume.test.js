@@ -29,7 +29,11 @@ async function storedReplies(kaiwa, clientId) {
 
 const seqs = (frames) => frames.map((frame) => frame.seq);
 
-test('a reply due while the page is offline arrives once after it reconnects, and is acknowledged', async (t) => {
+/**
+ * A text answered live (reply 1), then an image whose three replies (2 to 4) come while the
+ * page is offline. Returns with the network back and the page about to reconnect.
+ */
+async function offlineWhileAnswered(t) {
   const { page, kaiwa } = await session(t, { timezoneId: textOpenZone(), flags: ['--reply-delay-scale', '1'] });
   const tap = await tapSockets(page);
   await page.goto(kaiwa.url);
@@ -52,11 +56,19 @@ test('a reply due while the page is offline arrives once after it reconnects, an
     return replies.length === 4 && replies.slice(1).every((reply) => reply.delivery === 'failed');
   }, 'the replies to be recorded as failed');
   assert.equal(await entry.locator('.replies > li').count(), 0);
+  return { page, kaiwa, tap, clientId, entry };
+}
 
-  tap.restore();
-  // Skips the rest of the backoff, unless the page is trying again already.
+/** Reconnects now, skipping the rest of the backoff unless the page is trying again already. */
+async function reconnect(page) {
   await Promise.race([page.locator('#retry').click().catch(() => {}), waitConnected(page)]);
   await waitConnected(page);
+}
+
+test('a reply due while the page is offline arrives once after it reconnects, and is acknowledged', async (t) => {
+  const { page, kaiwa, tap, clientId, entry } = await offlineWhileAnswered(t);
+  tap.restore();
+  await reconnect(page);
   await entry.and(page.locator('[data-status="replied"]')).waitFor();
   await page.locator('#announcer p', { hasText: '3 missed replies arrived' }).waitFor({ state: 'attached' });
   assert.equal(await entry.locator('.replies > li').count(), 3);
@@ -80,6 +92,22 @@ test('a reply due while the page is offline arrives once after it reconnects, an
   assert.equal(acks.at(-1), 4);
   assert.ok(acks.every((seq, i) => seq <= 4 && (i === 0 || seq > acks[i - 1])), `acks only go forward: ${acks}`);
   assert.equal(await replyPosition(page, clientId), 4);
+});
+
+test('replies replayed after the history came keep their mark', async (t) => {
+  const { page, tap, entry } = await offlineWhileAnswered(t);
+  // The history the page asks for on welcome is answered before the replay reaches the page.
+  const release = tap.hold((frame) => frame.type === 'reply' && frame.missed);
+  tap.restore();
+  await reconnect(page);
+  // The history says the image was replied; its replies are the replay's to bring.
+  await entry.and(page.locator('[data-status="replied"]')).waitFor();
+  assert.equal(await entry.locator('.replies > li').count(), 0);
+  release();
+  await page.locator('#announcer p', { hasText: '3 missed replies arrived' }).waitFor({ state: 'attached' });
+  assert.equal(await entry.locator('.replies > li').count(), 3);
+  assert.equal(await entry.locator('.reply-note', { hasText: LATE }).count(), 3);
+  assert.deepEqual(seqs(tap.frames('received', 'reply')), [1, 2, 3, 4]);
 });
 
 test('a reload resumes where the page was and replays nothing it already showed', async (t) => {

@@ -73,8 +73,10 @@ export async function replyPosition(page, clientId) {
 /**
  * Puts a route between the page's sockets and the server that keeps every JSON frame, both
  * ways: `sent` (page to server) and `received`. `cut()` drops the network: the live socket
- * closes as a lost connection does and new ones fail, until `restore()`. The route stays
- * through reloads.
+ * closes as a lost connection does and new ones fail, until `restore()`. `hold(matches)` keeps
+ * the server's frames from the first one that matches on away from the page, in order, until
+ * the function it returns is called: a test can then put what the page does meanwhile before
+ * them. The route stays through reloads.
  */
 export async function tapSockets(page) {
   const tap = {
@@ -96,13 +98,25 @@ export async function tapSockets(page) {
     restore() {
       this.down = false;
     },
+    holding: null,
+    hold(matches) {
+      const holding = { matches, sends: null };
+      this.holding = holding;
+      return () => {
+        if (this.holding === holding) this.holding = null;
+        for (const send of holding.sends ?? []) send();
+      };
+    },
   };
   const keep = (list, message) => {
-    if (typeof message !== 'string') return;
+    if (typeof message !== 'string') return null;
     try {
-      list.push(JSON.parse(message));
+      const frame = JSON.parse(message);
+      list.push(frame);
+      return frame;
     } catch {
       // Not JSON: not a frame a test looks at.
+      return null;
     }
   };
   await page.routeWebSocket(/\/ws$/, (ws) => {
@@ -116,7 +130,13 @@ export async function tapSockets(page) {
       server.send(message);
     });
     server.onMessage((message) => {
-      keep(tap.received, message);
+      const frame = keep(tap.received, message);
+      const holding = tap.holding;
+      // Once one frame is held, every later one is too: the page gets them in the server's order.
+      if (holding && (holding.sends || (frame && holding.matches(frame)))) {
+        (holding.sends ??= []).push(() => ws.send(message));
+        return;
+      }
       ws.send(message);
     });
     ws.onClose(() => server.close());
