@@ -7,7 +7,8 @@ use crate::clock::Clock;
 use crate::config::{Database, ServeConfig, StoreConfig};
 use crate::gateway::{self, Gateway, GatewaySettings};
 use crate::http::{self, HttpState};
-use crate::queue::{MemoryQueue, Queue};
+use crate::presence::LocalPresence;
+use crate::queue::{GatewayId, MemoryQueue, Queue};
 use crate::replies::model::{ModelError, ModelResponder};
 use crate::replies::{BuiltinResponder, ReplyMaker, TextResponder};
 use crate::store::{
@@ -127,6 +128,8 @@ pub struct Application {
     admission: Arc<Admission>,
     store: Arc<dyn Store>,
     queue: Arc<dyn Queue>,
+    /// The name events for this gateway's clients are routed by.
+    gateway_id: GatewayId,
     worker: Worker,
     tracker: TaskTracker,
     shutdown_grace: Duration,
@@ -175,9 +178,11 @@ impl Application {
             tracker.clone(),
         ));
         let responder = text_responder(&config)?;
+        let gateway_id = GatewayId::new("local");
         let worker = Worker::new(
             store.clone(),
             queue.clone(),
+            Arc::new(LocalPresence::new(gateway_id.clone())),
             ReplyMaker::new(responder.clone(), store.clone()),
             Delays::new(config.reply_delay_scale),
             clock,
@@ -222,6 +227,7 @@ impl Application {
             admission,
             store,
             queue,
+            gateway_id,
             worker,
             tracker,
             shutdown_grace: config.shutdown_grace,
@@ -261,6 +267,7 @@ impl Application {
             admission,
             store,
             queue,
+            gateway_id,
             worker,
             tracker,
             shutdown_grace,
@@ -291,7 +298,7 @@ impl Application {
                 .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
                 .into_future(),
         );
-        let events = queue.events()?;
+        let events = queue.events(&gateway_id)?;
         let delivery = tokio::spawn({
             let gateway = gateway.clone();
             let stop = stop_delivery.clone();

@@ -117,6 +117,10 @@ impl Store for SlowReplies {
         self.inner.record_departure(client_id, acknowledged, at);
     }
 
+    async fn message(&self, id: i64) -> Result<Option<StoredMessage>, StoreError> {
+        self.inner.message(id).await
+    }
+
     async fn history(
         &self,
         client_id: &ClientId,

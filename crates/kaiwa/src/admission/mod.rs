@@ -291,11 +291,11 @@ impl Admission {
                     None => break,
                 },
             };
-            self.dispatch(Ticket {
-                job: Job::from(message),
-                slot,
-            })
-            .await?;
+            let job = Job {
+                requeued: true,
+                ..Job::from(message)
+            };
+            self.dispatch(Ticket { job, slot }).await?;
             queued += 1;
         }
         Ok(queued)

@@ -142,7 +142,7 @@ async fn detailed(state: &HttpState) -> Response {
         in_flight: count(in_flight.current()),
         in_flight_peak: count(in_flight.peak()),
         max_in_flight: count(in_flight.max()),
-        queue_depth: state.queue.depth().map(count),
+        queue_depth: state.queue.depth().await.map(count),
         responder: state.responder.to_owned(),
     };
     (code, Json(Health::Detailed(report))).into_response()

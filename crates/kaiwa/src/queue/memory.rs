@@ -1,6 +1,8 @@
-//! The in-process queue: two channels, jobs to the worker pool and events to the gateway.
+//! The in-process queue: two channels, jobs to the worker pool and events to the gateway. One
+//! process holds every client and every worker, so there is one gateway to route to, and a job
+//! cannot outlive the process that would redeliver it.
 
-use super::{Event, Job, Queue, QueueError};
+use super::{Done, Event, GatewayId, Job, Queue, QueueError, Routed, Taken};
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -48,28 +50,46 @@ fn stream<T: Send + 'static>(receiver: mpsc::Receiver<T>) -> BoxStream<'static, 
     .boxed()
 }
 
+/// Nothing to tell: a job lost with the process is found by the next start's recovery.
+struct InProcess;
+
+#[async_trait]
+impl Done for InProcess {
+    async fn done(self: Box<Self>) -> Result<(), QueueError> {
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Queue for MemoryQueue {
     async fn publish_job(&self, job: Job) -> Result<(), QueueError> {
         self.jobs.send(job).await.map_err(|_| QueueError::Closed)
     }
 
-    fn jobs(&self) -> Result<BoxStream<'static, Job>, QueueError> {
-        take(&self.job_receiver, "jobs").map(stream)
+    fn jobs(&self) -> Result<BoxStream<'static, Taken>, QueueError> {
+        let jobs = take(&self.job_receiver, "jobs").map(stream)?;
+        Ok(jobs
+            .map(|job| Taken::new(job, false, Box::new(InProcess)))
+            .boxed())
     }
 
-    async fn publish_event(&self, event: Event) -> Result<(), QueueError> {
+    async fn publish_event(
+        &self,
+        _gateway: &GatewayId,
+        event: Event,
+    ) -> Result<Routed, QueueError> {
         self.events
             .send(event)
             .await
-            .map_err(|_| QueueError::Closed)
+            .map_err(|_| QueueError::Closed)?;
+        Ok(Routed::Delivered)
     }
 
-    fn events(&self) -> Result<BoxStream<'static, Event>, QueueError> {
+    fn events(&self, _gateway: &GatewayId) -> Result<BoxStream<'static, Event>, QueueError> {
         take(&self.event_receiver, "events").map(stream)
     }
 
-    fn depth(&self) -> Option<usize> {
+    async fn depth(&self) -> Option<usize> {
         Some(self.jobs.max_capacity() - self.jobs.capacity())
     }
 }

@@ -1,9 +1,11 @@
 //! The hand-off between gateways and workers: accepted messages go to workers as [`Job`]s, and
-//! what workers make of them comes back as [`Event`]s. In-process now ([`MemoryQueue`]); the
-//! [`Queue`] trait is the seam for a broker between processes.
+//! what workers make of them comes back as [`Event`]s, to the gateway that holds the client.
+//! In one process ([`MemoryQueue`]) or across processes through RabbitMQ ([`AmqpQueue`]).
 
+mod amqp;
 mod memory;
 
+pub use amqp::AmqpQueue;
 pub use memory::MemoryQueue;
 
 use crate::domain::{ClientId, Timezone};
@@ -12,9 +14,32 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use kaiwa_protocol::MessageType;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::sync::Arc;
+
+/// A gateway's name in the cluster: events for the clients it holds are routed to it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct GatewayId(Arc<str>);
+
+impl GatewayId {
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
+        Self(id.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for GatewayId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 /// An accepted message, as much of it as processing needs.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub message_id: i64,
     pub client_id: ClientId,
@@ -26,6 +51,9 @@ pub struct Job {
     pub size_bytes: Option<u64>,
     pub timezone: Timezone,
     pub received_at: DateTime<Utc>,
+    /// Queued again (at start, or by the sweeper): its replies may be stored already.
+    #[serde(default)]
+    pub requeued: bool,
 }
 
 impl From<StoredMessage> for Job {
@@ -40,12 +68,13 @@ impl From<StoredMessage> for Job {
             size_bytes: message.size_bytes,
             timezone: message.timezone,
             received_at: message.received_at,
+            requeued: false,
         }
     }
 }
 
 /// Which message an event is about, and whose it is.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MessageRef {
     pub client_id: ClientId,
     pub message_id: i64,
@@ -63,7 +92,7 @@ impl From<&Job> for MessageRef {
 }
 
 /// What a worker reports about a message, for the gateway that holds its client.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
     /// A worker took the message.
     Processing(MessageRef),
@@ -96,21 +125,80 @@ pub enum QueueError {
     Closed,
     #[error("the queue's {0} stream was already taken: it has a single consumer")]
     AlreadyConsumed(&'static str),
+    /// The broker cannot be reached now, or did not confirm; the same call can succeed later.
+    #[error("the message broker is unavailable: {0}")]
+    Unavailable(String),
+    #[error("a queued item could not be read: {0}")]
+    Malformed(String),
+}
+
+/// A job taken from the queue. It stays the worker's until [`Taken::done`]: if the worker dies
+/// first, the queue hands the job to another worker.
+pub struct Taken {
+    pub job: Job,
+    /// The queue handed this job out before and saw no `done`: its replies may be stored already.
+    pub redelivered: bool,
+    done: Box<dyn Done>,
+}
+
+impl Taken {
+    pub(crate) fn new(job: Job, redelivered: bool, done: Box<dyn Done>) -> Self {
+        Self {
+            job,
+            redelivered,
+            done,
+        }
+    }
+
+    /// The job's replies are stored and reported: the queue may forget it.
+    pub async fn done(self) -> Result<(), QueueError> {
+        self.done.done().await
+    }
+}
+
+impl fmt::Debug for Taken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Taken")
+            .field("job", &self.job)
+            .field("redelivered", &self.redelivered)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a queue learns that a job is done (an AMQP ack, or nothing in-process).
+#[async_trait]
+pub(crate) trait Done: Send + Sync {
+    async fn done(self: Box<Self>) -> Result<(), QueueError>;
+}
+
+/// What became of an event sent to a gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routed {
+    /// The gateway's queue took it.
+    Delivered,
+    /// No such gateway is listening (it stopped or died): nobody will hand the event out.
+    NoGateway,
 }
 
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
-    /// Waits while the queue is full: that is backpressure on admission.
+    /// Queues a job for a worker. When this returns, the job is kept durably (the broker
+    /// confirmed it); until then it may be lost, and the sweeper queues it again.
     async fn publish_job(&self, job: Job) -> Result<(), QueueError>;
 
-    /// The jobs, for the worker pool of this process.
-    fn jobs(&self) -> Result<BoxStream<'static, Job>, QueueError>;
+    /// The jobs, for this process's workers. Each stays taken until [`Taken::done`].
+    fn jobs(&self) -> Result<BoxStream<'static, Taken>, QueueError>;
 
-    async fn publish_event(&self, event: Event) -> Result<(), QueueError>;
+    /// Sends an event to a gateway, confirmed by the broker.
+    async fn publish_event(&self, gateway: &GatewayId, event: Event)
+    -> Result<Routed, QueueError>;
 
-    /// The events for the clients of this process's gateway.
-    fn events(&self) -> Result<BoxStream<'static, Event>, QueueError>;
+    /// The events for `gateway`'s clients, for its delivery task.
+    fn events(&self, gateway: &GatewayId) -> Result<BoxStream<'static, Event>, QueueError>;
 
     /// Jobs waiting for a worker, when the queue can tell.
-    fn depth(&self) -> Option<usize>;
+    async fn depth(&self) -> Option<usize>;
+
+    /// Stops taking and handing out: the last step of shutdown.
+    async fn close(&self) {}
 }

@@ -207,6 +207,10 @@ impl Store for MemoryStore {
         }
     }
 
+    async fn message(&self, id: i64) -> Result<Option<StoredMessage>, StoreError> {
+        Ok(self.lock().messages.get(&id).cloned())
+    }
+
     async fn history(
         &self,
         client_id: &ClientId,

@@ -72,7 +72,7 @@ pub struct NewReply {
     pub fallback: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StoredReply {
     pub id: i64,
     pub message_id: i64,
@@ -222,6 +222,9 @@ pub trait Store: Send + Sync + 'static {
     /// A client's connection ended having acknowledged replies up to `acknowledged`: its later
     /// replies that are still `pending` become `failed` (R11). Does not wait.
     fn record_departure(&self, client_id: &ClientId, acknowledged: u64, at: DateTime<Utc>);
+
+    /// One message with its replies, if it is stored.
+    async fn message(&self, id: i64) -> Result<Option<StoredMessage>, StoreError>;
 
     /// A client's messages older than `before` (all when `None`), newest first, with replies.
     async fn history(

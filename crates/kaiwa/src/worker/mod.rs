@@ -1,10 +1,14 @@
 //! Processing: takes jobs from the queue, waits out each message's reply delay (R9), makes its
-//! replies, stores them and reports them back through the queue.
+//! replies, stores them and reports them through the queue to the gateway that holds the
+//! client now. A job is done only once its replies are stored and reported: a worker that dies
+//! before leaves it to another, which finds the stored replies and reports those.
 
 use crate::clock::Clock;
-use crate::queue::{Event, Job, MessageRef, Queue, QueueError};
+use crate::presence::Presence;
+use crate::queue::{Event, Job, MessageRef, Queue, QueueError, Routed, Taken};
 use crate::replies::{Deltas, ReplyMaker};
 use crate::store::{NewReply, Store};
+use kaiwa_protocol::{Delivery, MessageStatus};
 use futures::{FutureExt, StreamExt};
 use kaiwa_protocol::MessageType;
 use rand::RngExt;
@@ -47,6 +51,8 @@ impl Delays {
 pub struct Worker {
     store: Arc<dyn Store>,
     queue: Arc<dyn Queue>,
+    /// Where each client is now, so that its replies go to its gateway.
+    presence: Arc<dyn Presence>,
     replies: ReplyMaker,
     delays: Delays,
     clock: Arc<dyn Clock>,
@@ -56,6 +62,7 @@ impl Worker {
     pub fn new(
         store: Arc<dyn Store>,
         queue: Arc<dyn Queue>,
+        presence: Arc<dyn Presence>,
         replies: ReplyMaker,
         delays: Delays,
         clock: Arc<dyn Clock>,
@@ -63,6 +70,7 @@ impl Worker {
         Self {
             store,
             queue,
+            presence,
             replies,
             delays,
             clock,
@@ -86,48 +94,92 @@ impl Worker {
             "worker started"
         );
         loop {
-            let job = tokio::select! {
+            let taken = tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
-                job = jobs.next() => match job {
-                    Some(job) => job,
+                taken = jobs.next() => match taken {
+                    Some(taken) => taken,
                     None => break,
                 },
             };
             let worker = worker.clone();
             let stop = stop.clone();
-            tracker.spawn(async move {
-                let message = MessageRef::from(&job);
-                // A panic must not leave the message's in-flight slot held for good: report
-                // the message failed, which frees it; the message stays accepted for a restart.
-                if AssertUnwindSafe(worker.process(job, stop))
-                    .catch_unwind()
-                    .await
-                    .is_err()
-                {
-                    tracing::error!(message_id = message.message_id, "processing panicked");
-                    worker
-                        .publish(Event::Failed {
-                            message,
-                            reason:
-                                "processing failed; the message is kept and will be processed again"
-                                    .to_owned(),
-                        })
-                        .await;
-                }
-            });
+            tracker.spawn(async move { worker.take(taken, stop).await });
         }
         tracing::info!("worker stopped taking jobs");
         Ok(())
     }
 
-    async fn process(&self, job: Job, stop: CancellationToken) {
-        let message = MessageRef::from(&job);
-        self.publish(Event::Processing(message.clone())).await;
+    /// Processes one job, and tells the queue it is done unless it was abandoned at shutdown
+    /// (then it goes to another worker, or to the next start).
+    async fn take(&self, taken: Taken, stop: CancellationToken) {
+        let message = MessageRef::from(&taken.job);
+        let finished = match AssertUnwindSafe(self.process(&taken, stop))
+            .catch_unwind()
+            .await
+        {
+            Ok(finished) => finished,
+            Err(_) => {
+                // A panic must not leave the message's in-flight slot held for good: reporting
+                // it failed frees it, and the sweeper queues the message again.
+                tracing::error!(message_id = message.message_id, "processing panicked");
+                self.report(Event::Failed {
+                    message: message.clone(),
+                    reason: "processing failed; the message is kept and will be processed again"
+                        .to_owned(),
+                })
+                .await;
+                Finished::Done
+            }
+        };
+        if finished == Finished::Done
+            && let Err(err) = taken.done().await
+        {
+            // The queue hands the job out again; its stored replies are reported again.
+            tracing::warn!(message_id = message.message_id, %err, "could not tell the queue a job is done");
+        }
+    }
+
+    async fn process(&self, taken: &Taken, stop: CancellationToken) -> Finished {
+        let job = &taken.job;
+        let message = MessageRef::from(job);
+        if taken.redelivered || job.requeued {
+            // A worker may have stored the replies and died before it was done: those stand.
+            match self.store.message(job.message_id).await {
+                Ok(Some(stored)) if stored.status == MessageStatus::Replied => {
+                    tracing::info!(message_id = job.message_id, "replies found stored; reporting them again");
+                    let count = stored.replies.len();
+                    let mut reported = true;
+                    for (index, reply) in stored.replies.into_iter().enumerate() {
+                        reported &= self
+                            .report(Event::Reply {
+                                message: message.clone(),
+                                reply,
+                                last: index + 1 == count,
+                            })
+                            .await;
+                    }
+                    return if reported {
+                        Finished::Done
+                    } else {
+                        Finished::Unreported
+                    };
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    tracing::error!(message_id = job.message_id, "a job for a message that is not stored");
+                    return Finished::Done;
+                }
+                Err(err) => {
+                    tracing::warn!(message_id = job.message_id, %err, "could not look for stored replies; processing");
+                }
+            }
+        }
+        self.report(Event::Processing(message.clone())).await;
         // The text is written while the delay runs (a model's latency then overlaps it); its
         // pieces wait in `pieces` until the delay is over (R9).
         let (deltas, mut pieces) = Deltas::channel();
-        let text = self.replies.text(&job, self.clock.now(), &deltas);
+        let text = self.replies.text(job, self.clock.now(), &deltas);
         tokio::pin!(text);
         // A timer, not a thread: thousands of messages can wait at once (R9).
         let delay = tokio::time::sleep(self.delays.pick(job.kind));
@@ -135,49 +187,51 @@ impl Worker {
         let mut written = None;
         loop {
             tokio::select! {
-                () = stop.cancelled() => return abandon(&job),
+                () = stop.cancelled() => return abandon(job),
                 () = &mut delay => break,
                 reply = &mut text, if written.is_none() => written = Some(reply),
             }
         }
-        let media = self.replies.media(&job);
+        let media = self.replies.media(job);
         if let Some(text) = written {
             // The usual case: the whole set at once, in order.
             let replies = std::iter::once(text).chain(media).collect();
-            self.store_and_publish(&job, &message, replies, true).await;
-            return;
+            return self.store_and_report(job, &message, replies, true).await;
         }
         // The text is still being written: a slow responder must not hold back the voice and
         // image replies, so they go first, and the text follows as it grows.
-        if !media.is_empty() && !self.store_and_publish(&job, &message, media, false).await {
-            return;
+        if !media.is_empty() {
+            let first = self.store_and_report(job, &message, media, false).await;
+            if first != Finished::Done {
+                return first;
+            }
         }
         let text = loop {
             tokio::select! {
-                () = stop.cancelled() => return abandon(&job),
+                () = stop.cancelled() => return abandon(job),
                 reply = &mut text => break reply,
                 Some(mut delta) = pieces.recv() => {
                     // Whatever piled up goes out as one frame.
                     while let Ok(more) = pieces.try_recv() {
                         delta.push_str(&more);
                     }
-                    self.publish(Event::Delta { message: message.clone(), delta }).await;
+                    self.report(Event::Delta { message: message.clone(), delta }).await;
                 }
             }
         };
-        self.store_and_publish(&job, &message, vec![text], true)
-            .await;
+        self.store_and_report(job, &message, vec![text], true).await
     }
 
     /// Stores replies and reports each; `completes` marks the end of the message's reply set.
-    /// False if they could not be stored (the message is then reported failed).
-    async fn store_and_publish(
+    /// A failure to store is reported (the sweeper retries the message later); a failure to
+    /// report is not done: the queue hands the job out again.
+    async fn store_and_report(
         &self,
         job: &Job,
         message: &MessageRef,
         replies: Vec<NewReply>,
         completes: bool,
-    ) -> bool {
+    ) -> Finished {
         let stored = self
             .store
             .insert_replies(
@@ -196,39 +250,83 @@ impl Worker {
                     tracing::debug!(message_id = job.message_id, kind = %job.kind, "message processed");
                 }
                 let count = stored.len();
+                let mut reported = true;
                 for (index, reply) in stored.into_iter().enumerate() {
-                    self.publish(Event::Reply {
-                        message: message.clone(),
-                        reply,
-                        last: completes && index + 1 == count,
-                    })
-                    .await;
+                    reported &= self
+                        .report(Event::Reply {
+                            message: message.clone(),
+                            reply,
+                            last: completes && index + 1 == count,
+                        })
+                        .await;
                 }
-                true
+                if reported {
+                    Finished::Done
+                } else {
+                    Finished::Unreported
+                }
             }
             Err(err) => {
                 tracing::error!(message_id = job.message_id, %err, "could not store the replies; the sweeper queues the message again");
-                self.publish(Event::Failed {
+                self.report(Event::Failed {
                     message: message.clone(),
                     reason: "the replies could not be stored; the message is kept and will be processed again".to_owned(),
                 })
                 .await;
-                false
+                Finished::Done
             }
         }
     }
 
-    async fn publish(&self, event: Event) {
+    /// Sends an event to the gateway that holds the message's client now. A reply for a client
+    /// no gateway holds is recorded `failed` here, by this one process: the client gets it when
+    /// it resumes. False if the event could not be sent (the broker is unreachable).
+    async fn report(&self, event: Event) -> bool {
         let message_id = event.message().message_id;
-        if let Err(err) = self.queue.publish_event(event).await {
-            tracing::warn!(message_id, %err, "could not report a message event");
+        let holder = match self.presence.holder(&event.message().client_id).await {
+            Ok(holder) => holder,
+            Err(err) => {
+                tracing::warn!(message_id, %err, "could not find the client's gateway");
+                return false;
+            }
+        };
+        let routed = match holder {
+            Some(gateway) => match self.queue.publish_event(&gateway, event.clone()).await {
+                Ok(routed) => routed,
+                Err(err) => {
+                    tracing::warn!(message_id, %gateway, %err, "could not report a message event");
+                    return false;
+                }
+            },
+            None => Routed::NoGateway,
+        };
+        if routed == Routed::NoGateway
+            && let Event::Reply { reply, .. } = &event
+        {
+            self.store
+                .record_delivery(reply.id, Delivery::Failed, self.clock.now());
+            metrics::counter!("kaiwa_replies_total", "delivery" => "failed").increment(1);
         }
+        true
     }
 }
 
-fn abandon(job: &Job) {
+/// How processing a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Finished {
+    /// Its replies are stored and reported, or its failure is: the queue may forget it.
+    Done,
+    /// An event could not be sent: the queue hands the job out again.
+    Unreported,
+    /// Stopped at shutdown before its replies were made: processed again by another worker,
+    /// or at the next start.
+    Abandoned,
+}
+
+fn abandon(job: &Job) -> Finished {
     tracing::info!(
         message_id = job.message_id,
-        "processing abandoned at shutdown; the message is processed again on the next start"
+        "processing abandoned at shutdown; the message is processed again later"
     );
+    Finished::Abandoned
 }

@@ -340,6 +340,16 @@ impl Store for SqliteStore {
         });
     }
 
+    async fn message(&self, id: i64) -> Result<Option<StoredMessage>, StoreError> {
+        let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?1"
+        )))
+        .bind(id)
+        .fetch_all(&self.reads)
+        .await?;
+        Ok(self.with_replies(rows).await?.pop())
+    }
+
     async fn history(
         &self,
         client_id: &ClientId,

@@ -1,0 +1,261 @@
+//! Presence shared through PostgreSQL, for a cluster: each gateway keeps a lease, takes client
+//! slots and client ids in rows that several gateways compete for, and workers read there which
+//! gateway holds a client. The limits are exact because each slot and each id is one row that
+//! one connection holds at a time, taken with row locks rather than counted and then added.
+
+use super::{Claim, ClusterCounts, Presence, PresenceError};
+use crate::domain::ClientId;
+use crate::queue::GatewayId;
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use std::str::FromStr;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Connections for presence queries (one per connect and disconnect, and the workers' lookups).
+const CONNECTIONS: u32 = 4;
+
+pub struct PgPresence {
+    pool: PgPool,
+    gateway: GatewayId,
+    /// How long a gateway's claims outlive its last renewal.
+    lease: Duration,
+}
+
+fn unavailable(err: &sqlx::Error) -> PresenceError {
+    PresenceError::Unavailable(err.to_string())
+}
+
+fn seconds(lease: Duration) -> f64 {
+    lease.as_secs_f64()
+}
+
+impl PgPresence {
+    /// Connects to the database (whose schema the store has applied).
+    pub async fn connect(
+        url: &str,
+        gateway: GatewayId,
+        lease: Duration,
+    ) -> Result<Self, PresenceError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|err| PresenceError::Unavailable(format!("not a usable PostgreSQL URL: {err}")))?
+            .application_name("kaiwa-presence");
+        let pool = PgPoolOptions::new()
+            .max_connections(CONNECTIONS)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(|err| unavailable(&err))?;
+        Ok(Self {
+            pool,
+            gateway,
+            lease,
+        })
+    }
+
+    /// Joins the cluster as a gateway with `max_clients` slots in all: renews the lease until
+    /// `stop`, then gives back everything this gateway holds. What an earlier process with the
+    /// same id left behind is given back first.
+    pub async fn join(&self, max_clients: u32) -> Result<(), PresenceError> {
+        self.leave().await?;
+        sqlx::query(
+            "INSERT INTO gateways (id, started_at, lease_until) \
+             VALUES ($1, now(), now() + make_interval(secs => $2)) \
+             ON CONFLICT (id) DO UPDATE SET started_at = now(), lease_until = EXCLUDED.lease_until",
+        )
+        .bind(self.gateway.as_str())
+        .bind(seconds(self.lease))
+        .execute(&self.pool)
+        .await
+        .map_err(|err| unavailable(&err))?;
+        // Slots beyond the configured count stay unused; all gateways should agree on it.
+        sqlx::query(
+            "INSERT INTO client_slots (slot) SELECT generate_series(1, $1) ON CONFLICT DO NOTHING",
+        )
+        .bind(i32::try_from(max_clients).unwrap_or(i32::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(|err| unavailable(&err))?;
+        Ok(())
+    }
+
+    /// Renews the lease every third of it, until `stop`; then leaves the cluster.
+    pub async fn keep_lease(&self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.lease / 3);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = tick.tick() => {
+                    let renewed = sqlx::query(
+                        "UPDATE gateways SET lease_until = now() + make_interval(secs => $2) WHERE id = $1",
+                    )
+                    .bind(self.gateway.as_str())
+                    .bind(seconds(self.lease))
+                    .execute(&self.pool)
+                    .await;
+                    if let Err(err) = renewed {
+                        tracing::warn!(gateway = %self.gateway, %err, "could not renew the gateway's lease");
+                    }
+                }
+            }
+        }
+        if let Err(err) = self.leave().await {
+            tracing::warn!(gateway = %self.gateway, %err, "could not give back the gateway's clients");
+        }
+    }
+
+    /// Gives back every slot and client id this gateway holds.
+    async fn leave(&self) -> Result<(), PresenceError> {
+        let mut tx = self.pool.begin().await.map_err(|err| unavailable(&err))?;
+        sqlx::query("DELETE FROM sessions WHERE gateway_id = $1")
+            .bind(self.gateway.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(|err| unavailable(&err))?;
+        sqlx::query(
+            "UPDATE client_slots SET gateway_id = NULL, conn_id = NULL WHERE gateway_id = $1",
+        )
+        .bind(self.gateway.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(|err| unavailable(&err))?;
+        sqlx::query("DELETE FROM gateways WHERE id = $1")
+            .bind(self.gateway.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(|err| unavailable(&err))?;
+        tx.commit().await.map_err(|err| unavailable(&err))
+    }
+}
+
+#[async_trait]
+impl Presence for PgPresence {
+    async fn holder(&self, client_id: &ClientId) -> Result<Option<GatewayId>, PresenceError> {
+        let holder: Option<String> = sqlx::query_scalar(
+            "SELECT s.gateway_id FROM sessions AS s JOIN gateways AS g ON g.id = s.gateway_id \
+             WHERE s.client_id = $1 AND g.lease_until > now()",
+        )
+        .bind(client_id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|err| unavailable(&err))?;
+        Ok(holder.map(GatewayId::new))
+    }
+
+    async fn take_slot(&self, conn_id: u64, max_clients: u32) -> Result<Option<u32>, PresenceError> {
+        // The lowest slot nobody alive holds; a slot another connection is taking right now is
+        // skipped rather than waited for.
+        let slot: Option<i32> = sqlx::query_scalar(
+            "WITH free AS ( \
+                 SELECT s.slot FROM client_slots AS s \
+                 WHERE s.slot <= $3 AND (s.gateway_id IS NULL OR NOT EXISTS ( \
+                     SELECT 1 FROM gateways AS g \
+                     WHERE g.id = s.gateway_id AND g.lease_until > now())) \
+                 ORDER BY s.slot LIMIT 1 FOR UPDATE SKIP LOCKED) \
+             UPDATE client_slots AS c SET gateway_id = $1, conn_id = $2 \
+             FROM free WHERE c.slot = free.slot RETURNING c.slot",
+        )
+        .bind(self.gateway.as_str())
+        .bind(i64::try_from(conn_id).unwrap_or(i64::MAX))
+        .bind(i32::try_from(max_clients).unwrap_or(i32::MAX))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|err| unavailable(&err))?;
+        Ok(slot.and_then(|slot| u32::try_from(slot).ok()))
+    }
+
+    async fn release_slot(&self, slot: u32, conn_id: u64) {
+        let released = sqlx::query(
+            "UPDATE client_slots SET gateway_id = NULL, conn_id = NULL \
+             WHERE slot = $1 AND gateway_id = $2 AND conn_id = $3",
+        )
+        .bind(i32::try_from(slot).unwrap_or(i32::MAX))
+        .bind(self.gateway.as_str())
+        .bind(i64::try_from(conn_id).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await;
+        if let Err(err) = released {
+            // The slot comes back when this gateway's lease ends, if it ever does.
+            tracing::warn!(slot, %err, "could not give back a client slot");
+        }
+    }
+
+    async fn claim(
+        &self,
+        client_id: &ClientId,
+        conn_id: u64,
+        replace: bool,
+    ) -> Result<Claim, PresenceError> {
+        let mut tx = self.pool.begin().await.map_err(|err| unavailable(&err))?;
+        // The row, locked: two gateways claiming one id at once take turns.
+        let held: Option<(String, i64, bool)> = sqlx::query_as(
+            "SELECT s.gateway_id, s.conn_id, EXISTS ( \
+                 SELECT 1 FROM gateways AS g WHERE g.id = s.gateway_id AND g.lease_until > now()) \
+             FROM sessions AS s WHERE s.client_id = $1 FOR UPDATE",
+        )
+        .bind(client_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|err| unavailable(&err))?;
+        let previous = match held {
+            // This gateway's own registry already decided between its connections.
+            Some((gateway, _, _)) if gateway == self.gateway.as_str() => None,
+            Some((gateway, conn, true)) => {
+                let other = (GatewayId::new(gateway), u64::try_from(conn).unwrap_or_default());
+                if !replace {
+                    return Ok(Claim::Held {
+                        gateway: other.0,
+                    });
+                }
+                Some(other)
+            }
+            // Held by a gateway whose lease ended: it is gone.
+            Some((_, _, false)) | None => None,
+        };
+        sqlx::query(
+            "INSERT INTO sessions (client_id, gateway_id, conn_id, since) VALUES ($1, $2, $3, now()) \
+             ON CONFLICT (client_id) DO UPDATE \
+                 SET gateway_id = EXCLUDED.gateway_id, conn_id = EXCLUDED.conn_id, since = now()",
+        )
+        .bind(client_id.as_str())
+        .bind(self.gateway.as_str())
+        .bind(i64::try_from(conn_id).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await
+        .map_err(|err| unavailable(&err))?;
+        tx.commit().await.map_err(|err| unavailable(&err))?;
+        Ok(Claim::Claimed { replaced: previous })
+    }
+
+    async fn release(&self, client_id: &ClientId, conn_id: u64) {
+        let released = sqlx::query(
+            "DELETE FROM sessions WHERE client_id = $1 AND gateway_id = $2 AND conn_id = $3",
+        )
+        .bind(client_id.as_str())
+        .bind(self.gateway.as_str())
+        .bind(i64::try_from(conn_id).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await;
+        if let Err(err) = released {
+            tracing::warn!(%client_id, %err, "could not give back a client id");
+        }
+    }
+
+    async fn counts(&self) -> Result<ClusterCounts, PresenceError> {
+        let (clients, in_flight, gateways): (i64, i64, i64) = sqlx::query_as(
+            "SELECT \
+                 (SELECT COUNT(*) FROM sessions AS s JOIN gateways AS g ON g.id = s.gateway_id \
+                  WHERE g.lease_until > now()), \
+                 (SELECT COUNT(*) FROM messages WHERE status = 'accepted'), \
+                 (SELECT COUNT(*) FROM gateways WHERE lease_until > now())",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|err| unavailable(&err))?;
+        Ok(ClusterCounts {
+            clients: u64::try_from(clients).unwrap_or_default(),
+            in_flight: u64::try_from(in_flight).unwrap_or_default(),
+            gateways: u64::try_from(gateways).unwrap_or_default(),
+        })
+    }
+}

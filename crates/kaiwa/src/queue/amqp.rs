@@ -1,0 +1,486 @@
+//! The queue between processes: RabbitMQ. Jobs go to one durable queue that every worker takes
+//! from, published persistently and confirmed; a job stays a worker's until it says `done`, and
+//! goes to another worker if that one dies first. Events go through a direct exchange to the
+//! queue of the gateway they are for (one per gateway, gone with it), published as mandatory so
+//! that an event for a gateway that is no longer there comes back instead of vanishing.
+//!
+//! The connection is kaiwa's to keep: when it breaks, publishing fails at once (the caller has a
+//! way to try again later: the sweeper, or a `failed` reply the client resumes), and a
+//! supervisor reconnects with backoff, declares the queues again and restarts the consumers.
+
+use super::{Done, Event, GatewayId, Job, Queue, QueueError, Routed, Taken};
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// The durable queue every worker takes jobs from.
+const JOBS: &str = "kaiwa.jobs";
+/// The exchange that routes events to a gateway's queue by the gateway's id.
+const EVENTS: &str = "kaiwa.events";
+/// How long a publish waits for a connection that is being made again before it fails.
+const RECONNECT_WAIT: Duration = Duration::from_secs(2);
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// AMQP delivery mode 2: the broker writes the message to disk.
+const PERSISTENT: u8 = 2;
+
+/// What the queue needs to know besides where the broker is.
+#[derive(Debug, Clone, Copy)]
+pub struct AmqpOptions {
+    /// Jobs a worker process holds at once (they wait out their reply delays while held).
+    pub prefetch: u16,
+}
+
+pub struct AmqpQueue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    url: String,
+    /// The broker without its password, for logs and errors.
+    describe: String,
+    options: AmqpOptions,
+    /// The current connection, `None` while it is being made again.
+    link: watch::Sender<Option<Link>>,
+    /// Stops the supervisor and the consumers: the last step of shutdown.
+    stop: CancellationToken,
+}
+
+/// One connection and the channel publishes go through (with publisher confirms on).
+#[derive(Clone)]
+struct Link {
+    conn: Arc<Connection>,
+    publisher: Channel,
+}
+
+impl AmqpQueue {
+    /// Connects, declares the queues, and keeps the connection up until [`Queue::close`]. The
+    /// first connection must succeed: a broker that cannot be reached at start is an error
+    /// that names it.
+    pub async fn connect(url: &str, options: AmqpOptions) -> Result<Self, QueueError> {
+        let describe = describe_url(url);
+        let link = open(url).await.map_err(|err| {
+            QueueError::Unavailable(format!("could not connect to RabbitMQ at {describe}: {err}"))
+        })?;
+        let (tx, _) = watch::channel(Some(link.clone()));
+        let inner = Arc::new(Inner {
+            url: url.to_owned(),
+            describe,
+            options,
+            link: tx,
+            stop: CancellationToken::new(),
+        });
+        tokio::spawn(supervise(inner.clone(), link));
+        Ok(Self { inner })
+    }
+
+    /// An AMQP URL without its password: `amqp://user@host:port/vhost`.
+    pub fn describe_url(url: &str) -> String {
+        describe_url(url)
+    }
+}
+
+fn describe_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "RabbitMQ (an unreadable URL)".to_owned();
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let host = match authority.rsplit_once('@') {
+        Some((credentials, host)) => {
+            let user = credentials.split(':').next().unwrap_or_default();
+            format!("{user}@{host}")
+        }
+        None => authority.to_owned(),
+    };
+    format!("{scheme}://{host}/{path}")
+}
+
+/// Opens a connection, declares what kaiwa uses, and a publishing channel with confirms.
+async fn open(url: &str) -> Result<Link, lapin::Error> {
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let publisher = conn.create_channel().await?;
+    publisher
+        .queue_declare(
+            JOBS.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    publisher
+        .exchange_declare(
+            EVENTS.into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(Link {
+        conn: Arc::new(conn),
+        publisher,
+    })
+}
+
+/// Watches the connection; when it breaks, makes it again with backoff and hands the new one
+/// to publishers and consumers.
+async fn supervise(inner: Arc<Inner>, mut link: Link) {
+    loop {
+        let mut events = link.conn.events_listener();
+        // Until the connection reports an error, or the queue stops.
+        loop {
+            tokio::select! {
+                () = inner.stop.cancelled() => {
+                    close_link(&link).await;
+                    return;
+                }
+                event = events.next() => match event {
+                    Some(lapin::Event::Error(err)) => {
+                        tracing::warn!(broker = %inner.describe, %err, "the connection to RabbitMQ broke; reconnecting");
+                        break;
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+            }
+        }
+        inner.link.send_replace(None);
+        let mut backoff = FIRST_BACKOFF;
+        link = loop {
+            tokio::select! {
+                () = inner.stop.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            match open(&inner.url).await {
+                Ok(link) => break link,
+                Err(err) => {
+                    tracing::warn!(broker = %inner.describe, %err, retry_in_ms = backoff.as_millis() as u64, "RabbitMQ is still unreachable");
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        };
+        tracing::info!(broker = %inner.describe, "reconnected to RabbitMQ");
+        inner.link.send_replace(Some(link.clone()));
+    }
+}
+
+async fn close_link(link: &Link) {
+    if let Err(err) = link.conn.close(200, "kaiwa is stopping".into()).await {
+        tracing::debug!(%err, "closing the RabbitMQ connection");
+    }
+}
+
+impl Inner {
+    /// The current connection; waits a moment for one being made again.
+    async fn link(&self) -> Result<Link, QueueError> {
+        let mut watch = self.link.subscribe();
+        let wait = watch.wait_for(Option::is_some);
+        match tokio::time::timeout(RECONNECT_WAIT, wait).await {
+            Ok(Ok(link)) => link.clone().ok_or_else(|| self.unavailable("not connected")),
+            Ok(Err(_)) => Err(QueueError::Closed),
+            Err(_) => Err(self.unavailable("reconnecting")),
+        }
+    }
+
+    fn unavailable(&self, why: impl std::fmt::Display) -> QueueError {
+        QueueError::Unavailable(format!("RabbitMQ at {}: {why}", self.describe))
+    }
+
+    /// Publishes and waits for the broker's confirm. Returns whether the message came back
+    /// unroutable (only possible with `mandatory`).
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        mandatory: bool,
+        persistent: bool,
+    ) -> Result<bool, QueueError> {
+        let link = self.link().await?;
+        let properties = BasicProperties::default().with_content_type("application/json".into());
+        let properties = if persistent {
+            properties.with_delivery_mode(PERSISTENT)
+        } else {
+            properties
+        };
+        let confirm = link
+            .publisher
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory,
+                    ..BasicPublishOptions::default()
+                },
+                payload,
+                properties,
+            )
+            .await
+            .map_err(|err| self.unavailable(err))?
+            .await
+            .map_err(|err| self.unavailable(err))?;
+        if confirm.is_nack() {
+            return Err(self.unavailable("the broker refused the message"));
+        }
+        Ok(confirm.take_message().is_some())
+    }
+}
+
+/// A job's ack, on the channel it was delivered on.
+struct Ack(lapin::Acker);
+
+#[async_trait]
+impl Done for Ack {
+    async fn done(self: Box<Self>) -> Result<(), QueueError> {
+        let acked = self
+            .0
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(|err| QueueError::Unavailable(err.to_string()))?;
+        if acked {
+            Ok(())
+        } else {
+            // The channel it came on is gone, so the broker delivers the job again; the
+            // worker's redelivery path makes that harmless.
+            Err(QueueError::Unavailable(
+                "the job's channel closed before its ack".into(),
+            ))
+        }
+    }
+}
+
+/// Runs `consume` on every connection there is, until the queue stops or `out` is dropped:
+/// a consumer that ends with its connection starts again on the next one.
+fn keep_consuming<T, F, Fut>(inner: Arc<Inner>, out: mpsc::Sender<T>, consume: F)
+where
+    T: Send + 'static,
+    F: Fn(Channel, mpsc::Sender<T>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), lapin::Error>> + Send,
+{
+    tokio::spawn(async move {
+        let mut watch = inner.link.subscribe();
+        loop {
+            let link = tokio::select! {
+                () = inner.stop.cancelled() => return,
+                () = out.closed() => return,
+                link = watch.wait_for(Option::is_some) => match link {
+                    Ok(link) => link.clone(),
+                    Err(_) => return,
+                },
+            };
+            let Some(link) = link else { continue };
+            let consumed = async {
+                let channel = link.conn.create_channel().await?;
+                consume(channel, out.clone()).await
+            };
+            tokio::select! {
+                () = inner.stop.cancelled() => return,
+                result = consumed => {
+                    if let Err(err) = result {
+                        tracing::debug!(%err, "a RabbitMQ consumer stopped; it starts again on the next connection");
+                    }
+                }
+            }
+            // Wait for this connection to be replaced before consuming again.
+            if watch
+                .wait_for(|current| {
+                    current
+                        .as_ref()
+                        .is_none_or(|current| !Arc::ptr_eq(&current.conn, &link.conn))
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+}
+
+fn into_stream<T: Send + 'static>(receiver: mpsc::Receiver<T>) -> BoxStream<'static, T> {
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|item| (item, receiver))
+    })
+    .boxed()
+}
+
+#[async_trait]
+impl Queue for AmqpQueue {
+    async fn publish_job(&self, job: Job) -> Result<(), QueueError> {
+        let payload =
+            serde_json::to_vec(&job).map_err(|err| QueueError::Malformed(err.to_string()))?;
+        self.inner
+            .publish("", JOBS, &payload, false, true)
+            .await
+            .map(drop)
+    }
+
+    fn jobs(&self) -> Result<BoxStream<'static, Taken>, QueueError> {
+        let prefetch = self.inner.options.prefetch;
+        let (tx, rx) = mpsc::channel(usize::from(prefetch).max(1));
+        keep_consuming(self.inner.clone(), tx, move |channel, out| async move {
+            channel
+                .basic_qos(prefetch, BasicQosOptions::default())
+                .await?;
+            let mut consumer = channel
+                .basic_consume(
+                    JOBS.into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            while let Some(delivery) = consumer.next().await {
+                let delivery = delivery?;
+                match serde_json::from_slice::<Job>(&delivery.data) {
+                    Ok(job) => {
+                        let taken =
+                            Taken::new(job, delivery.redelivered, Box::new(Ack(delivery.acker)));
+                        if out.send(taken).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Err(err) => {
+                        // It would only come back: drop it, and say so.
+                        tracing::error!(%err, "a job that is not a kaiwa job was dropped from the queue");
+                        delivery
+                            .acker
+                            .reject(BasicRejectOptions { requeue: false })
+                            .await?;
+                    }
+                }
+            }
+            Ok(())
+        });
+        Ok(into_stream(rx))
+    }
+
+    async fn publish_event(&self, gateway: &GatewayId, event: Event) -> Result<Routed, QueueError> {
+        let payload =
+            serde_json::to_vec(&event).map_err(|err| QueueError::Malformed(err.to_string()))?;
+        let returned = self
+            .inner
+            .publish(EVENTS, gateway.as_str(), &payload, true, false)
+            .await?;
+        Ok(if returned {
+            Routed::NoGateway
+        } else {
+            Routed::Delivered
+        })
+    }
+
+    fn events(&self, gateway: &GatewayId) -> Result<BoxStream<'static, Event>, QueueError> {
+        let (tx, rx) = mpsc::channel(4096);
+        let gateway = gateway.clone();
+        keep_consuming(self.inner.clone(), tx, move |channel, out| {
+            let gateway = gateway.clone();
+            async move {
+                // The gateway's own queue: gone with its connection, so events for a gateway
+                // that died come back to their publisher instead of piling up.
+                let queue = format!("{EVENTS}.{gateway}");
+                channel
+                    .queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions {
+                            exclusive: true,
+                            auto_delete: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        EVENTS.into(),
+                        gateway.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                let mut consumer = channel
+                    .basic_consume(
+                        queue.as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions {
+                            no_ack: true,
+                            ..BasicConsumeOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                while let Some(delivery) = consumer.next().await {
+                    let delivery = delivery?;
+                    match serde_json::from_slice::<Event>(&delivery.data) {
+                        Ok(event) => {
+                            if out.send(event).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                        Err(err) => {
+                            tracing::error!(%err, "an event that is not a kaiwa event was dropped")
+                        }
+                    }
+                }
+                Ok(())
+            }
+        });
+        Ok(into_stream(rx))
+    }
+
+    async fn depth(&self) -> Option<usize> {
+        let link = self.inner.link().await.ok()?;
+        let queue = link
+            .publisher
+            .queue_declare(
+                JOBS.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .ok()?;
+        usize::try_from(queue.message_count()).ok()
+    }
+
+    async fn close(&self) {
+        self.inner.stop.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broker_is_described_without_its_password() {
+        assert_eq!(
+            describe_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            describe_url("amqp://rabbit.internal/kaiwa"),
+            "amqp://rabbit.internal/kaiwa"
+        );
+    }
+}
