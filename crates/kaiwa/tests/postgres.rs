@@ -351,9 +351,8 @@ async fn two_processes_migrating_one_database_at_once_do_not_race() {
         .collect();
     let mut counts: Vec<u32> = applied.iter().filter_map(|n| n.parse().ok()).collect();
     counts.sort_unstable();
-    assert_eq!(
-        counts,
-        [0, 1],
-        "one applies the schema, the other finds it done"
+    assert!(
+        counts.len() == 2 && counts[0] == 0 && counts[1] > 0,
+        "one applies the schema, the other finds it done: {counts:?}"
     );
 }
