@@ -1,18 +1,19 @@
 //! The application: builds every component from the configuration, serves HTTP and WebSocket,
 //! and shuts down in order.
 
-use crate::admission::{Admission, InFlight, Sweeper};
+use crate::admission::{Admission, ClusterSweeper, InFlight, Placement, Sweeper};
 use crate::auth::{Access, AdminAccess, AuthError, Authenticator};
 use crate::clock::Clock;
 use crate::config::{Database, ServeConfig, StoreConfig};
-use crate::gateway::{self, Gateway, GatewaySettings};
-use crate::http::{self, HttpState};
-use crate::presence::LocalPresence;
-use crate::queue::{GatewayId, MemoryQueue, Queue};
+use crate::gateway::{self, ClusterLink, Gateway, GatewaySettings};
+use crate::http::{self, HttpState, Node};
+use crate::presence::{LocalPresence, PgPresence, Presence, PresenceError};
+use crate::queue::{AmqpOptions, AmqpQueue, GatewayId, MemoryQueue, Queue};
 use crate::replies::model::{ModelError, ModelResponder};
 use crate::replies::{BuiltinResponder, ReplyMaker, TextResponder};
 use crate::store::{
-    MediaStore, PgStore, SqliteOptions, SqliteStore, Store, StoreError, StoredMessage,
+    DiskMedia, MediaStore, PgOptions, PgStore, SqliteOptions, SqliteStore, Store, StoreError,
+    StoredMessage,
 };
 use crate::telemetry;
 use crate::worker::{Delays, Worker};
@@ -53,6 +54,10 @@ pub enum AppError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Presence(#[from] PresenceError),
+    #[error("a cluster keeps its state in PostgreSQL: this process needs a PostgreSQL store")]
+    ClusterStore,
 }
 
 /// The language model when an API key is configured, else the built-in responder; says which.
@@ -91,7 +96,7 @@ pub async fn open_store(config: &StoreConfig) -> Result<Arc<dyn Store>, AppError
                 .await
                 .map(|store| Arc::new(store) as Arc<dyn Store>)
         }
-        Database::Postgres(url) => PgStore::connect(url.expose())
+        Database::Postgres(url) => PgStore::connect(url.expose(), PgOptions::default())
             .await
             .map(|store| Arc::new(store) as Arc<dyn Store>),
     };
@@ -124,74 +129,223 @@ pub struct Application {
     /// The admin address's listener and router (`--admin-bind`), if there is one.
     admin: Option<(TcpListener, Router)>,
     router: Router,
-    gateway: Arc<Gateway>,
-    admission: Arc<Admission>,
+    node: Node,
     store: Arc<dyn Store>,
     queue: Arc<dyn Queue>,
-    /// The name events for this gateway's clients are routed by.
-    gateway_id: GatewayId,
-    worker: Worker,
+    /// Sessions and admission, unless this process is a worker only.
+    gateway: Option<Arc<Gateway>>,
+    /// Processing, unless this process is a gateway only.
+    worker: Option<Worker>,
+    /// What brings back messages whose processing was lost or failed.
+    recovery: Recovery,
+    /// This gateway's lease in the cluster, renewed while it runs.
+    lease: Option<Lease>,
     tracker: TaskTracker,
+    /// Cancelled when shutdown begins (`/health` says `draining`).
+    draining: CancellationToken,
     shutdown_grace: Duration,
-    /// How long an accepted message may go without a worker before the sweeper queues it again.
-    requeue_after: Duration,
-    /// Accepted but never replied to by the last run, read before this run takes a message.
-    unfinished: Vec<StoredMessage>,
+}
+
+/// How messages that were accepted but never replied to get processed.
+enum Recovery {
+    /// One process: what the last run left unfinished is queued at start (read before this run
+    /// accepts a message), and the sweeper watches this process's own in-flight slots.
+    Alone {
+        sweeper: Sweeper,
+        admission: Arc<Admission>,
+        unfinished: Vec<StoredMessage>,
+    },
+    /// A cluster: every process sweeps the shared database, claiming what it queues again.
+    Cluster(ClusterSweeper),
+}
+
+struct Lease {
+    presence: Arc<PgPresence>,
+    link: Arc<ClusterLink>,
+    max_clients: u32,
+}
+
+/// What a cluster process shares with the others.
+struct Shared {
+    pg: Arc<PgStore>,
+    queue: Arc<dyn Queue>,
+    presence: Arc<PgPresence>,
 }
 
 impl Application {
-    /// Opens the store (applying migrations), builds the components and binds the listener.
+    /// Opens the store (applying migrations), connects to the cluster when configured, builds
+    /// the components of the process's role and binds the listener.
     pub async fn build(config: ServeConfig, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
-        let store = open_store(&config.store).await?;
-        Self::build_with_store(config, clock, store).await
+        let Some(queue_url) = config.queue_url().cloned() else {
+            let store = open_store(&config.store).await?;
+            return Self::assemble(config, clock, store, None).await;
+        };
+        let database = config.store.database()?;
+        let Database::Postgres(database_url) = &database else {
+            return Err(AppError::ClusterStore);
+        };
+        let node = GatewayId::new(config.cluster.node_id());
+        let options = PgOptions {
+            shared: true,
+            max_in_flight: Some(config.limits.max_in_flight),
+        };
+        let pg = PgStore::connect(database_url.expose(), options)
+            .await
+            .map_err(|source| AppError::Open {
+                database: database.describe(),
+                source,
+            })?;
+        let pg = Arc::new(pg);
+        tracing::info!(database = %database.describe(), "store open, shared with the cluster");
+        let queue = AmqpQueue::connect(
+            queue_url.expose(),
+            AmqpOptions {
+                prefetch: config.cluster.prefetch,
+            },
+        )
+        .await?;
+        tracing::info!(broker = %AmqpQueue::describe_url(queue_url.expose()), "connected to RabbitMQ");
+        let presence =
+            PgPresence::connect(database_url.expose(), node.clone(), config.cluster.lease).await?;
+        let shared = Shared {
+            pg: pg.clone(),
+            queue: Arc::new(queue),
+            presence: Arc::new(presence),
+        };
+        Self::assemble(config, clock, pg, Some((node, shared))).await
     }
 
     /// Builds the components around a store that is already open: for tests that wrap the
-    /// store (to slow its commits, say) and for embedders with a store of their own.
+    /// store (to slow its commits, say) and for embedders with a store of their own. One
+    /// process only: a cluster process is built by [`Application::build`].
     pub async fn build_with_store(
         config: ServeConfig,
         clock: Arc<dyn Clock>,
         store: Arc<dyn Store>,
     ) -> Result<Self, AppError> {
-        let data_dir = &config.store.data_dir;
-        let unfinished = store.unfinished_messages().await?;
-        let media = MediaStore::open(data_dir)?;
+        if config.queue_url().is_some() {
+            return Err(AppError::ClusterStore);
+        }
+        Self::assemble(config, clock, store, None).await
+    }
+
+    async fn assemble(
+        config: ServeConfig,
+        clock: Arc<dyn Clock>,
+        store: Arc<dyn Store>,
+        cluster: Option<(GatewayId, Shared)>,
+    ) -> Result<Self, AppError> {
+        let role = config.role;
         let limits = &config.limits;
-        let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new(limits.max_in_flight as usize));
-        let admission = Arc::new(Admission::new(
-            config.content,
-            config.windows,
-            InFlight::new(limits.max_in_flight as usize),
-            limits.in_flight_wait,
-            store.clone(),
-            media.clone(),
-            queue.clone(),
-        ));
+        let (id, queue, presence): (GatewayId, Arc<dyn Queue>, Arc<dyn Presence>) = match &cluster {
+            Some((id, shared)) => (id.clone(), shared.queue.clone(), shared.presence.clone()),
+            None => {
+                let id = GatewayId::new("local");
+                let queue = Arc::new(MemoryQueue::new(limits.max_in_flight as usize));
+                (id.clone(), queue, Arc::new(LocalPresence::new(id)))
+            }
+        };
+        let node = Node {
+            role,
+            id: id.clone(),
+            cluster: cluster.as_ref().map(|_| presence.clone()),
+        };
+        // Read before this run accepts its first message: see `Admission::requeue`.
+        let unfinished = match cluster {
+            None => store.unfinished_messages().await?,
+            Some(_) => Vec::new(),
+        };
         let tracker = TaskTracker::new();
         let auth = Authenticator::start(&config.auth, config.bind)?;
-        let settings = GatewaySettings::from_config(&config).with_auth(auth.clone());
-        let gateway = Arc::new(Gateway::new(
-            settings,
-            admission.clone(),
-            store.clone(),
-            clock.clone(),
-            tracker.clone(),
-        ));
         let responder = text_responder(&config)?;
-        let gateway_id = GatewayId::new("local");
-        let worker = Worker::new(
-            store.clone(),
-            queue.clone(),
-            Arc::new(LocalPresence::new(gateway_id.clone())),
-            ReplyMaker::new(responder.clone(), store.clone()),
-            Delays::new(config.reply_delay_scale),
-            clock,
-        );
+        let media: Arc<dyn MediaStore> = Arc::new(DiskMedia::open(
+            &config.cluster.media_dir(&config.store.data_dir),
+        )?);
+
+        let mut admission = None;
+        let mut lease = None;
+        let gateway = if role.runs_gateway() {
+            let placement = Placement {
+                origin: id.clone(),
+                shared_in_flight: cluster.is_some(),
+            };
+            let built = Arc::new(
+                Admission::new(
+                    config.content,
+                    config.windows,
+                    InFlight::new(limits.max_in_flight as usize),
+                    limits.in_flight_wait,
+                    store.clone(),
+                    media.clone(),
+                    queue.clone(),
+                )
+                .placed(placement),
+            );
+            admission = Some(built.clone());
+            let settings = GatewaySettings::from_config(&config).with_auth(auth.clone());
+            let mut gateway = Gateway::new(
+                settings,
+                built,
+                store.clone(),
+                clock.clone(),
+                tracker.clone(),
+            );
+            if let Some((_, shared)) = &cluster {
+                let link = Arc::new(ClusterLink::new(
+                    id.clone(),
+                    shared.presence.clone(),
+                    queue.clone(),
+                ));
+                // Joined before the listener opens: the first client finds the slots there.
+                shared.presence.join(limits.max_clients).await?;
+                lease = Some(Lease {
+                    presence: shared.presence.clone(),
+                    link: link.clone(),
+                    max_clients: limits.max_clients,
+                });
+                gateway = gateway.with_cluster(link);
+            }
+            Some(Arc::new(gateway))
+        } else {
+            None
+        };
+        let worker = role.runs_worker().then(|| {
+            Worker::new(
+                store.clone(),
+                queue.clone(),
+                presence.clone(),
+                ReplyMaker::new(responder.clone(), store.clone()),
+                Delays::new(config.reply_delay_scale),
+                clock.clone(),
+            )
+        });
+        let recovery = match (&cluster, admission) {
+            (Some((_, shared)), _) => Recovery::Cluster(ClusterSweeper::new(
+                shared.pg.clone(),
+                queue.clone(),
+                config.requeue_after,
+            )),
+            (None, Some(admission)) => Recovery::Alone {
+                sweeper: Sweeper::new(admission.clone(), store.clone(), config.requeue_after),
+                admission,
+                unfinished,
+            },
+            // Validation keeps a lone process from running without a gateway.
+            (None, None) => return Err(AppError::ClusterStore),
+        };
+
+        let draining = gateway
+            .as_ref()
+            .map(|gateway| gateway.draining.clone())
+            .unwrap_or_default();
         let http_state = Arc::new(HttpState {
             store: store.clone(),
             gateway: gateway.clone(),
+            node,
             queue: queue.clone(),
-            media: media.clone(),
+            media,
+            clock: clock.clone(),
+            draining: draining.clone(),
             started: Instant::now(),
             responder: responder.name(),
             metrics: telemetry::metrics_handle(),
@@ -209,10 +363,14 @@ impl Application {
             }
             None => None,
         };
-        let router = Router::new()
-            .merge(gateway::router(gateway.clone()))
-            .merge(http::router(http_state))
-            .layer(http::cors::layer(&config.auth, auth.is_some()));
+        let router = match &gateway {
+            Some(gateway) => Router::new()
+                .merge(gateway::router(gateway.clone()))
+                .merge(http::router(http_state)),
+            // A worker answers operators only.
+            None => http::admin_router(http_state),
+        }
+        .layer(http::cors::layer(&config.auth, auth.is_some()));
         let listener = TcpListener::bind(config.bind)
             .await
             .map_err(|source| AppError::Bind {
@@ -223,16 +381,20 @@ impl Application {
             listener,
             admin,
             router,
-            gateway,
-            admission,
+            node: Node {
+                role,
+                id,
+                cluster: None,
+            },
             store,
             queue,
-            gateway_id,
+            gateway,
             worker,
+            recovery,
+            lease,
             tracker,
+            draining,
             shutdown_grace: config.shutdown_grace,
-            requeue_after: config.requeue_after,
-            unfinished,
         })
     }
 
@@ -263,20 +425,21 @@ impl Application {
             listener,
             admin,
             router,
-            gateway,
-            admission,
+            node,
             store,
             queue,
-            gateway_id,
+            gateway,
             worker,
+            recovery,
+            lease,
             tracker,
+            draining,
             shutdown_grace,
-            requeue_after,
-            unfinished,
         } = self;
         let stop_accepting = CancellationToken::new();
         let stop_workers = CancellationToken::new();
         let stop_delivery = CancellationToken::new();
+        let stop_lease = CancellationToken::new();
 
         // Without TCP_NODELAY, the several small frames of one message wait on delayed ACKs
         // (Nagle), adding ~40 ms to every reply.
@@ -293,36 +456,76 @@ impl Application {
                     .into_future(),
             );
         }
+        let delivery = match &gateway {
+            Some(gateway) => {
+                let events = queue.events(&node.id)?;
+                let gateway = gateway.clone();
+                let stop = stop_delivery.clone();
+                Some(tokio::spawn(async move {
+                    gateway.deliver_events(events, stop).await
+                }))
+            }
+            None => None,
+        };
         let server = tokio::spawn(
             axum::serve(listener, router)
                 .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
                 .into_future(),
         );
-        let events = queue.events(&gateway_id)?;
-        let delivery = tokio::spawn({
-            let gateway = gateway.clone();
-            let stop = stop_delivery.clone();
-            async move { gateway.deliver_events(events, stop).await }
+        let lease_task = lease.map(|lease| {
+            let stop = stop_lease.clone();
+            let evict = gateway.clone();
+            tokio::spawn(async move {
+                let link = lease.link.clone();
+                lease
+                    .presence
+                    .keep_lease(
+                        lease.max_clients,
+                        stop,
+                        move || link.live_connections(),
+                        move || {
+                            if let Some(gateway) = &evict {
+                                gateway.evict_all();
+                            }
+                        },
+                    )
+                    .await;
+            })
         });
-        let workers = tokio::spawn(worker.run(stop_workers.clone(), tracker.clone()));
-        tracker.spawn({
-            let sweeper = Sweeper::new(admission.clone(), store.clone(), requeue_after);
-            let admission = admission.clone();
-            let stop = stop_workers.clone();
-            async move {
-                match admission.requeue(unfinished, &stop).await {
-                    Ok(0) => {}
-                    Ok(count) => tracing::info!(
-                        messages = count,
-                        "unfinished messages from the last run queued again"
-                    ),
-                    Err(err) => tracing::error!(%err, "could not queue unfinished messages"),
-                }
-                // From here on, a message whose processing fails is retried in this run.
-                sweeper.run(stop).await;
+        let workers =
+            worker.map(|worker| tokio::spawn(worker.run(stop_workers.clone(), tracker.clone())));
+        let admission = match recovery {
+            Recovery::Alone {
+                sweeper,
+                admission,
+                unfinished,
+            } => {
+                tracker.spawn({
+                    let admission = admission.clone();
+                    let stop = stop_workers.clone();
+                    async move {
+                        match admission.requeue(unfinished, &stop).await {
+                            Ok(0) => {}
+                            Ok(count) => tracing::info!(
+                                messages = count,
+                                "unfinished messages from the last run queued again"
+                            ),
+                            Err(err) => {
+                                tracing::error!(%err, "could not queue unfinished messages")
+                            }
+                        }
+                        // From here on, a message whose processing fails is retried in this run.
+                        sweeper.run(stop).await;
+                    }
+                });
+                Some(admission)
             }
-        });
-        tracing::info!(%addr, "kaiwa is listening");
+            Recovery::Cluster(sweeper) => {
+                tracker.spawn(sweeper.run(stop_workers.clone()));
+                None
+            }
+        };
+        tracing::info!(%addr, role = node.role.name(), id = %node.id, "kaiwa is listening");
 
         let mut server = server;
         let served = tokio::select! {
@@ -332,17 +535,22 @@ impl Application {
         // HTTP keeps serving while draining: /health answers 503 so load balancers move on,
         // history stays readable, and new WebSocket clients are told to go elsewhere.
         tracing::info!("shutting down: draining, no new sessions or messages");
-        gateway.begin_drain();
-
-        let in_flight = &admission.in_flight;
-        if !in_flight.idle_within(shutdown_grace).await {
-            tracing::warn!(
-                in_flight = in_flight.current(),
-                "grace period over with messages in flight; they stay accepted and are processed on the next start"
-            );
+        draining.cancel();
+        // Alone, messages in flight get the grace period to finish; in a cluster they are the
+        // cluster's: a job this worker leaves unfinished goes to another worker.
+        if let Some(admission) = &admission {
+            let in_flight = &admission.in_flight;
+            if !in_flight.idle_within(shutdown_grace).await {
+                tracing::warn!(
+                    in_flight = in_flight.current(),
+                    "grace period over with messages in flight; they stay accepted and are processed on the next start"
+                );
+            }
         }
         stop_workers.cancel();
-        gateway.close_all();
+        if let Some(gateway) = &gateway {
+            gateway.close_all();
+        }
         stop_accepting.cancel();
         tracker.close();
         if tokio::time::timeout(HARD_STOP, tracker.wait())
@@ -352,14 +560,27 @@ impl Application {
             tracing::warn!("some sessions or tasks did not finish in time");
         }
         stop_delivery.cancel();
-        if let Err(err) = delivery.await {
+        if let Some(delivery) = delivery
+            && let Err(err) = delivery.await
+        {
             tracing::error!(%err, "the delivery task failed");
         }
-        match workers.await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => tracing::error!(%err, "the worker failed"),
-            Err(err) => tracing::error!(%err, "the worker task failed"),
+        if let Some(workers) = workers {
+            match workers.await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::error!(%err, "the worker failed"),
+                Err(err) => tracing::error!(%err, "the worker task failed"),
+            }
         }
+        // Leaving gives back this gateway's slots and ids at once, rather than at lease end.
+        stop_lease.cancel();
+        if let Some(task) = lease_task
+            && let Err(err) = task.await
+        {
+            tracing::error!(%err, "the lease task failed");
+        }
+        // Jobs taken but not done go back to the broker with the connection.
+        queue.close().await;
         // Everything that writes is done: flush before anything else can keep us waiting.
         store.close().await;
         let served = match served {

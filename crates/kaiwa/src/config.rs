@@ -28,6 +28,12 @@ pub struct Cli {
 pub enum Command {
     /// Run the chat server: gateway and workers in one process.
     Serve(Box<ServeConfig>),
+    /// Run a gateway of a cluster: WebSocket sessions, admission and the HTTP API, over a
+    /// PostgreSQL database and RabbitMQ shared with the cluster's other processes.
+    Gateway(Box<ServeConfig>),
+    /// Run a worker of a cluster: takes jobs from RabbitMQ, stores replies in PostgreSQL and
+    /// sends them to the gateway that holds the client. Serves /health and /metrics only.
+    Worker(Box<ServeConfig>),
     /// Apply pending database migrations, then exit.
     Migrate(StoreConfig),
     /// Print a token for a client, signed with the configured secret (for development and
@@ -178,6 +184,117 @@ pub struct ServeConfig {
 
     #[command(flatten)]
     pub auth: crate::auth::AuthConfig,
+
+    #[command(flatten)]
+    pub cluster: ClusterConfig,
+
+    /// What this process runs: set by the subcommand, not a flag.
+    #[arg(skip)]
+    pub role: Role,
+}
+
+/// The parts of kaiwa a process runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Role {
+    /// Gateway and worker in one process (`kaiwa serve`).
+    #[default]
+    All,
+    /// Sessions, admission and the HTTP API (`kaiwa gateway`).
+    Gateway,
+    /// Processing (`kaiwa worker`).
+    Worker,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::All => "serve",
+            Self::Gateway => "gateway",
+            Self::Worker => "worker",
+        }
+    }
+
+    pub fn runs_gateway(self) -> bool {
+        self != Self::Worker
+    }
+
+    pub fn runs_worker(self) -> bool {
+        self != Self::Gateway
+    }
+}
+
+/// How processes find each other in a cluster.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Cluster")]
+pub struct ClusterConfig {
+    /// RabbitMQ, which carries jobs to workers and replies back to gateways:
+    /// amqp://user:password@host:port/vhost. Required by `gateway` and `worker`; without it
+    /// `serve` keeps its queue in the process. Never printed.
+    #[arg(long, env = "KAIWA_QUEUE_URL", hide_env_values = true, value_parser = parse_secret)]
+    pub queue_url: Option<Secret>,
+
+    /// This process's name in the cluster: replies for its clients are routed by it, and it
+    /// shows in logs, /health and metrics. Letters, digits, `.`, `_` and `-`. Default: the
+    /// host name and the process id.
+    #[arg(long, env = "KAIWA_GATEWAY_ID", value_parser = parse_node_id)]
+    pub gateway_id: Option<String>,
+
+    /// Where uploaded files are kept. Every gateway of a cluster must see the same directory
+    /// (a mounted volume). Default: media/ in --data-dir.
+    #[arg(long, env = "KAIWA_MEDIA_DIR")]
+    pub media_dir: Option<PathBuf>,
+
+    /// Seconds a gateway's clients keep their slots and ids after it last renewed its lease:
+    /// how long the clients of a gateway that died stay counted. Renewed every third of it.
+    #[arg(long, env = "KAIWA_LEASE", default_value = "10", value_parser = parse_seconds)]
+    pub lease: Duration,
+
+    /// Jobs a worker takes from RabbitMQ before it finishes one (its prefetch).
+    #[arg(long, env = "KAIWA_WORKER_PREFETCH", default_value = "512", value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
+}
+
+impl ClusterConfig {
+    /// `--gateway-id`, else the host name and process id.
+    pub fn node_id(&self) -> String {
+        self.gateway_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .map(|host| {
+                    host.trim()
+                        .chars()
+                        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                        .take(64)
+                        .collect::<String>()
+                })
+                .filter(|host| !host.is_empty())
+                .unwrap_or_else(|| "kaiwa".to_owned());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+
+    /// The directory of uploaded files.
+    pub fn media_dir(&self, data_dir: &std::path::Path) -> PathBuf {
+        self.media_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("media"))
+    }
+}
+
+/// A node id is part of RabbitMQ queue names and of log lines: kept short and plain.
+fn parse_node_id(raw: &str) -> Result<String, String> {
+    let id = raw.trim();
+    let plain = !id.is_empty()
+        && id.len() <= 100
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if plain {
+        Ok(id.to_owned())
+    } else {
+        Err("use 1 to 100 letters, digits, '.', '_' or '-'".to_owned())
+    }
 }
 
 /// The language model that writes text replies (R10). Without an API key, the built-in
@@ -405,6 +522,8 @@ pub enum ConfigError {
     Parse(#[from] clap::Error),
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
+    #[error("{0}")]
+    Cluster(String),
 }
 
 /// Parses only the `serve` flags, for tests and embedders that build a config from arguments.
@@ -454,6 +573,47 @@ impl ServeConfig {
             });
         }
         self.auth.check(self.bind)?;
+        self.check_cluster()?;
+        Ok(())
+    }
+
+    /// The queue URL, if one is set: `amqp://` or `amqps://`.
+    pub fn queue_url(&self) -> Option<&Secret> {
+        self.cluster
+            .queue_url
+            .as_ref()
+            .filter(|url| !url.expose().is_empty())
+    }
+
+    /// A process of a cluster shares PostgreSQL and RabbitMQ with the others; one that could
+    /// not (a gateway on a SQLite file, a worker with no queue) fails here, at start.
+    fn check_cluster(&self) -> Result<(), ConfigError> {
+        let role = self.role.name();
+        if let Some(url) = self.queue_url() {
+            let scheme = url.expose().split(':').next().unwrap_or_default();
+            if !matches!(scheme.to_ascii_lowercase().as_str(), "amqp" | "amqps") {
+                return Err(ConfigError::Cluster(
+                    "--queue-url must start with amqp:// or amqps:// (the value is not shown)"
+                        .to_owned(),
+                ));
+            }
+        } else if self.role != Role::All {
+            return Err(ConfigError::Cluster(format!(
+                "kaiwa {role} needs --queue-url amqp://... (or KAIWA_QUEUE_URL): the RabbitMQ that carries jobs between gateways and workers"
+            )));
+        }
+        let clustered = self.queue_url().is_some();
+        if clustered && let Database::Sqlite(path) = self.store.database()? {
+            let why = if self.role == Role::All {
+                "--queue-url makes this process one of a cluster"
+            } else {
+                "the processes of a cluster share one database"
+            };
+            return Err(ConfigError::Cluster(format!(
+                "kaiwa {role} needs a PostgreSQL --database-url: {why}, and the SQLite file {} belongs to one process",
+                path.display()
+            )));
+        }
         Ok(())
     }
 }

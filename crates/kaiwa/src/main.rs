@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use kaiwa::clock::SystemClock;
-use kaiwa::config::{Cli, Command};
+use kaiwa::config::{Cli, Command, Role, ServeConfig};
 use kaiwa::{Application, shutdown, telemetry};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -27,15 +27,9 @@ fn run(cli: Cli, env_file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve(config) => {
-                config.validate()?;
-                let _telemetry = telemetry::init(&config.log, &config.store.data_dir)?;
-                if let Some(path) = env_file {
-                    tracing::info!(path = %path.display(), "settings read from .env");
-                }
-                let app = Application::build(*config, Arc::new(SystemClock)).await?;
-                app.run_until(shutdown::signal()).await?;
-            }
+            Command::Serve(config) => serve(*config, Role::All, env_file).await?,
+            Command::Gateway(config) => serve(*config, Role::Gateway, env_file).await?,
+            Command::Worker(config) => serve(*config, Role::Worker, env_file).await?,
             Command::Migrate(store) => {
                 let (database, applied) = kaiwa::app::migrate(&store).await?;
                 println!("{applied} migration(s) applied to {database}");
@@ -44,4 +38,21 @@ fn run(cli: Cli, env_file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// Runs kaiwa in `role` until a shutdown signal.
+async fn serve(
+    mut config: ServeConfig,
+    role: Role,
+    env_file: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    config.role = role;
+    config.validate()?;
+    let _telemetry = telemetry::init(&config.log, &config.store.data_dir)?;
+    if let Some(path) = env_file {
+        tracing::info!(path = %path.display(), "settings read from .env");
+    }
+    let app = Application::build(config, Arc::new(SystemClock)).await?;
+    app.run_until(shutdown::signal()).await?;
+    Ok(())
 }

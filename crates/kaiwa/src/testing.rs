@@ -8,7 +8,7 @@ use crate::config::ServeConfig;
 use crate::gateway::{Gateway, GatewaySettings};
 use crate::http::HttpState;
 use crate::queue::MemoryQueue;
-use crate::store::{MediaStore, MemoryStore, Store};
+use crate::store::{DiskMedia, MediaStore, MemoryStore, Store};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -17,7 +17,7 @@ pub(crate) struct Fixture {
     pub(crate) gateway: Arc<Gateway>,
     pub(crate) store: Arc<MemoryStore>,
     pub(crate) queue: Arc<MemoryQueue>,
-    pub(crate) media: MediaStore,
+    pub(crate) media: Arc<dyn MediaStore>,
     /// Who may read what over HTTP, from the flags.
     pub(crate) access: Access,
     /// Holds the media folders.
@@ -42,7 +42,8 @@ impl Fixture {
         let store = Arc::new(MemoryStore::default());
         let max = config.limits.max_in_flight as usize;
         let queue = Arc::new(MemoryQueue::new(max));
-        let media = MediaStore::open(dir.path()).expect("media folders");
+        let media: Arc<dyn MediaStore> =
+            Arc::new(DiskMedia::open(&dir.path().join("media")).expect("media folders"));
         let admission = Arc::new(Admission::new(
             config.content,
             config.windows,
@@ -73,7 +74,14 @@ impl Fixture {
         let store: Arc<dyn Store> = self.store.clone();
         Arc::new(HttpState {
             store,
-            gateway: self.gateway.clone(),
+            gateway: Some(self.gateway.clone()),
+            node: crate::http::Node {
+                role: crate::config::Role::All,
+                id: crate::queue::GatewayId::new("local"),
+                cluster: None,
+            },
+            clock: Arc::new(SystemClock),
+            draining: tokio_util::sync::CancellationToken::new(),
             queue: self.queue.clone(),
             media: self.media.clone(),
             started: Instant::now(),

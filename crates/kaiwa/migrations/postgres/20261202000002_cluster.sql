@@ -16,7 +16,8 @@ CREATE TABLE gateways (
 CREATE TABLE client_slots (
     slot       INTEGER PRIMARY KEY CHECK (slot > 0),
     gateway_id TEXT    COLLATE "C",
-    conn_id    BIGINT
+    conn_id    BIGINT,
+    taken_at   TIMESTAMPTZ
 );
 
 -- One connection per client id across the cluster (R15), and where to send its replies.

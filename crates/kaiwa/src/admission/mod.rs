@@ -11,14 +11,14 @@ mod windows;
 
 pub use limits::{ConnectionSlot, ConnectionSlots, InFlight, InFlightSlot};
 pub use pipeline::{Answer, Pipeline, Settled, Verdict};
-pub use sweeper::Sweeper;
+pub use sweeper::{ClusterSweeper, Sweeper};
 pub use validate::{
     Body, ContentLimits, Draft, Invalid, Submission, Upload, client_message_id, parse_bytes,
 };
 pub use windows::{Window, Windows};
 
 use crate::domain::{ClientId, Timezone};
-use crate::queue::{Job, Queue, QueueError};
+use crate::queue::{GatewayId, Job, Queue, QueueError};
 use crate::store::{
     Existing, Inserted, MediaStore, NewMessage, Store, StoreError, StoreFuture, StoredMessage,
 };
@@ -43,8 +43,32 @@ pub struct Admission {
     pub in_flight: InFlight,
     in_flight_wait: Duration,
     store: Arc<dyn Store>,
-    media: MediaStore,
+    media: Arc<dyn MediaStore>,
     queue: Arc<dyn Queue>,
+    /// Where this process's clients are: workers send the replies of its messages here first.
+    origin: GatewayId,
+    /// The store keeps the in-flight limit for the whole cluster: this process's own count
+    /// only bounds what it waits on, and a message's slot here ends once it is queued.
+    shared_in_flight: bool,
+}
+
+/// Where a gateway's admission step sits in the deployment.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// The gateway whose clients send the messages.
+    pub origin: GatewayId,
+    /// Whether the store keeps the in-flight limit across processes.
+    pub shared_in_flight: bool,
+}
+
+impl Placement {
+    /// The only gateway, keeping its own in-flight limit.
+    pub fn alone() -> Self {
+        Self {
+            origin: GatewayId::new("local"),
+            shared_in_flight: false,
+        }
+    }
 }
 
 /// What became of a message. Every variant is answered to the client; none is dropped silently.
@@ -124,9 +148,10 @@ impl Admission {
         in_flight: InFlight,
         in_flight_wait: Duration,
         store: Arc<dyn Store>,
-        media: MediaStore,
+        media: Arc<dyn MediaStore>,
         queue: Arc<dyn Queue>,
     ) -> Self {
+        let placement = Placement::alone();
         Self {
             limits,
             windows,
@@ -135,7 +160,16 @@ impl Admission {
             store,
             media,
             queue,
+            origin: placement.origin,
+            shared_in_flight: placement.shared_in_flight,
         }
+    }
+
+    /// The same admission step for a gateway placed as `placement` says (one of a cluster).
+    pub fn placed(mut self, placement: Placement) -> Self {
+        self.origin = placement.origin;
+        self.shared_in_flight = placement.shared_in_flight;
+        self
     }
 
     /// Decides on one message and hands the decision to the store. `client_permit` is the
@@ -240,6 +274,7 @@ impl Admission {
             Ok(Inserted::New(message_id)) => match (slot, job) {
                 (Some(slot), Some(mut job)) => {
                     job.message_id = message_id;
+                    job.origin = Some(self.origin.clone());
                     Outcome::Accepted(Ticket { job, slot })
                 }
                 _ => Outcome::Rejected {
@@ -248,6 +283,9 @@ impl Admission {
                 },
             },
             Ok(Inserted::Duplicate(existing)) => Outcome::Duplicate(existing),
+            Ok(Inserted::Busy) => Outcome::Busy {
+                retry_after: Duration::from_secs(1),
+            },
             Err(err) => Outcome::Failed(err.into()),
         }
     }
@@ -260,6 +298,13 @@ impl Admission {
             in_flight = self.in_flight.current(),
             "message queued"
         );
+        if self.shared_in_flight {
+            // The store counts it until its reply set is stored, whichever process does that;
+            // the replies may well reach the client through another gateway.
+            drop(ticket.slot);
+            // A job the broker did not confirm stays `accepted`: a sweeper queues it again.
+            return Ok(self.queue.publish_job(ticket.job).await?);
+        }
         self.in_flight.park(message_id, ticket.slot);
         if let Err(err) = self.queue.publish_job(ticket.job).await {
             // The message stays `accepted` in the store: the sweeper queues it again.

@@ -1,9 +1,11 @@
-//! The sweeper: no accepted message waits for a restart. It finds messages that stay accepted
+//! The sweepers: no accepted message waits for a restart. They find messages that stay accepted
 //! with no worker on them (their processing failed: a full disk, a store error, a job that was
-//! never queued) and queues them again, in the running process.
+//! never queued or was lost with the broker) and queue them again, in the running process:
+//! [`Sweeper`] when one process is the whole of kaiwa, [`ClusterSweeper`] in a cluster.
 
 use super::Admission;
-use crate::store::Store;
+use crate::queue::{Job, Queue};
+use crate::store::{PgStore, Store};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,5 +106,66 @@ impl Sweeper {
         self.after
             .saturating_mul(1 << retries.min(16))
             .min(MAX_BACKOFF.max(self.after))
+    }
+}
+
+/// Messages claimed per sweep, at most.
+const CLAIM_BATCH: u32 = 500;
+
+/// The sweeper of a cluster, run by every process: messages that stay `accepted` with nothing
+/// happening to them for `after` (their job was lost with a process between the commit and the
+/// broker's confirm, or with the broker itself, or their processing failed) are claimed in the
+/// shared database, so that exactly one process queues each again, and queued again.
+pub struct ClusterSweeper {
+    store: Arc<PgStore>,
+    queue: Arc<dyn Queue>,
+    after: Duration,
+}
+
+impl ClusterSweeper {
+    pub fn new(store: Arc<PgStore>, queue: Arc<dyn Queue>, after: Duration) -> Self {
+        Self {
+            store,
+            queue,
+            after,
+        }
+    }
+
+    /// Sweeps every quarter of `after` until `stop` is cancelled.
+    pub async fn run(self, stop: CancellationToken) {
+        let period = (self.after / 4).max(Duration::from_millis(10));
+        let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => match self.sweep().await {
+                    Ok(0) => {}
+                    Ok(count) => tracing::info!(messages = count, "stuck messages queued again"),
+                    Err(err) => tracing::warn!(%err, "could not sweep for stuck messages"),
+                },
+            }
+        }
+    }
+
+    /// One pass; returns how many messages were queued again. A message whose job cannot be
+    /// published now stays claimed until `after` has passed again, then is tried again.
+    pub async fn sweep(&self) -> Result<usize, super::AdmissionError> {
+        let stuck = self.store.claim_stuck(self.after, CLAIM_BATCH).await?;
+        let mut queued = 0;
+        for message in stuck {
+            let job = Job {
+                requeued: true,
+                ..Job::from(message)
+            };
+            tracing::debug!(
+                message_id = job.message_id,
+                "queueing a stuck message again"
+            );
+            self.queue.publish_job(job).await?;
+            metrics::counter!("kaiwa_messages_requeued_total").increment(1);
+            queued += 1;
+        }
+        Ok(queued)
     }
 }

@@ -11,11 +11,14 @@ use super::stream::ReplyStream;
 use super::wire::Protocol;
 use crate::admission::ConnectionSlot;
 use crate::auth::{AuthError, Token};
+use crate::config::DuplicatePolicy;
+use crate::presence::Claim;
 use crate::store::StoreError;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{Stream, StreamExt};
 use kaiwa_protocol::{CloseCode, ErrorCode};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +59,36 @@ pub(crate) async fn serve(
         .await;
         return;
     };
+    let conn_id = gateway.next_conn_id();
+    // In a cluster the limit is the whole cluster's: one more slot, shared by every gateway.
+    let mut cluster_slot = None;
+    if let Some(link) = &gateway.cluster {
+        match link.take_slot(conn_id, gateway.settings.max_clients).await {
+            Ok(Some(slot)) => cluster_slot = Some(slot),
+            Ok(None) => {
+                metrics::counter!("kaiwa_connections_refused_total", "reason" => "over_capacity")
+                    .increment(1);
+                let detail = format!(
+                    "the cluster is full ({} clients); retry later",
+                    gateway.settings.max_clients
+                );
+                refuse(
+                    &mut socket,
+                    guess,
+                    ErrorCode::OverCapacity,
+                    CloseCode::OverCapacity,
+                    &detail,
+                )
+                .await;
+                return;
+            }
+            Err(err) => {
+                tracing::error!(%err, "could not take a cluster client slot");
+                refuse_unavailable(&mut socket, guess).await;
+                return;
+            }
+        }
+    }
     if gateway.is_draining() {
         let detail = "server shutting down; reconnect shortly";
         refuse(
@@ -153,16 +186,17 @@ pub(crate) async fn serve(
         )
     });
     let replaced = CancellationToken::new();
+    let moved = Arc::new(AtomicBool::new(false));
     let liveness = Arc::new(Liveness::default());
     // The handshake frame was the first word from the client.
     liveness.heard();
-    let conn_id = gateway.next_conn_id();
     let handle = SessionHandle {
         conn_id,
         protocol: hello.protocol,
         outbox: outbox.clone(),
         stream: stream.clone(),
         replaced: replaced.clone(),
+        moved: moved.clone(),
         liveness: liveness.clone(),
     };
     if let Err(Duplicate(live)) = register(&gateway, &hello, handle).await {
@@ -178,6 +212,38 @@ pub(crate) async fn serve(
         )
         .await;
         return;
+    }
+    if let Some(slot) = cluster_slot.as_mut() {
+        let replace = gateway.settings.sessions.duplicate_connection == DuplicatePolicy::Replace;
+        let refusal = match slot.claim(&hello.client_id, replace).await {
+            Ok(Claim::Claimed { .. }) => None,
+            Ok(Claim::Held { gateway: holder }) => Some(Some(holder)),
+            Err(err) => {
+                tracing::error!(client_id = %hello.client_id, %err, "could not claim the client id in the cluster");
+                Some(None)
+            }
+        };
+        if let Some(holder) = refusal {
+            gateway.registry.remove(&hello.client_id, conn_id);
+            match holder {
+                Some(holder) => {
+                    metrics::counter!("kaiwa_connections_refused_total", "reason" => "duplicate")
+                        .increment(1);
+                    tracing::info!(client_id = %hello.client_id, gateway = %holder, "refused: the client id is connected to another gateway");
+                    let detail = format!("client id {} is already connected", hello.client_id);
+                    refuse(
+                        &mut socket,
+                        hello.protocol,
+                        ErrorCode::DuplicateConnection,
+                        CloseCode::DuplicateConnection,
+                        &detail,
+                    )
+                    .await;
+                }
+                None => refuse_unavailable(&mut socket, hello.protocol).await,
+            }
+            return;
+        }
     }
     if let Resume::After(after) = hello.resume
         && position > 0
@@ -226,7 +292,19 @@ pub(crate) async fn serve(
     gateway.registry.remove(&client_id, conn_id);
     // The client is gone as far as the limits go; the close handshake below is bounded.
     drop(slot);
+    drop(cluster_slot);
     session.depart();
+    if moved.load(Ordering::Relaxed)
+        && let (Some(link), Some(stream)) = (&gateway.cluster, session.stream())
+    {
+        // Replies may have come here after the client's new connection began.
+        let link = link.clone();
+        let seq = stream.known();
+        let client_id = client_id.clone();
+        gateway
+            .tracker
+            .spawn(async move { link.hand_over(&client_id, seq).await });
+    }
     let closing = Closing {
         frame: ending.close_frame(&gateway.settings),
         drain: ending.drains(),
@@ -296,6 +374,19 @@ pub(super) fn close_frame(code: CloseCode, detail: &str) -> CloseFrame {
         code: code.code(),
         reason: code.reason(detail).into(),
     }
+}
+
+/// Refuses a connection because the cluster's shared state cannot be reached: retryable.
+async fn refuse_unavailable(socket: &mut WebSocket, protocol: Protocol) {
+    let detail = "the cluster's client registry is unavailable; retry shortly";
+    refuse(
+        socket,
+        protocol,
+        ErrorCode::Internal,
+        CloseCode::InternalError,
+        detail,
+    )
+    .await;
 }
 
 /// Answers a connection that will not get a session: an error frame it can show, then a close

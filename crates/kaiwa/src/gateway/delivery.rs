@@ -1,20 +1,22 @@
 //! Delivery: routes what workers report (processing, replies, failures) to the client's
-//! session, wherever it is connected now: replies of native clients into their reply stream,
-//! everything else into the outbox. Records replies that found no session as failed, and frees a
-//! message's in-flight slot at its last reply.
+//! session: replies of native clients into their reply stream, everything else into the outbox.
+//! Records replies that found no session as failed (in a cluster, passes them on to the
+//! gateway that holds the client now), and frees a message's in-flight slot at its last reply.
 
 use super::Gateway;
+use super::cluster::ClusterLink;
 use super::stream::Live;
 use crate::queue::Event;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use kaiwa_protocol::{Delivery, ErrorCode, MessageStatus};
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 impl Gateway {
     /// Delivers events until the stream ends or `stop` is cancelled.
     pub async fn deliver_events(
-        &self,
+        self: &Arc<Self>,
         mut events: BoxStream<'static, Event>,
         stop: CancellationToken,
     ) {
@@ -30,12 +32,20 @@ impl Gateway {
         }
     }
 
-    fn deliver(&self, event: Event) {
+    fn deliver(self: &Arc<Self>, event: Event) {
         // The session's way in, taken out of the registry so that frames are encoded without
         // holding its lock.
-        let session = self.registry.with(&event.message().client_id, |s| {
+        let session = self.registry.with(event.client_id(), |s| {
             (s.protocol, s.outbox.clone(), s.stream.clone())
         });
+        if session.is_none()
+            && event.message().is_some()
+            && let Some(link) = &self.cluster
+        {
+            // The client is not here (any more): the gateway that holds it now gets the event.
+            ClusterLink::forward(self, link, event);
+            return;
+        }
         match event {
             Event::Processing(message) => match session {
                 // Native: in order with the message's replies.
@@ -97,6 +107,16 @@ impl Gateway {
                         message.client_message_id.clone(),
                         None,
                     ));
+                }
+            }
+            Event::Replaced { client_id, conn_id } => {
+                if self.registry.evict(&client_id, conn_id) {
+                    tracing::info!(%client_id, conn_id, "replaced by a connection on another gateway");
+                }
+            }
+            Event::CatchUp { seq, .. } => {
+                if let Some((_, _, Some(stream))) = session {
+                    stream.expect(seq);
                 }
             }
         }

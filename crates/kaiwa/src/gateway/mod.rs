@@ -2,6 +2,7 @@
 //! (handshake, heartbeat, reading), keeps the registry of connected clients, and delivers what
 //! workers report back to the right client's outbox.
 
+mod cluster;
 mod command;
 mod connection;
 mod delivery;
@@ -28,11 +29,12 @@ use axum::response::Response;
 use axum::routing::get;
 use kaiwa_protocol::native::{Limits, WindowInfo};
 use registry::Registry;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use cluster::ClusterLink;
 pub(crate) use outbox::OutboxLimits;
 
 /// Per-connection WebSocket buffers. The read buffer is allocated for every connection up
@@ -114,6 +116,11 @@ pub struct Gateway {
     pub(crate) draining: CancellationToken,
     /// Cancelled when the drain ends: every session sends its going-away close.
     pub(crate) close_sessions: CancellationToken,
+    /// Cancelled (and replaced by a fresh one) to close every session now open while the
+    /// gateway goes on: in a cluster, when its lease ran out and its claims may be others' now.
+    evictions: Mutex<CancellationToken>,
+    /// The rest of the cluster; `None` when this is the only gateway.
+    pub(crate) cluster: Option<Arc<ClusterLink>>,
     next_conn_id: AtomicU64,
 }
 
@@ -135,8 +142,37 @@ impl Gateway {
             tracker,
             draining: CancellationToken::new(),
             close_sessions: CancellationToken::new(),
+            evictions: Mutex::new(CancellationToken::new()),
+            cluster: None,
             next_conn_id: AtomicU64::new(1),
         }
+    }
+
+    /// A gateway of a cluster: client slots and ids are the cluster's, and events for clients
+    /// that moved are passed on.
+    pub fn with_cluster(mut self, link: Arc<ClusterLink>) -> Self {
+        self.cluster = Some(link);
+        self
+    }
+
+    /// The token that closes the sessions starting now, when [`Gateway::evict_all`] is called.
+    pub(crate) fn eviction(&self) -> CancellationToken {
+        self.evictions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Closes every open session with "going away" (clients reconnect), and goes on serving.
+    pub fn evict_all(&self) {
+        let old = std::mem::replace(
+            &mut *self
+                .evictions
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            CancellationToken::new(),
+        );
+        old.cancel();
     }
 
     fn next_conn_id(&self) -> u64 {

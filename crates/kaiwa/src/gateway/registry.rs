@@ -25,6 +25,9 @@ pub(crate) struct SessionHandle {
     pub stream: Option<Arc<ReplyStream>>,
     /// Cancelled when a newer connection replaces this one.
     pub replaced: CancellationToken,
+    /// Set when the newer connection is on another gateway: this one's replies may have to be
+    /// caught up there.
+    pub moved: Arc<AtomicBool>,
     /// When the client was last heard from, so a duplicate connection can tell a live session
     /// from one whose network died.
     pub liveness: Arc<Liveness>,
@@ -150,6 +153,22 @@ impl Registry {
         {
             sessions.remove(client_id);
         }
+    }
+
+    /// A connection on another gateway took the client's id: removes this connection's session
+    /// (events for the client are then passed on) and tells it to close.
+    pub(crate) fn evict(&self, client_id: &ClientId, conn_id: u64) -> bool {
+        let mut sessions = self.lock();
+        let Some(live) = sessions
+            .get(client_id)
+            .filter(|live| live.conn_id == conn_id)
+        else {
+            return false;
+        };
+        live.moved.store(true, Ordering::Relaxed);
+        live.replaced.cancel();
+        sessions.remove(client_id);
+        true
     }
 
     /// Runs `f` on the client's session, if connected. `f` runs under the lock: keep it short

@@ -50,6 +50,10 @@ impl Ending {
             }
             CloseCode::Replaced => "a newer connection with this client id took over".into(),
             CloseCode::GoingAway => "server shutting down; reconnect shortly".into(),
+            // Only the cluster closes a session this way: the gateway's lease ran out.
+            CloseCode::InternalError => {
+                "this gateway lost its place in the cluster; reconnect and resume".into()
+            }
             CloseCode::MessageTooBig => {
                 format!("frames are limited to {} bytes", settings.max_frame_bytes)
             }
@@ -173,6 +177,7 @@ impl Session {
         let token_deadline = tokio::time::sleep_until(self.token_deadline());
         tokio::pin!(token_deadline);
         let close_sessions = self.gateway.close_sessions.clone();
+        let evicted = self.gateway.eviction();
         let overflowed = self.outbox.overflowed().clone();
         let replaced = self.replaced.clone();
         loop {
@@ -182,6 +187,7 @@ impl Session {
             tokio::select! {
                 biased;
                 () = close_sessions.cancelled() => return Ending::Closed(CloseCode::GoingAway),
+                () = evicted.cancelled() => return Ending::Closed(CloseCode::InternalError),
                 () = replaced.cancelled() => return Ending::Closed(CloseCode::Replaced),
                 () = overflowed.cancelled() => return Ending::Closed(CloseCode::SlowConsumer),
                 () = &mut first_message_deadline, if !self.sent_message => {
@@ -355,6 +361,11 @@ impl Session {
                 self.gateway.clock.now(),
             );
         }
+    }
+
+    /// The native client's reply stream.
+    pub(super) fn stream(&self) -> Option<&Arc<ReplyStream>> {
+        self.stream.as_ref()
     }
 
     /// Records that the client left: replies sent to it but not acknowledged did not reach it.

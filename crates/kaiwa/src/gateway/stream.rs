@@ -124,6 +124,27 @@ impl ReplyStream {
         self.lock().sent
     }
 
+    /// The highest `seq` this connection was offered or sent.
+    pub(crate) fn known(&self) -> u64 {
+        let state = self.lock();
+        state.known.max(state.sent)
+    }
+
+    /// Replies up to `seq` are stored, and some may have been offered to the client's previous
+    /// connection instead of this one: they are read back from the store unless sent already.
+    pub(crate) fn expect(self: &Arc<Self>, seq: u64) {
+        let mut state = self.lock();
+        if seq <= state.known.max(state.sent) {
+            return;
+        }
+        state.known = seq;
+        if state.catch_up == CatchUp::Idle {
+            state.catch_up = CatchUp::Reading;
+            self.spawn(false);
+        }
+        // A task already waiting or reading goes on until it has sent up to `known`.
+    }
+
     /// A worker took a message: its `processing` status, unless a reply of it went out already.
     pub(crate) fn processing(&self, message: &MessageRef) {
         let mut state = self.lock();

@@ -14,7 +14,7 @@ fn claims(state: &HttpState, headers: &HeaderMap) -> Result<Option<Claims>, ApiE
         return Ok(None);
     };
     let token = auth::bearer(headers)?.ok_or(AuthError::MissingToken)?;
-    Ok(Some(auth.verify(&token, state.gateway.clock.now())?))
+    Ok(Some(auth.verify(&token, state.clock.now())?))
 }
 
 /// Whether the request may read the history of `client_id` (as the path names it): its token

@@ -55,19 +55,45 @@ struct HealthReport {
     /// Why the server is degraded.
     reason: Option<String>,
     version: String,
+    /// `serve` (gateway and worker in one process), `gateway` or `worker`.
+    role: String,
+    /// The process's id in the cluster (`local` when it is the whole of kaiwa).
+    id: String,
     uptime_seconds: u64,
-    /// Sessions past the handshake.
-    connections: u64,
-    /// Client slots taken, handshakes included.
-    slots_in_use: u64,
-    max_clients: u64,
-    in_flight: u64,
-    in_flight_peak: u64,
-    max_in_flight: u64,
+    /// This gateway's sessions past the handshake (absent in a worker).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connections: Option<u64>,
+    /// This gateway's client slots taken, handshakes included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slots_in_use: Option<u64>,
+    /// The client limit (of the whole cluster, in a cluster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_clients: Option<u64>,
+    /// Messages this gateway holds in flight (alone: all of them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    in_flight: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    in_flight_peak: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_in_flight: Option<u64>,
     /// Jobs waiting for a worker, when the queue can tell.
     queue_depth: Option<u64>,
+    /// The whole cluster's counts, in a cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<ClusterReport>,
     /// `built-in`, or the language model's name.
     responder: String,
+}
+
+/// What the whole cluster holds now.
+#[derive(Debug, Serialize, ToSchema)]
+struct ClusterReport {
+    /// Clients connected to any gateway.
+    clients: u64,
+    /// Messages accepted and not yet replied to.
+    in_flight: u64,
+    /// Gateways whose lease runs.
+    gateways: u64,
 }
 
 /// Whether the server takes clients: 200 while serving; 503 while draining for shutdown, or
@@ -103,15 +129,19 @@ async fn health(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Resp
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(untagged)]
 enum Health {
-    Detailed(HealthReport),
+    Detailed(Box<HealthReport>),
     Liveness(Liveness),
 }
 
 fn status(state: &HttpState) -> (StatusCode, &'static str, Option<String>) {
-    let draining = state.gateway.is_draining();
+    let draining = state.draining.is_cancelled()
+        || state
+            .gateway
+            .as_ref()
+            .is_some_and(|gateway| gateway.is_draining());
     let degraded = match state.store.health() {
-        StoreHealth::Ok => None,
         StoreHealth::Degraded(reason) => Some(reason),
+        StoreHealth::Ok => state.queue.unavailable(),
     };
     let status = match (draining, &degraded) {
         (true, _) => "draining",
@@ -127,25 +157,42 @@ fn status(state: &HttpState) -> (StatusCode, &'static str, Option<String>) {
 }
 
 async fn detailed(state: &HttpState) -> Response {
-    let gateway = &state.gateway;
-    let in_flight = &gateway.admission.in_flight;
-    let (code, status, reason) = status(state);
+    let (code, status, mut reason) = status(state);
     let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    let gateway = state.gateway.as_ref();
+    let in_flight = gateway.map(|gateway| &gateway.admission.in_flight);
+    let cluster = match &state.node.cluster {
+        Some(presence) => match presence.counts().await {
+            Ok(counts) => Some(ClusterReport {
+                clients: counts.clients,
+                in_flight: counts.in_flight,
+                gateways: counts.gateways,
+            }),
+            Err(err) => {
+                reason.get_or_insert_with(|| err.to_string());
+                None
+            }
+        },
+        None => None,
+    };
     let report = HealthReport {
         status: status.to_owned(),
         reason,
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        role: state.node.role.name().to_owned(),
+        id: state.node.id.to_string(),
         uptime_seconds: state.started.elapsed().as_secs(),
-        connections: count(gateway.connected()),
-        slots_in_use: count(gateway.slots_in_use()),
-        max_clients: count(gateway.settings.max_clients),
-        in_flight: count(in_flight.current()),
-        in_flight_peak: count(in_flight.peak()),
-        max_in_flight: count(in_flight.max()),
+        connections: gateway.map(|gateway| count(gateway.connected())),
+        slots_in_use: gateway.map(|gateway| count(gateway.slots_in_use())),
+        max_clients: gateway.map(|gateway| count(gateway.settings.max_clients)),
+        in_flight: in_flight.map(|in_flight| count(in_flight.current())),
+        in_flight_peak: in_flight.map(|in_flight| count(in_flight.peak())),
+        max_in_flight: in_flight.map(|in_flight| count(in_flight.max())),
         queue_depth: state.queue.depth().await.map(count),
+        cluster,
         responder: state.responder.to_owned(),
     };
-    (code, Json(Health::Detailed(report))).into_response()
+    (code, Json(Health::Detailed(Box::new(report)))).into_response()
 }
 
 /// Prometheus metrics (text format): open when auth is off and no admin token is set, else

@@ -12,8 +12,6 @@ use axum::response::{IntoResponse, Response};
 use kaiwa_protocol::history::ErrorBody;
 use serde::Deserialize;
 use std::sync::Arc;
-use tower::ServiceExt;
-use tower_http::services::ServeFile;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -73,18 +71,11 @@ async fn uploaded(
         &format!("media/{folder}/{file}"),
         proof.as_deref(),
     )?;
-    let path = state
+    let mut response = state
         .media
-        .stored_file(&folder, &file)
-        .ok_or(ApiError::NotFound)?;
-    let mut response = ServeFile::new(path)
-        .oneshot(request)
+        .serve(&folder, &file, request)
         .await
-        .unwrap_or_else(|never| match never {})
-        .map(Body::new);
-    if response.status() == StatusCode::NOT_FOUND {
-        return Err(ApiError::NotFound);
-    }
+        .ok_or(ApiError::NotFound)?;
     let found = response.status().is_success() || response.status() == StatusCode::NOT_MODIFIED;
     let headers = response.headers_mut();
     headers.insert(

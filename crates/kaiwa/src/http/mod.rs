@@ -15,21 +15,31 @@ mod web;
 pub use error::ApiError;
 
 use crate::auth::Access;
+use crate::clock::Clock;
+use crate::config::Role;
 use crate::gateway::Gateway;
-use crate::queue::Queue;
+use crate::presence::Presence;
+use crate::queue::{GatewayId, Queue};
 use crate::store::{MediaStore, Store};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::Arc;
 use std::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// What the HTTP handlers share.
 pub struct HttpState {
     pub store: Arc<dyn Store>,
-    pub gateway: Arc<Gateway>,
+    /// Sessions and admission; `None` in a worker.
+    pub gateway: Option<Arc<Gateway>>,
+    /// Which process this is.
+    pub node: Node,
+    pub clock: Arc<dyn Clock>,
+    /// Cancelled when shutdown begins.
+    pub draining: CancellationToken,
     pub queue: Arc<dyn Queue>,
     /// Uploaded files, served back by `/media/...`.
-    pub media: MediaStore,
+    pub media: Arc<dyn MediaStore>,
     pub started: Instant,
     pub responder: &'static str,
     /// `None` when another metrics recorder was installed first (e.g. in tests).
@@ -48,6 +58,14 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .split_for_parts();
     let document = openapi::document(routes, &state.access);
     router.with_state(state).layer(axum::Extension(document))
+}
+
+/// Which process of a deployment this is, for `/health`.
+pub struct Node {
+    pub role: Role,
+    pub id: GatewayId,
+    /// The cluster's shared counts; `None` when this process is the whole of kaiwa.
+    pub cluster: Option<Arc<dyn Presence>>,
 }
 
 /// The admin address (`--admin-bind`): `/health` in full and `/metrics`, with no token.

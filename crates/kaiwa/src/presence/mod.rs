@@ -42,7 +42,8 @@ pub trait Presence: Send + Sync + 'static {
 
     /// Takes one of the cluster's `max_clients` slots for a new connection; `None` when every
     /// slot is taken.
-    async fn take_slot(&self, conn_id: u64, max_clients: u32) -> Result<Option<u32>, PresenceError>;
+    async fn take_slot(&self, conn_id: u64, max_clients: u32)
+    -> Result<Option<u32>, PresenceError>;
 
     async fn release_slot(&self, slot: u32, conn_id: u64);
 

@@ -38,7 +38,9 @@ impl PgPresence {
         lease: Duration,
     ) -> Result<Self, PresenceError> {
         let options = PgConnectOptions::from_str(url)
-            .map_err(|err| PresenceError::Unavailable(format!("not a usable PostgreSQL URL: {err}")))?
+            .map_err(|err| {
+                PresenceError::Unavailable(format!("not a usable PostgreSQL URL: {err}"))
+            })?
             .application_name("kaiwa-presence");
         let pool = PgPoolOptions::new()
             .max_connections(CONNECTIONS)
@@ -79,22 +81,44 @@ impl PgPresence {
         Ok(())
     }
 
-    /// Renews the lease every third of it, until `stop`; then leaves the cluster.
-    pub async fn keep_lease(&self, stop: CancellationToken) {
+    /// Renews the lease every third of it until `stop`, then leaves the cluster. Each renewal
+    /// also gives back the rows of this gateway that no connection in `live()` holds (their
+    /// release failed). If the lease could not be renewed before it ran out, others may have
+    /// taken this gateway's slots and ids: `lost` is called (the gateway closes its sessions),
+    /// and the gateway joins again once the database answers.
+    pub async fn keep_lease(
+        &self,
+        max_clients: u32,
+        stop: CancellationToken,
+        live: impl Fn() -> Vec<u64> + Send,
+        lost: impl Fn() + Send,
+    ) {
         let mut tick = tokio::time::interval(self.lease / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renewed_at = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
-                _ = tick.tick() => {
-                    let renewed = sqlx::query(
-                        "UPDATE gateways SET lease_until = now() + make_interval(secs => $2) WHERE id = $1",
-                    )
-                    .bind(self.gateway.as_str())
-                    .bind(seconds(self.lease))
-                    .execute(&self.pool)
-                    .await;
-                    if let Err(err) = renewed {
-                        tracing::warn!(gateway = %self.gateway, %err, "could not renew the gateway's lease");
+                _ = tick.tick() => {}
+            }
+            match self.renew(&live()).await {
+                Ok(true) => renewed_at = tokio::time::Instant::now(),
+                Ok(false) => {
+                    tracing::error!(gateway = %self.gateway, "the gateway's lease ran out: its clients are closed and it joins again");
+                    metrics::counter!("kaiwa_lease_lost_total").increment(1);
+                    lost();
+                    match self.join(max_clients).await {
+                        Ok(()) => renewed_at = tokio::time::Instant::now(),
+                        Err(err) => {
+                            tracing::warn!(gateway = %self.gateway, %err, "could not join the cluster again")
+                        }
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(gateway = %self.gateway, %err, "could not renew the gateway's lease");
+                    if renewed_at.elapsed() >= self.lease {
+                        // Nobody can tell whether others took our slots: act as if they did.
+                        lost();
                     }
                 }
             }
@@ -102,6 +126,52 @@ impl PgPresence {
         if let Err(err) = self.leave().await {
             tracing::warn!(gateway = %self.gateway, %err, "could not give back the gateway's clients");
         }
+    }
+
+    /// Extends the lease, if it still runs, and gives back rows no live connection holds.
+    /// False if the lease had run out.
+    async fn renew(&self, live: &[u64]) -> Result<bool, PresenceError> {
+        let live: Vec<i64> = live
+            .iter()
+            .map(|&conn| i64::try_from(conn).unwrap_or(i64::MAX))
+            .collect();
+        let mut tx = self.pool.begin().await.map_err(|err| unavailable(&err))?;
+        let renewed = sqlx::query(
+            "UPDATE gateways SET lease_until = now() + make_interval(secs => $2) \
+             WHERE id = $1 AND lease_until > now()",
+        )
+        .bind(self.gateway.as_str())
+        .bind(seconds(self.lease))
+        .execute(&mut *tx)
+        .await
+        .map_err(|err| unavailable(&err))?
+        .rows_affected()
+            == 1;
+        if renewed {
+            // Only rows older than a moment: a connection takes its row after it is listed
+            // live, and the list was read before this statement.
+            sqlx::query(
+                "DELETE FROM sessions WHERE gateway_id = $1 AND conn_id <> ALL($2) \
+                 AND since < now() - interval '5 seconds'",
+            )
+            .bind(self.gateway.as_str())
+            .bind(&live)
+            .execute(&mut *tx)
+            .await
+            .map_err(|err| unavailable(&err))?;
+            sqlx::query(
+                "UPDATE client_slots SET gateway_id = NULL, conn_id = NULL, taken_at = NULL \
+                 WHERE gateway_id = $1 AND conn_id <> ALL($2) \
+                 AND taken_at < now() - interval '5 seconds'",
+            )
+            .bind(self.gateway.as_str())
+            .bind(&live)
+            .execute(&mut *tx)
+            .await
+            .map_err(|err| unavailable(&err))?;
+        }
+        tx.commit().await.map_err(|err| unavailable(&err))?;
+        Ok(renewed)
     }
 
     /// Gives back every slot and client id this gateway holds.
@@ -113,7 +183,8 @@ impl PgPresence {
             .await
             .map_err(|err| unavailable(&err))?;
         sqlx::query(
-            "UPDATE client_slots SET gateway_id = NULL, conn_id = NULL WHERE gateway_id = $1",
+            "UPDATE client_slots SET gateway_id = NULL, conn_id = NULL, taken_at = NULL \
+             WHERE gateway_id = $1",
         )
         .bind(self.gateway.as_str())
         .execute(&mut *tx)
@@ -142,7 +213,11 @@ impl Presence for PgPresence {
         Ok(holder.map(GatewayId::new))
     }
 
-    async fn take_slot(&self, conn_id: u64, max_clients: u32) -> Result<Option<u32>, PresenceError> {
+    async fn take_slot(
+        &self,
+        conn_id: u64,
+        max_clients: u32,
+    ) -> Result<Option<u32>, PresenceError> {
         // The lowest slot nobody alive holds; a slot another connection is taking right now is
         // skipped rather than waited for.
         let slot: Option<i32> = sqlx::query_scalar(
@@ -152,7 +227,7 @@ impl Presence for PgPresence {
                      SELECT 1 FROM gateways AS g \
                      WHERE g.id = s.gateway_id AND g.lease_until > now())) \
                  ORDER BY s.slot LIMIT 1 FOR UPDATE SKIP LOCKED) \
-             UPDATE client_slots AS c SET gateway_id = $1, conn_id = $2 \
+             UPDATE client_slots AS c SET gateway_id = $1, conn_id = $2, taken_at = now() \
              FROM free WHERE c.slot = free.slot RETURNING c.slot",
         )
         .bind(self.gateway.as_str())
@@ -166,7 +241,7 @@ impl Presence for PgPresence {
 
     async fn release_slot(&self, slot: u32, conn_id: u64) {
         let released = sqlx::query(
-            "UPDATE client_slots SET gateway_id = NULL, conn_id = NULL \
+            "UPDATE client_slots SET gateway_id = NULL, conn_id = NULL, taken_at = NULL \
              WHERE slot = $1 AND gateway_id = $2 AND conn_id = $3",
         )
         .bind(i32::try_from(slot).unwrap_or(i32::MAX))
@@ -201,11 +276,12 @@ impl Presence for PgPresence {
             // This gateway's own registry already decided between its connections.
             Some((gateway, _, _)) if gateway == self.gateway.as_str() => None,
             Some((gateway, conn, true)) => {
-                let other = (GatewayId::new(gateway), u64::try_from(conn).unwrap_or_default());
+                let other = (
+                    GatewayId::new(gateway),
+                    u64::try_from(conn).unwrap_or_default(),
+                );
                 if !replace {
-                    return Ok(Claim::Held {
-                        gateway: other.0,
-                    });
+                    return Ok(Claim::Held { gateway: other.0 });
                 }
                 Some(other)
             }

@@ -13,9 +13,8 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -71,7 +70,9 @@ impl AmqpQueue {
     pub async fn connect(url: &str, options: AmqpOptions) -> Result<Self, QueueError> {
         let describe = describe_url(url);
         let link = open(url).await.map_err(|err| {
-            QueueError::Unavailable(format!("could not connect to RabbitMQ at {describe}: {err}"))
+            QueueError::Unavailable(format!(
+                "could not connect to RabbitMQ at {describe}: {err}"
+            ))
         })?;
         let (tx, _) = watch::channel(Some(link.clone()));
         let inner = Arc::new(Inner {
@@ -194,7 +195,9 @@ impl Inner {
         let mut watch = self.link.subscribe();
         let wait = watch.wait_for(Option::is_some);
         match tokio::time::timeout(RECONNECT_WAIT, wait).await {
-            Ok(Ok(link)) => link.clone().ok_or_else(|| self.unavailable("not connected")),
+            Ok(Ok(link)) => link
+                .clone()
+                .ok_or_else(|| self.unavailable("not connected")),
             Ok(Err(_)) => Err(QueueError::Closed),
             Err(_) => Err(self.unavailable("reconnecting")),
         }
@@ -461,6 +464,15 @@ impl Queue for AmqpQueue {
             .await
             .ok()?;
         usize::try_from(queue.message_count()).ok()
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        self.inner.link.borrow().is_none().then(|| {
+            format!(
+                "RabbitMQ at {} is unreachable; reconnecting",
+                self.inner.describe
+            )
+        })
     }
 
     async fn close(&self) {

@@ -16,6 +16,8 @@ pub struct MemoryQueue {
     events: mpsc::Sender<Event>,
     /// Taken once by the gateway's delivery task.
     event_receiver: Mutex<Option<mpsc::Receiver<Event>>>,
+    /// The one gateway, once its delivery task listens: events for any other find no one.
+    gateway: Mutex<Option<GatewayId>>,
 }
 
 impl MemoryQueue {
@@ -29,6 +31,7 @@ impl MemoryQueue {
             job_receiver: Mutex::new(Some(job_receiver)),
             events,
             event_receiver: Mutex::new(Some(event_receiver)),
+            gateway: Mutex::new(None),
         }
     }
 }
@@ -73,11 +76,15 @@ impl Queue for MemoryQueue {
             .boxed())
     }
 
-    async fn publish_event(
-        &self,
-        _gateway: &GatewayId,
-        event: Event,
-    ) -> Result<Routed, QueueError> {
+    async fn publish_event(&self, gateway: &GatewayId, event: Event) -> Result<Routed, QueueError> {
+        let listening = self
+            .gateway
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        if listening.is_some_and(|listening| listening != *gateway) {
+            return Ok(Routed::NoGateway);
+        }
         self.events
             .send(event)
             .await
@@ -85,8 +92,13 @@ impl Queue for MemoryQueue {
         Ok(Routed::Delivered)
     }
 
-    fn events(&self, _gateway: &GatewayId) -> Result<BoxStream<'static, Event>, QueueError> {
-        take(&self.event_receiver, "events").map(stream)
+    fn events(&self, gateway: &GatewayId) -> Result<BoxStream<'static, Event>, QueueError> {
+        let events = take(&self.event_receiver, "events").map(stream)?;
+        *self
+            .gateway
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(gateway.clone());
+        Ok(events)
     }
 
     async fn depth(&self) -> Option<usize> {

@@ -5,7 +5,7 @@
 mod amqp;
 mod memory;
 
-pub use amqp::AmqpQueue;
+pub use amqp::{AmqpOptions, AmqpQueue};
 pub use memory::MemoryQueue;
 
 use crate::domain::{ClientId, Timezone};
@@ -54,6 +54,10 @@ pub struct Job {
     /// Queued again (at start, or by the sweeper): its replies may be stored already.
     #[serde(default)]
     pub requeued: bool,
+    /// The gateway that admitted it, where its client most likely still is: replies go there
+    /// first, and only if it is gone is the client looked up.
+    #[serde(default)]
+    pub origin: Option<GatewayId>,
 }
 
 impl From<StoredMessage> for Job {
@@ -69,6 +73,7 @@ impl From<StoredMessage> for Job {
             timezone: message.timezone,
             received_at: message.received_at,
             requeued: false,
+            origin: None,
         }
     }
 }
@@ -106,15 +111,34 @@ pub enum Event {
     },
     /// Processing failed; the message stays accepted and the sweeper queues it again.
     Failed { message: MessageRef, reason: String },
+    /// Gateway to gateway: a connection elsewhere took the client's id (policy `replace`), so
+    /// the connection `conn_id` is to close.
+    Replaced { client_id: ClientId, conn_id: u64 },
+    /// Gateway to gateway: the client's previous connection has closed, having been offered
+    /// replies up to `seq`, some maybe after this connection began: its reply stream reads
+    /// back from the store whatever it lacks up to there.
+    CatchUp { client_id: ClientId, seq: u64 },
 }
 
 impl Event {
-    pub fn message(&self) -> &MessageRef {
+    /// The message the event is about; `None` for the gateways' own events.
+    pub fn message(&self) -> Option<&MessageRef> {
         match self {
             Self::Processing(message)
             | Self::Delta { message, .. }
             | Self::Reply { message, .. }
-            | Self::Failed { message, .. } => message,
+            | Self::Failed { message, .. } => Some(message),
+            Self::Replaced { .. } | Self::CatchUp { .. } => None,
+        }
+    }
+
+    pub fn client_id(&self) -> &ClientId {
+        match self {
+            Self::Processing(message)
+            | Self::Delta { message, .. }
+            | Self::Reply { message, .. }
+            | Self::Failed { message, .. } => &message.client_id,
+            Self::Replaced { client_id, .. } | Self::CatchUp { client_id, .. } => client_id,
         }
     }
 }
@@ -190,14 +214,18 @@ pub trait Queue: Send + Sync + 'static {
     fn jobs(&self) -> Result<BoxStream<'static, Taken>, QueueError>;
 
     /// Sends an event to a gateway, confirmed by the broker.
-    async fn publish_event(&self, gateway: &GatewayId, event: Event)
-    -> Result<Routed, QueueError>;
+    async fn publish_event(&self, gateway: &GatewayId, event: Event) -> Result<Routed, QueueError>;
 
     /// The events for `gateway`'s clients, for its delivery task.
     fn events(&self, gateway: &GatewayId) -> Result<BoxStream<'static, Event>, QueueError>;
 
     /// Jobs waiting for a worker, when the queue can tell.
     async fn depth(&self) -> Option<usize>;
+
+    /// Why the queue cannot take jobs or events now (the broker is unreachable), if it cannot.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
 
     /// Stops taking and handing out: the last step of shutdown.
     async fn close(&self) {}

@@ -3,8 +3,8 @@
 //! the tests use; see `tests/support/postgres.rs`).
 
 use super::{
-    Existing, Inserted, MemoryStore, NewMessage, NewReply, PgStore, SqliteOptions, SqliteStore,
-    Store, StoredMessage, StoredReply,
+    Existing, Inserted, MemoryStore, NewMessage, NewReply, PgOptions, PgStore, SqliteOptions,
+    SqliteStore, Store, StoredMessage, StoredReply,
 };
 use crate::domain::{ClientId, Timezone};
 use chrono::{DateTime, TimeZone, Utc};
@@ -96,7 +96,7 @@ struct Postgres {
 
 impl Postgres {
     async fn open_on(database: test_postgres::TestDatabase) -> Self {
-        let store = PgStore::connect(&database.url)
+        let store = PgStore::connect(&database.url, PgOptions::default())
             .await
             .expect("the PostgreSQL store opens");
         Self {
@@ -173,7 +173,7 @@ fn reply(reply_type: ReplyType, content: &str) -> NewReply {
 async fn stored(store: &dyn Store, message: NewMessage) -> i64 {
     match store.insert_message(message).await.expect("stored") {
         Inserted::New(id) => id,
-        Inserted::Duplicate(existing) => panic!("unexpected duplicate of {existing:?}"),
+        other => panic!("not stored as new: {other:?}"),
     }
 }
 
@@ -545,3 +545,107 @@ contract!(
     durable: unfinished_messages_survive_an_unclean_stop,
     close_writes_everything_sent_before_it
 );
+
+/// What only a store that several processes share does: keep the in-flight limit for all of
+/// them, and hand each stuck message to one sweeper.
+mod shared_postgres {
+    use super::*;
+    use std::time::Duration;
+
+    async fn shared(database: &test_postgres::TestDatabase, max_in_flight: u32) -> PgStore {
+        let options = PgOptions {
+            shared: true,
+            max_in_flight: Some(max_in_flight),
+        };
+        PgStore::connect(&database.url, options)
+            .await
+            .expect("the PostgreSQL store opens")
+    }
+
+    #[tokio::test]
+    async fn the_in_flight_limit_holds_across_processes_and_frees_up_as_replies_are_stored() {
+        let database = test_postgres::TestDatabase::create().await;
+        let (a, b) = tokio::join!(shared(&database, 5), shared(&database, 5));
+        // 40 accepted messages at once, half through each process.
+        let sent = (0..40).map(|i| {
+            let store = if i % 2 == 0 { &a } else { &b };
+            store.insert_message(message(&format!("c{i}"), None, "hello"))
+        });
+        let outcomes: Vec<Inserted> = join_all(sent)
+            .await
+            .into_iter()
+            .map(|outcome| outcome.expect("answered"))
+            .collect();
+        let new: Vec<i64> = outcomes
+            .iter()
+            .filter_map(|outcome| match outcome {
+                Inserted::New(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        let busy = outcomes
+            .iter()
+            .filter(|outcome| **outcome == Inserted::Busy)
+            .count();
+        assert_eq!((new.len(), busy), (5, 35), "{outcomes:?}");
+        assert_eq!(a.in_flight().await.expect("counted"), 5);
+
+        // A rejected message holds no slot.
+        let mut rejected = message("late", None, "too late");
+        rejected.status = MessageStatus::Rejected;
+        assert!(matches!(
+            b.insert_message(rejected).await.expect("answered"),
+            Inserted::New(_)
+        ));
+        assert_eq!(
+            a.insert_message(message("c99", None, "one more"))
+                .await
+                .expect("answered"),
+            Inserted::Busy
+        );
+        // A reply set that completes a message frees its slot, for either process.
+        let first = all_history(&a, "c0").await[0].id;
+        replied(&a, first, "c0", vec![reply(ReplyType::Text, "hi")]).await;
+        assert!(matches!(
+            b.insert_message(message("c99", None, "one more"))
+                .await
+                .expect("answered"),
+            Inserted::New(_)
+        ));
+        a.close().await;
+        b.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_stuck_message_is_claimed_by_one_sweeper_at_a_time() {
+        let database = test_postgres::TestDatabase::create().await;
+        let (a, b) = tokio::join!(shared(&database, 500), shared(&database, 500));
+        let mut ids = Vec::new();
+        for i in 0..30 {
+            // Received long ago: stuck for any timeout.
+            ids.push(stored(&a, message(&format!("c{i}"), None, "hello")).await);
+        }
+        let done = ids[0];
+        replied(&a, done, "c0", vec![reply(ReplyType::Text, "hi")]).await;
+        let after = Duration::from_secs(60);
+        let (by_a, by_b) = tokio::join!(a.claim_stuck(after, 20), b.claim_stuck(after, 20));
+        let mut claimed: Vec<i64> = by_a
+            .expect("claimed")
+            .into_iter()
+            .chain(by_b.expect("claimed"))
+            .map(|message| message.id)
+            .collect();
+        claimed.sort_unstable();
+        assert_eq!(
+            claimed,
+            ids[1..],
+            "each unfinished message once, by one of the two"
+        );
+        assert!(
+            a.claim_stuck(after, 100).await.expect("claimed").is_empty(),
+            "a claimed message waits `after` before anyone claims it again"
+        );
+        a.close().await;
+        b.close().await;
+    }
+}

@@ -10,9 +10,9 @@ mod postgres;
 mod sql;
 mod sqlite;
 
-pub use media::MediaStore;
+pub use media::{DiskMedia, MediaStore};
 pub use memory::MemoryStore;
-pub use postgres::PgStore;
+pub use postgres::{PgOptions, PgStore};
 pub use sqlite::{Durability, SqliteOptions, SqliteStore};
 
 use crate::domain::{ClientId, Timezone};
@@ -51,6 +51,9 @@ pub enum Inserted {
     New(i64),
     /// A message with the same client message id was stored before.
     Duplicate(Existing),
+    /// Not stored: accepting it would pass the store's in-flight limit (kept by a store that
+    /// several processes share); its sender is to retry.
+    Busy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

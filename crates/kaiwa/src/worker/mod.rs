@@ -5,12 +5,12 @@
 
 use crate::clock::Clock;
 use crate::presence::Presence;
-use crate::queue::{Event, Job, MessageRef, Queue, QueueError, Routed, Taken};
+use crate::queue::{Event, GatewayId, Job, MessageRef, Queue, QueueError, Routed, Taken};
 use crate::replies::{Deltas, ReplyMaker};
 use crate::store::{NewReply, Store};
-use kaiwa_protocol::{Delivery, MessageStatus};
 use futures::{FutureExt, StreamExt};
 use kaiwa_protocol::MessageType;
+use kaiwa_protocol::{Delivery, MessageStatus};
 use rand::RngExt;
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
@@ -114,7 +114,8 @@ impl Worker {
     /// (then it goes to another worker, or to the next start).
     async fn take(&self, taken: Taken, stop: CancellationToken) {
         let message = MessageRef::from(&taken.job);
-        let finished = match AssertUnwindSafe(self.process(&taken, stop))
+        let mut route = Route::new(taken.job.origin.clone());
+        let finished = match AssertUnwindSafe(self.process(&taken, &mut route, stop))
             .catch_unwind()
             .await
         {
@@ -123,11 +124,15 @@ impl Worker {
                 // A panic must not leave the message's in-flight slot held for good: reporting
                 // it failed frees it, and the sweeper queues the message again.
                 tracing::error!(message_id = message.message_id, "processing panicked");
-                self.report(Event::Failed {
-                    message: message.clone(),
-                    reason: "processing failed; the message is kept and will be processed again"
-                        .to_owned(),
-                })
+                self.report(
+                    &mut route,
+                    Event::Failed {
+                        message: message.clone(),
+                        reason:
+                            "processing failed; the message is kept and will be processed again"
+                                .to_owned(),
+                    },
+                )
                 .await;
                 Finished::Done
             }
@@ -140,23 +145,29 @@ impl Worker {
         }
     }
 
-    async fn process(&self, taken: &Taken, stop: CancellationToken) -> Finished {
+    async fn process(&self, taken: &Taken, route: &mut Route, stop: CancellationToken) -> Finished {
         let job = &taken.job;
         let message = MessageRef::from(job);
         if taken.redelivered || job.requeued {
             // A worker may have stored the replies and died before it was done: those stand.
             match self.store.message(job.message_id).await {
                 Ok(Some(stored)) if stored.status == MessageStatus::Replied => {
-                    tracing::info!(message_id = job.message_id, "replies found stored; reporting them again");
+                    tracing::info!(
+                        message_id = job.message_id,
+                        "replies found stored; reporting them again"
+                    );
                     let count = stored.replies.len();
                     let mut reported = true;
                     for (index, reply) in stored.replies.into_iter().enumerate() {
                         reported &= self
-                            .report(Event::Reply {
-                                message: message.clone(),
-                                reply,
-                                last: index + 1 == count,
-                            })
+                            .report(
+                                route,
+                                Event::Reply {
+                                    message: message.clone(),
+                                    reply,
+                                    last: index + 1 == count,
+                                },
+                            )
                             .await;
                     }
                     return if reported {
@@ -167,7 +178,10 @@ impl Worker {
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => {
-                    tracing::error!(message_id = job.message_id, "a job for a message that is not stored");
+                    tracing::error!(
+                        message_id = job.message_id,
+                        "a job for a message that is not stored"
+                    );
                     return Finished::Done;
                 }
                 Err(err) => {
@@ -175,7 +189,7 @@ impl Worker {
                 }
             }
         }
-        self.report(Event::Processing(message.clone())).await;
+        self.report(route, Event::Processing(message.clone())).await;
         // The text is written while the delay runs (a model's latency then overlaps it); its
         // pieces wait in `pieces` until the delay is over (R9).
         let (deltas, mut pieces) = Deltas::channel();
@@ -196,12 +210,16 @@ impl Worker {
         if let Some(text) = written {
             // The usual case: the whole set at once, in order.
             let replies = std::iter::once(text).chain(media).collect();
-            return self.store_and_report(job, &message, replies, true).await;
+            return self
+                .store_and_report(job, route, &message, replies, true)
+                .await;
         }
         // The text is still being written: a slow responder must not hold back the voice and
         // image replies, so they go first, and the text follows as it grows.
         if !media.is_empty() {
-            let first = self.store_and_report(job, &message, media, false).await;
+            let first = self
+                .store_and_report(job, route, &message, media, false)
+                .await;
             if first != Finished::Done {
                 return first;
             }
@@ -215,11 +233,12 @@ impl Worker {
                     while let Ok(more) = pieces.try_recv() {
                         delta.push_str(&more);
                     }
-                    self.report(Event::Delta { message: message.clone(), delta }).await;
+                    self.report(route, Event::Delta { message: message.clone(), delta }).await;
                 }
             }
         };
-        self.store_and_report(job, &message, vec![text], true).await
+        self.store_and_report(job, route, &message, vec![text], true)
+            .await
     }
 
     /// Stores replies and reports each; `completes` marks the end of the message's reply set.
@@ -228,6 +247,7 @@ impl Worker {
     async fn store_and_report(
         &self,
         job: &Job,
+        route: &mut Route,
         message: &MessageRef,
         replies: Vec<NewReply>,
         completes: bool,
@@ -253,11 +273,14 @@ impl Worker {
                 let mut reported = true;
                 for (index, reply) in stored.into_iter().enumerate() {
                     reported &= self
-                        .report(Event::Reply {
-                            message: message.clone(),
-                            reply,
-                            last: completes && index + 1 == count,
-                        })
+                        .report(
+                            route,
+                            Event::Reply {
+                                message: message.clone(),
+                                reply,
+                                last: completes && index + 1 == count,
+                            },
+                        )
                         .await;
                 }
                 if reported {
@@ -268,38 +291,60 @@ impl Worker {
             }
             Err(err) => {
                 tracing::error!(message_id = job.message_id, %err, "could not store the replies; the sweeper queues the message again");
-                self.report(Event::Failed {
-                    message: message.clone(),
-                    reason: "the replies could not be stored; the message is kept and will be processed again".to_owned(),
-                })
+                self.report(
+                    route,
+                    Event::Failed {
+                        message: message.clone(),
+                        reason: "the replies could not be stored; the message is kept and will be processed again".to_owned(),
+                    },
+                )
                 .await;
                 Finished::Done
             }
         }
     }
 
-    /// Sends an event to the gateway that holds the message's client now. A reply for a client
-    /// no gateway holds is recorded `failed` here, by this one process: the client gets it when
-    /// it resumes. False if the event could not be sent (the broker is unreachable).
-    async fn report(&self, event: Event) -> bool {
-        let message_id = event.message().message_id;
-        let holder = match self.presence.holder(&event.message().client_id).await {
-            Ok(holder) => holder,
-            Err(err) => {
-                tracing::warn!(message_id, %err, "could not find the client's gateway");
-                return false;
-            }
-        };
-        let routed = match holder {
-            Some(gateway) => match self.queue.publish_event(&gateway, event.clone()).await {
+    /// Sends an event to the gateway that holds the message's client now: the one that
+    /// admitted the message while it is there, else the one presence names. A reply for a
+    /// client no gateway holds is recorded `failed` here, by this one process: the client gets
+    /// it when it resumes. False if the event could not be sent (the broker is unreachable).
+    async fn report(&self, route: &mut Route, event: Event) -> bool {
+        let message_id = event.message().map_or(0, |message| message.message_id);
+        let mut routed = Routed::NoGateway;
+        let mut looked_up = false;
+        for _ in 0..2 {
+            let gateway = match route.gateway.clone() {
+                Some(gateway) => gateway,
+                None if looked_up => break,
+                None => {
+                    looked_up = true;
+                    match self.presence.holder(event.client_id()).await {
+                        Ok(Some(gateway)) => {
+                            route.gateway = Some(gateway.clone());
+                            gateway
+                        }
+                        Ok(None) => break,
+                        Err(err) => {
+                            tracing::warn!(message_id, %err, "could not find the client's gateway");
+                            return false;
+                        }
+                    }
+                }
+            };
+            routed = match self.queue.publish_event(&gateway, event.clone()).await {
                 Ok(routed) => routed,
                 Err(err) => {
                     tracing::warn!(message_id, %gateway, %err, "could not report a message event");
                     return false;
                 }
-            },
-            None => Routed::NoGateway,
-        };
+            };
+            if routed == Routed::Delivered {
+                break;
+            }
+            // That gateway is gone: the client, if connected, is on another one now.
+            tracing::debug!(message_id, %gateway, "the gateway is gone; looking the client up");
+            route.gateway = None;
+        }
         if routed == Routed::NoGateway
             && let Event::Reply { reply, .. } = &event
         {
@@ -308,6 +353,19 @@ impl Worker {
             metrics::counter!("kaiwa_replies_total", "delivery" => "failed").increment(1);
         }
         true
+    }
+}
+
+/// Where one job's events go: the gateway that admitted the message, until it is found gone;
+/// then wherever presence says the client is, asked again for each event.
+#[derive(Debug)]
+struct Route {
+    gateway: Option<GatewayId>,
+}
+
+impl Route {
+    fn new(origin: Option<GatewayId>) -> Self {
+        Self { gateway: origin }
     }
 }
 

@@ -31,6 +31,17 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections for reads (history, resume, recovery).
 const READ_CONNECTIONS: u32 = 8;
 
+/// How a process uses the database.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PgOptions {
+    /// Other kaiwa processes share the database (a cluster): what is pending is not this
+    /// process's alone to clean up at start, and the in-flight limit is kept here.
+    pub shared: bool,
+    /// At most this many messages `accepted` and not yet replied to, across every process:
+    /// an accepted message beyond it is not stored, and its sender is told to retry.
+    pub max_in_flight: Option<u32>,
+}
+
 pub struct PgStore {
     /// To the writer task.
     writes: Writes,
@@ -60,23 +71,24 @@ impl PgStore {
     /// Connects, applies pending migrations (under PostgreSQL's advisory lock, so processes
     /// starting together do not race), marks replies left `pending` by a previous run as
     /// `failed`, and starts the writer.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+    pub async fn connect(url: &str, settings: PgOptions) -> Result<Self, StoreError> {
         let options = connect_options(url)?;
         let mut conn = connect(&options).await?;
         migrated(&mut conn).await?;
-        // One process per database for now: replies still pending were on their way to
-        // clients of a run that stopped. (Processes sharing a database will scope this to
-        // their own.)
-        let swept =
-            sqlx::query("UPDATE replies SET delivery = 'failed' WHERE delivery = 'pending'")
-                .execute(&mut conn)
-                .await?
-                .rows_affected();
-        if swept > 0 {
-            tracing::info!(
-                replies = swept,
-                "replies left undelivered by the previous run marked failed"
-            );
+        // Alone on the database, replies still pending were on their way to clients of a run
+        // that stopped. In a cluster they may be on their way now, through another gateway.
+        if !settings.shared {
+            let swept =
+                sqlx::query("UPDATE replies SET delivery = 'failed' WHERE delivery = 'pending'")
+                    .execute(&mut conn)
+                    .await?
+                    .rows_affected();
+            if swept > 0 {
+                tracing::info!(
+                    replies = swept,
+                    "replies left undelivered by the previous run marked failed"
+                );
+            }
         }
         conn.close().await?;
         let reads = PgPoolOptions::new()
@@ -87,13 +99,51 @@ impl PgStore {
             .map_err(|err| unreachable(&options, &err))?;
         let health = Arc::new(Mutex::new(StoreHealth::Ok));
         let (writes, rx) = Writes::channel();
-        let writer = spawn_writer(options, rx, health.clone()).await?;
+        let writer = spawn_writer(options, rx, health.clone(), settings.max_in_flight).await?;
         Ok(Self {
             writes,
             reads,
             writer: Mutex::new(Some(writer)),
             health,
         })
+    }
+
+    /// Accepted messages that nothing has happened to for `older_than` (their job was never
+    /// confirmed by the broker, or was lost with it, or their processing failed), claimed for
+    /// the caller: a message claimed here is not claimed again by anyone for `older_than`, so
+    /// several sweeping processes never queue one message twice at once.
+    pub async fn claim_stuck(
+        &self,
+        older_than: Duration,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "UPDATE messages SET touched_at = now() WHERE id IN ( \
+                 SELECT id FROM messages \
+                 WHERE status = 'accepted' \
+                     AND COALESCE(touched_at, received_at) < now() - make_interval(secs => $1) \
+                 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             RETURNING {MESSAGE_COLUMNS}"
+        )))
+        .bind(older_than.as_secs_f64())
+        .bind(i64::from(limit))
+        .fetch_all(&self.reads)
+        .await?;
+        let mut messages = rows
+            .into_iter()
+            .map(StoredMessage::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        messages.sort_by_key(|message| message.id);
+        Ok(messages)
+    }
+
+    /// Messages accepted and not yet replied to, across every process.
+    pub async fn in_flight(&self) -> Result<u64, StoreError> {
+        let count: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE status = 'accepted'")
+                .fetch_one(&self.reads)
+                .await?;
+        Ok(u64::try_from(count).unwrap_or_default())
     }
 
     /// Applies pending migrations and returns how many there were.
@@ -153,6 +203,7 @@ async fn spawn_writer(
     options: PgConnectOptions,
     commands: tokio::sync::mpsc::UnboundedReceiver<super::batch::Command>,
     health: Arc<Mutex<StoreHealth>>,
+    max_in_flight: Option<u32>,
 ) -> Result<std::thread::JoinHandle<()>, StoreError> {
     let (ready, connected) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()
@@ -171,7 +222,7 @@ async fn spawn_writer(
                 }
             };
             runtime.block_on(async move {
-                match Writer::connect(options, commands, health).await {
+                match Writer::connect(options, commands, health, max_in_flight).await {
                     Ok(writer) => {
                         if ready.send(Ok(())).is_ok() {
                             writer.run().await;

@@ -24,6 +24,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// transaction at a time, whichever process writes them. (The second key is the client id's
 /// hash; sqlx's migration lock uses the one-key form, so the two never meet.)
 const REPLY_STREAM_LOCKS: i32 = 0x6b61_6977; // "kaiw"
+/// The advisory lock under which a batch counts the messages in flight and adds its own: the
+/// count and the insert of one batch are never interleaved with another process's.
+const IN_FLIGHT_LOCK: (i32, i32) = (0x6b61_6966, 0); // "kaif"
 
 pub(super) struct Writer {
     options: PgConnectOptions,
@@ -34,6 +37,8 @@ pub(super) struct Writer {
     backoff: Duration,
     /// When to try connecting again, while unreachable.
     retry_at: tokio::time::Instant,
+    /// The cluster-wide in-flight limit, when this store keeps it.
+    max_in_flight: Option<u32>,
 }
 
 /// What one batch learned from the database.
@@ -49,6 +54,7 @@ impl Writer {
         options: PgConnectOptions,
         commands: mpsc::UnboundedReceiver<Command>,
         health: Arc<Mutex<StoreHealth>>,
+        max_in_flight: Option<u32>,
     ) -> Result<Self, StoreError> {
         let conn = connect(&options).await?;
         Ok(Self {
@@ -58,6 +64,7 @@ impl Writer {
             health,
             backoff: FIRST_BACKOFF,
             retry_at: tokio::time::Instant::now(),
+            max_in_flight,
         })
     }
 
@@ -125,14 +132,14 @@ impl Writer {
             return batch.fail(&StoreError::Unavailable(reason));
         };
         let started = Instant::now();
-        let mut result = write(conn, &batch).await;
+        let mut result = write(conn, &batch, self.max_in_flight).await;
         // Two processes' batches can wait on each other's row locks: PostgreSQL then aborts
         // one of them, which can simply run again.
         if let Err(err) = &result
             && is_retryable(err)
         {
             tracing::debug!(%err, "batch aborted by a conflict; running it again");
-            result = write(conn, &batch).await;
+            result = write(conn, &batch, self.max_in_flight).await;
         }
         match result {
             Ok(written) => {
@@ -204,9 +211,13 @@ fn answer(batch: Batch, written: Written) -> Option<oneshot::Sender<()>> {
 }
 
 /// The whole batch in one transaction.
-async fn write(conn: &mut PgConnection, batch: &Batch) -> Result<Written, sqlx::Error> {
+async fn write(
+    conn: &mut PgConnection,
+    batch: &Batch,
+    max_in_flight: Option<u32>,
+) -> Result<Written, sqlx::Error> {
     let mut tx = conn.begin().await?;
-    let messages = insert_messages(&mut tx, &batch.messages).await?;
+    let messages = insert_messages(&mut tx, &batch.messages, max_in_flight).await?;
     let replies = insert_replies(&mut tx, &batch.replies).await?;
     record_updates(&mut tx, &batch.updates).await?;
     tx.commit().await?;
@@ -218,10 +229,21 @@ async fn write(conn: &mut PgConnection, batch: &Batch) -> Result<Written, sqlx::
 async fn insert_messages(
     tx: &mut Transaction<'_, Postgres>,
     messages: &[(Box<NewMessage>, super::super::batch::Respond<Inserted>)],
+    max_in_flight: Option<u32>,
 ) -> Result<Vec<Inserted>, sqlx::Error> {
     if messages.is_empty() {
         return Ok(Vec::new());
     }
+    let room = match max_in_flight {
+        Some(max)
+            if messages
+                .iter()
+                .any(|(m, _)| m.status == MessageStatus::Accepted) =>
+        {
+            Some(room_in_flight(tx, max).await?)
+        }
+        _ => None,
+    };
     let mut ids: Vec<i64> = sqlx::query_scalar(
         "SELECT nextval(pg_get_serial_sequence('messages', 'id')) FROM generate_series(1, $1)",
     )
@@ -245,8 +267,21 @@ async fn insert_messages(
         });
         repeat_of.push(repeat);
     }
+    // Accepted messages past the room left are not stored: their senders retry.
+    let mut busy = vec![false; messages.len()];
+    if let Some(mut room) = room {
+        for (index, (message, _)) in messages.iter().enumerate() {
+            if repeat_of[index].is_none() && message.status == MessageStatus::Accepted {
+                if room == 0 {
+                    busy[index] = true;
+                } else {
+                    room -= 1;
+                }
+            }
+        }
+    }
     let rows: Vec<usize> = (0..messages.len())
-        .filter(|&i| repeat_of[i].is_none())
+        .filter(|&i| repeat_of[i].is_none() && !busy[i])
         .collect();
     // Columns as arrays of borrowed text: the rows are encoded straight from the messages.
     let column = |f: &dyn for<'m> Fn(&'m NewMessage) -> Option<&'m str>| -> Vec<Option<&str>> {
@@ -350,6 +385,7 @@ async fn insert_messages(
                 }),
                 duplicate => duplicate.clone(),
             },
+            None if busy[index] => Inserted::Busy,
             None if inserted.contains(&ids[index]) => Inserted::New(ids[index]),
             None => {
                 let key = (
@@ -368,6 +404,22 @@ async fn insert_messages(
         outcome.push(result);
     }
     Ok(outcome)
+}
+
+/// How many more messages may be accepted, across every process sharing the database. Holds
+/// [`IN_FLIGHT_LOCK`] until the transaction ends, so that the count stays true until this
+/// batch's messages are committed.
+async fn room_in_flight(tx: &mut Transaction<'_, Postgres>, max: u32) -> Result<u32, sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+        .bind(IN_FLIGHT_LOCK.0)
+        .bind(IN_FLIGHT_LOCK.1)
+        .execute(&mut **tx)
+        .await?;
+    // Read after the lock is held: every batch that held it before has committed.
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE status = 'accepted'")
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(u32::try_from(i64::from(max).saturating_sub(count).max(0)).unwrap_or(0))
 }
 
 /// Stores reply sets. Each client's replies are numbered under an advisory lock of that

@@ -1,0 +1,191 @@
+//! The gateway's part in a cluster: a cluster-wide client slot and the client's id for each
+//! connection (taken from [`Presence`] after the gateway's own checks), and events for clients
+//! that are no longer here, passed on to the gateway that holds them now.
+
+use super::Gateway;
+use crate::domain::ClientId;
+use crate::presence::{Claim, Presence, PresenceError};
+use crate::queue::{Event, GatewayId, Queue, Routed};
+use kaiwa_protocol::Delivery;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+/// How a gateway reaches the rest of its cluster.
+pub struct ClusterLink {
+    pub id: GatewayId,
+    pub presence: Arc<dyn Presence>,
+    pub queue: Arc<dyn Queue>,
+    /// Connections that may hold a cluster slot or a client id. A release that failed (the
+    /// database was down) leaves a row behind; the lease renewal gives back every row of this
+    /// gateway's that no connection here holds.
+    live: Mutex<HashSet<u64>>,
+}
+
+impl ClusterLink {
+    pub fn new(id: GatewayId, presence: Arc<dyn Presence>, queue: Arc<dyn Queue>) -> Self {
+        Self {
+            id,
+            presence,
+            queue,
+            live: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The connections that may hold something in presence now.
+    pub fn live_connections(&self) -> Vec<u64> {
+        self.lock().iter().copied().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        // Every update is a single insert or remove.
+        self.live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Takes a cluster-wide client slot for a connection; `None` when the cluster is full.
+    pub(super) async fn take_slot(
+        self: &Arc<Self>,
+        conn_id: u64,
+        max_clients: usize,
+    ) -> Result<Option<ClusterSlot>, PresenceError> {
+        // Listed before the row exists, so that a lease renewal never gives it back under us.
+        self.lock().insert(conn_id);
+        let max = u32::try_from(max_clients).unwrap_or(u32::MAX);
+        match self.presence.take_slot(conn_id, max).await {
+            Ok(Some(slot)) => Ok(Some(ClusterSlot {
+                link: self.clone(),
+                slot,
+                conn_id,
+                client_id: None,
+            })),
+            Ok(None) => {
+                self.lock().remove(&conn_id);
+                Ok(None)
+            }
+            Err(err) => {
+                self.lock().remove(&conn_id);
+                Err(err)
+            }
+        }
+    }
+
+    /// Passes on an event for a client this gateway does not hold (any more) to the gateway
+    /// that does. A reply that finds no gateway is recorded `failed` here: this gateway is the
+    /// one process that has the event.
+    pub(super) fn forward(gateway: &Arc<Gateway>, link: &Arc<Self>, event: Event) {
+        let gateway = gateway.clone();
+        let link = link.clone();
+        gateway.tracker.clone().spawn(async move {
+            let holder = link.presence.holder(event.client_id()).await;
+            let routed = match holder {
+                Ok(Some(holder)) if holder != link.id => {
+                    match link.queue.publish_event(&holder, event.clone()).await {
+                        Ok(routed) => routed,
+                        Err(err) => {
+                            tracing::warn!(gateway = %holder, %err, "could not pass an event on");
+                            Routed::NoGateway
+                        }
+                    }
+                }
+                Ok(_) => Routed::NoGateway,
+                Err(err) => {
+                    tracing::warn!(%err, "could not find the client's gateway");
+                    Routed::NoGateway
+                }
+            };
+            metrics::counter!("kaiwa_events_forwarded_total", "routed" => match routed {
+                Routed::Delivered => "delivered",
+                Routed::NoGateway => "no_gateway",
+            })
+            .increment(1);
+            if routed == Routed::NoGateway
+                && let Event::Reply { reply, .. } = &event
+            {
+                gateway
+                    .store
+                    .record_delivery(reply.id, Delivery::Failed, gateway.clock.now());
+                metrics::counter!("kaiwa_replies_total", "delivery" => "failed").increment(1);
+            }
+        });
+    }
+
+    /// Tells whichever gateway holds the client now that its previous connection, here, has
+    /// closed having been offered replies up to `seq`.
+    pub(super) async fn hand_over(&self, client_id: &ClientId, seq: u64) {
+        let holder = match self.presence.holder(client_id).await {
+            Ok(Some(holder)) if holder != self.id => holder,
+            Ok(_) => return,
+            Err(err) => {
+                tracing::warn!(%client_id, %err, "could not find the client's new gateway");
+                return;
+            }
+        };
+        let event = Event::CatchUp {
+            client_id: client_id.clone(),
+            seq,
+        };
+        if let Err(err) = self.queue.publish_event(&holder, event).await {
+            tracing::warn!(%client_id, gateway = %holder, %err, "could not hand the client over");
+        }
+    }
+}
+
+/// A cluster-wide client slot, and the client id once claimed, held by one connection; given
+/// back when dropped.
+pub(super) struct ClusterSlot {
+    link: Arc<ClusterLink>,
+    slot: u32,
+    conn_id: u64,
+    client_id: Option<ClientId>,
+}
+
+impl ClusterSlot {
+    /// Claims the client's id for this connection across the cluster. A connection on another
+    /// gateway that held it is told to close (policy `replace`).
+    pub(super) async fn claim(
+        &mut self,
+        client_id: &ClientId,
+        replace: bool,
+    ) -> Result<Claim, PresenceError> {
+        let claim = self
+            .link
+            .presence
+            .claim(client_id, self.conn_id, replace)
+            .await?;
+        if let Claim::Claimed { replaced } = &claim {
+            self.client_id = Some(client_id.clone());
+            if let Some((gateway, conn_id)) = replaced {
+                let event = Event::Replaced {
+                    client_id: client_id.clone(),
+                    conn_id: *conn_id,
+                };
+                match self.link.queue.publish_event(gateway, event).await {
+                    Ok(Routed::Delivered) => {}
+                    // Gone: its lease ends soon, and with it the connection's claim.
+                    Ok(Routed::NoGateway) => {}
+                    Err(err) => {
+                        tracing::warn!(%client_id, %gateway, %err, "could not tell a gateway that its connection was replaced");
+                    }
+                }
+            }
+        }
+        Ok(claim)
+    }
+}
+
+impl Drop for ClusterSlot {
+    fn drop(&mut self) {
+        let link = self.link.clone();
+        let (slot, conn_id, client_id) = (self.slot, self.conn_id, self.client_id.take());
+        // Drop cannot wait; until the release lands, the slot counts as taken, which errs on
+        // the side of the limit.
+        tokio::spawn(async move {
+            if let Some(client_id) = client_id {
+                link.presence.release(&client_id, conn_id).await;
+            }
+            link.presence.release_slot(slot, conn_id).await;
+            link.lock().remove(&conn_id);
+        });
+    }
+}
