@@ -61,6 +61,7 @@ fn init_logs() {
     });
 }
 
+pub mod cluster;
 pub mod postgres;
 
 pub struct TestApp {

@@ -1,0 +1,308 @@
+//! A cluster of real `kaiwa gateway` and `kaiwa worker` processes for a test: a PostgreSQL
+//! database and a RabbitMQ vhost of the test's own (created here, removed when the cluster is
+//! dropped), a media directory the gateways share, and the processes, each started with the
+//! flags the test gives and stopped or killed when it says.
+//!
+//! RabbitMQ is the machine's (`KAIWA_TEST_AMQP`, default `amqp://guest:guest@127.0.0.1:5672`),
+//! with vhosts made by `rabbitmqctl`: a test that cannot reach either fails and says how to start
+//! RabbitMQ; it is never skipped.
+
+#![allow(dead_code, unreachable_pub)]
+
+use super::postgres::TestDatabase;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+
+const DEFAULT_BROKER: &str = "amqp://guest:guest@127.0.0.1:5672";
+const RABBIT_START: &str = "rabbitmq-server -detached";
+/// How long a process gets to say it is listening.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn broker() -> String {
+    std::env::var("KAIWA_TEST_AMQP").unwrap_or_else(|_| DEFAULT_BROKER.to_owned())
+}
+
+/// Runs `rabbitmqctl` with `args`; panics with the command to run when it cannot.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| {
+            panic!("rabbitmqctl cannot run ({err}): the cluster tests need RabbitMQ's tools (Debian package rabbitmq-server)")
+        });
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?} failed: {}{}\nIs RabbitMQ running? Start it with `{RABBIT_START}`.",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A RabbitMQ vhost of the test's own.
+pub struct TestVhost {
+    pub name: String,
+    /// The URL of the vhost.
+    pub url: String,
+}
+
+impl TestVhost {
+    pub fn create() -> TestVhost {
+        let name = format!("kaiwa_test_{}", uuid::Uuid::new_v4().simple());
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        let url = format!("{}/{name}", broker().trim_end_matches('/'));
+        TestVhost { name, url }
+    }
+
+    /// Messages ready in a queue of the vhost.
+    pub fn ready(&self, queue: &str) -> u64 {
+        rabbitmqctl(&[
+            "list_queues",
+            "-p",
+            &self.name,
+            "--quiet",
+            "name",
+            "messages_ready",
+        ])
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next() == Some(queue)).then(|| fields.next()?.parse().ok())?
+        })
+        .next()
+        .unwrap_or(0)
+    }
+
+    /// Drops every job waiting in the vhost's job queue: jobs lost as if with a broker.
+    pub fn purge_jobs(&self) {
+        rabbitmqctl(&["purge_queue", "-p", &self.name, "kaiwa.jobs"]);
+    }
+}
+
+impl Drop for TestVhost {
+    fn drop(&mut self) {
+        let deleted = std::process::Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.name])
+            .output();
+        if !deleted.is_ok_and(|output| output.status.success()) {
+            eprintln!("could not delete the test vhost {}", self.name);
+        }
+    }
+}
+
+/// The shared parts of a test cluster, and the processes started on them.
+pub struct Cluster {
+    pub database: TestDatabase,
+    pub vhost: TestVhost,
+    /// Data directories of the processes, and the media directory the gateways share.
+    pub dir: TempDir,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    pub async fn create() -> Cluster {
+        let database = TestDatabase::create().await;
+        let vhost = TestVhost::create();
+        // The schema first, once, as an operator would: processes starting together then do
+        // not all wait on the migration lock.
+        let migrated = Command::new(env!("CARGO_BIN_EXE_kaiwa"))
+            .args(["migrate", "--database-url", &database.url])
+            .output()
+            .await
+            .expect("kaiwa migrate runs");
+        assert!(migrated.status.success(), "{migrated:?}");
+        Cluster {
+            database,
+            vhost,
+            dir: tempfile::tempdir().expect("a temporary directory"),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn media_dir(&self) -> PathBuf {
+        self.dir.path().join("media")
+    }
+
+    /// Starts `kaiwa gateway` named `id` with `flags` on top of the cluster's.
+    pub async fn gateway(&self, id: &str, flags: &[&str]) -> Process {
+        let media = self.media_dir();
+        let mut args: Vec<String> = vec!["--media-dir".into(), media.display().to_string()];
+        args.extend(flags.iter().map(|flag| (*flag).to_owned()));
+        self.start("gateway", id, &args).await
+    }
+
+    /// Starts `kaiwa worker` named `id` with `flags` on top of the cluster's.
+    pub async fn worker(&self, id: &str, flags: &[&str]) -> Process {
+        let args: Vec<String> = flags.iter().map(|flag| (*flag).to_owned()).collect();
+        self.start("worker", id, &args).await
+    }
+
+    async fn start(&self, role: &str, id: &str, flags: &[String]) -> Process {
+        let data_dir = self.dir.path().join(id);
+        std::fs::create_dir_all(&data_dir).expect("a data directory");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kaiwa"));
+        command
+            .arg(role)
+            .args(["--bind", "127.0.0.1:0", "--gateway-id", id, "--data-dir"])
+            .arg(&data_dir)
+            .args(["--database-url", &self.database.url])
+            .args(["--queue-url", &self.vhost.url])
+            .args([
+                "--text-window",
+                "00:00-24:00",
+                "--voice-window",
+                "00:00-24:00",
+                "--image-window",
+                "00:00-24:00",
+                "--video-window",
+                "00:00-24:00",
+                "--log-format",
+                "json",
+                "--log",
+                &std::env::var("KAIWA_TEST_CLUSTER_LOG").unwrap_or_else(|_| "info".to_owned()),
+                "--openai-api-key",
+                "",
+            ])
+            .args(flags)
+            // Neither a `.env` file nor settings from the environment.
+            .current_dir(&data_dir)
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("KAIWA_") {
+                command.env_remove(name);
+            }
+        }
+        let mut child = command.spawn().expect("kaiwa starts");
+        let stdout = child.stdout.take().expect("its standard output");
+        let (listening, addr) = oneshot::channel();
+        tokio::spawn(read_logs(id.to_owned(), stdout, listening));
+        let addr = match tokio::time::timeout(START_TIMEOUT, addr).await {
+            Ok(Ok(addr)) => addr,
+            Ok(Err(_)) => panic!(
+                "kaiwa {role} {id} stopped before listening: {:?}",
+                child.wait().await.expect("its exit status")
+            ),
+            Err(_) => panic!("kaiwa {role} {id} did not listen within {START_TIMEOUT:?}"),
+        };
+        Process {
+            id: id.to_owned(),
+            child,
+            addr,
+            http: self.http.clone(),
+        }
+    }
+
+    /// Runs SQL on the cluster's database.
+    pub async fn sql_scalar(&self, query: &str) -> i64 {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&self.database.url)
+            .await
+            .expect("the test database answers");
+        let value: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(query.to_owned()))
+            .fetch_one(&mut conn)
+            .await
+            .expect("the query runs");
+        conn.close().await.ok();
+        value
+    }
+}
+
+/// One kaiwa process of the cluster.
+pub struct Process {
+    pub id: String,
+    child: Child,
+    pub addr: SocketAddr,
+    http: reqwest::Client,
+}
+
+impl Process {
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `GET path` as JSON, whatever the status.
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("HTTP works");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn health(&self) -> Value {
+        self.get_json("/health").await.1
+    }
+
+    /// SIGKILL: the process gets no chance to give anything back.
+    pub async fn kill(mut self) {
+        let running = self.child.try_wait().expect("its state");
+        assert!(
+            running.is_none(),
+            "{} died before the kill: {running:?}",
+            self.id
+        );
+        self.child.kill().await.expect("kaiwa is killed");
+        let status = self.child.wait().await.expect("its exit status");
+        assert_eq!(status.signal(), Some(9), "{status:?}");
+    }
+
+    /// SIGTERM, and waits for the graceful shutdown to end.
+    pub async fn stop(mut self) {
+        let pid = self.child.id().expect("kaiwa is running");
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await
+            .expect("kill runs");
+        assert!(sent.success(), "SIGTERM to {}", self.id);
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("kaiwa stops within 30 s")
+            .expect("its exit status");
+        assert!(status.success(), "{}: {status:?}", self.id);
+    }
+}
+
+async fn read_logs(
+    id: String,
+    stdout: tokio::process::ChildStdout,
+    listening: oneshot::Sender<SocketAddr>,
+) {
+    let mut listening = Some(listening);
+    let mut lines = BufReader::new(stdout).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let Ok(entry) = serde_json::from_str::<Value>(&line) else {
+            eprintln!("{id}: {line}");
+            continue;
+        };
+        if entry["message"] == "kaiwa is listening" {
+            let addr = entry["addr"].as_str().and_then(|a| a.parse().ok());
+            if let (Some(addr), Some(listening)) = (addr, listening.take()) {
+                listening.send(addr).ok();
+            }
+        } else if entry["level"] != "INFO" || std::env::var_os("KAIWA_TEST_CLUSTER_LOG").is_some() {
+            eprintln!("{id}: {line}");
+        }
+    }
+}
