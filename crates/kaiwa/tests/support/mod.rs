@@ -404,6 +404,19 @@ impl Client {
         }
     }
 
+    /// The next JSON frame that is not a heartbeat, or `None` once the connection has ended,
+    /// however long that takes (the caller bounds the wait).
+    pub async fn next_raw(&mut self) -> Option<Value> {
+        loop {
+            match decode(self.ws.next().await) {
+                Some(Ok(value)) if value["type"] == "heartbeat" => continue,
+                Some(Ok(value)) => return Some(value),
+                Some(Err(_)) => return None,
+                None => continue,
+            }
+        }
+    }
+
     /// Reads until the close frame, skipping everything else.
     pub async fn closed(&mut self) -> Closed {
         loop {
