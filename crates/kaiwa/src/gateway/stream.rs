@@ -11,7 +11,7 @@ use crate::domain::ClientId;
 use crate::queue::MessageRef;
 use crate::store::{Store, StoredReply};
 use kaiwa_protocol::{ErrorCode, MessageStatus};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -30,6 +30,11 @@ const MAX_AHEAD: usize = 256;
 /// Reads that may find nothing although a reply is known to be stored (it was committed before
 /// it was announced, so this means a store that lags): then the client is told to `sync`.
 const MAX_EMPTY_READS: u32 = 10;
+
+/// How many finished messages a stream remembers, to send each one's `replied` once: a
+/// redelivered job reports again within seconds, while a client has at most its in-flight
+/// allowance of messages finishing meanwhile.
+const FINISHED_KEPT: usize = 256;
 
 /// A reply reported by a worker; `last` marks the end of its message's reply set.
 #[derive(Debug)]
@@ -71,6 +76,10 @@ struct State {
     /// it, and the late event is dropped. An entry lives until the live event of the message's
     /// last reply, which comes after every other event of the message.
     started: HashSet<i64>,
+    /// Messages whose `replied` status went out lately. A job handed to a second worker (the
+    /// first died before telling the queue it was done) reports its stored replies again, and
+    /// with them the end of the message: its `replied` must not go out twice.
+    finished: VecDeque<i64>,
 }
 
 /// The one task that may read the stream back from the store, and what it is doing.
@@ -114,6 +123,7 @@ impl ReplyStream {
                 replay: None,
                 generation: 0,
                 started: HashSet::new(),
+                finished: VecDeque::with_capacity(FINISHED_KEPT),
             }),
             wake: Notify::new(),
         })
@@ -392,7 +402,8 @@ impl ReplyStream {
 
     /// Sends a message's `processing` status, once, before anything else of it.
     fn start(&self, state: &mut State, message: &MessageRef) {
-        if state.started.insert(message.message_id)
+        if !state.finished.contains(&message.message_id)
+            && state.started.insert(message.message_id)
             && let Some(frame) = Protocol::Native.status(message, MessageStatus::Processing)
         {
             self.outbox.push(frame);
@@ -403,6 +414,13 @@ impl ReplyStream {
     /// of the message comes after it, so it is forgotten.
     fn finish(&self, state: &mut State, message: &MessageRef) -> bool {
         state.started.remove(&message.message_id);
+        if state.finished.contains(&message.message_id) {
+            return true;
+        }
+        if state.finished.len() == FINISHED_KEPT {
+            state.finished.pop_front();
+        }
+        state.finished.push_back(message.message_id);
         Protocol::Native
             .status(message, MessageStatus::Replied)
             .is_none_or(|frame| self.outbox.push(frame))
@@ -422,5 +440,75 @@ impl ReplyStream {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::OutboxLimits;
+    use crate::store::MemoryStore;
+    use axum::extract::ws::Message;
+    use kaiwa_protocol::{Delivery, ReplyType};
+
+    fn reply(seq: u64) -> StoredReply {
+        StoredReply {
+            id: i64::try_from(seq).expect("small"),
+            message_id: 7,
+            seq,
+            reply_type: ReplyType::Text,
+            content: "hi".into(),
+            filename: None,
+            mime_type: None,
+            fallback: false,
+            delivery: Delivery::Pending,
+            created_at: chrono::Utc::now(),
+            delivered_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reply_set_reported_twice_goes_out_once_with_one_replied() {
+        let (outbox, mut frames) = Outbox::new(OutboxLimits {
+            frames: 64,
+            bytes: 1 << 20,
+        });
+        let client_id = ClientId::parse("twice").expect("an id");
+        let stream = ReplyStream::new(
+            client_id.clone(),
+            outbox,
+            Arc::new(MemoryStore::default()),
+            TaskTracker::new(),
+            0,
+        );
+        let message = MessageRef {
+            client_id,
+            message_id: 7,
+            client_message_id: Some("m1".into()),
+        };
+        // The first worker's report, then the same again from the worker the job went to next.
+        for _ in 0..2 {
+            stream.processing(&message);
+            assert!(stream.offer(Live {
+                message: message.clone(),
+                reply: reply(1),
+                last: true,
+            }));
+        }
+        let mut sent = Vec::new();
+        while let Ok(frame) = frames.try_recv() {
+            if let Message::Text(text) = frame.message() {
+                let value: serde_json::Value = serde_json::from_str(text).expect("JSON");
+                sent.push(format!("{}:{}", value["type"], value["status"]));
+            }
+        }
+        assert_eq!(
+            sent,
+            [
+                r#""status":"processing""#,
+                r#""reply":null"#,
+                r#""status":"replied""#
+            ]
+        );
     }
 }
