@@ -4,7 +4,7 @@
 
 use crate::ledger::{Effect, Ledger, Mode, Observed, Sent};
 use crate::media::Samples;
-use crate::plan::{ClientPlan, Mix, Pace};
+use crate::plan::{self, ClientPlan, Mix, Pace};
 use crate::report::{Live, Problem, Tally};
 use crate::windows::{Expectation, Windows};
 use chrono::{SecondsFormat, Utc};
@@ -51,7 +51,8 @@ pub fn ws_config() -> WebSocketConfig {
 /// What every client of a run shares.
 #[derive(Debug, Clone)]
 pub struct Shared {
-    pub url: String,
+    /// The servers' endpoints; each client keeps to the one [`plan::endpoint`] gives it.
+    pub urls: Arc<[String]>,
     pub mode: Mode,
     pub mix: Mix,
     pub samples: Arc<Samples>,
@@ -64,6 +65,15 @@ pub struct Shared {
     pub drain_timeout: Duration,
     /// When to stop sending, for runs with a duration.
     pub deadline: Option<Instant>,
+}
+
+impl Shared {
+    /// The endpoint of client `index`.
+    pub fn url(&self, index: usize) -> &str {
+        self.urls
+            .get(plan::endpoint(index, self.urls.len()))
+            .map_or("", String::as_str)
+    }
 }
 
 /// What a connected client learned from the server.
@@ -334,7 +344,7 @@ async fn wait_for_turn(
             ledger.problem(Problem::NoTurn);
             return None;
         }
-        match connect(&shared.url, shared.mode, plan).await {
+        match connect(shared.url(plan.index), shared.mode, plan).await {
             Attempt::Ready(ws, welcome) => return Some((ws, welcome)),
             Attempt::Refused(code) => {
                 ledger.tally_mut().refused(code);

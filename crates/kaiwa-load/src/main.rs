@@ -30,7 +30,7 @@ enum Scenario {
     Spec(MessageArgs),
     /// Clients sending as fast as answers come back (or at --rate); reports messages per second.
     Throughput(MessageArgs),
-    /// Opens and holds idle connections; reports the server's resident memory per connection.
+    /// Opens and holds idle connections; reports each server's resident memory per connection.
     Connections(ConnectionArgs),
     /// Prints one table from the --json reports of several runs (used by bench/run.sh).
     Table {
@@ -40,8 +40,8 @@ enum Scenario {
     /// One client process's share of `connections` (started by the tool itself).
     #[command(hide = true)]
     ConnectionsPart {
-        #[arg(long)]
-        url: String,
+        #[arg(long, required = true)]
+        url: Vec<String>,
         #[arg(long)]
         first: usize,
         #[arg(long)]
@@ -53,9 +53,10 @@ enum Scenario {
 
 #[derive(Debug, Args)]
 struct Common {
-    /// The server's WebSocket endpoint.
+    /// The server's WebSocket endpoint. Give it once per gateway of a cluster (or once, for
+    /// HAProxy's port): client i connects, and reconnects, to the (i mod n)th.
     #[arg(long, default_value = "ws://127.0.0.1:8082/ws")]
-    url: String,
+    url: Vec<String>,
     /// Write the summary as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -118,9 +119,10 @@ struct ConnectionArgs {
     /// Client processes to spread them over (0: one per 10,000 connections).
     #[arg(long, default_value_t = 0)]
     processes: usize,
-    /// The server's process id, to read its resident memory from /proc.
+    /// The server's process id, to read its resident memory from /proc. With several --url,
+    /// one per --url in the same order; memory per connection is then reported per process.
     #[arg(long)]
-    server_pid: Option<u32>,
+    server_pid: Vec<u32>,
     /// Seconds to hold the connections before measuring.
     #[arg(long, default_value = "5", value_parser = seconds)]
     hold: Duration,
@@ -143,16 +145,20 @@ fn main() -> anyhow::Result<ExitCode> {
             Scenario::Connections(args) => {
                 let config = ConnectionsConfig {
                     label: args.common.label.clone(),
-                    url: args.common.url.clone(),
+                    urls: args.common.url.clone(),
                     clients: args.clients,
                     processes: args.processes,
-                    server_pid: args.server_pid,
+                    server_pids: args.server_pid.clone(),
                     hold: args.hold,
                     exe: std::env::current_exe().ok(),
                     seed: args.common.seed,
                 };
                 if !args.common.quiet {
-                    eprintln!("opening {} idle connections…", args.clients);
+                    eprintln!(
+                        "opening {} idle connections to {}…",
+                        args.clients,
+                        args.common.url.join(", ")
+                    );
                 }
                 let summary = connections::run(config).await?;
                 finish(&summary, args.common.json.as_ref())
@@ -213,7 +219,7 @@ async fn messages(scenario: &str, args: MessageArgs) -> anyhow::Result<ExitCode>
     let config = LoadConfig {
         scenario: scenario.to_owned(),
         label: args.common.label.clone(),
-        url: args.common.url.clone(),
+        urls: args.common.url.clone(),
         mode,
         clients: args.clients.unwrap_or(default_clients),
         messages,

@@ -156,6 +156,22 @@ pub fn clients(clients: usize, total: Option<u64>, seed: u64, run_id: &str) -> V
         .collect()
 }
 
+/// Which of `urls` endpoints client `index` uses: client i takes url[i % n], for its first
+/// connection and every reconnect, so consecutive clients land on different gateways and each
+/// stays on its own (a reply that had to follow it elsewhere is the server's job, not the
+/// tool's).
+pub fn endpoint(index: usize, urls: usize) -> usize {
+    index % urls.max(1)
+}
+
+/// How many of `clients` clients [`endpoint`] gives to each of `urls` endpoints.
+pub fn clients_per_endpoint(clients: usize, urls: usize) -> Vec<usize> {
+    let urls = urls.max(1);
+    (0..urls)
+        .map(|u| clients / urls + usize::from(u < clients % urls))
+        .collect()
+}
+
 /// Any zone of the tz database, half-hour and 45-minute ones included.
 pub fn random_timezone(rng: &mut StdRng) -> Tz {
     TZ_VARIANTS.choose(rng).copied().unwrap_or(Tz::UTC)
@@ -206,6 +222,15 @@ mod tests {
         assert!("sticker=1".parse::<Mix>().is_err());
         assert!("text=0".parse::<Mix>().is_err());
         assert_eq!("text".parse::<Mix>(), Ok(Mix::text()));
+    }
+
+    #[test]
+    fn clients_take_the_endpoints_in_turn() {
+        let picked: Vec<usize> = (0..7).map(|i| endpoint(i, 3)).collect();
+        assert_eq!(picked, [0, 1, 2, 0, 1, 2, 0]);
+        assert_eq!(clients_per_endpoint(7, 3), [3, 2, 2]);
+        assert_eq!(clients_per_endpoint(2, 3), [1, 1, 0]);
+        assert_eq!(endpoint(5, 1), 0);
     }
 
     #[test]

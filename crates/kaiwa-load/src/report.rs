@@ -336,13 +336,78 @@ pub struct TypeSummary {
     pub reply_ms: Option<Quantiles>,
 }
 
-/// Resident memory of the server, for the `connections` scenario.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// Resident memory of the server, for the `connections` scenario. Against several servers, the
+/// sums over all of them, per connection they held between them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Memory {
+    /// The first server's process id (reports older than clusters had only one).
     pub server_pid: u32,
+    /// Every server measured.
+    #[serde(default)]
+    pub server_pids: Vec<u32>,
     pub baseline_kib: u64,
     pub loaded_kib: u64,
     pub per_connection_kib: f64,
+}
+
+/// Resident memory of one server process (a gateway) and the connections it held.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayMemory {
+    pub server_pid: u32,
+    /// The endpoints this process serves, usually one.
+    pub urls: Vec<String>,
+    pub connections: u64,
+    pub baseline_kib: u64,
+    pub loaded_kib: u64,
+    pub per_connection_kib: f64,
+}
+
+impl GatewayMemory {
+    /// The totals over several servers, so a cluster's figure reads like a single server's.
+    pub fn total(gateways: &[GatewayMemory]) -> Option<Memory> {
+        let first = gateways.first()?;
+        let baseline: u64 = gateways.iter().map(|g| g.baseline_kib).sum();
+        let loaded: u64 = gateways.iter().map(|g| g.loaded_kib).sum();
+        let connections: u64 = gateways.iter().map(|g| g.connections).sum();
+        let grown: u64 = gateways
+            .iter()
+            .map(|g| g.loaded_kib.saturating_sub(g.baseline_kib))
+            .sum();
+        Some(Memory {
+            server_pid: first.server_pid,
+            server_pids: gateways.iter().map(|g| g.server_pid).collect(),
+            baseline_kib: baseline,
+            loaded_kib: loaded,
+            per_connection_kib: grown as f64 / connections.max(1) as f64,
+        })
+    }
+}
+
+/// What the clients of one endpoint came to, when a run spreads them over several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UrlShare {
+    pub url: String,
+    pub clients: u64,
+    pub connected: u64,
+    pub sent: u64,
+    pub completed: u64,
+    pub lost: u64,
+    /// Problems of every kind, `lost` included.
+    pub problems: u64,
+}
+
+impl UrlShare {
+    pub fn from_tally(url: &str, tally: &Tally) -> Self {
+        Self {
+            url: url.to_owned(),
+            clients: tally.clients,
+            connected: tally.connected,
+            sent: tally.sent,
+            completed: tally.completed,
+            lost: tally.lost(),
+            problems: tally.problem_count(),
+        }
+    }
 }
 
 /// The result of a run, as printed and as written by `--json`.
@@ -352,7 +417,15 @@ pub struct Summary {
     pub label: Option<String>,
     /// `native`, `legacy` or `echo`.
     pub protocol: String,
+    /// The endpoints, joined by ", " (a single URL before runs could have several).
     pub url: String,
+    /// The endpoints, in the order clients were given to them.
+    #[serde(default)]
+    pub urls: Vec<String>,
+    /// The tag in this run's client ids (`load-<run_id>-<i>`, `idle-<run_id>-<i>`), to find
+    /// them in the servers' history.
+    #[serde(default)]
+    pub run_id: Option<String>,
     pub started_at: String,
     pub clients: u64,
     pub offered_rate: Option<f64>,
@@ -383,6 +456,12 @@ pub struct Summary {
     pub all_ack_ms: Option<Quantiles>,
     pub all_reply_ms: Option<Quantiles>,
     pub memory: Option<Memory>,
+    /// Per server process, in the `connections` scenario.
+    #[serde(default)]
+    pub memory_by_gateway: Vec<GatewayMemory>,
+    /// Per endpoint, in the order of `urls`.
+    #[serde(default)]
+    pub by_url: Vec<UrlShare>,
     /// Nothing lost or wrong, and every client had its turn.
     pub ok: bool,
 }
@@ -393,7 +472,7 @@ pub struct RunInfo {
     pub scenario: String,
     pub label: Option<String>,
     pub protocol: String,
-    pub url: String,
+    pub urls: Vec<String>,
     pub started_at: String,
     pub offered_rate: Option<f64>,
     pub elapsed: Duration,
@@ -441,7 +520,9 @@ impl Summary {
             scenario: info.scenario,
             label: info.label,
             protocol: info.protocol,
-            url: info.url,
+            url: info.urls.join(", "),
+            urls: info.urls,
+            run_id: None,
             started_at: info.started_at,
             clients: tally.clients,
             offered_rate: info.offered_rate,
@@ -472,6 +553,8 @@ impl Summary {
             all_ack_ms: all_ack.as_ref().map(Quantiles::of),
             all_reply_ms: all_reply.as_ref().map(Quantiles::of),
             memory: None,
+            memory_by_gateway: Vec::new(),
+            by_url: Vec::new(),
         }
     }
 
@@ -509,14 +592,44 @@ impl Summary {
             self.clients_sent,
             self.elapsed_s
         );
+        if self.by_url.len() > 1 {
+            for share in &self.by_url {
+                let _ = writeln!(
+                    out,
+                    "    {}: {} clients, {} connected, sent {}, completed {}, lost {}, problems {}",
+                    share.url,
+                    share.clients,
+                    share.connected,
+                    share.sent,
+                    share.completed,
+                    share.lost,
+                    share.problems
+                );
+            }
+        }
+        if self.memory_by_gateway.len() > 1 {
+            for gateway in &self.memory_by_gateway {
+                let _ = writeln!(
+                    out,
+                    "  server pid {} ({}), {} connections: {} KiB resident before, {} KiB with them: {:.2} KiB per connection",
+                    gateway.server_pid,
+                    gateway.urls.join(", "),
+                    gateway.connections,
+                    gateway.baseline_kib,
+                    gateway.loaded_kib,
+                    gateway.per_connection_kib
+                );
+            }
+        }
         if let Some(memory) = &self.memory {
+            let servers = match memory.server_pids.len() {
+                0 | 1 => format!("server pid {}", memory.server_pid),
+                n => format!("all {n} servers"),
+            };
             let _ = writeln!(
                 out,
-                "  server pid {}: {} KiB resident before, {} KiB with the connections: {:.2} KiB per connection",
-                memory.server_pid,
-                memory.baseline_kib,
-                memory.loaded_kib,
-                memory.per_connection_kib
+                "  {servers}: {} KiB resident before, {} KiB with the connections: {:.2} KiB per connection",
+                memory.baseline_kib, memory.loaded_kib, memory.per_connection_kib
             );
         }
         if self.sent > 0 {
@@ -687,7 +800,7 @@ mod tests {
             scenario: "spec".into(),
             label: None,
             protocol: "native".into(),
-            url: "ws://127.0.0.1:1/ws".into(),
+            urls: vec!["ws://127.0.0.1:1/ws".into()],
             started_at: String::new(),
             offered_rate: None,
             elapsed: Duration::from_secs(1),
@@ -705,6 +818,84 @@ mod tests {
     }
 
     #[test]
+    fn endpoints_and_gateways_are_shown_one_by_one_and_old_reports_still_parse() {
+        let urls = vec![
+            "ws://127.0.0.1:1/ws".to_owned(),
+            "ws://127.0.0.1:2/ws".to_owned(),
+        ];
+        let info = RunInfo {
+            scenario: "connections".into(),
+            label: None,
+            protocol: "native".into(),
+            urls: urls.clone(),
+            started_at: String::new(),
+            offered_rate: None,
+            elapsed: Duration::from_secs(1),
+            max_concurrent: 3,
+        };
+        let mut summary = Summary::new(info, &Tally::default());
+        assert_eq!(summary.url, "ws://127.0.0.1:1/ws, ws://127.0.0.1:2/ws");
+        summary.by_url = urls
+            .iter()
+            .map(|url| {
+                UrlShare::from_tally(
+                    url,
+                    &Tally {
+                        clients: 2,
+                        connected: 2,
+                        ..Tally::default()
+                    },
+                )
+            })
+            .collect();
+        summary.memory_by_gateway = vec![
+            GatewayMemory {
+                server_pid: 10,
+                urls: vec![urls[0].clone()],
+                connections: 2,
+                baseline_kib: 100,
+                loaded_kib: 120,
+                per_connection_kib: 10.0,
+            },
+            GatewayMemory {
+                server_pid: 11,
+                urls: vec![urls[1].clone()],
+                connections: 1,
+                baseline_kib: 100,
+                loaded_kib: 104,
+                per_connection_kib: 4.0,
+            },
+        ];
+        summary.memory = GatewayMemory::total(&summary.memory_by_gateway);
+        let memory = summary.memory.clone().expect("a total");
+        assert_eq!((memory.server_pid, memory.server_pids), (10, vec![10, 11]));
+        assert_eq!((memory.baseline_kib, memory.loaded_kib), (200, 224));
+        assert!((memory.per_connection_kib - 8.0).abs() < 1e-9);
+        let table = summary.table();
+        assert!(
+            table.contains("ws://127.0.0.1:2/ws: 2 clients, 2 connected"),
+            "{table}"
+        );
+        assert!(
+            table.contains("server pid 11 (ws://127.0.0.1:2/ws), 1 connections"),
+            "{table}"
+        );
+        assert!(table.contains("all 2 servers: 200 KiB"), "{table}");
+
+        let mut json = serde_json::to_value(&summary).expect("serializes");
+        let fields = json.as_object_mut().expect("an object");
+        for key in ["urls", "run_id", "by_url", "memory_by_gateway"] {
+            fields.remove(key);
+        }
+        if let Some(memory) = fields.get_mut("memory").and_then(|m| m.as_object_mut()) {
+            memory.remove("server_pids");
+        }
+        let old: Summary = serde_json::from_value(json).expect("a report from before clusters");
+        assert_eq!(old.url, summary.url);
+        assert!(old.urls.is_empty() && old.by_url.is_empty());
+    }
+
+    #[test]
     fn a_summary_with_problems_is_not_ok_and_says_so() {
         let mut tally = Tally {
             sent: 1,
@@ -715,7 +906,7 @@ mod tests {
             scenario: "spec".into(),
             label: None,
             protocol: "native".into(),
-            url: "ws://127.0.0.1:1/ws".into(),
+            urls: vec!["ws://127.0.0.1:1/ws".into()],
             started_at: String::new(),
             offered_rate: None,
             elapsed: Duration::from_secs(1),

@@ -5,7 +5,7 @@ use crate::client::{self, Shared, StartLine};
 use crate::ledger::Mode;
 use crate::media::{MediaError, Samples};
 use crate::plan::{self, Mix, Pace};
-use crate::report::{Live, RunInfo, Summary, Tally};
+use crate::report::{Live, RunInfo, Summary, Tally, UrlShare};
 use crate::windows::Windows;
 use chrono::{SecondsFormat, Utc};
 use futures::{SinkExt, StreamExt};
@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 pub struct LoadConfig {
     pub scenario: String,
     pub label: Option<String>,
-    pub url: String,
+    /// The servers' endpoints (gateways of a cluster, or one server); client i keeps to
+    /// `urls[i % urls.len()]`.
+    pub urls: Vec<String>,
     pub mode: Mode,
     pub clients: usize,
     /// Messages in all; with neither this nor `duration`, the scenario's default applies.
@@ -48,6 +50,8 @@ pub enum LoadError {
     Media(#[from] MediaError),
     #[error("--clients must be at least 1")]
     NoClients,
+    #[error("at least one --url is needed")]
+    NoUrls,
     #[error("--rate must be a positive number of messages per second")]
     BadRate,
     #[error("a client task failed: {0}")]
@@ -59,6 +63,9 @@ pub async fn run(config: LoadConfig) -> Result<Summary, LoadError> {
     if config.clients == 0 {
         return Err(LoadError::NoClients);
     }
+    let Some(first_url) = config.urls.first() else {
+        return Err(LoadError::NoUrls);
+    };
     if config
         .rate
         .is_some_and(|rate| !(rate > 0.0 && rate.is_finite()))
@@ -79,10 +86,11 @@ pub async fn run(config: LoadConfig) -> Result<Summary, LoadError> {
         }
     });
 
-    // Legacy frames carry no windows; a native probe asks the server for its own.
+    // Legacy frames carry no windows; a native probe asks the server for its own. The gateways
+    // of a cluster share one configuration, so the first speaks for all.
     let windows = match config.mode {
         Mode::Legacy => Some(
-            probe_windows(&config.url, config.seed)
+            probe_windows(first_url, config.seed)
                 .await
                 .unwrap_or_default(),
         ),
@@ -107,7 +115,7 @@ pub async fn run(config: LoadConfig) -> Result<Summary, LoadError> {
         _ => None,
     };
     let shared = Shared {
-        url: config.url.clone(),
+        urls: config.urls.clone().into(),
         mode: config.mode,
         mix: config.mix.clone(),
         samples,
@@ -137,7 +145,11 @@ pub async fn run(config: LoadConfig) -> Result<Summary, LoadError> {
                 None,
             ),
         };
-        tasks.push(tokio::spawn(client::run(shared.clone(), plan, pace, start)));
+        let endpoint = plan::endpoint(plan.index, config.urls.len());
+        tasks.push((
+            endpoint,
+            tokio::spawn(client::run(shared.clone(), plan, pace, start)),
+        ));
     }
     drop(ready_tx);
     if config.rate.is_some() {
@@ -159,8 +171,13 @@ pub async fn run(config: LoadConfig) -> Result<Summary, LoadError> {
 
     let progress = Progress::start(&config, total, live.clone());
     let mut tally = Tally::default();
-    for task in tasks {
-        tally.merge(&task.await?);
+    let mut by_url = vec![Tally::default(); config.urls.len()];
+    for (endpoint, task) in tasks {
+        let client = task.await?;
+        tally.merge(&client);
+        if let Some(share) = by_url.get_mut(endpoint) {
+            share.merge(&client);
+        }
     }
     progress.finish();
     timer.abort();
@@ -169,13 +186,21 @@ pub async fn run(config: LoadConfig) -> Result<Summary, LoadError> {
         scenario: config.scenario.clone(),
         label: config.label.clone(),
         protocol: config.mode.name().to_owned(),
-        url: config.url.clone(),
+        urls: config.urls.clone(),
         started_at,
         offered_rate: config.rate,
         elapsed: began.elapsed(),
         max_concurrent: Live::get(&live.max_concurrent),
     };
-    Ok(Summary::new(info, &tally))
+    let mut summary = Summary::new(info, &tally);
+    summary.run_id = Some(run_id);
+    summary.by_url = config
+        .urls
+        .iter()
+        .zip(&by_url)
+        .map(|(url, share)| UrlShare::from_tally(url, share))
+        .collect();
+    Ok(summary)
 }
 
 /// Reads the server's windows from a native `welcome`; `None` if the server does not speak

@@ -1,19 +1,21 @@
 //! The load tool against real servers: an in-process kaiwa with small delays (nothing may be
-//! lost), the echo baseline, and fake servers that withhold or repeat replies (the tool must
-//! report it, so its checks can fail).
+//! lost), two of them given as two endpoints (each client keeps to its own), the echo baseline,
+//! and fake servers that withhold or repeat replies (the tool must report it, so its checks can
+//! fail).
 
 use futures::{SinkExt, StreamExt};
 use kaiwa::clock::SystemClock;
 use kaiwa::{Application, ServeConfig};
 use kaiwa_load::connections::{self, ConnectionsConfig};
 use kaiwa_load::media::Samples;
-use kaiwa_load::plan::Mix;
+use kaiwa_load::plan::{self, Mix};
 use kaiwa_load::{LoadConfig, Mode};
 use kaiwa_protocol::{CloseCode, ErrorCode, MessageStatus, MessageType, ReplyType, native};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::WebSocketStream;
@@ -54,13 +56,44 @@ impl Server {
     fn url(&self) -> String {
         format!("ws://{}/ws", self.addr)
     }
+
+    /// GET `path` as JSON (HTTP/1.1, one request per connection, no client library needed).
+    async fn get(&self, path: &str) -> serde_json::Value {
+        let mut tcp = TcpStream::connect(self.addr).await.expect("connects");
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.addr
+        );
+        tcp.write_all(request.as_bytes()).await.expect("writes");
+        let mut raw = Vec::new();
+        tcp.read_to_end(&mut raw).await.expect("reads");
+        let text = String::from_utf8(raw).expect("UTF-8");
+        let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    }
+
+    /// The sessions this server holds now, by its /health.
+    async fn connections(&self) -> u64 {
+        self.get("/health").await["connections"]
+            .as_u64()
+            .expect("a connection count")
+    }
+
+    /// How many messages this server stored from `client_id`.
+    async fn stored(&self, client_id: &str) -> u64 {
+        self.get(&format!("/chat-history/{client_id}?limit=1"))
+            .await["pagination"]["total"]
+            .as_u64()
+            .expect("a total")
+    }
 }
 
 fn config(url: String, mode: Mode, clients: usize, messages: u64) -> LoadConfig {
     LoadConfig {
         scenario: "spec".into(),
         label: None,
-        url,
+        urls: vec![url],
         mode,
         clients,
         messages: Some(messages),
@@ -466,10 +499,10 @@ async fn idle_connections_are_held_from_several_source_addresses_and_processes()
     let server = Server::start(&["--max-clients", "100"]).await;
     let config = ConnectionsConfig {
         label: None,
-        url: server.url(),
+        urls: vec![server.url()],
         clients: 40,
         processes: 2,
-        server_pid: Some(std::process::id()),
+        server_pids: vec![std::process::id()],
         hold: Duration::ZERO,
         exe: Some(env!("CARGO_BIN_EXE_kaiwa-load").into()),
         seed: 3,
@@ -478,6 +511,150 @@ async fn idle_connections_are_held_from_several_source_addresses_and_processes()
     assert!(summary.ok, "{}", summary.table());
     assert_eq!(summary.connected, 40);
     assert!(summary.memory.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_are_spread_over_several_urls_and_each_keeps_to_its_own_server() {
+    // Two separate kaiwas share nothing: a client that strayed to the other server would find
+    // no messages of its own there, and its history would be split.
+    let servers = [
+        Server::start(&["--max-clients", "3", "--reply-delay-scale", "0.01"]).await,
+        Server::start(&["--max-clients", "3", "--reply-delay-scale", "0.01"]).await,
+    ];
+    let (clients, messages) = (9, 90);
+    let mut config = config(servers[0].url(), Mode::Native, clients, messages);
+    config.urls.push(servers[1].url());
+    let summary = kaiwa_load::run(config).await.expect("the run completes");
+    assert!(summary.ok, "{}", summary.table());
+    assert_eq!((summary.sent, summary.completed), (messages, messages));
+    assert_eq!(summary.clients_sent, clients as u64);
+    // Five and four clients for three slots each: both servers turned some away for a while.
+    assert!(summary.refusals > 0, "{}", summary.table());
+    assert_eq!(summary.urls, [servers[0].url(), servers[1].url()]);
+    assert_eq!(
+        summary.url,
+        format!("{}, {}", servers[0].url(), servers[1].url())
+    );
+    let shares: Vec<(u64, u64)> = summary
+        .by_url
+        .iter()
+        .map(|share| (share.clients, share.connected))
+        .collect();
+    assert_eq!(shares, [(5, 5), (4, 4)], "{}", summary.table());
+
+    // The servers' own records: client i stored exactly its messages on server i % 2, and none
+    // on the other.
+    let run_id = summary.run_id.clone().expect("the run's id");
+    let plans = plan::clients(clients, Some(messages), 42, &run_id);
+    let mut stored = [0, 0];
+    for plan in &plans {
+        let home = plan.index % 2;
+        let on_home = servers[home].stored(&plan.client_id).await;
+        assert_eq!(Some(on_home), plan.messages, "{}", plan.client_id);
+        assert_eq!(servers[1 - home].stored(&plan.client_id).await, 0);
+        stored[home] += on_home;
+    }
+    let sent: Vec<u64> = summary.by_url.iter().map(|share| share.sent).collect();
+    assert_eq!(sent, stored);
+    assert!(stored.iter().all(|&n| n > 0), "{stored:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_over_two_urls_are_counted_and_measured_per_gateway() {
+    let servers = [
+        Server::start(&["--max-clients", "100"]).await,
+        Server::start(&["--max-clients", "100"]).await,
+    ];
+    let urls = vec![servers[0].url(), servers[1].url()];
+
+    // Each server holds its half, by its own count.
+    let held = connections::hold(&urls, 0, 21, "spread").await;
+    assert_eq!(held.connected_by_url, [11, 10]);
+    for (server, expected) in servers.iter().zip([11, 10]) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while server.connections().await != expected && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(server.connections().await, expected);
+    }
+    let tallies = held.release().await;
+    assert!(tallies.iter().all(|t| t.problems.is_empty()), "{tallies:?}");
+
+    // Both kaiwas live in this process: a stand-in process gives the second URL a pid of its
+    // own, so the report has to keep two gateways apart. Its memory is not the server's, only
+    // the attribution is checked.
+    let mut stand_in = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .expect("sleep starts");
+    let config = ConnectionsConfig {
+        label: None,
+        urls: urls.clone(),
+        clients: 40,
+        processes: 2,
+        server_pids: vec![std::process::id(), stand_in.id()],
+        hold: Duration::ZERO,
+        exe: Some(env!("CARGO_BIN_EXE_kaiwa-load").into()),
+        seed: 5,
+    };
+    let summary = connections::run(config).await;
+    stand_in.kill().ok();
+    stand_in.wait().ok();
+    let summary = summary.expect("the run completes");
+    assert!(summary.ok, "{}", summary.table());
+    assert_eq!(summary.connected, 40);
+    let shares: Vec<(u64, u64)> = summary
+        .by_url
+        .iter()
+        .map(|share| (share.clients, share.connected))
+        .collect();
+    assert_eq!(shares, [(20, 20), (20, 20)], "{}", summary.table());
+    let gateways: Vec<(u32, Vec<String>, u64)> = summary
+        .memory_by_gateway
+        .iter()
+        .map(|g| (g.server_pid, g.urls.clone(), g.connections))
+        .collect();
+    assert_eq!(
+        gateways,
+        [
+            (std::process::id(), vec![urls[0].clone()], 20),
+            (stand_in.id(), vec![urls[1].clone()], 20),
+        ],
+        "{}",
+        summary.table()
+    );
+    let memory = summary.memory.as_ref().expect("the total over both");
+    assert_eq!(memory.server_pids, [std::process::id(), stand_in.id()]);
+
+    // One process named for both URLs is read once, for the connections of both.
+    let config = ConnectionsConfig {
+        label: None,
+        urls: urls.clone(),
+        clients: 10,
+        processes: 1,
+        server_pids: vec![std::process::id(); 2],
+        hold: Duration::ZERO,
+        exe: None,
+        seed: 6,
+    };
+    let summary = connections::run(config).await.expect("the run completes");
+    assert!(summary.ok, "{}", summary.table());
+    assert_eq!(summary.memory_by_gateway.len(), 1);
+    assert_eq!(summary.memory_by_gateway[0].urls, urls);
+    assert_eq!(summary.memory_by_gateway[0].connections, 10);
+
+    // A pid for only one of two URLs is refused rather than guessed.
+    let config = ConnectionsConfig {
+        label: None,
+        urls,
+        clients: 2,
+        processes: 1,
+        server_pids: vec![std::process::id()],
+        hold: Duration::ZERO,
+        exe: None,
+        seed: 7,
+    };
+    assert!(connections::run(config).await.is_err());
 }
 
 #[tokio::test]
