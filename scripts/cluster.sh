@@ -162,7 +162,8 @@ restart() {
   killed_at=$(date +%s.%N)
   kill -KILL "$pid"
   while kill -0 "$pid" 2>/dev/null; do sleep 0.01; done
-  eval "$(cat "$RUN_DIR/$name.cmd")" >>"$RUN_DIR/$name.log" 2>&1 &
+  # exec: the pid kept is kaiwa's own, not that of a shell around it.
+  (eval "exec $(cat "$RUN_DIR/$name.cmd")") >>"$RUN_DIR/$name.log" 2>&1 &
   echo $! >"$RUN_DIR/$name.pid"
   wait_for_port "$port" || fail "$name did not come back: see $RUN_DIR/$name.log"
   echo "$(date +%s.%N) - $killed_at" | bc
