@@ -38,9 +38,12 @@ pub enum TelemetryError {
 
 /// Keeps WebSocket frames out of the logs.
 const NO_FRAMES: &str = "tungstenite::protocol=debug";
+/// Keeps messages RabbitMQ returned (events for a gateway that is gone) out of the logs.
+const NO_RETURNS: &str = "lapin::returned_messages=error";
 
-const GATEWAY_TARGETS: [&str; 4] = [
+const GATEWAY_TARGETS: [&str; 5] = [
     "kaiwa::gateway",
+    "kaiwa::presence",
     "kaiwa::admission",
     "kaiwa::http",
     "kaiwa::app",
@@ -59,7 +62,17 @@ pub fn init(config: &LogConfig, data_dir: &Path) -> Result<TelemetryGuard, Telem
         .add_directive(NO_FRAMES.parse().map_err(|source| TelemetryError::Filter {
             filter: NO_FRAMES.to_owned(),
             source,
-        })?);
+        })?)
+        // lapin warns of every message the broker returns, whole (a reply's text included);
+        // kaiwa publishes events as mandatory so that returns happen, and handles each one.
+        .add_directive(
+            NO_RETURNS
+                .parse()
+                .map_err(|source| TelemetryError::Filter {
+                    filter: NO_RETURNS.to_owned(),
+                    source,
+                })?,
+        );
     let stdout = match config.log_format {
         LogFormat::Text => fmt::layer()
             .with_target(true)
