@@ -5,7 +5,8 @@
 //! - [`client`]: one client's connection, its writer and reader.
 //! - [`ledger`]: the accounting of every message: what it must get back, and what it got.
 //! - [`windows`]: predicts from the server's `welcome` which messages must be rejected.
-//! - [`report`]: counters, latency histograms, the final table and JSON.
+//! - [`report`]: counters, latency histograms, the final table and JSON; [`gaps`]: how long
+//!   replies stopped coming.
 //! - [`run`]: the message scenarios (`spec`, `throughput`, `--rate`); [`connections`]: idle
 //!   connections and the server's memory per connection.
 //! - [`echo`]: the bare WebSocket echo server used as the ceiling; [`table`]: the benchmark
@@ -14,6 +15,7 @@
 pub mod client;
 pub mod connections;
 pub mod echo;
+pub mod gaps;
 pub mod ledger;
 pub mod media;
 pub mod plan;
