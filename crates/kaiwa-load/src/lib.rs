@@ -2,7 +2,8 @@
 //! fast the server is.
 //!
 //! - [`plan`]: who the clients are (ids, random IANA timezones) and what they send, at what pace.
-//! - [`client`]: one client's connection, its writer and reader.
+//! - [`client`]: one client's connection, its writer and reader; [`resume`]: coming back
+//!   after a connection ends under it (`--reconnect`).
 //! - [`ledger`]: the accounting of every message: what it must get back, and what it got.
 //! - [`windows`]: predicts from the server's `welcome` which messages must be rejected.
 //! - [`report`]: counters, latency histograms, the final table and JSON; [`gaps`]: how long
@@ -20,6 +21,7 @@ pub mod ledger;
 pub mod media;
 pub mod plan;
 pub mod report;
+pub mod resume;
 pub mod run;
 pub mod table;
 pub mod windows;

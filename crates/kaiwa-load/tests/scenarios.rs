@@ -105,6 +105,7 @@ fn config(url: String, mode: Mode, clients: usize, messages: u64) -> LoadConfig 
         drain_timeout: Duration::from_secs(20),
         timeout: Duration::from_secs(120),
         progress: false,
+        reconnect: false,
     }
 }
 
