@@ -1,11 +1,14 @@
 //! One simulated client: it connects (from a chosen loopback address when asked), introduces
 //! itself, waits its turn while the server is full, then sends its messages at its pace from a
-//! writer task while its reader hands every frame to the [`Ledger`], and closes properly.
+//! writer task while its reader hands every frame to the [`Ledger`], and closes properly. With
+//! `--reconnect`, a connection that ends under it is followed by another ([`crate::resume`]),
+//! and the same writer, reader and ledger go on over it.
 
 use crate::ledger::{Effect, Ledger, Mode, Observed, Sent};
 use crate::media::Samples;
 use crate::plan::{self, ClientPlan, Mix, Pace};
 use crate::report::{Live, Problem, Tally};
+use crate::resume::{self, Resumed};
 use crate::windows::{Expectation, Windows};
 use chrono::{SecondsFormat, Utc};
 use futures::stream::{SplitSink, SplitStream};
@@ -65,6 +68,9 @@ pub struct Shared {
     pub drain_timeout: Duration,
     /// When to stop sending, for runs with a duration.
     pub deadline: Option<Instant>,
+    /// Reconnect and resume when a connection ends under the client (`--reconnect`), instead
+    /// of counting what it had not got as lost.
+    pub reconnect: bool,
 }
 
 impl Shared {
@@ -138,13 +144,24 @@ pub async fn open(
 
 /// Connects and completes the protocol's handshake.
 pub async fn connect(url: &str, mode: Mode, plan: &ClientPlan) -> Attempt {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect_inner(url, mode, plan)).await {
+    connect_after(url, mode, plan, None).await
+}
+
+/// Connects and completes the handshake; a native `hello` with `after` asks for every reply
+/// after that `seq` first.
+pub async fn connect_after(
+    url: &str,
+    mode: Mode,
+    plan: &ClientPlan,
+    after: Option<u64>,
+) -> Attempt {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect_inner(url, mode, plan, after)).await {
         Ok(attempt) => attempt,
         Err(_) => Attempt::Transport("the handshake timed out".into()),
     }
 }
 
-async fn connect_inner(url: &str, mode: Mode, plan: &ClientPlan) -> Attempt {
+async fn connect_inner(url: &str, mode: Mode, plan: &ClientPlan, after: Option<u64>) -> Attempt {
     let mut ws = match open(url, mode == Mode::Native, plan.source).await {
         Ok(ws) => ws,
         Err(err) => return Attempt::Transport(err),
@@ -154,7 +171,7 @@ async fn connect_inner(url: &str, mode: Mode, plan: &ClientPlan) -> Attempt {
             client_id: Some(plan.client_id.clone()),
             timezone: Some(plan.timezone.name().to_owned()),
             resume: false,
-            after: None,
+            after,
             token: None,
         })),
         Mode::Legacy => to_json(&legacy::ClientFrame {
@@ -255,14 +272,16 @@ pub struct StartLine {
 /// Runs one client from connection to close and returns what it counted.
 pub async fn run(shared: Shared, plan: ClientPlan, pace: Pace, start: Option<StartLine>) -> Tally {
     let mut ledger = Ledger::new(shared.mode, shared.live.clone());
+    if shared.reconnect {
+        ledger = ledger.resuming();
+    }
     ledger.tally_mut().clients = 1;
-    let Some((ws, welcome)) = wait_for_turn(&shared, &plan, &mut ledger).await else {
+    let Some((mut ws, welcome)) = wait_for_turn(&shared, &plan, &mut ledger).await else {
         if let Some(start) = &start {
             start.ready.send(false).ok();
         }
         return ledger.finish();
     };
-    shared.live.connection_opened();
     ledger.tally_mut().connected = 1;
     let began = match start {
         Some(mut line) => {
@@ -285,12 +304,10 @@ pub async fn run(shared: Shared, plan: ClientPlan, pace: Pace, start: Option<Sta
         (_, Pace::Open { .. }) => Semaphore::MAX_PERMITS,
     };
     let permits = Arc::new(Semaphore::new(window));
-    let (sink, stream) = (*ws).split();
     let (notes_tx, notes_rx) = mpsc::unbounded_channel();
     let (commands_tx, commands_rx) = mpsc::unbounded_channel();
     let (acks_tx, acks_rx) = watch::channel(0);
-    let writer = Writer {
-        sink,
+    let mut writer = Writer {
         notes: notes_tx,
         commands: commands_rx,
         acks: acks_rx,
@@ -305,10 +322,13 @@ pub async fn run(shared: Shared, plan: ClientPlan, pace: Pace, start: Option<Sta
         pace,
         began,
         rng: StdRng::seed_from_u64(plan.seed),
+        seq: 0,
+        resends: VecDeque::new(),
+        sending: true,
+        acks_open: true,
+        acknowledgements: 0,
     };
-    let writer = tokio::spawn(writer.run());
     let mut reader = Reader {
-        stream,
         notes: notes_rx,
         commands: commands_tx,
         acks: acks_tx,
@@ -316,13 +336,49 @@ pub async fn run(shared: Shared, plan: ClientPlan, pace: Pace, start: Option<Sta
         mode: shared.mode,
         drain: shared.drain_timeout,
         drain_deadline: None,
+        reconnect: shared.reconnect,
     };
-    reader.run(&mut ledger, &shared.stop).await;
-    match writer.await {
-        Ok(acknowledgements) => ledger.tally_mut().acknowledgements = acknowledgements,
-        Err(_) => ledger.problem(Problem::ConnectFailed),
+    let mut acknowledgements = 0;
+    // One pass per connection: more than one only when a connection ends under a client that
+    // reconnects.
+    loop {
+        shared.live.connection_opened();
+        let (sink, stream) = (*ws).split();
+        let writing = tokio::spawn(writer.run(sink));
+        let ended = reader.run(stream, &mut ledger, &shared.stop).await;
+        let written = writing.await;
+        shared.live.connection_closed();
+        writer = match written {
+            Ok(writer) => writer,
+            Err(_) => {
+                ledger.problem(Problem::ConnectFailed);
+                break;
+            }
+        };
+        acknowledgements = writer.acknowledgements;
+        let Ended::Lost(code) = ended else {
+            break;
+        };
+        // Every send the writer announced is in the ledger before it says what to send again.
+        reader.take_notes(&mut ledger);
+        if reader.drain_deadline.is_some() && ledger.unsettled() == 0 {
+            // Nothing more to send or to wait for: no need to come back.
+            break;
+        }
+        let until = reader.give_up_at(shared.deadline);
+        match resume::reconnect(&shared, &plan, &mut ledger, until).await {
+            Resumed::Connected(next, _) => ws = next,
+            Resumed::OutOfTime => {
+                ledger.problem(Problem::Closed(code));
+                break;
+            }
+            Resumed::Refused => break,
+        }
+        let reconnected = ledger.reconnected(std::time::Instant::now());
+        reader.permits.add_permits(reconnected.settled);
+        writer.resume(reconnected.resend);
     }
-    shared.live.connection_closed();
+    ledger.tally_mut().acknowledgements = acknowledgements;
     let mut tally = ledger.finish();
     tally.clients_sent = u64::from(tally.sent > 0);
     tally
@@ -400,8 +456,9 @@ enum Command {
     Close,
 }
 
+/// The sending half of a client. It outlives its connection: with `--reconnect` the same
+/// writer, with its place in the schedule and its message numbering, goes on over the next.
 struct Writer {
-    sink: SplitSink<Ws, Message>,
     notes: mpsc::UnboundedSender<Note>,
     commands: mpsc::UnboundedReceiver<Command>,
     /// The reply stream position to acknowledge, from the reader. A watch keeps only the
@@ -420,63 +477,68 @@ struct Writer {
     pace: Pace,
     began: Instant,
     rng: StdRng,
+    /// Messages sent so far (resends aside): the next one's number.
+    seq: u64,
+    /// Messages to send again, and when.
+    resends: VecDeque<(Instant, String, MessageType)>,
+    /// Whether new messages are still to be sent.
+    sending: bool,
+    acks_open: bool,
+    /// `received` frames sent.
+    acknowledgements: u64,
 }
 
 impl Writer {
-    /// Sends until done or told to close; returns how many `received` frames it sent.
-    async fn run(mut self) -> u64 {
-        let mut seq: u64 = 0;
-        let mut resends: VecDeque<(Instant, String, MessageType)> = VecDeque::new();
-        let mut sending = true;
-        let mut acks_open = true;
-        let mut acknowledgements = 0;
+    /// Sends until done, told to close, or the connection fails; hands itself back so that a
+    /// client that reconnects can go on with it.
+    async fn run(mut self, mut sink: SplitSink<Ws, Message>) -> Self {
         loop {
             let due = match self.pace {
                 Pace::Open { interval, phase } => {
-                    Some(self.began + phase + interval.mul_f64(seq as f64))
+                    Some(self.began + phase + interval.mul_f64(self.seq as f64))
                 }
                 Pace::Closed { .. } => None,
             };
-            if sending {
-                let more = self.messages.is_none_or(|limit| seq < limit)
+            if self.sending {
+                let more = self.messages.is_none_or(|limit| self.seq < limit)
                     && self
                         .deadline
                         .is_none_or(|deadline| due.unwrap_or_else(Instant::now) < deadline);
                 if !more {
-                    sending = false;
+                    self.sending = false;
                     self.notes.send(Note::Done).ok();
                 }
             }
-            let next_resend = resends.front().map(|(at, _, _)| *at);
+            let next_resend = self.resends.front().map(|(at, _, _)| *at);
             tokio::select! {
                 biased;
                 // First, so that the reader's last acknowledgement goes out before its Close.
-                changed = self.acks.changed(), if acks_open => {
+                changed = self.acks.changed(), if self.acks_open => {
                     if changed.is_err() {
-                        acks_open = false;
+                        self.acks_open = false;
                         continue;
                     }
                     let seq = *self.acks.borrow_and_update();
                     let received = to_json(&native::ClientFrame::Received { seq });
-                    if self.sink.send(Message::text(received)).await.is_err() {
+                    if sink.send(Message::text(received)).await.is_err() {
                         break;
                     }
-                    acknowledgements += 1;
+                    self.acknowledgements += 1;
                 }
                 command = self.commands.recv() => match command {
-                    Some(Command::Resend { key, kind, at }) => resends.push_back((at, key, kind)),
+                    Some(Command::Resend { key, kind, at }) => self.resends.push_back((at, key, kind)),
                     Some(Command::Pong) => {
                         let pong = to_json(&legacy::heartbeat_pong());
-                        if self.sink.send(Message::text(pong)).await.is_err() {
+                        if sink.send(Message::text(pong)).await.is_err() {
                             break;
                         }
                     }
                     Some(Command::Close) | None => break,
                 },
                 () = sleep_until(next_resend.unwrap_or_else(Instant::now)), if next_resend.is_some() => {
-                    if let Some((_, key, kind)) = resends.pop_front() {
+                    if let Some((_, key, kind)) = self.resends.pop_front() {
                         let at = Instant::now();
-                        if self.write(key, kind, at).await.is_err() {
+                        if self.write(&mut sink, key, kind, at).await.is_err() {
                             break;
                         }
                     }
@@ -486,21 +548,21 @@ impl Writer {
                         sleep_until(due).await;
                     }
                     self.permits.clone().acquire_owned().await
-                }, if sending => {
+                }, if self.sending => {
                     let Ok(permit) = permit else { break };
                     if self.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                         // Time ran out while waiting for a place: this message is not sent.
                         drop(permit);
-                        sending = false;
+                        self.sending = false;
                         self.notes.send(Note::Done).ok();
                         continue;
                     }
                     permit.forget();
                     let kind = self.mix.pick(&mut self.rng);
-                    let key = format!("m{seq}");
-                    seq += 1;
+                    let key = format!("m{}", self.seq);
+                    self.seq += 1;
                     let scheduled = due.unwrap_or_else(Instant::now);
-                    if self.write(key, kind, scheduled).await.is_err() {
+                    if self.write(&mut sink, key, kind, scheduled).await.is_err() {
                         break;
                     }
                 }
@@ -511,12 +573,24 @@ impl Writer {
             reason: "done".into(),
         };
         // If this fails, the connection is already gone, and the reader has reported how.
-        self.sink.send(Message::Close(Some(close))).await.ok();
-        acknowledgements
+        sink.send(Message::Close(Some(close))).await.ok();
+        self
+    }
+
+    /// Gets ready for a new connection: what the old one had queued to send again is dropped
+    /// (its reader asked for it, and every message without an ack is in `resend` anyway), and
+    /// the messages in `resend` go out first, in order.
+    fn resume(&mut self, resend: Vec<(String, MessageType)>) {
+        while self.commands.try_recv().is_ok() {}
+        self.resends.clear();
+        let now = Instant::now();
+        self.resends
+            .extend(resend.into_iter().map(|(key, kind)| (now, key, kind)));
     }
 
     async fn write(
         &mut self,
+        sink: &mut SplitSink<Ws, Message>,
         key: String,
         kind: MessageType,
         scheduled: Instant,
@@ -535,7 +609,7 @@ impl Writer {
                 scheduled: scheduled.into_std(),
             }))
             .ok();
-        self.sink.send(Message::text(frame)).await?;
+        sink.send(Message::text(frame)).await?;
         if expectation != Expectation::Either
             && self.mode != Mode::Echo
             && self.windows.expect(kind, self.timezone, Utc::now()) != expectation
@@ -580,8 +654,18 @@ pub fn frame(
     }
 }
 
+/// How a connection's reader stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The client is done, the run stopped, or the server closed the connection for good.
+    Closed,
+    /// The connection ended under a client that reconnects, with this close code (1006 when
+    /// no close frame came), one that says to come back.
+    Lost(u16),
+}
+
+/// The receiving half of a client; like the writer, it outlives its connection.
 struct Reader {
-    stream: SplitStream<Ws>,
     notes: mpsc::UnboundedReceiver<Note>,
     commands: mpsc::UnboundedSender<Command>,
     /// Tells the writer how far to acknowledge the reply stream.
@@ -593,11 +677,19 @@ struct Reader {
     drain: Duration,
     /// Set once the writer is done sending.
     drain_deadline: Option<Instant>,
+    /// Whether a connection lost with a close code that says to come back is followed by
+    /// another, instead of being a problem.
+    reconnect: bool,
 }
 
 impl Reader {
-    async fn run(&mut self, ledger: &mut Ledger, stop: &CancellationToken) {
-        let mut server_closed = false;
+    async fn run(
+        &mut self,
+        mut stream: SplitStream<Ws>,
+        ledger: &mut Ledger,
+        stop: &CancellationToken,
+    ) -> Ended {
+        let mut ended = None;
         loop {
             if self.drain_deadline.is_some() && ledger.unsettled() == 0 {
                 break;
@@ -607,12 +699,12 @@ impl Reader {
                 () = stop.cancelled() => break,
                 note = self.notes.recv() => match note {
                     Some(note) => self.note(ledger, note),
-                    None => self.writer_done(),
+                    None => self.writer_done(ledger),
                 },
                 () = sleep_until(self.drain_deadline.unwrap_or_else(Instant::now)), if self.drain_deadline.is_some() => break,
-                frame = self.stream.next() => {
-                    if self.frame(ledger, frame) {
-                        server_closed = true;
+                frame = stream.next() => {
+                    if let Some(end) = self.frame(ledger, frame) {
+                        ended = Some(end);
                         break;
                     }
                 }
@@ -628,13 +720,13 @@ impl Reader {
         // sent but not acknowledged as failed when the connection ends.
         self.acknowledge(ledger);
         self.commands.send(Command::Close).ok();
-        if server_closed {
-            return;
+        if let Some(end) = ended {
+            return end;
         }
         // Read on until the server answers our close: frames still in flight are accounted.
         let closing = async {
             loop {
-                match self.stream.next().await {
+                match stream.next().await {
                     Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
                     frame => {
                         self.frame(ledger, frame);
@@ -645,6 +737,7 @@ impl Reader {
         if tokio::time::timeout(CLOSE_TIMEOUT, closing).await.is_err() {
             ledger.problem(Problem::Closed(ABNORMAL_CLOSURE));
         }
+        Ended::Closed
     }
 
     /// Whether replies were processed that the server has not been told of. The legacy
@@ -660,52 +753,64 @@ impl Reader {
         }
     }
 
-    fn writer_done(&mut self) {
+    fn writer_done(&mut self, ledger: &mut Ledger) {
         let drain = self.drain;
-        self.drain_deadline
-            .get_or_insert_with(|| Instant::now() + drain);
+        let now = Instant::now();
+        self.drain_deadline.get_or_insert(now + drain);
+        ledger.sending_done(now.into_std());
     }
 
     fn note(&mut self, ledger: &mut Ledger, note: Note) {
         match note {
             Note::Sent(sent) => ledger.sent(sent),
             Note::Edge(key) => ledger.widen(&key),
-            Note::Done => self.writer_done(),
+            Note::Done => self.writer_done(ledger),
         }
     }
 
-    /// Handles one frame; true when the server ended the connection.
+    /// Hands the ledger every note the writer left, once it has stopped.
+    fn take_notes(&mut self, ledger: &mut Ledger) {
+        while let Ok(note) = self.notes.try_recv() {
+            self.note(ledger, note);
+        }
+    }
+
+    /// When a client that lost its connection stops trying to come back: at the end of its
+    /// drain once it has sent everything, or that long after the run's sending deadline;
+    /// otherwise only when the run stops.
+    fn give_up_at(&self, deadline: Option<Instant>) -> Option<Instant> {
+        self.drain_deadline
+            .or_else(|| deadline.map(|deadline| deadline + self.drain))
+    }
+
+    /// Handles one frame; `Some` when the connection ended.
     fn frame(
         &mut self,
         ledger: &mut Ledger,
         frame: Option<Result<Message, tungstenite::Error>>,
-    ) -> bool {
+    ) -> Option<Ended> {
         // Sends are noted before they are written, so every note for a frame's message is here.
-        while let Ok(note) = self.notes.try_recv() {
-            self.note(ledger, note);
-        }
+        self.take_notes(ledger);
         let at = std::time::Instant::now();
-        match frame {
+        let code = match frame {
             Some(Ok(Message::Text(text))) => {
                 let effect = self.text(ledger, &text, at);
                 self.apply(effect);
-                false
+                return None;
             }
             Some(Ok(Message::Binary(_))) => {
                 ledger.problem(Problem::UnexpectedFrame);
-                false
+                return None;
             }
-            Some(Ok(Message::Close(close))) => {
-                let code = close.map_or(NO_STATUS, |c| u16::from(c.code));
-                ledger.problem(Problem::Closed(code));
-                true
-            }
-            Some(Ok(_)) => false,
-            Some(Err(_)) | None => {
-                ledger.problem(Problem::Closed(ABNORMAL_CLOSURE));
-                true
-            }
+            Some(Ok(Message::Close(close))) => close.map_or(NO_STATUS, |c| u16::from(c.code)),
+            Some(Ok(_)) => return None,
+            Some(Err(_)) | None => ABNORMAL_CLOSURE,
+        };
+        if self.reconnect && kaiwa_protocol::reconnects(code) {
+            return Some(Ended::Lost(code));
         }
+        ledger.problem(Problem::Closed(code));
+        Some(Ended::Closed)
     }
 
     fn apply(&mut self, effect: Effect) {
@@ -804,7 +909,11 @@ pub fn native_frame(ledger: &mut Ledger, text: &str, at: std::time::Instant) -> 
         native::ServerFrame::Status(status) => {
             ledger.observe(status.id.as_deref(), Observed::Status(status.status), at)
         }
-        native::ServerFrame::Reply(reply) if !reply.missed => {
+        // A replayed reply is the reply it is while the replay a reconnect asked for lasts.
+        native::ServerFrame::Reply(reply) if !reply.missed || ledger.replaying() => {
+            if reply.missed {
+                ledger.tally_mut().replayed += 1;
+            }
             ledger.reply_seq(reply.seq);
             ledger.observe(
                 reply.id.as_deref(),
@@ -815,7 +924,8 @@ pub fn native_frame(ledger: &mut Ledger, text: &str, at: std::time::Instant) -> 
                 at,
             )
         }
-        // We never ask for a replay, but a replayed reply still takes its place in the stream.
+        // A replay nobody asked for, or one after `synced`: it still takes its place in the
+        // stream.
         native::ServerFrame::Reply(reply) => {
             ledger.reply_seq(reply.seq);
             ledger.problem(Problem::UnexpectedFrame);
@@ -838,10 +948,13 @@ pub fn native_frame(ledger: &mut Ledger, text: &str, at: std::time::Instant) -> 
                 Effect::Nothing
             }
         },
-        // We never ask for a replay, a pong or a second welcome, nor connect with a token.
+        native::ServerFrame::Synced { .. } => {
+            ledger.synced();
+            Effect::Nothing
+        }
+        // We never ask for a pong or a second welcome, nor connect with a token.
         native::ServerFrame::Welcome(_)
         | native::ServerFrame::Pong { .. }
-        | native::ServerFrame::Synced { .. }
         | native::ServerFrame::TokenExpired { .. }
         | native::ServerFrame::Refreshed { .. } => {
             ledger.problem(Problem::UnexpectedFrame);

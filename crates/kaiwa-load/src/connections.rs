@@ -475,6 +475,7 @@ pub async fn run(config: ConnectionsConfig) -> Result<Summary, ConnectionsError>
             completed: 0,
             lost: 0,
             problems: problems + missing,
+            reconnects: 0,
         });
     }
     if ready.connected < config.clients as u64 {

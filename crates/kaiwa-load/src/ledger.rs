@@ -4,7 +4,14 @@
 //! misjudged against its window. Beside the messages it follows the connection's reply stream:
 //! native replies carry `seq`, which must go 1, 2, 3... on a connection, each once. Pure
 //! bookkeeping, fed by the client's reader, so it can be tested frame by frame.
+//!
+//! A client that reconnects (`--reconnect`) keeps one ledger across its connections: the reply
+//! stream goes on where it stopped (the server replays what came after the client's `after`),
+//! unacked messages are sent again under the same id and a `duplicate` ack answers them, and
+//! only the statuses of a message that crossed a reconnect are taken as they come, since the
+//! server sends them per connection and never replays them.
 
+use crate::gaps::Wait;
 use crate::report::{Live, Problem, Tally};
 use crate::windows::Expectation;
 use kaiwa_protocol::{ErrorCode, MessageStatus, MessageType, ReplyType};
@@ -84,6 +91,10 @@ pub enum Effect {
 
 /// How long to wait before resending a `busy` message when the server does not say.
 const DEFAULT_RETRY: Duration = Duration::from_secs(1);
+/// With `--reconnect`, the first wait before resending after another retryable error that
+/// names no time; it doubles with each retry of the same message, up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 struct Tracked {
@@ -99,6 +110,42 @@ struct Tracked {
     replied: u32,
     replies: Vec<ReplyType>,
     settled: bool,
+    /// Its place among the client's messages, so that resends after a reconnect keep the order
+    /// of the first sends.
+    order: u64,
+    /// The connection it was first sent on. Its frames that come on a later one crossed a
+    /// reconnect: their statuses may be missing (never replayed) or repeated (one per
+    /// connection), and its replies may come before the ack of its resend.
+    first_connection: u32,
+    /// The connection it was last sent on.
+    last_connection: u32,
+    /// Sent again on a later connection because no ack came: the server may have stored it
+    /// already, and then answers with a `duplicate` ack, which is its ack.
+    resent_after_reconnect: bool,
+    /// Sends again after a retryable error, for the backoff.
+    retries: u32,
+    /// The connection `processing_here` and `replied_here` count on: each connection sends a
+    /// message's statuses at most once.
+    status_connection: u32,
+    processing_here: u32,
+    replied_here: u32,
+}
+
+impl Tracked {
+    fn crossed(&self, connection: u32) -> bool {
+        connection != self.first_connection
+    }
+}
+
+/// What a new connection changes, from [`Ledger::reconnected`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reconnected {
+    /// Messages that had every reply and waited only for statuses a new connection will not
+    /// bring: they are settled now, and their window slots are free.
+    pub settled: usize,
+    /// Messages whose ack never came, in the order they were first sent: send each again with
+    /// the same id.
+    pub resend: Vec<(String, MessageType)>,
 }
 
 /// A connection's reply stream as the client sees it. The server numbers a client id's replies
@@ -173,6 +220,15 @@ pub struct Ledger {
     unsettled: usize,
     tally: Tally,
     live: Arc<Live>,
+    /// The client reconnects and resumes when a connection ends under it (`--reconnect`).
+    resumes: bool,
+    /// How many connections came before the current one.
+    connection: u32,
+    /// The current connection asked for a replay (`after`) and has not had its `synced` yet.
+    replaying: bool,
+    /// Messages sent so far, to number them.
+    sends: u64,
+    wait: Wait,
 }
 
 impl Ledger {
@@ -187,7 +243,75 @@ impl Ledger {
             unsettled: 0,
             tally: Tally::default(),
             live,
+            resumes: false,
+            connection: 0,
+            replaying: false,
+            sends: 0,
+            wait: Wait::default(),
         }
+    }
+
+    /// A ledger for a client that reconnects and resumes when a connection ends under it.
+    pub fn resuming(mut self) -> Self {
+        self.resumes = true;
+        self
+    }
+
+    /// A new connection took over from one that ended under the client, and asked the server
+    /// to replay the reply stream after [`Ledger::stream_position`]. Every message still
+    /// unsettled has now crossed a reconnect: those that lack only statuses are settled, and
+    /// those without an ack are to be sent again.
+    pub fn reconnected(&mut self, at: Instant) -> Reconnected {
+        self.connection += 1;
+        self.replaying = true;
+        self.tally.reconnects += 1;
+        Live::add(&self.live.reconnects, 1);
+        let mode = self.mode;
+        let connection = self.connection;
+        let mut settled = 0;
+        let mut resend = Vec::new();
+        for (key, t) in &mut self.messages {
+            if t.settled {
+                continue;
+            }
+            if is_complete(mode, t, connection) {
+                t.settled = true;
+                settled += 1;
+            } else if t.acks == 0 {
+                resend.push((t.order, key.clone(), t.kind));
+            }
+        }
+        for _ in 0..settled {
+            self.completed(at);
+        }
+        resend.sort_unstable_by_key(|(order, _, _)| *order);
+        Reconnected {
+            settled,
+            resend: resend
+                .into_iter()
+                .map(|(_, key, kind)| (key, kind))
+                .collect(),
+        }
+    }
+
+    /// Whether replayed replies (`missed: true`) belong here: the connection asked for a
+    /// replay and its `synced` has not come.
+    pub fn replaying(&self) -> bool {
+        self.replaying
+    }
+
+    /// The replay is over; a `synced` nobody asked for is unexpected.
+    pub fn synced(&mut self) {
+        if self.replaying {
+            self.replaying = false;
+        } else {
+            self.problem(Problem::UnexpectedFrame);
+        }
+    }
+
+    /// The client has sent every message it will send (resends aside).
+    pub fn sending_done(&mut self, at: Instant) {
+        self.tally.sending_done.get_or_insert(at);
     }
 
     /// Messages sent whose fate is not known yet.
@@ -219,8 +343,19 @@ impl Ledger {
         if self.mode == Mode::Legacy {
             self.current = Some(sent.key.clone());
         }
-        if self.messages.contains_key(&sent.key) {
+        if let Some(t) = self.messages.get_mut(&sent.key) {
             self.tally.resent += 1;
+            if t.last_connection != self.connection {
+                t.last_connection = self.connection;
+                t.resent_after_reconnect = true;
+                self.tally.resent_after_reconnect += 1;
+                // The server judges the window by whichever send it stored first: the
+                // first one if it got it, else this one.
+                if t.expectation != sent.expectation && t.expectation != Expectation::Either {
+                    t.expectation = Expectation::Either;
+                    self.tally.kind(t.kind).edge += 1;
+                }
+            }
             return;
         }
         self.tally.sent += 1;
@@ -234,7 +369,11 @@ impl Ledger {
             Some(first) => first.min(sent.scheduled),
             None => sent.scheduled,
         });
+        if self.unsettled == 0 {
+            self.wait.start(sent.scheduled);
+        }
         self.unsettled += 1;
+        self.sends += 1;
         self.messages.insert(
             sent.key,
             Tracked {
@@ -248,6 +387,14 @@ impl Ledger {
                 replied: 0,
                 replies: Vec::new(),
                 settled: false,
+                order: self.sends,
+                first_connection: self.connection,
+                last_connection: self.connection,
+                resent_after_reconnect: false,
+                retries: 0,
+                status_connection: self.connection,
+                processing_here: 0,
+                replied_here: 0,
             },
         );
     }
@@ -321,12 +468,25 @@ impl Ledger {
 
     fn apply(&mut self, key: &str, observed: Observed, at: Instant) -> Effect {
         let mode = self.mode;
+        let connection = self.connection;
+        let resumes = self.resumes;
+        let is_reply = matches!(observed, Observed::Reply { .. } | Observed::Echo);
+        if is_reply {
+            self.live.replies.mark(at);
+        }
         let Some(t) = self.messages.get_mut(key) else {
             self.problem(Problem::UnexpectedFrame);
             return Effect::Nothing;
         };
+        let crossed = t.crossed(connection);
+        if matches!(observed, Observed::Status(_)) && t.status_connection != connection {
+            t.status_connection = connection;
+            t.processing_here = 0;
+            t.replied_here = 0;
+        }
         let mut problems: Vec<Problem> = Vec::new();
         let mut effect = Effect::Nothing;
+        let mut failed = false;
         let latency = at.saturating_duration_since(t.scheduled);
         match observed {
             Observed::Delta => self.tally.deltas += 1,
@@ -350,19 +510,31 @@ impl Ledger {
                 message_id,
             } => {
                 t.acks += 1;
-                if duplicate || t.acks > 1 {
+                // A resend after a reconnect of a message the server had stored already: the
+                // ack it never got, late.
+                let answers_resend = duplicate && t.resent_after_reconnect;
+                if (duplicate && !answers_resend) || t.acks > 1 {
                     problems.push(Problem::DuplicateAck);
                 } else {
                     t.message_id = Some(message_id);
                     let accepted = match status {
                         MessageStatus::Accepted => true,
                         MessageStatus::Rejected => false,
+                        // A duplicate ack carries the status the message has reached.
+                        MessageStatus::Processing | MessageStatus::Replied if answers_resend => {
+                            true
+                        }
                         MessageStatus::Processing | MessageStatus::Replied => {
                             problems.push(Problem::UnexpectedFrame);
                             true
                         }
                     };
                     problems.extend(judge(t, accepted));
+                    if !accepted && !t.replies.is_empty() {
+                        // Replies came (across a reconnect, before this ack) for a message
+                        // that turns out rejected.
+                        problems.push(Problem::UnexpectedFrame);
+                    }
                     t.accepted = Some(accepted);
                     let per_type = self.tally.kind(t.kind);
                     per_type.record_ack(latency);
@@ -378,22 +550,29 @@ impl Ledger {
             }
             Observed::Status(MessageStatus::Processing) => {
                 t.processing += 1;
+                t.processing_here += 1;
                 match t.accepted {
                     Some(false) => problems.push(Problem::UnexpectedFrame),
-                    None => problems.push(Problem::OutOfOrder),
-                    Some(true) if t.processing > 1 => problems.push(Problem::DuplicateStatus),
-                    Some(true) if !t.replies.is_empty() => problems.push(Problem::OutOfOrder),
-                    Some(true) => {}
+                    // Across a reconnect, the ack of the resend may still be on its way.
+                    None if !crossed => problems.push(Problem::OutOfOrder),
+                    _ if t.processing_here > 1 => problems.push(Problem::DuplicateStatus),
+                    _ if crossed && t.replied_here > 0 => problems.push(Problem::OutOfOrder),
+                    // Across a reconnect, replies replayed from the store come without their
+                    // statuses: a `processing` may follow them.
+                    _ if !t.replies.is_empty() && !crossed => problems.push(Problem::OutOfOrder),
+                    _ => {}
                 }
             }
             Observed::Status(MessageStatus::Replied) => {
                 t.replied += 1;
+                t.replied_here += 1;
                 match t.accepted {
                     Some(false) => problems.push(Problem::UnexpectedFrame),
-                    _ if t.replied > 1 => problems.push(Problem::DuplicateStatus),
-                    _ if t.replies.len() < t.kind.reply_types().len() || t.processing == 0 => {
+                    _ if t.replied_here > 1 => problems.push(Problem::DuplicateStatus),
+                    _ if t.replies.len() < t.kind.reply_types().len() => {
                         problems.push(Problem::OutOfOrder)
                     }
+                    _ if t.processing == 0 && !crossed => problems.push(Problem::OutOfOrder),
                     _ => {}
                 }
             }
@@ -417,10 +596,11 @@ impl Ledger {
                             per_type.accepted += 1;
                             per_type.record_ack(latency);
                             self.tally.accepted += 1;
-                        } else {
+                        } else if !crossed {
                             problems.push(Problem::OutOfOrder);
                         }
-                    } else if mode == Mode::Native && t.processing == 0 {
+                        // Across a reconnect the replay comes before the ack of the resend.
+                    } else if mode == Mode::Native && t.processing == 0 && !crossed {
                         problems.push(Problem::OutOfOrder);
                     }
                     if mode == Mode::Native && t.replied > 0 {
@@ -439,16 +619,26 @@ impl Ledger {
                     }
                 }
             }
-            Observed::Error {
-                code: ErrorCode::Busy,
-                retry_after,
-            } if t.accepted.is_none() && !t.settled => {
-                self.tally.busy += 1;
-                Live::add(&self.live.busy, 1);
+            Observed::Error { code, retry_after }
+                if t.accepted.is_none()
+                    && !t.settled
+                    && (code == ErrorCode::Busy || (resumes && code.is_retryable())) =>
+            {
+                if code == ErrorCode::Busy {
+                    self.tally.busy += 1;
+                    Live::add(&self.live.busy, 1);
+                }
+                *self.tally.retried.entry(code.as_str()).or_default() += 1;
+                t.retries += 1;
+                let fallback = if resumes {
+                    retry_backoff(t.retries)
+                } else {
+                    DEFAULT_RETRY
+                };
                 effect = Effect::Resend {
                     key: key.to_owned(),
                     kind: t.kind,
-                    after: retry_after.unwrap_or(DEFAULT_RETRY),
+                    after: retry_after.unwrap_or(fallback),
                 };
             }
             Observed::Error { code, .. } => {
@@ -456,24 +646,26 @@ impl Ledger {
                 if !t.settled {
                     // Its fate is known (it failed); free its slot so the run goes on.
                     t.settled = true;
-                    self.unsettled -= 1;
-                    Live::add(&self.live.settled, 1);
+                    failed = true;
                     effect = Effect::Settled;
                 }
             }
         }
-        if effect == Effect::Nothing && !t.settled && is_complete(mode, t) {
-            effect = Effect::Settled;
-        }
-        if effect == Effect::Settled && !t.settled {
+        let completes = !t.settled
+            && match effect {
+                Effect::Settled => true,
+                Effect::Nothing => is_complete(mode, t, connection),
+                Effect::Resend { .. } => false,
+            };
+        if completes {
             t.settled = true;
-            self.unsettled -= 1;
-            self.tally.completed += 1;
-            Live::add(&self.live.settled, 1);
-            self.tally.last_settle = Some(match self.tally.last_settle {
-                Some(last) => last.max(at),
-                None => at,
-            });
+            effect = Effect::Settled;
+            self.completed(at);
+        } else if failed {
+            self.one_less(at);
+        }
+        if is_reply {
+            self.wait.reply(at, self.unsettled > 0);
         }
         if effect == Effect::Settled && self.current.as_deref() == Some(key) {
             self.current = None;
@@ -484,12 +676,32 @@ impl Ledger {
         effect
     }
 
+    /// One message fewer awaits its answers.
+    fn one_less(&mut self, at: Instant) {
+        self.unsettled -= 1;
+        Live::add(&self.live.settled, 1);
+        if self.unsettled == 0 {
+            self.wait.end(at);
+        }
+    }
+
+    /// A message got everything it was due.
+    fn completed(&mut self, at: Instant) {
+        self.one_less(at);
+        self.tally.completed += 1;
+        self.tally.last_settle = Some(match self.tally.last_settle {
+            Some(last) => last.max(at),
+            None => at,
+        });
+    }
+
     /// Ends the accounting: whatever is still unsettled is lost, by what it lacks.
     pub fn finish(mut self) -> Tally {
         let mut lost = Vec::new();
         for t in self.messages.values().filter(|t| !t.settled) {
             let replies_due = t.kind.reply_types().len();
             lost.push(match t.accepted {
+                None if self.resumes => Problem::Unacked,
                 None => Problem::LostAck,
                 Some(_) if t.replies.len() < replies_due => Problem::LostReply,
                 Some(_) => Problem::LostStatus,
@@ -501,19 +713,31 @@ impl Ledger {
         let missing = self.stream.missing();
         Live::add(&self.live.problems, missing);
         self.tally.problems_of(Problem::SeqGap, missing);
+        self.wait.end(Instant::now());
+        self.tally.longest_wait = self.wait.longest();
+        self.tally.still_sending = self.tally.sending_done.is_none();
         self.tally
     }
 }
 
-/// Whether an accepted message has every frame it is due.
-fn is_complete(mode: Mode, t: &Tracked) -> bool {
+/// Whether an accepted message has every frame it is due. A native message that crossed a
+/// reconnect needs only its replies: its statuses are not replayed.
+fn is_complete(mode: Mode, t: &Tracked, connection: u32) -> bool {
     if t.accepted != Some(true) || t.replies.len() < t.kind.reply_types().len() {
         return false;
     }
     match mode {
-        Mode::Native => t.processing > 0 && t.replied > 0,
+        Mode::Native => (t.processing > 0 && t.replied > 0) || t.crossed(connection),
         Mode::Legacy | Mode::Echo => true,
     }
+}
+
+/// The wait before the `retries`th resend of a message after a retryable error that names
+/// no time.
+fn retry_backoff(retries: u32) -> Duration {
+    RETRY_MIN
+        .saturating_mul(1 << retries.saturating_sub(1).min(16))
+        .min(RETRY_MAX)
 }
 
 /// The window verdict, checked against what the tool predicted at send.
@@ -926,5 +1150,249 @@ mod tests {
         let tally = ledger.finish();
         assert_eq!(tally.completed, 1);
         assert_eq!(problems(&tally), vec![("duplicate_reply".into(), 1)]);
+    }
+
+    fn resuming() -> Ledger {
+        ledger(Mode::Native).resuming()
+    }
+
+    fn status(status: MessageStatus) -> Observed {
+        Observed::Status(status)
+    }
+
+    fn duplicate_ack(status: MessageStatus) -> Observed {
+        Observed::Ack {
+            status,
+            duplicate: true,
+            message_id: 1,
+        }
+    }
+
+    /// A reply frame as the reader hands it over: its `seq` first.
+    fn reply_at(ledger: &mut Ledger, key: &str, seq: u64, reply_type: ReplyType) -> Effect {
+        ledger.reply_seq(seq);
+        ledger.observe(
+            Some(key),
+            reply(i64::try_from(seq).expect("small"), reply_type),
+            Instant::now(),
+        )
+    }
+
+    #[test]
+    fn replies_replayed_after_a_reconnect_complete_a_message_without_its_statuses() {
+        let mut ledger = resuming();
+        let now = Instant::now();
+        send(&mut ledger, "v", MessageType::Voice, Expectation::Accept);
+        ledger.observe(Some("v"), ack(MessageStatus::Accepted), now);
+        ledger.observe(Some("v"), status(MessageStatus::Processing), now);
+        reply_at(&mut ledger, "v", 1, ReplyType::Text);
+        assert_eq!(ledger.reconnected(now), Reconnected::default());
+        assert!(ledger.replaying());
+        // The replay: the voice reply, with no status around it, settles the message.
+        assert_eq!(
+            reply_at(&mut ledger, "v", 2, ReplyType::Voice),
+            Effect::Settled
+        );
+        ledger.synced();
+        assert!(!ledger.replaying());
+        // The live event of the last reply still brings `replied` on the new connection.
+        ledger.observe(Some("v"), status(MessageStatus::Replied), now);
+        let tally = ledger.finish();
+        assert_eq!(problems(&tally), vec![]);
+        assert_eq!(
+            (tally.completed, tally.replies, tally.reconnects),
+            (1, 2, 1)
+        );
+    }
+
+    #[test]
+    fn an_unacked_message_is_sent_again_and_the_duplicate_ack_of_the_resend_is_its_ack() {
+        let mut ledger = resuming();
+        let now = Instant::now();
+        for key in ["m0", "m1", "m2", "m3"] {
+            send(&mut ledger, key, MessageType::Text, Expectation::Accept);
+        }
+        answer(&mut ledger, "m1", MessageType::Text, 10);
+        ledger.observe(Some("m0"), ack(MessageStatus::Accepted), now);
+        let reconnected = ledger.reconnected(now);
+        assert_eq!(
+            reconnected.resend,
+            [
+                ("m2".to_owned(), MessageType::Text),
+                ("m3".to_owned(), MessageType::Text)
+            ],
+            "only the unacked ones, in the order they were sent"
+        );
+        send(&mut ledger, "m2", MessageType::Text, Expectation::Accept);
+        send(&mut ledger, "m3", MessageType::Text, Expectation::Accept);
+        // m2 was stored before the cut: its reply is replayed before the duplicate ack.
+        reply_at(&mut ledger, "m2", 1, ReplyType::Text);
+        assert_eq!(
+            ledger.observe(Some("m2"), duplicate_ack(MessageStatus::Replied), now),
+            Effect::Settled
+        );
+        // m3 never reached the server: a fresh ack and the whole answer.
+        answer(&mut ledger, "m3", MessageType::Text, 20);
+        // m0 was acked before the cut: it is never sent again, its reply comes live.
+        ledger.observe(Some("m0"), status(MessageStatus::Processing), now);
+        reply_at(&mut ledger, "m0", 2, ReplyType::Text);
+        ledger.observe(Some("m0"), status(MessageStatus::Replied), now);
+        assert_eq!(ledger.unsettled(), 0);
+        let tally = ledger.finish();
+        assert_eq!(problems(&tally), vec![]);
+        assert_eq!(
+            (tally.sent, tally.resent, tally.resent_after_reconnect),
+            (4, 2, 2)
+        );
+        assert_eq!((tally.accepted, tally.completed), (4, 4));
+    }
+
+    #[test]
+    fn a_duplicate_ack_nobody_resent_or_a_second_ack_of_a_resend_is_still_a_duplicate() {
+        let mut ledger = resuming();
+        let now = Instant::now();
+        send(&mut ledger, "m1", MessageType::Text, Expectation::Accept);
+        send(&mut ledger, "m2", MessageType::Text, Expectation::Accept);
+        ledger.observe(Some("m1"), duplicate_ack(MessageStatus::Accepted), now);
+        ledger.reconnected(now);
+        send(&mut ledger, "m2", MessageType::Text, Expectation::Accept);
+        ledger.observe(Some("m2"), duplicate_ack(MessageStatus::Accepted), now);
+        ledger.observe(Some("m2"), duplicate_ack(MessageStatus::Accepted), now);
+        // m1's ack never came (a duplicate one answers no send of it); m2's did, its reply not.
+        assert_eq!(
+            problems(&ledger.finish()),
+            vec![
+                ("unacked".into(), 1),
+                ("lost_reply".into(), 1),
+                ("duplicate_ack".into(), 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_reply_replayed_again_or_a_status_twice_on_one_connection_is_still_a_duplicate() {
+        let mut ledger = resuming();
+        let now = Instant::now();
+        send(&mut ledger, "v", MessageType::Voice, Expectation::Accept);
+        ledger.observe(Some("v"), ack(MessageStatus::Accepted), now);
+        ledger.observe(Some("v"), status(MessageStatus::Processing), now);
+        reply_at(&mut ledger, "v", 1, ReplyType::Text);
+        ledger.reconnected(now);
+        // Once more per connection is how the server sends statuses; twice on one is not.
+        ledger.observe(Some("v"), status(MessageStatus::Processing), now);
+        ledger.observe(Some("v"), status(MessageStatus::Processing), now);
+        // The replay starts one too early: the text reply again, same seq.
+        reply_at(&mut ledger, "v", 1, ReplyType::Text);
+        reply_at(&mut ledger, "v", 2, ReplyType::Voice);
+        let tally = ledger.finish();
+        assert_eq!(
+            problems(&tally),
+            vec![
+                ("duplicate_reply".into(), 1),
+                ("duplicate_status".into(), 1),
+                ("seq_repeat".into(), 1)
+            ]
+        );
+        assert_eq!(tally.completed, 1);
+    }
+
+    #[test]
+    fn a_message_that_lacks_only_statuses_settles_at_the_reconnect() {
+        let mut ledger = resuming();
+        let now = Instant::now();
+        send(&mut ledger, "m1", MessageType::Text, Expectation::Accept);
+        ledger.observe(Some("m1"), ack(MessageStatus::Accepted), now);
+        ledger.observe(Some("m1"), status(MessageStatus::Processing), now);
+        reply_at(&mut ledger, "m1", 1, ReplyType::Text);
+        assert_eq!(ledger.unsettled(), 1, "`replied` is due on this connection");
+        let reconnected = ledger.reconnected(now);
+        assert_eq!((reconnected.settled, ledger.unsettled()), (1, 0));
+        assert_eq!(problems(&ledger.finish()), vec![]);
+    }
+
+    #[test]
+    fn with_reconnects_an_acked_message_short_of_replies_is_lost_and_an_unacked_one_is_not() {
+        let mut ledger = resuming();
+        let now = Instant::now();
+        send(&mut ledger, "m1", MessageType::Text, Expectation::Accept);
+        send(&mut ledger, "m2", MessageType::Text, Expectation::Accept);
+        ledger.observe(Some("m1"), ack(MessageStatus::Accepted), now);
+        ledger.reconnected(now);
+        let tally = ledger.finish();
+        assert_eq!(
+            problems(&tally),
+            vec![("unacked".into(), 1), ("lost_reply".into(), 1)]
+        );
+        assert_eq!(tally.lost(), 1);
+    }
+
+    #[test]
+    fn a_replay_nobody_asked_for_is_unexpected_and_ends_at_synced() {
+        let mut ledger = resuming();
+        assert!(!ledger.replaying());
+        ledger.synced();
+        ledger.reconnected(Instant::now());
+        ledger.synced();
+        ledger.synced();
+        assert_eq!(
+            problems(&ledger.finish()),
+            vec![("unexpected_frame".into(), 2)]
+        );
+    }
+
+    #[test]
+    fn retryable_errors_are_sent_again_with_backoff_only_when_resuming() {
+        let unavailable = Observed::Error {
+            code: ErrorCode::Unavailable,
+            retry_after: None,
+        };
+        let mut resumed = resuming();
+        let now = Instant::now();
+        send(&mut resumed, "m1", MessageType::Text, Expectation::Accept);
+        let mut waits = Vec::new();
+        for _ in 0..3 {
+            match resumed.observe(Some("m1"), unavailable, now) {
+                Effect::Resend { after, .. } => waits.push(after.as_millis()),
+                other => panic!("{other:?}"),
+            }
+            send(&mut resumed, "m1", MessageType::Text, Expectation::Accept);
+        }
+        assert_eq!(waits, [100, 200, 400]);
+        answer(&mut resumed, "m1", MessageType::Text, 1);
+        let tally = resumed.finish();
+        assert_eq!(problems(&tally), vec![]);
+        assert_eq!(tally.retried.get("unavailable"), Some(&3));
+        assert_eq!((tally.resent, tally.resent_after_reconnect), (3, 0));
+
+        let mut strict = ledger(Mode::Native);
+        send(&mut strict, "m1", MessageType::Text, Expectation::Accept);
+        assert_eq!(
+            strict.observe(Some("m1"), unavailable, now),
+            Effect::Settled
+        );
+        assert_eq!(
+            problems(&strict.finish()),
+            vec![("error:unavailable".into(), 1)]
+        );
+    }
+
+    #[test]
+    fn the_longest_wait_runs_between_replies_while_something_is_due() {
+        let mut ledger = ledger(Mode::Native);
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        ledger.sent(Sent {
+            key: "m1".into(),
+            kind: MessageType::Voice,
+            expectation: Expectation::Accept,
+            scheduled: at(0),
+        });
+        ledger.observe(Some("m1"), ack(MessageStatus::Accepted), at(5));
+        ledger.observe(Some("m1"), status(MessageStatus::Processing), at(10));
+        ledger.observe(Some("m1"), reply(1, ReplyType::Text), at(300));
+        ledger.observe(Some("m1"), reply(2, ReplyType::Voice), at(1_000));
+        ledger.observe(Some("m1"), status(MessageStatus::Replied), at(1_001));
+        let tally = ledger.finish();
+        assert_eq!(tally.longest_wait, Duration::from_millis(700));
     }
 }

@@ -2,10 +2,12 @@
 //! fast the server is.
 //!
 //! - [`plan`]: who the clients are (ids, random IANA timezones) and what they send, at what pace.
-//! - [`client`]: one client's connection, its writer and reader.
+//! - [`client`]: one client's connection, its writer and reader; [`resume`]: coming back
+//!   after a connection ends under it (`--reconnect`).
 //! - [`ledger`]: the accounting of every message: what it must get back, and what it got.
 //! - [`windows`]: predicts from the server's `welcome` which messages must be rejected.
-//! - [`report`]: counters, latency histograms, the final table and JSON.
+//! - [`report`]: counters, latency histograms, the final table and JSON; [`gaps`]: how long
+//!   replies stopped coming.
 //! - [`run`]: the message scenarios (`spec`, `throughput`, `--rate`); [`connections`]: idle
 //!   connections and the server's memory per connection.
 //! - [`echo`]: the bare WebSocket echo server used as the ceiling; [`table`]: the benchmark
@@ -14,10 +16,12 @@
 pub mod client;
 pub mod connections;
 pub mod echo;
+pub mod gaps;
 pub mod ledger;
 pub mod media;
 pub mod plan;
 pub mod report;
+pub mod resume;
 pub mod run;
 pub mod table;
 pub mod windows;

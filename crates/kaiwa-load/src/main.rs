@@ -107,6 +107,12 @@ struct MessageArgs {
     /// Seconds after which the whole run stops, whatever is left.
     #[arg(long, default_value = "900", value_parser = seconds)]
     timeout: Duration,
+    /// When a connection ends under a client (no close frame, or a close code that says come
+    /// back), reconnect to the same URL with backoff and resume: replies missed are replayed,
+    /// unacked messages sent again under the same id. Reports reconnects, resends and the
+    /// longest time without replies; anything acked but not fully replied is still lost.
+    #[arg(long, conflicts_with_all = ["legacy", "echo"])]
+    reconnect: bool,
 }
 
 #[derive(Debug, Args)]
@@ -231,6 +237,7 @@ async fn messages(scenario: &str, args: MessageArgs) -> anyhow::Result<ExitCode>
         drain_timeout: args.drain_timeout,
         timeout: args.timeout,
         progress: !args.common.quiet,
+        reconnect: args.reconnect,
     };
     let summary = kaiwa_load::run(config).await?;
     finish(&summary, args.common.json.as_ref())

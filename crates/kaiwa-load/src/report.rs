@@ -1,6 +1,7 @@
 //! What a run found: the counters and latency histograms each client fills ([`Tally`]), the live
 //! counters behind the progress bar ([`Live`]), and the final [`Summary`] as a table and as JSON.
 
+use crate::gaps::Timeline;
 use hdrhistogram::Histogram;
 use kaiwa_protocol::{CloseCode, MessageType};
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,10 @@ use std::time::{Duration, Instant};
 pub enum Problem {
     /// A message never got its ack (native) or any answer (legacy, echo).
     LostAck,
+    /// With `--reconnect`: a message whose ack never came, though it was sent again on every
+    /// new connection. Whether the server has it is unknown, so it is not counted as lost; it
+    /// still fails the run.
+    Unacked,
     /// An accepted message is missing some of its replies.
     LostReply,
     /// An accepted message got its replies but not its `processing` or `replied` status.
@@ -58,12 +63,26 @@ impl Problem {
     pub fn is_loss(&self) -> bool {
         matches!(self, Self::LostAck | Self::LostReply | Self::LostStatus)
     }
+
+    /// Whether this problem means something came twice.
+    pub fn is_duplicate(&self) -> bool {
+        matches!(
+            self,
+            Self::DuplicateAck | Self::DuplicateReply | Self::DuplicateStatus | Self::SeqRepeat
+        )
+    }
+
+    /// Whether this problem means frames came in the wrong order.
+    pub fn is_out_of_order(&self) -> bool {
+        matches!(self, Self::OutOfOrder | Self::SeqOutOfOrder)
+    }
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = match self {
             Self::LostAck => "lost_ack",
+            Self::Unacked => "unacked",
             Self::LostReply => "lost_reply",
             Self::LostStatus => "lost_status",
             Self::DuplicateAck => "duplicate_ack",
@@ -115,6 +134,9 @@ pub struct Live {
     pub connected: AtomicU64,
     pub concurrent: AtomicU64,
     pub max_concurrent: AtomicU64,
+    /// When any client saw a reply, for the run's longest silence.
+    pub replies: Timeline,
+    pub reconnects: AtomicU64,
 }
 
 impl Live {
@@ -209,9 +231,25 @@ impl TypeTally {
 pub struct Tally {
     /// Messages sent, each counted once however often it was resent.
     pub sent: u64,
-    /// Sends again after `busy`.
+    /// Sends again of a message already sent: after `busy` (or, with `--reconnect`, another
+    /// retryable error), and after a reconnect.
     pub resent: u64,
     pub busy: u64,
+    /// With `--reconnect`: connections made again after one ended under the client.
+    pub reconnects: u64,
+    /// Replies that came through the replay a reconnect asked for (`missed: true`).
+    pub replayed: u64,
+    /// Messages sent again on a new connection because their ack had not come (each time).
+    pub resent_after_reconnect: u64,
+    /// Error frames the client answered by sending the message again, by code (`busy` too).
+    pub retried: BTreeMap<&'static str, u64>,
+    /// The client's longest wait for a reply while it had a message awaiting one.
+    pub longest_wait: Duration,
+    /// When the client had sent every message it was going to (resends aside); merged, the
+    /// last of them.
+    pub sending_done: Option<Instant>,
+    /// A client (any, once merged) never got to its last new message: the run stopped first.
+    pub still_sending: bool,
     pub accepted: u64,
     pub rejected: u64,
     /// Messages whose every expected frame arrived (accepted and replied, or rejected).
@@ -260,6 +298,15 @@ impl Tally {
         self.sent += other.sent;
         self.resent += other.resent;
         self.busy += other.busy;
+        self.reconnects += other.reconnects;
+        self.replayed += other.replayed;
+        self.resent_after_reconnect += other.resent_after_reconnect;
+        for (code, count) in &other.retried {
+            *self.retried.entry(code).or_default() += count;
+        }
+        self.longest_wait = self.longest_wait.max(other.longest_wait);
+        self.sending_done = self.sending_done.max(other.sending_done);
+        self.still_sending |= other.still_sending;
         self.accepted += other.accepted;
         self.rejected += other.rejected;
         self.completed += other.completed;
@@ -293,9 +340,13 @@ impl Tally {
     }
 
     pub fn lost(&self) -> u64 {
+        self.problems_where(Problem::is_loss)
+    }
+
+    fn problems_where(&self, which: impl Fn(&Problem) -> bool) -> u64 {
         self.problems
             .iter()
-            .filter(|(problem, _)| problem.is_loss())
+            .filter(|(problem, _)| which(problem))
             .map(|(_, count)| count)
             .sum()
     }
@@ -394,6 +445,9 @@ pub struct UrlShare {
     pub lost: u64,
     /// Problems of every kind, `lost` included.
     pub problems: u64,
+    /// Connections made again by this endpoint's clients (`--reconnect`).
+    #[serde(default)]
+    pub reconnects: u64,
 }
 
 impl UrlShare {
@@ -406,6 +460,7 @@ impl UrlShare {
             completed: tally.completed,
             lost: tally.lost(),
             problems: tally.problem_count(),
+            reconnects: tally.reconnects,
         }
     }
 }
@@ -444,6 +499,38 @@ pub struct Summary {
     #[serde(default)]
     pub acknowledgements: u64,
     pub lost: u64,
+    /// Whether the clients reconnected and resumed when a connection ended under them
+    /// (`--reconnect`); the fields below up to `out_of_order` count what that took.
+    #[serde(default)]
+    pub reconnect: bool,
+    /// Connections made again after one ended under a client.
+    #[serde(default)]
+    pub reconnects: u64,
+    /// Replies that came through the replays those connections asked for.
+    #[serde(default)]
+    pub replayed: u64,
+    /// Sends again, on a new connection, of messages whose ack had not come (each time).
+    #[serde(default)]
+    pub resent_after_reconnect: u64,
+    /// Error frames answered by sending the message again, by code (`busy` included).
+    #[serde(default)]
+    pub retried_errors: BTreeMap<String, u64>,
+    /// Messages whose ack never came (with `--reconnect`; without, they count as lost).
+    #[serde(default)]
+    pub unacked: u64,
+    /// Frames that came twice: acks, replies, statuses and reply `seq`s.
+    #[serde(default)]
+    pub duplicated: u64,
+    /// Frames in the wrong order: within a message, or in the reply stream.
+    #[serde(default)]
+    pub out_of_order: u64,
+    /// The longest time during the sending phase in which no client saw any reply.
+    #[serde(default)]
+    pub longest_silence_ms: Option<f64>,
+    /// The longest time one client waited between replies while it had a message awaiting
+    /// its answers (the longest over all clients).
+    #[serde(default)]
+    pub longest_client_gap_ms: Option<f64>,
     pub connected: u64,
     pub refusals: u64,
     /// The refusals by close code and name (`"1013 over_capacity"`).
@@ -538,6 +625,20 @@ impl Summary {
             deltas: tally.deltas,
             acknowledgements: tally.acknowledgements,
             lost: tally.lost(),
+            reconnect: false,
+            reconnects: tally.reconnects,
+            replayed: tally.replayed,
+            resent_after_reconnect: tally.resent_after_reconnect,
+            retried_errors: tally
+                .retried
+                .iter()
+                .map(|(code, count)| ((*code).to_owned(), *count))
+                .collect(),
+            unacked: tally.problems.get(&Problem::Unacked).copied().unwrap_or(0),
+            duplicated: tally.problems_where(Problem::is_duplicate),
+            out_of_order: tally.problems_where(Problem::is_out_of_order),
+            longest_silence_ms: None,
+            longest_client_gap_ms: (tally.sent > 0).then(|| millis(tally.longest_wait)),
             connected: tally.connected,
             refusals: tally.refusal_count(),
             refused_by: tally
@@ -646,6 +747,38 @@ impl Summary {
                 self.busy,
                 self.lost
             );
+            if self.reconnect {
+                let retried: Vec<String> = self
+                    .retried_errors
+                    .iter()
+                    .map(|(code, count)| format!("{code} ×{count}"))
+                    .collect();
+                let retried = if retried.is_empty() {
+                    "none".to_owned()
+                } else {
+                    retried.join(", ")
+                };
+                let _ = writeln!(
+                    out,
+                    "  reconnects {}  replies replayed {}  resent after reconnect {}  unacked {}  lost {}  duplicated {}  out of order {}  errors retried: {retried}",
+                    self.reconnects,
+                    self.replayed,
+                    self.resent_after_reconnect,
+                    self.unacked,
+                    self.lost,
+                    self.duplicated,
+                    self.out_of_order
+                );
+            }
+            let gap = |value: Option<f64>| {
+                value.map_or_else(|| "-".to_owned(), |v| format!("{} ms", ms(v)))
+            };
+            let _ = writeln!(
+                out,
+                "  longest silence (no client got a reply) {}; longest wait of one client between replies {}",
+                gap(self.longest_silence_ms),
+                gap(self.longest_client_gap_ms)
+            );
             let _ = writeln!(out, "  throughput {:.0} msg/s completed", self.throughput);
             let _ = writeln!(out);
             let _ = writeln!(
@@ -713,6 +846,11 @@ impl Summary {
         }
         out
     }
+}
+
+/// A duration in milliseconds, as the JSON reports them.
+pub fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
 }
 
 fn quantiles(q: Option<&Quantiles>) -> String {
@@ -916,5 +1054,63 @@ mod tests {
         assert!(!summary.ok);
         assert_eq!(summary.lost, 1);
         assert!(summary.table().contains("lost_ack"));
+    }
+
+    #[test]
+    fn a_reconnect_run_reports_what_coming_back_took_in_the_table_and_the_json() {
+        let mut tally = Tally {
+            sent: 10,
+            reconnects: 3,
+            replayed: 4,
+            resent_after_reconnect: 2,
+            longest_wait: Duration::from_millis(1_500),
+            ..Tally::default()
+        };
+        tally.retried.insert("unavailable", 5);
+        tally.problem(Problem::Unacked);
+        tally.problem(Problem::DuplicateReply);
+        tally.problem(Problem::SeqRepeat);
+        tally.problem(Problem::SeqOutOfOrder);
+        let info = RunInfo {
+            scenario: "throughput".into(),
+            label: None,
+            protocol: "native".into(),
+            urls: vec!["ws://127.0.0.1:1/ws".into()],
+            started_at: String::new(),
+            offered_rate: None,
+            elapsed: Duration::from_secs(1),
+            max_concurrent: 1,
+        };
+        let mut summary = Summary::new(info, &tally);
+        summary.reconnect = true;
+        summary.longest_silence_ms = Some(1_234.0);
+        assert_eq!(
+            (summary.unacked, summary.lost),
+            (1, 0),
+            "unacked is not lost"
+        );
+        assert_eq!((summary.duplicated, summary.out_of_order), (2, 1));
+        assert!(!summary.ok);
+        let table = summary.table();
+        assert!(
+            table.contains("reconnects 3  replies replayed 4  resent after reconnect 2  unacked 1  lost 0  duplicated 2  out of order 1  errors retried: unavailable ×5"),
+            "{table}"
+        );
+        assert!(table.contains("longest silence (no client got a reply) 1234 ms; longest wait of one client between replies 1500 ms"), "{table}");
+        let json = serde_json::to_value(&summary).expect("serializes");
+        for (field, value) in [
+            ("reconnect", serde_json::json!(true)),
+            ("reconnects", serde_json::json!(3)),
+            ("replayed", serde_json::json!(4)),
+            ("resent_after_reconnect", serde_json::json!(2)),
+            ("retried_errors", serde_json::json!({"unavailable": 5})),
+            ("unacked", serde_json::json!(1)),
+            ("duplicated", serde_json::json!(2)),
+            ("out_of_order", serde_json::json!(1)),
+            ("longest_silence_ms", serde_json::json!(1234.0)),
+            ("longest_client_gap_ms", serde_json::json!(1500.0)),
+        ] {
+            assert_eq!(json[field], value, "{field}");
+        }
     }
 }

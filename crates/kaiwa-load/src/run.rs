@@ -2,10 +2,11 @@
 //! starts them, shows the live progress bar, and merges what they counted into a [`Summary`].
 
 use crate::client::{self, Shared, StartLine};
+use crate::gaps::Timeline;
 use crate::ledger::Mode;
 use crate::media::{MediaError, Samples};
 use crate::plan::{self, Mix, Pace};
-use crate::report::{Live, RunInfo, Summary, Tally, UrlShare};
+use crate::report::{Live, RunInfo, Summary, Tally, UrlShare, millis};
 use crate::windows::Windows;
 use chrono::{SecondsFormat, Utc};
 use futures::{SinkExt, StreamExt};
@@ -42,6 +43,9 @@ pub struct LoadConfig {
     /// The whole run stops after this, whatever is left.
     pub timeout: Duration,
     pub progress: bool,
+    /// Clients reconnect and resume when a connection ends under them (native only), and the
+    /// report says what that took.
+    pub reconnect: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +58,8 @@ pub enum LoadError {
     NoUrls,
     #[error("--rate must be a positive number of messages per second")]
     BadRate,
+    #[error("--reconnect needs the native protocol: only it resumes a reply stream")]
+    ReconnectNeedsNative,
     #[error("a client task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -72,10 +78,16 @@ pub async fn run(config: LoadConfig) -> Result<Summary, LoadError> {
     {
         return Err(LoadError::BadRate);
     }
+    if config.reconnect && config.mode != Mode::Native {
+        return Err(LoadError::ReconnectNeedsNative);
+    }
     let started_at = Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true);
     let began = Instant::now();
     let samples = Arc::new(Samples::generate()?);
-    let live = Arc::new(Live::default());
+    let live = Arc::new(Live {
+        replies: Timeline::new(config.timeout),
+        ..Live::default()
+    });
     let stop = CancellationToken::new();
     let timer = tokio::spawn({
         let stop = stop.clone();
@@ -124,6 +136,7 @@ pub async fn run(config: LoadConfig) -> Result<Summary, LoadError> {
         windows,
         drain_timeout: config.drain_timeout,
         deadline,
+        reconnect: config.reconnect,
     };
 
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
@@ -194,6 +207,16 @@ pub async fn run(config: LoadConfig) -> Result<Summary, LoadError> {
     };
     let mut summary = Summary::new(info, &tally);
     summary.run_id = Some(run_id);
+    summary.reconnect = config.reconnect;
+    // The sending phase: from the first message due to the last client's last new message (or
+    // the end, for clients the run stopped first).
+    let sending_done = tally.sending_done.filter(|_| !tally.still_sending);
+    let ended = std::time::Instant::now();
+    summary.longest_silence_ms = tally.first_send.and_then(|first| {
+        live.replies
+            .longest_silence(first, sending_done.unwrap_or(ended))
+            .map(millis)
+    });
     summary.by_url = config
         .urls
         .iter()
@@ -276,11 +299,12 @@ impl Progress {
                     }
                     bar.set_position(settled);
                     bar.set_message(format!(
-                        "{rate:.0} msg/s  sent {}  busy {}  refused {}  connected {}  problems {}",
+                        "{rate:.0} msg/s  sent {}  busy {}  refused {}  connected {}  reconnects {}  problems {}",
                         Live::get(&live.sent),
                         Live::get(&live.busy),
                         Live::get(&live.refusals),
                         Live::get(&live.concurrent),
+                        Live::get(&live.reconnects),
                         Live::get(&live.problems),
                     ));
                 }

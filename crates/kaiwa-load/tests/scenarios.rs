@@ -1,7 +1,8 @@
 //! The load tool against real servers: an in-process kaiwa with small delays (nothing may be
 //! lost), two of them given as two endpoints (each client keeps to its own), the echo baseline,
-//! and fake servers that withhold or repeat replies (the tool must report it, so its checks can
-//! fail).
+//! fake servers that withhold or repeat replies (the tool must report it, so its checks can
+//! fail), and a kaiwa behind a proxy that cuts every connection mid-run (`--reconnect` must
+//! come back and lose nothing; without it, the cut must show as lost).
 
 use futures::{SinkExt, StreamExt};
 use kaiwa::clock::SystemClock;
@@ -12,17 +13,19 @@ use kaiwa_load::plan::{self, Mix};
 use kaiwa_load::{LoadConfig, Mode};
 use kaiwa_protocol::{CloseCode, ErrorCode, MessageStatus, MessageType, ReplyType, native};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_util::sync::CancellationToken;
 
 /// A kaiwa on a free port with its own data directory, stopped when dropped.
 struct Server {
@@ -87,6 +90,25 @@ impl Server {
             .as_u64()
             .expect("a total")
     }
+
+    /// Every message this server stored from `client_id`, with its replies.
+    async fn history(&self, client_id: &str) -> Vec<serde_json::Value> {
+        let mut messages = Vec::new();
+        loop {
+            let page = self
+                .get(&format!(
+                    "/chat-history/{client_id}?limit=100&offset={}",
+                    messages.len()
+                ))
+                .await;
+            let data = page["data"].as_array().expect("a page").clone();
+            let done = data.is_empty() || page["pagination"]["has_more"] != true;
+            messages.extend(data);
+            if done {
+                return messages;
+            }
+        }
+    }
 }
 
 fn config(url: String, mode: Mode, clients: usize, messages: u64) -> LoadConfig {
@@ -105,6 +127,7 @@ fn config(url: String, mode: Mode, clients: usize, messages: u64) -> LoadConfig 
         drain_timeout: Duration::from_secs(20),
         timeout: Duration::from_secs(120),
         progress: false,
+        reconnect: false,
     }
 }
 
@@ -666,4 +689,322 @@ async fn kaiwa_recognises_the_generated_media_by_content_and_name() {
             .unwrap_or_else(|| panic!("kaiwa recognises the {kind} sample"));
         assert!(format.fits_filename(sample.filename), "{}", sample.filename);
     }
+}
+
+/// A TCP proxy in front of a server, which the test can mute (the server's bytes are read and
+/// dropped, so acks and replies go missing while the clients' sends still arrive), cut (every
+/// connection through it ends at once, with no close frame) and let through again. Stopped when
+/// dropped.
+struct Proxy {
+    addr: SocketAddr,
+    shared: Arc<ProxyShared>,
+    _stop: oneshot::Sender<()>,
+}
+
+#[derive(Default)]
+struct ProxyShared {
+    /// Bytes passed from the clients to the server.
+    upstream: AtomicU64,
+    /// Bytes from the server passed on to the clients.
+    downstream: AtomicU64,
+    /// Bytes from the server dropped while muted.
+    swallowed: AtomicU64,
+    /// Reply frames among them (server frames are not masked, so they can be read here).
+    swallowed_replies: AtomicU64,
+    /// Connections turned away while cut.
+    turned_away: AtomicU64,
+    state: Mutex<ProxyState>,
+    /// Woken at every change of a count, for tests that wait for one.
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    muted: bool,
+    cut: bool,
+    /// Cancelled by a cut: every connection through the proxy ends with it.
+    connections: CancellationToken,
+}
+
+impl ProxyShared {
+    fn count(&self, counter: &AtomicU64, bytes: usize) {
+        counter.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ProxyState> {
+        self.state.lock().expect("the proxy's state")
+    }
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        let addr = listener.local_addr().expect("an address");
+        let shared = Arc::new(ProxyShared::default());
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        tokio::spawn({
+            let shared = shared.clone();
+            async move {
+                loop {
+                    let (client, _) = tokio::select! {
+                        accepted = listener.accept() => accepted.expect("accepts"),
+                        _ = &mut stopped => return,
+                    };
+                    let connection = {
+                        let state = shared.state();
+                        (!state.cut).then(|| state.connections.clone())
+                    };
+                    match connection {
+                        Some(cancel) => {
+                            tokio::spawn(forward(client, target, cancel, shared.clone()));
+                        }
+                        None => {
+                            drop(client);
+                            shared.count(&shared.turned_away, 1);
+                        }
+                    }
+                }
+            }
+        });
+        Proxy {
+            addr,
+            shared,
+            _stop: stop,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    fn get(&self, counter: impl Fn(&ProxyShared) -> &AtomicU64) -> u64 {
+        counter(&self.shared).load(Ordering::Relaxed)
+    }
+
+    /// Waits until `ready` holds; a run that ends first would leave it waiting, hence the
+    /// bound, which no healthy run comes near.
+    async fn wait_until(&self, what: &str, ready: impl Fn(&Proxy) -> bool) {
+        let waiting = async {
+            loop {
+                let changed = self.shared.changed.notified();
+                tokio::pin!(changed);
+                // Registered before the check, so a change between the two is not missed.
+                changed.as_mut().enable();
+                if ready(self) {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), waiting)
+            .await
+            .unwrap_or_else(|_| panic!("the proxy never saw {what}"));
+    }
+
+    fn mute(&self) {
+        self.shared.state().muted = true;
+    }
+
+    /// Ends every connection through the proxy and turns new ones away.
+    fn cut(&self) {
+        let mut state = self.shared.state();
+        state.cut = true;
+        state.muted = false;
+        state.connections.cancel();
+        state.connections = CancellationToken::new();
+    }
+
+    fn let_through(&self) {
+        self.shared.state().cut = false;
+    }
+}
+
+/// How a reply frame starts.
+const REPLY: &[u8] = br#"{"type":"reply""#;
+
+/// Passes one connection's bytes both ways until either side closes or the proxy is cut; then
+/// both sockets are dropped, so the client sees the connection end without a close frame.
+async fn forward(
+    client: TcpStream,
+    target: SocketAddr,
+    cancel: CancellationToken,
+    shared: Arc<ProxyShared>,
+) {
+    let Ok(server) = TcpStream::connect(target).await else {
+        return;
+    };
+    client.set_nodelay(true).ok();
+    server.set_nodelay(true).ok();
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let upstream = async {
+        let mut buffer = vec![0; 16 * 1024];
+        while let Ok(n @ 1..) = client_read.read(&mut buffer).await {
+            if server_write.write_all(&buffer[..n]).await.is_err() {
+                break;
+            }
+            shared.count(&shared.upstream, n);
+        }
+        server_write.shutdown().await.ok();
+    };
+    let downstream = async {
+        let mut buffer = vec![0; 16 * 1024];
+        while let Ok(n @ 1..) = server_read.read(&mut buffer).await {
+            if shared.state().muted {
+                let replies = buffer[..n]
+                    .windows(REPLY.len())
+                    .filter(|w| *w == REPLY)
+                    .count();
+                shared
+                    .swallowed_replies
+                    .fetch_add(replies as u64, Ordering::Relaxed);
+                shared.count(&shared.swallowed, n);
+                continue;
+            }
+            if client_write.write_all(&buffer[..n]).await.is_err() {
+                break;
+            }
+            shared.count(&shared.downstream, n);
+        }
+        client_write.shutdown().await.ok();
+    };
+    tokio::select! {
+        () = cancel.cancelled() => {}
+        _ = async { tokio::join!(upstream, downstream) } => {}
+    }
+}
+
+/// A kaiwa that accepts text at any hour in any timezone (the clients' zones are random), so
+/// every message must be accepted and replied, behind a proxy.
+async fn server_behind_a_proxy() -> (Server, Proxy) {
+    let server =
+        Server::start(&["--reply-delay-scale", "0.2", "--text-window", "00:00-24:00"]).await;
+    let proxy = Proxy::start(server.addr).await;
+    (server, proxy)
+}
+
+/// Open loop, so the clients keep sending while their answers are held back.
+fn cut_config(url: String, clients: usize, messages: u64, reconnect: bool) -> LoadConfig {
+    let mut config = config(url, Mode::Native, clients, messages);
+    config.mix = Mix::text();
+    config.rate = Some(150.0);
+    config.reconnect = reconnect;
+    config
+}
+
+/// Once answers flow, mutes the proxy until the server has had sends whose acks went missing
+/// and sent replies that went missing, then cuts every connection.
+async fn cut_mid_run(proxy: &Proxy) {
+    proxy
+        .wait_until("answers flowing", |p| p.get(|s| &s.downstream) >= 20_000)
+        .await;
+    let before = proxy.get(|s| &s.upstream);
+    proxy.mute();
+    proxy
+        .wait_until("sends while muted", |p| {
+            p.get(|s| &s.upstream) >= before + 1_000 && p.get(|s| &s.swallowed_replies) >= 3
+        })
+        .await;
+    proxy.cut();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_reconnect_a_cut_mid_run_loses_nothing_and_every_message_is_stored_and_replied_once() {
+    let (server, proxy) = server_behind_a_proxy().await;
+    let (clients, messages) = (6, 300);
+    let run = tokio::spawn(kaiwa_load::run(cut_config(
+        proxy.url(),
+        clients,
+        messages,
+        true,
+    )));
+    cut_mid_run(&proxy).await;
+    // Let through again once clients have been turned away trying to come back.
+    proxy
+        .wait_until("clients trying to come back", |p| {
+            p.get(|s| &s.turned_away) >= clients as u64
+        })
+        .await;
+    proxy.let_through();
+    let summary = run
+        .await
+        .expect("the run's task")
+        .expect("the run completes");
+
+    let table = summary.table();
+    println!("{table}");
+    assert!(summary.ok, "{table}");
+    assert!(summary.reconnect);
+    assert_eq!(
+        (summary.sent, summary.completed),
+        (messages, messages),
+        "{table}"
+    );
+    assert_eq!(summary.accepted, messages, "{table}");
+    assert_eq!(
+        (
+            summary.lost,
+            summary.unacked,
+            summary.duplicated,
+            summary.out_of_order
+        ),
+        (0, 0, 0, 0),
+        "{table}"
+    );
+    assert!(summary.reconnects > 0, "{table}");
+    // Sends whose acks the mute swallowed went out again under their ids: the server had
+    // stored them, so a duplicate ack answered, and nothing was stored twice (below).
+    assert!(summary.resent_after_reconnect > 0, "{table}");
+    // Replies the mute swallowed came through the replay after the reconnect.
+    assert!(summary.replayed > 0, "{table}");
+    assert!(table.contains("reconnects"), "{table}");
+    let silence = summary.longest_silence_ms.expect("a longest silence");
+    let gap = summary.longest_client_gap_ms.expect("a longest client gap");
+    // Some client was waiting all through the silence (to the millisecond the timeline keeps).
+    assert!(
+        silence > 0.0 && gap + 1.0 >= silence,
+        "{silence} {gap}: {table}"
+    );
+
+    // The server's own record: each client's messages stored once each, every one replied
+    // once, and every reply acknowledged by the client (on the connection that got it, or by
+    // the `after` of the next).
+    let run_id = summary.run_id.clone().expect("the run's id");
+    // An open-loop run gives every client an even share.
+    let share = messages / clients as u64;
+    let mut stored = 0;
+    for plan in &plan::clients(clients, Some(messages), 42, &run_id) {
+        let history = server.history(&plan.client_id).await;
+        assert_eq!(history.len() as u64, share, "{}", plan.client_id);
+        for message in &history {
+            assert_eq!(message["is_accepted"], true, "{message}");
+            let replies = message["replies"].as_array().expect("replies");
+            assert_eq!(replies.len(), 1, "{message}");
+            assert_eq!(replies[0]["is_delivered"], true, "{message}");
+        }
+        stored += history.len() as u64;
+    }
+    assert_eq!(stored, messages);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_reconnect_the_same_cut_is_reported_as_lost_and_fails_the_run() {
+    let (_server, proxy) = server_behind_a_proxy().await;
+    let run = tokio::spawn(kaiwa_load::run(cut_config(proxy.url(), 6, 300, false)));
+    cut_mid_run(&proxy).await;
+    let summary = run
+        .await
+        .expect("the run's task")
+        .expect("the run completes");
+    let table = summary.table();
+    assert!(!summary.ok, "{table}");
+    assert!(summary.lost > 0, "{table}");
+    assert_eq!(summary.reconnects, 0, "{table}");
+    assert!(
+        summary
+            .problems
+            .contains_key("closed:1006 abnormal_closure"),
+        "{table}"
+    );
 }
