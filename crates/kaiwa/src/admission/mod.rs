@@ -290,6 +290,12 @@ impl Admission {
         }
     }
 
+    /// Whether [`Admission::dispatch`] waits on a broker that other processes share, so a
+    /// client's pipeline should not wait for it (the store, not the job, holds the message).
+    pub fn confirms_in_background(&self) -> bool {
+        self.shared_in_flight
+    }
+
     /// Queues an accepted message, keeping its in-flight slot until the last reply.
     pub async fn dispatch(&self, ticket: Ticket) -> Result<(), AdmissionError> {
         let message_id = ticket.job.message_id;

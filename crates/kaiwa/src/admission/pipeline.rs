@@ -3,7 +3,7 @@
 //! at once; each is answered in order once its fate is known, and an accepted one is then queued
 //! for a worker. The gateway only submits messages and turns the verdicts into frames.
 
-use super::{Admission, AdmissionError, Admitting, Invalid, Outcome, Sender, Submission, Ticket};
+use super::{Admission, AdmissionError, Admitting, Invalid, Outcome, Sender, Submission};
 use crate::store::Existing;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
@@ -135,6 +135,7 @@ impl Pipeline {
                 admission: self.admission.clone(),
                 sender: self.sender.clone(),
                 answer: self.answer.clone(),
+                tracker: self.tracker.clone(),
             };
             self.tracker.spawn(task.run(queued));
             queue
@@ -161,6 +162,8 @@ struct Task {
     admission: Arc<Admission>,
     sender: Arc<Sender>,
     answer: Arc<Answer>,
+    /// Where jobs awaiting the broker's confirm are published from (see `answer`).
+    tracker: TaskTracker,
 }
 
 impl Task {
@@ -240,9 +243,25 @@ impl Task {
                 let message_id = ticket.job.message_id;
                 // Answered before it is queued: the client always sees `accepted` first.
                 (self.answer)(settled(Verdict::Accepted { message_id }));
-                if let Err(err) = self.dispatch(ticket).await {
-                    tracing::error!(message_id, %err, "accepted message not queued; the sweeper queues it again later");
-                    (self.answer)(settled(Verdict::NotQueued(err)));
+                let admission = self.admission.clone();
+                let answer = self.answer.clone();
+                let dispatch = async move {
+                    if let Err(err) = admission.dispatch(ticket).await {
+                        tracing::error!(message_id, %err, "accepted message not queued; the sweeper queues it again later");
+                        answer(Settled {
+                            id,
+                            received_at,
+                            verdict: Verdict::NotQueued(err),
+                        });
+                    }
+                };
+                if self.admission.confirms_in_background() {
+                    // A broker confirms a persistent job after its disk write, milliseconds
+                    // later: the client's next message must not wait for that. The message is
+                    // committed already, and one never confirmed is swept back.
+                    self.tracker.spawn(dispatch);
+                } else {
+                    dispatch.await;
                 }
             }
             Outcome::Rejected { message_id, reason } => {
@@ -259,9 +278,5 @@ impl Task {
                 (self.answer)(settled(Verdict::Failed(err)));
             }
         }
-    }
-
-    async fn dispatch(&self, ticket: Ticket) -> Result<(), AdmissionError> {
-        self.admission.dispatch(ticket).await
     }
 }
