@@ -17,6 +17,9 @@ const CONNECTIONS: u32 = 4;
 
 pub struct PgPresence {
     pool: PgPool,
+    /// The lease's own connection: thousands of clients connecting at once queue on `pool`, and
+    /// a renewal stuck behind them would let the lease run out under a healthy gateway.
+    lease_pool: PgPool,
     gateway: GatewayId,
     /// How long a gateway's claims outlive its last renewal.
     lease: Duration,
@@ -45,11 +48,18 @@ impl PgPresence {
         let pool = PgPoolOptions::new()
             .max_connections(CONNECTIONS)
             .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options.clone())
+            .await
+            .map_err(|err| unavailable(&err))?;
+        let lease_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(lease / 3)
             .connect_with(options)
             .await
             .map_err(|err| unavailable(&err))?;
         Ok(Self {
             pool,
+            lease_pool,
             gateway,
             lease,
         })
@@ -135,7 +145,11 @@ impl PgPresence {
             .iter()
             .map(|&conn| i64::try_from(conn).unwrap_or(i64::MAX))
             .collect();
-        let mut tx = self.pool.begin().await.map_err(|err| unavailable(&err))?;
+        let mut tx = self
+            .lease_pool
+            .begin()
+            .await
+            .map_err(|err| unavailable(&err))?;
         let renewed = sqlx::query(
             "UPDATE gateways SET lease_until = now() + make_interval(secs => $2) \
              WHERE id = $1 AND lease_until > now()",
@@ -150,9 +164,12 @@ impl PgPresence {
         if renewed {
             // Only rows older than a moment: a connection takes its row after it is listed
             // live, and the list was read before this statement.
+            // Anti-joins, not `<> ALL`: a gateway lists thousands of live connections, and
+            // comparing each row with the whole list would cost their product.
             sqlx::query(
-                "DELETE FROM sessions WHERE gateway_id = $1 AND conn_id <> ALL($2) \
-                 AND since < now() - interval '5 seconds'",
+                "DELETE FROM sessions AS s WHERE s.gateway_id = $1 \
+                 AND s.since < now() - interval '5 seconds' \
+                 AND NOT EXISTS (SELECT 1 FROM UNNEST($2::bigint[]) AS l(conn) WHERE l.conn = s.conn_id)",
             )
             .bind(self.gateway.as_str())
             .bind(&live)
@@ -160,9 +177,9 @@ impl PgPresence {
             .await
             .map_err(|err| unavailable(&err))?;
             sqlx::query(
-                "UPDATE client_slots SET gateway_id = NULL, conn_id = NULL, taken_at = NULL \
-                 WHERE gateway_id = $1 AND conn_id <> ALL($2) \
-                 AND taken_at < now() - interval '5 seconds'",
+                "UPDATE client_slots AS c SET gateway_id = NULL, conn_id = NULL, taken_at = NULL \
+                 WHERE c.gateway_id = $1 AND c.taken_at < now() - interval '5 seconds' \
+                 AND NOT EXISTS (SELECT 1 FROM UNNEST($2::bigint[]) AS l(conn) WHERE l.conn = c.conn_id)",
             )
             .bind(self.gateway.as_str())
             .bind(&live)
@@ -171,6 +188,9 @@ impl PgPresence {
             .map_err(|err| unavailable(&err))?;
         }
         tx.commit().await.map_err(|err| unavailable(&err))?;
+        if renewed {
+            reclaim(&self.lease_pool).await?;
+        }
         Ok(renewed)
     }
 
@@ -199,6 +219,27 @@ impl PgPresence {
     }
 }
 
+/// Frees the slots of gateways whose lease has run out; returns how many. Whatever they held
+/// counted as free already (every check joins on a live lease): this only puts the rows back
+/// where a taker looks first.
+async fn reclaim(pool: &PgPool) -> Result<u64, PresenceError> {
+    let freed = sqlx::query(
+        "UPDATE client_slots SET gateway_id = NULL, conn_id = NULL, taken_at = NULL \
+         WHERE gateway_id IN (SELECT id FROM gateways WHERE lease_until <= now())",
+    )
+    .execute(pool)
+    .await
+    .map_err(|err| unavailable(&err))?
+    .rows_affected();
+    if freed > 0 {
+        tracing::info!(
+            slots = freed,
+            "client slots of gateways whose lease ran out are free again"
+        );
+    }
+    Ok(freed)
+}
+
 #[async_trait]
 impl Presence for PgPresence {
     async fn holder(&self, client_id: &ClientId) -> Result<Option<GatewayId>, PresenceError> {
@@ -218,25 +259,31 @@ impl Presence for PgPresence {
         conn_id: u64,
         max_clients: u32,
     ) -> Result<Option<u32>, PresenceError> {
-        // The lowest slot nobody alive holds; a slot another connection is taking right now is
-        // skipped rather than waited for.
-        let slot: Option<i32> = sqlx::query_scalar(
-            "WITH free AS ( \
-                 SELECT s.slot FROM client_slots AS s \
-                 WHERE s.slot <= $3 AND (s.gateway_id IS NULL OR NOT EXISTS ( \
-                     SELECT 1 FROM gateways AS g \
-                     WHERE g.id = s.gateway_id AND g.lease_until > now())) \
-                 ORDER BY s.slot LIMIT 1 FOR UPDATE SKIP LOCKED) \
-             UPDATE client_slots AS c SET gateway_id = $1, conn_id = $2, taken_at = now() \
-             FROM free WHERE c.slot = free.slot RETURNING c.slot",
-        )
-        .bind(self.gateway.as_str())
-        .bind(i64::try_from(conn_id).unwrap_or(i64::MAX))
-        .bind(i32::try_from(max_clients).unwrap_or(i32::MAX))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|err| unavailable(&err))?;
-        Ok(slot.and_then(|slot| u32::try_from(slot).ok()))
+        // The lowest free slot; one another connection is taking right now is skipped rather
+        // than waited for. Slots of gateways that died are made free by `reclaim` (here, when
+        // none is free, and at every lease renewal), so this stays an index lookup.
+        for attempt in 0..2 {
+            let slot: Option<i32> = sqlx::query_scalar(
+                "WITH free AS ( \
+                     SELECT slot FROM client_slots WHERE gateway_id IS NULL AND slot <= $3 \
+                     ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED) \
+                 UPDATE client_slots AS c SET gateway_id = $1, conn_id = $2, taken_at = now() \
+                 FROM free WHERE c.slot = free.slot RETURNING c.slot",
+            )
+            .bind(self.gateway.as_str())
+            .bind(i64::try_from(conn_id).unwrap_or(i64::MAX))
+            .bind(i32::try_from(max_clients).unwrap_or(i32::MAX))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|err| unavailable(&err))?;
+            if let Some(slot) = slot {
+                return Ok(u32::try_from(slot).ok());
+            }
+            if attempt == 0 && reclaim(&self.pool).await? == 0 {
+                break;
+            }
+        }
+        Ok(None)
     }
 
     async fn release_slot(&self, slot: u32, conn_id: u64) {
