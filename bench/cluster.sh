@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Benchmarks kaiwa as one process and as a cluster, on this machine, in one run, and prints one
+# table (README, "Running as a cluster"):
+#   serve-sqlite     kaiwa serve on its embedded defaults (SQLite, in-process queue)
+#   serve-postgres   kaiwa serve on a fresh PostgreSQL database (in-process queue)
+#   cluster          scripts/cluster.sh: HAProxy, 2 gateways, 2 workers, PostgreSQL, RabbitMQ
+# For each: messages/s end to end with CLIENTS clients (closed loop), then p50/p99 from send to
+# last reply at RATE messages/s offered (open loop); every run checks that nothing was lost.
+# Then, on the cluster:
+#   kill             kaiwa-load --reconnect at KILL_RATE msg/s while a worker and then a gateway
+#                    are killed (-9) and started again: how long clients saw no reply, and that
+#                    nothing was lost
+#   idle             IDLE idle connections over 3 gateways addressed directly, memory per
+#                    connection per gateway (one process may hold ~19,900 sockets here)
+# Every message is inside its window (--text-window 00:00-24:00), so every one is replied to.
+# Reports land in target/bench/cluster-<UTC time>/ as JSON, with the table.
+#
+# Settings (environment): CLIENTS (50), DURATION seconds (10), RATE (1000), KILL_RATE (500),
+# KILL_DURATION seconds (40), IDLE (50000; 0 leaves it out), PORT (18082), BASE_PORT (18200),
+# POSTGRES (postgres://postgres@127.0.0.1:5432/postgres), AMQP (amqp://guest:guest@127.0.0.1:5672).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CLIENTS=${CLIENTS:-50}
+DURATION=${DURATION:-10}
+RATE=${RATE:-1000}
+KILL_RATE=${KILL_RATE:-500}
+KILL_DURATION=${KILL_DURATION:-40}
+IDLE=${IDLE:-50000}
+PORT=${PORT:-18082}
+BASE_PORT=${BASE_PORT:-18200}
+POSTGRES=${POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}
+export POSTGRES AMQP="${AMQP:-amqp://guest:guest@127.0.0.1:5672}"
+out=${OUT:-target/bench/cluster-$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$out"
+# On the real disk, not tmpfs: the stores' fsyncs are part of what is measured.
+work=$(mktemp -d "$PWD/target/bench-cluster.XXXXXX")
+server_pid=""
+pg_db=""
+cluster_name="kaiwa_bench_cluster_$$"
+cluster_up=""
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+# Reply delays off and limits out of the way: what is measured is kaiwa, not its pacing.
+export KAIWA_REPLY_DELAY_SCALE=0 KAIWA_MAX_IN_FLIGHT=100000 KAIWA_MAX_CLIENTS=20000 \
+  KAIWA_FIRST_MESSAGE_TIMEOUT=86400 KAIWA_HEARTBEAT_TIMEOUT=86400 KAIWA_TEXT_WINDOW=00:00-24:00 \
+  KAIWA_LOG=warn
+unset OPENAI_API_KEY
+
+cluster() {
+  PORT=$PORT BASE_PORT=$BASE_PORT RUN_DIR="$work/cluster" NAME=$cluster_name \
+    BINARY=target/release/kaiwa scripts/cluster.sh "$@"
+}
+stop_server() {
+  if [[ -n "$server_pid" ]]; then
+    kill -TERM "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=""
+  fi
+}
+cleanup() {
+  stop_server
+  if [[ -n "$cluster_up" ]]; then cluster down || true; fi
+  if [[ -n "$pg_db" ]]; then
+    psql -q "$POSTGRES" -c "DROP DATABASE IF EXISTS $pg_db WITH (FORCE)" >/dev/null 2>&1 || true
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+wait_for_port() {
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "nothing is listening on port $1" >&2
+  return 1
+}
+
+load() { target/release/kaiwa-load "$@" --quiet; }
+
+# The two runs every setup gets: closed loop, then RATE offered.
+measure() {
+  local name=$1 url=$2
+  step "$name: $CLIENTS clients for ${DURATION}s, as fast as answers come"
+  load throughput --url "$url" --clients "$CLIENTS" --duration "$DURATION" \
+    --label "$name" --json "$out/1-$name.json" || true
+  step "$name: $RATE msg/s offered for ${DURATION}s"
+  load throughput --url "$url" --clients "$CLIENTS" --rate "$RATE" --duration "$DURATION" \
+    --label "$name-rate-$RATE" --json "$out/2-$name-rate.json" || true
+}
+
+serve() {
+  local name=$1
+  shift
+  target/release/kaiwa serve --bind "127.0.0.1:$PORT" --data-dir "$work/$name" "$@" \
+    >"$out/$name.server.log" 2>&1 &
+  server_pid=$!
+  wait_for_port "$PORT"
+}
+
+step "building kaiwa and kaiwa-load (release)"
+cargo build --release --locked -p kaiwa -p kaiwa-load --bins
+
+serve serve-sqlite
+measure serve-sqlite "ws://127.0.0.1:$PORT/ws"
+stop_server
+
+pg_db="kaiwa_bench_serve_$$"
+psql -q "$POSTGRES" -c "CREATE DATABASE $pg_db" >/dev/null
+serve serve-postgres --database-url "${POSTGRES%/*}/$pg_db"
+measure serve-postgres "ws://127.0.0.1:$PORT/ws"
+stop_server
+
+step "cluster: HAProxy on $PORT, 2 gateways, 2 workers"
+cluster_up=1
+cluster up
+measure cluster "ws://127.0.0.1:$PORT/ws"
+
+step "kill: $KILL_RATE msg/s for ${KILL_DURATION}s with --reconnect; wk-1 killed, then gw-1"
+# Each gateway's own URL, not HAProxy's: a client of a killed gateway comes back to the same
+# gateway id once it restarts, instead of being refused elsewhere until its lease runs out.
+load throughput --url "ws://127.0.0.1:$((BASE_PORT + 1))/ws" --url "ws://127.0.0.1:$((BASE_PORT + 2))/ws" \
+  --clients "$CLIENTS" --rate "$KILL_RATE" --duration "$KILL_DURATION" --reconnect \
+  --label cluster-kill --json "$out/3-cluster-kill.json" >"$out/kill.txt" 2>&1 &
+load_pid=$!
+sleep $((KILL_DURATION / 4))
+worker_down=$(cluster restart wk-1)
+sleep $((KILL_DURATION / 4))
+gateway_down=$(cluster restart gw-1)
+wait "$load_pid" || true
+cat "$out/kill.txt" >&2
+cluster down
+cluster_up=""
+
+if [[ "$IDLE" -gt 0 ]]; then
+  step "idle: $IDLE connections over 3 gateways"
+  cluster_up=1
+  GATEWAYS=3 WORKERS=1 KAIWA_MAX_CLIENTS=$((IDLE + 1000)) cluster up
+  urls=() pids=()
+  for i in 1 2 3; do
+    urls+=(--url "ws://127.0.0.1:$((BASE_PORT + i))/ws")
+    pids+=(--server-pid "$(cat "$work/cluster/gw-$i.pid")")
+  done
+  load connections "${urls[@]}" "${pids[@]}" --clients "$IDLE" \
+    --label "cluster-idle-$IDLE" --json "$out/4-cluster-idle.json" || true
+  cluster down
+  cluster_up=""
+fi
+
+{
+  echo "kaiwa cluster benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, commit $(git rev-parse --short HEAD)"
+  target/release/kaiwa-load table "$out"/[0-9]-*.json
+  python3 - "$out/3-cluster-kill.json" "$worker_down" "$gateway_down" <<'EOF'
+import json, sys
+path, worker_down, gateway_down = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+try:
+    s = json.load(open(path))
+except (OSError, ValueError) as err:
+    print(f"kill: no report ({err})")
+    sys.exit(0)
+print(f"kill: wk-1 down {worker_down:.1f} s, gw-1 down {gateway_down:.1f} s; "
+      f"{s.get('sent', 0)} sent, {s.get('reconnects', 0)} reconnects, "
+      f"{s.get('replayed', 0)} replies replayed, {s.get('resent_after_reconnect', 0)} resent; "
+      f"longest time no client saw a reply {s.get('longest_silence_ms') or 0:.0f} ms, "
+      f"longest one client waited {s.get('longest_client_gap_ms') or 0:.0f} ms; "
+      f"lost {s.get('lost', 0)}, duplicated {s.get('duplicated', 0)}, unacked {s.get('unacked', 0)}: "
+      + ("nothing lost" if s.get("ok") else "NOT OK"))
+EOF
+} | tee "$out/table.txt"
+echo "reports: $out" >&2
