@@ -369,7 +369,7 @@ impl Presence for PgPresence {
             "SELECT \
                  (SELECT COUNT(*) FROM sessions AS s JOIN gateways AS g ON g.id = s.gateway_id \
                   WHERE g.lease_until > now()), \
-                 (SELECT COUNT(*) FROM messages WHERE status = 'accepted'), \
+                 (SELECT accepted FROM in_flight), \
                  (SELECT COUNT(*) FROM gateways WHERE lease_until > now())",
         )
         .fetch_one(&self.pool)

@@ -24,9 +24,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// transaction at a time, whichever process writes them. (The second key is the client id's
 /// hash; sqlx's migration lock uses the one-key form, so the two never meet.)
 const REPLY_STREAM_LOCKS: i32 = 0x6b61_6977; // "kaiw"
-/// The advisory lock under which a batch counts the messages in flight and adds its own: the
-/// count and the insert of one batch are never interleaved with another process's.
-const IN_FLIGHT_LOCK: (i32, i32) = (0x6b61_6966, 0); // "kaif"
 
 pub(super) struct Writer {
     options: PgConnectOptions,
@@ -217,9 +214,12 @@ async fn write(
     max_in_flight: Option<u32>,
 ) -> Result<Written, sqlx::Error> {
     let mut tx = conn.begin().await?;
-    let messages = insert_messages(&mut tx, &batch.messages, max_in_flight).await?;
     let replies = insert_replies(&mut tx, &batch.replies).await?;
     record_updates(&mut tx, &batch.updates).await?;
+    // Last, right before the commit: with a shared in-flight limit this locks the cluster-wide
+    // count that every gateway's messages wait for, so nothing else may run while it is held.
+    // (Nothing else in a batch can refer to its new messages: their ids are not out yet.)
+    let messages = insert_messages(&mut tx, &batch.messages, max_in_flight).await?;
     tx.commit().await?;
     Ok(Written { messages, replies })
 }
@@ -406,17 +406,11 @@ async fn insert_messages(
     Ok(outcome)
 }
 
-/// How many more messages may be accepted, across every process sharing the database. Holds
-/// [`IN_FLIGHT_LOCK`] until the transaction ends, so that the count stays true until this
-/// batch's messages are committed.
+/// How many more messages may be accepted, across every process sharing the database. Locks
+/// the in-flight count's row until the transaction ends, so that it stays true until this
+/// batch's messages are committed (the table's triggers add them to it).
 async fn room_in_flight(tx: &mut Transaction<'_, Postgres>, max: u32) -> Result<u32, sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
-        .bind(IN_FLIGHT_LOCK.0)
-        .bind(IN_FLIGHT_LOCK.1)
-        .execute(&mut **tx)
-        .await?;
-    // Read after the lock is held: every batch that held it before has committed.
-    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE status = 'accepted'")
+    let count: i64 = sqlx::query_scalar("SELECT accepted FROM in_flight FOR UPDATE")
         .fetch_one(&mut **tx)
         .await?;
     Ok(u32::try_from(i64::from(max).saturating_sub(count).max(0)).unwrap_or(0))
@@ -447,8 +441,11 @@ async fn insert_replies(
     .execute(&mut **tx)
     .await?;
     let message_ids: Vec<i64> = batches.iter().map(|(batch, _)| batch.message_id).collect();
+    // `IN (SELECT UNNEST ..)`, not `= ANY($1)`: PostgreSQL plans the set as a few rows and
+    // probes the index for each; for `= ANY` of a parameter its cached plan could be a scan of
+    // the whole table, chosen while the table was small and kept as it grew.
     let stored: Vec<ReplyRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {} FROM replies WHERE message_id = ANY($1) ORDER BY id",
+        "SELECT {} FROM replies WHERE message_id IN (SELECT UNNEST($1::bigint[]))",
         super::REPLY_COLUMNS
     )))
     .bind(&message_ids)

@@ -1,0 +1,47 @@
+-- The number of accepted messages not yet replied to (R14's "in flight"), kept in one row
+-- instead of counted. A gateway reads it under a row lock before it accepts messages, so the
+-- limit holds across the cluster; counting the rows instead costs a visit to every row that
+-- was ever accepted until VACUUM runs (the partial index keeps pointing at their old versions),
+-- and the count ran while every gateway waited for it.
+CREATE TABLE in_flight (
+    only_row BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (only_row),
+    accepted BIGINT  NOT NULL CHECK (accepted >= 0)
+);
+INSERT INTO in_flight (accepted) SELECT COUNT(*) FROM messages WHERE status = 'accepted';
+
+-- Kept by triggers, so that no way of changing a message (the writers, a sweeper, an operator's
+-- UPDATE) can leave the count wrong. One update per statement, not per row.
+CREATE FUNCTION in_flight_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE in_flight SET accepted = accepted
+        + (SELECT COUNT(*) FROM new_rows WHERE status = 'accepted');
+    RETURN NULL;
+END $$;
+
+-- Every UPDATE of messages comes here (a trigger with transition tables cannot name columns);
+-- one that leaves the count as it was (a sweeper touching `touched_at`) takes no lock.
+CREATE FUNCTION in_flight_updated() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    delta BIGINT := (SELECT COUNT(*) FROM new_rows WHERE status = 'accepted')
+        - (SELECT COUNT(*) FROM old_rows WHERE status = 'accepted');
+BEGIN
+    IF delta <> 0 THEN
+        UPDATE in_flight SET accepted = accepted + delta;
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION in_flight_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE in_flight SET accepted = accepted
+        - (SELECT COUNT(*) FROM old_rows WHERE status = 'accepted');
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER messages_in_flight_insert AFTER INSERT ON messages
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION in_flight_inserted();
+CREATE TRIGGER messages_in_flight_update AFTER UPDATE ON messages
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION in_flight_updated();
+CREATE TRIGGER messages_in_flight_delete AFTER DELETE ON messages
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION in_flight_deleted();
