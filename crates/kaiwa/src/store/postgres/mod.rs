@@ -139,10 +139,9 @@ impl PgStore {
 
     /// Messages accepted and not yet replied to, across every process.
     pub async fn in_flight(&self) -> Result<u64, StoreError> {
-        let count: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE status = 'accepted'")
-                .fetch_one(&self.reads)
-                .await?;
+        let count: i64 = sqlx::query_scalar("SELECT accepted FROM in_flight")
+            .fetch_one(&self.reads)
+            .await?;
         Ok(u64::try_from(count).unwrap_or_default())
     }
 
@@ -241,8 +240,16 @@ async fn spawn_writer(
 }
 
 fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
+    // Plans made for the parameters of each execution, not one generic plan cached per
+    // statement: a generic plan is chosen once, while the tables are small (a sequential scan
+    // of `replies` joined to a batch's ids costs nothing then), and kept as they grow, until
+    // every batch reads the whole table. Planning again costs far less than one such scan.
     PgConnectOptions::from_str(url)
-        .map(|options| options.application_name("kaiwa"))
+        .map(|options| {
+            options
+                .application_name("kaiwa")
+                .options([("plan_cache_mode", "force_custom_plan")])
+        })
         .map_err(|err| StoreError::Database(format!("not a usable PostgreSQL URL: {err}")))
 }
 
@@ -385,8 +392,10 @@ impl PgStore {
             return Ok(messages);
         }
         let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
+        // A join on the ids, not `= ANY($1)`: see the writer's `insert_replies`.
         let replies: Vec<ReplyRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {REPLY_COLUMNS} FROM replies WHERE message_id = ANY($1) ORDER BY id"
+            "SELECT {REPLY_COLUMNS} FROM replies \
+             WHERE message_id IN (SELECT UNNEST($1::bigint[])) ORDER BY id"
         )))
         .bind(&ids)
         .fetch_all(&self.reads)
