@@ -81,11 +81,16 @@ wait_for_port() {
 load() { target/release/kaiwa-load "$@" --quiet; }
 
 # The two runs every setup gets: closed loop, then RATE offered.
+# A third argument names the PostgreSQL database to VACUUM between the two runs: this machine's
+# PostgreSQL runs without autovacuum, and the dead rows of the first run would slow the second.
 measure() {
-  local name=$1 url=$2
+  local name=$1 url=$2 database=${3:-}
   step "$name: $CLIENTS clients for ${DURATION}s, as fast as answers come"
   load throughput --url "$url" --clients "$CLIENTS" --duration "$DURATION" \
     --label "$name" --json "$out/1-$name.json" || true
+  if [[ -n "$database" ]]; then
+    psql -q "${POSTGRES%/*}/$database" -c "VACUUM ANALYZE" >/dev/null
+  fi
   step "$name: $RATE msg/s offered for ${DURATION}s"
   load throughput --url "$url" --clients "$CLIENTS" --rate "$RATE" --duration "$DURATION" \
     --label "$name-rate-$RATE" --json "$out/2-$name-rate.json" || true
@@ -110,13 +115,13 @@ stop_server
 pg_db="kaiwa_bench_serve_$$"
 psql -q "$POSTGRES" -c "CREATE DATABASE $pg_db" >/dev/null
 serve serve-postgres --database-url "${POSTGRES%/*}/$pg_db"
-measure serve-postgres "ws://127.0.0.1:$PORT/ws"
+measure serve-postgres "ws://127.0.0.1:$PORT/ws" "$pg_db"
 stop_server
 
 step "cluster: HAProxy on $PORT, 2 gateways, 2 workers"
 cluster_up=1
 cluster up
-measure cluster "ws://127.0.0.1:$PORT/ws"
+measure cluster "ws://127.0.0.1:$PORT/ws" "$cluster_name"
 
 step "kill: $KILL_RATE msg/s for ${KILL_DURATION}s with --reconnect; wk-1 killed, then gw-1"
 # Each gateway's own URL, not HAProxy's: a client of a killed gateway comes back to the same

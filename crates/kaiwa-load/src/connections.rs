@@ -119,7 +119,17 @@ pub async fn hold(urls: &[String], first: usize, count: usize, run_id: &str) -> 
                 ..Tally::default()
             };
             let permit = gate.acquire_owned().await;
-            let ws = match client::connect(&url, Mode::Native, &plan).await {
+            // A connection reset while thousands connect at once is the server's accept queue
+            // overflowing for an instant, which any client retries; a refusal is an answer.
+            let mut attempt = client::connect(&url, Mode::Native, &plan).await;
+            for backoff in [100, 400] {
+                if !matches!(attempt, Attempt::Transport(_)) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(backoff)).await;
+                attempt = client::connect(&url, Mode::Native, &plan).await;
+            }
+            let ws = match attempt {
                 Attempt::Ready(ws, _) => Some(ws),
                 // Idle connections are not retried: a refusal is a connection short.
                 Attempt::Refused(code) => {
