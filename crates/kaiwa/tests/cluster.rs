@@ -310,6 +310,37 @@ async fn a_killed_gateway_gives_back_its_clients_within_the_lease() {
 }
 
 #[tokio::test]
+async fn a_client_whose_gateway_was_killed_is_taken_elsewhere_before_the_lease_ends() {
+    let cluster = Cluster::create().await;
+    // A lease far longer than the test may wait: only the holder's death can explain a claim.
+    let flags = ["--lease", "120"];
+    let a = cluster.gateway("gw-a", &flags).await;
+    let b = cluster.gateway("gw-b", &flags).await;
+    let held = native(&a, "wanderer", json!({})).await;
+    // Alive, A keeps the id: the default policy refuses a second connection elsewhere.
+    assert_eq!(
+        connect(&b, "wanderer", json!({}))
+            .await
+            .err()
+            .map(|c| c.code),
+        Some(4509)
+    );
+    a.kill().await;
+    drop(held);
+    let started = tokio::time::Instant::now();
+    let mut client = within(Duration::from_secs(20), "the id taken on B", || async {
+        connect(&b, "wanderer", json!({})).await.ok()
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "taken while A's lease still ran"
+    );
+    client.send_json(send("after", "text", "still here")).await;
+    client.until(|f| f["type"] == "ack").await;
+}
+
+#[tokio::test]
 async fn the_in_flight_limit_holds_across_gateways() {
     let cluster = Cluster::create().await;
     let flags = ["--max-in-flight", "6", "--max-in-flight-per-client", "6"];

@@ -29,6 +29,14 @@ fn unavailable(err: &sqlx::Error) -> PresenceError {
     PresenceError::Unavailable(err.to_string())
 }
 
+/// The `application_name` of a gateway's lease connection. PostgreSQL keeps its first 63
+/// bytes; `claim` compares as many (gateway ids are ASCII).
+fn lease_connection_name(gateway: &GatewayId) -> String {
+    format!("{LEASE_CONNECTION}{gateway}")
+}
+
+const LEASE_CONNECTION: &str = "kaiwa-lease:";
+
 fn seconds(lease: Duration) -> f64 {
     lease.as_secs_f64()
 }
@@ -51,10 +59,16 @@ impl PgPresence {
             .connect_with(options.clone())
             .await
             .map_err(|err| unavailable(&err))?;
+        // Named after the gateway, and never closed while the process lives: a gateway whose
+        // process died has no such connection any more, which others see at once, long before
+        // its lease runs out (see `claim`).
         let lease_pool = PgPoolOptions::new()
             .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
             .acquire_timeout(lease / 3)
-            .connect_with(options)
+            .connect_with(options.application_name(&lease_connection_name(&gateway)))
             .await
             .map_err(|err| unavailable(&err))?;
         Ok(Self {
@@ -309,13 +323,20 @@ impl Presence for PgPresence {
         replace: bool,
     ) -> Result<Claim, PresenceError> {
         let mut tx = self.pool.begin().await.map_err(|err| unavailable(&err))?;
-        // The row, locked: two gateways claiming one id at once take turns.
+        // The row, locked: two gateways claiming one id at once take turns. The holder is
+        // alive while its lease runs and its lease connection is open: a gateway that was
+        // killed loses the connection at once (the kernel closes its sockets), so the id of a
+        // client that comes back elsewhere is not refused for the rest of the lease. Two ids
+        // alike in their first 51 bytes count as alive if either is: the lease then decides.
         let held: Option<(String, i64, bool)> = sqlx::query_as(
             "SELECT s.gateway_id, s.conn_id, EXISTS ( \
                  SELECT 1 FROM gateways AS g WHERE g.id = s.gateway_id AND g.lease_until > now()) \
+               AND EXISTS (SELECT 1 FROM pg_stat_activity AS a \
+                 WHERE a.application_name = left($2 || s.gateway_id, 63)) \
              FROM sessions AS s WHERE s.client_id = $1 FOR UPDATE",
         )
         .bind(client_id.as_str())
+        .bind(LEASE_CONNECTION)
         .fetch_optional(&mut *tx)
         .await
         .map_err(|err| unavailable(&err))?;
@@ -332,7 +353,7 @@ impl Presence for PgPresence {
                 }
                 Some(other)
             }
-            // Held by a gateway whose lease ended: it is gone.
+            // Held by a gateway whose lease ended, or whose process is gone.
             Some((_, _, false)) | None => None,
         };
         sqlx::query(
