@@ -124,9 +124,8 @@ cluster up
 measure cluster "ws://127.0.0.1:$PORT/ws" "$cluster_name"
 
 step "kill: $KILL_RATE msg/s for ${KILL_DURATION}s with --reconnect; wk-1 killed, then gw-1"
-# Each gateway's own URL, not HAProxy's: a client of a killed gateway comes back to the same
-# gateway id once it restarts, instead of being refused elsewhere until its lease runs out.
-load throughput --url "ws://127.0.0.1:$((BASE_PORT + 1))/ws" --url "ws://127.0.0.1:$((BASE_PORT + 2))/ws" \
+# Through HAProxy, as real clients: those of the killed gateway come back on the other one.
+load throughput --url "ws://127.0.0.1:$PORT/ws" \
   --clients "$CLIENTS" --rate "$KILL_RATE" --duration "$KILL_DURATION" --reconnect \
   --label cluster-kill --json "$out/3-cluster-kill.json" >"$out/kill.txt" 2>&1 &
 load_pid=$!

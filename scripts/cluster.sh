@@ -84,9 +84,12 @@ global
 defaults
     mode http
     log global
-    timeout connect 5s
     timeout client 90s
     timeout server 90s
+    # A gateway that was just killed refuses connections until two checks fail: try another.
+    retries 2
+    option redispatch
+    timeout connect 1s
     # A WebSocket is a tunnel once upgraded: kaiwa's heartbeats keep it busy.
     timeout tunnel 1h
 frontend kaiwa
