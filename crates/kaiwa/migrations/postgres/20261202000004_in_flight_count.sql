@@ -3,6 +3,10 @@
 -- limit holds across the cluster; counting the rows instead costs a visit to every row that
 -- was ever accepted until VACUUM runs (the partial index keeps pointing at their old versions),
 -- and the count ran while every gateway waited for it.
+-- No message may change between the count below and the triggers taking over (processes of the
+-- previous version may be running): they wait for this transaction.
+LOCK TABLE messages IN SHARE ROW EXCLUSIVE MODE;
+
 CREATE TABLE in_flight (
     only_row BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (only_row),
     accepted BIGINT  NOT NULL CHECK (accepted >= 0)
@@ -11,10 +15,14 @@ INSERT INTO in_flight (accepted) SELECT COUNT(*) FROM messages WHERE status = 'a
 
 -- Kept by triggers, so that no way of changing a message (the writers, a sweeper, an operator's
 -- UPDATE) can leave the count wrong. One update per statement, not per row.
+-- A statement that changes no count (rejected messages only) takes no lock.
 CREATE FUNCTION in_flight_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    delta BIGINT := (SELECT COUNT(*) FROM new_rows WHERE status = 'accepted');
 BEGIN
-    UPDATE in_flight SET accepted = accepted
-        + (SELECT COUNT(*) FROM new_rows WHERE status = 'accepted');
+    IF delta <> 0 THEN
+        UPDATE in_flight SET accepted = accepted + delta;
+    END IF;
     RETURN NULL;
 END $$;
 
@@ -32,9 +40,18 @@ BEGIN
 END $$;
 
 CREATE FUNCTION in_flight_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    delta BIGINT := (SELECT COUNT(*) FROM old_rows WHERE status = 'accepted');
 BEGIN
-    UPDATE in_flight SET accepted = accepted
-        - (SELECT COUNT(*) FROM old_rows WHERE status = 'accepted');
+    IF delta <> 0 THEN
+        UPDATE in_flight SET accepted = accepted - delta;
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION in_flight_truncated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE in_flight SET accepted = 0;
     RETURN NULL;
 END $$;
 
@@ -45,3 +62,5 @@ CREATE TRIGGER messages_in_flight_update AFTER UPDATE ON messages
     FOR EACH STATEMENT EXECUTE FUNCTION in_flight_updated();
 CREATE TRIGGER messages_in_flight_delete AFTER DELETE ON messages
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION in_flight_deleted();
+CREATE TRIGGER messages_in_flight_truncate AFTER TRUNCATE ON messages
+    FOR EACH STATEMENT EXECUTE FUNCTION in_flight_truncated();

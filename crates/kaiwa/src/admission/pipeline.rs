@@ -43,7 +43,10 @@ pub enum Verdict {
     NotQueued(AdmissionError),
 }
 
-/// How a pipeline answers its client: called once per message, in the order they were sent.
+/// How a pipeline answers its client: called once per message, in the order they were sent;
+/// then, for an accepted message that could not be queued, once more with
+/// [`Verdict::NotQueued`], which in a cluster may come after later messages' answers (clients
+/// match it by the message's id).
 pub type Answer = Box<dyn Fn(Settled) + Send + Sync>;
 
 /// The pipeline of one connected client.

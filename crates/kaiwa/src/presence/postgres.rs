@@ -37,6 +37,9 @@ fn lease_connection_name(gateway: &GatewayId) -> String {
 
 const LEASE_CONNECTION: &str = "kaiwa-lease:";
 
+/// How often the lease connection is checked (and opened again if it dropped).
+const LEASE_PING: Duration = Duration::from_millis(500);
+
 fn seconds(lease: Duration) -> f64 {
     lease.as_secs_f64()
 }
@@ -119,10 +122,21 @@ impl PgPresence {
     ) {
         let mut tick = tokio::time::interval(self.lease / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Others read this gateway as alive from its lease connection being open (`claim`):
+        // one that dropped (a database restart, a reset) is opened again within this, rather
+        // than at the next renewal.
+        let mut ping = tokio::time::interval(LEASE_PING);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut renewed_at = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
+                _ = ping.tick() => {
+                    if let Err(err) = sqlx::query("SELECT 1").execute(&self.lease_pool).await {
+                        tracing::debug!(gateway = %self.gateway, %err, "the lease connection is down");
+                    }
+                    continue;
+                }
                 _ = tick.tick() => {}
             }
             match self.renew(&live()).await {
@@ -202,8 +216,10 @@ impl PgPresence {
             .map_err(|err| unavailable(&err))?;
         }
         tx.commit().await.map_err(|err| unavailable(&err))?;
-        if renewed {
-            reclaim(&self.lease_pool).await?;
+        if renewed && let Err(err) = reclaim(&self.lease_pool).await {
+            // The lease is renewed: a reclaim that failed is tried again at the next renewal,
+            // and must not count as a renewal that failed.
+            tracing::warn!(gateway = %self.gateway, %err, "could not free the slots of gateways that are gone");
         }
         Ok(renewed)
     }
@@ -224,7 +240,9 @@ impl PgPresence {
         .execute(&mut *tx)
         .await
         .map_err(|err| unavailable(&err))?;
-        sqlx::query("DELETE FROM gateways WHERE id = $1")
+        // Kept, with its lease over, rather than deleted: a slot some connection takes during
+        // shutdown, after this, is then still one that `reclaim` finds.
+        sqlx::query("UPDATE gateways SET lease_until = '-infinity' WHERE id = $1")
             .bind(self.gateway.as_str())
             .execute(&mut *tx)
             .await
@@ -323,16 +341,18 @@ impl Presence for PgPresence {
         replace: bool,
     ) -> Result<Claim, PresenceError> {
         let mut tx = self.pool.begin().await.map_err(|err| unavailable(&err))?;
-        // The row, locked: two gateways claiming one id at once take turns. The holder is
-        // alive while its lease runs and its lease connection is open: a gateway that was
-        // killed loses the connection at once (the kernel closes its sockets), so the id of a
-        // client that comes back elsewhere is not refused for the rest of the lease. Two ids
-        // alike in their first 51 bytes count as alive if either is: the lease then decides.
-        let held: Option<(String, i64, bool)> = sqlx::query_as(
+        // The row, locked: two gateways claiming one id at once take turns. A holder counts
+        // while its lease runs; within the lease, it is alive while its lease connection is
+        // open. A gateway that was killed loses that connection at once (the kernel closes its
+        // sockets), so its clients are not refused elsewhere for the rest of its lease. Ids are
+        // compared on PostgreSQL's first 63 bytes of the name: two alike that far count as
+        // connected if either is, and the lease alone decides, as before.
+        let held: Option<(String, i64, bool, bool)> = sqlx::query_as(
             "SELECT s.gateway_id, s.conn_id, EXISTS ( \
-                 SELECT 1 FROM gateways AS g WHERE g.id = s.gateway_id AND g.lease_until > now()) \
-               AND EXISTS (SELECT 1 FROM pg_stat_activity AS a \
-                 WHERE a.application_name = left($2 || s.gateway_id, 63)) \
+                 SELECT 1 FROM gateways AS g WHERE g.id = s.gateway_id AND g.lease_until > now()), \
+               EXISTS (SELECT 1 FROM pg_stat_activity AS a \
+                 WHERE a.datname = current_database() \
+                   AND a.application_name = left($2 || s.gateway_id, 63)) \
              FROM sessions AS s WHERE s.client_id = $1 FOR UPDATE",
         )
         .bind(client_id.as_str())
@@ -342,19 +362,22 @@ impl Presence for PgPresence {
         .map_err(|err| unavailable(&err))?;
         let previous = match held {
             // This gateway's own registry already decided between its connections.
-            Some((gateway, _, _)) if gateway == self.gateway.as_str() => None,
-            Some((gateway, conn, true)) => {
+            Some((gateway, ..)) if gateway == self.gateway.as_str() => None,
+            Some((gateway, conn, true, connected)) => {
                 let other = (
                     GatewayId::new(gateway),
                     u64::try_from(conn).unwrap_or_default(),
                 );
-                if !replace {
+                if connected && !replace {
                     return Ok(Claim::Held { gateway: other.0 });
                 }
+                // Not connected: most likely dead, but it may only be reopening its lease
+                // connection. Taken either way, and the holder is told, as with `replace`,
+                // so that a live one closes its connection rather than keep a second one.
                 Some(other)
             }
-            // Held by a gateway whose lease ended, or whose process is gone.
-            Some((_, _, false)) | None => None,
+            // Held by a gateway whose lease ended.
+            Some((_, _, false, _)) | None => None,
         };
         sqlx::query(
             "INSERT INTO sessions (client_id, gateway_id, conn_id, since) VALUES ($1, $2, $3, now()) \

@@ -626,6 +626,23 @@ mod shared_postgres {
                 .expect("answered"),
             Inserted::New(_)
         ));
+        // A sweep updates the accepted messages without changing the count.
+        let swept = a.claim_stuck(Duration::ZERO, 100).await.expect("swept");
+        assert_eq!(swept.len(), 5);
+        // The kept count against the rows themselves.
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&database.url)
+            .await
+            .expect("connected");
+        let counted: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE status = 'accepted'")
+                .fetch_one(&mut conn)
+                .await
+                .expect("counted");
+        assert_eq!(
+            u64::try_from(counted).expect("a count"),
+            a.in_flight().await.expect("read")
+        );
+        assert_eq!(counted, 5);
         a.close().await;
         b.close().await;
     }
