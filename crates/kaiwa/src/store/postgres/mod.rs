@@ -392,10 +392,9 @@ impl PgStore {
             return Ok(messages);
         }
         let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
-        // A join on the ids, not `= ANY($1)`: see the writer's `insert_replies`.
         let replies: Vec<ReplyRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {REPLY_COLUMNS} FROM replies \
-             WHERE message_id IN (SELECT UNNEST($1::bigint[])) ORDER BY id"
+             WHERE message_id = ANY($1) ORDER BY id"
         )))
         .bind(&ids)
         .fetch_all(&self.reads)

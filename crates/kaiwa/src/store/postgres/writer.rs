@@ -441,11 +441,8 @@ async fn insert_replies(
     .execute(&mut **tx)
     .await?;
     let message_ids: Vec<i64> = batches.iter().map(|(batch, _)| batch.message_id).collect();
-    // `IN (SELECT UNNEST ..)`, not `= ANY($1)`: PostgreSQL plans the set as a few rows and
-    // probes the index for each; for `= ANY` of a parameter its cached plan could be a scan of
-    // the whole table, chosen while the table was small and kept as it grew.
     let stored: Vec<ReplyRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {} FROM replies WHERE message_id IN (SELECT UNNEST($1::bigint[]))",
+        "SELECT {} FROM replies WHERE message_id = ANY($1)",
         super::REPLY_COLUMNS
     )))
     .bind(&message_ids)
