@@ -43,20 +43,7 @@ pub(crate) async fn serve(
         Protocol::Legacy
     };
     let Some(slot) = slot else {
-        metrics::counter!("kaiwa_connections_refused_total", "reason" => "over_capacity")
-            .increment(1);
-        let detail = format!(
-            "server is full ({} clients); retry later",
-            gateway.settings.max_clients
-        );
-        refuse(
-            &mut socket,
-            guess,
-            ErrorCode::OverCapacity,
-            CloseCode::OverCapacity,
-            &detail,
-        )
-        .await;
+        refuse_full(&mut socket, guess, "server", gateway.settings.max_clients).await;
         return;
     };
     let conn_id = gateway.next_conn_id();
@@ -66,18 +53,11 @@ pub(crate) async fn serve(
         match link.take_slot(conn_id, gateway.settings.max_clients).await {
             Ok(Some(slot)) => cluster_slot = Some(slot),
             Ok(None) => {
-                metrics::counter!("kaiwa_connections_refused_total", "reason" => "over_capacity")
-                    .increment(1);
-                let detail = format!(
-                    "the cluster is full ({} clients); retry later",
-                    gateway.settings.max_clients
-                );
-                refuse(
+                refuse_full(
                     &mut socket,
                     guess,
-                    ErrorCode::OverCapacity,
-                    CloseCode::OverCapacity,
-                    &detail,
+                    "the cluster",
+                    gateway.settings.max_clients,
                 )
                 .await;
                 return;
@@ -377,6 +357,21 @@ pub(super) fn close_frame(code: CloseCode, detail: &str) -> CloseFrame {
 }
 
 /// Refuses a connection because the cluster's shared state cannot be reached: retryable.
+/// Refuses a connection because every client slot of `whole` (this server, or the cluster) is
+/// taken.
+async fn refuse_full(socket: &mut WebSocket, protocol: Protocol, whole: &str, max_clients: usize) {
+    metrics::counter!("kaiwa_connections_refused_total", "reason" => "over_capacity").increment(1);
+    let detail = format!("{whole} is full ({max_clients} clients); retry later");
+    refuse(
+        socket,
+        protocol,
+        ErrorCode::OverCapacity,
+        CloseCode::OverCapacity,
+        &detail,
+    )
+    .await;
+}
+
 async fn refuse_unavailable(socket: &mut WebSocket, protocol: Protocol) {
     let detail = "the cluster's client registry is unavailable; retry shortly";
     refuse(
