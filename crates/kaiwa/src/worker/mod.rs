@@ -7,7 +7,7 @@ use crate::clock::Clock;
 use crate::presence::Presence;
 use crate::queue::{Event, GatewayId, Job, MessageRef, Queue, QueueError, Routed, Taken};
 use crate::replies::{Deltas, ReplyMaker};
-use crate::store::{NewReply, Store};
+use crate::store::{NewReply, Store, StoredReply};
 use futures::{FutureExt, StreamExt};
 use kaiwa_protocol::MessageType;
 use kaiwa_protocol::{Delivery, MessageStatus};
@@ -156,25 +156,9 @@ impl Worker {
                         message_id = job.message_id,
                         "replies found stored; reporting them again"
                     );
-                    let count = stored.replies.len();
-                    let mut reported = true;
-                    for (index, reply) in stored.replies.into_iter().enumerate() {
-                        reported &= self
-                            .report(
-                                route,
-                                Event::Reply {
-                                    message: message.clone(),
-                                    reply,
-                                    last: index + 1 == count,
-                                },
-                            )
-                            .await;
-                    }
-                    return if reported {
-                        Finished::Done
-                    } else {
-                        Finished::Unreported
-                    };
+                    return self
+                        .report_replies(route, &message, stored.replies, true)
+                        .await;
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => {
@@ -269,25 +253,7 @@ impl Worker {
                         .increment(1);
                     tracing::debug!(message_id = job.message_id, kind = %job.kind, "message processed");
                 }
-                let count = stored.len();
-                let mut reported = true;
-                for (index, reply) in stored.into_iter().enumerate() {
-                    reported &= self
-                        .report(
-                            route,
-                            Event::Reply {
-                                message: message.clone(),
-                                reply,
-                                last: completes && index + 1 == count,
-                            },
-                        )
-                        .await;
-                }
-                if reported {
-                    Finished::Done
-                } else {
-                    Finished::Unreported
-                }
+                self.report_replies(route, message, stored, completes).await
             }
             Err(err) => {
                 tracing::error!(message_id = job.message_id, %err, "could not store the replies; the sweeper queues the message again");
@@ -301,6 +267,36 @@ impl Worker {
                 .await;
                 Finished::Done
             }
+        }
+    }
+
+    /// Reports stored replies in order; the last is marked so when `completes`. Unreported if
+    /// any could not be sent: the queue then hands the job out again.
+    async fn report_replies(
+        &self,
+        route: &mut Route,
+        message: &MessageRef,
+        replies: Vec<StoredReply>,
+        completes: bool,
+    ) -> Finished {
+        let count = replies.len();
+        let mut reported = true;
+        for (index, reply) in replies.into_iter().enumerate() {
+            reported &= self
+                .report(
+                    route,
+                    Event::Reply {
+                        message: message.clone(),
+                        reply,
+                        last: completes && index + 1 == count,
+                    },
+                )
+                .await;
+        }
+        if reported {
+            Finished::Done
+        } else {
+            Finished::Unreported
         }
     }
 
