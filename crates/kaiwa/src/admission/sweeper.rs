@@ -43,17 +43,11 @@ impl Sweeper {
 
     /// Sweeps every quarter of `after` until `stop` is cancelled.
     pub async fn run(mut self, stop: CancellationToken) {
-        let period = (self.after / 4).max(Duration::from_millis(10));
-        let mut tick = tokio::time::interval_at(Instant::now() + period, period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = every_quarter_of(self.after);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
-                _ = tick.tick() => match self.sweep(&stop).await {
-                    Ok(0) => {}
-                    Ok(count) => tracing::info!(messages = count, "stuck messages queued again"),
-                    Err(err) => tracing::warn!(%err, "could not sweep for stuck messages"),
-                },
+                _ = tick.tick() => log_pass(self.sweep(&stop).await),
             }
         }
     }
@@ -133,17 +127,11 @@ impl ClusterSweeper {
 
     /// Sweeps every quarter of `after` until `stop` is cancelled.
     pub async fn run(self, stop: CancellationToken) {
-        let period = (self.after / 4).max(Duration::from_millis(10));
-        let mut tick = tokio::time::interval_at(Instant::now() + period, period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = every_quarter_of(self.after);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
-                _ = tick.tick() => match self.sweep().await {
-                    Ok(0) => {}
-                    Ok(count) => tracing::info!(messages = count, "stuck messages queued again"),
-                    Err(err) => tracing::warn!(%err, "could not sweep for stuck messages"),
-                },
+                _ = tick.tick() => log_pass(self.sweep().await),
             }
         }
     }
@@ -167,5 +155,22 @@ impl ClusterSweeper {
             queued += 1;
         }
         Ok(queued)
+    }
+}
+
+/// A sweeper's timer: the first pass a quarter of `after` from now, then every quarter, so a
+/// message waits at most `after` and a quarter once it is stuck.
+fn every_quarter_of(after: Duration) -> tokio::time::Interval {
+    let period = (after / 4).max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
+fn log_pass<E: std::fmt::Display>(pass: Result<usize, E>) {
+    match pass {
+        Ok(0) => {}
+        Ok(count) => tracing::info!(messages = count, "stuck messages queued again"),
+        Err(err) => tracing::warn!(%err, "could not sweep for stuck messages"),
     }
 }
