@@ -14,53 +14,36 @@ CREATE TABLE in_flight (
 INSERT INTO in_flight (accepted) SELECT COUNT(*) FROM messages WHERE status = 'accepted';
 
 -- Kept by triggers, so that no way of changing a message (the writers, a sweeper, an operator's
--- UPDATE) can leave the count wrong. One update per statement, not per row.
--- A statement that changes no count (rejected messages only) takes no lock.
-CREATE FUNCTION in_flight_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+-- UPDATE) can leave the count wrong: one update per statement, not per row, and none when the
+-- count does not change (rejected messages only; a sweeper touching `touched_at`), so such a
+-- statement takes no lock. A trigger with transition tables cannot name columns: every UPDATE
+-- of messages comes here.
+CREATE FUNCTION in_flight_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-    delta BIGINT := (SELECT COUNT(*) FROM new_rows WHERE status = 'accepted');
+    delta BIGINT := 0;
 BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        UPDATE in_flight SET accepted = 0;
+        RETURN NULL;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        delta := delta + (SELECT COUNT(*) FROM new_rows WHERE status = 'accepted');
+    END IF;
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        delta := delta - (SELECT COUNT(*) FROM old_rows WHERE status = 'accepted');
+    END IF;
     IF delta <> 0 THEN
         UPDATE in_flight SET accepted = accepted + delta;
     END IF;
-    RETURN NULL;
-END $$;
-
--- Every UPDATE of messages comes here (a trigger with transition tables cannot name columns);
--- one that leaves the count as it was (a sweeper touching `touched_at`) takes no lock.
-CREATE FUNCTION in_flight_updated() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    delta BIGINT := (SELECT COUNT(*) FROM new_rows WHERE status = 'accepted')
-        - (SELECT COUNT(*) FROM old_rows WHERE status = 'accepted');
-BEGIN
-    IF delta <> 0 THEN
-        UPDATE in_flight SET accepted = accepted + delta;
-    END IF;
-    RETURN NULL;
-END $$;
-
-CREATE FUNCTION in_flight_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    delta BIGINT := (SELECT COUNT(*) FROM old_rows WHERE status = 'accepted');
-BEGIN
-    IF delta <> 0 THEN
-        UPDATE in_flight SET accepted = accepted - delta;
-    END IF;
-    RETURN NULL;
-END $$;
-
-CREATE FUNCTION in_flight_truncated() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    UPDATE in_flight SET accepted = 0;
     RETURN NULL;
 END $$;
 
 CREATE TRIGGER messages_in_flight_insert AFTER INSERT ON messages
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION in_flight_inserted();
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION in_flight_changed();
 CREATE TRIGGER messages_in_flight_update AFTER UPDATE ON messages
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION in_flight_updated();
+    FOR EACH STATEMENT EXECUTE FUNCTION in_flight_changed();
 CREATE TRIGGER messages_in_flight_delete AFTER DELETE ON messages
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION in_flight_deleted();
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION in_flight_changed();
 CREATE TRIGGER messages_in_flight_truncate AFTER TRUNCATE ON messages
-    FOR EACH STATEMENT EXECUTE FUNCTION in_flight_truncated();
+    FOR EACH STATEMENT EXECUTE FUNCTION in_flight_changed();
