@@ -16,7 +16,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 use support::{Client, Socket, files, send, send_file};
@@ -496,19 +495,8 @@ impl Server {
                 // Never a developer's own key: the built-in responder answers.
                 "--openai-api-key",
                 "",
-            ])
-            // Nor a `.env` file or settings from the environment.
-            .current_dir(data_dir)
-            .env_remove("OPENAI_API_KEY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("KAIWA_") {
-                command.env_remove(name);
-            }
-        }
+            ]);
+        support::isolated(&mut command, data_dir);
         let mut child = command.spawn().expect("kaiwa starts");
         let stdout = child.stdout.take().expect("its standard output");
         let (listening, addr) = oneshot::channel();

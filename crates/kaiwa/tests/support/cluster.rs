@@ -14,7 +14,6 @@ use serde_json::Value;
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -172,20 +171,8 @@ impl Cluster {
                 "--openai-api-key",
                 "",
             ])
-            .args(flags)
-            // Neither a `.env` file nor settings from the environment.
-            .current_dir(&data_dir)
-            .env_remove("OPENAI_API_KEY")
-            .env_remove("DATABASE_URL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("KAIWA_") {
-                command.env_remove(name);
-            }
-        }
+            .args(flags);
+        super::isolated(&mut command, &data_dir);
         let mut child = command.spawn().expect("kaiwa starts");
         let stdout = child.stdout.take().expect("its standard output");
         let (listening, addr) = oneshot::channel();

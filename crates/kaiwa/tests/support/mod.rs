@@ -742,3 +742,26 @@ pub mod tokens {
             .expect("signed")
     }
 }
+
+/// Makes `command` (the `kaiwa` binary) a process of the test's own: it runs in `dir`, so no
+/// `.env` file is found; no `KAIWA_*`, `OPENAI_API_KEY` or `DATABASE_URL` of the developer's
+/// reaches it; its standard output is piped for its logs; and it dies with the test.
+pub fn isolated<'c>(
+    command: &'c mut tokio::process::Command,
+    dir: &Path,
+) -> &'c mut tokio::process::Command {
+    command
+        .current_dir(dir)
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("DATABASE_URL")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("KAIWA_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
