@@ -35,12 +35,11 @@ out=${OUT:-target/bench/cluster-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$out"
 # On the real disk, not tmpfs: the stores' fsyncs are part of what is measured.
 work=$(mktemp -d "$PWD/target/bench-cluster.XXXXXX")
-server_pid=""
+# shellcheck source=bench/common.sh
+source bench/common.sh
 pg_db=""
 cluster_name="kaiwa_bench_cluster_$$"
 cluster_up=""
-
-step() { printf '\n==> %s\n' "$*" >&2; }
 
 # Reply delays off and limits out of the way: what is measured is kaiwa, not its pacing.
 export KAIWA_REPLY_DELAY_SCALE=0 KAIWA_MAX_IN_FLIGHT=100000 KAIWA_MAX_CLIENTS=20000 \
@@ -52,13 +51,6 @@ cluster() {
   PORT=$PORT BASE_PORT=$BASE_PORT RUN_DIR="$work/cluster" NAME=$cluster_name \
     BINARY=target/release/kaiwa scripts/cluster.sh "$@"
 }
-stop_server() {
-  if [[ -n "$server_pid" ]]; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=""
-  fi
-}
 cleanup() {
   stop_server
   if [[ -n "$cluster_up" ]]; then cluster down || true; fi
@@ -68,17 +60,6 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-
-wait_for_port() {
-  for _ in $(seq 1 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "nothing is listening on port $1" >&2
-  return 1
-}
-
-load() { target/release/kaiwa-load "$@" --quiet; }
 
 # The two runs every setup gets: closed loop, then RATE offered.
 # A third argument names the PostgreSQL database to VACUUM between the two runs: this machine's
@@ -96,25 +77,17 @@ measure() {
     --label "$name-rate-$RATE" --json "$out/2-$name-rate.json" || true
 }
 
-serve() {
-  local name=$1
-  shift
-  target/release/kaiwa serve --bind "127.0.0.1:$PORT" --data-dir "$work/$name" "$@" \
-    >"$out/$name.server.log" 2>&1 &
-  server_pid=$!
-  wait_for_port "$PORT"
-}
 
 step "building kaiwa and kaiwa-load (release)"
 cargo build --release --locked -p kaiwa -p kaiwa-load --bins
 
-serve serve-sqlite
+start_kaiwa serve-sqlite
 measure serve-sqlite "ws://127.0.0.1:$PORT/ws"
 stop_server
 
 pg_db="kaiwa_bench_serve_$$"
 psql -q "$POSTGRES" -c "CREATE DATABASE $pg_db" >/dev/null
-serve serve-postgres --database-url "${POSTGRES%/*}/$pg_db"
+start_kaiwa serve-postgres --database-url "${POSTGRES%/*}/$pg_db"
 measure serve-postgres "ws://127.0.0.1:$PORT/ws" "$pg_db"
 stop_server
 

@@ -28,20 +28,12 @@ out=${OUT:-target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$out"
 # On the real disk, not tmpfs: the store's fsyncs are part of what is measured.
 work=$(mktemp -d "$PWD/target/bench-data.XXXXXX")
-server_pid=""
+# shellcheck source=bench/common.sh
+source bench/common.sh
 WITH_POSTGRES=${WITH_POSTGRES:-1}
 POSTGRES=${POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}
 pg_databases=()
 
-step() { printf '\n==> %s\n' "$*" >&2; }
-
-stop_server() {
-  if [[ -n "$server_pid" ]]; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=""
-  fi
-}
 cleanup() {
   stop_server
   for db in "${pg_databases[@]}"; do
@@ -50,25 +42,6 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-
-wait_for_port() {
-  for _ in $(seq 1 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "nothing is listening on port $1" >&2
-  return 1
-}
-
-# kaiwa on a fresh data directory; extra flags follow the defaults given here.
-start_kaiwa() {
-  local name=$1
-  shift
-  target/release/kaiwa serve --bind "127.0.0.1:$PORT" --data-dir "$work/$name" --log warn "$@" \
-    >"$out/$name.server.log" 2>&1 &
-  server_pid=$!
-  wait_for_port "$PORT"
-}
 
 # A fresh PostgreSQL database for one run, in $pg_url (not in a subshell: cleanup drops it).
 pg_database() {
@@ -88,7 +61,6 @@ fi
 FAST=(--reply-delay-scale 0 --max-clients 20000 --max-in-flight 100000
   --first-message-timeout 86400 --heartbeat-timeout 86400)
 
-load() { target/release/kaiwa-load "$@" --quiet; }
 
 step "building in release mode"
 cargo build --release --locked -p kaiwa -p kaiwa-load --bins --example store_bench
