@@ -30,6 +30,9 @@ pub enum CloseCode {
     SlowConsumer,
     /// 4004: no handshake frame arrived in time after the upgrade.
     HandshakeTimeout,
+    /// 4005: too many connections were in their handshake, and this one, the oldest, made room
+    /// for a newer one. Reconnect, and send the handshake frame at once.
+    CrowdedOut,
     /// 4502: the client sent no message within the first-message timeout (R16). Reconnecting at
     /// once would only hold an idle slot again: connect when there is something to send.
     FirstMessageTimeout,
@@ -69,7 +72,7 @@ pub fn reconnects(code: u16) -> bool {
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 19] = [
+    pub const ALL: [CloseCode; 20] = [
         Self::Normal,
         Self::GoingAway,
         Self::InvalidPayload,
@@ -80,6 +83,7 @@ impl CloseCode {
         Self::HeartbeatTimeout,
         Self::SlowConsumer,
         Self::HandshakeTimeout,
+        Self::CrowdedOut,
         Self::FirstMessageTimeout,
         Self::DuplicateConnection,
         Self::Replaced,
@@ -103,6 +107,7 @@ impl CloseCode {
             Self::HeartbeatTimeout => 4001,
             Self::SlowConsumer => 4003,
             Self::HandshakeTimeout => 4004,
+            Self::CrowdedOut => 4005,
             Self::FirstMessageTimeout => 4502,
             Self::DuplicateConnection => 4509,
             Self::Replaced => 4510,
@@ -132,6 +137,7 @@ impl CloseCode {
             Self::HeartbeatTimeout => "heartbeat_timeout",
             Self::SlowConsumer => "slow_consumer",
             Self::HandshakeTimeout => "handshake_timeout",
+            Self::CrowdedOut => "crowded_out",
             Self::FirstMessageTimeout => "first_message_timeout",
             Self::DuplicateConnection => "duplicate_connection",
             Self::Replaced => "replaced",
@@ -184,6 +190,7 @@ mod tests {
             CloseCode::HeartbeatTimeout,
             CloseCode::SlowConsumer,
             CloseCode::HandshakeTimeout,
+            CloseCode::CrowdedOut,
         ];
         let stay_away = [
             CloseCode::InvalidPayload,

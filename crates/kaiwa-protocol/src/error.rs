@@ -76,6 +76,19 @@ pub enum ErrorCode {
     ClientIdMismatch,
     /// HTTP: the credentials given do not open this endpoint (a wrong admin token; status 403).
     Forbidden,
+    /// Too many connections are in their handshake: from this address (HTTP 429 on the
+    /// upgrade, with `Retry-After`), or on the server, where this one was the oldest and made
+    /// room for a newer one (close code 4005). Retry, and send the handshake frame at once.
+    TooManyHandshakes,
+    /// A frame larger than the server takes at this point: before the handshake is verified,
+    /// more than 16 KiB in all. Close code 1009 follows.
+    FrameTooLarge,
+    /// Auth off: the request comes from a page of an origin that is neither loopback, nor the
+    /// server's own, nor one of `--cors-origin` (HTTP 403; nothing is upgraded).
+    ForbiddenOrigin,
+    /// Auth off: the `Host` header names neither a loopback name, nor an IP address, nor one
+    /// of `--allowed-host` (HTTP 421), so the page may be another site's (DNS rebinding).
+    ForbiddenHost,
 }
 
 impl ErrorCode {
@@ -88,6 +101,7 @@ impl ErrorCode {
                 | Self::ShuttingDown
                 | Self::Unavailable
                 | Self::Internal
+                | Self::TooManyHandshakes
         )
     }
 
@@ -129,6 +143,10 @@ impl ErrorCode {
             Self::WrongTokenAudience => "wrong_token_audience",
             Self::ClientIdMismatch => "client_id_mismatch",
             Self::Forbidden => "forbidden",
+            Self::TooManyHandshakes => "too_many_handshakes",
+            Self::FrameTooLarge => "frame_too_large",
+            Self::ForbiddenOrigin => "forbidden_origin",
+            Self::ForbiddenHost => "forbidden_host",
         }
     }
 }
@@ -150,6 +168,10 @@ mod tests {
             ErrorCode::MissingToken,
             ErrorCode::InvalidTokenSignature,
             ErrorCode::ClientIdMismatch,
+            ErrorCode::TooManyHandshakes,
+            ErrorCode::FrameTooLarge,
+            ErrorCode::ForbiddenOrigin,
+            ErrorCode::ForbiddenHost,
         ] {
             let json = serde_json::to_string(&code).expect("serializes");
             assert_eq!(json, format!("\"{}\"", code.as_str()));

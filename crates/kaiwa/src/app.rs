@@ -7,6 +7,7 @@ use crate::clock::Clock;
 use crate::config::{Database, ServeConfig, StoreConfig};
 use crate::gateway::{self, ClusterLink, Gateway, GatewaySettings};
 use crate::http::{self, HttpState, Node};
+use crate::listener::{self, Listener, Tls, TlsError};
 use crate::presence::{LocalPresence, PgPresence, Presence, PresenceError};
 use crate::queue::{AmqpOptions, AmqpQueue, GatewayId, MemoryQueue, Queue};
 use crate::replies::model::{ModelError, ModelResponder};
@@ -18,7 +19,6 @@ use crate::store::{
 use crate::telemetry;
 use crate::worker::{Delays, Worker};
 use axum::Router;
-use axum::serve::ListenerExt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -58,6 +58,8 @@ pub enum AppError {
     Presence(#[from] PresenceError),
     #[error("a cluster keeps its state in PostgreSQL: this process needs a PostgreSQL store")]
     ClusterStore,
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// The language model when an API key is configured, else the built-in responder; says which.
@@ -125,9 +127,9 @@ pub async fn migrate(config: &StoreConfig) -> Result<(String, usize), AppError> 
 
 /// A built, bound, not yet running kaiwa.
 pub struct Application {
-    listener: TcpListener,
+    listener: Listener,
     /// The admin address's listener and router (`--admin-bind`), if there is one.
-    admin: Option<(TcpListener, Router)>,
+    admin: Option<(Listener, Router)>,
     router: Router,
     node: Node,
     store: Arc<dyn Store>,
@@ -354,12 +356,21 @@ impl Application {
                 admin: AdminAccess::from_config(&config.auth, auth.is_some()),
             },
         });
+        let browsers = http::cors::Browsers::new(&config.auth, auth.is_some());
+        let limits = listener::Limits::from_config(&config.listener);
         let admin = match config.auth.admin_bind {
             Some(addr) => {
-                let listener = TcpListener::bind(addr)
+                if !addr.ip().is_loopback() {
+                    tracing::warn!(%addr, "--admin-bind is beyond loopback: /health and /metrics are served there to anyone who reaches it, with no token; keep it on a private network");
+                }
+                let tcp = TcpListener::bind(addr)
                     .await
                     .map_err(|source| AppError::Bind { addr, source })?;
-                Some((listener, http::admin_router(http_state.clone())))
+                let listener = Listener::new(tcp, limits, None);
+                let router = http::admin_router(http_state.clone()).layer(
+                    axum::middleware::from_fn_with_state(browsers.clone(), http::cors::guard),
+                );
+                Some((listener, router))
             }
             None => None,
         };
@@ -367,16 +378,28 @@ impl Application {
             Some(gateway) => Router::new()
                 .merge(gateway::router(gateway.clone()))
                 .merge(http::router(http_state)),
-            // A worker answers operators only.
-            None => http::admin_router(http_state),
+            // A worker answers operators only, under the same rules as a gateway.
+            None => http::operator_router(http_state),
         }
-        .layer(http::cors::layer(&config.auth, auth.is_some()));
-        let listener = TcpListener::bind(config.bind)
+        .layer(http::cors::layer(&config.auth, auth.is_some()))
+        .layer(axum::middleware::from_fn_with_state(
+            browsers.clone(),
+            http::cors::guard,
+        ));
+        let tls = match config.listener.tls_files() {
+            Some((cert, key)) => Some(Arc::new(Tls::load(cert, key)?)),
+            None => None,
+        };
+        if auth.is_some() && tls.is_none() && !config.bind.ip().is_loopback() {
+            tracing::warn!(bind = %config.bind, "auth is on but TLS is off on an address beyond loopback: tokens travel in the clear unless a proxy in front terminates TLS (--tls-cert and --tls-key serve it here)");
+        }
+        let tcp = TcpListener::bind(config.bind)
             .await
             .map_err(|source| AppError::Bind {
                 addr: config.bind,
                 source,
             })?;
+        let listener = Listener::new(tcp, limits, tls);
         Ok(Self {
             listener,
             admin,
@@ -441,20 +464,9 @@ impl Application {
         let stop_delivery = CancellationToken::new();
         let stop_lease = CancellationToken::new();
 
-        // Without TCP_NODELAY, the several small frames of one message wait on delayed ACKs
-        // (Nagle), adding ~40 ms to every reply.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(err) = tcp.set_nodelay(true) {
-                tracing::debug!(%err, "could not set TCP_NODELAY");
-            }
-        });
         if let Some((listener, router)) = admin {
             // Served until the main listener stops; it holds no sessions to drain.
-            tracker.spawn(
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
-                    .into_future(),
-            );
+            tracker.spawn(listener.serve(router, stop_accepting.clone()));
         }
         let delivery = match &gateway {
             Some(gateway) => {
@@ -467,11 +479,7 @@ impl Application {
             }
             None => None,
         };
-        let server = tokio::spawn(
-            axum::serve(listener, router)
-                .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
-                .into_future(),
-        );
+        let server = tokio::spawn(listener.serve(router, stop_accepting.clone()));
         let lease_task = lease.map(|lease| {
             let stop = stop_lease.clone();
             let evict = gateway.clone();
@@ -585,22 +593,18 @@ impl Application {
         store.close().await;
         let served = match served {
             Some(result) => result,
-            // HTTP requests still open (a client that never finishes its request would hold
-            // graceful shutdown forever) get a moment, then are cut.
+            // HTTP requests still open (a download to a client that reads slowly, say) get a
+            // moment, then are cut.
             None => match tokio::time::timeout(HARD_STOP, &mut server).await {
                 Ok(result) => result,
                 Err(_) => {
                     tracing::warn!("HTTP connections still open after the drain; closing them");
                     server.abort();
-                    Ok(Ok(()))
+                    Ok(())
                 }
             },
         };
         tracing::info!("kaiwa stopped");
-        match served {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => Err(AppError::Serve(err)),
-            Err(join) => Err(AppError::Serve(std::io::Error::other(join))),
-        }
+        served.map_err(|join| AppError::Serve(std::io::Error::other(join)))
     }
 }

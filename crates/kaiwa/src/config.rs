@@ -2,6 +2,7 @@
 //! `.env` file into the environment first. Every value is validated at start.
 
 use crate::admission::{ContentLimits, Windows, parse_bytes};
+use crate::domain::Networks;
 use crate::store::Durability;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
@@ -146,6 +147,9 @@ pub struct ServeConfig {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, env = "KAIWA_BIND", default_value = "127.0.0.1:8082")]
     pub bind: SocketAddr,
+
+    #[command(flatten)]
+    pub listener: ListenerConfig,
 
     #[command(flatten)]
     pub store: StoreConfig,
@@ -422,6 +426,43 @@ fn parse_temperature(raw: &str) -> Result<f32, String> {
     Ok(value)
 }
 
+/// The listening socket: what any connection may cost before it says who it is, and TLS.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Connections")]
+pub struct ListenerConfig {
+    /// HTTP connections open at once. A WebSocket connection stops counting once upgraded (the
+    /// handshake limits and --max-clients count it then). Past the cap, new connections wait
+    /// in the kernel's backlog until one closes.
+    #[arg(long = "max-http-connections", env = "KAIWA_MAX_HTTP_CONNECTIONS", default_value = "1024", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
+    /// Seconds a new connection has to send its first request's headers (and, with TLS, to
+    /// finish the TLS handshake before that); then it is closed.
+    #[arg(long = "http-header-timeout", env = "KAIWA_HTTP_HEADER_TIMEOUT", default_value = "5", value_parser = parse_seconds)]
+    pub header_timeout: Duration,
+
+    /// Seconds a kept-alive connection may wait for its next request (until its headers are
+    /// in); then it is closed.
+    #[arg(long = "http-idle-timeout", env = "KAIWA_HTTP_IDLE_TIMEOUT", default_value = "15", value_parser = parse_seconds)]
+    pub idle_timeout: Duration,
+
+    /// Serve TLS (https://, wss://) with this certificate chain (PEM). Read again when the file
+    /// changes, so a renewed certificate needs no restart.
+    #[arg(long = "tls-cert", env = "KAIWA_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM; PKCS#8, PKCS#1 or SEC1). Never printed.
+    #[arg(long = "tls-key", env = "KAIWA_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ListenerConfig {
+    /// The certificate and key files, when TLS is on.
+    pub fn tls_files(&self) -> Option<(&std::path::Path, &std::path::Path)> {
+        self.tls_cert.as_deref().zip(self.tls_key.as_deref())
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Limits")]
 pub struct LimitsConfig {
@@ -466,9 +507,27 @@ pub struct SessionConfig {
     #[arg(long, env = "KAIWA_FIRST_MESSAGE_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
     pub first_message_timeout: Duration,
 
-    /// Seconds to wait for the handshake frame after the upgrade.
-    #[arg(long, env = "KAIWA_HANDSHAKE_TIMEOUT", default_value = "10", value_parser = parse_seconds)]
+    /// Seconds to wait for the handshake frame after the upgrade. Until it is verified a
+    /// connection holds no client slot, may send 16 KiB at most, and counts in the handshake
+    /// limits below.
+    #[arg(long, env = "KAIWA_HANDSHAKE_TIMEOUT", default_value = "5", value_parser = parse_seconds)]
     pub handshake_timeout: Duration,
+
+    /// Connections in their handshake at once (upgraded, not yet verified). When a new one
+    /// comes and all are taken, the oldest is closed (4005) to make room for it.
+    #[arg(long, env = "KAIWA_MAX_HANDSHAKES", default_value = "1024", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_handshakes: u32,
+
+    /// Connections in their handshake at once from one address (an IPv6 /64 counts as one);
+    /// past it the upgrade is refused with HTTP 429. 0 turns this cap off.
+    #[arg(long, env = "KAIWA_MAX_HANDSHAKES_PER_ADDRESS", default_value = "16", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub max_handshakes_per_address: u32,
+
+    /// Addresses or networks that many clients share, such as a proxy in front of kaiwa
+    /// (comma-separated, e.g. 10.0.0.5,192.168.0.0/16): their handshakes are not capped per
+    /// address. `none` caps every address.
+    #[arg(long, env = "KAIWA_PROXY_ADDRESS", default_value = "127.0.0.0/8,::1", value_parser = Networks::parse)]
+    pub proxy_address: Networks,
 
     /// What a second connection with a live client id gets (R15).
     #[arg(long, env = "KAIWA_DUPLICATE_CONNECTION", value_enum, default_value_t = DuplicatePolicy::Refuse)]
@@ -597,6 +656,7 @@ impl ServeConfig {
                         .to_owned(),
                 ));
             }
+            crate::queue::AmqpQueue::check_url(url.expose()).map_err(ConfigError::Cluster)?;
         } else if self.role != Role::All {
             return Err(ConfigError::Cluster(format!(
                 "kaiwa {role} needs --queue-url amqp://... (or KAIWA_QUEUE_URL): the RabbitMQ that carries jobs between gateways and workers"
@@ -682,6 +742,14 @@ mod tests {
         let err =
             ServeConfig::from_args(["--voice-window", "25:00-26:00"]).expect_err("bad window");
         assert!(err.to_string().contains("--voice-window"), "{err}");
+
+        let err = ServeConfig::from_args(["--auth-refresh-grace", "301"])
+            .expect_err("a grace over five minutes");
+        assert!(err.to_string().contains("--auth-refresh-grace"), "{err}");
+        assert!(ServeConfig::from_args(["--auth-refresh-grace", "300"]).is_ok());
+
+        let err = ServeConfig::from_args(["--tls-cert", "cert.pem"]).expect_err("no key");
+        assert!(err.to_string().contains("--tls-key"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! Validating newtypes for what a client says about itself: its id and its timezone.
+//! Validating newtypes for what a client says about itself (its id and its timezone) and for
+//! where it comes from (its network).
 
 use chrono_tz::Tz;
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 /// A client's id: 1–128 bytes of letters, digits and `-` `_` `.` `~` `@` `+` `:` `=`, not
@@ -147,9 +149,116 @@ impl fmt::Display for Timezone {
     }
 }
 
+/// Where a connection comes from, as far as per-address limits go: an IPv4 address, or the
+/// /64 network of an IPv6 one (a single host is commonly given a whole /64).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Source(IpAddr);
+
+impl Source {
+    pub fn of(addr: IpAddr) -> Self {
+        match addr.to_canonical() {
+            IpAddr::V4(v4) => Self(IpAddr::V4(v4)),
+            IpAddr::V6(v6) => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                Self(IpAddr::V6(prefix.into()))
+            }
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            IpAddr::V4(v4) => v4.fmt(f),
+            IpAddr::V6(v6) => write!(f, "{v6}/64"),
+        }
+    }
+}
+
+/// A list of networks (`127.0.0.0/8,::1`, or `none`): the addresses a flag applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Networks(Vec<(IpAddr, u8)>);
+
+impl Networks {
+    /// Reads `address[/prefix]` items separated by commas, or `none` for an empty list.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let raw = raw.trim();
+        if raw.eq_ignore_ascii_case("none") || raw.is_empty() {
+            return Ok(Self::default());
+        }
+        raw.split(',')
+            .map(|item| {
+                let item = item.trim();
+                let (address, prefix) = item.split_once('/').unwrap_or((item, ""));
+                let address: IpAddr = address.parse().map_err(|_| {
+                    format!("{item:?} is not an address or network (e.g. 10.0.0.0/8, ::1)")
+                })?;
+                let longest = if address.is_ipv4() { 32 } else { 128 };
+                let prefix = match prefix {
+                    "" => longest,
+                    prefix => prefix
+                        .parse::<u8>()
+                        .ok()
+                        .filter(|bits| *bits <= longest)
+                        .ok_or_else(|| format!("{item:?}: the prefix must be 0 to {longest}"))?,
+                };
+                Ok((address, prefix))
+            })
+            .collect::<Result<_, String>>()
+            .map(Self)
+    }
+
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        let addr = addr.to_canonical();
+        self.0
+            .iter()
+            .any(|(network, prefix)| match (network, addr) {
+                (IpAddr::V4(network), IpAddr::V4(addr)) => {
+                    let mask = u32::MAX.checked_shl(32 - u32::from(*prefix)).unwrap_or(0);
+                    u32::from(*network) & mask == u32::from(addr) & mask
+                }
+                (IpAddr::V6(network), IpAddr::V6(addr)) => {
+                    let mask = u128::MAX.checked_shl(128 - u32::from(*prefix)).unwrap_or(0);
+                    u128::from(*network) & mask == u128::from(addr) & mask
+                }
+                _ => false,
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn networks_hold_the_addresses_of_their_prefix() {
+        let loopback = Networks::parse("127.0.0.0/8, ::1").expect("valid");
+        assert!(loopback.contains("127.0.0.1".parse().expect("an address")));
+        assert!(loopback.contains("127.9.9.9".parse().expect("an address")));
+        assert!(loopback.contains("::ffff:127.0.0.1".parse().expect("an address")));
+        assert!(loopback.contains("::1".parse().expect("an address")));
+        assert!(!loopback.contains("10.0.0.1".parse().expect("an address")));
+        assert!(!loopback.contains("::2".parse().expect("an address")));
+        let any = Networks::parse("0.0.0.0/0").expect("valid");
+        assert!(any.contains("203.0.113.9".parse().expect("an address")));
+        assert_eq!(Networks::parse("none"), Ok(Networks::default()));
+        assert!(Networks::parse("10.0.0.0/33").is_err());
+        assert!(Networks::parse("localhost").is_err());
+    }
+
+    #[test]
+    fn an_ipv6_source_is_its_64_network() {
+        let a = Source::of("2001:db8:1:2:aaaa::1".parse().expect("an address"));
+        let b = Source::of("2001:db8:1:2:bbbb::9".parse().expect("an address"));
+        let c = Source::of("2001:db8:1:3::1".parse().expect("an address"));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a.to_string(), "2001:db8:1:2::/64");
+        assert_eq!(
+            Source::of("::ffff:192.0.2.1".parse().expect("an address")),
+            Source::of("192.0.2.1".parse().expect("an address"))
+        );
+    }
 
     #[test]
     fn client_ids_are_trimmed_and_checked() {

@@ -25,6 +25,7 @@ pub mod config;
 pub mod domain;
 pub mod gateway;
 pub mod http;
+pub mod listener;
 pub mod presence;
 pub mod queue;
 pub mod replies;

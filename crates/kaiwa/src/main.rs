@@ -8,11 +8,27 @@ use kaiwa::{Application, shutdown, telemetry};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+/// The settings file, read from the working directory only: a `.env` in a parent directory
+/// belongs to something else (another project, a home directory), never to this server.
+const ENV_FILE: &str = ".env";
+
 fn main() -> ExitCode {
     // Before parsing, so that `.env` values fill in flags like any environment variable.
-    let env_file = dotenvy::dotenv();
+    let env_file = match dotenvy::from_path(ENV_FILE) {
+        Ok(()) => Some(std::path::PathBuf::from(ENV_FILE)),
+        Err(dotenvy::Error::Io(err)) if err.kind() == std::io::ErrorKind::NotFound => None,
+        // The line itself is not shown: it may hold a secret.
+        Err(dotenvy::Error::LineParse(_, at)) => {
+            eprintln!("error: {ENV_FILE}: a line could not be read (at character {at})");
+            return ExitCode::FAILURE;
+        }
+        Err(err) => {
+            eprintln!("error: {ENV_FILE}: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let cli = Cli::parse();
-    match run(cli, env_file.ok()) {
+    match run(cli, env_file) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // The whole cause chain on one line, without a backtrace: these are operator errors

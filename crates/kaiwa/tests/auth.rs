@@ -138,6 +138,59 @@ async fn the_token_may_come_with_the_upgrade_request_instead() {
     refused(&mut client, true, "malformed_token", 4602).await;
 }
 
+/// The HTTP answer to an upgrade request that was refused before anything was upgraded.
+async fn refused_upgrade(url: &str, headers: &[(&'static str, &str)]) -> (u16, Value) {
+    let err = Client::connect_with(url, true, headers)
+        .await
+        .err()
+        .expect("the upgrade is refused");
+    match err.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+        Some(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let body = response.body().clone().unwrap_or_default();
+            (
+                response.status().as_u16(),
+                serde_json::from_slice(&body).expect("a JSON body"),
+            )
+        }
+        _ => panic!("not an HTTP refusal: {err:#}"),
+    }
+}
+
+#[tokio::test]
+async fn a_bad_token_on_the_upgrade_request_is_refused_with_401_and_nothing_is_upgraded() {
+    let app = TestApp::spawn(AUTH).await;
+    let now = app.clock.now();
+    let expired = token(SECRET, "alice", HOUR, now - chrono::TimeDelta::hours(2));
+    let bearer = format!("Bearer {expired}");
+    let (status, body) = refused_upgrade(&app.ws_url(), &[("Authorization", &bearer)]).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["code"], "expired_token", "{body}");
+    let (status, body) = refused_upgrade(&format!("{}?token=not-a-jwt", app.ws_url()), &[]).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["code"], "malformed_token", "{body}");
+    assert_eq!(app.health().await["status"], "ok");
+}
+
+#[tokio::test]
+async fn a_token_over_8_kib_is_refused_before_it_is_decoded() {
+    let app = TestApp::spawn(AUTH).await;
+    // A real token, padded: decoding it would succeed up to the padding.
+    let huge = format!("{}{}", alice(&app), "A".repeat(9 * 1024));
+    let (status, body) = json(get(&app, "/api/v1/clients/alice/messages", Some(&huge)).await).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["code"], "malformed_token", "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| m.contains("8192")),
+        "{body}"
+    );
+    let mut client = native(
+        &app,
+        json!({"type": "hello", "token": huge, "timezone": "UTC"}),
+    )
+    .await;
+    refused(&mut client, true, "malformed_token", 4602).await;
+}
+
 #[tokio::test]
 async fn every_bad_token_is_refused_with_its_own_error_and_close_code_in_both_protocols() {
     let app = TestApp::spawn(AUTH).await;
@@ -283,6 +336,59 @@ async fn a_connection_whose_token_runs_out_is_warned_then_closed_with_4603() {
         let closed = client.closed().await;
         assert_eq!(closed.code, 4603, "{closed:?}");
     }
+}
+
+#[tokio::test]
+async fn a_message_sent_on_a_token_that_ran_out_is_refused_until_a_refresh() {
+    let mut flags = AUTH.to_vec();
+    // A long grace: the connection stays open, but its token no longer takes messages.
+    flags.extend(["--auth-leeway", "0", "--auth-refresh-grace", "300"]);
+    let app = TestApp::spawn(&flags).await;
+    let short = token(SECRET, "alice", Duration::from_secs(2), app.clock.now());
+    let mut native_client = native(
+        &app,
+        json!({"type": "hello", "token": short, "timezone": "UTC"}),
+    )
+    .await;
+    native_client.next_json().await;
+    let mut legacy_client = legacy(
+        &app,
+        json!({"token": token(SECRET, "bob", Duration::from_secs(2), app.clock.now()), "timezone": "UTC"}),
+    )
+    .await;
+    legacy_client.next_json().await;
+    assert_eq!(native_client.next_json().await["type"], "token_expired");
+    assert_eq!(
+        legacy_client.next_json().await["data"]["code"],
+        "expired_token"
+    );
+
+    native_client
+        .send_json(send("late", "text", "too late"))
+        .await;
+    let refusal = native_client.next_json().await;
+    assert_eq!(refusal["type"], "error", "{refusal}");
+    assert_eq!(refusal["code"], "expired_token", "{refusal}");
+    assert_eq!(refusal["id"], "late", "{refusal}");
+    legacy_client
+        .send_json(support::legacy_message("text", "too late"))
+        .await;
+    let refusal = legacy_client.next_json().await;
+    assert_eq!(refusal["data"]["code"], "expired_token", "{refusal}");
+    // Nothing of either was stored.
+    let (_, history) =
+        json(get(&app, "/api/v1/clients/alice/messages", Some(&alice(&app))).await).await;
+    assert_eq!(history["messages"], json!([]), "{history}");
+
+    native_client
+        .send_json(json!({"type": "refresh", "token": alice(&app)}))
+        .await;
+    assert_eq!(native_client.next_json().await["type"], "refreshed");
+    native_client
+        .send_json(send("again", "text", "in time"))
+        .await;
+    let reply = native_client.until(|frame| frame["type"] == "reply").await;
+    assert_eq!(reply["id"], "again");
 }
 
 #[tokio::test]
@@ -480,13 +586,18 @@ async fn allowed_origin(app: &TestApp, origin: &str) -> Option<String> {
 }
 
 #[tokio::test]
-async fn cors_allows_any_origin_without_auth_and_only_the_configured_ones_with_it() {
+async fn cors_allows_loopback_pages_without_auth_and_only_the_configured_ones_with_it() {
     let open = TestApp::spawn(&[]).await;
+    // The first Python system's React page, on its own development server.
     assert_eq!(
-        allowed_origin(&open, "https://anywhere.example")
+        allowed_origin(&open, "http://localhost:3000")
             .await
             .as_deref(),
-        Some("*")
+        Some("http://localhost:3000")
+    );
+    assert_eq!(
+        allowed_origin(&open, "https://anywhere.example").await,
+        None
     );
 
     let closed = TestApp::spawn(AUTH).await;

@@ -29,6 +29,10 @@ async fn the_client_past_the_limit_is_refused_and_the_others_keep_talking() {
     let mut extra = Client::connect(&app.ws_url(), true)
         .await
         .expect("the upgrade succeeds");
+    // A slot is taken only by a verified handshake: the refusal answers the hello.
+    extra
+        .send_json(json!({"type": "hello", "client_id": "c3", "timezone": "UTC"}))
+        .await;
     let notice = extra.next().await.expect("an error frame first");
     assert_eq!(notice["code"], "over_capacity", "{notice}");
     assert_close(&extra.closed().await, 1013, "over_capacity");
@@ -412,11 +416,27 @@ async fn an_oversize_handshake_is_refused_before_it_is_parsed() {
     let mut client = Client::connect(&app.ws_url(), false)
         .await
         .expect("connects");
-    let padding = "x".repeat(64 * 1024);
+    // Within what a stranger may send, but larger than any handshake frame.
+    let padding = "x".repeat(14 * 1024);
     client
         .send_json(json!({"client_id": "big", "timezone": "UTC", "padding": padding}))
         .await;
     let error = client.next().await.expect("an error frame");
     assert_eq!(error["data"]["code"], "malformed_json", "{error}");
     assert_close(&client.closed().await, 1008, "bad_handshake");
+}
+
+#[tokio::test]
+async fn a_first_frame_past_the_strangers_allowance_closes_with_1009() {
+    let app = TestApp::spawn(&[]).await;
+    let mut client = Client::connect(&app.ws_url(), false)
+        .await
+        .expect("connects");
+    let padding = "x".repeat(64 * 1024);
+    client
+        .send_json(json!({"client_id": "big", "timezone": "UTC", "padding": padding}))
+        .await;
+    let error = client.next().await.expect("an error frame");
+    assert_eq!(error["data"]["code"], "frame_too_large", "{error}");
+    assert_close(&client.closed().await, 1009, "message_too_big");
 }

@@ -88,8 +88,8 @@ pub struct AuthConfig {
     pub leeway: Duration,
 
     /// Seconds a connection whose token expired has to send `refresh` with a new one before it
-    /// is closed (4603).
-    #[arg(long = "auth-refresh-grace", env = "KAIWA_AUTH_REFRESH_GRACE", default_value = "30", value_parser = crate::config::parse_seconds)]
+    /// is closed (4603), at most 300. Meanwhile its messages are refused with `expired_token`.
+    #[arg(long = "auth-refresh-grace", env = "KAIWA_AUTH_REFRESH_GRACE", default_value = "30", value_parser = refresh_grace)]
     pub refresh_grace: Duration,
 
     /// Run without auth on an address other than loopback (anyone who reaches it can be any
@@ -112,6 +112,13 @@ pub struct AuthConfig {
     /// the server's own pages with auth.
     #[arg(long = "cors-origin", env = "KAIWA_CORS_ORIGIN", value_delimiter = ',', action = ArgAction::Append)]
     pub cors_origins: Vec<String>,
+
+    /// With auth off, a host name pages may reach kaiwa by (as in the `Host` header, without
+    /// the port), besides loopback names and IP addresses: any other is refused with 421, so
+    /// that a site whose name resolves to this server cannot use it (DNS rebinding). Repeat
+    /// it, or separate names with commas.
+    #[arg(long = "allowed-host", env = "KAIWA_ALLOWED_HOST", value_delimiter = ',', action = ArgAction::Append)]
+    pub allowed_hosts: Vec<String>,
 }
 
 impl AuthConfig {
@@ -129,6 +136,7 @@ impl AuthConfig {
             return Err(AuthError::ShortAdminToken);
         }
         crate::http::cors::origins(&self.cors_origins)?;
+        crate::http::cors::hosts(&self.allowed_hosts)?;
         Ok(())
     }
 }
@@ -150,6 +158,22 @@ pub struct TokenArgs {
 
 fn secret(raw: &str) -> Result<Secret, String> {
     Ok(Secret::new(raw.trim()))
+}
+
+/// The longest refresh grace: a connection whose token ran out takes no messages, and should
+/// not hold its slot for long either.
+pub const MAX_REFRESH_GRACE: Duration = Duration::from_secs(300);
+
+/// Seconds, from a millisecond to [`MAX_REFRESH_GRACE`].
+fn refresh_grace(raw: &str) -> Result<Duration, String> {
+    let grace = crate::config::parse_seconds(raw)?;
+    if grace > MAX_REFRESH_GRACE {
+        return Err(format!(
+            "{raw} s is out of range: use up to {} seconds",
+            MAX_REFRESH_GRACE.as_secs()
+        ));
+    }
+    Ok(grace)
 }
 
 /// Seconds from 0 (no leeway) to an hour.

@@ -32,6 +32,10 @@ use subtle::ConstantTimeEq;
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// The longest token taken. kaiwa's own tokens are a few hundred bytes; a larger one is
+/// refused before it is decoded, so that a stranger cannot make the server parse megabytes.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
 /// Everything that can go wrong with a token, and with the flags that configure them.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuthError {
@@ -41,6 +45,8 @@ pub enum AuthError {
     MissingToken,
     #[error("the token is malformed: {0}")]
     MalformedToken(&'static str),
+    #[error("the token is longer than {MAX_TOKEN_BYTES} bytes")]
+    TokenTooLong,
     #[error("the token expired at {0}; get a new one")]
     ExpiredToken(DateTime<Utc>),
     #[error("the token's signature does not verify with this server's secret")]
@@ -76,6 +82,10 @@ pub enum AuthError {
     ShortAdminToken,
     #[error("--cors-origin {0:?} is not an origin: use scheme://host[:port], or *")]
     CorsOrigin(String),
+    #[error(
+        "--allowed-host {0:?} is not a host name: use a name such as chat.example.com, without scheme or port"
+    )]
+    AllowedHost(String),
     #[error("no secret to sign with: give --auth-secret or --auth-secret-file")]
     NoSecret,
     #[error("--client-id: {0}")]
@@ -139,6 +149,35 @@ pub struct Claims {
     pub expires_at: DateTime<Utc>,
     /// `exp` plus the leeway: the token is taken until then.
     pub valid_until: DateTime<Utc>,
+}
+
+impl Claims {
+    /// These claims, if they are for `claimed`: a connection or request that names a client
+    /// may use only that client's token.
+    pub fn for_client(self, claimed: &str) -> Result<Self, AuthError> {
+        let claimed = claimed.trim();
+        if self.client_id.as_str() != claimed {
+            return Err(AuthError::ClientIdMismatch {
+                sub: self.client_id.to_string(),
+                claimed: claimed.chars().take(ClientId::MAX_LEN).collect(),
+            });
+        }
+        Ok(self)
+    }
+
+    /// Whether the token has run out at `now` (its `exp` and the leeway are past).
+    pub fn expired(&self, now: DateTime<Utc>) -> bool {
+        now > self.valid_until
+    }
+}
+
+/// The `WWW-Authenticate` challenge of a 401 (RFC 6750): the scheme that would do, and whether
+/// the token given was bad.
+pub fn challenge(err: &AuthError) -> axum::http::HeaderValue {
+    axum::http::HeaderValue::from_static(match err {
+        AuthError::MissingToken => r#"Bearer realm="kaiwa""#,
+        _ => r#"Bearer realm="kaiwa", error="invalid_token""#,
+    })
 }
 
 /// The claims kaiwa reads and writes. Other claims (`iat`, `iss`, `jti`...) are ignored.
@@ -279,6 +318,9 @@ impl Authenticator {
         if raw.is_empty() {
             return Err(AuthError::MissingToken);
         }
+        if raw.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::TokenTooLong);
+        }
         let mut decoded = Err(AuthError::InvalidSignature);
         for key in &self.keys {
             match jsonwebtoken::decode::<Wire>(raw, &key.decoding, &self.validation) {
@@ -340,15 +382,7 @@ impl Authenticator {
         claimed: &str,
         now: DateTime<Utc>,
     ) -> Result<Claims, AuthError> {
-        let claims = self.verify(token, now)?;
-        let claimed = claimed.trim();
-        if claims.client_id.as_str() != claimed {
-            return Err(AuthError::ClientIdMismatch {
-                sub: claims.client_id.to_string(),
-                claimed: claimed.chars().take(ClientId::MAX_LEN).collect(),
-            });
-        }
-        Ok(claims)
+        self.verify(token, now)?.for_client(claimed)
     }
 
     /// A token for `client_id`, good for `ttl` from `now`, signed with the current secret.

@@ -7,11 +7,12 @@ use super::handshake::{self, Credentials, HandshakeError, Hello, Resume};
 use super::outbox::{Closing, Outbox, Writer};
 use super::registry::{Duplicate, Liveness, SessionHandle};
 use super::session::Session;
+use super::strangers::Pass;
 use super::stream::ReplyStream;
 use super::wire::Protocol;
-use crate::admission::ConnectionSlot;
-use crate::auth::{AuthError, Token};
+use crate::auth::Claims;
 use crate::config::DuplicatePolicy;
+use crate::listener::Peer;
 use crate::presence::Claim;
 use crate::store::StoreError;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -28,22 +29,44 @@ const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest a duplicate connection waits to learn whether the live one still answers.
 const LIVENESS_PROBE: Duration = Duration::from_secs(3);
 
-/// Serves one upgraded connection from handshake to close. `slot` is the client slot taken at
-/// the upgrade; without one the server is full. `offered` is the token of the upgrade request.
-pub(crate) async fn serve(
-    gateway: Arc<Gateway>,
-    mut socket: WebSocket,
-    native: bool,
-    slot: Option<ConnectionSlot>,
-    offered: Result<Option<Token>, AuthError>,
-) {
-    let guess = if native {
-        Protocol::Native
-    } else {
-        Protocol::Legacy
+/// An upgraded connection, as the upgrade request left it.
+pub(crate) struct Arrival {
+    /// Whether the client chose `kaiwa.v1` in the upgrade request.
+    pub native: bool,
+    /// The connection as the listener accepted it: its address and its read allowance.
+    /// `None` only when the router is served by something else than kaiwa's listener.
+    pub peer: Option<Arc<Peer>>,
+    /// Its place in the strangers' pool, until its handshake is verified; `None` when its
+    /// upgrade request carried a valid token.
+    pub pass: Option<Pass>,
+    /// What the upgrade request's token says, checked (auth on).
+    pub verified: Option<Claims>,
+}
+
+/// Serves one upgraded connection from handshake to close. The client gets a client slot only
+/// once its handshake is verified: until then it is a stranger, in a pool of its own.
+pub(crate) async fn serve(gateway: Arc<Gateway>, mut socket: WebSocket, arrival: Arrival) {
+    let Arrival {
+        native,
+        peer,
+        pass,
+        verified,
+    } = arrival;
+    let Some(hello) = introduce(&gateway, &mut socket, native, pass, verified).await else {
+        return;
     };
-    let Some(slot) = slot else {
-        refuse_full(&mut socket, guess, "server", gateway.settings.max_clients).await;
+    // Verified: the client may send what clients may.
+    if let Some(peer) = &peer {
+        peer.unlimit_reads();
+    }
+    let Some(slot) = gateway.slots.try_acquire() else {
+        refuse_full(
+            &mut socket,
+            hello.protocol,
+            "server",
+            gateway.settings.max_clients,
+        )
+        .await;
         return;
     };
     let conn_id = gateway.next_conn_id();
@@ -55,7 +78,7 @@ pub(crate) async fn serve(
             Ok(None) => {
                 refuse_full(
                     &mut socket,
-                    guess,
+                    hello.protocol,
                     "the cluster",
                     gateway.settings.max_clients,
                 )
@@ -64,72 +87,11 @@ pub(crate) async fn serve(
             }
             Err(err) => {
                 tracing::error!(%err, "could not take a cluster client slot");
-                refuse_unavailable(&mut socket, guess).await;
+                refuse_unavailable(&mut socket, hello.protocol).await;
                 return;
             }
         }
     }
-    if gateway.is_draining() {
-        let detail = "server shutting down; reconnect shortly";
-        refuse(
-            &mut socket,
-            guess,
-            ErrorCode::ShuttingDown,
-            CloseCode::GoingAway,
-            detail,
-        )
-        .await;
-        return;
-    }
-    let timeout = gateway.settings.sessions.handshake_timeout;
-    let credentials = Credentials {
-        auth: gateway.settings.auth.clone(),
-        upgrade: offered,
-        clock: gateway.clock.clone(),
-    };
-    let hello = match handshake::receive(&mut socket, native, timeout, &credentials).await {
-        Ok(hello) => hello,
-        Err(HandshakeError::Gone) => return,
-        Err(HandshakeError::InvalidUtf8) => {
-            let detail = "a text frame was not valid UTF-8";
-            refuse(
-                &mut socket,
-                guess,
-                ErrorCode::MalformedJson,
-                CloseCode::InvalidPayload,
-                detail,
-            )
-            .await;
-            return;
-        }
-        Err(HandshakeError::Timeout) => {
-            let detail = "no handshake frame in time";
-            refuse(
-                &mut socket,
-                guess,
-                ErrorCode::HandshakeRequired,
-                CloseCode::HandshakeTimeout,
-                detail,
-            )
-            .await;
-            return;
-        }
-        Err(HandshakeError::Invalid {
-            protocol,
-            code,
-            close,
-            message,
-        }) => {
-            if close != CloseCode::BadHandshake {
-                // A token refused: the code says why; the token itself is never logged.
-                metrics::counter!("kaiwa_connections_refused_total", "reason" => code.as_str())
-                    .increment(1);
-                tracing::info!(code = code.as_str(), "refused at the handshake");
-            }
-            refuse(&mut socket, protocol, code, close, &message).await;
-            return;
-        }
-    };
     let position = match start_position(&gateway, &hello).await {
         Ok(position) => position,
         Err(err) => {
@@ -304,6 +266,103 @@ pub(crate) async fn serve(
     metrics::gauge!("kaiwa_connections").decrement(1.0);
     metrics::counter!("kaiwa_disconnects_total", "reason" => ending.name()).increment(1);
     tracing::info!(%client_id, conn_id, ending = ending.name(), "client disconnected");
+}
+
+/// The handshake of a connection that is not yet a client: it ends with a verified hello, or
+/// with the connection refused (and `None`). A stranger is closed when its deadline passes,
+/// when it sends more than its allowance, or when a newer stranger takes its place.
+async fn introduce(
+    gateway: &Gateway,
+    socket: &mut WebSocket,
+    native: bool,
+    pass: Option<Pass>,
+    verified: Option<Claims>,
+) -> Option<Hello> {
+    let guess = if native {
+        Protocol::Native
+    } else {
+        Protocol::Legacy
+    };
+    if gateway.is_draining() {
+        let detail = "server shutting down; reconnect shortly";
+        refuse(
+            socket,
+            guess,
+            ErrorCode::ShuttingDown,
+            CloseCode::GoingAway,
+            detail,
+        )
+        .await;
+        return None;
+    }
+    let timeout = gateway.settings.sessions.handshake_timeout;
+    let credentials = Credentials {
+        auth: gateway.settings.auth.clone(),
+        upgrade: verified,
+        clock: gateway.clock.clone(),
+    };
+    let received = {
+        let crowded_out = async {
+            match &pass {
+                Some(pass) => pass.crowded_out().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            received = handshake::receive(socket, native, timeout, &credentials) => received,
+            () = crowded_out => Err(HandshakeError::CrowdedOut),
+        }
+    };
+    // Whatever came of it, the connection is no longer a stranger in the pool.
+    drop(pass);
+    let (protocol, error, close, detail) = match received {
+        Ok(hello) => return Some(hello),
+        Err(HandshakeError::Gone) => return None,
+        Err(HandshakeError::InvalidUtf8) => (
+            guess,
+            ErrorCode::MalformedJson,
+            CloseCode::InvalidPayload,
+            "a text frame was not valid UTF-8".to_owned(),
+        ),
+        Err(HandshakeError::Timeout) => (
+            guess,
+            ErrorCode::HandshakeRequired,
+            CloseCode::HandshakeTimeout,
+            "no handshake frame in time".to_owned(),
+        ),
+        Err(HandshakeError::TooLarge) => (
+            guess,
+            ErrorCode::FrameTooLarge,
+            CloseCode::MessageTooBig,
+            format!(
+                "before the handshake is verified a connection may send {} bytes",
+                super::HANDSHAKE_ALLOWANCE
+            ),
+        ),
+        Err(HandshakeError::CrowdedOut) => (
+            guess,
+            ErrorCode::TooManyHandshakes,
+            CloseCode::CrowdedOut,
+            "too many connections were in their handshake; reconnect and send the handshake frame at once".to_owned(),
+        ),
+        Err(HandshakeError::Invalid {
+            protocol,
+            code,
+            close,
+            message,
+        }) => (protocol, code, close, message),
+    };
+    if close != CloseCode::BadHandshake {
+        // A stranger closed, or a token refused: the code says why; a token is never logged.
+        metrics::counter!("kaiwa_connections_refused_total", "reason" => close.name()).increment(1);
+        tracing::debug!(
+            code = error.as_str(),
+            close = close.name(),
+            "refused at the handshake"
+        );
+    }
+    refuse(socket, protocol, error, close, &detail).await;
+    None
 }
 
 /// The `seq` the client's reply stream starts after on this connection. A cursor beyond the

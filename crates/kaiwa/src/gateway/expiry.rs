@@ -60,6 +60,11 @@ impl Expiry {
         }
     }
 
+    /// Whether the token has run out (its `exp` and the leeway are past) and no new one came.
+    pub(super) fn lapsed(&self) -> bool {
+        self.warned
+    }
+
     /// A new token came: the clock starts over from it.
     pub(super) fn renew(&mut self, claims: &Claims, now: DateTime<Utc>) {
         self.expires_at = claims.expires_at;

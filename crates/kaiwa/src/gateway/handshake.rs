@@ -2,9 +2,10 @@
 //! With auth on, who the client is comes from its token, never from the frame.
 
 use super::wire::Protocol;
-use crate::auth::{AuthError, Authenticator, Claims, Token};
+use crate::auth::{AuthError, Authenticator, Claims, MAX_TOKEN_BYTES, Token};
 use crate::clock::Clock;
 use crate::domain::{ClientId, ClientIdError, Timezone, TimezoneError};
+use crate::listener::is_over_allowance;
 use axum::extract::ws::Message;
 use futures::{Stream, StreamExt};
 use kaiwa_protocol::{CloseCode, ErrorCode, legacy, native};
@@ -27,9 +28,9 @@ pub(crate) struct Hello {
 pub(crate) struct Credentials {
     /// The server's authenticator; `None` when auth is off and clients name themselves.
     pub auth: Option<Arc<Authenticator>>,
-    /// The token the upgrade request carried (`Authorization: Bearer`, `?token=`), or why it
-    /// could not be read. The handshake frame's own `token` comes first.
-    pub upgrade: Result<Option<Token>, AuthError>,
+    /// What the upgrade request's token (`Authorization: Bearer`, `?token=`) says, checked
+    /// before the upgrade. The handshake frame's own `token` comes first.
+    pub upgrade: Option<Claims>,
     /// The server's clock, which judges expiry.
     pub clock: Arc<dyn Clock>,
 }
@@ -40,7 +41,7 @@ impl Credentials {
     pub(crate) fn anonymous() -> Self {
         Self {
             auth: None,
-            upgrade: Ok(None),
+            upgrade: None,
             clock: Arc::new(crate::clock::SystemClock),
         }
     }
@@ -65,6 +66,10 @@ pub(crate) enum HandshakeError {
     Timeout,
     /// The first frame was a text frame that is not UTF-8.
     InvalidUtf8,
+    /// The connection sent more than it may before its handshake is verified.
+    TooLarge,
+    /// Too many connections were in their handshake, and a newer one took this one's place.
+    CrowdedOut,
     /// The handshake frame was wrong, or its token; `protocol` is the one to answer in, and
     /// `close` the close code that follows the error frame.
     Invalid {
@@ -104,6 +109,7 @@ where
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 Some(Err(err)) if is_invalid_utf8(&err) => return Err(HandshakeError::InvalidUtf8),
+                Some(Err(err)) if is_over_allowance(&err) => return Err(HandshakeError::TooLarge),
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
                     return Err(HandshakeError::Gone);
                 }
@@ -129,9 +135,11 @@ pub(crate) fn is_invalid_utf8(err: &axum::Error) -> bool {
         .is_some_and(|inner| matches!(inner, tungstenite::Error::Utf8(_)))
 }
 
-/// A handshake holds a client id, a timezone and a flag; refusing anything larger before
-/// parsing it keeps an unauthenticated connection from making the server parse megabytes.
-const MAX_HELLO_BYTES: usize = 4096;
+/// A handshake holds a client id, a timezone, a resume position and a token of at most
+/// [`MAX_TOKEN_BYTES`]: refusing anything larger before parsing it keeps a stranger from
+/// making the server parse more. (What it may send at all is capped before this, by the
+/// connection's allowance.)
+const MAX_HELLO_BYTES: usize = MAX_TOKEN_BYTES + 4096;
 
 fn invalid(protocol: Protocol, code: ErrorCode, message: impl Into<String>) -> HandshakeError {
     HandshakeError::Invalid {
@@ -293,17 +301,21 @@ fn identify(
     token: Option<String>,
     credentials: &Credentials,
 ) -> Result<Claims, AuthError> {
-    let token = match token.filter(|token| !token.trim().is_empty()) {
-        Some(token) => Token::new(token),
-        None => credentials
-            .upgrade
-            .clone()?
-            .ok_or(AuthError::MissingToken)?,
-    };
     let now = credentials.clock.now();
+    let claims = match token.filter(|token| !token.trim().is_empty()) {
+        Some(token) => auth.verify(&Token::new(token), now)?,
+        None => {
+            let claims = credentials.upgrade.clone().ok_or(AuthError::MissingToken)?;
+            // Checked at the upgrade; it may have run out during the handshake.
+            if claims.expired(now) {
+                return Err(AuthError::ExpiredToken(claims.expires_at));
+            }
+            claims
+        }
+    };
     match claimed.filter(|id| !id.trim().is_empty()) {
-        Some(claimed) => auth.verify_for(&token, claimed, now),
-        None => auth.verify(&token, now),
+        Some(claimed) => claims.for_client(claimed),
+        None => Ok(claims),
     }
 }
 

@@ -11,26 +11,32 @@ mod handshake;
 mod outbox;
 mod registry;
 mod session;
+mod strangers;
 mod stream;
 #[cfg(test)]
 mod tests;
 mod wire;
 
 use crate::admission::{Admission, ConnectionSlots};
-use crate::auth::{self, Authenticator};
+use crate::auth::{self, AuthError, Authenticator, Claims};
 use crate::clock::Clock;
 use crate::config::{ServeConfig, SessionConfig};
+use crate::listener::Peer;
 use crate::store::Store;
-use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{RawQuery, State};
-use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::{Extension, Json, Router};
+use kaiwa_protocol::ErrorCode;
+use kaiwa_protocol::history::ErrorBody;
 use kaiwa_protocol::native::{Limits, WindowInfo};
 use registry::Registry;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use strangers::{SourceFull, Strangers};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -47,6 +53,11 @@ const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 16 * 1024;
 /// Beyond this, writes fail rather than buffer: the outbox is the queue, not the socket.
 const MAX_WRITE_BUFFER: usize = 4 * 1024 * 1024;
+/// What a connection may send after the upgrade until its handshake is verified, frame
+/// headers, pings and the handshake frame itself included: a handshake frame of the largest
+/// size taken (with a token of the largest size taken) fits, a megabyte frame does not start.
+/// Past it the connection is closed with 1009, having been read no further.
+pub const HANDSHAKE_ALLOWANCE: usize = 16 * 1024;
 
 /// What sessions need to know, fixed at start.
 #[derive(Debug, Clone)]
@@ -106,6 +117,8 @@ impl GatewaySettings {
 pub struct Gateway {
     pub(crate) settings: GatewaySettings,
     pub(crate) slots: ConnectionSlots,
+    /// Connections upgraded and not yet verified: they hold no client slot.
+    pub(crate) strangers: Strangers,
     pub(crate) registry: Registry,
     pub(crate) admission: Arc<Admission>,
     pub(crate) store: Arc<dyn Store>,
@@ -134,6 +147,7 @@ impl Gateway {
     ) -> Self {
         Self {
             slots: ConnectionSlots::new(settings.max_clients),
+            strangers: Strangers::new(&settings.sessions),
             settings,
             registry: Registry::default(),
             admission,
@@ -184,9 +198,14 @@ impl Gateway {
         self.registry.len()
     }
 
-    /// Client slots taken, including connections still in their handshake.
+    /// Client slots taken: by verified clients only, never by a connection in its handshake.
     pub fn slots_in_use(&self) -> usize {
         self.slots.in_use()
+    }
+
+    /// Connections upgraded and still in their handshake.
+    pub fn handshakes(&self) -> usize {
+        self.strangers.len()
     }
 
     /// Stops taking messages: the first step of shutdown.
@@ -219,7 +238,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 }
 
 /// The WebSocket endpoint of both protocols (see docs/protocol.md). With auth on, the token
-/// may come in the handshake frame, or here.
+/// may come in the handshake frame, or here, where it is checked before anything is upgraded.
 #[utoipa::path(
     get,
     path = "/ws",
@@ -228,20 +247,51 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         ("token" = Option<String>, Query, description = "The client's token (auth on), for clients that cannot set headers; the handshake frame's `token` is preferred."),
     ),
     responses(
-        (status = 101, description = "Switched to WebSocket: `kaiwa.v1` if offered in `Sec-WebSocket-Protocol`, else the legacy protocol. Refusals (auth included) come as an error frame and a close code."),
+        (status = 101, description = "Switched to WebSocket: `kaiwa.v1` if offered in `Sec-WebSocket-Protocol`, else the legacy protocol. Refusals after the upgrade come as an error frame and a close code."),
         (status = 400, description = "Not a WebSocket upgrade request.", content_type = "text/plain"),
+        (status = 401, description = "Auth is on and the upgrade request carries a token (`Authorization: Bearer` or `?token=`) that is not valid: `code` says why. Nothing is upgraded.", body = ErrorBody),
         (status = 426, description = "The connection cannot be upgraded.", content_type = "text/plain"),
+        (status = 429, description = "This address has as many connections in their handshake as it may (`too_many_handshakes`); retry after `Retry-After` seconds.", body = ErrorBody),
     ),
 )]
 pub(crate) async fn upgrade(
     State(gateway): State<Arc<Gateway>>,
+    peer: Option<Extension<Arc<Peer>>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     ws: WebSocketUpgrade,
 ) -> Response {
-    // Read now, checked after the handshake frame: a refusal is then a close code the client
-    // can act on, in whichever protocol it speaks.
-    let offered = auth::upgrade_token(&headers, query.as_deref());
+    let peer = peer.map(|Extension(peer)| peer);
+    let verified = match verify_upgrade(&gateway, &headers, query.as_deref()) {
+        Ok(verified) => verified,
+        Err(err) => {
+            metrics::counter!("kaiwa_connections_refused_total", "reason" => err.code().as_str())
+                .increment(1);
+            return refusal(
+                StatusCode::UNAUTHORIZED,
+                err.code(),
+                err.to_string(),
+                Some(auth::challenge(&err)),
+            );
+        }
+    };
+    // A connection whose upgrade carried a valid token is a client already; any other waits
+    // in the strangers' pool until its handshake frame says who it is.
+    let pass = match verified {
+        Some(_) => None,
+        None => {
+            let addr = peer
+                .as_ref()
+                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |peer| peer.addr().ip());
+            match gateway.strangers.admit(addr) {
+                Ok(pass) => Some(pass),
+                Err(full) => return source_full(full),
+            }
+        }
+    };
+    if let Some(peer) = &peer {
+        peer.limit_reads(HANDSHAKE_ALLOWANCE);
+    }
     let max_frame = gateway.settings.max_frame_bytes;
     let ws = ws
         .protocols([kaiwa_protocol::SUBPROTOCOL])
@@ -250,12 +300,72 @@ pub(crate) async fn upgrade(
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_message_size(max_frame)
         .max_frame_size(max_frame);
-    let native = ws.selected_protocol().is_some();
-    // Taken before the upgrade completes, so the limit counts handshaking connections too.
-    let slot = gateway.slots.try_acquire();
+    let arrival = connection::Arrival {
+        native: ws.selected_protocol().is_some(),
+        peer,
+        pass,
+        verified,
+    };
     ws.on_failed_upgrade(|err| tracing::debug!(%err, "WebSocket upgrade failed"))
         .on_upgrade(move |socket| {
             let tracker = gateway.tracker.clone();
-            tracker.track_future(connection::serve(gateway, socket, native, slot, offered))
+            tracker.track_future(connection::serve(gateway, socket, arrival))
         })
+}
+
+/// The upgrade request's token, checked (auth on): `None` when it carries none.
+fn verify_upgrade(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Option<Claims>, AuthError> {
+    let Some(auth) = &gateway.settings.auth else {
+        // Auth off: a token is ignored, as the handshake frame's is.
+        return Ok(None);
+    };
+    auth::upgrade_token(headers, query)?
+        .map(|token| auth.verify(&token, gateway.clock.now()))
+        .transpose()
+}
+
+/// 429: the address has as many connections in their handshake as it may.
+fn source_full(full: SourceFull) -> Response {
+    metrics::counter!("kaiwa_connections_refused_total", "reason" => "too_many_handshakes")
+        .increment(1);
+    tracing::debug!(source = %full.source, "refused: too many handshakes from one address");
+    let mut response = refusal(
+        StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::TooManyHandshakes,
+        format!(
+            "{} connections from your address are already in their handshake; retry in a second",
+            full.limit
+        ),
+        None,
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+/// An upgrade refused before anything is upgraded: the status, and the error body of the HTTP
+/// API.
+fn refusal(
+    status: StatusCode,
+    code: ErrorCode,
+    message: String,
+    challenge: Option<HeaderValue>,
+) -> Response {
+    let body = ErrorBody {
+        status: "error".to_owned(),
+        code,
+        message,
+    };
+    let mut response = (status, Json(body)).into_response();
+    if let Some(challenge) = challenge {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, challenge);
+    }
+    response
 }

@@ -336,6 +336,17 @@ impl Session {
     /// the session goes on reading.
     fn submit(&mut self, submission: Submission) {
         self.sent_message = true;
+        // The grace period decides only when the connection closes: a message sent on a token
+        // that ran out is not taken.
+        if self.expiry.as_ref().is_some_and(Expiry::lapsed) {
+            let message =
+                "your token expired: send refresh with a new one, then this message again";
+            return self.refuse(
+                ErrorCode::ExpiredToken,
+                message.into(),
+                submission.client_message_id,
+            );
+        }
         if self.gateway.is_draining() {
             let message = "the server is shutting down; send this again after reconnecting";
             return self.refuse(

@@ -4,7 +4,7 @@
 use crate::auth::AuthError;
 use crate::store::StoreError;
 use axum::Json;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kaiwa_protocol::ErrorCode;
 use kaiwa_protocol::history::ErrorBody;
@@ -74,17 +74,10 @@ impl IntoResponse for ApiError {
             message,
         };
         let mut response = (status, Json(body)).into_response();
-        if status == StatusCode::UNAUTHORIZED {
-            // RFC 6750: a 401 says which scheme would do, and whether the token given was bad.
-            let challenge = if code == ErrorCode::MissingToken {
-                r#"Bearer realm="kaiwa""#
-            } else {
-                r#"Bearer realm="kaiwa", error="invalid_token""#
-            };
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static(challenge),
-            );
+        if let Self::Unauthorized(err) = &self {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, crate::auth::challenge(err));
         }
         response
     }

@@ -9,6 +9,7 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use kaiwa_protocol::ReplyType;
 use kaiwa_protocol::history::ErrorBody;
 use serde::Deserialize;
 use std::sync::Arc;
@@ -122,17 +123,32 @@ async fn voice_reply(path: Result<Path<String>, PathRejection>) -> Result<Respon
     params(("file" = String, Path, description = "`<message id>.png`, for a positive id.")),
     responses(
         (status = 200, description = "A 256×256 PNG.", content_type = "image/png", body = [u8]),
-        (status = 404, description = "Not a positive id with `.png` (`not_found`).", body = ErrorBody),
+        (status = 404, description = "No stored message with this id has an image reply (`not_found`).", body = ErrorBody),
         (status = 500, description = "The picture could not be drawn (`internal`).", body = ErrorBody),
+        (status = 503, description = "The database cannot be read now (`unavailable`).", body = ErrorBody),
     ),
 )]
-async fn image_reply(path: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
+async fn image_reply(
+    State(state): State<Arc<HttpState>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
     let Path(file) = path.map_err(|_| ApiError::NotFound)?;
     let seed: i64 = file
         .strip_suffix(".png")
         .and_then(|id| id.parse().ok())
         .filter(|id| *id > 0)
         .ok_or(ApiError::NotFound)?;
+    // Drawn only for a message that has an image reply: a flood of made-up ids costs one
+    // indexed read each, never a drawing.
+    let has_image = state.store.message(seed).await?.is_some_and(|message| {
+        message
+            .replies
+            .iter()
+            .any(|reply| reply.reply_type == ReplyType::Image)
+    });
+    if !has_image {
+        return Err(ApiError::NotFound);
+    }
     let png = tokio::task::spawn_blocking(move || image::render(seed))
         .await
         .map_err(|err| ApiError::Internal(format!("drawing image reply {seed} failed: {err}")))?;

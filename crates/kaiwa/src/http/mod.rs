@@ -68,6 +68,15 @@ pub struct Node {
     pub cluster: Option<Arc<dyn Presence>>,
 }
 
+/// A worker's main address: `/health` and `/metrics` under the same rules as a gateway's
+/// (the admin token, or the admin address).
+pub fn operator_router(state: Arc<HttpState>) -> Router {
+    let (router, _) = utoipa_axum::router::OpenApiRouter::new()
+        .merge(health::router())
+        .split_for_parts();
+    router.with_state(state)
+}
+
 /// The admin address (`--admin-bind`): `/health` in full and `/metrics`, with no token.
 pub fn admin_router(state: Arc<HttpState>) -> Router {
     health::admin_router().with_state(state)

@@ -29,42 +29,58 @@ async fn get(app: &Router, uri: &str) -> (StatusCode, Value) {
 
 /// `count` text messages of `client`, "m0", "m1"..., each with its text reply.
 async fn conversation(store: &dyn Store, client: &str, count: usize) {
-    let client_id = ClientId::parse_stored(client).expect("an id");
     for n in 0..count {
-        let received_at = Utc
-            .with_ymd_and_hms(2026, 11, 21, 9, 0, 0)
-            .single()
-            .expect("a time");
-        let message = NewMessage {
-            client_id: client_id.clone(),
-            client_message_id: Some(format!("c{n}")),
-            kind: MessageType::Text,
-            content: format!("m{n}"),
-            filename: None,
-            mime_type: None,
-            size_bytes: None,
-            timezone: Timezone::parse("UTC").expect("a zone"),
-            status: MessageStatus::Accepted,
-            reason: None,
-            client_timestamp: None,
-            received_at,
-        };
-        let crate::store::Inserted::New(id) = store.insert_message(message).await.expect("stored")
-        else {
-            panic!("a new message");
-        };
-        let reply = NewReply {
-            reply_type: ReplyType::Text,
+        exchange(store, client, n, MessageType::Text, &[ReplyType::Text]).await;
+    }
+}
+
+/// Stores message "m{n}" of `client` of type `kind`, with one reply of each of `replies`, and
+/// returns its id.
+async fn exchange(
+    store: &dyn Store,
+    client: &str,
+    n: usize,
+    kind: MessageType,
+    replies: &[ReplyType],
+) -> i64 {
+    let client_id = ClientId::parse_stored(client).expect("an id");
+    let received_at = Utc
+        .with_ymd_and_hms(2026, 11, 21, 9, 0, 0)
+        .single()
+        .expect("a time");
+    let message = NewMessage {
+        client_id: client_id.clone(),
+        client_message_id: Some(format!("c{n}")),
+        kind,
+        content: format!("m{n}"),
+        filename: None,
+        mime_type: None,
+        size_bytes: None,
+        timezone: Timezone::parse("UTC").expect("a zone"),
+        status: MessageStatus::Accepted,
+        reason: None,
+        client_timestamp: None,
+        received_at,
+    };
+    let crate::store::Inserted::New(id) = store.insert_message(message).await.expect("stored")
+    else {
+        panic!("a new message");
+    };
+    let replies = replies
+        .iter()
+        .map(|&reply_type| NewReply {
+            reply_type,
             content: format!("re: m{n}"),
             filename: None,
             mime_type: None,
             fallback: false,
-        };
-        store
-            .insert_replies(id, &client_id, vec![reply], received_at, true)
-            .await
-            .expect("replied");
-    }
+        })
+        .collect();
+    store
+        .insert_replies(id, &client_id, replies, received_at, true)
+        .await
+        .expect("replied");
+    id
 }
 
 fn app(fixture: &Fixture) -> Router {
@@ -189,10 +205,33 @@ async fn media_paths_kaiwa_does_not_serve_are_not_found() {
 
 #[tokio::test]
 async fn the_image_reply_of_a_message_is_a_png_that_may_be_cached_for_good() {
-    let app = app(&Fixture::new(&[]));
+    let fixture = Fixture::new(&[]);
+    let text = exchange(
+        fixture.store.as_ref(),
+        "ann",
+        0,
+        MessageType::Text,
+        &[ReplyType::Text],
+    )
+    .await;
+    let image = exchange(
+        fixture.store.as_ref(),
+        "ann",
+        1,
+        MessageType::Image,
+        &[ReplyType::Text, ReplyType::Voice, ReplyType::Image],
+    )
+    .await;
+    let app = app(&fixture);
+    // Only a message with an image reply has a picture: made-up ids cost no drawing.
+    for id in [text, image + 1, 4242] {
+        let (status, body) = get(&app, &format!("/media/replies/image/{id}.png")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{id}");
+        assert_eq!(body["code"], "not_found", "{id}");
+    }
     let response = app
         .oneshot(
-            Request::get("/media/replies/image/42.png")
+            Request::get(format!("/media/replies/image/{image}.png"))
                 .body(Body::empty())
                 .expect("a request"),
         )

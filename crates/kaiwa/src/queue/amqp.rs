@@ -68,7 +68,7 @@ impl AmqpQueue {
     /// first connection must succeed: a broker that cannot be reached at start is an error
     /// that names it.
     pub async fn connect(url: &str, options: AmqpOptions) -> Result<Self, QueueError> {
-        let describe = describe_url(url);
+        let describe = Self::describe_url(url);
         let link = open(url).await.map_err(|err| {
             QueueError::Unavailable(format!(
                 "could not connect to RabbitMQ at {describe}: {err}"
@@ -86,25 +86,28 @@ impl AmqpQueue {
         Ok(Self { inner })
     }
 
-    /// An AMQP URL without its password: `amqp://user@host:port/vhost`.
+    /// An AMQP URL without its password: `amqp://user@host:port/vhost`. A URL that does not
+    /// parse is never shown, not even in part: it may hold a password where a host should be.
     pub fn describe_url(url: &str) -> String {
-        describe_url(url)
-    }
-}
-
-fn describe_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "RabbitMQ (an unreadable URL)".to_owned();
-    };
-    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let host = match authority.rsplit_once('@') {
-        Some((credentials, host)) => {
-            let user = credentials.split(':').next().unwrap_or_default();
-            format!("{user}@{host}")
+        match url.parse::<lapin::uri::AMQPUri>() {
+            Ok(uri) => format!(
+                "{}://{}@{}:{}/{}",
+                uri.scheme,
+                uri.authority.userinfo.username,
+                uri.authority.host,
+                uri.authority.port,
+                uri.vhost.replace('%', "%25").replace('/', "%2f")
+            ),
+            Err(_) => "RabbitMQ (an unreadable URL)".to_owned(),
         }
-        None => authority.to_owned(),
-    };
-    format!("{scheme}://{host}/{path}")
+    }
+
+    /// Whether `url` is an AMQP URL lapin can use; the error never repeats it.
+    pub fn check_url(url: &str) -> Result<(), String> {
+        url.parse::<lapin::uri::AMQPUri>().map(drop).map_err(|_| {
+            "--queue-url is an unreadable URL: use amqp://user:password@host:port/vhost (the value is not shown)".to_owned()
+        })
+    }
 }
 
 /// Opens a connection, declares what kaiwa uses, and a publishing channel with confirms.
@@ -487,12 +490,35 @@ mod tests {
     #[test]
     fn a_broker_is_described_without_its_password() {
         assert_eq!(
-            describe_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            AmqpQueue::describe_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
             "amqp://guest@127.0.0.1:5672/%2f"
         );
         assert_eq!(
-            describe_url("amqp://rabbit.internal/kaiwa"),
-            "amqp://rabbit.internal/kaiwa"
+            AmqpQueue::describe_url("amqp://kaiwa:pw@rabbit.internal/kaiwa"),
+            "amqp://kaiwa@rabbit.internal:5672/kaiwa"
         );
+    }
+
+    #[test]
+    fn an_unreadable_url_is_never_shown_even_in_part() {
+        // A password with a slash in it: split naively, it would be taken for the host.
+        for url in [
+            "amqp://user:pa/ss@host/vhost",
+            "amqp://user:s3cret@",
+            "amqp://user:s3cret@host:notaport/v",
+        ] {
+            let described = AmqpQueue::describe_url(url);
+            assert!(
+                !described.contains("pa/ss") && !described.contains("s3cret"),
+                "{described}"
+            );
+            if let Err(message) = AmqpQueue::check_url(url) {
+                assert!(
+                    !message.contains("ss@") && !message.contains("s3cret"),
+                    "{message}"
+                );
+            }
+        }
+        assert!(AmqpQueue::check_url("amqp://user:s3cret@host:notaport/v").is_err());
     }
 }

@@ -1,0 +1,227 @@
+//! Connections in their handshake: upgraded, not yet verified. They live in a small pool of
+//! their own, capped overall and per source address, so that strangers can never hold what
+//! clients need. When the pool is full, the oldest makes room for the newcomer: a client that
+//! sends its handshake at once is verified long before it becomes the oldest, while a stranger
+//! that sends nothing only ever takes another stranger's place.
+
+use crate::config::SessionConfig;
+use crate::domain::{Networks, Source};
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
+
+/// The pool of connections in their handshake.
+pub(crate) struct Strangers {
+    pool: Arc<Mutex<Pool>>,
+    /// Connections in the pool at once.
+    capacity: usize,
+    /// Connections in the pool at once from one source; 0 for no such cap.
+    per_source: usize,
+    /// Sources many clients share (a proxy in front): not capped per source.
+    shared: Networks,
+}
+
+#[derive(Default)]
+struct Pool {
+    next: u64,
+    /// By arrival: the first is the oldest.
+    waiting: BTreeMap<u64, Waiting>,
+    per_source: HashMap<Source, usize>,
+}
+
+struct Waiting {
+    /// `None` for a source that is not capped.
+    source: Option<Source>,
+    /// Cancelled when a newcomer takes this connection's place.
+    crowded_out: CancellationToken,
+}
+
+/// A source has as many connections in their handshake as it may.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SourceFull {
+    pub source: Source,
+    pub limit: usize,
+}
+
+/// A connection's place in the pool, given back when it is dropped.
+pub(crate) struct Pass {
+    pool: Arc<Mutex<Pool>>,
+    id: u64,
+    crowded_out: CancellationToken,
+}
+
+impl Strangers {
+    pub(crate) fn new(sessions: &SessionConfig) -> Self {
+        Self {
+            pool: Arc::default(),
+            capacity: sessions.max_handshakes.max(1) as usize,
+            per_source: sessions.max_handshakes_per_address as usize,
+            shared: sessions.proxy_address.clone(),
+        }
+    }
+
+    /// Takes a place in the pool for a connection from `addr`: refused when its source has as
+    /// many as it may; when the pool is full, the oldest connection in it is crowded out.
+    pub(crate) fn admit(&self, addr: IpAddr) -> Result<Pass, SourceFull> {
+        let source = (self.per_source > 0 && !self.shared.contains(addr)).then(|| Source::of(addr));
+        let mut pool = self.lock();
+        if let Some(source) = source
+            && pool.per_source.get(&source).copied().unwrap_or(0) >= self.per_source
+        {
+            return Err(SourceFull {
+                source,
+                limit: self.per_source,
+            });
+        }
+        while pool.waiting.len() >= self.capacity {
+            let Some((_, oldest)) = pool.waiting.pop_first() else {
+                break;
+            };
+            pool.release(oldest.source);
+            oldest.crowded_out.cancel();
+            metrics::counter!("kaiwa_handshakes_crowded_out_total").increment(1);
+        }
+        let id = pool.next;
+        pool.next += 1;
+        let crowded_out = CancellationToken::new();
+        pool.waiting.insert(
+            id,
+            Waiting {
+                source,
+                crowded_out: crowded_out.clone(),
+            },
+        );
+        if let Some(source) = source {
+            *pool.per_source.entry(source).or_default() += 1;
+        }
+        metrics::gauge!("kaiwa_handshakes").set(pool.waiting.len() as f64);
+        Ok(Pass {
+            pool: self.pool.clone(),
+            id,
+            crowded_out,
+        })
+    }
+
+    /// Connections in their handshake now.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().waiting.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Pool {
+    fn release(&mut self, source: Option<Source>) {
+        let Some(source) = source else { return };
+        if let Some(count) = self.per_source.get_mut(&source) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_source.remove(&source);
+            }
+        }
+    }
+}
+
+impl Pass {
+    /// Resolves when a newcomer took this connection's place.
+    pub(crate) async fn crowded_out(&self) {
+        self.crowded_out.cancelled().await;
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        let mut pool = self
+            .pool
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // A connection crowded out has left the pool already.
+        if let Some(left) = pool.waiting.remove(&self.id) {
+            pool.release(left.source);
+        }
+        metrics::gauge!("kaiwa_handshakes").set(pool.waiting.len() as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn strangers(flags: &[&str]) -> Strangers {
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            sessions: SessionConfig,
+        }
+        let flags = Flags::try_parse_from(std::iter::once("kaiwa").chain(flags.iter().copied()))
+            .expect("valid flags");
+        Strangers::new(&flags.sessions)
+    }
+
+    fn addr(text: &str) -> IpAddr {
+        text.parse().expect("an address")
+    }
+
+    #[test]
+    fn a_full_pool_crowds_out_its_oldest_connection() {
+        let pool = strangers(&["--max-handshakes", "2"]);
+        let first = pool.admit(addr("192.0.2.1")).expect("room");
+        let second = pool.admit(addr("192.0.2.2")).expect("room");
+        assert!(!first.crowded_out.is_cancelled());
+        let third = pool
+            .admit(addr("192.0.2.3"))
+            .expect("the oldest makes room");
+        assert!(first.crowded_out.is_cancelled());
+        assert!(!second.crowded_out.is_cancelled());
+        assert_eq!(pool.len(), 2);
+        drop(first);
+        assert_eq!(pool.len(), 2, "a crowded-out pass was already gone");
+        drop(second);
+        drop(third);
+        assert_eq!(pool.len(), 0);
+    }
+
+    #[test]
+    fn one_source_may_hold_only_its_share_and_gets_it_back() {
+        let pool = strangers(&[
+            "--max-handshakes-per-address",
+            "2",
+            "--proxy-address",
+            "none",
+        ]);
+        let a = pool.admit(addr("198.51.100.7")).expect("room");
+        let _b = pool.admit(addr("198.51.100.7")).expect("room");
+        let full = pool
+            .admit(addr("198.51.100.7"))
+            .err()
+            .expect("the source is full");
+        assert_eq!(full.limit, 2);
+        // Another address is not held back, nor another host of a different /64.
+        let _other = pool.admit(addr("198.51.100.8")).expect("room");
+        drop(a);
+        let _again = pool.admit(addr("198.51.100.7")).expect("room again");
+    }
+
+    #[test]
+    fn shared_addresses_and_a_cap_of_zero_are_not_capped_per_source() {
+        let behind_proxy = strangers(&["--max-handshakes-per-address", "1"]);
+        let _a = behind_proxy.admit(addr("127.0.0.1")).expect("room");
+        let _b = behind_proxy
+            .admit(addr("127.0.0.1"))
+            .expect("loopback is a proxy by default");
+        let uncapped = strangers(&[
+            "--max-handshakes-per-address",
+            "0",
+            "--proxy-address",
+            "none",
+        ]);
+        let _c = uncapped.admit(addr("203.0.113.1")).expect("room");
+        let _d = uncapped.admit(addr("203.0.113.1")).expect("no cap");
+    }
+}
