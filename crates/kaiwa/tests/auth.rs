@@ -718,6 +718,44 @@ async fn kaiwa_token_prints_a_token_the_server_takes() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("--auth-secret"));
 }
 
+#[test]
+fn a_dot_env_is_read_from_the_working_directory_only() {
+    let project = tempfile::tempdir().expect("a temporary directory");
+    std::fs::write(
+        project.path().join(".env"),
+        format!("KAIWA_AUTH_SECRET={SECRET}\n"),
+    )
+    .expect("written");
+    let below = project.path().join("somewhere-below");
+    std::fs::create_dir(&below).expect("a directory");
+    let token = |dir: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kaiwa"))
+            .args(["token", "--client-id", "carol"])
+            .current_dir(dir)
+            .env_remove("KAIWA_AUTH_SECRET")
+            .env_remove("KAIWA_AUTH_SECRET_FILE")
+            .output()
+            .expect("kaiwa runs")
+    };
+    assert!(token(project.path()).status.success(), "read where it is");
+    let below = token(&below);
+    assert!(
+        !below.status.success(),
+        "a parent's .env was read: {below:?}"
+    );
+    // A line that does not parse is named by where it breaks, never shown.
+    std::fs::write(
+        project.path().join(".env"),
+        "KAIWA_AUTH_SECRET='unterminated-secret-value\n",
+    )
+    .expect("written");
+    let broken = token(project.path());
+    assert!(!broken.status.success());
+    let printed = String::from_utf8_lossy(&broken.stderr);
+    assert!(printed.contains(".env"), "{printed}");
+    assert!(!printed.contains("unterminated-secret-value"), "{printed}");
+}
+
 #[tokio::test]
 async fn the_api_is_described_by_an_openapi_document_that_fits_the_configuration() {
     let open = TestApp::spawn(&[]).await;

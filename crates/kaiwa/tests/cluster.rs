@@ -446,6 +446,36 @@ async fn health_names_the_role_and_id_and_counts_the_cluster() {
     gateway.stop().await;
 }
 
+#[tokio::test]
+async fn a_workers_metrics_and_detailed_health_need_the_admin_token_like_a_gateways() {
+    const ADMIN: &str = "an-admin-token-for-the-tests";
+    let cluster = Cluster::create().await;
+    let worker = cluster.worker("wk-admin", &["--admin-token", ADMIN]).await;
+    let (status, body) = worker.get_json("/metrics").await;
+    assert_eq!((status, &body["code"]), (401, &json!("missing_token")));
+    let (status, liveness) = worker.get_json("/health").await;
+    assert_eq!((status, liveness), (200, json!({"status": "ok"})));
+    let client = reqwest::Client::new();
+    let detailed: Value = client
+        .get(worker.url("/health"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("HTTP works")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(detailed["role"], "worker", "{detailed}");
+    let metrics = client
+        .get(worker.url("/metrics"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("HTTP works");
+    assert!(metrics.status() == 200 || metrics.status() == 404);
+    worker.stop().await;
+}
+
 #[test]
 fn invalid_combinations_fail_at_start_with_a_clear_message() {
     let run = |args: &[&str]| {
@@ -491,4 +521,19 @@ fn invalid_combinations_fail_at_start_with_a_clear_message() {
         "postgres://postgres@127.0.0.1/x",
     ]);
     assert!(printed.contains("amqp://"), "{printed}");
+    // A password with a slash: a naive split would print part of it as the host.
+    let printed = run(&[
+        "serve",
+        "--data-dir",
+        data,
+        "--queue-url",
+        "amqp://kaiwa:pa/ssw0rd@rabbit/kaiwa",
+        "--database-url",
+        "postgres://postgres@127.0.0.1/x",
+    ]);
+    assert!(printed.contains("unreadable URL"), "{printed}");
+    assert!(
+        !printed.contains("pa/ss") && !printed.contains("ssw0rd"),
+        "{printed}"
+    );
 }

@@ -63,9 +63,13 @@ struct HealthReport {
     /// This gateway's sessions past the handshake (absent in a worker).
     #[serde(skip_serializing_if = "Option::is_none")]
     connections: Option<u64>,
-    /// This gateway's client slots taken, handshakes included.
+    /// This gateway's client slots taken, by verified clients.
     #[serde(skip_serializing_if = "Option::is_none")]
     slots_in_use: Option<u64>,
+    /// This gateway's connections in their handshake: upgraded, not yet verified, holding no
+    /// client slot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    handshakes: Option<u64>,
     /// The client limit (of the whole cluster, in a cluster).
     #[serde(skip_serializing_if = "Option::is_none")]
     max_clients: Option<u64>,
@@ -184,6 +188,7 @@ async fn detailed(state: &HttpState) -> Response {
         uptime_seconds: state.started.elapsed().as_secs(),
         connections: gateway.map(|gateway| count(gateway.connected())),
         slots_in_use: gateway.map(|gateway| count(gateway.slots_in_use())),
+        handshakes: gateway.map(|gateway| count(gateway.handshakes())),
         max_clients: gateway.map(|gateway| count(gateway.settings.max_clients)),
         in_flight: in_flight.map(|in_flight| count(in_flight.current())),
         in_flight_peak: in_flight.map(|in_flight| count(in_flight.peak())),
