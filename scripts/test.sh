@@ -99,22 +99,28 @@ echo "node $(node --version), npm $(npm --version 2>/dev/null)"
 
 step "browser tests: building kaiwa"
 # The page is embedded in the binary at compile time: build it after any change to web/. The
-# binary is wherever cargo put it (CARGO_TARGET_DIR, build.target-dir, --target): ask cargo.
-KAIWA_BIN="$(cargo build -p kaiwa --locked --message-format=json-render-diagnostics | node -e '
+# binaries are wherever cargo put them (CARGO_TARGET_DIR, build.target-dir, --target): ask
+# cargo. The dev_cert example makes the certificate of the test that loads the page over https.
+built="$(cargo build -p kaiwa --bin kaiwa --example dev_cert --locked --message-format=json-render-diagnostics | node -e '
   let text = "";
   process.stdin.on("data", (chunk) => { text += chunk; });
   process.stdin.on("end", () => {
-    const built = text.split("\n").filter(Boolean).map((line) => JSON.parse(line)).find((message) =>
-      message.reason === "compiler-artifact" && message.target.name === "kaiwa"
-      && message.target.kind.includes("bin") && message.executable);
-    if (!built) {
-      console.error("cargo reported no kaiwa executable");
+    const messages = text.split("\n").filter(Boolean).map((line) => JSON.parse(line));
+    const executable = (name, kind) => messages.find((message) =>
+      message.reason === "compiler-artifact" && message.target.name === name
+      && message.target.kind.includes(kind) && message.executable)?.executable;
+    const kaiwa = executable("kaiwa", "bin");
+    const devCert = executable("dev_cert", "example");
+    if (!kaiwa || !devCert) {
+      console.error("cargo reported no kaiwa or dev_cert executable");
       process.exit(1);
     }
-    console.log(built.executable);
+    console.log(`${kaiwa}\n${devCert}`);
   });
 ')" || fail "could not build kaiwa (see above)"
-export KAIWA_BIN
+KAIWA_BIN="$(sed -n 1p <<<"$built")"
+KAIWA_DEV_CERT_BIN="$(sed -n 2p <<<"$built")"
+export KAIWA_BIN KAIWA_DEV_CERT_BIN
 export BROWSER_TEST_OUTPUT="$PWD/target/browser-tests"
 rm -rf "$BROWSER_TEST_OUTPUT"
 

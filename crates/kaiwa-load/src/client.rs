@@ -172,11 +172,12 @@ async fn connect_inner(url: &str, mode: Mode, plan: &ClientPlan, after: Option<u
             timezone: Some(plan.timezone.name().to_owned()),
             resume: false,
             after,
-            token: None,
+            token: plan.token.clone(),
         })),
         Mode::Legacy => to_json(&legacy::ClientFrame {
             client_id: Some(plan.client_id.clone()),
             timezone: Some(plan.timezone.name().to_owned()),
+            token: plan.token.clone(),
             ..legacy::ClientFrame::default()
         }),
     };

@@ -3,6 +3,7 @@
 //! what one process may hold open, over child processes of the tool; reads each server's
 //! resident memory from /proc before and while they are held, per connection it holds.
 
+use crate::auth::{AUTH_SECRET_ENV, Minter, TokenSettings};
 use crate::client::{self, Attempt};
 use crate::ledger::Mode;
 use crate::plan::{self, ClientPlan};
@@ -49,6 +50,8 @@ pub struct ConnectionsConfig {
     /// This tool's executable, to start the child processes.
     pub exe: Option<PathBuf>,
     pub seed: u64,
+    /// The clients' tokens, when the server has auth on.
+    pub auth: Option<TokenSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +64,8 @@ pub enum ConnectionsError {
     NoExecutable(usize),
     #[error("at least one --url is needed")]
     NoUrls,
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     #[error(
         "{pids} server process ids for {urls} URLs: give one --server-pid per --url, in the same order"
     )]
@@ -93,7 +98,13 @@ pub struct Held {
 
 /// Opens `count` idle connections, numbered from `first`, each to its endpoint of `urls`, and
 /// returns once each is connected or has failed.
-pub async fn hold(urls: &[String], first: usize, count: usize, run_id: &str) -> Held {
+pub async fn hold(
+    urls: &[String],
+    first: usize,
+    count: usize,
+    run_id: &str,
+    auth: Option<&Minter>,
+) -> Held {
     let stop = CancellationToken::new();
     let gate = Arc::new(Semaphore::new(CONNECTING_AT_ONCE));
     let (connected_tx, mut connected_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -101,9 +112,11 @@ pub async fn hold(urls: &[String], first: usize, count: usize, run_id: &str) -> 
     let mut endpoints = HashMap::new();
     for index in first..first + count {
         let endpoint = plan::endpoint(index, urls.len());
+        let client_id = format!("idle-{run_id}-{index}");
         let plan = ClientPlan {
             index,
-            client_id: format!("idle-{run_id}-{index}"),
+            token: auth.and_then(|minter| minter.token(&client_id).ok()),
+            client_id,
             timezone: Tz::UTC,
             messages: Some(0),
             source: Some(source_address(index)),
@@ -379,7 +392,12 @@ pub async fn run(config: ConnectionsConfig) -> Result<Summary, ConnectionsError>
     let mut report = PartReport::default();
     let loaded;
     if processes <= 1 {
-        let held = hold(&config.urls, 0, config.clients, &run_id).await;
+        let minter = config
+            .auth
+            .as_ref()
+            .map(TokenSettings::minter)
+            .transpose()?;
+        let held = hold(&config.urls, 0, config.clients, &run_id, minter.as_ref()).await;
         ready = held.ready();
         tokio::time::sleep(config.hold).await;
         loaded = resident(&servers);
@@ -411,7 +429,18 @@ pub async fn run(config: ConnectionsConfig) -> Result<Summary, ConnectionsError>
                 "--run-id".to_owned(),
                 run_id.clone(),
             ]);
-            let mut child = Command::new(&exe)
+            let mut command = Command::new(&exe);
+            if let Some(auth) = &config.auth {
+                // The secret goes through the environment: a command line is public.
+                command.env(AUTH_SECRET_ENV, &auth.secret);
+                args.extend([
+                    "--auth-audience".to_owned(),
+                    auth.audience.clone(),
+                    "--token-ttl".to_owned(),
+                    auth.ttl.as_secs().to_string(),
+                ]);
+            }
+            let mut child = command
                 .args(&args)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -537,8 +566,14 @@ async fn next_report(part: &mut Part) -> Result<PartReport, ConnectionsError> {
 
 /// The child side: holds `count` connections, prints a [`PartReport`] line when they are open,
 /// waits for a line (or the end) on standard input, closes them and prints the final report.
-pub async fn run_part(urls: &[String], first: usize, count: usize, run_id: &str) -> PartReport {
-    let held = hold(urls, first, count, run_id).await;
+pub async fn run_part(
+    urls: &[String],
+    first: usize,
+    count: usize,
+    run_id: &str,
+    auth: Option<&Minter>,
+) -> PartReport {
+    let held = hold(urls, first, count, run_id, auth).await;
     println!(
         "{}",
         serde_json::to_string(&held.ready()).unwrap_or_default()

@@ -10,9 +10,12 @@
 //!   replies stopped coming.
 //! - [`run`]: the message scenarios (`spec`, `throughput`, `--rate`); [`connections`]: idle
 //!   connections and the server's memory per connection.
+//! - [`auth`]: the clients' tokens, when the server has auth on; [`strangers`]: connections
+//!   that never say who they are, against which one real client must still get in.
 //! - [`echo`]: the bare WebSocket echo server used as the ceiling; [`table`]: the benchmark
 //!   table over several runs' reports.
 
+pub mod auth;
 pub mod client;
 pub mod connections;
 pub mod echo;

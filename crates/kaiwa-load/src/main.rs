@@ -3,6 +3,7 @@
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use kaiwa_load::auth::TokenSettings;
 use kaiwa_load::connections::{self, ConnectionsConfig};
 use kaiwa_load::plan::Mix;
 use kaiwa_load::table::{self, Report};
@@ -48,7 +49,43 @@ enum Scenario {
         count: usize,
         #[arg(long)]
         run_id: String,
+        #[command(flatten)]
+        auth: AuthArgs,
     },
+}
+
+/// Tokens for the clients, when the server has auth on.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Auth")]
+struct AuthArgs {
+    /// The server's --auth-secret: each client then sends a token of its own, signed with it
+    /// (HS256, sub = its client id). Read from KAIWA_AUTH_SECRET like the server's; never
+    /// printed.
+    #[arg(
+        long = "auth-secret",
+        env = "KAIWA_AUTH_SECRET",
+        hide_env_values = true
+    )]
+    secret: Option<String>,
+    /// The `aud` of the tokens: the server's --auth-audience.
+    #[arg(long = "auth-audience", default_value = "kaiwa")]
+    audience: String,
+    /// Seconds each token is good for.
+    #[arg(long = "token-ttl", default_value = "86400", value_parser = seconds)]
+    ttl: Duration,
+}
+
+impl AuthArgs {
+    fn settings(&self) -> Option<TokenSettings> {
+        self.secret
+            .as_ref()
+            .filter(|secret| !secret.trim().is_empty())
+            .map(|secret| TokenSettings {
+                secret: secret.trim().to_owned(),
+                audience: self.audience.clone(),
+                ttl: self.ttl,
+            })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -69,6 +106,8 @@ struct Common {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    auth: AuthArgs,
 }
 
 #[derive(Debug, Args)]
@@ -158,6 +197,7 @@ fn main() -> anyhow::Result<ExitCode> {
                     hold: args.hold,
                     exe: std::env::current_exe().ok(),
                     seed: args.common.seed,
+                    auth: args.common.auth.settings(),
                 };
                 if !args.common.quiet {
                     eprintln!(
@@ -187,8 +227,11 @@ fn main() -> anyhow::Result<ExitCode> {
                 first,
                 count,
                 run_id,
+                auth,
             } => {
-                let report = connections::run_part(&url, first, count, &run_id).await;
+                let minter = auth.settings().map(|auth| auth.minter()).transpose()?;
+                let report =
+                    connections::run_part(&url, first, count, &run_id, minter.as_ref()).await;
                 println!("{}", serde_json::to_string(&report)?);
                 Ok(ExitCode::SUCCESS)
             }
@@ -238,6 +281,12 @@ async fn messages(scenario: &str, args: MessageArgs) -> anyhow::Result<ExitCode>
         timeout: args.timeout,
         progress: !args.common.quiet,
         reconnect: args.reconnect,
+        auth: args
+            .common
+            .auth
+            .settings()
+            .map(|auth| auth.minter().map(std::sync::Arc::new))
+            .transpose()?,
     };
     let summary = kaiwa_load::run(config).await?;
     finish(&summary, args.common.json.as_ref())

@@ -124,6 +124,8 @@ pub struct ClientPlan {
     /// The loopback address to connect from, when connections are spread over several.
     pub source: Option<IpAddr>,
     pub seed: u64,
+    /// Its token, when the server has auth on.
+    pub token: Option<String>,
 }
 
 /// `clients` clients with random timezones. With `total` messages, every client gets one and
@@ -152,6 +154,7 @@ pub fn clients(clients: usize, total: Option<u64>, seed: u64, run_id: &str) -> V
             messages: counts.as_mut().map(|counts| counts[index]),
             source: None,
             seed: seed.wrapping_add(index as u64 + 1),
+            token: None,
         })
         .collect()
 }

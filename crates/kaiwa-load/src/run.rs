@@ -1,6 +1,7 @@
 //! Runs the message scenarios (`spec`, `throughput`, and any `--rate`): plans the clients,
 //! starts them, shows the live progress bar, and merges what they counted into a [`Summary`].
 
+use crate::auth::Minter;
 use crate::client::{self, Shared, StartLine};
 use crate::gaps::Timeline;
 use crate::ledger::Mode;
@@ -46,6 +47,8 @@ pub struct LoadConfig {
     /// Clients reconnect and resume when a connection ends under them (native only), and the
     /// report says what that took.
     pub reconnect: bool,
+    /// Signs each client's token, when the server has auth on.
+    pub auth: Option<Arc<Minter>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +63,8 @@ pub enum LoadError {
     BadRate,
     #[error("--reconnect needs the native protocol: only it resumes a reply stream")]
     ReconnectNeedsNative,
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     #[error("a client task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -102,7 +107,7 @@ pub async fn run(config: LoadConfig) -> Result<Summary, LoadError> {
     // of a cluster share one configuration, so the first speaks for all.
     let windows = match config.mode {
         Mode::Legacy => Some(
-            probe_windows(first_url, config.seed)
+            probe_windows(first_url, config.seed, config.auth.as_deref())
                 .await
                 .unwrap_or_default(),
         ),
@@ -115,6 +120,11 @@ pub async fn run(config: LoadConfig) -> Result<Summary, LoadError> {
         total = Some((rate * duration.as_secs_f64()).round() as u64);
     }
     let mut plans = plan::clients(config.clients, total, config.seed, &run_id);
+    if let Some(minter) = &config.auth {
+        for plan in &mut plans {
+            plan.token = Some(minter.token(&plan.client_id)?);
+        }
+    }
     if let (Some(_), Some(total)) = (config.rate, total) {
         // An even share each, so the offered rate stays even over the run.
         let n = config.clients as u64;
@@ -228,14 +238,19 @@ pub async fn run(config: LoadConfig) -> Result<Summary, LoadError> {
 
 /// Reads the server's windows from a native `welcome`; `None` if the server does not speak
 /// `kaiwa.v1` (a Python server), in which case the defaults apply.
-async fn probe_windows(url: &str, seed: u64) -> Option<Windows> {
+async fn probe_windows(url: &str, seed: u64, auth: Option<&Minter>) -> Option<Windows> {
     let mut ws = client::open(url, true, None).await.ok()?;
+    let client_id = format!("load-probe-{}", plan::run_id(seed));
+    let token = match auth {
+        Some(minter) => Some(minter.token(&client_id).ok()?),
+        None => None,
+    };
     let hello = native::ClientFrame::Hello(native::Hello {
-        client_id: Some(format!("load-probe-{}", plan::run_id(seed))),
+        client_id: Some(client_id),
         timezone: Some("UTC".to_owned()),
         resume: false,
         after: None,
-        token: None,
+        token,
     });
     ws.send(Message::text(serde_json::to_string(&hello).ok()?))
         .await

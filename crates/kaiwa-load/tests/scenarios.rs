@@ -7,6 +7,7 @@
 use futures::{SinkExt, StreamExt};
 use kaiwa::clock::SystemClock;
 use kaiwa::{Application, ServeConfig};
+use kaiwa_load::auth::TokenSettings;
 use kaiwa_load::connections::{self, ConnectionsConfig};
 use kaiwa_load::media::Samples;
 use kaiwa_load::plan::{self, Mix};
@@ -128,6 +129,7 @@ fn config(url: String, mode: Mode, clients: usize, messages: u64) -> LoadConfig 
         timeout: Duration::from_secs(120),
         progress: false,
         reconnect: false,
+        auth: None,
     }
 }
 
@@ -517,6 +519,52 @@ async fn a_close_code_that_says_do_not_reconnect_ends_the_client_at_once() {
     );
 }
 
+const SECRET: &str = "a-load-test-secret-long-enough-for-hs256";
+
+fn tokens() -> TokenSettings {
+    TokenSettings {
+        secret: SECRET.to_owned(),
+        audience: "kaiwa".to_owned(),
+        ttl: Duration::from_secs(3600),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn against_a_server_with_auth_on_every_client_signs_in_with_its_own_token() {
+    let server = Server::start(&["--auth-secret", SECRET, "--reply-delay-scale", "0"]).await;
+    let mut signed = config(server.url(), Mode::Native, 10, 100);
+    signed.auth = Some(Arc::new(tokens().minter().expect("a minter")));
+    let summary = kaiwa_load::run(signed).await.expect("the run completes");
+    assert!(summary.ok, "{}", summary.table());
+    assert_eq!(summary.sent, 100);
+    let mut legacy = config(server.url(), Mode::Legacy, 4, 20);
+    legacy.auth = Some(Arc::new(tokens().minter().expect("a minter")));
+    let summary = kaiwa_load::run(legacy).await.expect("the run completes");
+    assert!(summary.ok, "{}", summary.table());
+
+    // Without tokens, every client is refused: 4601 is terminal.
+    let summary = kaiwa_load::run(config(server.url(), Mode::Native, 2, 2))
+        .await
+        .expect("the run completes");
+    assert!(!summary.ok);
+
+    // Idle connections too, in child processes that get the secret by their environment.
+    let held = ConnectionsConfig {
+        label: None,
+        urls: vec![server.url()],
+        clients: 20,
+        processes: 2,
+        server_pids: Vec::new(),
+        hold: Duration::ZERO,
+        exe: Some(env!("CARGO_BIN_EXE_kaiwa-load").into()),
+        seed: 8,
+        auth: Some(tokens()),
+    };
+    let summary = connections::run(held).await.expect("the run completes");
+    assert!(summary.ok, "{}", summary.table());
+    assert_eq!(summary.connected, 20);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_held_from_several_source_addresses_and_processes() {
     let server = Server::start(&["--max-clients", "100"]).await;
@@ -529,6 +577,7 @@ async fn idle_connections_are_held_from_several_source_addresses_and_processes()
         hold: Duration::ZERO,
         exe: Some(env!("CARGO_BIN_EXE_kaiwa-load").into()),
         seed: 3,
+        auth: None,
     };
     let summary = connections::run(config).await.expect("the run completes");
     assert!(summary.ok, "{}", summary.table());
@@ -591,7 +640,7 @@ async fn idle_connections_over_two_urls_are_counted_and_measured_per_gateway() {
     let urls = vec![servers[0].url(), servers[1].url()];
 
     // Each server holds its half, by its own count.
-    let held = connections::hold(&urls, 0, 21, "spread").await;
+    let held = connections::hold(&urls, 0, 21, "spread", None).await;
     assert_eq!(held.connected_by_url, [11, 10]);
     for (server, expected) in servers.iter().zip([11, 10]) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -619,6 +668,7 @@ async fn idle_connections_over_two_urls_are_counted_and_measured_per_gateway() {
         hold: Duration::ZERO,
         exe: Some(env!("CARGO_BIN_EXE_kaiwa-load").into()),
         seed: 5,
+        auth: None,
     };
     let summary = connections::run(config).await;
     stand_in.kill().ok();
@@ -659,6 +709,7 @@ async fn idle_connections_over_two_urls_are_counted_and_measured_per_gateway() {
         hold: Duration::ZERO,
         exe: None,
         seed: 6,
+        auth: None,
     };
     let summary = connections::run(config).await.expect("the run completes");
     assert!(summary.ok, "{}", summary.table());
@@ -676,6 +727,7 @@ async fn idle_connections_over_two_urls_are_counted_and_measured_per_gateway() {
         hold: Duration::ZERO,
         exe: None,
         seed: 7,
+        auth: None,
     };
     assert!(connections::run(config).await.is_err());
 }

@@ -2,6 +2,7 @@
 // of one test: a kaiwa, a browser, screenshots and page errors collected at the end.
 
 import { chromium } from 'playwright-core';
+import { X509Certificate, createHash } from 'node:crypto';
 import { existsSync, createWriteStream } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -27,7 +28,16 @@ const ARGS = [
 
 const TIMEOUT_MS = 20000;
 
-export async function openBrowser({ timezoneId = 'UTC', viewport = { width: 1100, height: 820 }, locale } = {}) {
+/**
+ * Chromium's flag that trusts one key, given the certificate's PEM: the SHA-256 of its public
+ * key (SPKI), in base64. Every other certificate is still checked as usual.
+ */
+function trustKey(pem) {
+  const spki = new X509Certificate(pem).publicKey.export({ type: 'spki', format: 'der' });
+  return `--ignore-certificate-errors-spki-list=${createHash('sha256').update(spki).digest('base64')}`;
+}
+
+export async function openBrowser({ timezoneId = 'UTC', viewport = { width: 1100, height: 820 }, locale, trust } = {}) {
   if (!existsSync(CHROMIUM)) {
     throw new Error(`no Chromium at ${CHROMIUM}: install it (apt-get install chromium) or set CHROMIUM_PATH`);
   }
@@ -35,7 +45,7 @@ export async function openBrowser({ timezoneId = 'UTC', viewport = { width: 1100
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: CHROMIUM,
     headless: true,
-    args: ARGS,
+    args: trust ? [...ARGS, trustKey(trust)] : ARGS,
     timezoneId,
     viewport,
     locale,
@@ -54,10 +64,10 @@ export async function openBrowser({ timezoneId = 'UTC', viewport = { width: 1100
  * Starts what one test needs and tears it down after it: a screenshot of every tab (pass or
  * fail), the page's console in `<test>.console.log`, and a failure if a page threw.
  */
-export async function session(t, { flags = [], timezoneId = 'UTC', viewport, locale } = {}) {
+export async function session(t, { flags = [], timezoneId = 'UTC', viewport, locale, tls } = {}) {
   const name = slug(t.name);
-  const kaiwa = await Kaiwa.start({ name, flags });
-  const browser = await openBrowser({ timezoneId, viewport, locale });
+  const kaiwa = await Kaiwa.start({ name, flags, tls });
+  const browser = await openBrowser({ timezoneId, viewport, locale, trust: tls?.pem });
   const { context } = browser;
   const consoleLog = createWriteStream(outputPath(`${name}.console.log`));
   const pageErrors = [];

@@ -1,8 +1,9 @@
 // A real kaiwa for a test: the binary cargo built, on a free port, with its own data directory.
 
-import { spawn } from 'node:child_process';
-import { createWriteStream, existsSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
+import { createWriteStream, existsSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
+import { request as httpsRequest } from 'node:https';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -30,6 +31,38 @@ export function kaiwaBinary() {
   return found;
 }
 
+/**
+ * A certificate made for this test run by the `dev_cert` example (rcgen): `{ cert, key, pem }`
+ * for localhost. The example is $KAIWA_DEV_CERT_BIN, else the debug build beside kaiwa's.
+ */
+export function devCertificate(dir) {
+  const binary = process.env.KAIWA_DEV_CERT_BIN
+    || join(resolve(REPO, process.env.CARGO_TARGET_DIR || 'target'), 'debug/examples/dev_cert');
+  if (!existsSync(binary)) {
+    throw new Error(`no dev_cert example at ${binary}: build it with \`cargo build -p kaiwa --example dev_cert\`, or set KAIWA_DEV_CERT_BIN`);
+  }
+  execFileSync(binary, [dir]);
+  const cert = join(dir, 'cert.pem');
+  return { cert, key: join(dir, 'key.pem'), pem: readFileSync(cert) };
+}
+
+/** GET `url` (http or https, trusting `ca` as well): `{ status, body }`. */
+function get(url, ca) {
+  if (!url.startsWith('https:')) {
+    return fetch(url).then(async (response) => ({ status: response.status, body: await response.text() }));
+  }
+  return new Promise((resolvePromise, reject) => {
+    const request = httpsRequest(url, { ca }, (response) => {
+      let body = '';
+      response.setEncoding('utf8');
+      response.on('data', (chunk) => { body += chunk; });
+      response.on('end', () => resolvePromise({ status: response.statusCode, body }));
+    });
+    request.on('error', reject);
+    request.end();
+  });
+}
+
 /** A port that was free a moment ago (kaiwa must bind a known one, to come back on it). */
 export async function freePort() {
   const server = createServer();
@@ -46,18 +79,21 @@ export class Kaiwa {
   #exited = null;
   #log;
 
-  constructor({ port, dataDir, flags, logName }) {
+  constructor({ port, dataDir, flags, logName, tls }) {
     this.port = port;
     this.dataDir = dataDir;
-    this.flags = flags;
-    this.url = `http://127.0.0.1:${port}`;
+    this.flags = tls ? [...flags, '--tls-cert', tls.cert, '--tls-key', tls.key] : flags;
+    this.tls = tls;
+    // A certificate names a host: with TLS, the page is reached by the name it was made for.
+    this.url = tls ? `https://localhost:${port}` : `http://127.0.0.1:${port}`;
     this.#log = createWriteStream(outputPath(`${logName}.kaiwa.log`), { flags: 'a' });
   }
 
-  /** Starts kaiwa with `flags` added to the defaults of the tests. */
-  static async start({ name, flags = [] }) {
+  /** Starts kaiwa with `flags` added to the defaults of the tests; with `tls` (from
+   * `devCertificate`), over TLS. */
+  static async start({ name, flags = [], tls }) {
     const dataDir = await mkdtemp(join(tmpdir(), 'kaiwa-browser-test-'));
-    const kaiwa = new Kaiwa({ port: await freePort(), dataDir, flags, logName: name });
+    const kaiwa = new Kaiwa({ port: await freePort(), dataDir, flags, logName: name, tls });
     await kaiwa.run();
     return kaiwa;
   }
@@ -81,8 +117,8 @@ export class Kaiwa {
     while (Date.now() < deadline) {
       if (child.exitCode !== null) throw new Error(`kaiwa exited with ${child.exitCode} at start; see its log in ${outputPath('')}`);
       try {
-        const response = await fetch(`${this.url}/health`);
-        if (response.ok) return;
+        const response = await get(`${this.url}/health`, this.tls?.pem);
+        if (response.status === 200) return;
       } catch {
         // Not listening yet.
       }
@@ -109,7 +145,7 @@ export class Kaiwa {
   }
 
   async json(path) {
-    const response = await fetch(`${this.url}${path}`);
-    return response.json();
+    const response = await get(`${this.url}${path}`, this.tls?.pem);
+    return JSON.parse(response.body);
   }
 }
