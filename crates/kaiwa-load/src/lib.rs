@@ -26,6 +26,7 @@ pub mod plan;
 pub mod report;
 pub mod resume;
 pub mod run;
+pub mod strangers;
 pub mod table;
 pub mod windows;
 

@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use kaiwa_load::auth::TokenSettings;
 use kaiwa_load::connections::{self, ConnectionsConfig};
 use kaiwa_load::plan::Mix;
+use kaiwa_load::strangers::{self, StrangersConfig};
 use kaiwa_load::table::{self, Report};
 use kaiwa_load::{LoadConfig, Mode, Summary};
 use std::path::PathBuf;
@@ -33,6 +34,10 @@ enum Scenario {
     Throughput(MessageArgs),
     /// Opens and holds idle connections; reports each server's resident memory per connection.
     Connections(ConnectionArgs),
+    /// Connections that never say who they are (upgrades that send nothing, first frames of tens
+    /// of megabytes, HTTP headers that never end) and one real client among them: how the
+    /// server ended each stranger, how long the client took, the server's memory.
+    Strangers(StrangerArgs),
     /// Prints one table from the --json reports of several runs (used by bench/run.sh).
     Table {
         /// JSON reports, in the order to print them.
@@ -173,6 +178,36 @@ struct ConnectionArgs {
     hold: Duration,
 }
 
+#[derive(Debug, Args)]
+struct StrangerArgs {
+    /// The server's WebSocket endpoint.
+    #[arg(long, default_value = "ws://127.0.0.1:8082/ws")]
+    url: String,
+    /// Upgrades that never send a frame.
+    #[arg(long, default_value_t = 300)]
+    silent: usize,
+    /// Upgrades whose first frame is --large-bytes long.
+    #[arg(long, default_value_t = 8)]
+    large: usize,
+    #[arg(long, default_value_t = 30_000_000)]
+    large_bytes: usize,
+    /// HTTP requests whose headers never end.
+    #[arg(long, default_value_t = 300)]
+    slow_headers: usize,
+    /// The server's process id, to read its resident memory from /proc.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Seconds the strangers get to be closed by the server (and the real client to be
+    /// answered) before the run gives up on them.
+    #[arg(long, default_value = "30", value_parser = seconds)]
+    wait: Duration,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    auth: AuthArgs,
+}
+
 fn seconds(raw: &str) -> Result<Duration, String> {
     let value: f64 = raw
         .parse()
@@ -208,6 +243,37 @@ fn main() -> anyhow::Result<ExitCode> {
                 }
                 let summary = connections::run(config).await?;
                 finish(&summary, args.common.json.as_ref())
+            }
+            Scenario::Strangers(args) => {
+                let config = StrangersConfig {
+                    url: args.url,
+                    silent: args.silent,
+                    large: args.large,
+                    large_bytes: args.large_bytes,
+                    slow_headers: args.slow_headers,
+                    auth: args
+                        .auth
+                        .settings()
+                        .map(|auth| auth.minter().map(std::sync::Arc::new))
+                        .transpose()?,
+                    server_pid: args.server_pid,
+                    wait: args.wait,
+                };
+                let report = strangers::run(config).await?;
+                print!("{}", report.table());
+                if let Some(path) = &args.json {
+                    std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                }
+                let unbounded = report
+                    .kinds
+                    .iter()
+                    .any(|kind| kind.ended.contains_key("open"));
+                Ok(if report.client.replied_ms.is_some() && !unbounded {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
             }
             Scenario::Table { files } => {
                 let mut reports = Vec::new();

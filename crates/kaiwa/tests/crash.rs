@@ -19,9 +19,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use support::{Client, Socket, files, send, send_file};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -34,7 +33,6 @@ const MAX_PER_CLIENT: usize = 1_000;
 /// How long the restarted server gets to process what the crash left unfinished.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a server gets to say it is listening, and the load to reach its kill point.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn a_kill_after_the_first_few_acks_loses_and_duplicates_no_message() {
@@ -69,7 +67,7 @@ async fn crash_and_check(kill_after: usize) {
         ));
     }
     tokio::time::timeout(
-        START_TIMEOUT,
+        support::START_TIMEOUT,
         acked_so_far.wait_for(|acked| *acked >= kill_after),
     )
     .await
@@ -496,19 +494,7 @@ impl Server {
                 "--openai-api-key",
                 "",
             ]);
-        support::isolated(&mut command, data_dir);
-        let mut child = command.spawn().expect("kaiwa starts");
-        let stdout = child.stdout.take().expect("its standard output");
-        let (listening, addr) = oneshot::channel();
-        tokio::spawn(read_logs(stdout, listening));
-        let addr = match tokio::time::timeout(START_TIMEOUT, addr).await {
-            Ok(Ok(addr)) => addr,
-            Ok(Err(_)) => panic!(
-                "kaiwa stopped before listening: {:?}",
-                child.wait().await.expect("its exit status")
-            ),
-            Err(_) => panic!("kaiwa did not listen within {START_TIMEOUT:?}"),
-        };
+        let (child, addr) = support::start_listening("kaiwa", &mut command, data_dir).await;
         Server {
             child,
             addr,
@@ -571,27 +557,5 @@ impl Server {
         }
         messages.reverse();
         messages
-    }
-}
-
-/// Reads kaiwa's log lines (JSON) until it exits: the address it listens on goes to
-/// `listening`; warnings and errors go to the test's output. Reading on keeps a full pipe from
-/// blocking the server.
-async fn read_logs(stdout: tokio::process::ChildStdout, listening: oneshot::Sender<SocketAddr>) {
-    let mut listening = Some(listening);
-    let mut lines = BufReader::new(stdout).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let Ok(entry) = serde_json::from_str::<Value>(&line) else {
-            eprintln!("kaiwa: {line}");
-            continue;
-        };
-        if entry["message"] == "kaiwa is listening" {
-            let addr = entry["addr"].as_str().and_then(|a| a.parse().ok());
-            if let (Some(addr), Some(listening)) = (addr, listening.take()) {
-                listening.send(addr).ok();
-            }
-        } else if entry["level"] != "INFO" || entry["target"] == "kaiwa::app" {
-            eprintln!("kaiwa: {line}");
-        }
     }
 }

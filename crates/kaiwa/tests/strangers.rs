@@ -264,3 +264,98 @@ async fn with_auth_on_the_origin_is_left_to_the_token() {
         .await;
     assert_eq!(client.next_json().await["type"], "welcome");
 }
+
+/// The real binary, with auth on or off, under every kind of stranger at once: a real client
+/// still gets in and is answered, memory stays put, and each stranger is closed within its
+/// deadline with its own code.
+async fn attacked(auth: bool) {
+    const SECRET_FLAG: &str = "--auth-secret";
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_kaiwa"));
+    command
+        .arg("serve")
+        .args(["--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .args([
+            "--reply-delay-scale",
+            "0",
+            "--handshake-timeout",
+            "2",
+            "--http-header-timeout",
+            "2",
+            "--log-format",
+            "json",
+            "--log",
+            "warn,kaiwa::app=info",
+            "--openai-api-key",
+            "",
+        ]);
+    if auth {
+        command.args([SECRET_FLAG, SECRET]);
+    }
+    let (mut child, addr) = support::start_listening("kaiwa", &mut command, dir.path()).await;
+    let minter = auth.then(|| {
+        let settings = kaiwa_load::auth::TokenSettings {
+            secret: SECRET.to_owned(),
+            audience: "kaiwa".to_owned(),
+            ttl: Duration::from_secs(3600),
+        };
+        std::sync::Arc::new(settings.minter().expect("a minter"))
+    });
+    let config = kaiwa_load::strangers::StrangersConfig {
+        url: format!("ws://{addr}/ws"),
+        silent: 300,
+        large: 8,
+        large_bytes: 30_000_000,
+        slow_headers: 200,
+        auth: minter,
+        server_pid: child.id(),
+        wait: Duration::from_secs(20),
+    };
+    let report = kaiwa_load::strangers::run(config)
+        .await
+        .expect("the scenario runs");
+    eprintln!("auth {auth}:\n{}", report.table());
+    child.kill().await.ok();
+
+    // Within a second or two: the strangers are there in hundreds, and it does not wait on them.
+    let replied = report.client.replied_ms.unwrap_or(u64::MAX);
+    assert!(replied < 2_500, "{}", report.table());
+    let memory = report.memory.expect("the server's memory");
+    assert!(
+        memory.peak_kib - memory.before_kib < 40 * 1024,
+        "{}",
+        report.table()
+    );
+    // Closed by their deadline (2 s here, with time to spare for a loaded machine), each with
+    // its documented code.
+    for (kind, count, ended) in [
+        ("silent", 300, "4004"),
+        ("large", 8, "1009"),
+        ("slow_headers", 200, "eof"),
+    ] {
+        let stranger = report.kind(kind).expect("reported");
+        assert_eq!(stranger.opened, count, "{}", report.table());
+        assert_eq!(
+            stranger.ended.get(ended).copied(),
+            Some(count),
+            "{}",
+            report.table()
+        );
+        assert!(
+            stranger.slowest_end_ms.unwrap_or(u64::MAX) < 6_000,
+            "{}",
+            report.table()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_every_kind_of_stranger_a_client_with_a_token_gets_in_and_is_answered() {
+    attacked(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_every_kind_of_stranger_a_client_with_a_valid_hello_gets_in_and_is_answered() {
+    attacked(false).await;
+}

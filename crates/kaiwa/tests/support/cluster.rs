@@ -16,15 +16,10 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::time::Duration;
 use tempfile::TempDir;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::oneshot;
 
 const DEFAULT_BROKER: &str = "amqp://guest:guest@127.0.0.1:5672";
 const RABBIT_START: &str = "rabbitmq-server -detached";
-/// How long a process gets to say it is listening.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-
 fn broker() -> String {
     std::env::var("KAIWA_TEST_AMQP").unwrap_or_else(|_| DEFAULT_BROKER.to_owned())
 }
@@ -172,19 +167,8 @@ impl Cluster {
                 "",
             ])
             .args(flags);
-        super::isolated(&mut command, &data_dir);
-        let mut child = command.spawn().expect("kaiwa starts");
-        let stdout = child.stdout.take().expect("its standard output");
-        let (listening, addr) = oneshot::channel();
-        tokio::spawn(read_logs(id.to_owned(), stdout, listening));
-        let addr = match tokio::time::timeout(START_TIMEOUT, addr).await {
-            Ok(Ok(addr)) => addr,
-            Ok(Err(_)) => panic!(
-                "kaiwa {role} {id} stopped before listening: {:?}",
-                child.wait().await.expect("its exit status")
-            ),
-            Err(_) => panic!("kaiwa {role} {id} did not listen within {START_TIMEOUT:?}"),
-        };
+        let (child, addr) =
+            super::start_listening(&format!("{role} {id}"), &mut command, &data_dir).await;
         Process {
             id: id.to_owned(),
             child,
@@ -268,28 +252,5 @@ impl Process {
             .expect("kaiwa stops within 30 s")
             .expect("its exit status");
         assert!(status.success(), "{}: {status:?}", self.id);
-    }
-}
-
-async fn read_logs(
-    id: String,
-    stdout: tokio::process::ChildStdout,
-    listening: oneshot::Sender<SocketAddr>,
-) {
-    let mut listening = Some(listening);
-    let mut lines = BufReader::new(stdout).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let Ok(entry) = serde_json::from_str::<Value>(&line) else {
-            eprintln!("{id}: {line}");
-            continue;
-        };
-        if entry["message"] == "kaiwa is listening" {
-            let addr = entry["addr"].as_str().and_then(|a| a.parse().ok());
-            if let (Some(addr), Some(listening)) = (addr, listening.take()) {
-                listening.send(addr).ok();
-            }
-        } else if entry["level"] != "INFO" || std::env::var_os("KAIWA_TEST_CLUSTER_LOG").is_some() {
-            eprintln!("{id}: {line}");
-        }
     }
 }

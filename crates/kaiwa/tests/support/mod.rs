@@ -765,3 +765,59 @@ pub fn isolated<'c>(
     }
     command
 }
+
+/// How long a `kaiwa` process of a test may take to listen.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Starts `command` (the `kaiwa` binary with its arguments and `--log-format json`) as a
+/// process of the test's own in `dir` (see [`isolated`]), and returns it once it listens, with
+/// the address it listens on. Its log lines go to the test's output prefixed with `name`:
+/// warnings and errors, the application's own lines, and all of them with
+/// `KAIWA_TEST_CLUSTER_LOG` set.
+pub async fn start_listening(
+    name: &str,
+    command: &mut tokio::process::Command,
+    dir: &Path,
+) -> (tokio::process::Child, SocketAddr) {
+    isolated(command, dir);
+    let mut child = command.spawn().expect("kaiwa starts");
+    let stdout = child.stdout.take().expect("its standard output");
+    let (listening, addr) = oneshot::channel();
+    tokio::spawn(read_logs(name.to_owned(), stdout, listening));
+    let addr = match tokio::time::timeout(START_TIMEOUT, addr).await {
+        Ok(Ok(addr)) => addr,
+        Ok(Err(_)) => panic!(
+            "{name} stopped before listening: {:?}",
+            child.wait().await.expect("its exit status")
+        ),
+        Err(_) => panic!("{name} did not listen within {START_TIMEOUT:?}"),
+    };
+    (child, addr)
+}
+
+/// Reads a kaiwa's log lines (JSON) until it exits: the address it listens on goes to
+/// `listening`. Reading on keeps a full pipe from blocking the server.
+async fn read_logs(
+    name: String,
+    stdout: tokio::process::ChildStdout,
+    listening: oneshot::Sender<SocketAddr>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut listening = Some(listening);
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let verbose = std::env::var_os("KAIWA_TEST_CLUSTER_LOG").is_some();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let Ok(entry) = serde_json::from_str::<Value>(&line) else {
+            eprintln!("{name}: {line}");
+            continue;
+        };
+        if entry["message"] == "kaiwa is listening" {
+            let addr = entry["addr"].as_str().and_then(|a| a.parse().ok());
+            if let (Some(addr), Some(listening)) = (addr, listening.take()) {
+                listening.send(addr).ok();
+            }
+        } else if verbose || entry["level"] != "INFO" || entry["target"] == "kaiwa::app" {
+            eprintln!("{name}: {line}");
+        }
+    }
+}
