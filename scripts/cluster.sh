@@ -9,7 +9,11 @@
 #   scripts/cluster.sh restart NAME   kill -9 one process (gw-1, gw-2, wk-1, wk-2) and start it
 #                                 again with the same flags; prints the seconds it was down
 #
-# Settings (environment): PORT (8082, HAProxy), BASE_PORT (8200: gateways on BASE_PORT+1..,
+# HAProxy also ends TLS on TLS_PORT (8443), with a self-signed certificate for localhost made at
+# `up` with openssl (or TLS_PEM: a PEM file of chain and key of your own), as deploy/haproxy.cfg
+# does in containers.
+#
+# Settings (environment): PORT (8082, HAProxy), TLS_PORT (8443), TLS_PEM, BASE_PORT (8200: gateways on BASE_PORT+1..,
 # workers on BASE_PORT+11..), GATEWAYS (2), WORKERS (2), RUN_DIR (target/cluster),
 # POSTGRES (postgres://postgres@127.0.0.1:5432/postgres: the server; the cluster makes its own
 # database on it), AMQP (amqp://guest:guest@127.0.0.1:5672), NAME (kaiwa_cluster: database and
@@ -19,6 +23,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PORT=${PORT:-8082}
+TLS_PORT=${TLS_PORT:-8443}
+TLS_PEM=${TLS_PEM:-}
 BASE_PORT=${BASE_PORT:-8200}
 GATEWAYS=${GATEWAYS:-2}
 WORKERS=${WORKERS:-2}
@@ -94,6 +100,10 @@ defaults
     timeout tunnel 1h
 frontend kaiwa
     bind 127.0.0.1:$PORT
+    # TLS ends here; the gateways behind speak plain HTTP on loopback.
+    bind 127.0.0.1:$TLS_PORT ssl crt $tls_pem alpn http/1.1
+    timeout http-request 5s
+    timeout http-keep-alive 15s
     default_backend gateways
 backend gateways
     balance leastconn
@@ -117,12 +127,23 @@ up() {
   "$BINARY" migrate --database-url "$database_url" >&2
   for i in $(seq 1 "$GATEWAYS"); do start_process gateway "gw-$i" $((BASE_PORT + i)); done
   for i in $(seq 1 "$WORKERS"); do start_process worker "wk-$i" $((BASE_PORT + 10 + i)); done
+  tls_pem=$TLS_PEM
+  if [ -z "$tls_pem" ]; then
+    tls_pem="$RUN_DIR/tls/localhost.pem"
+    mkdir -p "$RUN_DIR/tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+      -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+      -keyout "$RUN_DIR/tls/key.pem" -out "$RUN_DIR/tls/cert.pem" 2>/dev/null \
+      || fail "openssl could not make a certificate for HAProxy (set TLS_PEM to one of yours)"
+    cat "$RUN_DIR/tls/cert.pem" "$RUN_DIR/tls/key.pem" >"$tls_pem"
+  fi
   haproxy_config >"$RUN_DIR/haproxy.cfg"
   haproxy -f "$RUN_DIR/haproxy.cfg" -D -p "$RUN_DIR/haproxy.pid" >>"$RUN_DIR/haproxy.log" 2>&1 \
     || fail "haproxy did not start: see $RUN_DIR/haproxy.log"
   wait_for_port "$PORT" || fail "haproxy does not listen on $PORT"
   say "kaiwa cluster up:"
   say "  clients        ws://127.0.0.1:$PORT/ws  (browser: http://127.0.0.1:$PORT/)"
+  say "  over TLS       wss://localhost:$TLS_PORT/ws  (browser: https://localhost:$TLS_PORT/; certificate $tls_pem)"
   for i in $(seq 1 "$GATEWAYS"); do say "  gateway gw-$i   http://127.0.0.1:$((BASE_PORT + i))/health"; done
   for i in $(seq 1 "$WORKERS"); do say "  worker  wk-$i   http://127.0.0.1:$((BASE_PORT + 10 + i))/health"; done
   say "  PostgreSQL     ${database_url}"

@@ -124,6 +124,22 @@ export KAIWA_BIN KAIWA_DEV_CERT_BIN
 export BROWSER_TEST_OUTPUT="$PWD/target/browser-tests"
 rm -rf "$BROWSER_TEST_OUTPUT"
 
+step "TLS ended by HAProxy (deploy/haproxy.cfg checked, the cluster of scripts/cluster.sh over https and wss)"
+if ! command -v haproxy >/dev/null; then
+  command -v apt-get >/dev/null || fail "haproxy is missing and there is no apt-get to install it"
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || fail "haproxy is missing; installing it needs root (or sudo)"
+    sudo=sudo
+  fi
+  echo "installing haproxy"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y haproxy || { $sudo apt-get update && $sudo apt-get install -y haproxy; } \
+    || fail "could not install haproxy with apt-get"
+fi
+command -v psql >/dev/null || fail "psql is needed to make the TLS check's database (Debian package postgresql-client)"
+scripts/check-tls-proxy.sh "$KAIWA_BIN"
+
 step "API fuzzing: prerequisites (schemathesis, in target/schemathesis)"
 # schemathesis fuzzes the HTTP API against the OpenAPI document kaiwa serves; it comes from PyPI
 # into a virtual environment of its own, made again when the pinned version changes.
