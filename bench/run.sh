@@ -2,7 +2,8 @@
 # Benchmarks kaiwa on this machine and prints one table (README, "Load testing and benchmarks"):
 #   1. spec        the exercise's scenario against kaiwa on its default limits and delays
 #   2. echo        a bare WebSocket echo server (kaiwa-echo): the ceiling in messages/second
-#   3. kaiwa       kaiwa end to end (reply delays off, high limits), same clients: a ratio of 2
+#   3. kaiwa       kaiwa end to end (reply delays off, high limits), same clients: a ratio of 2;
+#                  kaiwa-auth the same with auth on, every client with a token of its own
 #   4. rate-N      p99 latency at fixed offered rates (open loop)
 #   5. idle-N      resident memory per idle connection, read from /proc/<pid>/status
 #   6. store       the SQLite store alone, concurrent inserts, group commit
@@ -82,6 +83,14 @@ step "kaiwa end to end: $CLIENTS clients for ${DURATION}s"
 start_kaiwa throughput "${FAST[@]}"
 load throughput --url "ws://127.0.0.1:$PORT/ws" --clients "$CLIENTS" --duration "$DURATION" \
   --label kaiwa --json "$out/3-kaiwa.json" || true
+stop_server
+
+step "kaiwa end to end with auth on (every client signs in with its own token): $CLIENTS clients for ${DURATION}s"
+# The secret goes through the environment of both, never on a command line.
+bench_secret=$(head -c 48 /dev/urandom | base64)
+KAIWA_AUTH_SECRET="$bench_secret" start_kaiwa throughput-auth "${FAST[@]}"
+KAIWA_AUTH_SECRET="$bench_secret" load throughput --url "ws://127.0.0.1:$PORT/ws" \
+  --clients "$CLIENTS" --duration "$DURATION" --label kaiwa-auth --json "$out/3-kaiwa-auth.json" || true
 stop_server
 
 step "kaiwa end to end, --sqlite-synchronous normal: $CLIENTS clients for ${DURATION}s"
