@@ -27,6 +27,7 @@ const CLOSES = {
   4001: { text: 'no answer to heartbeats', again: 'retry' },
   4003: { text: 'this page read too slowly and the server let it go', again: 'retry' },
   4004: { text: 'the connection details did not arrive in time', again: 'retry' },
+  4005: { text: 'the server had too many connections starting at once, retrying', again: 'retry' },
   // Reconnecting at once would only hold an idle slot again, which is what the server
   // freed; the next message sent reconnects instead.
   4502: { text: 'no message was sent soon after connecting, so the server freed the connection; sending one connects again', again: 'stop' },

@@ -101,13 +101,30 @@ pub enum Attempt {
     Failed(Problem),
 }
 
+/// Why a WebSocket could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// HTTP 429: the address has as many connections in their handshake as the server takes
+    /// from one; another try after a backoff gets in.
+    #[error("the server has as many handshakes from this address as it takes (HTTP 429)")]
+    TooManyHandshakes,
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<OpenError> for String {
+    fn from(err: OpenError) -> Self {
+        err.to_string()
+    }
+}
+
 /// Opens a WebSocket to `url` from `source` (any local address when `None`).
 pub async fn open(
     url: &str,
     native_header: bool,
     source: Option<std::net::IpAddr>,
-) -> Result<Ws, String> {
-    let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+) -> Result<Ws, OpenError> {
+    let mut request = url.into_client_request().map_err(failed)?;
     if native_header {
         request.headers_mut().insert(
             "Sec-WebSocket-Protocol",
@@ -119,27 +136,34 @@ pub async fn open(
     let port = uri.port_u16().unwrap_or(80);
     let addr: SocketAddr = tokio::net::lookup_host((host, port))
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(failed)?
         .next()
-        .ok_or_else(|| format!("{host} has no address"))?;
+        .ok_or_else(|| failed(format!("{host} has no address")))?;
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
         TcpSocket::new_v6()
     }
-    .map_err(|e| e.to_string())?;
+    .map_err(failed)?;
     if let Some(source) = source {
         socket
             .bind(SocketAddr::new(source, 0))
-            .map_err(|e| format!("cannot bind {source}: {e}"))?;
+            .map_err(|e| failed(format!("cannot bind {source}: {e}")))?;
     }
-    let tcp = socket.connect(addr).await.map_err(|e| e.to_string())?;
+    let tcp = socket.connect(addr).await.map_err(failed)?;
     // Small frames must not wait for delayed ACKs (Nagle), or every latency grows by ~40 ms.
-    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (ws, _response) = client_async_with_config(request, tcp, Some(ws_config()))
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(ws)
+    tcp.set_nodelay(true).map_err(failed)?;
+    match client_async_with_config(request, tcp, Some(ws_config())).await {
+        Ok((ws, _response)) => Ok(ws),
+        Err(tungstenite::Error::Http(response)) if response.status() == 429 => {
+            Err(OpenError::TooManyHandshakes)
+        }
+        Err(err) => Err(failed(err)),
+    }
+}
+
+fn failed(err: impl std::fmt::Display) -> OpenError {
+    OpenError::Failed(err.to_string())
 }
 
 /// Connects and completes the protocol's handshake.
@@ -164,7 +188,9 @@ pub async fn connect_after(
 async fn connect_inner(url: &str, mode: Mode, plan: &ClientPlan, after: Option<u64>) -> Attempt {
     let mut ws = match open(url, mode == Mode::Native, plan.source).await {
         Ok(ws) => ws,
-        Err(err) => return Attempt::Transport(err),
+        // Like a full server's 1013: come back after a backoff.
+        Err(OpenError::TooManyHandshakes) => return Attempt::Refused(TRY_AGAIN_LATER),
+        Err(OpenError::Failed(err)) => return Attempt::Transport(err),
     };
     let hello = match mode {
         Mode::Native | Mode::Echo => to_json(&native::ClientFrame::Hello(native::Hello {
@@ -252,6 +278,8 @@ async fn connect_inner(url: &str, mode: Mode, plan: &ClientPlan, after: Option<u
     }
 }
 
+/// What the tool records for an upgrade refused for now (HTTP 429): "try again later".
+const TRY_AGAIN_LATER: u16 = 1013;
 /// What the tool records for a connection that ended without a close frame (RFC 6455, 7.1.5).
 const ABNORMAL_CLOSURE: u16 = 1006;
 /// What the tool records for a close frame without a code.

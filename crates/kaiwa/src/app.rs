@@ -357,7 +357,7 @@ impl Application {
             },
         });
         let browsers = http::cors::Browsers::new(&config.auth, auth.is_some());
-        let limits = listener::Limits::from_config(&config.listener);
+        let limits = listener::Limits::from_config(&config);
         let admin = match config.auth.admin_bind {
             Some(addr) => {
                 if !addr.ip().is_loopback() {
@@ -366,7 +366,7 @@ impl Application {
                 let tcp = TcpListener::bind(addr)
                     .await
                     .map_err(|source| AppError::Bind { addr, source })?;
-                let listener = Listener::new(tcp, limits, None);
+                let listener = Listener::new(tcp, limits.clone(), None);
                 let router = http::admin_router(http_state.clone()).layer(
                     axum::middleware::from_fn_with_state(browsers.clone(), http::cors::guard),
                 );

@@ -32,8 +32,6 @@ const WINDOW: usize = 4;
 const MAX_PER_CLIENT: usize = 1_000;
 /// How long the restarted server gets to process what the crash left unfinished.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a server gets to say it is listening, and the load to reach its kill point.
-
 #[tokio::test]
 async fn a_kill_after_the_first_few_acks_loses_and_duplicates_no_message() {
     crash_and_check(10).await;

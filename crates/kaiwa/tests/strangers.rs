@@ -117,19 +117,33 @@ async fn a_proxy_address_is_not_capped_per_address() {
 }
 
 #[tokio::test]
-async fn a_valid_token_on_the_upgrade_skips_the_strangers_pool() {
-    let app = TestApp::spawn(&["--auth-secret", SECRET, "--max-handshakes", "1"]).await;
+async fn a_token_on_the_upgrade_buys_no_place_beyond_the_pools_caps() {
+    let app = TestApp::spawn(&[
+        "--auth-secret",
+        SECRET,
+        "--max-handshakes-per-address",
+        "1",
+        "--proxy-address",
+        "none",
+    ])
+    .await;
     let bearer = format!(
         "Bearer {}",
         token(SECRET, "alice", Duration::from_secs(3600), app.clock.now())
     );
-    let mut strangers = Vec::new();
-    for _ in 0..3 {
-        strangers.push(stranger(&app).await);
-    }
-    let mut client = Client::connect_with(&app.ws_url(), true, &[("Authorization", &bearer)])
-        .await
-        .expect("connects");
+    let holder = stranger(&app).await;
+    let (status, body) = refused_upgrade(&app.ws_url(), &[("Authorization", &bearer)]).await;
+    assert_eq!(
+        (status, &body["code"]),
+        (429, &json!("too_many_handshakes"))
+    );
+    holder.close().await;
+    let mut client = eventually("the address's place back", || async {
+        Client::connect_with(&app.ws_url(), true, &[("Authorization", &bearer)])
+            .await
+            .ok()
+    })
+    .await;
     client
         .send_json(json!({"type": "hello", "timezone": "UTC"}))
         .await;
@@ -194,6 +208,45 @@ async fn past_the_http_connection_cap_a_connection_waits_for_a_place() {
         .read_to_end(&mut answer)
         .await
         .expect("answered once the holder left");
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+}
+
+#[tokio::test]
+async fn one_address_holds_only_its_share_of_the_http_connections() {
+    let app = TestApp::spawn(&[
+        "--max-http-connections-per-address",
+        "2",
+        "--proxy-address",
+        "none",
+    ])
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut slow = TcpStream::connect(app.addr).await.expect("connects");
+        slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("sent");
+        held.push(slow);
+    }
+    let mut third = TcpStream::connect(app.addr)
+        .await
+        .expect("accepted, then closed");
+    assert!(
+        closed_within(&mut third, Duration::from_secs(10)).await,
+        "a third connection from the same address was kept"
+    );
+    // Another address is not held back.
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind("127.0.0.2:0".parse().expect("an address"))
+        .expect("bound to another loopback address");
+    let mut other = socket.connect(app.addr).await.expect("connects");
+    other
+        .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("sent");
+    let mut answer = Vec::new();
+    other.read_to_end(&mut answer).await.expect("answered");
     assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
 }
 

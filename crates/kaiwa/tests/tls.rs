@@ -151,3 +151,83 @@ fn a_key_that_is_not_the_certificates_stops_kaiwa_at_start() {
     assert!(printed.contains("--tls-key"), "{printed}");
     assert!(!printed.contains("PRIVATE KEY"), "{printed}");
 }
+
+/// The warnings kaiwa logs at start when it is run as `args` (beyond loopback), read from its
+/// log until it listens.
+async fn start_warnings(args: &[&str]) -> Vec<String> {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_kaiwa"));
+    command
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--log-format", "json", "--openai-api-key", ""])
+        .args(args);
+    support::isolated(&mut command, dir.path());
+    let mut child = command.spawn().expect("kaiwa starts");
+    let stdout = child.stdout.take().expect("its standard output");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let mut warnings = Vec::new();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let entry: Value = serde_json::from_str(&line).unwrap_or_default();
+        if entry["message"] == "kaiwa is listening" {
+            break;
+        }
+        if entry["level"] == "WARN" {
+            warnings.push(entry["message"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    child.kill().await.ok();
+    warnings
+}
+
+#[tokio::test]
+async fn tokens_in_the_clear_and_an_open_admin_address_beyond_loopback_are_warned_about() {
+    let secret = support::tokens::SECRET;
+    let warnings = start_warnings(&[
+        "--bind",
+        "0.0.0.0:0",
+        "--admin-bind",
+        "0.0.0.0:0",
+        "--auth-secret",
+        secret,
+    ])
+    .await;
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("tokens travel in the clear")),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("--admin-bind is beyond loopback")),
+        "{warnings:?}"
+    );
+    // With TLS, and on loopback, nothing to say.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    certificate(dir.path());
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let warnings = start_warnings(&[
+        "--bind",
+        "0.0.0.0:0",
+        "--admin-bind",
+        "127.0.0.1:0",
+        "--auth-secret",
+        secret,
+        "--tls-cert",
+        cert.to_str().expect("a path"),
+        "--tls-key",
+        key.to_str().expect("a path"),
+    ])
+    .await;
+    assert!(
+        !warnings
+            .iter()
+            .any(|w| w.contains("in the clear") || w.contains("--admin-bind")),
+        "{warnings:?}"
+    );
+}

@@ -450,9 +450,16 @@ pub fn bearer(headers: &HeaderMap) -> Result<Option<Token>, AuthError> {
 }
 
 /// The token of a WebSocket upgrade request: `Authorization: Bearer`, else `?token=` (which
-/// browsers, who cannot set headers on a WebSocket, can send).
+/// browsers, who cannot set headers on a WebSocket, can send). An `Authorization` header of
+/// another scheme (a proxy's own `Basic` login, which a browser repeats on every request) is not
+/// kaiwa's, and is left alone.
 pub fn upgrade_token(headers: &HeaderMap, query: Option<&str>) -> Result<Option<Token>, AuthError> {
-    if let Some(token) = bearer(headers)? {
+    let bearer_scheme = headers
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split_whitespace().next())
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("bearer"));
+    if bearer_scheme && let Some(token) = bearer(headers)? {
         return Ok(Some(token));
     }
     let from_query = query.and_then(|query| {

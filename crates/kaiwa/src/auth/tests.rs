@@ -258,6 +258,17 @@ fn tokens_come_from_a_bearer_header_or_the_query_of_an_upgrade() {
         upgrade_token(&both, Some("token=from.the.query")).expect("the header first"),
         Some(Token::new("from.the.header"))
     );
+    // A proxy's Basic login is not kaiwa's: the upgrade goes on without it.
+    let mut basic = HeaderMap::new();
+    basic.insert(
+        AUTHORIZATION,
+        HeaderValue::from_static("Basic dXNlcjpwdw=="),
+    );
+    assert_eq!(upgrade_token(&basic, None).expect("left alone"), None);
+    assert_eq!(
+        upgrade_token(&basic, Some("token=a.b.c")).expect("the query still counts"),
+        Some(Token::new("a.b.c"))
+    );
 }
 
 #[test]

@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How long the server waits for the client's answer to its close frame.
 const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a stranger refused in its handshake gets to take its refusal, and to answer it.
+const STRANGER_LINGER: Duration = Duration::from_millis(500);
 /// The longest a duplicate connection waits to learn whether the live one still answers.
 const LIVENESS_PROBE: Duration = Duration::from_secs(3);
 
@@ -36,9 +38,8 @@ pub(crate) struct Arrival {
     /// The connection as the listener accepted it: its address and its read allowance.
     /// `None` only when the router is served by something else than kaiwa's listener.
     pub peer: Option<Arc<Peer>>,
-    /// Its place in the strangers' pool, until its handshake is verified; `None` when its
-    /// upgrade request carried a valid token.
-    pub pass: Option<Pass>,
+    /// Its place in the strangers' pool, until its handshake frame is read.
+    pub pass: Pass,
     /// What the upgrade request's token says, checked (auth on).
     pub verified: Option<Claims>,
 }
@@ -256,7 +257,7 @@ pub(crate) async fn serve(gateway: Arc<Gateway>, mut socket: WebSocket, arrival:
     }
     let linger = async {
         if ending.awaits_close_reply() {
-            await_close_reply(&mut frames_in).await;
+            await_close_reply(&mut frames_in, CLOSE_REPLY_TIMEOUT).await;
         }
     };
     let (written, ()) = tokio::join!(writer, linger);
@@ -275,7 +276,7 @@ async fn introduce(
     gateway: &Gateway,
     socket: &mut WebSocket,
     native: bool,
-    pass: Option<Pass>,
+    pass: Pass,
     verified: Option<Claims>,
 ) -> Option<Hello> {
     let guess = if native {
@@ -301,22 +302,21 @@ async fn introduce(
         upgrade: verified,
         clock: gateway.clock.clone(),
     };
-    let received = {
-        let crowded_out = async {
-            match &pass {
-                Some(pass) => pass.crowded_out().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            received = handshake::receive(socket, native, timeout, &credentials) => received,
-            () = crowded_out => Err(HandshakeError::CrowdedOut),
-        }
+    let received = tokio::select! {
+        received = handshake::receive(socket, native, timeout, &credentials) => received,
+        () = pass.crowded_out() => Err(HandshakeError::CrowdedOut),
+        () = gateway.close_sessions.cancelled() => Err(HandshakeError::ShuttingDown),
     };
     // Whatever came of it, the connection is no longer a stranger in the pool.
     drop(pass);
     let (protocol, error, close, detail) = match received {
-        Ok(hello) => return Some(hello),
+        Ok(hello) if !gateway.is_draining() => return Some(hello),
+        Ok(hello) => (
+            hello.protocol,
+            ErrorCode::ShuttingDown,
+            CloseCode::GoingAway,
+            "server shutting down; reconnect shortly".to_owned(),
+        ),
         Err(HandshakeError::Gone) => return None,
         Err(HandshakeError::InvalidUtf8) => (
             guess,
@@ -339,6 +339,12 @@ async fn introduce(
                 super::HANDSHAKE_ALLOWANCE
             ),
         ),
+        Err(HandshakeError::ShuttingDown) => (
+            guess,
+            ErrorCode::ShuttingDown,
+            CloseCode::GoingAway,
+            "server shutting down; reconnect shortly".to_owned(),
+        ),
         Err(HandshakeError::CrowdedOut) => (
             guess,
             ErrorCode::TooManyHandshakes,
@@ -353,15 +359,22 @@ async fn introduce(
         }) => (protocol, code, close, message),
     };
     if close != CloseCode::BadHandshake {
-        // A stranger closed, or a token refused: the code says why; a token is never logged.
         metrics::counter!("kaiwa_connections_refused_total", "reason" => close.name()).increment(1);
+    }
+    // A token refused says something about a client: logged (the code, never the token).
+    // Strangers closed for their deadline, their size or a newcomer come in floods: not.
+    if (4600..4700).contains(&close.code()) {
+        tracing::info!(code = error.as_str(), "refused at the handshake");
+    } else {
         tracing::debug!(
             code = error.as_str(),
             close = close.name(),
             "refused at the handshake"
         );
     }
-    refuse(socket, protocol, error, close, &detail).await;
+    // A stranger gets its close frame, but no long wait for the answer: until it is gone its
+    // socket counts nowhere (it has left the pool, and never had a slot).
+    refuse_within(socket, protocol, error, close, &detail, STRANGER_LINGER).await;
     None
 }
 
@@ -452,28 +465,41 @@ async fn refuse(
     close: CloseCode,
     detail: &str,
 ) {
+    refuse_within(socket, protocol, error, close, detail, CLOSE_REPLY_TIMEOUT).await;
+}
+
+/// [`refuse`], waiting at most `linger` to send the refusal, and as long for the client's
+/// close frame.
+async fn refuse_within(
+    socket: &mut WebSocket,
+    protocol: Protocol,
+    error: ErrorCode,
+    close: CloseCode,
+    detail: &str,
+    linger: Duration,
+) {
     let frame = close_frame(close, detail);
     let error: Utf8Bytes = protocol.error(error, frame.reason.as_str().to_owned(), None, None);
     let send = async {
         socket.send(Message::Text(error)).await?;
         socket.send(Message::Close(Some(frame))).await
     };
-    match tokio::time::timeout(CLOSE_REPLY_TIMEOUT, send).await {
+    match tokio::time::timeout(linger, send).await {
         Ok(Ok(())) => {}
         Ok(Err(err)) => tracing::debug!(%err, "could not send the refusal"),
         Err(_) => tracing::debug!("the refused client did not read its close frame"),
     }
-    await_close_reply(socket).await;
+    await_close_reply(socket, linger).await;
 }
 
 /// Reads and discards until the client's close frame (or the timeout). Reading on keeps the
 /// close handshake proper: a socket closed with unread data is reset, and a reset can destroy
 /// the close frame before the client reads it.
-async fn await_close_reply<S>(stream: &mut S)
+async fn await_close_reply<S>(stream: &mut S, within: Duration)
 where
     S: Stream<Item = Result<Message, axum::Error>> + Unpin,
 {
-    let drained = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, async {
+    let drained = tokio::time::timeout(within, async {
         while let Some(Ok(message)) = stream.next().await {
             if matches!(message, Message::Close(_)) {
                 break;

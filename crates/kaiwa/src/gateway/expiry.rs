@@ -60,9 +60,11 @@ impl Expiry {
         }
     }
 
-    /// Whether the token has run out (its `exp` and the leeway are past) and no new one came.
+    /// Whether the token has run out (its `exp` and the leeway are past) and no new one came:
+    /// by the deadline itself, so that a frame read in the same turn as the timer's firing is
+    /// judged as the timer would.
     pub(super) fn lapsed(&self) -> bool {
-        self.warned
+        self.warned || Instant::now() >= self.deadline
     }
 
     /// A new token came: the clock starts over from it.

@@ -22,6 +22,7 @@ use crate::auth::{self, AuthError, Authenticator, Claims};
 use crate::clock::Clock;
 use crate::config::{ServeConfig, SessionConfig};
 use crate::listener::Peer;
+use crate::listener::ShareFull;
 use crate::store::Store;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{RawQuery, State};
@@ -33,10 +34,9 @@ use kaiwa_protocol::ErrorCode;
 use kaiwa_protocol::history::ErrorBody;
 use kaiwa_protocol::native::{Limits, WindowInfo};
 use registry::Registry;
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use strangers::{SourceFull, Strangers};
+use strangers::Strangers;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -275,19 +275,15 @@ pub(crate) async fn upgrade(
             );
         }
     };
-    // A connection whose upgrade carried a valid token is a client already; any other waits
-    // in the strangers' pool until its handshake frame says who it is.
-    let pass = match verified {
-        Some(_) => None,
-        None => {
-            let addr = peer
-                .as_ref()
-                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |peer| peer.addr().ip());
-            match gateway.strangers.admit(addr) {
-                Ok(pass) => Some(pass),
-                Err(full) => return source_full(full),
-            }
-        }
+    // Every connection waits in the strangers' pool until its handshake frame is read, one
+    // whose upgrade carried a valid token too: it leaves within a round trip, so the pool never
+    // crowds it out, but a token does not buy sockets beyond the pool's caps.
+    let pass = match gateway
+        .strangers
+        .admit(peer.as_ref().map(|peer| peer.addr().ip()))
+    {
+        Ok(pass) => pass,
+        Err(full) => return source_full(full),
     };
     if let Some(peer) = &peer {
         peer.limit_reads(HANDSHAKE_ALLOWANCE);
@@ -329,7 +325,7 @@ fn verify_upgrade(
 }
 
 /// 429: the address has as many connections in their handshake as it may.
-fn source_full(full: SourceFull) -> Response {
+fn source_full(full: ShareFull) -> Response {
     metrics::counter!("kaiwa_connections_refused_total", "reason" => "too_many_handshakes")
         .increment(1);
     tracing::debug!(source = %full.source, "refused: too many handshakes from one address");

@@ -5,8 +5,8 @@
 //! that sends nothing only ever takes another stranger's place.
 
 use crate::config::SessionConfig;
-use crate::domain::{Networks, Source};
-use std::collections::{BTreeMap, HashMap};
+use crate::listener::{Share, ShareFull, Shares};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
@@ -16,10 +16,8 @@ pub(crate) struct Strangers {
     pool: Arc<Mutex<Pool>>,
     /// Connections in the pool at once.
     capacity: usize,
-    /// Connections in the pool at once from one source; 0 for no such cap.
-    per_source: usize,
-    /// Sources many clients share (a proxy in front): not capped per source.
-    shared: Networks,
+    /// Each source's share of the pool.
+    shares: Shares,
 }
 
 #[derive(Default)]
@@ -27,21 +25,13 @@ struct Pool {
     next: u64,
     /// By arrival: the first is the oldest.
     waiting: BTreeMap<u64, Waiting>,
-    per_source: HashMap<Source, usize>,
 }
 
 struct Waiting {
-    /// `None` for a source that is not capped.
-    source: Option<Source>,
+    /// Its source's share, given back when it leaves; `None` for a source not capped.
+    _share: Option<Share>,
     /// Cancelled when a newcomer takes this connection's place.
     crowded_out: CancellationToken,
-}
-
-/// A source has as many connections in their handshake as it may.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct SourceFull {
-    pub source: Source,
-    pub limit: usize,
 }
 
 /// A connection's place in the pool, given back when it is dropped.
@@ -56,29 +46,23 @@ impl Strangers {
         Self {
             pool: Arc::default(),
             capacity: sessions.max_handshakes.max(1) as usize,
-            per_source: sessions.max_handshakes_per_address as usize,
-            shared: sessions.proxy_address.clone(),
+            shares: Shares::new(
+                sessions.max_handshakes_per_address as usize,
+                sessions.proxy_address.clone(),
+            ),
         }
     }
 
-    /// Takes a place in the pool for a connection from `addr`: refused when its source has as
-    /// many as it may; when the pool is full, the oldest connection in it is crowded out.
-    pub(crate) fn admit(&self, addr: IpAddr) -> Result<Pass, SourceFull> {
-        let source = (self.per_source > 0 && !self.shared.contains(addr)).then(|| Source::of(addr));
+    /// Takes a place in the pool for a connection from `addr` (`None` when unknown: not capped
+    /// per source): refused when its source has as many as it may; when the pool is full, the
+    /// oldest connection in it is crowded out.
+    pub(crate) fn admit(&self, addr: Option<IpAddr>) -> Result<Pass, ShareFull> {
+        let share = self.shares.take(addr)?;
         let mut pool = self.lock();
-        if let Some(source) = source
-            && pool.per_source.get(&source).copied().unwrap_or(0) >= self.per_source
-        {
-            return Err(SourceFull {
-                source,
-                limit: self.per_source,
-            });
-        }
         while pool.waiting.len() >= self.capacity {
             let Some((_, oldest)) = pool.waiting.pop_first() else {
                 break;
             };
-            pool.release(oldest.source);
             oldest.crowded_out.cancel();
             metrics::counter!("kaiwa_handshakes_crowded_out_total").increment(1);
         }
@@ -88,13 +72,10 @@ impl Strangers {
         pool.waiting.insert(
             id,
             Waiting {
-                source,
+                _share: share,
                 crowded_out: crowded_out.clone(),
             },
         );
-        if let Some(source) = source {
-            *pool.per_source.entry(source).or_default() += 1;
-        }
         metrics::gauge!("kaiwa_handshakes").set(pool.waiting.len() as f64);
         Ok(Pass {
             pool: self.pool.clone(),
@@ -115,18 +96,6 @@ impl Strangers {
     }
 }
 
-impl Pool {
-    fn release(&mut self, source: Option<Source>) {
-        let Some(source) = source else { return };
-        if let Some(count) = self.per_source.get_mut(&source) {
-            *count -= 1;
-            if *count == 0 {
-                self.per_source.remove(&source);
-            }
-        }
-    }
-}
-
 impl Pass {
     /// Resolves when a newcomer took this connection's place.
     pub(crate) async fn crowded_out(&self) {
@@ -140,10 +109,8 @@ impl Drop for Pass {
             .pool
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        // A connection crowded out has left the pool already.
-        if let Some(left) = pool.waiting.remove(&self.id) {
-            pool.release(left.source);
-        }
+        // A connection crowded out has left the pool already (and its source's share with it).
+        pool.waiting.remove(&self.id);
         metrics::gauge!("kaiwa_handshakes").set(pool.waiting.len() as f64);
     }
 }
@@ -171,11 +138,11 @@ mod tests {
     #[test]
     fn a_full_pool_crowds_out_its_oldest_connection() {
         let pool = strangers(&["--max-handshakes", "2"]);
-        let first = pool.admit(addr("192.0.2.1")).expect("room");
-        let second = pool.admit(addr("192.0.2.2")).expect("room");
+        let first = pool.admit(Some(addr("192.0.2.1"))).expect("room");
+        let second = pool.admit(Some(addr("192.0.2.2"))).expect("room");
         assert!(!first.crowded_out.is_cancelled());
         let third = pool
-            .admit(addr("192.0.2.3"))
+            .admit(Some(addr("192.0.2.3")))
             .expect("the oldest makes room");
         assert!(first.crowded_out.is_cancelled());
         assert!(!second.crowded_out.is_cancelled());
@@ -195,25 +162,31 @@ mod tests {
             "--proxy-address",
             "none",
         ]);
-        let a = pool.admit(addr("198.51.100.7")).expect("room");
-        let _b = pool.admit(addr("198.51.100.7")).expect("room");
+        let a = pool.admit(Some(addr("198.51.100.7"))).expect("room");
+        let _b = pool.admit(Some(addr("198.51.100.7"))).expect("room");
         let full = pool
-            .admit(addr("198.51.100.7"))
+            .admit(Some(addr("198.51.100.7")))
             .err()
             .expect("the source is full");
         assert_eq!(full.limit, 2);
         // Another address is not held back, nor another host of a different /64.
-        let _other = pool.admit(addr("198.51.100.8")).expect("room");
+        let _other = pool.admit(Some(addr("198.51.100.8"))).expect("room");
         drop(a);
-        let _again = pool.admit(addr("198.51.100.7")).expect("room again");
+        let _again = pool.admit(Some(addr("198.51.100.7"))).expect("room again");
     }
 
     #[test]
     fn shared_addresses_and_a_cap_of_zero_are_not_capped_per_source() {
         let behind_proxy = strangers(&["--max-handshakes-per-address", "1"]);
-        let _a = behind_proxy.admit(addr("127.0.0.1")).expect("room");
+        let _unknown = behind_proxy
+            .admit(None)
+            .expect("an unknown source is not capped");
+        let _also = behind_proxy
+            .admit(None)
+            .expect("an unknown source is not capped");
+        let _a = behind_proxy.admit(Some(addr("127.0.0.1"))).expect("room");
         let _b = behind_proxy
-            .admit(addr("127.0.0.1"))
+            .admit(Some(addr("127.0.0.1")))
             .expect("loopback is a proxy by default");
         let uncapped = strangers(&[
             "--max-handshakes-per-address",
@@ -221,7 +194,7 @@ mod tests {
             "--proxy-address",
             "none",
         ]);
-        let _c = uncapped.admit(addr("203.0.113.1")).expect("room");
-        let _d = uncapped.admit(addr("203.0.113.1")).expect("no cap");
+        let _c = uncapped.admit(Some(addr("203.0.113.1"))).expect("room");
+        let _d = uncapped.admit(Some(addr("203.0.113.1"))).expect("no cap");
     }
 }

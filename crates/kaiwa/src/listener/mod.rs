@@ -4,13 +4,16 @@
 //! connection that has not yet said who it is ([`Peer::limit_reads`]).
 
 mod peer;
+mod shares;
 mod timer;
 mod tls;
 
 pub use peer::{Peer, is_over_allowance};
+pub use shares::{Share, ShareFull, Shares};
 pub use tls::{Tls, TlsError};
 
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, ServeConfig};
+use crate::domain::Networks;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::http::Request;
@@ -40,10 +43,13 @@ const MAX_HEAD_BUFFER: usize = 32 * 1024;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// What every connection of a listener is held to.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// HTTP connections open at once; an upgraded connection stops counting.
     pub max_connections: usize,
+    /// The same from one source address (0: no cap), but for `proxies`.
+    pub per_address: usize,
+    pub proxies: Networks,
     /// A connection's first request head must arrive within it (and the TLS handshake too).
     pub header_timeout: Duration,
     /// A kept-alive connection's next request head must arrive within it.
@@ -51,11 +57,14 @@ pub struct Limits {
 }
 
 impl Limits {
-    pub fn from_config(config: &ListenerConfig) -> Self {
+    pub fn from_config(config: &ServeConfig) -> Self {
+        let listener: &ListenerConfig = &config.listener;
         Self {
-            max_connections: config.max_connections as usize,
-            header_timeout: config.header_timeout,
-            idle_timeout: config.idle_timeout,
+            max_connections: listener.max_connections as usize,
+            per_address: listener.max_connections_per_address as usize,
+            proxies: config.sessions.proxy_address.clone(),
+            header_timeout: listener.header_timeout,
+            idle_timeout: listener.idle_timeout,
         }
     }
 }
@@ -82,10 +91,11 @@ impl Listener {
     /// closed. Upgraded connections belong to whoever took them by then.
     pub async fn serve(self, router: Router, stop: CancellationToken) {
         let permits = Arc::new(Semaphore::new(self.limits.max_connections));
+        let shares = Shares::new(self.limits.per_address, self.limits.proxies.clone());
         let connections = TaskTracker::new();
         let shared = Arc::new(Shared {
             router,
-            limits: self.limits,
+            limits: self.limits.clone(),
             tls: self.tls,
             stop: stop.clone(),
         });
@@ -111,6 +121,17 @@ impl Listener {
                     }
                 },
             };
+            // One address may not take every place: past its share, its new connection is
+            // closed at once, and the place goes back to the others.
+            let share = match shares.take(Some(addr.ip())) {
+                Ok(share) => share,
+                Err(full) => {
+                    metrics::counter!("kaiwa_http_refused_total", "reason" => "per_address")
+                        .increment(1);
+                    tracing::debug!(source = %full.source, "refused: too many HTTP connections from one address");
+                    continue;
+                }
+            };
             // Without TCP_NODELAY the several small frames of one message wait on delayed
             // ACKs (Nagle), adding ~40 ms to every reply.
             if let Err(err) = tcp.set_nodelay(true) {
@@ -121,6 +142,7 @@ impl Listener {
                 metrics::gauge!("kaiwa_http_connections").increment(1.0);
                 shared.serve_connection(tcp, addr).await;
                 metrics::gauge!("kaiwa_http_connections").decrement(1.0);
+                drop(share);
                 drop(permit);
             });
         }

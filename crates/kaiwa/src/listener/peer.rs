@@ -123,9 +123,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
         ready!(Pin::new(&mut this.inner).poll_read(cx, &mut limited))?;
         let read = limited.filled().len();
         buf.advance(read);
-        this.peer
+        // Never over a lift: a verified connection stays unlimited whoever lifted it meanwhile.
+        let _ = this
+            .peer
             .allowance
-            .store(allowance.saturating_sub(read), Ordering::Release);
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                (left != UNLIMITED).then(|| left.saturating_sub(read))
+            });
         Poll::Ready(Ok(()))
     }
 }

@@ -57,6 +57,10 @@ impl Timer for ConnectionTimer {
         self.tokio.sleep_until(self.deadline(deadline))
     }
 
+    fn now(&self) -> Instant {
+        self.tokio.now()
+    }
+
     fn reset(&self, sleep: &mut Pin<Box<dyn Sleep>>, new_deadline: Instant) {
         self.tokio.reset(sleep, self.deadline(new_deadline));
     }
