@@ -8,6 +8,20 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 fail() { printf '\nerror: %s\n' "$*" >&2; exit 1; }
+# Installs Debian package $1 with apt-get (as root, or with sudo), updating the package lists
+# if the first attempt fails; $2 says what needs it.
+install_package() {
+  local package=$1 why=$2 sudo=""
+  command -v apt-get >/dev/null || fail "$package is missing and there is no apt-get to install it: $why"
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || fail "$package is missing; installing it needs root (or sudo): $why"
+    sudo=sudo
+  fi
+  echo "installing $package"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y "$package" || { $sudo apt-get update && $sudo apt-get install -y "$package"; } \
+    || fail "could not install $package with apt-get"
+}
 
 step "toolchain"
 cargo --version
@@ -76,18 +90,7 @@ step "browser tests: prerequisites"
 chromium_path="${CHROMIUM_PATH:-/usr/bin/chromium}"
 if [ ! -x "$chromium_path" ]; then
   [ "$chromium_path" = /usr/bin/chromium ] || fail "CHROMIUM_PATH=$chromium_path is not an executable"
-  command -v apt-get >/dev/null || fail "Chromium is missing and there is no apt-get to install it; install chromium or set CHROMIUM_PATH"
-  sudo=""
-  if [ "$(id -u)" != 0 ]; then
-    command -v sudo >/dev/null || fail "Chromium is missing; installing it needs root (or sudo)"
-    sudo=sudo
-  fi
-  echo "installing chromium"
-  export DEBIAN_FRONTEND=noninteractive
-  if ! $sudo apt-get install -y chromium; then
-    $sudo apt-get update
-    $sudo apt-get install -y chromium || fail "could not install chromium with apt-get"
-  fi
+  install_package chromium "the browser tests drive it (or set CHROMIUM_PATH)"
 fi
 "$chromium_path" --version 2>/dev/null || fail "$chromium_path does not run"
 command -v node >/dev/null || fail "Node.js 20 or newer is needed for the browser tests (node not found)"
@@ -125,18 +128,7 @@ export BROWSER_TEST_OUTPUT="$PWD/target/browser-tests"
 rm -rf "$BROWSER_TEST_OUTPUT"
 
 step "TLS ended by HAProxy (deploy/haproxy.cfg checked, the cluster of scripts/cluster.sh over https and wss)"
-if ! command -v haproxy >/dev/null; then
-  command -v apt-get >/dev/null || fail "haproxy is missing and there is no apt-get to install it"
-  sudo=""
-  if [ "$(id -u)" != 0 ]; then
-    command -v sudo >/dev/null || fail "haproxy is missing; installing it needs root (or sudo)"
-    sudo=sudo
-  fi
-  echo "installing haproxy"
-  export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get install -y haproxy || { $sudo apt-get update && $sudo apt-get install -y haproxy; } \
-    || fail "could not install haproxy with apt-get"
-fi
+command -v haproxy >/dev/null || install_package haproxy "the TLS check runs it in front of kaiwa"
 command -v psql >/dev/null || fail "psql is needed to make the TLS check's database (Debian package postgresql-client)"
 scripts/check-tls-proxy.sh "$KAIWA_BIN"
 
@@ -150,16 +142,7 @@ if [ "$("$venv/bin/st" --version 2>/dev/null)" != "st, version $schemathesis_ver
   rm -rf "$venv"
   if ! python3 -m venv "$venv" >/dev/null 2>&1; then
     # Debian's python3 makes no virtual environment without python3-venv.
-    command -v apt-get >/dev/null || fail "python3 cannot make a virtual environment (python3 -m venv) and there is no apt-get to install python3-venv"
-    sudo=""
-    if [ "$(id -u)" != 0 ]; then
-      command -v sudo >/dev/null || fail "python3-venv is missing; installing it needs root (or sudo)"
-      sudo=sudo
-    fi
-    echo "installing python3-venv"
-    export DEBIAN_FRONTEND=noninteractive
-    $sudo apt-get install -y python3-venv || { $sudo apt-get update && $sudo apt-get install -y python3-venv; } \
-      || fail "could not install python3-venv with apt-get"
+    install_package python3-venv "python3 -m venv makes schemathesis's environment"
     rm -rf "$venv"
     python3 -m venv "$venv" || fail "python3 -m venv $venv failed"
   fi

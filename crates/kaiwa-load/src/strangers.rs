@@ -389,20 +389,26 @@ fn frame(bytes: &[u8]) -> Option<(u8, &[u8], usize)> {
     Some((opcode, payload, start + len))
 }
 
+/// Upgrades, and says so on `opened` whether it was upgraded or refused.
+async fn upgraded(
+    target: &Target,
+    opened: &tokio::sync::mpsc::UnboundedSender<()>,
+) -> Result<(TcpStream, Vec<u8>), Fate> {
+    let upgraded = upgrade(target).await.map_err(Fate::Refused);
+    opened.send(()).ok();
+    upgraded
+}
+
 /// Upgrades, then says nothing.
 async fn silent(
     target: &Target,
     opened: tokio::sync::mpsc::UnboundedSender<()>,
     wait: Duration,
 ) -> Fate {
-    let (tcp, pending) = match upgrade(target).await {
+    let (tcp, pending) = match upgraded(target, &opened).await {
         Ok(upgraded) => upgraded,
-        Err(why) => {
-            opened.send(()).ok();
-            return Fate::Refused(why);
-        }
+        Err(refused) => return refused,
     };
-    opened.send(()).ok();
     let started = Instant::now();
     let (reader, _writer) = tcp.into_split();
     let how = await_close(reader, pending, wait).await;
@@ -416,14 +422,10 @@ async fn large(
     opened: tokio::sync::mpsc::UnboundedSender<()>,
     wait: Duration,
 ) -> Fate {
-    let (tcp, pending) = match upgrade(target).await {
+    let (tcp, pending) = match upgraded(target, &opened).await {
         Ok(upgraded) => upgraded,
-        Err(why) => {
-            opened.send(()).ok();
-            return Fate::Refused(why);
-        }
+        Err(refused) => return refused,
     };
-    opened.send(()).ok();
     let started = Instant::now();
     let (reader, mut writer) = tcp.into_split();
     // FIN and text, then a masked 64-bit length with a mask of zeros (the payload as is).

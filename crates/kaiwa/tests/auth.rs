@@ -9,7 +9,7 @@ use kaiwa::clock::Clock as _;
 use serde_json::{Value, json};
 use std::time::Duration;
 use support::tokens::{OTHER_SECRET, SECRET, token, token_for};
-use support::{Client, TestApp, files, send, send_file};
+use support::{Client, TestApp, files, refused_upgrade, send, send_file};
 
 const AUTH: &[&str] = &["--auth-secret", SECRET];
 const HOUR: Duration = Duration::from_secs(3600);
@@ -138,34 +138,17 @@ async fn the_token_may_come_with_the_upgrade_request_instead() {
     refused(&mut client, true, "malformed_token", 4602).await;
 }
 
-/// The HTTP answer to an upgrade request that was refused before anything was upgraded.
-async fn refused_upgrade(url: &str, headers: &[(&'static str, &str)]) -> (u16, Value) {
-    let err = Client::connect_with(url, true, headers)
-        .await
-        .err()
-        .expect("the upgrade is refused");
-    match err.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
-        Some(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            let body = response.body().clone().unwrap_or_default();
-            (
-                response.status().as_u16(),
-                serde_json::from_slice(&body).expect("a JSON body"),
-            )
-        }
-        _ => panic!("not an HTTP refusal: {err:#}"),
-    }
-}
-
 #[tokio::test]
 async fn a_bad_token_on_the_upgrade_request_is_refused_with_401_and_nothing_is_upgraded() {
     let app = TestApp::spawn(AUTH).await;
     let now = app.clock.now();
     let expired = token(SECRET, "alice", HOUR, now - chrono::TimeDelta::hours(2));
     let bearer = format!("Bearer {expired}");
-    let (status, body) = refused_upgrade(&app.ws_url(), &[("Authorization", &bearer)]).await;
+    let (status, body) = refused_upgrade(&app.ws_url(), true, &[("Authorization", &bearer)]).await;
     assert_eq!(status, 401);
     assert_eq!(body["code"], "expired_token", "{body}");
-    let (status, body) = refused_upgrade(&format!("{}?token=not-a-jwt", app.ws_url()), &[]).await;
+    let (status, body) =
+        refused_upgrade(&format!("{}?token=not-a-jwt", app.ws_url()), true, &[]).await;
     assert_eq!(status, 401);
     assert_eq!(body["code"], "malformed_token", "{body}");
     assert_eq!(app.health().await["status"], "ok");

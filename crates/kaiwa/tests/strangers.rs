@@ -6,10 +6,10 @@
 mod support;
 
 use kaiwa::clock::Clock as _;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::time::Duration;
 use support::tokens::{SECRET, token};
-use support::{Client, TestApp, eventually};
+use support::{Client, TestApp, eventually, refused_upgrade};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -18,24 +18,6 @@ async fn stranger(app: &TestApp) -> Client {
     Client::connect(&app.ws_url(), true)
         .await
         .expect("the upgrade succeeds")
-}
-
-/// The HTTP answer to an upgrade refused before anything was upgraded: status and body.
-async fn refused_upgrade(url: &str, headers: &[(&'static str, &str)]) -> (u16, Value) {
-    let err = Client::connect_with(url, false, headers)
-        .await
-        .err()
-        .expect("the upgrade is refused");
-    match err.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
-        Some(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            let body = response.body().clone().unwrap_or_default();
-            (
-                response.status().as_u16(),
-                serde_json::from_slice(&body).unwrap_or(Value::Null),
-            )
-        }
-        _ => panic!("not an HTTP refusal: {err:#}"),
-    }
 }
 
 /// Reads from `socket` until it is closed, and says whether it was within `within`.
@@ -97,7 +79,7 @@ async fn an_address_with_its_share_of_handshakes_gets_429_until_one_ends() {
     .await;
     let first = stranger(&app).await;
     let _second = stranger(&app).await;
-    let (status, body) = refused_upgrade(&app.ws_url(), &[]).await;
+    let (status, body) = refused_upgrade(&app.ws_url(), false, &[]).await;
     assert_eq!(status, 429);
     assert_eq!(body["code"], "too_many_handshakes", "{body}");
     first.close().await;
@@ -132,7 +114,7 @@ async fn a_token_on_the_upgrade_buys_no_place_beyond_the_pools_caps() {
         token(SECRET, "alice", Duration::from_secs(3600), app.clock.now())
     );
     let holder = stranger(&app).await;
-    let (status, body) = refused_upgrade(&app.ws_url(), &[("Authorization", &bearer)]).await;
+    let (status, body) = refused_upgrade(&app.ws_url(), true, &[("Authorization", &bearer)]).await;
     assert_eq!(
         (status, &body["code"]),
         (429, &json!("too_many_handshakes"))
@@ -254,10 +236,11 @@ async fn one_address_holds_only_its_share_of_the_http_connections() {
 async fn without_auth_pages_of_other_sites_and_rebound_names_are_refused() {
     let app = TestApp::spawn(&[]).await;
     let (status, body) =
-        refused_upgrade(&app.ws_url(), &[("Origin", "https://evil.example")]).await;
+        refused_upgrade(&app.ws_url(), false, &[("Origin", "https://evil.example")]).await;
     assert_eq!((status, &body["code"]), (403, &json!("forbidden_origin")));
     let (status, body) = refused_upgrade(
         &app.ws_url(),
+        false,
         &[
             ("Host", "rebound.evil.example"),
             ("Origin", "http://rebound.evil.example"),

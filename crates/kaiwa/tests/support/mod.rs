@@ -766,6 +766,29 @@ pub fn isolated<'c>(
     command
 }
 
+/// The HTTP answer to an upgrade refused before anything was upgraded (401, 429, 403...):
+/// its status and JSON body.
+pub async fn refused_upgrade(
+    url: &str,
+    native: bool,
+    headers: &[(&'static str, &str)],
+) -> (u16, Value) {
+    let err = Client::connect_with(url, native, headers)
+        .await
+        .err()
+        .expect("the upgrade is refused");
+    match err.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+        Some(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let body = response.body().clone().unwrap_or_default();
+            (
+                response.status().as_u16(),
+                serde_json::from_slice(&body).unwrap_or(Value::Null),
+            )
+        }
+        _ => panic!("not an HTTP refusal: {err:#}"),
+    }
+}
+
 /// How long a `kaiwa` process of a test may take to listen.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
