@@ -115,6 +115,7 @@ pub async fn hold(
         let client_id = format!("idle-{run_id}-{index}");
         let plan = ClientPlan {
             index,
+            // Signing with a key the minter already took fails only if serialization does.
             token: auth.and_then(|minter| minter.token(&client_id).ok()),
             client_id,
             timezone: Tz::UTC,

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use kaiwa_load::auth::TokenSettings;
+use kaiwa_load::auth::{AUTH_SECRET_ENV, AuthError, Minter, TokenSettings};
 use kaiwa_load::connections::{self, ConnectionsConfig};
 use kaiwa_load::plan::Mix;
 use kaiwa_load::strangers::{self, StrangersConfig};
@@ -11,6 +11,7 @@ use kaiwa_load::table::{self, Report};
 use kaiwa_load::{LoadConfig, Mode, Summary};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
@@ -68,7 +69,7 @@ struct AuthArgs {
     /// printed.
     #[arg(
         long = "auth-secret",
-        env = "KAIWA_AUTH_SECRET",
+        env = AUTH_SECRET_ENV,
         hide_env_values = true
     )]
     secret: Option<String>,
@@ -90,6 +91,13 @@ impl AuthArgs {
                 audience: self.audience.clone(),
                 ttl: self.ttl,
             })
+    }
+
+    /// What signs the clients' tokens, when a secret is given.
+    fn minter(&self) -> Result<Option<Arc<Minter>>, AuthError> {
+        self.settings()
+            .map(|settings| settings.minter().map(Arc::new))
+            .transpose()
     }
 }
 
@@ -251,11 +259,7 @@ fn main() -> anyhow::Result<ExitCode> {
                     large: args.large,
                     large_bytes: args.large_bytes,
                     slow_headers: args.slow_headers,
-                    auth: args
-                        .auth
-                        .settings()
-                        .map(|auth| auth.minter().map(std::sync::Arc::new))
-                        .transpose()?,
+                    auth: args.auth.minter()?,
                     server_pid: args.server_pid,
                     wait: args.wait,
                 };
@@ -295,9 +299,9 @@ fn main() -> anyhow::Result<ExitCode> {
                 run_id,
                 auth,
             } => {
-                let minter = auth.settings().map(|auth| auth.minter()).transpose()?;
+                let minter = auth.minter()?;
                 let report =
-                    connections::run_part(&url, first, count, &run_id, minter.as_ref()).await;
+                    connections::run_part(&url, first, count, &run_id, minter.as_deref()).await;
                 println!("{}", serde_json::to_string(&report)?);
                 Ok(ExitCode::SUCCESS)
             }
@@ -347,12 +351,7 @@ async fn messages(scenario: &str, args: MessageArgs) -> anyhow::Result<ExitCode>
         timeout: args.timeout,
         progress: !args.common.quiet,
         reconnect: args.reconnect,
-        auth: args
-            .common
-            .auth
-            .settings()
-            .map(|auth| auth.minter().map(std::sync::Arc::new))
-            .transpose()?,
+        auth: args.common.auth.minter()?,
     };
     let summary = kaiwa_load::run(config).await?;
     finish(&summary, args.common.json.as_ref())

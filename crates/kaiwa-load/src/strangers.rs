@@ -172,6 +172,37 @@ enum Fate {
     Ended(String, Duration),
 }
 
+/// The kinds of stranger, in the order of the report (`kind as usize` is its place there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Upgrades, then says nothing.
+    Silent,
+    /// Upgrades, then starts a huge first frame.
+    Large,
+    /// Sends half a request's headers, then nothing.
+    SlowHeaders,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::Silent, Kind::Large, Kind::SlowHeaders];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Silent => "silent",
+            Self::Large => "large",
+            Self::SlowHeaders => "slow_headers",
+        }
+    }
+
+    fn count(self, config: &StrangersConfig) -> usize {
+        match self {
+            Self::Silent => config.silent,
+            Self::Large => config.large,
+            Self::SlowHeaders => config.slow_headers,
+        }
+    }
+}
+
 /// The parts of the endpoint a raw client needs.
 struct Target {
     addr: SocketAddr,
@@ -208,29 +239,18 @@ pub async fn run(config: StrangersConfig) -> Result<StrangersReport, StrangersEr
 
     let mut strangers = JoinSet::new();
     let (opened_tx, mut opened_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let kinds = [
-        ("silent", config.silent),
-        ("large", config.large),
-        ("slow_headers", config.slow_headers),
-    ];
-    for (kind, count) in kinds {
-        for _ in 0..count {
+    for kind in Kind::ALL {
+        for _ in 0..kind.count(&config) {
             let target = target.clone();
             let opened = opened_tx.clone();
             let (wait, bytes) = (config.wait, config.large_bytes);
-            strangers.spawn(async move {
-                let fate = match kind {
-                    "silent" => silent(&target, opened, wait).await,
-                    "large" => large(&target, bytes, opened, wait).await,
-                    _ => slow_headers(&target, opened, wait).await,
-                };
-                (kind, fate)
-            });
+            strangers
+                .spawn(async move { (kind, stranger(kind, &target, bytes, opened, wait).await) });
         }
     }
     drop(opened_tx);
     // Every stranger in place (or refused) before the real client comes.
-    let total = config.silent + config.large + config.slow_headers;
+    let total: usize = Kind::ALL.iter().map(|kind| kind.count(&config)).sum();
     let settle = tokio::time::timeout(config.wait, async {
         let mut settled = 0;
         while settled < total && opened_rx.recv().await.is_some() {
@@ -241,21 +261,13 @@ pub async fn run(config: StrangersConfig) -> Result<StrangersReport, StrangersEr
 
     let client = real_client(&config, &samples).await;
 
-    let mut reports: BTreeMap<&str, KindReport> = kinds
-        .iter()
-        .map(|(kind, _)| {
-            (
-                *kind,
-                KindReport {
-                    kind: (*kind).to_owned(),
-                    ..KindReport::default()
-                },
-            )
-        })
-        .collect();
+    let mut kinds = Kind::ALL.map(|kind| KindReport {
+        kind: kind.name().to_owned(),
+        ..KindReport::default()
+    });
     while let Some(joined) = strangers.join_next().await {
         let Ok((kind, fate)) = joined else { continue };
-        let Some(report) = reports.get_mut(kind) else {
+        let Some(report) = kinds.get_mut(kind as usize) else {
             continue;
         };
         match fate {
@@ -280,10 +292,7 @@ pub async fn run(config: StrangersConfig) -> Result<StrangersReport, StrangersEr
         _ => None,
     };
     Ok(StrangersReport {
-        kinds: kinds
-            .iter()
-            .filter_map(|(kind, _)| reports.remove(kind))
-            .collect(),
+        kinds: kinds.into(),
         client,
         memory,
     })
@@ -389,44 +398,41 @@ fn frame(bytes: &[u8]) -> Option<(u8, &[u8], usize)> {
     Some((opcode, payload, start + len))
 }
 
-/// Upgrades, and says so on `opened` whether it was upgraded or refused.
-async fn upgraded(
+/// One stranger of `kind`: opens its connection, says so on `opened` (opened or refused), then
+/// holds it until the server ends it or `wait` runs out.
+async fn stranger(
+    kind: Kind,
     target: &Target,
-    opened: &tokio::sync::mpsc::UnboundedSender<()>,
-) -> Result<(TcpStream, Vec<u8>), Fate> {
-    let upgraded = upgrade(target).await.map_err(Fate::Refused);
-    opened.send(()).ok();
-    upgraded
-}
-
-/// Upgrades, then says nothing.
-async fn silent(
-    target: &Target,
+    large_bytes: usize,
     opened: tokio::sync::mpsc::UnboundedSender<()>,
     wait: Duration,
 ) -> Fate {
-    let (tcp, pending) = match upgraded(target, &opened).await {
-        Ok(upgraded) => upgraded,
-        Err(refused) => return refused,
+    let connected = match kind {
+        Kind::Silent | Kind::Large => upgrade(target).await,
+        Kind::SlowHeaders => half_a_request(target).await,
+    };
+    opened.send(()).ok();
+    let (tcp, pending) = match connected {
+        Ok(connected) => connected,
+        Err(why) => return Fate::Refused(why),
     };
     let started = Instant::now();
-    let (reader, _writer) = tcp.into_split();
-    let how = await_close(reader, pending, wait).await;
+    let how = match kind {
+        Kind::Silent => {
+            // Held, not dropped: dropping the write half would send a FIN, and a stranger says
+            // nothing at all.
+            let (reader, _writer) = tcp.into_split();
+            await_close(reader, pending, wait).await
+        }
+        Kind::Large => large(tcp, pending, large_bytes, wait).await,
+        Kind::SlowHeaders => await_end(tcp, wait).await,
+    };
     Fate::Ended(how, started.elapsed())
 }
 
-/// Upgrades, then starts a text frame of `bytes` and writes it as fast as the server reads.
-async fn large(
-    target: &Target,
-    bytes: usize,
-    opened: tokio::sync::mpsc::UnboundedSender<()>,
-    wait: Duration,
-) -> Fate {
-    let (tcp, pending) = match upgraded(target, &opened).await {
-        Ok(upgraded) => upgraded,
-        Err(refused) => return refused,
-    };
-    let started = Instant::now();
+/// Starts a text frame of `bytes` and writes it as fast as the server reads; returns how the
+/// server ended it.
+async fn large(tcp: TcpStream, pending: Vec<u8>, bytes: usize, wait: Duration) -> String {
     let (reader, mut writer) = tcp.into_split();
     // FIN and text, then a masked 64-bit length with a mask of zeros (the payload as is).
     let mut header = vec![0x81, 0x80 | 127];
@@ -449,43 +455,33 @@ async fn large(
     let writing = tokio::spawn(write);
     let how = await_close(reader, pending, wait).await;
     writing.abort();
-    Fate::Ended(how, started.elapsed())
+    how
 }
 
 /// Sends half a request's headers, then nothing.
-async fn slow_headers(
-    target: &Target,
-    opened: tokio::sync::mpsc::UnboundedSender<()>,
-    wait: Duration,
-) -> Fate {
+async fn half_a_request(target: &Target) -> Result<(TcpStream, Vec<u8>), String> {
     let sent = async {
         let mut tcp = TcpStream::connect(target.addr).await?;
         let partial = format!("GET /health HTTP/1.1\r\nHost: {}\r\n", target.host);
         tcp.write_all(partial.as_bytes()).await?;
         Ok::<TcpStream, std::io::Error>(tcp)
     };
-    let mut tcp = match sent.await {
-        Ok(tcp) => tcp,
-        Err(err) => {
-            opened.send(()).ok();
-            return Fate::Refused(err.kind().to_string());
-        }
-    };
-    opened.send(()).ok();
-    let started = Instant::now();
+    sent.await
+        .map(|tcp| (tcp, Vec::new()))
+        .map_err(|err| err.kind().to_string())
+}
+
+/// Waits for an HTTP connection to end: `eof`, `answered` (a 408, say), or `open` after `wait`.
+async fn await_end(mut tcp: TcpStream, wait: Duration) -> String {
     let mut buf = [0; 1024];
     let ended = tokio::time::timeout(wait, async {
         match tcp.read(&mut buf).await {
             Ok(0) | Err(_) => "eof".to_owned(),
-            // An answer before the end (a 408, say) ends it too.
             Ok(_) => "answered".to_owned(),
         }
     })
     .await;
-    Fate::Ended(
-        ended.unwrap_or_else(|_| "open".to_owned()),
-        started.elapsed(),
-    )
+    ended.unwrap_or_else(|_| "open".to_owned())
 }
 
 /// One real client: connects (with its token when auth is on), sends an image and waits for

@@ -108,3 +108,13 @@ pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
 }
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            status: "error".to_owned(),
+            code,
+            message: message.into(),
+        }
+    }
+}

@@ -357,7 +357,7 @@ impl Application {
             },
         });
         let browsers = http::cors::Browsers::new(&config.auth, auth.is_some());
-        let limits = listener::Limits::from_config(&config);
+        let limits = listener::Limits::from_config(&config.listener);
         let admin = match config.auth.admin_bind {
             Some(addr) => {
                 if !addr.ip().is_loopback() {

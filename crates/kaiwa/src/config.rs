@@ -442,6 +442,12 @@ pub struct ListenerConfig {
     #[arg(long = "max-http-connections-per-address", env = "KAIWA_MAX_HTTP_CONNECTIONS_PER_ADDRESS", default_value = "64", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub max_connections_per_address: u32,
 
+    /// Addresses or networks that many clients share, such as a proxy in front of kaiwa
+    /// (comma-separated, e.g. 10.0.0.5,192.168.0.0/16): neither their handshakes nor their HTTP
+    /// connections are capped per address. `none` caps every address.
+    #[arg(long, env = "KAIWA_PROXY_ADDRESS", default_value = "127.0.0.0/8,::1", value_parser = Networks::parse)]
+    pub proxy_address: Networks,
+
     /// Seconds a new connection has to send its first request's headers (and, with TLS, to
     /// finish the TLS handshake before that); then it is closed.
     #[arg(long = "http-header-timeout", env = "KAIWA_HTTP_HEADER_TIMEOUT", default_value = "5", value_parser = parse_seconds)]
@@ -528,12 +534,6 @@ pub struct SessionConfig {
     /// past it the upgrade is refused with HTTP 429. 0 turns this cap off.
     #[arg(long, env = "KAIWA_MAX_HANDSHAKES_PER_ADDRESS", default_value = "16", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub max_handshakes_per_address: u32,
-
-    /// Addresses or networks that many clients share, such as a proxy in front of kaiwa
-    /// (comma-separated, e.g. 10.0.0.5,192.168.0.0/16): neither their handshakes nor their HTTP
-    /// connections are capped per address. `none` caps every address.
-    #[arg(long, env = "KAIWA_PROXY_ADDRESS", default_value = "127.0.0.0/8,::1", value_parser = Networks::parse)]
-    pub proxy_address: Networks,
 
     /// What a second connection with a live client id gets (R15).
     #[arg(long, env = "KAIWA_DUPLICATE_CONNECTION", value_enum, default_value_t = DuplicatePolicy::Refuse)]

@@ -2,8 +2,11 @@
 //!
 //! A message travels through the modules in this order, and each module owns one step:
 //!
-//! 1. [`gateway`]: WebSocket upgrade, handshake, one session actor per connection, the registry
-//!    of connected clients, and the outbox that writes frames back.
+//! 0. [`listener`]: accepts connections (TLS when configured) and serves HTTP/1 under a cap on
+//!    connections, header and idle timeouts, and a byte allowance until a WebSocket is verified.
+//! 1. [`gateway`]: WebSocket upgrade, the pool of connections in their handshake, handshake,
+//!    one session actor per connection, the registry of connected clients, and the outbox that
+//!    writes frames back.
 //! 2. [`admission`]: limits (clients, messages in flight), validation of content and media, and
 //!    the time windows judged in the client's timezone.
 //! 3. [`store`]: durable messages, replies and media files (SQLite now; the [`store::Store`]

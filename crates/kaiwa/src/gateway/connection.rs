@@ -284,39 +284,25 @@ async fn introduce(
     } else {
         Protocol::Legacy
     };
-    if gateway.is_draining() {
-        let detail = "server shutting down; reconnect shortly";
-        refuse(
-            socket,
-            guess,
-            ErrorCode::ShuttingDown,
-            CloseCode::GoingAway,
-            detail,
-        )
-        .await;
-        return None;
-    }
     let timeout = gateway.settings.sessions.handshake_timeout;
     let credentials = Credentials {
         auth: gateway.settings.auth.clone(),
         upgrade: verified,
         clock: gateway.clock.clone(),
     };
+    // A draining server takes no new sessions: a handshake in progress (or one that begins
+    // after the drain did) ends at once.
     let received = tokio::select! {
         received = handshake::receive(socket, native, timeout, &credentials) => received,
         () = pass.crowded_out() => Err(HandshakeError::CrowdedOut),
-        () = gateway.close_sessions.cancelled() => Err(HandshakeError::ShuttingDown),
+        () = gateway.draining.cancelled() => Err(HandshakeError::ShuttingDown),
     };
     // Whatever came of it, the connection is no longer a stranger in the pool.
     drop(pass);
     let (protocol, error, close, detail) = match received {
         Ok(hello) if !gateway.is_draining() => return Some(hello),
-        Ok(hello) => (
-            hello.protocol,
-            ErrorCode::ShuttingDown,
-            CloseCode::GoingAway,
-            "server shutting down; reconnect shortly".to_owned(),
-        ),
+        Ok(hello) => shutting_down(hello.protocol),
+        Err(HandshakeError::ShuttingDown) => shutting_down(guess),
         Err(HandshakeError::Gone) => return None,
         Err(HandshakeError::InvalidUtf8) => (
             guess,
@@ -338,12 +324,6 @@ async fn introduce(
                 "before the handshake is verified a connection may send {} bytes",
                 super::HANDSHAKE_ALLOWANCE
             ),
-        ),
-        Err(HandshakeError::ShuttingDown) => (
-            guess,
-            ErrorCode::ShuttingDown,
-            CloseCode::GoingAway,
-            "server shutting down; reconnect shortly".to_owned(),
         ),
         Err(HandshakeError::CrowdedOut) => (
             guess,
@@ -376,6 +356,17 @@ async fn introduce(
     // socket counts nowhere (it has left the pool, and never had a slot).
     refuse_within(socket, protocol, error, close, &detail, STRANGER_LINGER).await;
     None
+}
+
+/// The refusal of a connection that came while the server drains, in `protocol`.
+fn shutting_down(protocol: Protocol) -> (Protocol, ErrorCode, CloseCode, String) {
+    let detail = "server shutting down; reconnect shortly";
+    (
+        protocol,
+        ErrorCode::ShuttingDown,
+        CloseCode::GoingAway,
+        detail.to_owned(),
+    )
 }
 
 /// The `seq` the client's reply stream starts after on this connection. A cursor beyond the

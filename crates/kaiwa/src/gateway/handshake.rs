@@ -70,7 +70,7 @@ pub(crate) enum HandshakeError {
     TooLarge,
     /// Too many connections were in their handshake, and a newer one took this one's place.
     CrowdedOut,
-    /// The server closes every session: shutdown.
+    /// The server is draining for shutdown and takes no new sessions.
     ShuttingDown,
     /// The handshake frame was wrong, or its token; `protocol` is the one to answer in, and
     /// `close` the close code that follows the error frame.

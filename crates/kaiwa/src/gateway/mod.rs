@@ -21,8 +21,8 @@ use crate::admission::{Admission, ConnectionSlots};
 use crate::auth::{self, AuthError, Authenticator, Claims};
 use crate::clock::Clock;
 use crate::config::{ServeConfig, SessionConfig};
-use crate::listener::Peer;
-use crate::listener::ShareFull;
+use crate::domain::Networks;
+use crate::listener::{Peer, ShareFull, Shares};
 use crate::store::Store;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{RawQuery, State};
@@ -63,6 +63,8 @@ pub const HANDSHAKE_ALLOWANCE: usize = 16 * 1024;
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
     pub sessions: SessionConfig,
+    /// Addresses many clients share (a proxy in front): not capped per address.
+    pub(crate) proxies: Networks,
     pub max_clients: usize,
     pub max_in_flight_per_client: usize,
     pub(crate) outbox: OutboxLimits,
@@ -89,6 +91,7 @@ impl GatewaySettings {
         }
         Self {
             sessions: config.sessions.clone(),
+            proxies: config.listener.proxy_address.clone(),
             max_clients: limits.max_clients as usize,
             max_in_flight_per_client: limits.max_in_flight_per_client as usize,
             outbox: OutboxLimits {
@@ -147,7 +150,13 @@ impl Gateway {
     ) -> Self {
         Self {
             slots: ConnectionSlots::new(settings.max_clients),
-            strangers: Strangers::new(&settings.sessions),
+            strangers: Strangers::new(
+                settings.sessions.max_handshakes as usize,
+                Shares::new(
+                    settings.sessions.max_handshakes_per_address as usize,
+                    settings.proxies.clone(),
+                ),
+            ),
             settings,
             registry: Registry::default(),
             admission,
@@ -267,12 +276,9 @@ pub(crate) async fn upgrade(
         Err(err) => {
             metrics::counter!("kaiwa_connections_refused_total", "reason" => err.code().as_str())
                 .increment(1);
-            return refusal(
-                StatusCode::UNAUTHORIZED,
-                err.code(),
-                err.to_string(),
-                Some(auth::challenge(&err)),
-            );
+            let body = ErrorBody::new(err.code(), err.to_string());
+            let challenge = [(header::WWW_AUTHENTICATE, auth::challenge(&err))];
+            return (StatusCode::UNAUTHORIZED, challenge, Json(body)).into_response();
         }
     };
     // Every connection waits in the strangers' pool until its handshake frame is read, one
@@ -329,39 +335,13 @@ fn source_full(full: ShareFull) -> Response {
     metrics::counter!("kaiwa_connections_refused_total", "reason" => "too_many_handshakes")
         .increment(1);
     tracing::debug!(source = %full.source, "refused: too many handshakes from one address");
-    let mut response = refusal(
-        StatusCode::TOO_MANY_REQUESTS,
+    let body = ErrorBody::new(
         ErrorCode::TooManyHandshakes,
         format!(
             "{} connections from your address are already in their handshake; retry in a second",
             full.limit
         ),
-        None,
     );
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    response
-}
-
-/// An upgrade refused before anything is upgraded: the status, and the error body of the HTTP
-/// API.
-fn refusal(
-    status: StatusCode,
-    code: ErrorCode,
-    message: String,
-    challenge: Option<HeaderValue>,
-) -> Response {
-    let body = ErrorBody {
-        status: "error".to_owned(),
-        code,
-        message,
-    };
-    let mut response = (status, Json(body)).into_response();
-    if let Some(challenge) = challenge {
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, challenge);
-    }
-    response
+    let retry = [(header::RETRY_AFTER, HeaderValue::from_static("1"))];
+    (StatusCode::TOO_MANY_REQUESTS, retry, Json(body)).into_response()
 }

@@ -4,7 +4,6 @@
 //! sends its handshake at once is verified long before it becomes the oldest, while a stranger
 //! that sends nothing only ever takes another stranger's place.
 
-use crate::config::SessionConfig;
 use crate::listener::{Share, ShareFull, Shares};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -42,14 +41,12 @@ pub(crate) struct Pass {
 }
 
 impl Strangers {
-    pub(crate) fn new(sessions: &SessionConfig) -> Self {
+    /// A pool of `capacity` places, each source's share of them kept by `shares`.
+    pub(crate) fn new(capacity: usize, shares: Shares) -> Self {
         Self {
             pool: Arc::default(),
-            capacity: sessions.max_handshakes.max(1) as usize,
-            shares: Shares::new(
-                sessions.max_handshakes_per_address as usize,
-                sessions.proxy_address.clone(),
-            ),
+            capacity: capacity.max(1),
+            shares,
         }
     }
 
@@ -118,17 +115,12 @@ impl Drop for Pass {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use crate::domain::Networks;
 
-    fn strangers(flags: &[&str]) -> Strangers {
-        #[derive(Parser)]
-        struct Flags {
-            #[command(flatten)]
-            sessions: SessionConfig,
-        }
-        let flags = Flags::try_parse_from(std::iter::once("kaiwa").chain(flags.iter().copied()))
-            .expect("valid flags");
-        Strangers::new(&flags.sessions)
+    /// A pool of `capacity`, with `per_source` places for a source (loopback not capped).
+    fn strangers(capacity: usize, per_source: usize) -> Strangers {
+        let loopback = Networks::parse("127.0.0.0/8,::1").expect("valid");
+        Strangers::new(capacity, Shares::new(per_source, loopback))
     }
 
     fn addr(text: &str) -> IpAddr {
@@ -137,7 +129,7 @@ mod tests {
 
     #[test]
     fn a_full_pool_crowds_out_its_oldest_connection() {
-        let pool = strangers(&["--max-handshakes", "2"]);
+        let pool = strangers(2, 16);
         let first = pool.admit(Some(addr("192.0.2.1"))).expect("room");
         let second = pool.admit(Some(addr("192.0.2.2"))).expect("room");
         assert!(!first.crowded_out.is_cancelled());
@@ -156,12 +148,7 @@ mod tests {
 
     #[test]
     fn one_source_may_hold_only_its_share_and_gets_it_back() {
-        let pool = strangers(&[
-            "--max-handshakes-per-address",
-            "2",
-            "--proxy-address",
-            "none",
-        ]);
+        let pool = strangers(1024, 2);
         let a = pool.admit(Some(addr("198.51.100.7"))).expect("room");
         let _b = pool.admit(Some(addr("198.51.100.7"))).expect("room");
         let full = pool
@@ -177,7 +164,7 @@ mod tests {
 
     #[test]
     fn shared_addresses_and_a_cap_of_zero_are_not_capped_per_source() {
-        let behind_proxy = strangers(&["--max-handshakes-per-address", "1"]);
+        let behind_proxy = strangers(1024, 1);
         let _unknown = behind_proxy
             .admit(None)
             .expect("an unknown source is not capped");
@@ -188,12 +175,7 @@ mod tests {
         let _b = behind_proxy
             .admit(Some(addr("127.0.0.1")))
             .expect("loopback is a proxy by default");
-        let uncapped = strangers(&[
-            "--max-handshakes-per-address",
-            "0",
-            "--proxy-address",
-            "none",
-        ]);
+        let uncapped = strangers(1024, 0);
         let _c = uncapped.admit(Some(addr("203.0.113.1"))).expect("room");
         let _d = uncapped.admit(Some(addr("203.0.113.1"))).expect("no cap");
     }

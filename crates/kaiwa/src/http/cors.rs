@@ -177,12 +177,7 @@ impl IntoResponse for Refused {
             ),
         };
         metrics::counter!("kaiwa_http_refused_total", "reason" => code.as_str()).increment(1);
-        let body = ErrorBody {
-            status: "error".to_owned(),
-            code,
-            message: message.to_owned(),
-        };
-        (status, axum::Json(body)).into_response()
+        (status, axum::Json(ErrorBody::new(code, message))).into_response()
     }
 }
 

@@ -68,12 +68,7 @@ impl IntoResponse for ApiError {
                 )
             }
         };
-        let body = ErrorBody {
-            status: "error".to_owned(),
-            code,
-            message,
-        };
-        let mut response = (status, Json(body)).into_response();
+        let mut response = (status, Json(ErrorBody::new(code, message))).into_response();
         if let Self::Unauthorized(err) = &self {
             response
                 .headers_mut()

@@ -12,10 +12,9 @@ pub use peer::{Peer, is_over_allowance};
 pub use shares::{Share, ShareFull, Shares};
 pub use tls::{Tls, TlsError};
 
-use crate::config::{ListenerConfig, ServeConfig};
+use crate::config::ListenerConfig;
 use crate::domain::Networks;
 use axum::Router;
-use axum::extract::ConnectInfo;
 use axum::http::Request;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -57,14 +56,13 @@ pub struct Limits {
 }
 
 impl Limits {
-    pub fn from_config(config: &ServeConfig) -> Self {
-        let listener: &ListenerConfig = &config.listener;
+    pub fn from_config(config: &ListenerConfig) -> Self {
         Self {
-            max_connections: listener.max_connections as usize,
-            per_address: listener.max_connections_per_address as usize,
-            proxies: config.sessions.proxy_address.clone(),
-            header_timeout: listener.header_timeout,
-            idle_timeout: listener.idle_timeout,
+            max_connections: config.max_connections as usize,
+            per_address: config.max_connections_per_address as usize,
+            proxies: config.proxy_address.clone(),
+            header_timeout: config.header_timeout,
+            idle_timeout: config.idle_timeout,
         }
     }
 }
@@ -163,11 +161,11 @@ struct Shared {
 impl Shared {
     async fn serve_connection(&self, tcp: TcpStream, addr: SocketAddr) {
         let Some(tls) = &self.tls else {
-            return self.serve_http(tcp, addr, false).await;
+            return self.serve_http(tcp, addr).await;
         };
         // The TLS handshake is part of what must arrive within the header timeout.
         match tokio::time::timeout(self.limits.header_timeout, tls.accept(tcp)).await {
-            Ok(Ok(stream)) => self.serve_http(stream, addr, true).await,
+            Ok(Ok(stream)) => self.serve_http(stream, addr).await,
             Ok(Err(err)) => {
                 metrics::counter!("kaiwa_http_refused_total", "reason" => "tls_handshake")
                     .increment(1);
@@ -181,11 +179,11 @@ impl Shared {
         }
     }
 
-    async fn serve_http<S>(&self, io: S, addr: SocketAddr, tls: bool)
+    async fn serve_http<S>(&self, io: S, addr: SocketAddr)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let peer = Arc::new(Peer::new(addr, tls));
+        let peer = Arc::new(Peer::new(addr));
         let io = Metered::new(io, peer.clone());
         let timer = ConnectionTimer::new(
             peer.clone(),
@@ -197,7 +195,6 @@ impl Shared {
             .clone()
             .map_request(move |mut request: Request<Incoming>| {
                 peer.count_request();
-                request.extensions_mut().insert(ConnectInfo(addr));
                 request.extensions_mut().insert(peer.clone());
                 request
             });

@@ -17,7 +17,6 @@ const UNLIMITED: usize = usize::MAX;
 #[derive(Debug)]
 pub struct Peer {
     addr: SocketAddr,
-    tls: bool,
     /// Requests read on this connection: the first is timed by the header-read timeout, the
     /// later ones by the idle timeout.
     requests: AtomicU32,
@@ -27,10 +26,9 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn new(addr: SocketAddr, tls: bool) -> Self {
+    pub fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
-            tls,
             requests: AtomicU32::new(0),
             allowance: AtomicUsize::new(UNLIMITED),
         }
@@ -39,11 +37,6 @@ impl Peer {
     /// The remote address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
-    }
-
-    /// Whether the connection came over TLS.
-    pub fn is_tls(&self) -> bool {
-        self.tls
     }
 
     /// From now on the connection reads at most `bytes` more; past them every read fails with
@@ -170,7 +163,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn peer() -> Arc<Peer> {
-        Arc::new(Peer::new(SocketAddr::from(([127, 0, 0, 1], 9)), false))
+        Arc::new(Peer::new(SocketAddr::from(([127, 0, 0, 1], 9))))
     }
 
     #[tokio::test]

@@ -73,7 +73,7 @@ mod tests {
 
     #[test]
     fn the_first_request_gets_the_header_timeout_and_later_ones_the_idle_timeout() {
-        let peer = Arc::new(Peer::new(SocketAddr::from(([127, 0, 0, 1], 9)), false));
+        let peer = Arc::new(Peer::new(SocketAddr::from(([127, 0, 0, 1], 9))));
         let timer = ConnectionTimer::new(
             peer.clone(),
             Duration::from_secs(5),

@@ -81,6 +81,7 @@ impl Tls {
 /// When and how big the two files were: a change in either means a renewal.
 type FileStamp = [(Option<SystemTime>, u64); 2];
 
+#[derive(Debug)]
 struct Stamp {
     files: FileStamp,
     checked: Instant,
@@ -94,12 +95,6 @@ struct Certificates {
     stamp: Mutex<Stamp>,
     current: RwLock<Arc<CertifiedKey>>,
     provider: Arc<CryptoProvider>,
-}
-
-impl std::fmt::Debug for Stamp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Stamp").finish_non_exhaustive()
-    }
 }
 
 impl Certificates {
