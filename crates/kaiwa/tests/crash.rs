@@ -492,7 +492,8 @@ impl Server {
                 "--openai-api-key",
                 "",
             ]);
-        let (child, addr) = support::start_listening("kaiwa", &mut command, data_dir).await;
+        let support::Listening { child, addr, .. } =
+            support::start_listening("kaiwa", &mut command, data_dir).await;
         Server {
             child,
             addr,

@@ -329,7 +329,9 @@ async fn attacked(auth: bool) {
     if auth {
         command.args([SECRET_FLAG, SECRET]);
     }
-    let (mut child, addr) = support::start_listening("kaiwa", &mut command, dir.path()).await;
+    let support::Listening {
+        mut child, addr, ..
+    } = support::start_listening("kaiwa", &mut command, dir.path()).await;
     let minter = auth.then(|| {
         let settings = kaiwa_load::auth::TokenSettings {
             secret: SECRET.to_owned(),

@@ -152,10 +152,8 @@ fn a_key_that_is_not_the_certificates_stops_kaiwa_at_start() {
     assert!(!printed.contains("PRIVATE KEY"), "{printed}");
 }
 
-/// The warnings kaiwa logs at start when it is run as `args` (beyond loopback), read from its
-/// log until it listens.
+/// The warnings kaiwa logs at start when it is run as `args` (beyond loopback).
 async fn start_warnings(args: &[&str]) -> Vec<String> {
-    use tokio::io::AsyncBufReadExt;
     let dir = tempfile::tempdir().expect("a temporary directory");
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_kaiwa"));
     command
@@ -164,22 +162,9 @@ async fn start_warnings(args: &[&str]) -> Vec<String> {
         .arg(dir.path())
         .args(["--log-format", "json", "--openai-api-key", ""])
         .args(args);
-    support::isolated(&mut command, dir.path());
-    let mut child = command.spawn().expect("kaiwa starts");
-    let stdout = child.stdout.take().expect("its standard output");
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let mut warnings = Vec::new();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let entry: Value = serde_json::from_str(&line).unwrap_or_default();
-        if entry["message"] == "kaiwa is listening" {
-            break;
-        }
-        if entry["level"] == "WARN" {
-            warnings.push(entry["message"].as_str().unwrap_or_default().to_owned());
-        }
-    }
-    child.kill().await.ok();
-    warnings
+    let mut started = support::start_listening("kaiwa", &mut command, dir.path()).await;
+    started.child.kill().await.ok();
+    started.warnings
 }
 
 #[tokio::test]

@@ -167,7 +167,7 @@ impl Cluster {
                 "",
             ])
             .args(flags);
-        let (child, addr) =
+        let super::Listening { child, addr, .. } =
             super::start_listening(&format!("{role} {id}"), &mut command, &data_dir).await;
         Process {
             id: id.to_owned(),

@@ -792,41 +792,54 @@ pub async fn refused_upgrade(
 /// How long a `kaiwa` process of a test may take to listen.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A `kaiwa` process of the test's own, listening.
+pub struct Listening {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+    /// The warnings it logged before it listened.
+    pub warnings: Vec<String>,
+}
+
 /// Starts `command` (the `kaiwa` binary with its arguments and `--log-format json`) as a
-/// process of the test's own in `dir` (see [`isolated`]), and returns it once it listens, with
-/// the address it listens on. Its log lines go to the test's output prefixed with `name`:
-/// warnings and errors, the application's own lines, and all of them with
-/// `KAIWA_TEST_CLUSTER_LOG` set.
+/// process of the test's own in `dir` (see [`isolated`]), and returns it once it listens. Its
+/// log lines go to the test's output prefixed with `name`: warnings and errors, the
+/// application's own lines, and all of them with `KAIWA_TEST_CLUSTER_LOG` set.
 pub async fn start_listening(
     name: &str,
     command: &mut tokio::process::Command,
     dir: &Path,
-) -> (tokio::process::Child, SocketAddr) {
+) -> Listening {
     isolated(command, dir);
     let mut child = command.spawn().expect("kaiwa starts");
     let stdout = child.stdout.take().expect("its standard output");
-    let (listening, addr) = oneshot::channel();
+    let (listening, started) = oneshot::channel();
     tokio::spawn(read_logs(name.to_owned(), stdout, listening));
-    let addr = match tokio::time::timeout(START_TIMEOUT, addr).await {
-        Ok(Ok(addr)) => addr,
+    let (addr, warnings) = match tokio::time::timeout(START_TIMEOUT, started).await {
+        Ok(Ok(started)) => started,
         Ok(Err(_)) => panic!(
             "{name} stopped before listening: {:?}",
             child.wait().await.expect("its exit status")
         ),
         Err(_) => panic!("{name} did not listen within {START_TIMEOUT:?}"),
     };
-    (child, addr)
+    Listening {
+        child,
+        addr,
+        warnings,
+    }
 }
 
-/// Reads a kaiwa's log lines (JSON) until it exits: the address it listens on goes to
-/// `listening`. Reading on keeps a full pipe from blocking the server.
+/// Reads a kaiwa's log lines (JSON) until it exits: the address it listens on, with the
+/// warnings logged before, goes to `listening`. Reading on keeps a full pipe from blocking the
+/// server.
 async fn read_logs(
     name: String,
     stdout: tokio::process::ChildStdout,
-    listening: oneshot::Sender<SocketAddr>,
+    listening: oneshot::Sender<(SocketAddr, Vec<String>)>,
 ) {
     use tokio::io::AsyncBufReadExt;
     let mut listening = Some(listening);
+    let mut warnings = Vec::new();
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     let verbose = std::env::var_os("KAIWA_TEST_CLUSTER_LOG").is_some();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -837,9 +850,14 @@ async fn read_logs(
         if entry["message"] == "kaiwa is listening" {
             let addr = entry["addr"].as_str().and_then(|a| a.parse().ok());
             if let (Some(addr), Some(listening)) = (addr, listening.take()) {
-                listening.send(addr).ok();
+                listening.send((addr, std::mem::take(&mut warnings))).ok();
             }
-        } else if verbose || entry["level"] != "INFO" || entry["target"] == "kaiwa::app" {
+            continue;
+        }
+        if listening.is_some() && entry["level"] == "WARN" {
+            warnings.push(entry["message"].as_str().unwrap_or_default().to_owned());
+        }
+        if verbose || entry["level"] != "INFO" || entry["target"] == "kaiwa::app" {
             eprintln!("{name}: {line}");
         }
     }
