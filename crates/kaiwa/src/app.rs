@@ -19,6 +19,7 @@ use crate::store::{
 use crate::telemetry;
 use crate::worker::{Delays, Worker};
 use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -143,6 +144,8 @@ pub struct Application {
     /// This gateway's lease in the cluster, renewed while it runs.
     lease: Option<Lease>,
     tracker: TaskTracker,
+    /// The Prometheus recorder, whose histograms this process drains.
+    metrics: Option<PrometheusHandle>,
     /// Cancelled when shutdown begins (`/health` says `draining`).
     draining: CancellationToken,
     shutdown_grace: Duration,
@@ -340,6 +343,7 @@ impl Application {
             .as_ref()
             .map(|gateway| gateway.draining.clone())
             .unwrap_or_default();
+        let metrics = telemetry::metrics_handle();
         let http_state = Arc::new(HttpState {
             store: store.clone(),
             gateway: gateway.clone(),
@@ -350,7 +354,7 @@ impl Application {
             draining: draining.clone(),
             started: Instant::now(),
             responder: responder.name(),
-            metrics: telemetry::metrics_handle(),
+            metrics: metrics.clone(),
             access: Access {
                 tokens: auth.clone(),
                 admin: AdminAccess::from_config(&config.auth, auth.is_some()),
@@ -416,6 +420,7 @@ impl Application {
             recovery,
             lease,
             tracker,
+            metrics,
             draining,
             shutdown_grace: config.shutdown_grace,
         })
@@ -456,6 +461,7 @@ impl Application {
             recovery,
             lease,
             tracker,
+            metrics,
             draining,
             shutdown_grace,
         } = self;
@@ -464,6 +470,13 @@ impl Application {
         let stop_delivery = CancellationToken::new();
         let stop_lease = CancellationToken::new();
 
+        if let Some(handle) = metrics {
+            tracker.spawn(telemetry::keep_metrics(
+                handle,
+                telemetry::METRICS_UPKEEP,
+                stop_accepting.clone(),
+            ));
+        }
         if let Some((listener, router)) = admin {
             // Served until the main listener stops; it holds no sessions to drain.
             tracker.spawn(listener.serve(router, stop_accepting.clone()));

@@ -7,6 +7,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::OnceLock;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 use tracing::Level;
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::filter::{EnvFilter, Targets};
@@ -122,11 +124,29 @@ pub fn init(config: &LogConfig, data_dir: &Path) -> Result<TelemetryGuard, Telem
     Ok(TelemetryGuard { _files: guards })
 }
 
+/// How often the recorder folds recent histogram samples into its summaries. Until then every
+/// sample is kept, 8 bytes each: a server nobody scrapes would grow with every store batch.
+pub const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
 /// The Prometheus recorder, installed on first use. `None` if another recorder was installed
-/// first in this process.
+/// first in this process. It keeps histogram samples until [`keep_metrics`] drains them.
 pub fn metrics_handle() -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
         .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
         .clone()
+}
+
+/// Drains the recorder's histogram samples every `every` until `stop`. `install_recorder`
+/// leaves this to its caller (only the exporter's own HTTP listener does it by itself), and a
+/// scrape does it only as often as someone scrapes.
+pub async fn keep_metrics(handle: PrometheusHandle, every: Duration, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => handle.run_upkeep(),
+        }
+    }
 }
