@@ -19,8 +19,8 @@
 # reports and the table (table.txt).
 #
 # Settings (environment): CLIENTS (100), RATE (3000 msg/s for one process), CLUSTER_RATE (1000:
-# what two cores carry through the cluster with room to spare), DURATION seconds (180), WARMUP
-# seconds (30), IDLE_WAIT seconds (60), SAMPLE seconds (2), SYSTEMS ("serve-sqlite
+# what two cores carry through the cluster with room to spare), DURATION seconds (240), WARMUP
+# seconds (60), IDLE_WAIT seconds (60), SAMPLE seconds (2), SYSTEMS ("serve-sqlite
 # serve-postgres cluster"), PORT (18082), BASE_PORT (18200), POSTGRES
 # (postgres://postgres@127.0.0.1:5432/postgres), AMQP (amqp://guest:guest@127.0.0.1:5672).
 set -euo pipefail
@@ -29,8 +29,8 @@ cd "$(dirname "$0")/.."
 CLIENTS=${CLIENTS:-100}
 RATE=${RATE:-3000}
 CLUSTER_RATE=${CLUSTER_RATE:-1000}
-DURATION=${DURATION:-180}
-WARMUP=${WARMUP:-30}
+DURATION=${DURATION:-240}
+WARMUP=${WARMUP:-60}
 IDLE_WAIT=${IDLE_WAIT:-60}
 SAMPLE=${SAMPLE:-2}
 SYSTEMS=${SYSTEMS:-"serve-sqlite serve-postgres cluster"}
