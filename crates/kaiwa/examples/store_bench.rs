@@ -49,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
         data_dir: dir,
         database_url: args.database_url.clone().map(Secret::new),
         durability: Durability::Full,
+        sqlite_cache_mib: kaiwa::store::DEFAULT_SQLITE_CACHE_MIB,
     };
     let store = kaiwa::app::open_store(&config)
         .await

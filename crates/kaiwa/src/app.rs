@@ -94,6 +94,7 @@ pub async fn open_store(config: &StoreConfig) -> Result<Arc<dyn Store>, AppError
         Database::Sqlite(path) => {
             let options = SqliteOptions {
                 durability: config.durability,
+                cache_mib: config.sqlite_cache_mib,
             };
             SqliteStore::open(path, options)
                 .await

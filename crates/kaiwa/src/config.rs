@@ -3,7 +3,7 @@
 
 use crate::admission::{ContentLimits, Windows, parse_bytes};
 use crate::domain::Networks;
-use crate::store::Durability;
+use crate::store::{DEFAULT_SQLITE_CACHE_MIB, Durability};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -62,6 +62,11 @@ pub struct StoreConfig {
     /// `normal` (it survives the process crashing; faster).
     #[arg(long = "sqlite-synchronous", env = "KAIWA_SQLITE_SYNCHRONOUS", value_enum, default_value_t = Durability::Full)]
     pub durability: Durability,
+
+    /// The page cache of SQLite's writer and of each of its 4 read connections, in MiB: the
+    /// hot pages of the tables and indexes. Each fills up to this size and stays there.
+    #[arg(long = "sqlite-cache-mib", env = "KAIWA_SQLITE_CACHE_MIB", default_value_t = DEFAULT_SQLITE_CACHE_MIB, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub sqlite_cache_mib: u32,
 }
 
 impl StoreConfig {

@@ -75,6 +75,30 @@ async fn serve(
         tracing::info!(path = %path.display(), "settings read from .env");
     }
     let app = Application::build(config, Arc::new(SystemClock)).await?;
-    app.run_until(shutdown::signal()).await?;
-    Ok(())
+    let memory = tokio::spawn(report_memory());
+    let ran = app.run_until(shutdown::signal()).await;
+    memory.abort();
+    Ok(ran?)
+}
+
+/// Publishes what the allocator holds, as gauges, every few seconds: the heap in use
+/// (`kaiwa_memory_allocated_bytes`, what grows if something leaks) and the pages it keeps
+/// (`kaiwa_memory_resident_bytes`).
+async fn report_memory() {
+    let mut ticks = tokio::time::interval(telemetry::METRICS_UPKEEP);
+    loop {
+        ticks.tick().await;
+        // jemalloc's statistics are a snapshot, refreshed when the epoch advances.
+        if tikv_jemalloc_ctl::epoch::advance().is_err() {
+            return;
+        }
+        let (Ok(allocated), Ok(resident)) = (
+            tikv_jemalloc_ctl::stats::allocated::read(),
+            tikv_jemalloc_ctl::stats::resident::read(),
+        ) else {
+            return;
+        };
+        metrics::gauge!("kaiwa_memory_allocated_bytes").set(allocated as f64);
+        metrics::gauge!("kaiwa_memory_resident_bytes").set(resident as f64);
+    }
 }

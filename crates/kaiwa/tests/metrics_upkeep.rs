@@ -3,7 +3,7 @@
 //! `telemetry::keep_metrics` runs. Before it did, each store batch kept 16 bytes for good.
 
 use kaiwa::telemetry::{self, METRICS_UPKEEP};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
+use metrics_exporter_prometheus::PrometheusRecorder;
 use tokio_util::sync::CancellationToken;
 
 // This binary holds one test, on one thread: the heap it measures is the recorder's.
@@ -30,7 +30,7 @@ fn record(recorder: &PrometheusRecorder, samples: usize) {
 #[tokio::test(start_paused = true)]
 async fn histogram_samples_are_drained_while_nobody_scrapes() {
     let _profiler = dhat::Profiler::builder().testing().build();
-    let recorder = PrometheusBuilder::new().build_recorder();
+    let recorder = telemetry::metrics_builder().build_recorder();
     let stop = CancellationToken::new();
     let upkeep = tokio::spawn(telemetry::keep_metrics(
         recorder.handle(),

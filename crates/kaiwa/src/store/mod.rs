@@ -13,7 +13,7 @@ mod sqlite;
 pub use media::{DiskMedia, MediaStore};
 pub use memory::MemoryStore;
 pub use postgres::{PgOptions, PgStore};
-pub use sqlite::{Durability, SqliteOptions, SqliteStore};
+pub use sqlite::{DEFAULT_SQLITE_CACHE_MIB, Durability, SqliteOptions, SqliteStore};
 
 use crate::domain::{ClientId, Timezone};
 use async_trait::async_trait;

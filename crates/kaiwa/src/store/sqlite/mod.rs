@@ -40,10 +40,25 @@ pub enum Durability {
     Normal,
 }
 
+/// The writer's page cache unless told otherwise: a larger one costs more than it saves, since
+/// every commit walks it.
+pub const DEFAULT_SQLITE_CACHE_MIB: u32 = 8;
+
 /// The SQLite store's own settings.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct SqliteOptions {
     pub durability: Durability,
+    /// The page cache of the writer and of each read connection, in MiB.
+    pub cache_mib: u32,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            durability: Durability::default(),
+            cache_mib: DEFAULT_SQLITE_CACHE_MIB,
+        }
+    }
 }
 
 pub struct SqliteStore {
@@ -80,11 +95,11 @@ impl SqliteStore {
         conn.close().await?;
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(read_options(path))
+            .connect_with(read_options(path, options.cache_mib))
             .await?;
         let (writes, rx) = Writes::channel();
         let health = Arc::new(Mutex::new(StoreHealth::Ok));
-        let writer = Writer::open(path, options.durability, rx, health.clone())
+        let writer = Writer::open(path, options, rx, health.clone())
             .map_err(|err| writer::write_error(&err))?;
         Ok(Self {
             writes,
@@ -143,12 +158,14 @@ async fn migrated(path: &Path) -> Result<(File, SqliteConnection, usize), StoreE
 }
 
 /// The read pool's connections. The writer thread opens its own (see [`writer`]).
-fn read_options(path: &Path) -> SqliteConnectOptions {
+fn read_options(path: &Path, cache_mib: u32) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
         .filename(path)
         .read_only(true)
         // History reads map the file rather than copying pages into each connection's cache.
         .pragma("mmap_size", "268435456")
+        // Each connection's cache still fills with the pages it has read, up to this bound.
+        .pragma("cache_size", format!("-{}", u64::from(cache_mib) * 1024))
 }
 
 fn lock_database(path: &Path) -> Result<File, StoreError> {

@@ -8,7 +8,7 @@
 
 use super::super::batch::{Batch, Command, ReplyBatch, Updates, respond};
 use super::super::{Existing, Inserted, NewMessage, StoreError, StoreHealth, StoredReply};
-use super::Durability;
+use super::{Durability, SqliteOptions};
 use chrono::{DateTime, SecondsFormat, Utc};
 use kaiwa_protocol::{Delivery, MessageStatus, ReplyType};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -96,26 +96,27 @@ impl Writer {
     /// Opens the writer's connection. The schema must already be migrated.
     pub(super) fn open(
         path: &Path,
-        durability: Durability,
+        options: SqliteOptions,
         commands: mpsc::UnboundedReceiver<Command>,
         health: Arc<Mutex<StoreHealth>>,
     ) -> Result<Self, rusqlite::Error> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
-        // An 8 MB cache keeps the hot pages (index leaves where each client's rows go, the
-        // tables' tails); a larger one costs more than it saves, since every commit walks it.
-        // Checkpoints run on this thread, every 10,000 WAL pages (40 MB) instead of SQLite's
+        // The cache keeps the hot pages (index leaves where each client's rows go, the tables'
+        // tails). Checkpoints run on this thread, every 10,000 WAL pages (40 MB) instead of SQLite's
         // 1,000: a page rewritten by many commits in between is copied to the database once,
         // which took a tenth off the writer's time; the journal size limit gives the disk back.
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; PRAGMA cache_size = -8192; \
+            "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; \
              PRAGMA wal_autocheckpoint = 10000; PRAGMA journal_size_limit = 67108864;",
         )?;
+        // Negative: a size in KiB, not a number of pages.
+        conn.pragma_update(None, "cache_size", -i64::from(options.cache_mib) * 1024)?;
         // FULL syncs the WAL at every commit (one fsync per batch, not per message).
         conn.pragma_update(
             None,
             "synchronous",
-            match durability {
+            match options.durability {
                 Durability::Full => "FULL",
                 Durability::Normal => "NORMAL",
             },
