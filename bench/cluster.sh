@@ -40,17 +40,8 @@ source bench/common.sh
 pg_db=""
 cluster_name="kaiwa_bench_cluster_$$"
 cluster_up=""
+export_bench_settings
 
-# Reply delays off and limits out of the way: what is measured is kaiwa, not its pacing.
-export KAIWA_REPLY_DELAY_SCALE=0 KAIWA_MAX_IN_FLIGHT=100000 KAIWA_MAX_CLIENTS=20000 \
-  KAIWA_FIRST_MESSAGE_TIMEOUT=86400 KAIWA_HEARTBEAT_TIMEOUT=86400 KAIWA_TEXT_WINDOW=00:00-24:00 \
-  KAIWA_LOG=warn
-unset OPENAI_API_KEY
-
-cluster() {
-  PORT=$PORT BASE_PORT=$BASE_PORT RUN_DIR="$work/cluster" NAME=$cluster_name \
-    BINARY=target/release/kaiwa scripts/cluster.sh "$@"
-}
 cleanup() {
   stop_server
   if [[ -n "$cluster_up" ]]; then cluster down || true; fi

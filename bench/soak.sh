@@ -18,7 +18,8 @@
 # Reports land in target/bench/soak-<UTC time>/: the samples (samples.tsv), kaiwa-load's JSON
 # reports and the table (table.txt).
 #
-# Settings (environment): CLIENTS (100), RATE (3000 msg/s for one process), CLUSTER_RATE (1000:
+# Settings (environment): CLIENTS (100), RATE (3000 msg/s for kaiwa serve on SQLite),
+# POSTGRES_RATE (2000: kaiwa serve on PostgreSQL keeps up with it here), CLUSTER_RATE (1000:
 # what two cores carry through the cluster with room to spare), DURATION seconds (240), WARMUP
 # seconds (60), IDLE_WAIT seconds (60), SAMPLE seconds (2), SYSTEMS ("serve-sqlite
 # serve-postgres cluster"), PORT (18082), BASE_PORT (18200), POSTGRES
@@ -28,6 +29,7 @@ cd "$(dirname "$0")/.."
 
 CLIENTS=${CLIENTS:-100}
 RATE=${RATE:-3000}
+POSTGRES_RATE=${POSTGRES_RATE:-2000}
 CLUSTER_RATE=${CLUSTER_RATE:-1000}
 DURATION=${DURATION:-240}
 WARMUP=${WARMUP:-60}
@@ -47,18 +49,9 @@ pg_db=""
 cluster_name="kaiwa_soak_cluster_$$"
 cluster_up=""
 sampler_pid=""
+# Every message answered at once: memory is the only thing that changes with time.
+export_bench_settings
 
-# No reply delays, every type inside its window, limits out of the way: every message is
-# answered at once, and memory is the only thing that changes with time.
-export KAIWA_REPLY_DELAY_SCALE=0 KAIWA_MAX_IN_FLIGHT=100000 KAIWA_MAX_CLIENTS=20000 \
-  KAIWA_FIRST_MESSAGE_TIMEOUT=86400 KAIWA_HEARTBEAT_TIMEOUT=86400 KAIWA_TEXT_WINDOW=00:00-24:00 \
-  KAIWA_LOG=warn
-unset OPENAI_API_KEY
-
-cluster() {
-  PORT=$PORT BASE_PORT=$BASE_PORT RUN_DIR="$work/cluster" NAME=$cluster_name \
-    BINARY=target/release/kaiwa scripts/cluster.sh "$@"
-}
 stop_sampler() {
   if [[ -n "$sampler_pid" ]]; then
     kill "$sampler_pid" 2>/dev/null || true
@@ -125,7 +118,7 @@ for system in $SYSTEMS; do
       pg_db="kaiwa_soak_serve_$$"
       psql -q "$POSTGRES" -c "CREATE DATABASE $pg_db" >/dev/null
       start_kaiwa serve-postgres --database-url "${POSTGRES%/*}/$pg_db"
-      soak serve-postgres "ws://127.0.0.1:$PORT/ws" "$RATE" "kaiwa=$server_pid"
+      soak serve-postgres "ws://127.0.0.1:$PORT/ws" "$POSTGRES_RATE" "kaiwa=$server_pid"
       stop_server
       psql -q "$POSTGRES" -c "DROP DATABASE IF EXISTS $pg_db WITH (FORCE)" >/dev/null
       pg_db=""

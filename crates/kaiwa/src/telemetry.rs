@@ -3,7 +3,7 @@
 //! `worker.log` (processing, replies, queue) and `kaiwa.log` (everything).
 
 use crate::config::{LogConfig, LogFormat};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::OnceLock;
@@ -124,7 +124,7 @@ pub fn init(config: &LogConfig, data_dir: &Path) -> Result<TelemetryGuard, Telem
     Ok(TelemetryGuard { _files: guards })
 }
 
-/// How often the recorder folds recent histogram samples into its summaries. Until then every
+/// How often the recorder folds recent histogram samples into their buckets. Until then every
 /// sample is kept, 8 bytes each: a server nobody scrapes would grow with every store batch.
 pub const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 
@@ -139,17 +139,10 @@ const BATCH_SIZES: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256
 /// summaries: a bucket count per bound takes the same memory whatever is recorded (a summary's
 /// sketch grew with the range of values seen, up to half a megabyte per 20 s window), and
 /// Prometheus can aggregate buckets across processes, which quantiles it cannot.
-pub fn metrics_builder() -> PrometheusBuilder {
+pub fn metrics_builder() -> Result<PrometheusBuilder, BuildError> {
     PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS)
-        .and_then(|builder| {
-            builder.set_buckets_for_metric(
-                Matcher::Full("kaiwa_store_batch_size".into()),
-                &BATCH_SIZES,
-            )
-        })
-        // Only an empty list of bounds is refused, and none of these is empty.
-        .unwrap_or_else(|_| PrometheusBuilder::new())
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS)?
+        .set_buckets_for_metric(Matcher::Full("kaiwa_store_batch_size".into()), &BATCH_SIZES)
 }
 
 /// The Prometheus recorder, installed on first use. `None` if another recorder was installed
@@ -157,7 +150,7 @@ pub fn metrics_builder() -> PrometheusBuilder {
 pub fn metrics_handle() -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
-        .get_or_init(|| metrics_builder().install_recorder().ok())
+        .get_or_init(|| metrics_builder().ok()?.install_recorder().ok())
         .clone()
 }
 

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use support::{Client, Socket, files, send, send_file};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
@@ -474,24 +474,17 @@ struct Server {
 impl Server {
     /// Starts `kaiwa serve` on `data_dir` and waits for it to listen.
     async fn start(data_dir: &Path) -> Server {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_kaiwa"));
-        command
-            .arg("serve")
-            .args(["--bind", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args([
-                // Short delays: at the kill, many acked messages still wait for their replies.
-                "--reply-delay-scale",
-                "0.05",
-                // Texts are accepted at any hour, so that no message is rejected by the clock.
-                "--text-window",
-                "00:00-24:00",
-                "--log-format",
-                "json",
-                // Never a developer's own key: the built-in responder answers.
-                "--openai-api-key",
-                "",
-            ]);
+        let mut command = support::serve_command(data_dir);
+        command.args([
+            "--bind",
+            "127.0.0.1:0",
+            // Short delays: at the kill, many acked messages still wait for their replies.
+            "--reply-delay-scale",
+            "0.05",
+            // Texts are accepted at any hour, so that no message is rejected by the clock.
+            "--text-window",
+            "00:00-24:00",
+        ]);
         let support::Listening { child, addr, .. } =
             support::start_listening("kaiwa", &mut command, data_dir).await;
         Server {

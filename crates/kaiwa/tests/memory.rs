@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Messages before the first measure, in which what is bounded fills up to its bound: SQLite's
-/// page cache and the metrics summaries.
+/// page caches (1 MiB each here).
 const WARM: u64 = 150_000;
 /// Messages between the two measures.
 const MEASURED: u64 = 300_000;
@@ -22,16 +22,13 @@ const BYTES_PER_MESSAGE: u64 = 10;
             (3 MB over 300,000); run with --run-ignored while finding what keeps them"]
 async fn memory_does_not_grow_with_the_number_of_messages() {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_kaiwa"));
+    let mut command = support::serve_command(dir.path());
     command
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--bind", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--bind", "127.0.0.1:0"])
         // Every message answered at once, whatever the time of day.
         .args(["--reply-delay-scale", "0", "--max-in-flight", "100000"])
         .args(["--text-window", "00:00-24:00"])
-        // The writer's page cache full within the warm-up: its 8 MiB would fill over the
+        // The page caches full within the warm-up: their 8 MiB each would fill over the
         // first half million messages and look like growth.
         .args(["--sqlite-cache-mib", "1"]);
     let server = support::start_listening("kaiwa", &mut command, dir.path()).await;

@@ -30,14 +30,16 @@ fn record(recorder: &PrometheusRecorder, samples: usize) {
 #[tokio::test(start_paused = true)]
 async fn histogram_samples_are_drained_while_nobody_scrapes() {
     let _profiler = dhat::Profiler::builder().testing().build();
-    let recorder = telemetry::metrics_builder().build_recorder();
+    let recorder = telemetry::metrics_builder()
+        .expect("the bucket bounds are valid")
+        .build_recorder();
     let stop = CancellationToken::new();
     let upkeep = tokio::spawn(telemetry::keep_metrics(
         recorder.handle(),
         METRICS_UPKEEP,
         stop.clone(),
     ));
-    // The histogram, its summary and their first blocks exist before measuring.
+    // The histogram, its buckets and the first blocks of samples exist before measuring.
     record(&recorder, 10_000);
     tokio::time::sleep(METRICS_UPKEEP).await;
 

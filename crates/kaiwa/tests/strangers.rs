@@ -307,25 +307,19 @@ async fn with_auth_on_the_origin_is_left_to_the_token() {
 async fn attacked(auth: bool) {
     const SECRET_FLAG: &str = "--auth-secret";
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_kaiwa"));
-    command
-        .arg("serve")
-        .args(["--bind", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .args([
-            "--reply-delay-scale",
-            "0",
-            "--handshake-timeout",
-            "2",
-            "--http-header-timeout",
-            "2",
-            "--log-format",
-            "json",
-            "--log",
-            "warn,kaiwa::app=info",
-            "--openai-api-key",
-            "",
-        ]);
+    let mut command = support::serve_command(dir.path());
+    command.args([
+        "--bind",
+        "127.0.0.1:0",
+        "--reply-delay-scale",
+        "0",
+        "--handshake-timeout",
+        "2",
+        "--http-header-timeout",
+        "2",
+        "--log",
+        "warn,kaiwa::app=info",
+    ]);
     if auth {
         command.args([SECRET_FLAG, SECRET]);
     }

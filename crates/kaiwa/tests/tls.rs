@@ -155,13 +155,8 @@ fn a_key_that_is_not_the_certificates_stops_kaiwa_at_start() {
 /// The warnings kaiwa logs at start when it is run as `args` (beyond loopback).
 async fn start_warnings(args: &[&str]) -> Vec<String> {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_kaiwa"));
-    command
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--log-format", "json", "--openai-api-key", ""])
-        .args(args);
+    let mut command = support::serve_command(dir.path());
+    command.args(args);
     let mut started = support::start_listening("kaiwa", &mut command, dir.path()).await;
     started.child.kill().await.ok();
     started.warnings

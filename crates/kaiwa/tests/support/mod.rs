@@ -800,6 +800,20 @@ pub struct Listening {
     pub warnings: Vec<String>,
 }
 
+/// `kaiwa serve` on `data_dir`, logging JSON (what [`start_listening`] reads), answered by the
+/// built-in responder: the start of every test's command for the real binary. The caller adds
+/// `--bind` and its own flags.
+pub fn serve_command(data_dir: &Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_kaiwa"));
+    command.arg("serve").arg("--data-dir").arg(data_dir).args([
+        "--log-format",
+        "json",
+        "--openai-api-key",
+        "",
+    ]);
+    command
+}
+
 /// Starts `command` (the `kaiwa` binary with its arguments and `--log-format json`) as a
 /// process of the test's own in `dir` (see [`isolated`]), and returns it once it listens. Its
 /// log lines go to the test's output prefixed with `name`: warnings and errors, the

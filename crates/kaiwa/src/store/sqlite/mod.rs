@@ -40,8 +40,8 @@ pub enum Durability {
     Normal,
 }
 
-/// The writer's page cache unless told otherwise: a larger one costs more than it saves, since
-/// every commit walks it.
+/// The page cache of the writer and of each read connection unless told otherwise: a larger
+/// one costs the writer more than it saves, since every commit walks it.
 pub const DEFAULT_SQLITE_CACHE_MIB: u32 = 8;
 
 /// The SQLite store's own settings.
@@ -50,6 +50,14 @@ pub struct SqliteOptions {
     pub durability: Durability,
     /// The page cache of the writer and of each read connection, in MiB.
     pub cache_mib: u32,
+}
+
+impl SqliteOptions {
+    /// The value of `PRAGMA cache_size` for each connection: negative, a size in KiB rather
+    /// than a number of pages.
+    fn cache_size(&self) -> i64 {
+        -i64::from(self.cache_mib) * 1024
+    }
 }
 
 impl Default for SqliteOptions {
@@ -95,7 +103,7 @@ impl SqliteStore {
         conn.close().await?;
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(read_options(path, options.cache_mib))
+            .connect_with(read_options(path, options))
             .await?;
         let (writes, rx) = Writes::channel();
         let health = Arc::new(Mutex::new(StoreHealth::Ok));
@@ -158,14 +166,14 @@ async fn migrated(path: &Path) -> Result<(File, SqliteConnection, usize), StoreE
 }
 
 /// The read pool's connections. The writer thread opens its own (see [`writer`]).
-fn read_options(path: &Path, cache_mib: u32) -> SqliteConnectOptions {
+fn read_options(path: &Path, options: SqliteOptions) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
         .filename(path)
         .read_only(true)
         // History reads map the file rather than copying pages into each connection's cache.
         .pragma("mmap_size", "268435456")
         // Each connection's cache still fills with the pages it has read, up to this bound.
-        .pragma("cache_size", format!("-{}", u64::from(cache_mib) * 1024))
+        .pragma("cache_size", options.cache_size().to_string())
 }
 
 fn lock_database(path: &Path) -> Result<File, StoreError> {

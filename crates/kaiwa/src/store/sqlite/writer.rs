@@ -103,15 +103,15 @@ impl Writer {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         // The cache keeps the hot pages (index leaves where each client's rows go, the tables'
-        // tails). Checkpoints run on this thread, every 10,000 WAL pages (40 MB) instead of SQLite's
-        // 1,000: a page rewritten by many commits in between is copied to the database once,
-        // which took a tenth off the writer's time; the journal size limit gives the disk back.
+        // tails). Checkpoints run on this thread, every 10,000 WAL pages (40 MB) instead of
+        // SQLite's 1,000: a page rewritten by many commits in between is copied to the database
+        // once, which took a tenth off the writer's time; the journal size limit gives the disk
+        // back.
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; \
              PRAGMA wal_autocheckpoint = 10000; PRAGMA journal_size_limit = 67108864;",
         )?;
-        // Negative: a size in KiB, not a number of pages.
-        conn.pragma_update(None, "cache_size", -i64::from(options.cache_mib) * 1024)?;
+        conn.pragma_update(None, "cache_size", options.cache_size())?;
         // FULL syncs the WAL at every commit (one fsync per batch, not per message).
         conn.pragma_update(
             None,
