@@ -15,6 +15,7 @@ const ENV_FILE: &str = ".env";
 /// jemalloc, for SQLite's allocations as well as Rust's: with glibc's allocator the resident
 /// memory of a busy server crept up by a few bytes for every message it handled, in pages
 /// freed but never given back (bench/soak.sh; the heap itself stayed flat).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -75,8 +76,10 @@ async fn serve(
         tracing::info!(path = %path.display(), "settings read from .env");
     }
     let app = Application::build(config, Arc::new(SystemClock)).await?;
+    #[cfg(feature = "jemalloc")]
     let memory = tokio::spawn(report_memory());
     let ran = app.run_until(shutdown::signal()).await;
+    #[cfg(feature = "jemalloc")]
     memory.abort();
     Ok(ran?)
 }
@@ -84,6 +87,7 @@ async fn serve(
 /// Publishes what the allocator holds, as gauges, every few seconds: the heap in use
 /// (`kaiwa_memory_allocated_bytes`, what grows if something leaks) and the pages it keeps
 /// (`kaiwa_memory_resident_bytes`).
+#[cfg(feature = "jemalloc")]
 async fn report_memory() {
     let mut ticks = tokio::time::interval(telemetry::METRICS_UPKEEP);
     loop {
