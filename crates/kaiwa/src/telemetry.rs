@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Level;
 use tracing_appender::non_blocking::WorkerGuard;
-use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, fmt};
@@ -38,11 +38,6 @@ pub enum TelemetryError {
     AlreadyInstalled,
 }
 
-/// Keeps WebSocket frames out of the logs.
-const NO_FRAMES: &str = "tungstenite::protocol=debug";
-/// Keeps messages RabbitMQ returned (events for a gateway that is gone) out of the logs.
-const NO_RETURNS: &str = "lapin::returned_messages=error";
-
 const GATEWAY_TARGETS: [&str; 5] = [
     "kaiwa::gateway",
     "kaiwa::presence",
@@ -54,37 +49,31 @@ const WORKER_TARGETS: [&str; 3] = ["kaiwa::worker", "kaiwa::replies", "kaiwa::qu
 
 /// Installs the global logger. Call once, from the binary.
 pub fn init(config: &LogConfig, data_dir: &Path) -> Result<TelemetryGuard, TelemetryError> {
-    let filter = EnvFilter::try_new(&config.filter)
-        .map_err(|source| TelemetryError::Filter {
-            filter: config.filter.clone(),
-            source,
-        })?
-        // tungstenite logs every frame it reads at TRACE, tokens and messages included: never
-        // below DEBUG, whatever the filter asks (a more specific directive wins).
-        .add_directive(NO_FRAMES.parse().map_err(|source| TelemetryError::Filter {
-            filter: NO_FRAMES.to_owned(),
-            source,
-        })?)
-        // lapin warns of every message the broker returns, whole (a reply's text included);
-        // kaiwa publishes events as mandatory so that returns happen, and handles each one.
-        .add_directive(
-            NO_RETURNS
-                .parse()
-                .map_err(|source| TelemetryError::Filter {
-                    filter: NO_RETURNS.to_owned(),
-                    source,
-                })?,
-        );
+    let filter = EnvFilter::try_new(&config.filter).map_err(|source| TelemetryError::Filter {
+        filter: config.filter.clone(),
+        source,
+    })?;
+    // Caps, whatever the filter asks: tungstenite logs every frame it reads at TRACE, tokens
+    // and messages included, so it never goes below DEBUG; lapin warns of every message the
+    // broker returns, whole (a reply's text included), and kaiwa publishes events as mandatory
+    // so that returns happen, and handles each one. A second filter, not directives in the
+    // first: a directive there would also turn these targets *on* at that level.
+    let caps = Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_target("tungstenite::protocol", LevelFilter::DEBUG)
+        .with_target("lapin::returned_messages", LevelFilter::ERROR);
     let stdout = match config.log_format {
         LogFormat::Text => fmt::layer()
             .with_target(true)
             .with_ansi(std::io::stdout().is_terminal())
             .with_filter(filter)
+            .with_filter(caps)
             .boxed(),
         LogFormat::Json => fmt::layer()
             .json()
             .flatten_event(true)
             .with_filter(filter)
+            .with_filter(caps)
             .boxed(),
     };
 
