@@ -63,8 +63,8 @@ pub struct StoreConfig {
     #[arg(long = "sqlite-synchronous", env = "KAIWA_SQLITE_SYNCHRONOUS", value_enum, default_value_t = Durability::Full)]
     pub durability: Durability,
 
-    /// The page cache of SQLite's writer and of each of its 4 read connections, in MiB: the
-    /// hot pages of the tables and indexes. Each fills up to this size and stays there.
+    /// The page cache of SQLite's writer, in MiB: the hot pages of the tables and indexes. Its
+    /// 4 read connections share as much again. Each fills up to its size and stays there.
     #[arg(long = "sqlite-cache-mib", env = "KAIWA_SQLITE_CACHE_MIB", default_value_t = DEFAULT_SQLITE_CACHE_MIB, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub sqlite_cache_mib: u32,
 }

@@ -38,15 +38,9 @@ pub enum Verdict {
     Busy { retry_after: Duration, limit: usize },
     /// Storing failed; nothing was stored.
     Failed(AdmissionError),
-    /// Accepted and stored, but it could not be queued: it is processed later (by the sweeper,
-    /// or at the next start).
-    NotQueued(AdmissionError),
 }
 
-/// How a pipeline answers its client: called once per message, in the order they were sent;
-/// then, for an accepted message that could not be queued, once more with
-/// [`Verdict::NotQueued`], which in a cluster may come after later messages' answers (clients
-/// match it by the message's id).
+/// How a pipeline answers its client: called once per message, in the order they were sent.
 pub type Answer = Box<dyn Fn(Settled) + Send + Sync>;
 
 /// The pipeline of one connected client.
@@ -247,15 +241,12 @@ impl Task {
                 // Answered before it is queued: the client always sees `accepted` first.
                 (self.answer)(settled(Verdict::Accepted { message_id }));
                 let admission = self.admission.clone();
-                let answer = self.answer.clone();
                 let dispatch = async move {
+                    // The queue waits out an outage of the broker, so this fails only when the
+                    // process stops: the message stays accepted, and is processed by another
+                    // process or at the next start. The client's answer stands.
                     if let Err(err) = admission.dispatch(ticket).await {
-                        tracing::error!(message_id, %err, "accepted message not queued; the sweeper queues it again later");
-                        answer(Settled {
-                            id,
-                            received_at,
-                            verdict: Verdict::NotQueued(err),
-                        });
+                        tracing::warn!(message_id, %err, "accepted message not queued before stopping; it is processed later");
                     }
                 };
                 if self.admission.confirms_in_background() {

@@ -4,11 +4,12 @@
 
 use super::Gateway;
 use crate::domain::ClientId;
-use crate::presence::{Claim, Presence, PresenceError};
+use crate::presence::{Claim, Presence, PresenceError, Stopped, route};
 use crate::queue::{Event, GatewayId, Queue, Routed};
 use kaiwa_protocol::Delivery;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
 
 /// How a gateway reaches the rest of its cluster.
 pub struct ClusterLink {
@@ -72,26 +73,25 @@ impl ClusterLink {
 
     /// Passes on an event for a client this gateway does not hold (any more) to the gateway
     /// that does. A reply that finds no gateway is recorded `failed` here: this gateway is the
-    /// one process that has the event.
+    /// one process that has the event. An outage is waited out, until the gateway stops.
     pub(super) fn forward(gateway: &Arc<Gateway>, link: &Arc<Self>, event: Event) {
         let gateway = gateway.clone();
         let link = link.clone();
         gateway.tracker.clone().spawn(async move {
-            let holder = link.presence.holder(event.client_id()).await;
-            let routed = match holder {
-                Ok(Some(holder)) if holder != link.id => {
-                    match link.queue.publish_event(&holder, event.clone()).await {
-                        Ok(routed) => routed,
-                        Err(err) => {
-                            tracing::warn!(gateway = %holder, %err, "could not pass an event on");
-                            Routed::NoGateway
-                        }
-                    }
-                }
-                Ok(_) => Routed::NoGateway,
-                Err(err) => {
-                    tracing::warn!(%err, "could not find the client's gateway");
-                    Routed::NoGateway
+            let routed = route(
+                link.presence.as_ref(),
+                link.queue.as_ref(),
+                &mut None,
+                Some(&link.id),
+                &event,
+                &gateway.close_sessions,
+            )
+            .await;
+            let routed = match routed {
+                Ok(routed) => routed,
+                Err(Stopped) => {
+                    tracing::debug!("stopped before an event was passed on");
+                    return;
                 }
             };
             metrics::counter!("kaiwa_events_forwarded_total", "routed" => match routed {
@@ -112,21 +112,22 @@ impl ClusterLink {
 
     /// Tells whichever gateway holds the client now that its previous connection, here, has
     /// closed having been offered replies up to `seq`.
-    pub(super) async fn hand_over(&self, client_id: &ClientId, seq: u64) {
-        let holder = match self.presence.holder(client_id).await {
-            Ok(Some(holder)) if holder != self.id => holder,
-            Ok(_) => return,
-            Err(err) => {
-                tracing::warn!(%client_id, %err, "could not find the client's new gateway");
-                return;
-            }
-        };
+    pub(super) async fn hand_over(&self, client_id: &ClientId, seq: u64, stop: &CancellationToken) {
         let event = Event::CatchUp {
             client_id: client_id.clone(),
             seq,
         };
-        if let Err(err) = self.queue.publish_event(&holder, event).await {
-            tracing::warn!(%client_id, gateway = %holder, %err, "could not hand the client over");
+        let routed = route(
+            self.presence.as_ref(),
+            self.queue.as_ref(),
+            &mut None,
+            Some(&self.id),
+            &event,
+            stop,
+        )
+        .await;
+        if routed.is_err() {
+            tracing::debug!(%client_id, "stopped before the client was handed over");
         }
     }
 }
@@ -160,14 +161,21 @@ impl ClusterSlot {
                     client_id: client_id.clone(),
                     conn_id: *conn_id,
                 };
-                match self.link.queue.publish_event(gateway, event).await {
-                    Ok(Routed::Delivered) => {}
-                    // Gone: its lease ends soon, and with it the connection's claim.
-                    Ok(Routed::NoGateway) => {}
-                    Err(err) => {
-                        tracing::warn!(%client_id, %gateway, %err, "could not tell a gateway that its connection was replaced");
+                // The id is this connection's already: the handshake does not wait for the old
+                // connection's gateway to hear of it (through an outage of the broker, say).
+                let queue = self.link.queue.clone();
+                let gateway = gateway.clone();
+                let client_id = client_id.clone();
+                tokio::spawn(async move {
+                    match queue.publish_event(&gateway, event).await {
+                        Ok(Routed::Delivered) => {}
+                        // Gone: its lease ends soon, and with it the connection's claim.
+                        Ok(Routed::NoGateway) => {}
+                        Err(err) => {
+                            tracing::debug!(%client_id, %gateway, %err, "stopped before a gateway heard that its connection was replaced");
+                        }
                     }
-                }
+                });
             }
         }
         Ok(claim)

@@ -244,9 +244,10 @@ pub(crate) async fn serve(gateway: Arc<Gateway>, mut socket: WebSocket, arrival:
         let link = link.clone();
         let seq = stream.known();
         let client_id = client_id.clone();
+        let stop = gateway.close_sessions.clone();
         gateway
             .tracker
-            .spawn(async move { link.hand_over(&client_id, seq).await });
+            .spawn(async move { link.hand_over(&client_id, seq, &stop).await });
     }
     let closing = Closing {
         frame: ending.close_frame(&gateway.settings),

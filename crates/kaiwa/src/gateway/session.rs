@@ -484,12 +484,6 @@ fn answer(protocol: Protocol, outbox: &Outbox, settled: Settled) {
             id,
             None,
         )),
-        Verdict::NotQueued(_) => Some(protocol.error(
-            ErrorCode::ProcessingFailed,
-            "the message is stored but could not be queued; it will be processed later".into(),
-            id,
-            None,
-        )),
     };
     if let Some(frame) = frame {
         outbox.push(frame);

@@ -355,9 +355,10 @@ impl ReplyStream {
                 if let Some(count) = state.replay.as_mut() {
                     *count += 1;
                 }
-                // Without its live event, whether this is the message's last reply is not
-                // known yet: `replied` waits for that event.
-                if live.is_some_and(|live| live.last) {
+                // The store says whether the message is complete, so its `replied` goes out
+                // even if the live event that would have carried it was lost (in an outage of
+                // the broker, say); a replay re-sends it for the messages it covers.
+                if missed.completes || live.is_some_and(|live| live.last) {
                     self.finish(&mut state, &message);
                 }
             }

@@ -4,8 +4,10 @@
 //! truth ([`LocalPresence`]); in a cluster they are rows in PostgreSQL ([`PgPresence`]).
 
 mod postgres;
+mod route;
 
 pub use postgres::PgPresence;
+pub use route::{PATIENCE, Stopped, route};
 
 use crate::domain::ClientId;
 use crate::queue::GatewayId;
@@ -13,8 +15,19 @@ use async_trait::async_trait;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PresenceError {
+    /// The database cannot be reached now; the same call can succeed later.
     #[error("presence is unavailable: {0}")]
     Unavailable(String),
+    /// The database took the call and failed it: a bug or a broken schema, not an outage.
+    #[error("presence failed: {0}")]
+    Database(String),
+}
+
+impl PresenceError {
+    /// Whether the same call may succeed later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
 }
 
 /// The outcome of claiming a client id for a connection.

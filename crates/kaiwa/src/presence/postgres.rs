@@ -26,7 +26,11 @@ pub struct PgPresence {
 }
 
 fn unavailable(err: &sqlx::Error) -> PresenceError {
-    PresenceError::Unavailable(err.to_string())
+    if crate::store::is_outage(err) {
+        PresenceError::Unavailable(err.to_string())
+    } else {
+        PresenceError::Database(err.to_string())
+    }
 }
 
 /// The `application_name` of a gateway's lease connection. PostgreSQL keeps its first 63
@@ -52,9 +56,7 @@ impl PgPresence {
         lease: Duration,
     ) -> Result<Self, PresenceError> {
         let options = PgConnectOptions::from_str(url)
-            .map_err(|err| {
-                PresenceError::Unavailable(format!("not a usable PostgreSQL URL: {err}"))
-            })?
+            .map_err(|err| PresenceError::Database(format!("not a usable PostgreSQL URL: {err}")))?
             .application_name("kaiwa-presence");
         let pool = PgPoolOptions::new()
             .max_connections(CONNECTIONS)
@@ -364,10 +366,10 @@ impl Presence for PgPresence {
             // This gateway's own registry already decided between its connections.
             Some((gateway, ..)) if gateway == self.gateway.as_str() => None,
             Some((gateway, conn, true, connected)) => {
-                let other = (
-                    GatewayId::new(gateway),
-                    u64::try_from(conn).unwrap_or_default(),
-                );
+                let conn = u64::try_from(conn).map_err(|_| {
+                    PresenceError::Database(format!("a corrupt connection id {conn}"))
+                })?;
+                let other = (GatewayId::new(gateway), conn);
                 if connected && !replace {
                     return Ok(Claim::Held { gateway: other.0 });
                 }
@@ -419,10 +421,14 @@ impl Presence for PgPresence {
         .fetch_one(&self.pool)
         .await
         .map_err(|err| unavailable(&err))?;
+        let count = |what: &str, value: i64| {
+            u64::try_from(value)
+                .map_err(|_| PresenceError::Database(format!("a corrupt count of {what}: {value}")))
+        };
         Ok(ClusterCounts {
-            clients: u64::try_from(clients).unwrap_or_default(),
-            in_flight: u64::try_from(in_flight).unwrap_or_default(),
-            gateways: u64::try_from(gateways).unwrap_or_default(),
+            clients: count("clients", clients)?,
+            in_flight: count("messages in flight", in_flight)?,
+            gateways: count("gateways", gateways)?,
         })
     }
 }

@@ -4,14 +4,15 @@
 //! queue of the gateway they are for (one per gateway, gone with it), published as mandatory so
 //! that an event for a gateway that is no longer there comes back instead of vanishing.
 //!
-//! The connection is kaiwa's to keep: when it breaks, publishing fails at once (the caller has a
-//! way to try again later: the sweeper, or a `failed` reply the client resumes), and a
-//! supervisor reconnects with backoff, declares the queues again and restarts the consumers.
+//! The connection is kaiwa's to keep: when it breaks, a supervisor reconnects with backoff,
+//! declares the queues again and restarts the consumers. An outage of the broker is a delay:
+//! a publish that cannot go through waits for the next connection and is made again on it (the
+//! process's outbox is the publishes waiting so), so nothing accepted waits for the sweeper.
 
 use super::{Done, Event, GatewayId, Job, Queue, QueueError, Routed, Taken};
 use async_trait::async_trait;
-use futures::StreamExt;
 use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -20,17 +21,24 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// The durable queue every worker takes jobs from.
 const JOBS: &str = "kaiwa.jobs";
 /// The exchange that routes events to a gateway's queue by the gateway's id.
 const EVENTS: &str = "kaiwa.events";
-/// How long a publish waits for a connection that is being made again before it fails.
+/// How long a depth query waits for a connection that is being made again.
 const RECONNECT_WAIT: Duration = Duration::from_secs(2);
-const FIRST_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// At most this long after the broker is back, publishes go through again: an outage is a
+/// delay of its own length plus this.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// A confirm that has not come by then is taken as lost, and the message published again (a
+/// job or event that arrives twice is harmless: workers and streams are idempotent).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a publish the broker refused (a nack) waits before it is made again.
+const REFUSED_WAIT: Duration = Duration::from_secs(1);
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
 
@@ -54,6 +62,9 @@ struct Inner {
     link: watch::Sender<Option<Link>>,
     /// Stops the supervisor and the consumers: the last step of shutdown.
     stop: CancellationToken,
+    /// A publish failed on a connection that still looks alive (its channel broke): the
+    /// supervisor makes a new one.
+    broken: Notify,
 }
 
 /// One connection and the channel publishes go through (with publisher confirms on).
@@ -81,6 +92,7 @@ impl AmqpQueue {
             options,
             link: tx,
             stop: CancellationToken::new(),
+            broken: Notify::new(),
         });
         tokio::spawn(supervise(inner.clone(), link));
         Ok(Self { inner })
@@ -149,6 +161,8 @@ async fn open(url: &str) -> Result<Link, lapin::Error> {
 async fn supervise(inner: Arc<Inner>, mut link: Link) {
     loop {
         let mut events = link.conn.events_listener();
+        // A failure reported about the connection before this one is no reason to drop it.
+        let _ = inner.broken.notified().now_or_never();
         // Until the connection reports an error, or the queue stops.
         loop {
             tokio::select! {
@@ -164,6 +178,11 @@ async fn supervise(inner: Arc<Inner>, mut link: Link) {
                     Some(_) => {}
                     None => break,
                 },
+                () = inner.broken.notified() => {
+                    tracing::warn!(broker = %inner.describe, "publishing to RabbitMQ failed on a connection that looked alive; reconnecting");
+                    close_link(&link).await;
+                    break;
+                }
             }
         }
         inner.link.send_replace(None);
@@ -210,8 +229,10 @@ impl Inner {
         QueueError::Unavailable(format!("RabbitMQ at {}: {why}", self.describe))
     }
 
-    /// Publishes and waits for the broker's confirm. Returns whether the message came back
-    /// unroutable (only possible with `mandatory`).
+    /// Publishes and waits for the broker's confirm, through outages: a publish that fails
+    /// with its connection is made again on the next one, as soon as there is one. Returns
+    /// whether the message came back unroutable (only possible with `mandatory`); fails only
+    /// when the queue stops.
     async fn publish(
         &self,
         exchange: &str,
@@ -220,34 +241,96 @@ impl Inner {
         mandatory: bool,
         persistent: bool,
     ) -> Result<bool, QueueError> {
-        let link = self.link().await?;
-        let properties = BasicProperties::default().with_content_type("application/json".into());
-        let properties = if persistent {
-            properties.with_delivery_mode(PERSISTENT)
-        } else {
-            properties
-        };
-        let confirm = link
-            .publisher
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory,
-                    ..BasicPublishOptions::default()
+        let mut watch = self.link.subscribe();
+        loop {
+            let link = tokio::select! {
+                () = self.stop.cancelled() => return Err(QueueError::Closed),
+                link = watch.wait_for(Option::is_some) => match link {
+                    Ok(link) => link.clone(),
+                    Err(_) => return Err(QueueError::Closed),
                 },
-                payload,
-                properties,
-            )
-            .await
-            .map_err(|err| self.unavailable(err))?
-            .await
-            .map_err(|err| self.unavailable(err))?;
-        if confirm.is_nack() {
-            return Err(self.unavailable("the broker refused the message"));
+            };
+            let Some(link) = link else { continue };
+            let attempt =
+                publish_on(&link, exchange, routing_key, payload, mandatory, persistent).await;
+            let failed = match attempt {
+                Ok(Published::Confirmed { returned }) => return Ok(returned),
+                Ok(Published::Refused) => {
+                    tracing::warn!(broker = %self.describe, "RabbitMQ refused a message; publishing it again shortly");
+                    None
+                }
+                Err(err) => Some(err),
+            };
+            // Until the connection is replaced (a broken one), or a moment has passed (a
+            // refusal, or a confirm that never came on a connection that stays).
+            let replaced = watch.wait_for(|current| {
+                current
+                    .as_ref()
+                    .is_none_or(|current| !Arc::ptr_eq(&current.conn, &link.conn))
+            });
+            if let Some(err) = &failed {
+                tracing::debug!(broker = %self.describe, %err, "a publish failed; it is made again on the next connection");
+                if link.conn.status().connected() {
+                    self.broken.notify_one();
+                }
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => return Err(QueueError::Closed),
+                _ = replaced => {}
+                () = tokio::time::sleep(REFUSED_WAIT) => {}
+            }
         }
-        Ok(confirm.take_message().is_some())
     }
+}
+
+/// What became of one publish on a live connection.
+enum Published {
+    Confirmed {
+        returned: bool,
+    },
+    /// The broker answered with a nack: it could not take the message now.
+    Refused,
+}
+
+/// One attempt at publishing on `link`, waiting for the confirm.
+async fn publish_on(
+    link: &Link,
+    exchange: &str,
+    routing_key: &str,
+    payload: &[u8],
+    mandatory: bool,
+    persistent: bool,
+) -> Result<Published, String> {
+    let properties = BasicProperties::default().with_content_type("application/json".into());
+    let properties = if persistent {
+        properties.with_delivery_mode(PERSISTENT)
+    } else {
+        properties
+    };
+    let confirm = link
+        .publisher
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory,
+                ..BasicPublishOptions::default()
+            },
+            payload,
+            properties,
+        )
+        .await
+        .map_err(|err| err.to_string())?;
+    let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+        .await
+        .map_err(|_| "no confirm came in time".to_owned())?
+        .map_err(|err| err.to_string())?;
+    if confirm.is_nack() {
+        return Ok(Published::Refused);
+    }
+    Ok(Published::Confirmed {
+        returned: confirm.take_message().is_some(),
+    })
 }
 
 /// A job's ack, on the channel it was delivered on.

@@ -207,13 +207,16 @@ pub enum Routed {
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
     /// Queues a job for a worker. When this returns, the job is kept durably (the broker
-    /// confirmed it); until then it may be lost, and the sweeper queues it again.
+    /// confirmed it). An outage of the broker is waited out: this fails only when the queue
+    /// closes, and a job that never made it is still `accepted` in the store, where a sweeper
+    /// or the next start finds it.
     async fn publish_job(&self, job: Job) -> Result<(), QueueError>;
 
     /// The jobs, for this process's workers. Each stays taken until [`Taken::done`].
     fn jobs(&self) -> Result<BoxStream<'static, Taken>, QueueError>;
 
-    /// Sends an event to a gateway, confirmed by the broker.
+    /// Sends an event to a gateway, confirmed by the broker; like [`Queue::publish_job`], it
+    /// waits out an outage of the broker and fails only when the queue closes.
     async fn publish_event(&self, gateway: &GatewayId, event: Event) -> Result<Routed, QueueError>;
 
     /// The events for `gateway`'s clients, for its delivery task.

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use kaiwa_protocol::Delivery;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// Where a command's result goes.
@@ -160,6 +161,40 @@ impl Updates {
     pub(super) fn len(&self) -> usize {
         self.deliveries.len() + self.received.len() + self.departures.len()
     }
+
+    fn add_delivery(&mut self, update: DeliveryUpdate) {
+        let entry = self.deliveries.entry(update.reply_id).or_insert(update);
+        if entry.delivery != Delivery::Delivered {
+            *entry = update;
+        }
+    }
+
+    fn add_received(&mut self, update: StreamUpdate) {
+        match self.received.entry(update.client_id.clone()) {
+            Entry::Occupied(mut known) if known.get().seq < update.seq => {
+                known.insert(update);
+            }
+            Entry::Occupied(_) => {}
+            Entry::Vacant(new) => {
+                new.insert(update);
+            }
+        }
+    }
+
+    fn add_departure(&mut self, update: StreamUpdate) {
+        self.departures.push(update);
+    }
+
+    /// Takes in the updates sent after these ones, as if they had come in one batch.
+    fn absorb(&mut self, later: Updates) {
+        for update in later.deliveries.into_values() {
+            self.add_delivery(update);
+        }
+        for update in later.received.into_values() {
+            self.add_received(update);
+        }
+        self.departures.extend(later.departures);
+    }
 }
 
 impl Batch {
@@ -169,28 +204,9 @@ impl Batch {
             match command {
                 Command::Message(message, respond) => batch.messages.push((message, respond)),
                 Command::Replies(replies, respond) => batch.replies.push((replies, respond)),
-                Command::Delivery(update) => {
-                    let entry = batch
-                        .updates
-                        .deliveries
-                        .entry(update.reply_id)
-                        .or_insert(update);
-                    if entry.delivery != Delivery::Delivered {
-                        *entry = update;
-                    }
-                }
-                Command::Received(update) => {
-                    match batch.updates.received.entry(update.client_id.clone()) {
-                        Entry::Occupied(mut known) if known.get().seq < update.seq => {
-                            known.insert(update);
-                        }
-                        Entry::Occupied(_) => {}
-                        Entry::Vacant(new) => {
-                            new.insert(update);
-                        }
-                    }
-                }
-                Command::Departure(update) => batch.updates.departures.push(update),
+                Command::Delivery(update) => batch.updates.add_delivery(update),
+                Command::Received(update) => batch.updates.add_received(update),
+                Command::Departure(update) => batch.updates.add_departure(update),
                 #[cfg(test)]
                 Command::Barrier(done) => batch.barriers.push(done),
                 Command::Close(done) => batch.close = Some(done),
@@ -221,5 +237,57 @@ impl Batch {
             respond(done, ());
         }
         self.close
+    }
+}
+
+/// The updates of batches that failed, kept for the next batch. They say where replies went
+/// and what clients acknowledged, and each is idempotent, so writing them late is right; an
+/// outage of the database only delays them. Bounded by what they are about: a reply has one
+/// entry, a client one acknowledgement, and a departure happens once per connection.
+#[derive(Default)]
+pub(super) struct Backlog {
+    updates: Updates,
+    /// Since when the updates fail on an error that is not an outage (a full disk, a bug):
+    /// after [`GIVE_UP_AFTER`] of that they are dropped, so they cannot fail every batch.
+    refused_since: Option<Instant>,
+}
+
+/// How long updates that fail on something other than an outage are tried again.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(60);
+
+impl Backlog {
+    pub(super) fn is_empty(&self) -> bool {
+        self.updates.is_empty()
+    }
+
+    /// What the next batch writes: the backlog first, then `fresh`.
+    pub(super) fn take_with(&mut self, fresh: Updates) -> Updates {
+        let mut updates = std::mem::take(&mut self.updates);
+        updates.absorb(fresh);
+        updates
+    }
+
+    /// The batch went through, and the updates it held with it.
+    pub(super) fn written(&mut self) {
+        self.refused_since = None;
+    }
+
+    /// The batch that held `updates` failed with `err`: they wait for the next one, unless
+    /// they have failed on errors that are not outages for a while.
+    pub(super) fn keep(&mut self, updates: Updates, err: &StoreError) {
+        if updates.is_empty() {
+            return;
+        }
+        if !err.is_transient() {
+            let since = *self.refused_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= GIVE_UP_AFTER {
+                tracing::error!(%err, lost_delivery_updates = updates.len(), "delivery updates failed for a minute on an error that is not an outage; given up");
+                self.refused_since = None;
+                return;
+            }
+        }
+        tracing::debug!(%err, delivery_updates = updates.len(), "delivery updates kept for the next batch");
+        let later = std::mem::replace(&mut self.updates, updates);
+        self.updates.absorb(later);
     }
 }

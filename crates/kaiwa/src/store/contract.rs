@@ -4,7 +4,7 @@
 
 use super::{
     Existing, Inserted, MemoryStore, NewMessage, NewReply, PgOptions, PgStore, SqliteOptions,
-    SqliteStore, Store, StoredMessage, StoredReply,
+    SqliteStore, Store, StoreHealth, StoredMessage, StoredReply,
 };
 use crate::domain::{ClientId, Timezone};
 use chrono::{DateTime, TimeZone, Utc};
@@ -29,6 +29,11 @@ trait Durable: Backend {
     async fn crash_and_reopen(self) -> Self;
     /// Closes, and opens the same data again.
     async fn close_and_reopen(self) -> Self;
+    /// Makes the database refuse (or take again) every change to a reply, as a trigger
+    /// written by someone else would: the store's batches holding one then fail.
+    async fn refuse_reply_updates(&self, refuse: bool);
+    /// Whether a change was refused since [`Durable::refuse_reply_updates`] was turned on.
+    async fn has_refused(&self) -> bool;
 }
 
 struct Memory(MemoryStore);
@@ -87,6 +92,24 @@ impl Durable for Sqlite {
         self.store.close().await;
         self.crash_and_reopen().await
     }
+
+    async fn refuse_reply_updates(&self, refuse: bool) {
+        let conn = rusqlite::Connection::open(self.dir.path().join("kaiwa.db")).expect("opens");
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .expect("a busy timeout");
+        conn.execute_batch(if refuse {
+            "CREATE TRIGGER refuse_reply_updates BEFORE UPDATE ON replies \
+             BEGIN SELECT RAISE(ABORT, 'reply updates refused by the test'); END;"
+        } else {
+            "DROP TRIGGER refuse_reply_updates;"
+        })
+        .expect("the trigger changes");
+    }
+
+    async fn has_refused(&self) -> bool {
+        // SQLite's store reports every failed batch (most are a full disk).
+        self.store.health() != StoreHealth::Ok
+    }
 }
 
 struct Postgres {
@@ -130,6 +153,43 @@ impl Durable for Postgres {
     async fn close_and_reopen(self) -> Self {
         self.store.close().await;
         self.crash_and_reopen().await
+    }
+
+    async fn refuse_reply_updates(&self, refuse: bool) {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&self.database.url)
+            .await
+            .expect("connects");
+        let statements: &[&str] = if refuse {
+            &[
+                // A sequence counts the refusals: it is not rolled back with the transaction.
+                "CREATE SEQUENCE refusals",
+                "CREATE FUNCTION refuse_reply_updates() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN PERFORM nextval('refusals'); \
+                 RAISE EXCEPTION 'reply updates refused by the test'; END $$",
+                "CREATE TRIGGER refuse_reply_updates BEFORE UPDATE ON replies \
+                 FOR EACH ROW EXECUTE FUNCTION refuse_reply_updates()",
+            ]
+        } else {
+            &["DROP TRIGGER refuse_reply_updates ON replies"]
+        };
+        for statement in statements {
+            sqlx::query(*statement)
+                .execute(&mut conn)
+                .await
+                .expect("the trigger changes");
+        }
+    }
+
+    async fn has_refused(&self) -> bool {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&self.database.url)
+            .await
+            .expect("connects");
+        sqlx::query_scalar("SELECT is_called FROM refusals")
+            .fetch_one(&mut conn)
+            .await
+            .expect("the sequence is read")
     }
 }
 
@@ -279,6 +339,13 @@ async fn replies_are_stored_once_per_type_and_numbered_per_client(backend: impl 
         all_history(store, "carol").await[1].status,
         MessageStatus::Accepted
     );
+    let completes = |read: Vec<super::MissedReply>| {
+        read.into_iter()
+            .map(|m| (m.reply.seq, m.completes))
+            .collect::<Vec<_>>()
+    };
+    let read = store.replies_after(&client("carol"), 0, 10).await;
+    assert_eq!(completes(read.expect("read")), [(1, false), (2, false)]);
     let first = replied(store, text, "carol", vec![reply(ReplyType::Text, "first")]).await;
     assert_eq!(first[0].seq, 3);
     let dave = replied(store, other, "dave", vec![reply(ReplyType::Text, "his")]).await;
@@ -319,6 +386,12 @@ async fn replies_are_stored_once_per_type_and_numbered_per_client(backend: impl 
         .collect();
     assert_eq!(replies.len(), 4, "no reply stored twice: {history:?}");
     assert_eq!(store.latest_seq(&client("carol")).await.expect("read"), 4);
+    // Each message's last reply says that it ends the set.
+    let read = store.replies_after(&client("carol"), 0, 10).await;
+    assert_eq!(
+        completes(read.expect("read")),
+        [(1, false), (2, false), (3, true), (4, true)]
+    );
     assert_eq!(store.latest_seq(&client("nobody")).await.expect("read"), 0);
 }
 
@@ -485,6 +558,46 @@ async fn close_writes_everything_sent_before_it(backend: impl Durable) {
     );
 }
 
+async fn a_failed_batchs_delivery_updates_are_written_by_a_later_one(backend: impl Durable) {
+    let store = backend.store();
+    let id = stored(store, message("ida", Some("m"), "x")).await;
+    let replies = replied(
+        store,
+        id,
+        "ida",
+        vec![reply(ReplyType::Text, "r"), reply(ReplyType::Voice, "v")],
+    )
+    .await;
+    backend.refuse_reply_updates(true).await;
+    store.record_delivery(replies[0].id, Delivery::Delivered, at(10));
+    store.record_received(&client("ida"), replies[1].seq, at(11));
+    // The batch that holds them fails.
+    while !backend.has_refused().await {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    backend.refuse_reply_updates(false).await;
+    // Whatever writes next writes them too.
+    stored(store, message("ida", Some("n"), "y")).await;
+    backend.settle().await;
+    let read = store
+        .replies_after(&client("ida"), 0, 10)
+        .await
+        .expect("read");
+    assert_eq!(
+        read.iter()
+            .map(|m| (m.reply.delivery, m.reply.delivered_at))
+            .collect::<Vec<_>>(),
+        [
+            (Delivery::Delivered, Some(at(10))),
+            (Delivery::Delivered, Some(at(11)))
+        ]
+    );
+    assert_eq!(
+        store.acknowledged(&client("ida")).await.expect("read"),
+        replies[1].seq
+    );
+}
+
 macro_rules! contract {
     ($backend:ident, $name:ident $(, durable: $($durable:ident),*)?) => {
         mod $name {
@@ -537,13 +650,15 @@ contract!(
     Sqlite,
     sqlite,
     durable: unfinished_messages_survive_an_unclean_stop,
-    close_writes_everything_sent_before_it
+    close_writes_everything_sent_before_it,
+    a_failed_batchs_delivery_updates_are_written_by_a_later_one
 );
 contract!(
     Postgres,
     postgres,
     durable: unfinished_messages_survive_an_unclean_stop,
-    close_writes_everything_sent_before_it
+    close_writes_everything_sent_before_it,
+    a_failed_batchs_delivery_updates_are_written_by_a_later_one
 );
 
 /// What only a store that several processes share does: keep the in-flight limit for all of

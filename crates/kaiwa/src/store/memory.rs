@@ -264,14 +264,13 @@ impl Store for MemoryStore {
             .take(limit as usize)
             .filter_map(|id| {
                 let reply = data.reply(id)?.clone();
-                let client_message_id = data
-                    .messages
-                    .get(&reply.message_id)?
-                    .client_message_id
-                    .clone();
+                let message = data.messages.get(&reply.message_id)?;
+                let completes = message.status == MessageStatus::Replied
+                    && message.replies.iter().all(|other| other.seq <= reply.seq);
                 Some(MissedReply {
+                    client_message_id: message.client_message_id.clone(),
                     reply,
-                    client_message_id,
+                    completes,
                 })
             })
             .collect())

@@ -8,6 +8,7 @@ mod media;
 mod memory;
 mod postgres;
 mod sql;
+pub(crate) use sql::is_outage;
 mod sqlite;
 
 pub use media::{DiskMedia, MediaStore};
@@ -139,6 +140,10 @@ impl StoredMessage {
 pub struct MissedReply {
     pub reply: StoredReply,
     pub client_message_id: Option<String>,
+    /// The reply ends its message's reply set (the message is `replied`, and this is its last
+    /// reply): read back, it carries the message's `replied` status with it, whose live event
+    /// may have been lost.
+    pub completes: bool,
 }
 
 /// What went wrong in a store, whichever database is behind it.
@@ -165,6 +170,12 @@ pub enum StoreError {
     Closed,
     #[error("unexpected value in the database: {0}")]
     Corrupt(String),
+}
+
+/// A count or stream position as read from the database, where a negative value can only
+/// mean a corrupt row: an error, never a silent 0.
+pub(crate) fn non_negative(what: &str, value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} {value}")))
 }
 
 impl StoreError {

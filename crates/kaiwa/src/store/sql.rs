@@ -7,7 +7,17 @@ use sqlx::migrate::MigrateError;
 /// A sqlx error as a store error: the ones that mean the database cannot be reached now are
 /// [`StoreError::Unavailable`], so callers can tell a client to retry.
 pub(super) fn error(err: &sqlx::Error) -> StoreError {
-    let unreachable = match err {
+    if is_outage(err) {
+        StoreError::Unavailable(err.to_string())
+    } else {
+        StoreError::Database(err.to_string())
+    }
+}
+
+/// Whether a sqlx error means the database cannot be reached now (refused, lost, restarting),
+/// rather than that it took the request and failed it.
+pub(crate) fn is_outage(err: &sqlx::Error) -> bool {
+    match err {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
@@ -20,11 +30,6 @@ pub(super) fn error(err: &sqlx::Error) -> StoreError {
             .code()
             .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
         _ => false,
-    };
-    if unreachable {
-        StoreError::Unavailable(err.to_string())
-    } else {
-        StoreError::Database(err.to_string())
     }
 }
 

@@ -4,10 +4,10 @@
 //! before leaves it to another, which finds the stored replies and reports those.
 
 use crate::clock::Clock;
-use crate::presence::Presence;
+use crate::presence::{self, Presence};
 use crate::queue::{Event, GatewayId, Job, MessageRef, Queue, QueueError, Routed, Taken};
 use crate::replies::{Deltas, ReplyMaker};
-use crate::store::{NewReply, Store, StoredReply};
+use crate::store::{NewReply, Store, StoreError, StoredReply};
 use futures::{FutureExt, StreamExt};
 use kaiwa_protocol::MessageType;
 use kaiwa_protocol::{Delivery, MessageStatus};
@@ -114,7 +114,7 @@ impl Worker {
     /// (then it goes to another worker, or to the next start).
     async fn take(&self, taken: Taken, stop: CancellationToken) {
         let message = MessageRef::from(&taken.job);
-        let mut route = Route::new(taken.job.origin.clone());
+        let mut route = Route::new(taken.job.origin.clone(), stop.clone());
         let finished = match AssertUnwindSafe(self.process(&taken, &mut route, stop))
             .catch_unwind()
             .await
@@ -226,8 +226,9 @@ impl Worker {
     }
 
     /// Stores replies and reports each; `completes` marks the end of the message's reply set.
-    /// A failure to store is reported (the sweeper retries the message later); a failure to
-    /// report is not done: the queue hands the job out again.
+    /// An outage of the database is waited out (the client sees a delay, not a failure); any
+    /// other failure to store is reported, and the sweeper retries the message later. A failure
+    /// to report is not done: the queue hands the job out again.
     async fn store_and_report(
         &self,
         job: &Job,
@@ -236,16 +237,13 @@ impl Worker {
         replies: Vec<NewReply>,
         completes: bool,
     ) -> Finished {
-        let stored = self
-            .store
-            .insert_replies(
-                job.message_id,
-                &job.client_id,
-                replies,
-                self.clock.now(),
-                completes,
-            )
-            .await;
+        let stored = match self
+            .store_replies(job, replies, completes, &route.stop)
+            .await
+        {
+            Some(stored) => stored,
+            None => return abandon(job),
+        };
         match stored {
             Ok(stored) => {
                 if completes {
@@ -267,6 +265,41 @@ impl Worker {
                 .await;
                 Finished::Done
             }
+        }
+    }
+
+    /// Stores a message's replies, trying again while the database is unreachable; `None` if
+    /// `stop` came first.
+    async fn store_replies(
+        &self,
+        job: &Job,
+        replies: Vec<NewReply>,
+        completes: bool,
+        stop: &CancellationToken,
+    ) -> Option<Result<Vec<StoredReply>, StoreError>> {
+        let mut retry = STORE_RETRY;
+        loop {
+            let stored = self
+                .store
+                .insert_replies(
+                    job.message_id,
+                    &job.client_id,
+                    replies.clone(),
+                    self.clock.now(),
+                    completes,
+                )
+                .await;
+            match stored {
+                Err(err) if err.is_transient() => {
+                    tracing::warn!(message_id = job.message_id, %err, retry_in_ms = retry.as_millis() as u64, "the database is unavailable; storing the replies again shortly");
+                }
+                stored => return Some(stored),
+            }
+            tokio::select! {
+                () = stop.cancelled() => return None,
+                () = tokio::time::sleep(retry) => {}
+            }
+            retry = (retry * 2).min(MAX_STORE_RETRY);
         }
     }
 
@@ -301,69 +334,60 @@ impl Worker {
     }
 
     /// Sends an event to the gateway that holds the message's client now: the one that
-    /// admitted the message while it is there, else the one presence names. A reply for a
-    /// client no gateway holds is recorded `failed` here, by this one process: the client gets
-    /// it when it resumes. False if the event could not be sent (the broker is unreachable).
+    /// admitted the message while it is there, else the one presence names; outages of the
+    /// broker and of presence are waited out. A reply for a client no gateway holds is recorded
+    /// `failed` here, by this one process: the client gets it when it resumes. False only if
+    /// the worker stopped first.
     async fn report(&self, route: &mut Route, event: Event) -> bool {
-        let message_id = event.message().map_or(0, |message| message.message_id);
-        let mut routed = Routed::NoGateway;
-        let mut looked_up = false;
-        for _ in 0..2 {
-            let gateway = match route.gateway.clone() {
-                Some(gateway) => gateway,
-                None if looked_up => break,
-                None => {
-                    looked_up = true;
-                    match self.presence.holder(event.client_id()).await {
-                        Ok(Some(gateway)) => {
-                            route.gateway = Some(gateway.clone());
-                            gateway
-                        }
-                        Ok(None) => break,
-                        Err(err) => {
-                            tracing::warn!(message_id, %err, "could not find the client's gateway");
-                            return false;
-                        }
-                    }
+        let routed = presence::route(
+            self.presence.as_ref(),
+            self.queue.as_ref(),
+            &mut route.gateway,
+            None,
+            &event,
+            &route.stop,
+        )
+        .await;
+        match routed {
+            Ok(Routed::Delivered) => true,
+            Ok(Routed::NoGateway) => {
+                if let Event::Reply { reply, .. } = &event {
+                    self.store
+                        .record_delivery(reply.id, Delivery::Failed, self.clock.now());
+                    metrics::counter!("kaiwa_replies_total", "delivery" => "failed").increment(1);
                 }
-            };
-            routed = match self.queue.publish_event(&gateway, event.clone()).await {
-                Ok(routed) => routed,
-                Err(err) => {
-                    tracing::warn!(message_id, %gateway, %err, "could not report a message event");
-                    return false;
-                }
-            };
-            if routed == Routed::Delivered {
-                break;
+                true
             }
-            // That gateway is gone: the client, if connected, is on another one now.
-            tracing::debug!(message_id, %gateway, "the gateway is gone; looking the client up");
-            route.gateway = None;
+            Err(presence::Stopped) => {
+                let message_id = event.message().map_or(0, |message| message.message_id);
+                tracing::debug!(message_id, "stopped before an event was reported");
+                false
+            }
         }
-        if routed == Routed::NoGateway
-            && let Event::Reply { reply, .. } = &event
-        {
-            self.store
-                .record_delivery(reply.id, Delivery::Failed, self.clock.now());
-            metrics::counter!("kaiwa_replies_total", "delivery" => "failed").increment(1);
-        }
-        true
     }
 }
 
 /// Where one job's events go: the gateway that admitted the message, until it is found gone;
-/// then wherever presence says the client is, asked again for each event.
+/// then wherever presence says the client is. `stop` ends the waiting for an outage.
 #[derive(Debug)]
 struct Route {
     gateway: Option<GatewayId>,
+    stop: CancellationToken,
 }
 
 impl Route {
-    fn new(origin: Option<GatewayId>) -> Self {
-        Self { gateway: origin }
+    fn new(origin: Option<GatewayId>, stop: CancellationToken) -> Self {
+        Self {
+            gateway: origin,
+            stop,
+        }
     }
 }
+
+/// The first wait before replies are stored again while the database is away; it doubles up
+/// to [`MAX_STORE_RETRY`], so they go in at most that long after it is back.
+const STORE_RETRY: Duration = Duration::from_millis(100);
+const MAX_STORE_RETRY: Duration = Duration::from_secs(1);
 
 /// How processing a job ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

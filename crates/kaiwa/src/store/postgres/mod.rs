@@ -142,7 +142,7 @@ impl PgStore {
         let count: i64 = sqlx::query_scalar("SELECT accepted FROM in_flight")
             .fetch_one(&self.reads)
             .await?;
-        Ok(u64::try_from(count).unwrap_or_default())
+        super::non_negative("messages in flight", count)
     }
 
     /// Applies pending migrations and returns how many there were.
@@ -358,7 +358,7 @@ impl TryFrom<ReplyRecord> for StoredReply {
         Ok(Self {
             id: row.id,
             message_id: row.message_id,
-            seq: u64::try_from(row.seq).map_err(|_| corrupt("reply seq", &row.seq.to_string()))?,
+            seq: super::non_negative("reply seq", row.seq)?,
             reply_type: ReplyType::parse(&row.reply_type)
                 .ok_or_else(|| corrupt("reply type", &row.reply_type))?,
             content: row.content,
@@ -524,10 +524,13 @@ impl Store for PgStore {
             #[sqlx(flatten)]
             reply: ReplyRecord,
             client_msg_id: Option<String>,
+            completes: bool,
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT r.id, r.message_id, r.seq, r.reply_type, r.content, r.filename, r.mime_type, \
-                 r.fallback, r.delivery, r.created_at, r.delivered_at, m.client_msg_id \
+                 r.fallback, r.delivery, r.created_at, r.delivered_at, m.client_msg_id, \
+                 (m.status = 'replied' AND NOT EXISTS (SELECT 1 FROM replies AS later \
+                     WHERE later.message_id = r.message_id AND later.seq > r.seq)) AS completes \
              FROM replies AS r JOIN messages AS m ON m.id = r.message_id \
              WHERE r.client_id = $1 AND r.seq > $2 \
              ORDER BY r.seq LIMIT $3",
@@ -542,6 +545,7 @@ impl Store for PgStore {
                 Ok(MissedReply {
                     reply: StoredReply::try_from(row.reply)?,
                     client_message_id: row.client_msg_id,
+                    completes: row.completes,
                 })
             })
             .collect()
@@ -553,7 +557,7 @@ impl Store for PgStore {
                 .bind(client_id.as_str())
                 .fetch_one(&self.reads)
                 .await?;
-        Ok(seq.and_then(|seq| u64::try_from(seq).ok()).unwrap_or(0))
+        seq.map_or(Ok(0), |seq| super::non_negative("acknowledged seq", seq))
     }
 
     async fn acknowledged(&self, client_id: &ClientId) -> Result<u64, StoreError> {
@@ -562,7 +566,7 @@ impl Store for PgStore {
                 .bind(client_id.as_str())
                 .fetch_optional(&self.reads)
                 .await?;
-        Ok(seq.and_then(|seq| u64::try_from(seq).ok()).unwrap_or(0))
+        seq.map_or(Ok(0), |seq| super::non_negative("acknowledged seq", seq))
     }
 
     async fn unfinished_messages(&self) -> Result<Vec<StoredMessage>, StoreError> {

@@ -4,7 +4,7 @@
 //! database cannot be reached it answers at once that it is unavailable, instead of queueing,
 //! and reconnects with backoff.
 
-use super::super::batch::{Batch, Command, ReplyBatch, Updates, respond};
+use super::super::batch::{Backlog, Batch, Command, ReplyBatch, Updates, respond};
 use super::super::{Existing, Inserted, NewMessage, StoreError, StoreHealth, StoredReply};
 use super::{ReplyRecord, connect, describe, seq_param};
 use kaiwa_protocol::{Delivery, MessageStatus};
@@ -19,7 +19,11 @@ use tokio::sync::{mpsc, oneshot};
 const MAX_BATCH: usize = 4096;
 /// The first wait before reconnecting, doubled after each failure up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// At most this long after the database is back, writes go through again: an outage is a
+/// delay of its own length plus this.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// How soon the updates of a failed batch are tried again when no other write comes.
+const BACKLOG_RETRY: Duration = Duration::from_millis(500);
 /// The advisory lock namespace of reply streams: replies of one client are numbered by one
 /// transaction at a time, whichever process writes them. (The second key is the client id's
 /// hash; sqlx's migration lock uses the one-key form, so the two never meet.)
@@ -36,6 +40,8 @@ pub(super) struct Writer {
     retry_at: tokio::time::Instant,
     /// The cluster-wide in-flight limit, when this store keeps it.
     max_in_flight: Option<u32>,
+    /// Delivery updates of failed batches, written with the next one.
+    backlog: Backlog,
 }
 
 /// What one batch learned from the database.
@@ -62,6 +68,7 @@ impl Writer {
             backoff: FIRST_BACKOFF,
             retry_at: tokio::time::Instant::now(),
             max_in_flight,
+            backlog: Backlog::default(),
         })
     }
 
@@ -74,8 +81,14 @@ impl Writer {
                         return;
                     }
                 }
-                () = tokio::time::sleep_until(self.retry_at), if self.conn.is_none() => {
-                    self.reconnect().await;
+                () = tokio::time::sleep_until(self.retry_at), if self.conn.is_none() || !self.backlog.is_empty() => {
+                    if self.conn.is_none() {
+                        self.reconnect().await;
+                    }
+                    if self.conn.is_some() && !self.backlog.is_empty() {
+                        // Updates of a failed batch, written now that the database is back.
+                        self.commit(Batch::default()).await;
+                    }
                     continue;
                 }
             }
@@ -117,7 +130,8 @@ impl Writer {
 
     /// Writes one batch and answers every command in it. Returns the close request if the
     /// batch held one.
-    async fn commit(&mut self, batch: Batch) -> Option<oneshot::Sender<()>> {
+    async fn commit(&mut self, mut batch: Batch) -> Option<oneshot::Sender<()>> {
+        batch.updates = self.backlog.take_with(std::mem::take(&mut batch.updates));
         if batch.is_empty() {
             return batch.fail(&StoreError::Closed);
         }
@@ -125,8 +139,9 @@ impl Writer {
             // Unreachable: fail at once, so clients are told to retry now rather than later.
             let count = batch.len();
             tracing::debug!(commands = count, "database unreachable: batch refused");
-            let reason = self.health_reason();
-            return batch.fail(&StoreError::Unavailable(reason));
+            let err = StoreError::Unavailable(self.health_reason());
+            self.backlog.keep(std::mem::take(&mut batch.updates), &err);
+            return batch.fail(&err);
         };
         let started = Instant::now();
         let mut result = write(conn, &batch, self.max_in_flight).await;
@@ -141,6 +156,7 @@ impl Writer {
         match result {
             Ok(written) => {
                 self.set_health(StoreHealth::Ok);
+                self.backlog.written();
                 metrics::histogram!("kaiwa_store_batch_size").record(batch.len() as f64);
                 metrics::histogram!("kaiwa_store_commit_seconds")
                     .record(started.elapsed().as_secs_f64());
@@ -148,12 +164,15 @@ impl Writer {
             }
             Err(err) => {
                 let err = super::super::sql::error(&err);
-                tracing::error!(%err, commands = batch.len(), lost_delivery_updates = batch.updates.len(), "database batch failed");
+                tracing::error!(%err, commands = batch.len(), "database batch failed");
                 if err.is_transient() {
                     self.conn = None;
                     self.set_health(StoreHealth::Degraded(err.to_string()));
                     self.retry_at = tokio::time::Instant::now();
+                } else {
+                    self.retry_at = tokio::time::Instant::now() + BACKLOG_RETRY;
                 }
+                self.backlog.keep(std::mem::take(&mut batch.updates), &err);
                 batch.fail(&err)
             }
         }
@@ -581,7 +600,9 @@ async fn insert_replies(
                 let stored = StoredReply {
                     id,
                     message_id: batch.message_id,
-                    seq: u64::try_from(row.seq).unwrap_or_default(),
+                    seq: u64::try_from(row.seq).map_err(|_| {
+                        sqlx::Error::Protocol(format!("a corrupt reply seq {}", row.seq))
+                    })?,
                     reply_type: reply.reply_type,
                     content: reply.content.clone(),
                     filename: reply.filename.clone(),

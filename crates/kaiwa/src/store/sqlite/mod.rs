@@ -40,23 +40,32 @@ pub enum Durability {
     Normal,
 }
 
-/// The page cache of the writer and of each read connection unless told otherwise: a larger
-/// one costs the writer more than it saves, since every commit walks it.
+/// The writer's page cache unless told otherwise: a larger one costs the writer more than it
+/// saves, since every commit walks it.
 pub const DEFAULT_SQLITE_CACHE_MIB: u32 = 8;
+/// Read connections, each with a quarter of the writer's cache: they map the database file,
+/// so their caches hold only pages still in the WAL (the newest), and a small cache fills
+/// within the first tens of thousands of messages instead of growing for hours.
+const READ_CONNECTIONS: u32 = 4;
 
 /// The SQLite store's own settings.
 #[derive(Debug, Clone, Copy)]
 pub struct SqliteOptions {
     pub durability: Durability,
-    /// The page cache of the writer and of each read connection, in MiB.
+    /// The page cache of the writer, in MiB; the read connections share as much again.
     pub cache_mib: u32,
 }
 
 impl SqliteOptions {
-    /// The value of `PRAGMA cache_size` for each connection: negative, a size in KiB rather
-    /// than a number of pages.
+    /// The value of `PRAGMA cache_size` for the writer: negative, a size in KiB rather than a
+    /// number of pages.
     fn cache_size(&self) -> i64 {
         -i64::from(self.cache_mib) * 1024
+    }
+
+    /// The same for each read connection.
+    fn read_cache_size(&self) -> i64 {
+        self.cache_size() / i64::from(READ_CONNECTIONS)
     }
 }
 
@@ -102,7 +111,7 @@ impl SqliteStore {
         }
         conn.close().await?;
         let reads = SqlitePoolOptions::new()
-            .max_connections(4)
+            .max_connections(READ_CONNECTIONS)
             .connect_with(read_options(path, options))
             .await?;
         let (writes, rx) = Writes::channel();
@@ -172,8 +181,9 @@ fn read_options(path: &Path, options: SqliteOptions) -> SqliteConnectOptions {
         .read_only(true)
         // History reads map the file rather than copying pages into each connection's cache.
         .pragma("mmap_size", "268435456")
-        // Each connection's cache still fills with the pages it has read, up to this bound.
-        .pragma("cache_size", options.cache_size().to_string())
+        // Each connection's cache still fills with the pages it has read from the WAL, up to
+        // this bound.
+        .pragma("cache_size", options.read_cache_size().to_string())
 }
 
 fn lock_database(path: &Path) -> Result<File, StoreError> {
@@ -263,7 +273,7 @@ impl TryFrom<ReplyRecord> for StoredReply {
         Ok(Self {
             id: row.id,
             message_id: row.message_id,
-            seq: u64::try_from(row.seq).map_err(|_| corrupt("reply seq", &row.seq.to_string()))?,
+            seq: super::non_negative("reply seq", row.seq)?,
             reply_type: ReplyType::parse(&row.reply_type)
                 .ok_or_else(|| corrupt("reply type", &row.reply_type))?,
             content: row.content,
@@ -426,10 +436,13 @@ impl Store for SqliteStore {
             #[sqlx(flatten)]
             reply: ReplyRecord,
             client_msg_id: Option<String>,
+            completes: bool,
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT r.id, r.message_id, r.seq, r.reply_type, r.content, r.filename, r.mime_type, \
-                 r.fallback, r.delivery, r.created_at, r.delivered_at, m.client_msg_id \
+                 r.fallback, r.delivery, r.created_at, r.delivered_at, m.client_msg_id, \
+                 (m.status = 'replied' AND NOT EXISTS (SELECT 1 FROM replies AS later \
+                     WHERE later.message_id = r.message_id AND later.seq > r.seq)) AS completes \
              FROM replies AS r JOIN messages AS m ON m.id = r.message_id \
              WHERE r.client_id = ?1 AND r.seq > ?2 \
              ORDER BY r.seq LIMIT ?3",
@@ -444,6 +457,7 @@ impl Store for SqliteStore {
                 Ok(MissedReply {
                     reply: StoredReply::try_from(row.reply)?,
                     client_message_id: row.client_msg_id,
+                    completes: row.completes,
                 })
             })
             .collect()
@@ -455,7 +469,7 @@ impl Store for SqliteStore {
                 .bind(client_id.as_str())
                 .fetch_one(&self.reads)
                 .await?;
-        Ok(u64::try_from(seq).unwrap_or_default())
+        super::non_negative("reply seq", seq)
     }
 
     async fn acknowledged(&self, client_id: &ClientId) -> Result<u64, StoreError> {
@@ -464,7 +478,7 @@ impl Store for SqliteStore {
                 .bind(client_id.as_str())
                 .fetch_optional(&self.reads)
                 .await?;
-        Ok(seq.and_then(|seq| u64::try_from(seq).ok()).unwrap_or(0))
+        seq.map_or(Ok(0), |seq| super::non_negative("acknowledged seq", seq))
     }
 
     async fn unfinished_messages(&self) -> Result<Vec<StoredMessage>, StoreError> {

@@ -6,7 +6,7 @@
 //! statements: a write is then a few microseconds of SQLite, with no handoff between threads
 //! or runtimes per statement, which is what bounds the whole server's throughput.
 
-use super::super::batch::{Batch, Command, ReplyBatch, Updates, respond};
+use super::super::batch::{Backlog, Batch, Command, ReplyBatch, Updates, respond};
 use super::super::{Existing, Inserted, NewMessage, StoreError, StoreHealth, StoredReply};
 use super::{Durability, SqliteOptions};
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -21,6 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 /// Commands taken in one transaction, at most: enough that one commit (and its fsync) takes
 /// every command waiting under load.
 const MAX_BATCH: usize = 8192;
+/// How soon the updates of a failed batch are tried again when no other write comes.
+const BACKLOG_RETRY: Duration = Duration::from_millis(500);
 
 // The writer's statements, prepared once and cached on its connection.
 const INSERT_MESSAGE: &str = "INSERT INTO messages (id, client_id, client_msg_id, message_type, \
@@ -67,6 +69,8 @@ pub(super) struct Writer {
     /// Safe because this thread is the database's only writer (see the lock file).
     next_message_id: i64,
     next_reply_id: i64,
+    /// Delivery updates of failed batches, written with the next one.
+    backlog: Backlog,
 }
 
 struct PendingMessage {
@@ -137,6 +141,7 @@ impl Writer {
             health,
             next_message_id,
             next_reply_id,
+            backlog: Backlog::default(),
         })
     }
 
@@ -149,8 +154,21 @@ impl Writer {
 
     fn run(mut self) {
         let mut commands = Vec::with_capacity(1024);
-        while let Some(first) = self.commands.blocking_recv() {
-            commands.push(first);
+        loop {
+            if self.backlog.is_empty() {
+                match self.commands.blocking_recv() {
+                    Some(first) => commands.push(first),
+                    None => return,
+                }
+            } else {
+                // Updates of a failed batch wait: they are written soon even if nothing else
+                // comes to write.
+                match self.commands.try_recv() {
+                    Ok(first) => commands.push(first),
+                    Err(mpsc::error::TryRecvError::Empty) => std::thread::sleep(BACKLOG_RETRY),
+                    Err(mpsc::error::TryRecvError::Disconnected) => return,
+                }
+            }
             while commands.len() < MAX_BATCH {
                 match self.commands.try_recv() {
                     Ok(command) => commands.push(command),
@@ -188,6 +206,7 @@ impl Writer {
         } = Batch::gather(commands.drain(..));
         #[cfg(test)]
         let _answer_barriers_on_return = BarrierGuard(barriers);
+        let updates = self.backlog.take_with(updates);
         let messages: Vec<PendingMessage> = messages
             .into_iter()
             .map(|(message, respond)| {
@@ -221,6 +240,7 @@ impl Writer {
         match self.write(&messages, &mut replies, &updates) {
             Ok(mut written) => {
                 self.set_health(StoreHealth::Ok);
+                self.backlog.written();
                 metrics::histogram!("kaiwa_store_batch_size").record(count as f64);
                 metrics::histogram!("kaiwa_store_commit_seconds")
                     .record(started.elapsed().as_secs_f64());
@@ -246,9 +266,10 @@ impl Writer {
                 }
             }
             Err(err) => {
-                tracing::error!(%err, commands = count, lost_delivery_updates = updates.len(), "database batch failed; its delivery updates are lost");
+                tracing::error!(%err, commands = count, "database batch failed");
                 let err = write_error(&err);
                 self.set_health(StoreHealth::Degraded(err.to_string()));
+                self.backlog.keep(updates, &err);
                 for pending in messages {
                     respond(pending.respond, Err(err.clone()));
                 }
@@ -348,7 +369,8 @@ impl Writer {
                 let mut next_seq = latest.query_row(params![batch.client_id.as_str()], |row| {
                     row.get::<_, i64>(0)
                 })? + 1;
-                pending.first_seq = u64::try_from(next_seq).unwrap_or_default();
+                pending.first_seq = u64::try_from(next_seq)
+                    .map_err(|_| corrupt(format!("reply seq {next_seq}")))?;
                 let mut all_new = true;
                 for (reply, id) in batch.replies.iter().zip(pending.first_id..) {
                     let inserted = insert.execute(params![
