@@ -262,6 +262,10 @@ impl Backlog {
 
     /// What the next batch writes: the backlog first, then `fresh`.
     pub(super) fn take_with(&mut self, fresh: Updates) -> Updates {
+        if self.updates.is_empty() {
+            // The usual case: nothing failed, nothing to merge.
+            return fresh;
+        }
         let mut updates = std::mem::take(&mut self.updates);
         updates.absorb(fresh);
         updates
