@@ -23,7 +23,11 @@ async fn native(gateway: &Process, client_id: &str, hello: Value) -> Client {
 
 /// A native client's handshake: the client after `welcome`, or how it was refused.
 async fn connect(gateway: &Process, client_id: &str, hello: Value) -> Result<Client, Closed> {
-    let mut client = Client::connect(&gateway.ws_url(), true)
+    connect_to(&gateway.ws_url(), client_id, hello).await
+}
+
+async fn connect_to(url: &str, client_id: &str, hello: Value) -> Result<Client, Closed> {
+    let mut client = Client::connect(url, true)
         .await
         .expect("the WebSocket opens");
     let mut frame = json!({"type": "hello", "client_id": client_id, "timezone": "UTC"});
@@ -338,6 +342,136 @@ async fn a_client_whose_gateway_was_killed_is_taken_elsewhere_before_the_lease_e
     );
     client.send_json(send("after", "text", "still here")).await;
     client.until(|f| f["type"] == "ack").await;
+}
+
+/// A TCP proxy in front of one address that can stop forwarding without closing anything:
+/// a network that died under a connection, as the server sees it.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    async fn to(upstream: std::net::SocketAddr) -> Proxy {
+        use std::sync::atomic::AtomicBool;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port");
+        let addr = listener.local_addr().expect("its address");
+        let frozen = std::sync::Arc::new(AtomicBool::new(false));
+        let stop = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let outbound = tokio::net::TcpStream::connect(upstream)
+                    .await
+                    .expect("the upstream answers");
+                let (a_read, a_write) = inbound.into_split();
+                let (b_read, b_write) = outbound.into_split();
+                tokio::spawn(pipe(a_read, b_write, stop.clone()));
+                tokio::spawn(pipe(b_read, a_write, stop.clone()));
+            }
+        });
+        Proxy { addr, frozen }
+    }
+
+    fn freeze(&self) {
+        self.frozen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Copies bytes until frozen; then reads nothing more and keeps both sockets open.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0; 16 * 1024];
+    loop {
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => read,
+            () = async {
+                while !frozen.load(std::sync::atomic::Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            } => break,
+        };
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if frozen.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                if to.write_all(&buffer[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    // Frozen: hold both halves, silently, until the test ends.
+    std::future::pending::<()>().await;
+    drop((from, to));
+}
+
+#[tokio::test]
+async fn a_client_whose_network_died_under_one_gateway_is_admitted_on_another_at_once() {
+    let cluster = Cluster::create().await;
+    // The defaults: a dead connection is found by its heartbeat only after 60 s.
+    let a = cluster.gateway("gw-a", &[]).await;
+    let b = cluster.gateway("gw-b", &[]).await;
+    let proxy = Proxy::to(a.addr).await;
+    let first = connect_to(&format!("ws://{}/ws", proxy.addr), "cut-off", json!({}))
+        .await
+        .expect("admitted on A");
+    proxy.freeze();
+    // Silent for longer than a live client may be without being pinged first.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let started = tokio::time::Instant::now();
+    let second = connect(&b, "cut-off", json!({})).await;
+    let waited = started.elapsed();
+    assert!(
+        second.is_ok(),
+        "refused on B although A's connection does not answer: {:?}",
+        second.err()
+    );
+    assert!(
+        waited < Duration::from_secs(8),
+        "admitted on B only after {waited:?}"
+    );
+    eprintln!("admitted on B {waited:?} after asking");
+    drop(first);
+}
+
+#[tokio::test]
+async fn replies_a_killed_gateway_left_pending_are_failed_when_its_lease_ends() {
+    let cluster = Cluster::create().await;
+    let flags = ["--lease", "2", "--reply-delay-scale", "0"];
+    let a = cluster.gateway("gw-a", &flags).await;
+    let b = cluster.gateway("gw-b", &flags).await;
+    let _worker = cluster.worker("wk-1", &flags).await;
+    // Replies handed to the client, never acknowledged: `pending`, as a client whose network
+    // died would leave them.
+    let mut client = native(&a, "forgetful", json!({})).await;
+    client.send_json(send("m1", "text", "hello?")).await;
+    client.until(|f| f["type"] == "reply").await;
+    let pending = history(&b, "forgetful").await;
+    assert_eq!(
+        pending[0]["replies"][0]["delivery"], "pending",
+        "{pending:?}"
+    );
+    a.kill().await;
+    drop(client);
+    // B's next lease renewal after A's lease ran out settles them.
+    within(SETTLE, "the pending reply recorded failed", || async {
+        let messages = history(&b, "forgetful").await;
+        (messages[0]["replies"][0]["delivery"] == "failed").then_some(())
+    })
+    .await;
+    // The client still gets it, through B, when it resumes.
+    let mut back = native(&b, "forgetful", json!({"resume": true})).await;
+    let replayed = back.until(|f| f["type"] == "reply").await;
+    assert_eq!(replayed["seq"], 1, "{replayed}");
 }
 
 #[tokio::test]

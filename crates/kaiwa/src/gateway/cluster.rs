@@ -7,8 +7,10 @@ use crate::domain::ClientId;
 use crate::presence::{Claim, Presence, PresenceError, Stopped, route};
 use crate::queue::{Event, GatewayId, Queue, Routed};
 use kaiwa_protocol::Delivery;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 /// How a gateway reaches the rest of its cluster.
@@ -20,6 +22,9 @@ pub struct ClusterLink {
     /// database was down) leaves a row behind; the lease renewal gives back every row of this
     /// gateway's that no connection here holds.
     live: Mutex<HashSet<u64>>,
+    /// Probes sent to other gateways, by the client and the connection probed, waiting for
+    /// their answer.
+    probes: Mutex<HashMap<(ClientId, u64), oneshot::Sender<bool>>>,
 }
 
 impl ClusterLink {
@@ -29,6 +34,7 @@ impl ClusterLink {
             presence,
             queue,
             live: Mutex::new(HashSet::new()),
+            probes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -38,10 +44,7 @@ impl ClusterLink {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
-        // Every update is a single insert or remove.
-        self.live
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.live)
     }
 
     /// Takes a cluster-wide client slot for a connection; `None` when the cluster is full.
@@ -110,6 +113,62 @@ impl ClusterLink {
         });
     }
 
+    /// Asks `holder` whether its connection `conn_id`, which holds the client's id, still
+    /// answers; one that does not is closed there, and its claim given back. `None` if no
+    /// answer came within `wait`.
+    pub(super) async fn probe(
+        &self,
+        client_id: &ClientId,
+        holder: &GatewayId,
+        conn_id: u64,
+        wait: Duration,
+    ) -> Option<bool> {
+        let key = (client_id.clone(), conn_id);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.probes).insert(key.clone(), tx);
+        let event = Event::Probe {
+            client_id: client_id.clone(),
+            conn_id,
+            from: self.id.clone(),
+        };
+        let asked = async {
+            match self.queue.publish_event(holder, event).await {
+                Ok(Routed::Delivered) => rx.await.ok(),
+                // Gone: its lease ends soon, and the claim with it.
+                Ok(Routed::NoGateway) | Err(_) => None,
+            }
+        };
+        let answer = tokio::time::timeout(wait, asked).await.ok().flatten();
+        lock(&self.probes).remove(&key);
+        answer
+    }
+
+    /// The answer to a probe this gateway sent.
+    pub(super) fn probed(&self, client_id: ClientId, conn_id: u64, alive: bool) {
+        if let Some(waiting) = lock(&self.probes).remove(&(client_id, conn_id)) {
+            // The prober may have stopped waiting.
+            let _ = waiting.send(alive);
+        }
+    }
+
+    /// Answers a probe from `from` once it is known whether the connection answered.
+    pub(super) async fn answer_probe(
+        &self,
+        from: &GatewayId,
+        client_id: ClientId,
+        conn_id: u64,
+        alive: bool,
+    ) {
+        let event = Event::Probed {
+            client_id,
+            conn_id,
+            alive,
+        };
+        if let Err(err) = self.queue.publish_event(from, event).await {
+            tracing::debug!(gateway = %from, %err, "stopped before a probe was answered");
+        }
+    }
+
     /// Tells whichever gateway holds the client now that its previous connection, here, has
     /// closed having been offered replies up to `seq`.
     pub(super) async fn hand_over(&self, client_id: &ClientId, seq: u64, stop: &CancellationToken) {
@@ -130,6 +189,13 @@ impl ClusterLink {
             tracing::debug!(%client_id, "stopped before the client was handed over");
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every update is a single insert or remove.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A cluster-wide client slot, and the client id once claimed, held by one connection; given

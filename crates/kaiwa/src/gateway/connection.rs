@@ -3,6 +3,7 @@
 //! bookkeeping of a client that left.
 
 use super::Gateway;
+use super::cluster::ClusterSlot;
 use super::handshake::{self, Credentials, HandshakeError, Hello, Resume};
 use super::outbox::{Closing, Outbox, Writer};
 use super::registry::{Duplicate, Liveness, SessionHandle};
@@ -12,8 +13,9 @@ use super::stream::ReplyStream;
 use super::wire::Protocol;
 use crate::auth::Claims;
 use crate::config::DuplicatePolicy;
+use crate::domain::ClientId;
 use crate::listener::Peer;
-use crate::presence::Claim;
+use crate::presence::{Claim, PresenceError};
 use crate::store::StoreError;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{Stream, StreamExt};
@@ -30,6 +32,11 @@ const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 const STRANGER_LINGER: Duration = Duration::from_millis(500);
 /// The longest a duplicate connection waits to learn whether the live one still answers.
 const LIVENESS_PROBE: Duration = Duration::from_secs(3);
+/// What a probe of a connection on another gateway may take besides the ping itself: the
+/// broker both ways.
+const PROBE_ROUND_TRIP: Duration = Duration::from_secs(1);
+/// How long the claim is made again after the holder closed a connection that did not answer.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
 
 /// An upgraded connection, as the upgrade request left it.
 pub(crate) struct Arrival {
@@ -158,9 +165,11 @@ pub(crate) async fn serve(gateway: Arc<Gateway>, mut socket: WebSocket, arrival:
     }
     if let Some(slot) = cluster_slot.as_mut() {
         let replace = gateway.settings.sessions.duplicate_connection == DuplicatePolicy::Replace;
-        let refusal = match slot.claim(&hello.client_id, replace).await {
+        let refusal = match claim_across(&gateway, slot, &hello.client_id, replace).await {
             Ok(Claim::Claimed { .. }) => None,
-            Ok(Claim::Held { gateway: holder }) => Some(Some(holder)),
+            Ok(Claim::Held {
+                gateway: holder, ..
+            }) => Some(Some(holder)),
             Err(err) => {
                 tracing::error!(client_id = %hello.client_id, %err, "could not claim the client id in the cluster");
                 Some(None)
@@ -389,6 +398,16 @@ async fn start_position(gateway: &Gateway, hello: &Hello) -> Result<u64, StoreEr
 /// Registers the session under its client id. Under the `refuse` policy a live session with
 /// the same id keeps it only if its client still answers: a client whose network died (and who
 /// is now reconnecting) would otherwise be locked out until the heartbeat timeout.
+impl Gateway {
+    /// How long a connection whose id a new one wants gets to answer a ping.
+    pub(super) fn liveness_probe(&self) -> Duration {
+        self.settings
+            .sessions
+            .heartbeat_interval
+            .min(LIVENESS_PROBE)
+    }
+}
+
 async fn register(
     gateway: &Gateway,
     hello: &Hello,
@@ -400,16 +419,54 @@ async fn register(
     else {
         return Ok(());
     };
-    let probe = gateway
-        .settings
-        .sessions
-        .heartbeat_interval
-        .min(LIVENESS_PROBE);
-    if live.liveness.answers(&live.outbox, probe).await {
+    if live
+        .liveness
+        .answers(&live.outbox, gateway.liveness_probe())
+        .await
+    {
         return Err(Duplicate(live));
     }
     tracing::info!(client_id = %hello.client_id, stale_conn_id = live.conn_id, "the live connection did not answer a ping; the new one takes over");
     registry.take_over(hello.client_id.clone(), handle, live.conn_id)
+}
+
+/// Claims the client's id across the cluster. Held by a connection on another gateway, the
+/// id is that gateway's to check, as [`register`] checks one here: it pings its connection and
+/// closes it if it does not answer, and the claim is made again once its release lands.
+async fn claim_across(
+    gateway: &Gateway,
+    slot: &mut ClusterSlot,
+    client_id: &ClientId,
+    replace: bool,
+) -> Result<Claim, PresenceError> {
+    let claim = slot.claim(client_id, replace).await?;
+    let (
+        Claim::Held {
+            gateway: holder,
+            conn_id,
+        },
+        Some(link),
+    ) = (&claim, &gateway.cluster)
+    else {
+        return Ok(claim);
+    };
+    let probe = gateway.liveness_probe();
+    if link
+        .probe(client_id, holder, *conn_id, probe + PROBE_ROUND_TRIP)
+        .await
+        != Some(false)
+    {
+        return Ok(claim);
+    }
+    // Closed there; its claim goes back as the connection ends.
+    let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let claim = slot.claim(client_id, replace).await?;
+        if matches!(claim, Claim::Claimed { .. }) || tokio::time::Instant::now() >= deadline {
+            return Ok(claim);
+        }
+    }
 }
 
 /// A close frame: `code`, with a reason that starts with its name.

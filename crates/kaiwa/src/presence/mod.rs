@@ -36,8 +36,8 @@ pub enum Claim {
     /// The id is this connection's. `replaced` names the connection on another gateway that
     /// held it (policy `replace`): that gateway is to close it.
     Claimed { replaced: Option<(GatewayId, u64)> },
-    /// A live connection on another gateway holds it (policy `refuse`).
-    Held { gateway: GatewayId },
+    /// A live connection on another gateway holds it (policy `refuse`): `conn_id` there.
+    Held { gateway: GatewayId, conn_id: u64 },
 }
 
 /// What the whole cluster holds now, for `/health`.

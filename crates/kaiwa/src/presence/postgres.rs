@@ -255,20 +255,43 @@ impl PgPresence {
 
 /// Frees the slots of gateways whose lease has run out; returns how many. Whatever they held
 /// counted as free already (every check joins on a live lease): this only puts the rows back
-/// where a taker looks first.
+/// where a taker looks first. Their clients' sessions go too, and with them what those clients
+/// were offered and never acknowledged: replies still `pending` become `failed`, as a gateway
+/// that stops cleanly records them, so that history says the truth (the client gets them when
+/// it resumes, on whichever gateway).
 async fn reclaim(pool: &PgPool) -> Result<u64, PresenceError> {
+    let mut tx = pool.begin().await.map_err(|err| unavailable(&err))?;
     let freed = sqlx::query(
         "UPDATE client_slots SET gateway_id = NULL, conn_id = NULL, taken_at = NULL \
          WHERE gateway_id IN (SELECT id FROM gateways WHERE lease_until <= now())",
     )
-    .execute(pool)
+    .execute(&mut *tx)
     .await
     .map_err(|err| unavailable(&err))?
     .rows_affected();
-    if freed > 0 {
+    // The replies table is the store's; it is touched here, in the one statement that knows
+    // whose sessions ended, the way the store's own departure update does (`seq` after the
+    // client's acknowledgement, through the stream's index).
+    let failed = sqlx::query(
+        "WITH gone AS ( \
+             DELETE FROM sessions WHERE gateway_id IN \
+                 (SELECT id FROM gateways WHERE lease_until <= now()) \
+             RETURNING client_id) \
+         UPDATE replies AS r SET delivery = 'failed' \
+         FROM gone LEFT JOIN reply_streams AS s ON s.client_id = gone.client_id \
+         WHERE r.client_id = gone.client_id AND r.seq > COALESCE(s.acknowledged, 0) \
+             AND r.delivery = 'pending'",
+    )
+    .execute(&mut *tx)
+    .await
+    .map_err(|err| unavailable(&err))?
+    .rows_affected();
+    tx.commit().await.map_err(|err| unavailable(&err))?;
+    if freed > 0 || failed > 0 {
         tracing::info!(
             slots = freed,
-            "client slots of gateways whose lease ran out are free again"
+            undelivered_replies = failed,
+            "gateways whose lease ran out: their client slots are free again, and replies their clients never acknowledged are failed"
         );
     }
     Ok(freed)
@@ -371,7 +394,10 @@ impl Presence for PgPresence {
                 })?;
                 let other = (GatewayId::new(gateway), conn);
                 if connected && !replace {
-                    return Ok(Claim::Held { gateway: other.0 });
+                    return Ok(Claim::Held {
+                        gateway: other.0,
+                        conn_id: other.1,
+                    });
                 }
                 // Not connected: most likely dead, but it may only be reopening its lease
                 // connection. Taken either way, and the holder is told, as with `replace`,

@@ -118,6 +118,20 @@ pub enum Event {
     /// replies up to `seq`, some maybe after this connection began: its reply stream reads
     /// back from the store whatever it lacks up to there.
     CatchUp { client_id: ClientId, seq: u64 },
+    /// Gateway to gateway: the client is connecting through `from`, and the connection
+    /// `conn_id` here holds its id. The holder pings that connection, closes it if it does not
+    /// answer (its network died; its claim goes with it), and answers with `Probed`.
+    Probe {
+        client_id: ClientId,
+        conn_id: u64,
+        from: GatewayId,
+    },
+    /// The answer to a `Probe`: whether the connection answered.
+    Probed {
+        client_id: ClientId,
+        conn_id: u64,
+        alive: bool,
+    },
 }
 
 impl Event {
@@ -128,7 +142,10 @@ impl Event {
             | Self::Delta { message, .. }
             | Self::Reply { message, .. }
             | Self::Failed { message, .. } => Some(message),
-            Self::Replaced { .. } | Self::CatchUp { .. } => None,
+            Self::Replaced { .. }
+            | Self::CatchUp { .. }
+            | Self::Probe { .. }
+            | Self::Probed { .. } => None,
         }
     }
 
@@ -138,7 +155,10 @@ impl Event {
             | Self::Delta { message, .. }
             | Self::Reply { message, .. }
             | Self::Failed { message, .. } => &message.client_id,
-            Self::Replaced { client_id, .. } | Self::CatchUp { client_id, .. } => client_id,
+            Self::Replaced { client_id, .. }
+            | Self::CatchUp { client_id, .. }
+            | Self::Probe { client_id, .. }
+            | Self::Probed { client_id, .. } => client_id,
         }
     }
 }
