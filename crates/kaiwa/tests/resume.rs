@@ -288,11 +288,17 @@ async fn replies_due_while_away_are_failed_then_replayed_in_order_and_acknowledg
         frames.push(frame);
     };
     assert_eq!(processed.seqs, [1, 2]);
+    // The replies, then their message's `replied`: the store says the set is complete.
+    assert_eq!(frames.len(), 3, "{frames:?}");
     assert!(
-        frames
+        frames[..2]
             .iter()
-            .all(|f| f["missed"] == true && f["id"] == "v1"),
+            .all(|f| f["type"] == "reply" && f["missed"] == true && f["id"] == "v1"),
         "{frames:?}"
+    );
+    assert_eq!(
+        frames[2],
+        json!({"type": "status", "id": "v1", "message_id": 1, "status": "replied"})
     );
     assert_eq!(synced, json!({"type": "synced", "replies": 2, "seq": 2}));
 
