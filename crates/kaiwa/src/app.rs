@@ -194,6 +194,7 @@ impl Application {
         let options = PgOptions {
             shared: true,
             max_in_flight: Some(config.limits.max_in_flight),
+            admitted_by: Some(node.as_str().into()),
         };
         let pg = PgStore::connect(database_url.expose(), options)
             .await

@@ -475,6 +475,44 @@ async fn replies_a_killed_gateway_left_pending_are_failed_when_its_lease_ends() 
 }
 
 #[tokio::test]
+async fn messages_a_gateway_died_with_before_publishing_are_queued_when_its_lease_ends() {
+    let cluster = Cluster::create().await;
+    // The stuck sweep far off: only the pass for a dead gateway's messages can queue them.
+    let flags = [
+        "--lease",
+        "2",
+        "--requeue-after",
+        "300",
+        "--reply-delay-scale",
+        "0",
+    ];
+    let broker = Proxy::to(cluster.broker_addr()).await;
+    let a = cluster.gateway_via("gw-a", &flags, Some(broker.addr)).await;
+    let b = cluster.gateway("gw-b", &flags).await;
+    let _worker = cluster.worker("wk-1", &flags).await;
+    // A's broker stops answering: what it admits now is stored and acked, and its job waits.
+    broker.freeze();
+    let mut client = native(&a, "stranded", json!({})).await;
+    for n in 0..3 {
+        client
+            .send_json(send(&format!("s{n}"), "text", "anyone there?"))
+            .await;
+        let ack = client.until(|f| f["type"] == "ack").await;
+        assert_eq!(ack["status"], "accepted", "{ack}");
+    }
+    a.kill().await;
+    drop(client);
+    let killed = tokio::time::Instant::now();
+    all_replied(&b, "stranded", 3).await;
+    let waited = killed.elapsed();
+    eprintln!("replied {waited:?} after the gateway was killed (lease 2 s)");
+    assert!(
+        waited < Duration::from_secs(12),
+        "queued again by the lease, not the 300 s sweep: took {waited:?}"
+    );
+}
+
+#[tokio::test]
 async fn the_in_flight_limit_holds_across_gateways() {
     let cluster = Cluster::create().await;
     let flags = ["--max-in-flight", "6", "--max-in-flight-per-client", "6"];

@@ -5,7 +5,7 @@
 
 use super::Admission;
 use crate::queue::{Job, Queue};
-use crate::store::{PgStore, Store};
+use crate::store::{PgStore, Store, StoredMessage};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,6 +105,9 @@ impl Sweeper {
 
 /// Messages claimed per sweep, at most.
 const CLAIM_BATCH: u32 = 500;
+/// How often every process looks for the messages of a gateway that died: one query over the
+/// messages in flight, so that they wait for the gateway's lease, not for `--requeue-after`.
+const ORPHAN_SWEEP: Duration = Duration::from_secs(1);
 
 /// The sweeper of a cluster, run by every process: messages that stay `accepted` with nothing
 /// happening to them for `after` (their job was lost with a process between the commit and the
@@ -125,21 +128,35 @@ impl ClusterSweeper {
         }
     }
 
-    /// Sweeps every quarter of `after` until `stop` is cancelled.
+    /// Sweeps every quarter of `after`, and for the messages of gateways that died every
+    /// [`ORPHAN_SWEEP`], until `stop` is cancelled.
     pub async fn run(self, stop: CancellationToken) {
         let mut tick = every_quarter_of(self.after);
+        let mut orphans = tokio::time::interval(ORPHAN_SWEEP);
+        orphans.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 _ = tick.tick() => log_pass(self.sweep().await),
+                _ = orphans.tick() => log_pass(self.sweep_orphans().await),
             }
         }
+    }
+
+    /// Queues again the messages of gateways whose lease ended before any sweeper queued them.
+    pub async fn sweep_orphans(&self) -> Result<usize, super::AdmissionError> {
+        let orphaned = self.store.claim_orphaned(CLAIM_BATCH).await?;
+        self.publish(orphaned).await
     }
 
     /// One pass; returns how many messages were queued again. A message whose job cannot be
     /// published now stays claimed until `after` has passed again, then is tried again.
     pub async fn sweep(&self) -> Result<usize, super::AdmissionError> {
         let stuck = self.store.claim_stuck(self.after, CLAIM_BATCH).await?;
+        self.publish(stuck).await
+    }
+
+    async fn publish(&self, stuck: Vec<StoredMessage>) -> Result<usize, super::AdmissionError> {
         let mut queued = 0;
         for message in stuck {
             let job = Job {

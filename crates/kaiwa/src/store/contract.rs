@@ -668,9 +668,19 @@ mod shared_postgres {
     use std::time::Duration;
 
     async fn shared(database: &test_postgres::TestDatabase, max_in_flight: u32) -> PgStore {
+        admitting(database, max_in_flight, None).await
+    }
+
+    /// A gateway's store: its messages carry its id.
+    async fn admitting(
+        database: &test_postgres::TestDatabase,
+        max_in_flight: u32,
+        gateway: Option<&str>,
+    ) -> PgStore {
         let options = PgOptions {
             shared: true,
             max_in_flight: Some(max_in_flight),
+            admitted_by: gateway.map(Into::into),
         };
         PgStore::connect(&database.url, options)
             .await
@@ -793,5 +803,48 @@ mod shared_postgres {
         );
         a.close().await;
         b.close().await;
+    }
+
+    #[tokio::test]
+    async fn the_messages_of_a_gateway_whose_lease_ended_are_claimed_at_once_and_once() {
+        use sqlx::Connection;
+        let database = test_postgres::TestDatabase::create().await;
+        let (dead, alive) = tokio::join!(
+            admitting(&database, 500, Some("gw-dead")),
+            admitting(&database, 500, Some("gw-alive"))
+        );
+        let mut conn = sqlx::PgConnection::connect(&database.url)
+            .await
+            .expect("connects");
+        sqlx::query(
+            "INSERT INTO gateways (id, started_at, lease_until) VALUES \
+             ('gw-dead', now(), now() - interval '1 second'), \
+             ('gw-alive', now(), now() + interval '1 hour')",
+        )
+        .execute(&mut conn)
+        .await
+        .expect("the gateways");
+        let left = stored(&dead, message("d1", None, "hello")).await;
+        let answered = stored(&dead, message("d2", None, "hello")).await;
+        replied(&dead, answered, "d2", vec![reply(ReplyType::Text, "hi")]).await;
+        stored(&alive, message("a1", None, "hello")).await;
+        let claimed: Vec<i64> = alive
+            .claim_orphaned(100)
+            .await
+            .expect("claimed")
+            .into_iter()
+            .map(|message| message.id)
+            .collect();
+        assert_eq!(
+            claimed,
+            [left],
+            "only the unanswered message of the gateway whose lease ended"
+        );
+        assert!(
+            dead.claim_orphaned(100).await.expect("claimed").is_empty(),
+            "claimed once: the next pass leaves it to the stuck sweep"
+        );
+        dead.close().await;
+        alive.close().await;
     }
 }

@@ -122,25 +122,57 @@ impl Cluster {
         }
     }
 
+    /// Where RabbitMQ listens, from the vhost's URL.
+    pub fn broker_addr(&self) -> std::net::SocketAddr {
+        let rest = self.vhost.url.split_once('@').expect("user@host").1;
+        let host_port = rest.split('/').next().expect("host:port");
+        host_port.parse().expect("an IP address and port")
+    }
+
     pub fn media_dir(&self) -> PathBuf {
         self.dir.path().join("media")
     }
 
     /// Starts `kaiwa gateway` named `id` with `flags` on top of the cluster's.
     pub async fn gateway(&self, id: &str, flags: &[&str]) -> Process {
+        self.gateway_via(id, flags, None).await
+    }
+
+    /// The same, reaching RabbitMQ at `broker` (`host:port`, a proxy say) instead.
+    pub async fn gateway_via(
+        &self,
+        id: &str,
+        flags: &[&str],
+        broker: Option<std::net::SocketAddr>,
+    ) -> Process {
         let media = self.media_dir();
         let mut args: Vec<String> = vec!["--media-dir".into(), media.display().to_string()];
         args.extend(flags.iter().map(|flag| (*flag).to_owned()));
-        self.start("gateway", id, &args).await
+        self.start("gateway", id, &args, broker).await
     }
 
     /// Starts `kaiwa worker` named `id` with `flags` on top of the cluster's.
     pub async fn worker(&self, id: &str, flags: &[&str]) -> Process {
         let args: Vec<String> = flags.iter().map(|flag| (*flag).to_owned()).collect();
-        self.start("worker", id, &args).await
+        self.start("worker", id, &args, None).await
     }
 
-    async fn start(&self, role: &str, id: &str, flags: &[String]) -> Process {
+    async fn start(
+        &self,
+        role: &str,
+        id: &str,
+        flags: &[String],
+        broker: Option<std::net::SocketAddr>,
+    ) -> Process {
+        // The vhost's URL with another host and port: everything after the `@` up to the path.
+        let queue_url = match broker {
+            Some(broker) => {
+                let (credentials, rest) = self.vhost.url.split_once('@').expect("user@host");
+                let path = rest.find('/').map_or("", |at| &rest[at..]);
+                format!("{credentials}@{broker}{path}")
+            }
+            None => self.vhost.url.clone(),
+        };
         let data_dir = self.dir.path().join(id);
         std::fs::create_dir_all(&data_dir).expect("a data directory");
         let mut command = Command::new(env!("CARGO_BIN_EXE_kaiwa"));
@@ -149,7 +181,7 @@ impl Cluster {
             .args(["--bind", "127.0.0.1:0", "--gateway-id", id, "--data-dir"])
             .arg(&data_dir)
             .args(["--database-url", &self.database.url])
-            .args(["--queue-url", &self.vhost.url])
+            .args(["--queue-url", &queue_url])
             .args([
                 "--text-window",
                 "00:00-24:00",

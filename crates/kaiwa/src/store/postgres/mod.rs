@@ -32,7 +32,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_CONNECTIONS: u32 = 8;
 
 /// How a process uses the database.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct PgOptions {
     /// Other kaiwa processes share the database (a cluster): what is pending is not this
     /// process's alone to clean up at start, and the in-flight limit is kept here.
@@ -40,6 +40,9 @@ pub struct PgOptions {
     /// At most this many messages `accepted` and not yet replied to, across every process:
     /// an accepted message beyond it is not stored, and its sender is told to retry.
     pub max_in_flight: Option<u32>,
+    /// The gateway this process is, written with every message it admits: if it dies before
+    /// publishing a job, the others find the message by it once its lease has ended.
+    pub admitted_by: Option<Arc<str>>,
 }
 
 pub struct PgStore {
@@ -99,7 +102,7 @@ impl PgStore {
             .map_err(|err| unreachable(&options, &err))?;
         let health = Arc::new(Mutex::new(StoreHealth::Ok));
         let (writes, rx) = Writes::channel();
-        let writer = spawn_writer(options, rx, health.clone(), settings.max_in_flight).await?;
+        let writer = spawn_writer(options, rx, health.clone(), &settings).await?;
         Ok(Self {
             writes,
             reads,
@@ -117,11 +120,41 @@ impl PgStore {
         older_than: Duration,
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError> {
+        self.claim(
+            "COALESCE(touched_at, received_at) < now() - make_interval(secs => $1)",
+            older_than,
+            limit,
+        )
+        .await
+    }
+
+    /// Claims, like [`PgStore::claim_stuck`], the accepted messages that no sweeper has queued
+    /// yet of gateways whose lease has ended: a gateway that died between a message's commit
+    /// and its job's confirm left them with no job anywhere. Some of them may have a job after
+    /// all (confirmed, and not taken yet): queued twice, such a message is processed twice and
+    /// still stored with one reply set.
+    pub async fn claim_orphaned(&self, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
+        self.claim(
+            "touched_at IS NULL AND admitted_by IN \
+                 (SELECT id FROM gateways WHERE lease_until <= now()) \
+                 AND $1 >= 0",
+            Duration::ZERO,
+            limit,
+        )
+        .await
+    }
+
+    /// Marks up to `limit` accepted messages matching `stuck` (which may use `older_than` as
+    /// `$1`) as queued again now, and returns them; other processes skip the rows it locks.
+    async fn claim(
+        &self,
+        stuck: &str,
+        older_than: Duration,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
         let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "UPDATE messages SET touched_at = now() WHERE id IN ( \
-                 SELECT id FROM messages \
-                 WHERE status = 'accepted' \
-                     AND COALESCE(touched_at, received_at) < now() - make_interval(secs => $1) \
+                 SELECT id FROM messages WHERE status = 'accepted' AND {stuck} \
                  ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED) \
              RETURNING {MESSAGE_COLUMNS}"
         )))
@@ -202,8 +235,9 @@ async fn spawn_writer(
     options: PgConnectOptions,
     commands: tokio::sync::mpsc::UnboundedReceiver<super::batch::Command>,
     health: Arc<Mutex<StoreHealth>>,
-    max_in_flight: Option<u32>,
+    settings: &PgOptions,
 ) -> Result<std::thread::JoinHandle<()>, StoreError> {
+    let (max_in_flight, admitted_by) = (settings.max_in_flight, settings.admitted_by.clone());
     let (ready, connected) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("kaiwa-pg-writer".to_owned())
@@ -221,7 +255,7 @@ async fn spawn_writer(
                 }
             };
             runtime.block_on(async move {
-                match Writer::connect(options, commands, health, max_in_flight).await {
+                match Writer::connect(options, commands, health, max_in_flight, admitted_by).await {
                     Ok(writer) => {
                         if ready.send(Ok(())).is_ok() {
                             writer.run().await;

@@ -40,6 +40,8 @@ pub(super) struct Writer {
     retry_at: tokio::time::Instant,
     /// The cluster-wide in-flight limit, when this store keeps it.
     max_in_flight: Option<u32>,
+    /// The gateway whose messages these are, written with each.
+    admitted_by: Option<Arc<str>>,
     /// Delivery updates of failed batches, written with the next one.
     backlog: Backlog,
 }
@@ -58,6 +60,7 @@ impl Writer {
         commands: mpsc::UnboundedReceiver<Command>,
         health: Arc<Mutex<StoreHealth>>,
         max_in_flight: Option<u32>,
+        admitted_by: Option<Arc<str>>,
     ) -> Result<Self, StoreError> {
         let conn = connect(&options).await?;
         Ok(Self {
@@ -68,6 +71,7 @@ impl Writer {
             backoff: FIRST_BACKOFF,
             retry_at: tokio::time::Instant::now(),
             max_in_flight,
+            admitted_by,
             backlog: Backlog::default(),
         })
     }
@@ -144,14 +148,26 @@ impl Writer {
             return batch.fail(&err);
         };
         let started = Instant::now();
-        let mut result = write(conn, &batch, self.max_in_flight).await;
+        let mut result = write(
+            conn,
+            &batch,
+            self.max_in_flight,
+            self.admitted_by.as_deref(),
+        )
+        .await;
         // Two processes' batches can wait on each other's row locks: PostgreSQL then aborts
         // one of them, which can simply run again.
         if let Err(err) = &result
             && is_retryable(err)
         {
             tracing::debug!(%err, "batch aborted by a conflict; running it again");
-            result = write(conn, &batch, self.max_in_flight).await;
+            result = write(
+                conn,
+                &batch,
+                self.max_in_flight,
+                self.admitted_by.as_deref(),
+            )
+            .await;
         }
         match result {
             Ok(written) => {
@@ -231,6 +247,7 @@ async fn write(
     conn: &mut PgConnection,
     batch: &Batch,
     max_in_flight: Option<u32>,
+    admitted_by: Option<&str>,
 ) -> Result<Written, sqlx::Error> {
     let mut tx = conn.begin().await?;
     let replies = insert_replies(&mut tx, &batch.replies).await?;
@@ -238,7 +255,7 @@ async fn write(
     // Last, right before the commit: with a shared in-flight limit this locks the cluster-wide
     // count that every gateway's messages wait for, so nothing else may run while it is held.
     // (Nothing else in a batch can refer to its new messages: their ids are not out yet.)
-    let messages = insert_messages(&mut tx, &batch.messages, max_in_flight).await?;
+    let messages = insert_messages(&mut tx, &batch.messages, max_in_flight, admitted_by).await?;
     tx.commit().await?;
     Ok(Written { messages, replies })
 }
@@ -249,6 +266,7 @@ async fn insert_messages(
     tx: &mut Transaction<'_, Postgres>,
     messages: &[(Box<NewMessage>, super::super::batch::Respond<Inserted>)],
     max_in_flight: Option<u32>,
+    admitted_by: Option<&str>,
 ) -> Result<Vec<Inserted>, sqlx::Error> {
     if messages.is_empty() {
         return Ok(Vec::new());
@@ -308,10 +326,11 @@ async fn insert_messages(
     };
     let inserted: HashSet<i64> = sqlx::query_scalar(
         "INSERT INTO messages (id, client_id, client_msg_id, message_type, content, filename, \
-             mime_type, size_bytes, timezone, status, status_reason, client_timestamp, received_at) \
-         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], \
-             $6::text[], $7::text[], $8::bigint[], $9::text[], $10::text[], $11::text[], \
-             $12::text[], $13::timestamptz[]) \
+             mime_type, size_bytes, timezone, status, status_reason, client_timestamp, received_at, \
+             admitted_by) \
+         SELECT *, $14::text FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], \
+             $5::text[], $6::text[], $7::text[], $8::bigint[], $9::text[], $10::text[], \
+             $11::text[], $12::text[], $13::timestamptz[]) \
          ON CONFLICT DO NOTHING RETURNING id",
     )
     .bind(rows.iter().map(|&i| ids[i]).collect::<Vec<i64>>())
@@ -335,6 +354,7 @@ async fn insert_messages(
             .map(|&i| messages[i].0.received_at)
             .collect::<Vec<_>>(),
     )
+    .bind(admitted_by)
     .fetch_all(&mut **tx)
     .await?
     .into_iter()
