@@ -547,9 +547,10 @@ pub struct SessionConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DuplicatePolicy {
-    /// Refuse the new connection (close code 4009); the live one keeps its session.
+    /// Refuse the new connection (close code 4509) unless the live one fails a ping; the live
+    /// one keeps its session.
     Refuse,
-    /// Close the live connection (close code 4010) and keep the new one.
+    /// Close the live connection (close code 4510) and keep the new one.
     Replace,
 }
 

@@ -9,16 +9,18 @@
 //!    writes frames back.
 //! 2. [`admission`]: limits (clients, messages in flight), validation of content and media, and
 //!    the time windows judged in the client's timezone.
-//! 3. [`store`]: durable messages, replies and media files (SQLite now; the [`store::Store`]
-//!    trait is the seam for PostgreSQL).
-//! 4. [`queue`]: hands accepted messages to workers and their events back to the gateway
-//!    (in-process now; the [`queue::Queue`] trait is the seam for RabbitMQ).
+//! 3. [`store`]: durable messages, replies and media files, behind the [`store::Store`] trait:
+//!    SQLite in one process, PostgreSQL in one process or shared by a cluster.
+//! 4. [`queue`]: hands accepted messages to workers and their events back to the gateway,
+//!    behind the [`queue::Queue`] trait: in-process, or RabbitMQ between processes.
 //! 5. [`worker`]: processes a message: waits its reply delay, makes the replies, stores them.
 //! 6. [`replies`]: what the replies say and contain: text from a [`replies::TextResponder`],
 //!    voice clips and generated images.
 //!
-//! [`http`] serves history, health, metrics and media; [`auth`] says who a client is (signed
-//! tokens); [`app`] wires it all together.
+//! [`presence`] says which gateway holds which client and keeps the cluster-wide client limits,
+//! and routes a client's events to its gateway; [`http`] serves history, health, metrics and
+//! media; [`auth`] says who a client is (signed tokens); [`app`] wires it all together, for
+//! `kaiwa serve` (every role in one process) or one role of a cluster.
 
 pub mod admission;
 pub mod app;
