@@ -512,4 +512,143 @@ mod tests {
             ]
         );
     }
+
+    /// A stream over `store`, and what it has put in the outbox so far.
+    fn stream_over(store: Arc<MemoryStore>, client_id: &ClientId) -> (Arc<ReplyStream>, Frames) {
+        let (outbox, frames) = Outbox::new(OutboxLimits {
+            frames: 64,
+            bytes: 1 << 20,
+        });
+        let stream = ReplyStream::new(client_id.clone(), outbox, store, TaskTracker::new(), 0);
+        (stream, Frames(frames))
+    }
+
+    struct Frames(tokio::sync::mpsc::Receiver<crate::gateway::outbox::Outgoing>);
+
+    impl Frames {
+        /// The frames sent so far: `reply:<seq>`, `status:<status>`, `synced:<seq>`, `error:<code>`.
+        fn sent(&mut self) -> Vec<String> {
+            let mut sent = Vec::new();
+            while let Ok(frame) = self.0.try_recv() {
+                if let Message::Text(text) = frame.message() {
+                    let value: serde_json::Value = serde_json::from_str(text).expect("JSON");
+                    let detail = match value["type"].as_str() {
+                        Some("reply" | "synced") => value["seq"].to_string(),
+                        Some("status") => value["status"].to_string(),
+                        Some("error") => value["code"].to_string(),
+                        _ => String::new(),
+                    };
+                    sent.push(format!(
+                        "{}:{}",
+                        value["type"].as_str().unwrap_or("?"),
+                        detail.trim_matches('"')
+                    ));
+                }
+            }
+            sent
+        }
+    }
+
+    /// A message of `client_id` with a text and a voice reply stored (seq 1 and 2), its set
+    /// complete.
+    async fn answered(store: &MemoryStore, client_id: &ClientId) -> (MessageRef, Vec<StoredReply>) {
+        use crate::domain::Timezone;
+        use crate::store::{Inserted, NewMessage, NewReply};
+        use kaiwa_protocol::MessageType;
+        let inserted = store
+            .insert_message(NewMessage {
+                client_id: client_id.clone(),
+                client_message_id: Some("m1".into()),
+                kind: MessageType::Voice,
+                content: "voice.wav".into(),
+                filename: Some("note.wav".into()),
+                mime_type: Some("audio/wav".into()),
+                size_bytes: Some(1),
+                timezone: Timezone::parse("UTC").expect("a zone"),
+                status: MessageStatus::Accepted,
+                reason: None,
+                client_timestamp: None,
+                received_at: chrono::Utc::now(),
+            })
+            .await
+            .expect("stored");
+        let Inserted::New(message_id) = inserted else {
+            panic!("not new: {inserted:?}")
+        };
+        let replies = [ReplyType::Text, ReplyType::Voice]
+            .into_iter()
+            .map(|reply_type| NewReply {
+                reply_type,
+                content: "hi".into(),
+                filename: None,
+                mime_type: None,
+                fallback: false,
+            })
+            .collect();
+        let stored = store
+            .insert_replies(message_id, client_id, replies, chrono::Utc::now(), true)
+            .await
+            .expect("stored");
+        let message = MessageRef {
+            client_id: client_id.clone(),
+            message_id,
+            client_message_id: Some("m1".into()),
+        };
+        (message, stored)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reply_ahead_of_its_turn_waits_for_the_one_before_it() {
+        let store = Arc::new(MemoryStore::default());
+        let client_id = ClientId::parse("patient").expect("an id");
+        let (message, replies) = answered(&store, &client_id).await;
+        let (stream, mut frames) = stream_over(store, &client_id);
+        stream.processing(&message);
+        let live = |index: usize| Live {
+            message: message.clone(),
+            reply: replies[index].clone(),
+            last: index == 1,
+        };
+        assert!(stream.offer(live(1)));
+        tokio::time::sleep(GAP_WAIT / 2).await;
+        assert_eq!(frames.sent(), ["status:processing"], "2 waits for 1");
+        assert!(stream.offer(live(0)));
+        tokio::time::sleep(GAP_WAIT * 2).await;
+        assert_eq!(frames.sent(), ["reply:1", "reply:2", "status:replied"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reply_that_never_comes_is_read_from_the_store_after_the_gap_wait() {
+        let store = Arc::new(MemoryStore::default());
+        let client_id = ClientId::parse("gappy").expect("an id");
+        let (message, replies) = answered(&store, &client_id).await;
+        let (stream, mut frames) = stream_over(store, &client_id);
+        // The event of seq 1 (and of `processing`) was lost; seq 2 comes, and ends the set.
+        assert!(stream.offer(Live {
+            message,
+            reply: replies[1].clone(),
+            last: true,
+        }));
+        tokio::time::sleep(GAP_WAIT / 2).await;
+        assert!(frames.sent().is_empty(), "2 waits for 1");
+        tokio::time::sleep(GAP_WAIT).await;
+        assert_eq!(
+            frames.sent(),
+            ["status:processing", "reply:1", "reply:2", "status:replied"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replay_ends_a_complete_set_with_its_replied_though_no_live_event_came() {
+        let store = Arc::new(MemoryStore::default());
+        let client_id = ClientId::parse("returning").expect("an id");
+        answered(&store, &client_id).await;
+        let (stream, mut frames) = stream_over(store, &client_id);
+        stream.replay(Some(0));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            frames.sent(),
+            ["reply:1", "reply:2", "status:replied", "synced:2"]
+        );
+    }
 }
