@@ -5,11 +5,12 @@ use crate::admission::{Admission, ClusterSweeper, InFlight, Placement, Sweeper};
 use crate::auth::{Access, AdminAccess, AuthError, Authenticator};
 use crate::clock::Clock;
 use crate::config::{Database, ServeConfig, StoreConfig};
+use crate::domain::GatewayId;
 use crate::gateway::{self, ClusterLink, Gateway, GatewaySettings};
 use crate::http::{self, HttpState, Node};
 use crate::listener::{self, Listener, Tls, TlsError};
 use crate::presence::{LocalPresence, PgPresence, Presence, PresenceError};
-use crate::queue::{AmqpOptions, AmqpQueue, GatewayId, MemoryQueue, Queue};
+use crate::queue::{AmqpOptions, AmqpQueue, MemoryQueue, Queue};
 use crate::replies::model::{ModelError, ModelResponder};
 use crate::replies::{BuiltinResponder, ReplyMaker, TextResponder};
 use crate::store::{

@@ -1,5 +1,5 @@
 //! Validating newtypes for what a client says about itself (its id and its timezone) and for
-//! where it comes from (its network).
+//! where it comes from (its network), and the name of a gateway in a cluster.
 
 use chrono_tz::Tz;
 use std::fmt;
@@ -333,5 +333,25 @@ mod tests {
             Err(TimezoneError::Unknown(_))
         ));
         assert_eq!(Timezone::parse(""), Err(TimezoneError::Missing));
+    }
+}
+
+/// A gateway's name in the cluster: events for the clients it holds are routed to it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct GatewayId(Arc<str>);
+
+impl GatewayId {
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
+        Self(id.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for GatewayId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }

@@ -77,7 +77,7 @@ impl Fixture {
             gateway: Some(self.gateway.clone()),
             node: crate::http::Node {
                 role: crate::config::Role::All,
-                id: crate::queue::GatewayId::new("local"),
+                id: crate::domain::GatewayId::new("local"),
                 cluster: None,
             },
             clock: Arc::new(SystemClock),

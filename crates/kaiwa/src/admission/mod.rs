@@ -17,8 +17,9 @@ pub use validate::{
 };
 pub use windows::{Window, Windows};
 
+use crate::domain::GatewayId;
 use crate::domain::{ClientId, Timezone};
-use crate::queue::{GatewayId, Job, Queue, QueueError};
+use crate::queue::{Job, Queue, QueueError};
 use crate::store::{
     Existing, Inserted, MediaStore, NewMessage, Store, StoreError, StoreFuture, StoredMessage,
 };

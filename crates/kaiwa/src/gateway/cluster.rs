@@ -4,8 +4,9 @@
 
 use super::Gateway;
 use crate::domain::ClientId;
+use crate::domain::GatewayId;
 use crate::presence::{Claim, Presence, PresenceError, Stopped, route};
-use crate::queue::{Event, GatewayId, Queue, Routed};
+use crate::queue::{Event, Queue, Routed};
 use kaiwa_protocol::Delivery;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

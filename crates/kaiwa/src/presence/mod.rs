@@ -10,7 +10,7 @@ pub use postgres::PgPresence;
 pub use route::{PATIENCE, Stopped, route};
 
 use crate::domain::ClientId;
-use crate::queue::GatewayId;
+use crate::domain::GatewayId;
 use async_trait::async_trait;
 
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,7 @@
 
 use super::{Claim, ClusterCounts, Presence, PresenceError};
 use crate::domain::ClientId;
-use crate::queue::GatewayId;
+use crate::domain::GatewayId;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::str::FromStr;

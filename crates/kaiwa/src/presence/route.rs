@@ -4,7 +4,8 @@
 //! gateway that is only reconnecting to the broker, is waited out.
 
 use super::Presence;
-use crate::queue::{Event, GatewayId, Queue, Routed};
+use crate::domain::GatewayId;
+use crate::queue::{Event, Queue, Routed};
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;

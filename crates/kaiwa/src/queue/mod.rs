@@ -8,7 +8,7 @@ mod memory;
 pub use amqp::{AmqpOptions, AmqpQueue};
 pub use memory::MemoryQueue;
 
-use crate::domain::{ClientId, Timezone};
+use crate::domain::{ClientId, GatewayId, Timezone};
 use crate::store::{StoredMessage, StoredReply};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -16,27 +16,6 @@ use futures::stream::BoxStream;
 use kaiwa_protocol::MessageType;
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::sync::Arc;
-
-/// A gateway's name in the cluster: events for the clients it holds are routed to it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct GatewayId(Arc<str>);
-
-impl GatewayId {
-    pub fn new(id: impl Into<Arc<str>>) -> Self {
-        Self(id.into())
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for GatewayId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 /// An accepted message, as much of it as processing needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

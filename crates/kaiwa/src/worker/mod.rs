@@ -4,8 +4,9 @@
 //! before leaves it to another, which finds the stored replies and reports those.
 
 use crate::clock::Clock;
+use crate::domain::GatewayId;
 use crate::presence::{self, Presence};
-use crate::queue::{Event, GatewayId, Job, MessageRef, Queue, QueueError, Routed, Taken};
+use crate::queue::{Event, Job, MessageRef, Queue, QueueError, Routed, Taken};
 use crate::replies::{Deltas, ReplyMaker};
 use crate::store::{NewReply, Store, StoreError, StoredReply};
 use futures::{FutureExt, StreamExt};
