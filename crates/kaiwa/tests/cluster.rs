@@ -6,9 +6,15 @@ mod support;
 
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use support::cluster::{Cluster, Process};
 use support::{Client, Closed, files, send, send_file};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
 
 /// Longest a cluster-wide state change may take to show (a lease ending, a sweep).
 const SETTLE: Duration = Duration::from_secs(40);
@@ -347,22 +353,19 @@ async fn a_client_whose_gateway_was_killed_is_taken_elsewhere_before_the_lease_e
 /// A TCP proxy in front of one address that can stop forwarding without closing anything:
 /// a network that died under a connection, as the server sees it.
 struct Proxy {
-    addr: std::net::SocketAddr,
-    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    addr: SocketAddr,
+    frozen: Arc<AtomicBool>,
 }
 
 impl Proxy {
-    async fn to(upstream: std::net::SocketAddr) -> Proxy {
-        use std::sync::atomic::AtomicBool;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("a port");
+    async fn to(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
         let addr = listener.local_addr().expect("its address");
-        let frozen = std::sync::Arc::new(AtomicBool::new(false));
+        let frozen = Arc::new(AtomicBool::new(false));
         let stop = frozen.clone();
         tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
-                let outbound = tokio::net::TcpStream::connect(upstream)
+                let outbound = TcpStream::connect(upstream)
                     .await
                     .expect("the upstream answers");
                 let (a_read, a_write) = inbound.into_split();
@@ -375,24 +378,18 @@ impl Proxy {
     }
 
     fn freeze(&self) {
-        self.frozen
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.frozen.store(true, Ordering::Relaxed);
     }
 }
 
 /// Copies bytes until frozen; then reads nothing more and keeps both sockets open.
-async fn pipe(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, frozen: Arc<AtomicBool>) {
     let mut buffer = vec![0; 16 * 1024];
     loop {
         let read = tokio::select! {
             read = from.read(&mut buffer) => read,
             () = async {
-                while !frozen.load(std::sync::atomic::Ordering::Relaxed) {
+                while !frozen.load(Ordering::Relaxed) {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             } => break,
@@ -400,7 +397,7 @@ async fn pipe(
         match read {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                if frozen.load(std::sync::atomic::Ordering::Relaxed) {
+                if frozen.load(Ordering::Relaxed) {
                     break;
                 }
                 if to.write_all(&buffer[..n]).await.is_err() {
@@ -409,9 +406,8 @@ async fn pipe(
             }
         }
     }
-    // Frozen: hold both halves, silently, until the test ends.
+    // Frozen: both halves stay open (they live in this future), silently, until the test ends.
     std::future::pending::<()>().await;
-    drop((from, to));
 }
 
 #[tokio::test]

@@ -82,16 +82,7 @@ impl ClusterLink {
         let gateway = gateway.clone();
         let link = link.clone();
         gateway.tracker.clone().spawn(async move {
-            let routed = route(
-                link.presence.as_ref(),
-                link.queue.as_ref(),
-                &mut None,
-                Some(&link.id),
-                &event,
-                &gateway.close_sessions,
-            )
-            .await;
-            let routed = match routed {
+            let routed = match link.route_elsewhere(&event, &gateway.close_sessions).await {
                 Ok(routed) => routed,
                 Err(Stopped) => {
                     tracing::debug!("stopped before an event was passed on");
@@ -152,22 +143,41 @@ impl ClusterLink {
         }
     }
 
-    /// Answers a probe from `from` once it is known whether the connection answered.
-    pub(super) async fn answer_probe(
-        &self,
-        from: &GatewayId,
+    /// Another gateway (`from`) asks whether this gateway's connection `conn_id` of the client
+    /// still answers, as this one asks itself of a duplicate connection: one that does not is
+    /// closed, which gives its claim back. The answer goes back as `Probed`.
+    pub(super) fn answer_probe(
+        gateway: &Arc<Gateway>,
+        link: &Arc<Self>,
+        from: GatewayId,
         client_id: ClientId,
         conn_id: u64,
-        alive: bool,
     ) {
-        let event = Event::Probed {
-            client_id,
-            conn_id,
-            alive,
-        };
-        if let Err(err) = self.queue.publish_event(from, event).await {
-            tracing::debug!(gateway = %from, %err, "stopped before a probe was answered");
-        }
+        let gateway = gateway.clone();
+        let link = link.clone();
+        gateway.tracker.clone().spawn(async move {
+            let session = gateway.registry.with(&client_id, |s| {
+                (s.conn_id == conn_id).then(|| (s.liveness.clone(), s.outbox.clone()))
+            });
+            let alive = match session.flatten() {
+                Some((liveness, outbox)) => {
+                    liveness.answers(&outbox, gateway.liveness_probe()).await
+                }
+                // Gone already: its claim is on its way back.
+                None => false,
+            };
+            if !alive && gateway.registry.evict(&client_id, conn_id) {
+                tracing::info!(%client_id, conn_id, gateway = %from, "the connection did not answer a ping; closed for the client's new one on another gateway");
+            }
+            let event = Event::Probed {
+                client_id,
+                conn_id,
+                alive,
+            };
+            if let Err(err) = link.queue.publish_event(&from, event).await {
+                tracing::debug!(gateway = %from, %err, "stopped before a probe was answered");
+            }
+        });
     }
 
     /// Tells whichever gateway holds the client now that its previous connection, here, has
@@ -177,18 +187,27 @@ impl ClusterLink {
             client_id: client_id.clone(),
             seq,
         };
-        let routed = route(
+        if self.route_elsewhere(&event, stop).await.is_err() {
+            tracing::debug!(%client_id, "stopped before the client was handed over");
+        }
+    }
+
+    /// Sends an event to the gateway that holds its client, if that is another gateway (this
+    /// one has no session for it: `NoGateway`), waiting out outages until `stop`.
+    async fn route_elsewhere(
+        &self,
+        event: &Event,
+        stop: &CancellationToken,
+    ) -> Result<Routed, Stopped> {
+        route(
             self.presence.as_ref(),
             self.queue.as_ref(),
             &mut None,
             Some(&self.id),
-            &event,
+            event,
             stop,
         )
-        .await;
-        if routed.is_err() {
-            tracing::debug!(%client_id, "stopped before the client was handed over");
-        }
+        .await
     }
 }
 

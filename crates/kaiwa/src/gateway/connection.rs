@@ -395,9 +395,6 @@ async fn start_position(gateway: &Gateway, hello: &Hello) -> Result<u64, StoreEr
     })
 }
 
-/// Registers the session under its client id. Under the `refuse` policy a live session with
-/// the same id keeps it only if its client still answers: a client whose network died (and who
-/// is now reconnecting) would otherwise be locked out until the heartbeat timeout.
 impl Gateway {
     /// How long a connection whose id a new one wants gets to answer a ping.
     pub(super) fn liveness_probe(&self) -> Duration {
@@ -408,6 +405,9 @@ impl Gateway {
     }
 }
 
+/// Registers the session under its client id. Under the `refuse` policy a live session with
+/// the same id keeps it only if its client still answers: a client whose network died (and who
+/// is now reconnecting) would otherwise be locked out until the heartbeat timeout.
 async fn register(
     gateway: &Gateway,
     hello: &Hello,

@@ -6,8 +6,6 @@
 use super::Gateway;
 use super::cluster::ClusterLink;
 use super::stream::Live;
-use crate::domain::ClientId;
-use crate::domain::GatewayId;
 use crate::queue::Event;
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -16,34 +14,6 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 impl Gateway {
-    /// Another gateway asks whether this gateway's connection `conn_id` of the client still
-    /// answers, as it would ask itself of a duplicate connection: one that does not is closed,
-    /// which gives its claim back.
-    fn probe(
-        self: &Arc<Self>,
-        link: &Arc<ClusterLink>,
-        from: GatewayId,
-        client_id: ClientId,
-        conn_id: u64,
-    ) {
-        let gateway = self.clone();
-        let link = link.clone();
-        self.tracker.spawn(async move {
-            let session = gateway.registry.with(&client_id, |s| {
-                (s.conn_id == conn_id).then(|| (s.liveness.clone(), s.outbox.clone()))
-            });
-            let alive = match session.flatten() {
-                Some((liveness, outbox)) => liveness.answers(&outbox, gateway.liveness_probe()).await,
-                // Gone already: its claim is on its way back.
-                None => false,
-            };
-            if !alive && gateway.registry.evict(&client_id, conn_id) {
-                tracing::info!(%client_id, conn_id, gateway = %from, "the connection did not answer a ping; closed for the client's new one on another gateway");
-            }
-            link.answer_probe(&from, client_id, conn_id, alive).await;
-        });
-    }
-
     /// Delivers events until the stream ends or `stop` is cancelled.
     pub async fn deliver_events(
         self: &Arc<Self>,
@@ -155,7 +125,7 @@ impl Gateway {
                 from,
             } => {
                 if let Some(link) = &self.cluster {
-                    self.probe(link, from, client_id, conn_id);
+                    ClusterLink::answer_probe(self, link, from, client_id, conn_id);
                 }
             }
             Event::Probed {

@@ -291,7 +291,8 @@ impl Backlog {
             }
         }
         tracing::debug!(%err, delivery_updates = updates.len(), "delivery updates kept for the next batch");
-        let later = std::mem::replace(&mut self.updates, updates);
-        self.updates.absorb(later);
+        // `take_with` emptied the backlog into the batch that failed.
+        debug_assert!(self.updates.is_empty());
+        self.updates = updates;
     }
 }

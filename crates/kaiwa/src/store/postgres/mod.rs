@@ -45,6 +45,15 @@ pub struct PgOptions {
     pub admitted_by: Option<Arc<str>>,
 }
 
+/// Which accepted messages a sweeper claims.
+#[derive(Debug, Clone, Copy)]
+enum Stuck {
+    /// Neither queued again nor received for this long.
+    Untouched(Duration),
+    /// Admitted by a gateway whose lease has ended, and never queued again.
+    Orphaned,
+}
+
 pub struct PgStore {
     /// To the writer task.
     writes: Writes,
@@ -120,12 +129,7 @@ impl PgStore {
         older_than: Duration,
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        self.claim(
-            "COALESCE(touched_at, received_at) < now() - make_interval(secs => $1)",
-            older_than,
-            limit,
-        )
-        .await
+        self.claim(Stuck::Untouched(older_than), limit).await
     }
 
     /// Claims, like [`PgStore::claim_stuck`], the accepted messages that no sweeper has queued
@@ -134,35 +138,35 @@ impl PgStore {
     /// all (confirmed, and not taken yet): queued twice, such a message is processed twice and
     /// still stored with one reply set.
     pub async fn claim_orphaned(&self, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
-        self.claim(
-            "touched_at IS NULL AND admitted_by IN \
-                 (SELECT id FROM gateways WHERE lease_until <= now()) \
-                 AND $1 >= 0",
-            Duration::ZERO,
-            limit,
-        )
-        .await
+        self.claim(Stuck::Orphaned, limit).await
     }
 
-    /// Marks up to `limit` accepted messages matching `stuck` (which may use `older_than` as
-    /// `$1`) as queued again now, and returns them; other processes skip the rows it locks.
-    async fn claim(
-        &self,
-        stuck: &str,
-        older_than: Duration,
-        limit: u32,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
-        let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    /// Marks up to `limit` accepted messages that are `stuck` as queued again now, and returns
+    /// them; other processes skip the rows it locks.
+    async fn claim(&self, stuck: Stuck, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
+        let condition = match stuck {
+            Stuck::Untouched(_) => {
+                "COALESCE(touched_at, received_at) < now() - make_interval(secs => $2)"
+            }
+            Stuck::Orphaned => {
+                "touched_at IS NULL AND admitted_by IN \
+                 (SELECT id FROM gateways WHERE lease_until <= now())"
+            }
+        };
+        let sql = format!(
             "UPDATE messages SET touched_at = now() WHERE id IN ( \
-                 SELECT id FROM messages WHERE status = 'accepted' AND {stuck} \
-                 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 SELECT id FROM messages WHERE status = 'accepted' AND {condition} \
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
              RETURNING {MESSAGE_COLUMNS}"
-        )))
-        .bind(older_than.as_secs_f64())
-        .bind(i64::from(limit))
-        .fetch_all(&self.reads)
-        .await?;
-        let mut messages = rows
+        );
+        let mut query =
+            sqlx::query_as::<_, MessageRecord>(sqlx::AssertSqlSafe(sql)).bind(i64::from(limit));
+        if let Stuck::Untouched(older_than) = stuck {
+            query = query.bind(older_than.as_secs_f64());
+        }
+        let mut messages = query
+            .fetch_all(&self.reads)
+            .await?
             .into_iter()
             .map(StoredMessage::try_from)
             .collect::<Result<Vec<_>, _>>()?;
