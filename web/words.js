@@ -62,7 +62,7 @@ export function clockFormat(timeZone) {
 const ERRORS = {
   busy: 'the server is busy; sending again shortly',
   shutting_down: 'the server is shutting down; it will be sent after reconnecting',
-  processing_failed: 'stored, but the server could not process it; it will be processed when the server restarts',
+  processing_failed: 'stored, but its replies could not be made; the server tries it again shortly',
   internal: 'the server could not store it; send it again',
   over_capacity: 'the server is full',
   duplicate_connection: 'another tab is connected with this id',
