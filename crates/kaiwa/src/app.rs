@@ -1,7 +1,7 @@
 //! The application: builds every component from the configuration, serves HTTP and WebSocket,
 //! and shuts down in order.
 
-use crate::admission::{Admission, ClusterSweeper, InFlight, Placement, Sweeper};
+use crate::admission::{Admission, InFlight, SlotEnds};
 use crate::auth::{Access, AdminAccess, AuthError, Authenticator};
 use crate::clock::Clock;
 use crate::config::{Database, ServeConfig, StoreConfig};
@@ -11,11 +11,12 @@ use crate::http::{self, HttpState, Node};
 use crate::listener::{self, Listener, Tls, TlsError};
 use crate::presence::{LocalPresence, PgPresence, Presence, PresenceError};
 use crate::queue::{AmqpOptions, AmqpQueue, MemoryQueue, Queue};
+use crate::recovery::{ClusterSweeper, Recovery, Sweeper};
 use crate::replies::model::{ModelError, ModelResponder};
 use crate::replies::{BuiltinResponder, ReplyMaker, TextResponder};
 use crate::store::{
     DiskMedia, MediaStore, PgOptions, PgStore, SqliteOptions, SqliteStore, Store, StoreError,
-    StoredMessage,
+    StuckClaims,
 };
 use crate::telemetry;
 use crate::worker::{Delays, Worker};
@@ -142,9 +143,9 @@ pub struct Application {
     /// Processing, unless this process is a gateway only.
     worker: Option<Worker>,
     /// What brings back messages whose processing was lost or failed.
-    recovery: Recovery,
-    /// This gateway's lease in the cluster, renewed while it runs.
-    lease: Option<Lease>,
+    recovery: Box<dyn Recovery>,
+    /// Where this process's gateway holds its clients (and its lease, in a cluster).
+    presence: Arc<dyn Presence>,
     tracker: TaskTracker,
     /// The Prometheus recorder, whose histograms this process drains.
     metrics: Option<PrometheusHandle>,
@@ -153,30 +154,38 @@ pub struct Application {
     shutdown_grace: Duration,
 }
 
-/// How messages that were accepted but never replied to get processed.
-enum Recovery {
-    /// One process: what the last run left unfinished is queued at start (read before this run
-    /// accepts a message), and the sweeper watches this process's own in-flight slots.
-    Alone {
-        sweeper: Sweeper,
-        admission: Arc<Admission>,
-        unfinished: Vec<StoredMessage>,
-    },
-    /// A cluster: every process sweeps the shared database, claiming what it queues again.
-    Cluster(ClusterSweeper),
-}
-
-struct Lease {
-    presence: Arc<PgPresence>,
-    link: Arc<ClusterLink>,
-    max_clients: u32,
-}
-
-/// What a cluster process shares with the others.
-struct Shared {
-    pg: Arc<PgStore>,
+/// The implementations behind the seams where one process and a process of a cluster differ,
+/// picked once, here: nothing outside this module asks which of the two it is.
+struct Seams {
+    /// This gateway's id: `local` when the process is the whole of kaiwa.
+    id: GatewayId,
     queue: Arc<dyn Queue>,
-    presence: Arc<PgPresence>,
+    presence: Arc<dyn Presence>,
+    /// Where a message's in-flight slot on its gateway ends: alone, at its last reply; in a
+    /// cluster, once queued (the shared store keeps the limit).
+    slot_ends: SlotEnds,
+    /// How stuck messages are found: alone, by this process's own slots, the last run's
+    /// unfinished messages first; in a cluster, by claims in the shared database.
+    stuck: Stuck,
+}
+
+enum Stuck {
+    OwnSlots,
+    Claimed(Arc<dyn StuckClaims>),
+}
+
+impl Seams {
+    /// One process, the whole of kaiwa: an in-process queue, and presence of one gateway.
+    fn alone(config: &ServeConfig) -> Self {
+        let id = GatewayId::new("local");
+        Self {
+            queue: Arc::new(MemoryQueue::new(config.limits.max_in_flight as usize)),
+            presence: Arc::new(LocalPresence::new(id.clone())),
+            id,
+            slot_ends: SlotEnds::AtLastReply,
+            stuck: Stuck::OwnSlots,
+        }
+    }
 }
 
 impl Application {
@@ -185,17 +194,18 @@ impl Application {
     pub async fn build(config: ServeConfig, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
         let Some(queue_url) = config.queue_url().cloned() else {
             let store = open_store(&config.store).await?;
-            return Self::assemble(config, clock, store, None).await;
+            let seams = Seams::alone(&config);
+            return Self::assemble(config, clock, store, seams).await;
         };
         let database = config.store.database()?;
         let Database::Postgres(database_url) = &database else {
             return Err(AppError::ClusterStore);
         };
-        let node = GatewayId::new(config.cluster.node_id());
+        let id = GatewayId::new(config.cluster.node_id());
         let options = PgOptions {
             shared: true,
             max_in_flight: Some(config.limits.max_in_flight),
-            admitted_by: Some(node.as_str().into()),
+            admitted_by: Some(id.as_str().into()),
         };
         let pg = PgStore::connect(database_url.expose(), options)
             .await
@@ -214,13 +224,15 @@ impl Application {
         .await?;
         tracing::info!(broker = %AmqpQueue::describe_url(queue_url.expose()), "connected to RabbitMQ");
         let presence =
-            PgPresence::connect(database_url.expose(), node.clone(), config.cluster.lease).await?;
-        let shared = Shared {
-            pg: pg.clone(),
+            PgPresence::connect(database_url.expose(), id.clone(), config.cluster.lease).await?;
+        let seams = Seams {
+            id,
             queue: Arc::new(queue),
             presence: Arc::new(presence),
+            slot_ends: SlotEnds::WhenQueued,
+            stuck: Stuck::Claimed(pg.clone()),
         };
-        Self::assemble(config, clock, pg, Some((node, shared))).await
+        Self::assemble(config, clock, pg, seams).await
     }
 
     /// Builds the components around a store that is already open: for tests that wrap the
@@ -234,34 +246,34 @@ impl Application {
         if config.queue_url().is_some() {
             return Err(AppError::ClusterStore);
         }
-        Self::assemble(config, clock, store, None).await
+        let seams = Seams::alone(&config);
+        Self::assemble(config, clock, store, seams).await
     }
 
     async fn assemble(
         config: ServeConfig,
         clock: Arc<dyn Clock>,
         store: Arc<dyn Store>,
-        cluster: Option<(GatewayId, Shared)>,
+        seams: Seams,
     ) -> Result<Self, AppError> {
         let role = config.role;
         let limits = &config.limits;
-        let (id, queue, presence): (GatewayId, Arc<dyn Queue>, Arc<dyn Presence>) = match &cluster {
-            Some((id, shared)) => (id.clone(), shared.queue.clone(), shared.presence.clone()),
-            None => {
-                let id = GatewayId::new("local");
-                let queue = Arc::new(MemoryQueue::new(limits.max_in_flight as usize));
-                (id.clone(), queue, Arc::new(LocalPresence::new(id)))
-            }
-        };
+        let Seams {
+            id,
+            queue,
+            presence,
+            slot_ends,
+            stuck,
+        } = seams;
         let node = Node {
             role,
             id: id.clone(),
-            cluster: cluster.as_ref().map(|_| presence.clone()),
+            presence: presence.clone(),
         };
         // Read before this run accepts its first message: see `Admission::requeue`.
-        let unfinished = match cluster {
-            None => store.unfinished_messages().await?,
-            Some(_) => Vec::new(),
+        let unfinished = match stuck {
+            Stuck::OwnSlots => store.unfinished_messages().await?,
+            Stuck::Claimed(_) => Vec::new(),
         };
         let tracker = TaskTracker::new();
         let auth = Authenticator::start(&config.auth, config.bind)?;
@@ -270,50 +282,35 @@ impl Application {
             &config.cluster.media_dir(&config.store.data_dir),
         )?);
 
-        let mut admission = None;
-        let mut lease = None;
         let gateway = if role.runs_gateway() {
-            let placement = Placement {
-                origin: id.clone(),
-                shared_in_flight: cluster.is_some(),
-            };
-            let built = Arc::new(
+            let admission = Arc::new(
                 Admission::new(
                     config.content,
                     config.windows,
-                    InFlight::new(limits.max_in_flight as usize),
+                    InFlight::new(limits.max_in_flight as usize, slot_ends),
                     limits.in_flight_wait,
                     store.clone(),
                     media.clone(),
                     queue.clone(),
                 )
-                .placed(placement),
+                .for_gateway(id.clone()),
             );
-            admission = Some(built.clone());
             let settings = GatewaySettings::from_config(&config).with_auth(auth.clone());
-            let mut gateway = Gateway::new(
+            let link = Arc::new(ClusterLink::new(
+                id.clone(),
+                presence.clone(),
+                queue.clone(),
+            ));
+            // Joined before the listener opens: the first client finds its slot there.
+            presence.join(limits.max_clients).await?;
+            Some(Arc::new(Gateway::new(
                 settings,
-                built,
+                admission,
                 store.clone(),
                 clock.clone(),
                 tracker.clone(),
-            );
-            if let Some((_, shared)) = &cluster {
-                let link = Arc::new(ClusterLink::new(
-                    id.clone(),
-                    shared.presence.clone(),
-                    queue.clone(),
-                ));
-                // Joined before the listener opens: the first client finds the slots there.
-                shared.presence.join(limits.max_clients).await?;
-                lease = Some(Lease {
-                    presence: shared.presence.clone(),
-                    link: link.clone(),
-                    max_clients: limits.max_clients,
-                });
-                gateway = gateway.with_cluster(link);
-            }
-            Some(Arc::new(gateway))
+                link,
+            )))
         } else {
             None
         };
@@ -327,19 +324,20 @@ impl Application {
                 clock.clone(),
             )
         });
-        let recovery = match (&cluster, admission) {
-            (Some((_, shared)), _) => Recovery::Cluster(ClusterSweeper::new(
-                shared.pg.clone(),
+        let recovery: Box<dyn Recovery> = match (stuck, &gateway) {
+            (Stuck::Claimed(claims), _) => Box::new(ClusterSweeper::new(
+                claims,
                 queue.clone(),
                 config.requeue_after,
             )),
-            (None, Some(admission)) => Recovery::Alone {
-                sweeper: Sweeper::new(admission.clone(), store.clone(), config.requeue_after),
-                admission,
+            (Stuck::OwnSlots, Some(gateway)) => Box::new(Sweeper::new(
+                gateway.admission.clone(),
+                store.clone(),
+                config.requeue_after,
                 unfinished,
-            },
+            )),
             // Validation keeps a lone process from running without a gateway.
-            (None, None) => return Err(AppError::ClusterStore),
+            (Stuck::OwnSlots, None) => return Err(AppError::ClusterStore),
         };
 
         let draining = gateway
@@ -414,14 +412,14 @@ impl Application {
             node: Node {
                 role,
                 id,
-                cluster: None,
+                presence: presence.clone(),
             },
             store,
             queue,
             gateway,
             worker,
             recovery,
-            lease,
+            presence,
             tracker,
             metrics,
             draining,
@@ -462,7 +460,7 @@ impl Application {
             gateway,
             worker,
             recovery,
-            lease,
+            presence,
             tracker,
             metrics,
             draining,
@@ -496,59 +494,14 @@ impl Application {
             None => None,
         };
         let server = tokio::spawn(listener.serve(router, stop_accepting.clone()));
-        let lease_task = lease.map(|lease| {
+        let lease_task = gateway.clone().map(|gateway| {
             let stop = stop_lease.clone();
-            let evict = gateway.clone();
-            tokio::spawn(async move {
-                let link = lease.link.clone();
-                lease
-                    .presence
-                    .keep_lease(
-                        lease.max_clients,
-                        stop,
-                        move || link.live_connections(),
-                        move || {
-                            if let Some(gateway) = &evict {
-                                gateway.evict_all();
-                            }
-                        },
-                    )
-                    .await;
-            })
+            let max_clients = u32::try_from(gateway.settings.max_clients).unwrap_or(u32::MAX);
+            tokio::spawn(async move { presence.keep_lease(max_clients, stop, gateway).await })
         });
         let workers =
             worker.map(|worker| tokio::spawn(worker.run(stop_workers.clone(), tracker.clone())));
-        let admission = match recovery {
-            Recovery::Alone {
-                sweeper,
-                admission,
-                unfinished,
-            } => {
-                tracker.spawn({
-                    let admission = admission.clone();
-                    let stop = stop_workers.clone();
-                    async move {
-                        match admission.requeue(unfinished, &stop).await {
-                            Ok(0) => {}
-                            Ok(count) => tracing::info!(
-                                messages = count,
-                                "unfinished messages from the last run queued again"
-                            ),
-                            Err(err) => {
-                                tracing::error!(%err, "could not queue unfinished messages")
-                            }
-                        }
-                        // From here on, a message whose processing fails is retried in this run.
-                        sweeper.run(stop).await;
-                    }
-                });
-                Some(admission)
-            }
-            Recovery::Cluster(sweeper) => {
-                tracker.spawn(sweeper.run(stop_workers.clone()));
-                None
-            }
-        };
+        tracker.spawn(recovery.run(stop_workers.clone()));
         tracing::info!(%addr, role = node.role.name(), id = %node.id, "kaiwa is listening");
 
         let mut server = server;
@@ -560,10 +513,11 @@ impl Application {
         // history stays readable, and new WebSocket clients are told to go elsewhere.
         tracing::info!("shutting down: draining, no new sessions or messages");
         draining.cancel();
-        // Alone, messages in flight get the grace period to finish; in a cluster they are the
-        // cluster's: a job this worker leaves unfinished goes to another worker.
-        if let Some(admission) = &admission {
-            let in_flight = &admission.in_flight;
+        // Messages in flight get the grace period to finish. In a cluster their slots here end
+        // once they are queued: they are the cluster's, and a job this worker leaves unfinished
+        // goes to another worker.
+        if let Some(gateway) = &gateway {
+            let in_flight = &gateway.admission.in_flight;
             if !in_flight.idle_within(shutdown_grace).await {
                 tracing::warn!(
                     in_flight = in_flight.current(),

@@ -33,6 +33,7 @@ pub mod http;
 pub mod listener;
 pub mod presence;
 pub mod queue;
+pub mod recovery;
 pub mod replies;
 pub mod shutdown;
 pub mod store;

@@ -1,12 +1,14 @@
 //! Fixtures for the library's own unit tests: a gateway and the HTTP state over an in-memory
 //! store and queue, configured by `serve` flags, with no socket and no database file.
 
-use crate::admission::{Admission, InFlight};
+use crate::admission::{Admission, InFlight, SlotEnds};
 use crate::auth::{Access, AdminAccess, Authenticator};
 use crate::clock::SystemClock;
 use crate::config::ServeConfig;
-use crate::gateway::{Gateway, GatewaySettings};
+use crate::domain::GatewayId;
+use crate::gateway::{ClusterLink, Gateway, GatewaySettings};
 use crate::http::HttpState;
+use crate::presence::LocalPresence;
 use crate::queue::MemoryQueue;
 use crate::store::{DiskMedia, MediaStore, MemoryStore, Store};
 use std::sync::Arc;
@@ -47,7 +49,7 @@ impl Fixture {
         let admission = Arc::new(Admission::new(
             config.content,
             config.windows,
-            InFlight::new(max),
+            InFlight::new(max, SlotEnds::AtLastReply),
             config.limits.in_flight_wait,
             store.clone(),
             media.clone(),
@@ -59,6 +61,11 @@ impl Fixture {
             store.clone(),
             Arc::new(SystemClock),
             TaskTracker::new(),
+            Arc::new(ClusterLink::new(
+                GatewayId::new("local"),
+                Arc::new(LocalPresence::new(GatewayId::new("local"))),
+                queue.clone(),
+            )),
         ));
         Self {
             gateway,
@@ -77,8 +84,8 @@ impl Fixture {
             gateway: Some(self.gateway.clone()),
             node: crate::http::Node {
                 role: crate::config::Role::All,
-                id: crate::domain::GatewayId::new("local"),
-                cluster: None,
+                id: GatewayId::new("local"),
+                presence: Arc::new(LocalPresence::new(GatewayId::new("local"))),
             },
             clock: Arc::new(SystemClock),
             draining: tokio_util::sync::CancellationToken::new(),

@@ -39,15 +39,29 @@ impl ConnectionSlots {
     }
 }
 
+/// Where an accepted message's in-flight slot on its gateway ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotEnds {
+    /// At the message's last reply, handed out by this gateway: the gateway keeps the limit.
+    AtLastReply,
+    /// Once the message is queued: the store keeps the limit, counting the message until its
+    /// replies are stored across every process that shares it (a cluster, whose replies may
+    /// reach the client through another gateway). The slot here only bounds what this gateway
+    /// waits on while admitting.
+    WhenQueued,
+}
+
 /// Messages between acceptance and their last reply, across all clients.
 ///
 /// A message takes a permit before it is stored as accepted and keeps it, parked here under its
-/// id, until the gateway has handed out its last reply. Parking permits by id (rather than moving
-/// them along with the job) is what lets a job cross a process boundary later.
+/// id, until the gateway has handed out its last reply (or, as [`SlotEnds`] says, until it is
+/// queued). Parking permits by id (rather than moving them along with the job) is what lets a
+/// job cross a process boundary.
 #[derive(Debug)]
 pub struct InFlight {
     permits: Arc<Semaphore>,
     max: usize,
+    ends: SlotEnds,
     parked: Mutex<HashMap<i64, InFlightSlot>>,
     peak: AtomicUsize,
     /// Woken at every release, for shutdown to wait until nothing is in flight.
@@ -62,10 +76,11 @@ pub struct InFlightSlot {
 }
 
 impl InFlight {
-    pub fn new(max: usize) -> Self {
+    pub fn new(max: usize, ends: SlotEnds) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(max)),
             max,
+            ends,
             parked: Mutex::new(HashMap::new()),
             peak: AtomicUsize::new(0),
             released: Notify::new(),
@@ -93,9 +108,18 @@ impl InFlight {
         })
     }
 
-    /// Keeps the slot until [`InFlight::release`] is called with the same message id.
+    /// Keeps the slot of a message that is being queued until [`InFlight::release`] is called
+    /// with the same message id, or lets it go now (see [`SlotEnds`]).
     pub fn park(&self, message_id: i64, slot: InFlightSlot) {
-        self.lock().insert(message_id, slot);
+        match self.ends {
+            SlotEnds::AtLastReply => {
+                self.lock().insert(message_id, slot);
+            }
+            SlotEnds::WhenQueued => {
+                drop(slot);
+                self.released.notify_waiters();
+            }
+        }
     }
 
     /// Frees the slot of a message; false if it held none (already released, or parked by
@@ -163,7 +187,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_parked_slot_is_held_until_released() {
-        let in_flight = InFlight::new(1);
+        let in_flight = InFlight::new(1, SlotEnds::AtLastReply);
         let slot = in_flight
             .acquire(None, Duration::ZERO)
             .await
@@ -184,7 +208,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_message_waits_for_a_slot_exactly_as_long_as_it_may() {
-        let in_flight = Arc::new(InFlight::new(1));
+        let in_flight = Arc::new(InFlight::new(1, SlotEnds::AtLastReply));
         let taken = in_flight
             .acquire(None, Duration::ZERO)
             .await
@@ -213,7 +237,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn shutdown_waits_for_messages_in_flight_up_to_the_grace_period_and_no_longer() {
-        let in_flight = Arc::new(InFlight::new(2));
+        let in_flight = Arc::new(InFlight::new(2, SlotEnds::AtLastReply));
         let slot = in_flight
             .acquire(None, Duration::ZERO)
             .await
@@ -232,6 +256,24 @@ mod tests {
         let started = tokio::time::Instant::now();
         assert!(in_flight.idle_within(Duration::from_secs(10)).await);
         assert_eq!(started.elapsed(), Duration::from_secs(4));
+    }
+
+    #[tokio::test]
+    async fn a_slot_that_ends_when_queued_is_free_once_parked() {
+        let in_flight = InFlight::new(1, SlotEnds::WhenQueued);
+        let slot = in_flight
+            .acquire(None, Duration::ZERO)
+            .await
+            .expect("one permit is free");
+        assert_eq!(in_flight.current(), 1, "held while the message is admitted");
+        in_flight.park(7, slot);
+        assert_eq!(in_flight.current(), 0);
+        assert!(!in_flight.holds(7));
+        assert!(
+            !in_flight.release(7),
+            "the last reply finds nothing to free"
+        );
+        assert!(in_flight.idle_within(Duration::ZERO).await);
     }
 
     #[test]

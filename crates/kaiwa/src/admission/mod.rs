@@ -5,13 +5,11 @@
 mod limits;
 pub mod media;
 mod pipeline;
-mod sweeper;
 mod validate;
 mod windows;
 
-pub use limits::{ConnectionSlot, ConnectionSlots, InFlight, InFlightSlot};
+pub use limits::{ConnectionSlot, ConnectionSlots, InFlight, InFlightSlot, SlotEnds};
 pub use pipeline::{Answer, Pipeline, Settled, Verdict};
-pub use sweeper::{ClusterSweeper, Sweeper};
 pub use validate::{
     Body, ContentLimits, Draft, Invalid, Submission, Upload, client_message_id, parse_bytes,
 };
@@ -48,28 +46,6 @@ pub struct Admission {
     queue: Arc<dyn Queue>,
     /// Where this process's clients are: workers send the replies of its messages here first.
     origin: GatewayId,
-    /// The store keeps the in-flight limit for the whole cluster: this process's own count
-    /// only bounds what it waits on, and a message's slot here ends once it is queued.
-    shared_in_flight: bool,
-}
-
-/// Where a gateway's admission step sits in the deployment.
-#[derive(Debug, Clone)]
-pub struct Placement {
-    /// The gateway whose clients send the messages.
-    pub origin: GatewayId,
-    /// Whether the store keeps the in-flight limit across processes.
-    pub shared_in_flight: bool,
-}
-
-impl Placement {
-    /// The only gateway, keeping its own in-flight limit.
-    pub fn alone() -> Self {
-        Self {
-            origin: GatewayId::new("local"),
-            shared_in_flight: false,
-        }
-    }
 }
 
 /// What became of a message. Every variant is answered to the client; none is dropped silently.
@@ -152,7 +128,6 @@ impl Admission {
         media: Arc<dyn MediaStore>,
         queue: Arc<dyn Queue>,
     ) -> Self {
-        let placement = Placement::alone();
         Self {
             limits,
             windows,
@@ -161,15 +136,13 @@ impl Admission {
             store,
             media,
             queue,
-            origin: placement.origin,
-            shared_in_flight: placement.shared_in_flight,
+            origin: GatewayId::new("local"),
         }
     }
 
-    /// The same admission step for a gateway placed as `placement` says (one of a cluster).
-    pub fn placed(mut self, placement: Placement) -> Self {
-        self.origin = placement.origin;
-        self.shared_in_flight = placement.shared_in_flight;
+    /// The same admission step for the clients of gateway `origin` (one of a cluster).
+    pub fn for_gateway(mut self, origin: GatewayId) -> Self {
+        self.origin = origin;
         self
     }
 
@@ -291,13 +264,8 @@ impl Admission {
         }
     }
 
-    /// Whether [`Admission::dispatch`] waits on a broker that other processes share, so a
-    /// client's pipeline should not wait for it (the store, not the job, holds the message).
-    pub fn confirms_in_background(&self) -> bool {
-        self.shared_in_flight
-    }
-
-    /// Queues an accepted message, keeping its in-flight slot until the last reply.
+    /// Queues an accepted message, parking its in-flight slot (until the last reply, or not at
+    /// all: see [`SlotEnds`]).
     pub async fn dispatch(&self, ticket: Ticket) -> Result<(), AdmissionError> {
         let message_id = ticket.job.message_id;
         tracing::debug!(
@@ -305,16 +273,9 @@ impl Admission {
             in_flight = self.in_flight.current(),
             "message queued"
         );
-        if self.shared_in_flight {
-            // The store counts it until its reply set is stored, whichever process does that;
-            // the replies may well reach the client through another gateway.
-            drop(ticket.slot);
-            // A job the broker did not confirm stays `accepted`: a sweeper queues it again.
-            return Ok(self.queue.publish_job(ticket.job).await?);
-        }
         self.in_flight.park(message_id, ticket.slot);
         if let Err(err) = self.queue.publish_job(ticket.job).await {
-            // The message stays `accepted` in the store: the sweeper queues it again.
+            // The message stays `accepted` in the store: a sweeper queues it again.
             self.in_flight.release(message_id);
             return Err(err.into());
         }

@@ -8,7 +8,7 @@ use crate::store::Existing;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use futures::stream::FuturesOrdered;
+use futures::stream::{FuturesOrdered, FuturesUnordered};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -132,7 +132,6 @@ impl Pipeline {
                 admission: self.admission.clone(),
                 sender: self.sender.clone(),
                 answer: self.answer.clone(),
-                tracker: self.tracker.clone(),
             };
             self.tracker.spawn(task.run(queued));
             queue
@@ -159,13 +158,16 @@ struct Task {
     admission: Arc<Admission>,
     sender: Arc<Sender>,
     answer: Arc<Answer>,
-    /// Where jobs awaiting the broker's confirm are published from (see `answer`).
-    tracker: TaskTracker,
 }
 
 impl Task {
     async fn run(self, mut queue: mpsc::UnboundedReceiver<Queued>) {
         let mut settling: FuturesOrdered<BoxFuture<'static, Decided>> = FuturesOrdered::new();
+        // Accepted messages on their way into the queue. A broker confirms a persistent job
+        // after its disk write, milliseconds later: the client's next messages do not wait for
+        // that (they are committed, and a job never confirmed is swept back). An in-process
+        // queue takes a job at the first poll, in the order they were pushed.
+        let mut dispatching: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
         // The message being admitted. The next one waits for it, but earlier ones keep settling
         // meanwhile: admission may wait for an in-flight slot that only an earlier message's
         // answer (its dispatch, then its replies) can free.
@@ -174,7 +176,12 @@ impl Task {
         loop {
             tokio::select! {
                 biased;
-                Some(decided) = settling.next(), if !settling.is_empty() => self.answer(decided).await,
+                Some(()) = dispatching.next(), if !dispatching.is_empty() => {}
+                Some(decided) = settling.next(), if !settling.is_empty() => {
+                    if let Some(dispatch) = self.answer(decided) {
+                        dispatching.push(dispatch);
+                    }
+                }
                 admitted = async {
                     match admitting.as_mut() {
                         Some(admission) => admission.await,
@@ -224,7 +231,8 @@ impl Task {
         })
     }
 
-    async fn answer(&self, decided: Decided) {
+    /// Answers the client; an accepted message is then to be queued by the future returned.
+    fn answer(&self, decided: Decided) -> Option<BoxFuture<'static, ()>> {
         let Decided {
             id,
             received_at,
@@ -241,22 +249,14 @@ impl Task {
                 // Answered before it is queued: the client always sees `accepted` first.
                 (self.answer)(settled(Verdict::Accepted { message_id }));
                 let admission = self.admission.clone();
-                let dispatch = async move {
+                return Some(Box::pin(async move {
                     // The queue waits out an outage of the broker, so this fails only when the
                     // process stops: the message stays accepted, and is processed by another
                     // process or at the next start. The client's answer stands.
                     if let Err(err) = admission.dispatch(ticket).await {
                         tracing::warn!(message_id, %err, "accepted message not queued before stopping; it is processed later");
                     }
-                };
-                if self.admission.confirms_in_background() {
-                    // A broker confirms a persistent job after its disk write, milliseconds
-                    // later: the client's next message must not wait for that. The message is
-                    // committed already, and one never confirmed is swept back.
-                    self.tracker.spawn(dispatch);
-                } else {
-                    dispatch.await;
-                }
+                }));
             }
             Outcome::Rejected { message_id, reason } => {
                 (self.answer)(settled(Verdict::Rejected { message_id, reason }));
@@ -272,5 +272,6 @@ impl Task {
                 (self.answer)(settled(Verdict::Failed(err)));
             }
         }
+        None
     }
 }

@@ -1,11 +1,12 @@
-//! The gateway's part in a cluster: a cluster-wide client slot and the client's id for each
-//! connection (taken from [`Presence`] after the gateway's own checks), and events for clients
-//! that are no longer here, passed on to the gateway that holds them now.
+//! The gateway's part in its cluster (in one process, a cluster of one): a cluster-wide client
+//! slot and the client's id for each connection (taken from [`Presence`] after the gateway's
+//! own checks), events for clients that are no longer here, passed on to the gateway that holds
+//! them now, liveness probes across gateways, and the gateway's side of its lease.
 
 use super::Gateway;
 use crate::domain::ClientId;
 use crate::domain::GatewayId;
-use crate::presence::{Claim, Presence, PresenceError, Stopped, route};
+use crate::presence::{Claim, Lessee, Presence, PresenceError, Stopped, route};
 use crate::queue::{Event, Queue, Routed};
 use kaiwa_protocol::Delivery;
 use std::collections::{HashMap, HashSet};
@@ -78,10 +79,10 @@ impl ClusterLink {
     /// Passes on an event for a client this gateway does not hold (any more) to the gateway
     /// that does. A reply that finds no gateway is recorded `failed` here: this gateway is the
     /// one process that has the event. An outage is waited out, until the gateway stops.
-    pub(super) fn forward(gateway: &Arc<Gateway>, link: &Arc<Self>, event: Event) {
+    pub(super) fn forward(gateway: &Arc<Gateway>, event: Event) {
         let gateway = gateway.clone();
-        let link = link.clone();
         gateway.tracker.clone().spawn(async move {
+            let link = &gateway.cluster;
             let routed = match link.route_elsewhere(&event, &gateway.close_sessions).await {
                 Ok(routed) => routed,
                 Err(Stopped) => {
@@ -148,13 +149,11 @@ impl ClusterLink {
     /// closed, which gives its claim back. The answer goes back as `Probed`.
     pub(super) fn answer_probe(
         gateway: &Arc<Gateway>,
-        link: &Arc<Self>,
         from: GatewayId,
         client_id: ClientId,
         conn_id: u64,
     ) {
         let gateway = gateway.clone();
-        let link = link.clone();
         gateway.tracker.clone().spawn(async move {
             let session = gateway.registry.with(&client_id, |s| {
                 (s.conn_id == conn_id).then(|| (s.liveness.clone(), s.outbox.clone()))
@@ -174,7 +173,7 @@ impl ClusterLink {
                 conn_id,
                 alive,
             };
-            if let Err(err) = link.queue.publish_event(&from, event).await {
+            if let Err(err) = gateway.cluster.queue.publish_event(&from, event).await {
                 tracing::debug!(gateway = %from, %err, "stopped before a probe was answered");
             }
         });
@@ -208,6 +207,16 @@ impl ClusterLink {
             stop,
         )
         .await
+    }
+}
+
+impl Lessee for Gateway {
+    fn live_connections(&self) -> Vec<u64> {
+        self.cluster.live_connections()
+    }
+
+    fn lease_lost(&self) {
+        self.evict_all();
     }
 }
 

@@ -1,35 +1,34 @@
-//! One connection's life: the refusals that need no session (server full, shutting down, bad or
-//! missing handshake, duplicate client id), then the session, then the close handshake and the
-//! bookkeeping of a client that left.
+//! One connection's life, in phases: the handshake of a stranger ([`introduce`]), the client
+//! slots and the reply stream's start ([`admit`]), the client id, here and across the cluster
+//! ([`claim`]), the session and the bookkeeping of a client that left ([`run`]), and the close
+//! handshake ([`depart`]). A phase that turns the client away says why with a [`Refusal`].
 
 use super::Gateway;
 use super::cluster::ClusterSlot;
 use super::handshake::{self, Credentials, HandshakeError, Hello, Resume};
-use super::outbox::{Closing, Outbox, Writer};
+use super::outbox::{Closing, Outbox, Outgoing, Writer};
+use super::refusal::{CLOSE_REPLY_TIMEOUT, Refusal};
 use super::registry::{Duplicate, Liveness, SessionHandle};
-use super::session::Session;
+use super::session::{Ending, Session};
 use super::strangers::Pass;
 use super::stream::ReplyStream;
-use super::wire::Protocol;
+use super::wire::{Protocol, close_frame};
+use crate::admission::ConnectionSlot;
 use crate::auth::Claims;
 use crate::config::DuplicatePolicy;
 use crate::domain::ClientId;
 use crate::listener::Peer;
 use crate::presence::{Claim, PresenceError};
 use crate::store::StoreError;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
+use futures::stream::SplitStream;
 use futures::{Stream, StreamExt};
-use kaiwa_protocol::{CloseCode, ErrorCode};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-/// How long the server waits for the client's answer to its close frame.
-const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a stranger refused in its handshake gets to take its refusal, and to answer it.
-const STRANGER_LINGER: Duration = Duration::from_millis(500);
 /// The longest a duplicate connection waits to learn whether the live one still answers.
 const LIVENESS_PROBE: Duration = Duration::from_secs(3);
 /// What a probe of a connection on another gateway may take besides the ping itself: the
@@ -54,71 +53,127 @@ pub(crate) struct Arrival {
 /// Serves one upgraded connection from handshake to close. The client gets a client slot only
 /// once its handshake is verified: until then it is a stranger, in a pool of its own.
 pub(crate) async fn serve(gateway: Arc<Gateway>, mut socket: WebSocket, arrival: Arrival) {
-    let Arrival {
-        native,
-        peer,
-        pass,
-        verified,
-    } = arrival;
-    let Some(hello) = introduce(&gateway, &mut socket, native, pass, verified).await else {
+    let peer = arrival.peer.clone();
+    let Some(hello) = introduce(&gateway, &mut socket, arrival).await else {
         return;
     };
     // Verified: the client may send what clients may.
     if let Some(peer) = &peer {
         peer.unlimit_reads();
     }
-    let Some(slot) = gateway.slots.try_acquire() else {
-        refuse_full(
-            &mut socket,
-            hello.protocol,
-            "server",
-            gateway.settings.max_clients,
-        )
-        .await;
-        return;
+    let admitted = match admit(&gateway, &hello).await {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refuse(&mut socket, hello.protocol, refusal).await,
     };
-    let conn_id = gateway.next_conn_id();
-    // In a cluster the limit is the whole cluster's: one more slot, shared by every gateway.
-    let mut cluster_slot = None;
-    if let Some(link) = &gateway.cluster {
-        match link.take_slot(conn_id, gateway.settings.max_clients).await {
-            Ok(Some(slot)) => cluster_slot = Some(slot),
-            Ok(None) => {
-                refuse_full(
-                    &mut socket,
-                    hello.protocol,
-                    "the cluster",
-                    gateway.settings.max_clients,
-                )
-                .await;
-                return;
-            }
-            Err(err) => {
-                tracing::error!(%err, "could not take a cluster client slot");
-                refuse_unavailable(&mut socket, hello.protocol).await;
-                return;
-            }
-        }
-    }
-    let position = match start_position(&gateway, &hello).await {
-        Ok(position) => position,
-        Err(err) => {
-            tracing::error!(client_id = %hello.client_id, %err, "could not read the client's reply stream");
-            let detail = "the server could not load this client's replies; retry shortly";
-            refuse(
-                &mut socket,
-                hello.protocol,
-                ErrorCode::Internal,
-                CloseCode::InternalError,
-                detail,
-            )
-            .await;
-            return;
-        }
+    let claimed = match claim(&gateway, &hello, admitted).await {
+        Ok(claimed) => claimed,
+        Err(refusal) => return refuse(&mut socket, hello.protocol, refusal).await,
     };
+    run(gateway, socket, hello, claimed).await;
+}
 
+/// The handshake of a connection that is not yet a client: it ends with a verified hello, or
+/// with the connection refused (and `None`). A stranger is closed when its deadline passes,
+/// when it sends more than its allowance, or when a newer stranger takes its place.
+async fn introduce(gateway: &Gateway, socket: &mut WebSocket, arrival: Arrival) -> Option<Hello> {
+    let Arrival {
+        native,
+        pass,
+        verified,
+        ..
+    } = arrival;
+    let guess = if native {
+        Protocol::Native
+    } else {
+        Protocol::Legacy
+    };
+    let timeout = gateway.settings.sessions.handshake_timeout;
+    let credentials = Credentials {
+        auth: gateway.settings.auth.clone(),
+        upgrade: verified,
+        clock: gateway.clock.clone(),
+    };
+    // A draining server takes no new sessions: a handshake in progress (or one that begins
+    // after the drain did) ends at once.
+    let received = tokio::select! {
+        received = handshake::receive(socket, native, timeout, &credentials) => received,
+        () = pass.crowded_out() => Err(HandshakeError::CrowdedOut),
+        () = gateway.draining.cancelled() => Err(HandshakeError::ShuttingDown),
+    };
+    // Whatever came of it, the connection is no longer a stranger in the pool.
+    drop(pass);
+    let (protocol, refusal) = match received {
+        Ok(hello) if !gateway.is_draining() => return Some(hello),
+        Ok(hello) => (hello.protocol, Refusal::ShuttingDown),
+        Err(err) => {
+            let (protocol, refusal) = Refusal::of_handshake(err)?;
+            (protocol.unwrap_or(guess), refusal)
+        }
+    };
+    refuse(socket, protocol, refusal).await;
+    None
+}
+
+/// What a verified client holds before its id is claimed.
+struct Admitted {
+    /// One of this gateway's client slots, held until dropped.
+    _slot: ConnectionSlot,
+    /// One of the cluster's client slots (the client id joins it in [`claim`]).
+    cluster_slot: ClusterSlot,
+    conn_id: u64,
+    /// The `seq` its reply stream starts after.
+    position: u64,
+}
+
+/// Takes a client slot here and one in the cluster (the limit is the whole cluster's), and
+/// reads where the client's reply stream starts.
+async fn admit(gateway: &Gateway, hello: &Hello) -> Result<Admitted, Refusal> {
+    let max_clients = gateway.settings.max_clients;
+    let slot = gateway.slots.try_acquire().ok_or(Refusal::Full {
+        whole: "server",
+        max_clients,
+    })?;
+    let conn_id = gateway.next_conn_id();
+    let cluster_slot = match gateway.cluster.take_slot(conn_id, max_clients).await {
+        Ok(Some(slot)) => slot,
+        Ok(None) => {
+            return Err(Refusal::Full {
+                whole: "the cluster",
+                max_clients,
+            });
+        }
+        Err(err) => {
+            tracing::error!(%err, "could not take a cluster client slot");
+            return Err(Refusal::Unavailable);
+        }
+    };
+    let position = start_position(gateway, hello).await.map_err(|err| {
+        tracing::error!(client_id = %hello.client_id, %err, "could not read the client's reply stream");
+        Refusal::StreamUnreadable
+    })?;
+    Ok(Admitted {
+        _slot: slot,
+        cluster_slot,
+        conn_id,
+        position,
+    })
+}
+
+/// A client whose id is its connection's, here and in the cluster: the parts of its session.
+struct Claimed {
+    admitted: Admitted,
+    outbox: Outbox,
+    frames: mpsc::Receiver<Outgoing>,
+    stream: Option<Arc<ReplyStream>>,
+    replaced: CancellationToken,
+    moved: Arc<AtomicBool>,
+    liveness: Arc<Liveness>,
+}
+
+/// Registers the session under the client's id here, then claims the id across the cluster.
+/// The welcome is queued before the session is registered, so that no reply can overtake it.
+async fn claim(gateway: &Gateway, hello: &Hello, admitted: Admitted) -> Result<Claimed, Refusal> {
     let (outbox, frames) = Outbox::new(gateway.settings.outbox);
-    // Queued before the session is registered, so that no reply can overtake the welcome.
     outbox.push(hello.protocol.welcome(
         hello.client_id.as_str(),
         hello.timezone.name(),
@@ -132,71 +187,70 @@ pub(crate) async fn serve(gateway: Arc<Gateway>, mut socket: WebSocket, arrival:
             outbox.clone(),
             gateway.store.clone(),
             gateway.tracker.clone(),
-            position,
+            admitted.position,
         )
     });
-    let replaced = CancellationToken::new();
-    let moved = Arc::new(AtomicBool::new(false));
     let liveness = Arc::new(Liveness::default());
     // The handshake frame was the first word from the client.
     liveness.heard();
+    let mut claimed = Claimed {
+        admitted,
+        outbox,
+        frames,
+        stream,
+        replaced: CancellationToken::new(),
+        moved: Arc::new(AtomicBool::new(false)),
+        liveness,
+    };
+    let conn_id = claimed.admitted.conn_id;
     let handle = SessionHandle {
         conn_id,
         protocol: hello.protocol,
-        outbox: outbox.clone(),
-        stream: stream.clone(),
-        replaced: replaced.clone(),
-        moved: moved.clone(),
-        liveness: liveness.clone(),
+        outbox: claimed.outbox.clone(),
+        stream: claimed.stream.clone(),
+        replaced: claimed.replaced.clone(),
+        moved: claimed.moved.clone(),
+        liveness: claimed.liveness.clone(),
     };
-    if let Err(Duplicate(live)) = register(&gateway, &hello, handle).await {
-        metrics::counter!("kaiwa_connections_refused_total", "reason" => "duplicate").increment(1);
-        tracing::info!(client_id = %hello.client_id, live_conn_id = live.conn_id, "refused: the client id is connected and answering");
-        let detail = format!("client id {} is already connected", hello.client_id);
-        refuse(
-            &mut socket,
-            hello.protocol,
-            ErrorCode::DuplicateConnection,
-            CloseCode::DuplicateConnection,
-            &detail,
-        )
-        .await;
-        return;
+    let duplicate = |elsewhere| Refusal::Duplicate {
+        client_id: hello.client_id.clone(),
+        elsewhere,
+    };
+    if register(gateway, hello, handle).await.is_err() {
+        return Err(duplicate(None));
     }
-    if let Some(slot) = cluster_slot.as_mut() {
-        let replace = gateway.settings.sessions.duplicate_connection == DuplicatePolicy::Replace;
-        let refusal = match claim_across(&gateway, slot, &hello.client_id, replace).await {
-            Ok(Claim::Claimed { .. }) => None,
-            Ok(Claim::Held {
-                gateway: holder, ..
-            }) => Some(Some(holder)),
-            Err(err) => {
-                tracing::error!(client_id = %hello.client_id, %err, "could not claim the client id in the cluster");
-                Some(None)
-            }
-        };
-        if let Some(holder) = refusal {
-            gateway.registry.remove(&hello.client_id, conn_id);
-            match holder {
-                Some(holder) => {
-                    metrics::counter!("kaiwa_connections_refused_total", "reason" => "duplicate")
-                        .increment(1);
-                    tracing::info!(client_id = %hello.client_id, gateway = %holder, "refused: the client id is connected to another gateway");
-                    let detail = format!("client id {} is already connected", hello.client_id);
-                    refuse(
-                        &mut socket,
-                        hello.protocol,
-                        ErrorCode::DuplicateConnection,
-                        CloseCode::DuplicateConnection,
-                        &detail,
-                    )
-                    .await;
-                }
-                None => refuse_unavailable(&mut socket, hello.protocol).await,
-            }
-            return;
+    let replace = gateway.settings.sessions.duplicate_connection == DuplicatePolicy::Replace;
+    let across = claim_across(
+        gateway,
+        &mut claimed.admitted.cluster_slot,
+        &hello.client_id,
+        replace,
+    )
+    .await;
+    let refusal = match across {
+        Ok(Claim::Claimed { .. }) => return Ok(claimed),
+        Ok(Claim::Held { gateway, .. }) => duplicate(Some(gateway)),
+        Err(err) => {
+            tracing::error!(client_id = %hello.client_id, %err, "could not claim the client id in the cluster");
+            Refusal::Unavailable
         }
-    }
+    };
+    gateway.registry.remove(&hello.client_id, conn_id);
+    Err(refusal)
+}
+
+/// The session, from the writer's start to the client's departure.
+async fn run(gateway: Arc<Gateway>, socket: WebSocket, hello: Hello, claimed: Claimed) {
+    let Claimed {
+        admitted,
+        outbox,
+        frames,
+        stream,
+        replaced,
+        moved,
+        liveness,
+    } = claimed;
+    let (conn_id, position) = (admitted.conn_id, admitted.position);
     if let Resume::After(after) = hello.resume
         && position > 0
     {
@@ -243,14 +297,13 @@ pub(crate) async fn serve(gateway: Arc<Gateway>, mut socket: WebSocket, arrival:
 
     gateway.registry.remove(&client_id, conn_id);
     // The client is gone as far as the limits go; the close handshake below is bounded.
-    drop(slot);
-    drop(cluster_slot);
+    drop(admitted);
     session.depart();
     if moved.load(Ordering::Relaxed)
-        && let (Some(link), Some(stream)) = (&gateway.cluster, session.stream())
+        && let Some(stream) = session.stream()
     {
         // Replies may have come here after the client's new connection began.
-        let link = link.clone();
+        let link = gateway.cluster.clone();
         let seq = stream.known();
         let client_id = client_id.clone();
         let stop = gateway.close_sessions.clone();
@@ -265,13 +318,8 @@ pub(crate) async fn serve(gateway: Arc<Gateway>, mut socket: WebSocket, arrival:
     if close_tx.send(closing).is_err() {
         tracing::debug!(conn_id, "the writer ended before the session");
     }
-    let linger = async {
-        if ending.awaits_close_reply() {
-            await_close_reply(&mut frames_in, CLOSE_REPLY_TIMEOUT).await;
-        }
-    };
-    let (written, ()) = tokio::join!(writer, linger);
-    if let Err(err) = written {
+    depart(&mut frames_in, ending).await;
+    if let Err(err) = writer.await {
         tracing::error!(conn_id, %err, "the writer task failed");
     }
     metrics::gauge!("kaiwa_connections").decrement(1.0);
@@ -279,104 +327,12 @@ pub(crate) async fn serve(gateway: Arc<Gateway>, mut socket: WebSocket, arrival:
     tracing::info!(%client_id, conn_id, ending = ending.name(), "client disconnected");
 }
 
-/// The handshake of a connection that is not yet a client: it ends with a verified hello, or
-/// with the connection refused (and `None`). A stranger is closed when its deadline passes,
-/// when it sends more than its allowance, or when a newer stranger takes its place.
-async fn introduce(
-    gateway: &Gateway,
-    socket: &mut WebSocket,
-    native: bool,
-    pass: Pass,
-    verified: Option<Claims>,
-) -> Option<Hello> {
-    let guess = if native {
-        Protocol::Native
-    } else {
-        Protocol::Legacy
-    };
-    let timeout = gateway.settings.sessions.handshake_timeout;
-    let credentials = Credentials {
-        auth: gateway.settings.auth.clone(),
-        upgrade: verified,
-        clock: gateway.clock.clone(),
-    };
-    // A draining server takes no new sessions: a handshake in progress (or one that begins
-    // after the drain did) ends at once.
-    let received = tokio::select! {
-        received = handshake::receive(socket, native, timeout, &credentials) => received,
-        () = pass.crowded_out() => Err(HandshakeError::CrowdedOut),
-        () = gateway.draining.cancelled() => Err(HandshakeError::ShuttingDown),
-    };
-    // Whatever came of it, the connection is no longer a stranger in the pool.
-    drop(pass);
-    let (protocol, error, close, detail) = match received {
-        Ok(hello) if !gateway.is_draining() => return Some(hello),
-        Ok(hello) => shutting_down(hello.protocol),
-        Err(HandshakeError::ShuttingDown) => shutting_down(guess),
-        Err(HandshakeError::Gone) => return None,
-        Err(HandshakeError::InvalidUtf8) => (
-            guess,
-            ErrorCode::MalformedJson,
-            CloseCode::InvalidPayload,
-            "a text frame was not valid UTF-8".to_owned(),
-        ),
-        Err(HandshakeError::Timeout) => (
-            guess,
-            ErrorCode::HandshakeRequired,
-            CloseCode::HandshakeTimeout,
-            "no handshake frame in time".to_owned(),
-        ),
-        Err(HandshakeError::TooLarge) => (
-            guess,
-            ErrorCode::FrameTooLarge,
-            CloseCode::MessageTooBig,
-            format!(
-                "before the handshake is verified a connection may send {} bytes",
-                super::HANDSHAKE_ALLOWANCE
-            ),
-        ),
-        Err(HandshakeError::CrowdedOut) => (
-            guess,
-            ErrorCode::TooManyHandshakes,
-            CloseCode::CrowdedOut,
-            "too many connections were in their handshake; reconnect and send the handshake frame at once".to_owned(),
-        ),
-        Err(HandshakeError::Invalid {
-            protocol,
-            code,
-            close,
-            message,
-        }) => (protocol, code, close, message),
-    };
-    if close != CloseCode::BadHandshake {
-        metrics::counter!("kaiwa_connections_refused_total", "reason" => close.name()).increment(1);
+/// The close handshake of a session the server ended: the client's close frame is waited for
+/// (while the writer sends ours), so that the socket is not reset under it.
+async fn depart(frames_in: &mut SplitStream<WebSocket>, ending: Ending) {
+    if ending.awaits_close_reply() {
+        await_close_reply(frames_in, CLOSE_REPLY_TIMEOUT).await;
     }
-    // A token refused says something about a client: logged (the code, never the token).
-    // Strangers closed for their deadline, their size or a newcomer come in floods: not.
-    if (4600..4700).contains(&close.code()) {
-        tracing::info!(code = error.as_str(), "refused at the handshake");
-    } else {
-        tracing::debug!(
-            code = error.as_str(),
-            close = close.name(),
-            "refused at the handshake"
-        );
-    }
-    // A stranger gets its close frame, but no long wait for the answer: until it is gone its
-    // socket counts nowhere (it has left the pool, and never had a slot).
-    refuse_within(socket, protocol, error, close, &detail, STRANGER_LINGER).await;
-    None
-}
-
-/// The refusal of a connection that came while the server drains, in `protocol`.
-fn shutting_down(protocol: Protocol) -> (Protocol, ErrorCode, CloseCode, String) {
-    let detail = "server shutting down; reconnect shortly";
-    (
-        protocol,
-        ErrorCode::ShuttingDown,
-        CloseCode::GoingAway,
-        detail.to_owned(),
-    )
 }
 
 /// The `seq` the client's reply stream starts after on this connection. A cursor beyond the
@@ -440,18 +396,16 @@ async fn claim_across(
     replace: bool,
 ) -> Result<Claim, PresenceError> {
     let claim = slot.claim(client_id, replace).await?;
-    let (
-        Claim::Held {
-            gateway: holder,
-            conn_id,
-        },
-        Some(link),
-    ) = (&claim, &gateway.cluster)
+    let Claim::Held {
+        gateway: holder,
+        conn_id,
+    } = &claim
     else {
         return Ok(claim);
     };
     let probe = gateway.liveness_probe();
-    if link
+    if gateway
+        .cluster
         .probe(client_id, holder, *conn_id, probe + PROBE_ROUND_TRIP)
         .await
         != Some(false)
@@ -469,66 +423,22 @@ async fn claim_across(
     }
 }
 
-/// A close frame: `code`, with a reason that starts with its name.
-pub(super) fn close_frame(code: CloseCode, detail: &str) -> CloseFrame {
-    CloseFrame {
-        code: code.code(),
-        reason: code.reason(detail).into(),
-    }
-}
-
-/// Refuses a connection because the cluster's shared state cannot be reached: retryable.
-/// Refuses a connection because every client slot of `whole` (this server, or the cluster) is
-/// taken.
-async fn refuse_full(socket: &mut WebSocket, protocol: Protocol, whole: &str, max_clients: usize) {
-    metrics::counter!("kaiwa_connections_refused_total", "reason" => "over_capacity").increment(1);
-    let detail = format!("{whole} is full ({max_clients} clients); retry later");
-    refuse(
-        socket,
-        protocol,
-        ErrorCode::OverCapacity,
-        CloseCode::OverCapacity,
-        &detail,
-    )
-    .await;
-}
-
-async fn refuse_unavailable(socket: &mut WebSocket, protocol: Protocol) {
-    let detail = "the cluster's client registry is unavailable; retry shortly";
-    refuse(
-        socket,
-        protocol,
-        ErrorCode::Internal,
-        CloseCode::InternalError,
-        detail,
-    )
-    .await;
-}
-
 /// Answers a connection that will not get a session: an error frame it can show, then a close
-/// frame with the code that says why.
-async fn refuse(
-    socket: &mut WebSocket,
-    protocol: Protocol,
-    error: ErrorCode,
-    close: CloseCode,
-    detail: &str,
-) {
-    refuse_within(socket, protocol, error, close, detail, CLOSE_REPLY_TIMEOUT).await;
-}
-
-/// [`refuse`], waiting at most `linger` to send the refusal, and as long for the client's
-/// close frame.
-async fn refuse_within(
-    socket: &mut WebSocket,
-    protocol: Protocol,
-    error: ErrorCode,
-    close: CloseCode,
-    detail: &str,
-    linger: Duration,
-) {
-    let frame = close_frame(close, detail);
-    let error: Utf8Bytes = protocol.error(error, frame.reason.as_str().to_owned(), None, None);
+/// frame with the code that says why, waiting as long as the refusal allows for the client's
+/// close frame in return.
+async fn refuse(socket: &mut WebSocket, protocol: Protocol, refusal: Refusal) {
+    if let Some(reason) = refusal.metric() {
+        metrics::counter!("kaiwa_connections_refused_total", "reason" => reason).increment(1);
+    }
+    refusal.log();
+    let linger = refusal.linger();
+    let frame = close_frame(refusal.close_code(), &refusal.detail());
+    let error: Utf8Bytes = protocol.error(
+        refusal.error_code(),
+        frame.reason.as_str().to_owned(),
+        None,
+        None,
+    );
     let send = async {
         socket.send(Message::Text(error)).await?;
         socket.send(Message::Close(Some(frame))).await

@@ -1,17 +1,23 @@
 //! Delivery: routes what workers report (processing, replies, failures) to the client's
 //! session: replies of native clients into their reply stream, everything else into the outbox.
-//! Records replies that found no session as failed (in a cluster, passes them on to the
-//! gateway that holds the client now), and frees a message's in-flight slot at its last reply.
+//! Passes events for a client with no session here on to the gateway that holds it now (none,
+//! in one process: a reply is then recorded failed), and frees a message's in-flight slot at
+//! its last reply.
 
 use super::Gateway;
 use super::cluster::ClusterLink;
-use super::stream::Live;
+use super::outbox::Outbox;
+use super::stream::{Live, ReplyStream};
+use super::wire::Protocol;
 use crate::queue::Event;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use kaiwa_protocol::{Delivery, ErrorCode, MessageStatus};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+
+/// A session's way in: its protocol, its outbox, and its reply stream (native clients).
+type SessionWay = (Protocol, Outbox, Option<Arc<ReplyStream>>);
 
 impl Gateway {
     /// Delivers events until the stream ends or `stop` is cancelled.
@@ -33,19 +39,29 @@ impl Gateway {
     }
 
     fn deliver(self: &Arc<Self>, event: Event) {
+        let finished = event.finishes();
         // The session's way in, taken out of the registry so that frames are encoded without
         // holding its lock.
         let session = self.registry.with(event.client_id(), |s| {
             (s.protocol, s.outbox.clone(), s.stream.clone())
         });
-        if session.is_none()
-            && event.message().is_some()
-            && let Some(link) = &self.cluster
-        {
+        if session.is_none() && event.message().is_some() {
             // The client is not here (any more): the gateway that holds it now gets the event.
-            ClusterLink::forward(self, link, event);
-            return;
+            ClusterLink::forward(self, event);
+        } else {
+            self.hand(session, event);
         }
+        if let Some(message_id) = finished {
+            // Once the last frame is in the outbox (a drain for shutdown waits on this), and
+            // wherever the client is now: the slot is this gateway's, if the message holds one
+            // here at all (see `InFlight`).
+            let released = self.admission.in_flight.release(message_id);
+            tracing::debug!(message_id, released, "message finished");
+        }
+    }
+
+    /// Hands an event to the client's session here, if it has one.
+    fn hand(self: &Arc<Self>, session: Option<SessionWay>, event: Event) {
         match event {
             Event::Processing(message) => match session {
                 // Native: in order with the message's replies.
@@ -69,7 +85,6 @@ impl Gateway {
                 reply,
                 last,
             } => {
-                let message_id = message.message_id;
                 let reply_id = reply.id;
                 let handed = match session {
                     // Native: in stream order, acknowledged by the client.
@@ -85,18 +100,14 @@ impl Gateway {
                     None => false,
                 };
                 if !handed {
-                    // The client left (or is too slow): a native client gets it on resume.
+                    // The client is too slow (or left just now): a native client gets it on
+                    // resume.
                     self.store
                         .record_delivery(reply_id, Delivery::Failed, self.clock.now());
                     metrics::counter!("kaiwa_replies_total", "delivery" => "failed").increment(1);
                 }
-                if last {
-                    let released = self.admission.in_flight.release(message_id);
-                    tracing::debug!(message_id, released, "last reply handed over");
-                }
             }
             Event::Failed { message, reason } => {
-                self.admission.in_flight.release(message.message_id);
                 if let Some((_, _, Some(stream))) = &session {
                     stream.forget(message.message_id);
                 }
@@ -123,20 +134,12 @@ impl Gateway {
                 client_id,
                 conn_id,
                 from,
-            } => {
-                if let Some(link) = &self.cluster {
-                    ClusterLink::answer_probe(self, link, from, client_id, conn_id);
-                }
-            }
+            } => ClusterLink::answer_probe(self, from, client_id, conn_id),
             Event::Probed {
                 client_id,
                 conn_id,
                 alive,
-            } => {
-                if let Some(link) = &self.cluster {
-                    link.probed(client_id, conn_id, alive);
-                }
-            }
+            } => self.cluster.probed(client_id, conn_id, alive),
         }
     }
 }

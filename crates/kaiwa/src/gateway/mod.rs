@@ -9,6 +9,7 @@ mod delivery;
 mod expiry;
 mod handshake;
 mod outbox;
+mod refusal;
 mod registry;
 mod session;
 mod strangers;
@@ -135,8 +136,8 @@ pub struct Gateway {
     /// Cancelled (and replaced by a fresh one) to close every session now open while the
     /// gateway goes on: in a cluster, when its lease ran out and its claims may be others' now.
     evictions: Mutex<CancellationToken>,
-    /// The rest of the cluster; `None` when this is the only gateway.
-    pub(crate) cluster: Option<Arc<ClusterLink>>,
+    /// The rest of the cluster: in one process, a cluster of one ([`crate::presence::LocalPresence`]).
+    pub(crate) cluster: Arc<ClusterLink>,
     next_conn_id: AtomicU64,
 }
 
@@ -147,6 +148,7 @@ impl Gateway {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         tracker: TaskTracker,
+        cluster: Arc<ClusterLink>,
     ) -> Self {
         Self {
             slots: ConnectionSlots::new(settings.max_clients),
@@ -166,16 +168,9 @@ impl Gateway {
             draining: CancellationToken::new(),
             close_sessions: CancellationToken::new(),
             evictions: Mutex::new(CancellationToken::new()),
-            cluster: None,
+            cluster,
             next_conn_id: AtomicU64::new(1),
         }
-    }
-
-    /// A gateway of a cluster: client slots and ids are the cluster's, and events for clients
-    /// that moved are passed on.
-    pub fn with_cluster(mut self, link: Arc<ClusterLink>) -> Self {
-        self.cluster = Some(link);
-        self
     }
 
     /// The token that closes the sessions starting now, when [`Gateway::evict_all`] is called.

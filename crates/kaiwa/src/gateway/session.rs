@@ -8,7 +8,7 @@ use super::handshake::Hello;
 use super::outbox::Outbox;
 use super::registry::Liveness;
 use super::stream::ReplyStream;
-use super::wire::Protocol;
+use super::wire::{Protocol, close_frame};
 use super::{Gateway, GatewaySettings};
 use crate::admission::{Pipeline, Sender, Settled, Submission, Verdict};
 use crate::auth::Token;
@@ -67,7 +67,7 @@ impl Ending {
             ),
             other => other.name().into(),
         };
-        Some(super::connection::close_frame(code, &detail))
+        Some(close_frame(code, &detail))
     }
 
     /// Whether queued frames should still be written: only when the client is known to read.

@@ -4,10 +4,10 @@
 use super::GatewaySettings;
 use crate::queue::MessageRef;
 use crate::store::StoredReply;
-use axum::extract::ws::Utf8Bytes;
+use axum::extract::ws::{CloseFrame, Utf8Bytes};
 use chrono::{DateTime, SecondsFormat, Utc};
 use kaiwa_protocol::native;
-use kaiwa_protocol::{ErrorCode, MessageStatus, legacy};
+use kaiwa_protocol::{CloseCode, ErrorCode, MessageStatus, legacy};
 use serde::Serialize;
 use std::time::Duration;
 
@@ -23,6 +23,14 @@ fn encode<T: Serialize>(frame: &T) -> Utf8Bytes {
     serde_json::to_string(frame)
         .unwrap_or_else(|_| r#"{"type":"error","data":{"message":"internal error"}}"#.to_owned())
         .into()
+}
+
+/// A close frame: `code`, with a reason that starts with its name.
+pub(super) fn close_frame(code: CloseCode, detail: &str) -> CloseFrame {
+    CloseFrame {
+        code: code.code(),
+        reason: code.reason(detail).into(),
+    }
 }
 
 fn iso(at: DateTime<Utc>) -> String {

@@ -165,19 +165,16 @@ async fn detailed(state: &HttpState) -> Response {
     let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
     let gateway = state.gateway.as_ref();
     let in_flight = gateway.map(|gateway| &gateway.admission.in_flight);
-    let cluster = match &state.node.cluster {
-        Some(presence) => match presence.counts().await {
-            Ok(counts) => Some(ClusterReport {
-                clients: counts.clients,
-                in_flight: counts.in_flight,
-                gateways: counts.gateways,
-            }),
-            Err(err) => {
-                reason.get_or_insert_with(|| err.to_string());
-                None
-            }
-        },
-        None => None,
+    let cluster = match state.node.presence.counts().await {
+        Ok(counts) => counts.map(|counts| ClusterReport {
+            clients: counts.clients,
+            in_flight: counts.in_flight,
+            gateways: counts.gateways,
+        }),
+        Err(err) => {
+            reason.get_or_insert_with(|| err.to_string());
+            None
+        }
     };
     let report = HealthReport {
         status: status.to_owned(),

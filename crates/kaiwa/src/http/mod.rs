@@ -65,8 +65,8 @@ pub fn router(state: Arc<HttpState>) -> Router {
 pub struct Node {
     pub role: Role,
     pub id: GatewayId,
-    /// The cluster's shared counts; `None` when this process is the whole of kaiwa.
-    pub cluster: Option<Arc<dyn Presence>>,
+    /// Where the whole cluster's counts come from (none, when this process is all of kaiwa).
+    pub presence: Arc<dyn Presence>,
 }
 
 /// A worker's main address: `/health` and `/metrics` under the same rules as a gateway's

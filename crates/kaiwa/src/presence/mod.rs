@@ -1,7 +1,8 @@
 //! Presence: which gateway holds which client now, and the cluster-wide limits on who may be
-//! connected. Workers ask it where to send a client's replies; gateways take a client slot and
-//! the client's id from it. In one process the gateway's own registry and slots are the whole
-//! truth ([`LocalPresence`]); in a cluster they are rows in PostgreSQL ([`PgPresence`]).
+//! connected. Workers ask it where to send a client's replies; gateways join it, keep a lease
+//! in it, and take a client slot and the client's id from it. In one process the gateway's own
+//! registry and slots are the whole truth ([`LocalPresence`]); in a cluster they are rows in
+//! PostgreSQL ([`PgPresence`]).
 
 mod postgres;
 mod route;
@@ -12,6 +13,8 @@ pub use route::{PATIENCE, Stopped, route};
 use crate::domain::ClientId;
 use crate::domain::GatewayId;
 use async_trait::async_trait;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PresenceError {
@@ -48,8 +51,27 @@ pub struct ClusterCounts {
     pub gateways: u64,
 }
 
+/// A gateway as its lease sees it: what it holds, and what it must do when the lease is lost.
+pub trait Lessee: Send + Sync {
+    /// The connections that may hold a slot or a client id now: rows of this gateway's that
+    /// none of them holds (their release failed) are given back.
+    fn live_connections(&self) -> Vec<u64>;
+
+    /// The lease ran out: other gateways may hold this one's slots and ids now, so its sessions
+    /// are to close (their clients reconnect).
+    fn lease_lost(&self);
+}
+
 #[async_trait]
 pub trait Presence: Send + Sync + 'static {
+    /// Joins as a gateway with `max_clients` slots in all, giving back what an earlier process
+    /// with the same id left behind. Called before the gateway's listener opens, so that the
+    /// first client finds its slot there.
+    async fn join(&self, max_clients: u32) -> Result<(), PresenceError>;
+
+    /// Keeps the joined gateway's place until `stop`, then gives back everything it holds.
+    async fn keep_lease(&self, max_clients: u32, stop: CancellationToken, lessee: Arc<dyn Lessee>);
+
     /// The gateway that holds the client now, if any gateway does.
     async fn holder(&self, client_id: &ClientId) -> Result<Option<GatewayId>, PresenceError>;
 
@@ -71,13 +93,15 @@ pub trait Presence: Send + Sync + 'static {
     /// Gives a client id back, if this connection still holds it.
     async fn release(&self, client_id: &ClientId, conn_id: u64);
 
-    /// Clients connected, messages in flight and gateways alive, in the whole cluster.
-    async fn counts(&self) -> Result<ClusterCounts, PresenceError>;
+    /// Clients connected, messages in flight and gateways alive, in the whole cluster; `None`
+    /// when this process is the whole of kaiwa, and its own counts say as much.
+    async fn counts(&self) -> Result<Option<ClusterCounts>, PresenceError>;
 }
 
 /// One process: the gateway is the only one. Its own slots and registry already decide who
 /// may connect (they are checked before these calls), and it knows itself whether a client is
-/// connected (a reply for a client that left is recorded there).
+/// connected: a client it has no session for is held by no gateway (see [`route`]). It has no
+/// lease to lose and nobody to share its counts with.
 #[derive(Debug, Clone)]
 pub struct LocalPresence {
     gateway: GatewayId,
@@ -91,6 +115,14 @@ impl LocalPresence {
 
 #[async_trait]
 impl Presence for LocalPresence {
+    async fn join(&self, _max_clients: u32) -> Result<(), PresenceError> {
+        Ok(())
+    }
+
+    async fn keep_lease(&self, _max: u32, stop: CancellationToken, _lessee: Arc<dyn Lessee>) {
+        stop.cancelled().await;
+    }
+
     async fn holder(&self, _client_id: &ClientId) -> Result<Option<GatewayId>, PresenceError> {
         Ok(Some(self.gateway.clone()))
     }
@@ -112,7 +144,7 @@ impl Presence for LocalPresence {
 
     async fn release(&self, _client_id: &ClientId, _conn_id: u64) {}
 
-    async fn counts(&self) -> Result<ClusterCounts, PresenceError> {
-        Ok(ClusterCounts::default())
+    async fn counts(&self) -> Result<Option<ClusterCounts>, PresenceError> {
+        Ok(None)
     }
 }

@@ -3,12 +3,13 @@
 //! gateway holds a client. The limits are exact because each slot and each id is one row that
 //! one connection holds at a time, taken with row locks rather than counted and then added.
 
-use super::{Claim, ClusterCounts, Presence, PresenceError};
+use super::{Claim, ClusterCounts, Lessee, Presence, PresenceError};
 use crate::domain::ClientId;
 use crate::domain::GatewayId;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -82,90 +83,6 @@ impl PgPresence {
             gateway,
             lease,
         })
-    }
-
-    /// Joins the cluster as a gateway with `max_clients` slots in all: renews the lease until
-    /// `stop`, then gives back everything this gateway holds. What an earlier process with the
-    /// same id left behind is given back first.
-    pub async fn join(&self, max_clients: u32) -> Result<(), PresenceError> {
-        self.leave().await?;
-        sqlx::query(
-            "INSERT INTO gateways (id, started_at, lease_until) \
-             VALUES ($1, now(), now() + make_interval(secs => $2)) \
-             ON CONFLICT (id) DO UPDATE SET started_at = now(), lease_until = EXCLUDED.lease_until",
-        )
-        .bind(self.gateway.as_str())
-        .bind(seconds(self.lease))
-        .execute(&self.pool)
-        .await
-        .map_err(|err| unavailable(&err))?;
-        // Slots beyond the configured count stay unused; all gateways should agree on it.
-        sqlx::query(
-            "INSERT INTO client_slots (slot) SELECT generate_series(1, $1) ON CONFLICT DO NOTHING",
-        )
-        .bind(i32::try_from(max_clients).unwrap_or(i32::MAX))
-        .execute(&self.pool)
-        .await
-        .map_err(|err| unavailable(&err))?;
-        Ok(())
-    }
-
-    /// Renews the lease every third of it until `stop`, then leaves the cluster. Each renewal
-    /// also gives back the rows of this gateway that no connection in `live()` holds (their
-    /// release failed). If the lease could not be renewed before it ran out, others may have
-    /// taken this gateway's slots and ids: `lost` is called (the gateway closes its sessions),
-    /// and the gateway joins again once the database answers.
-    pub async fn keep_lease(
-        &self,
-        max_clients: u32,
-        stop: CancellationToken,
-        live: impl Fn() -> Vec<u64> + Send,
-        lost: impl Fn() + Send,
-    ) {
-        let mut tick = tokio::time::interval(self.lease / 3);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Others read this gateway as alive from its lease connection being open (`claim`):
-        // one that dropped (a database restart, a reset) is opened again within this, rather
-        // than at the next renewal.
-        let mut ping = tokio::time::interval(LEASE_PING);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut renewed_at = tokio::time::Instant::now();
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => break,
-                _ = ping.tick() => {
-                    if let Err(err) = sqlx::query("SELECT 1").execute(&self.lease_pool).await {
-                        tracing::debug!(gateway = %self.gateway, %err, "the lease connection is down");
-                    }
-                    continue;
-                }
-                _ = tick.tick() => {}
-            }
-            match self.renew(&live()).await {
-                Ok(true) => renewed_at = tokio::time::Instant::now(),
-                Ok(false) => {
-                    tracing::error!(gateway = %self.gateway, "the gateway's lease ran out: its clients are closed and it joins again");
-                    metrics::counter!("kaiwa_lease_lost_total").increment(1);
-                    lost();
-                    match self.join(max_clients).await {
-                        Ok(()) => renewed_at = tokio::time::Instant::now(),
-                        Err(err) => {
-                            tracing::warn!(gateway = %self.gateway, %err, "could not join the cluster again")
-                        }
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!(gateway = %self.gateway, %err, "could not renew the gateway's lease");
-                    if renewed_at.elapsed() >= self.lease {
-                        // Nobody can tell whether others took our slots: act as if they did.
-                        lost();
-                    }
-                }
-            }
-        }
-        if let Err(err) = self.leave().await {
-            tracing::warn!(gateway = %self.gateway, %err, "could not give back the gateway's clients");
-        }
     }
 
     /// Extends the lease, if it still runs, and gives back rows no live connection holds.
@@ -299,6 +216,81 @@ async fn reclaim(pool: &PgPool) -> Result<u64, PresenceError> {
 
 #[async_trait]
 impl Presence for PgPresence {
+    async fn join(&self, max_clients: u32) -> Result<(), PresenceError> {
+        self.leave().await?;
+        sqlx::query(
+            "INSERT INTO gateways (id, started_at, lease_until) \
+             VALUES ($1, now(), now() + make_interval(secs => $2)) \
+             ON CONFLICT (id) DO UPDATE SET started_at = now(), lease_until = EXCLUDED.lease_until",
+        )
+        .bind(self.gateway.as_str())
+        .bind(seconds(self.lease))
+        .execute(&self.pool)
+        .await
+        .map_err(|err| unavailable(&err))?;
+        // Slots beyond the configured count stay unused; all gateways should agree on it.
+        sqlx::query(
+            "INSERT INTO client_slots (slot) SELECT generate_series(1, $1) ON CONFLICT DO NOTHING",
+        )
+        .bind(i32::try_from(max_clients).unwrap_or(i32::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(|err| unavailable(&err))?;
+        Ok(())
+    }
+
+    /// Renews the lease every third of it until `stop`, then leaves the cluster. Each renewal
+    /// also gives back the rows of this gateway that no live connection holds (their release
+    /// failed). If the lease could not be renewed before it ran out, others may have taken
+    /// this gateway's slots and ids: the lessee is told (it closes its sessions), and the
+    /// gateway joins again once the database answers.
+    async fn keep_lease(&self, max_clients: u32, stop: CancellationToken, lessee: Arc<dyn Lessee>) {
+        let mut tick = tokio::time::interval(self.lease / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Others read this gateway as alive from its lease connection being open (`claim`):
+        // one that dropped (a database restart, a reset) is opened again within this, rather
+        // than at the next renewal.
+        let mut ping = tokio::time::interval(LEASE_PING);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renewed_at = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = ping.tick() => {
+                    if let Err(err) = sqlx::query("SELECT 1").execute(&self.lease_pool).await {
+                        tracing::debug!(gateway = %self.gateway, %err, "the lease connection is down");
+                    }
+                    continue;
+                }
+                _ = tick.tick() => {}
+            }
+            match self.renew(&lessee.live_connections()).await {
+                Ok(true) => renewed_at = tokio::time::Instant::now(),
+                Ok(false) => {
+                    tracing::error!(gateway = %self.gateway, "the gateway's lease ran out: its clients are closed and it joins again");
+                    metrics::counter!("kaiwa_lease_lost_total").increment(1);
+                    lessee.lease_lost();
+                    match self.join(max_clients).await {
+                        Ok(()) => renewed_at = tokio::time::Instant::now(),
+                        Err(err) => {
+                            tracing::warn!(gateway = %self.gateway, %err, "could not join the cluster again")
+                        }
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(gateway = %self.gateway, %err, "could not renew the gateway's lease");
+                    if renewed_at.elapsed() >= self.lease {
+                        // Nobody can tell whether others took our slots: act as if they did.
+                        lessee.lease_lost();
+                    }
+                }
+            }
+        }
+        if let Err(err) = self.leave().await {
+            tracing::warn!(gateway = %self.gateway, %err, "could not give back the gateway's clients");
+        }
+    }
+
     async fn holder(&self, client_id: &ClientId) -> Result<Option<GatewayId>, PresenceError> {
         let holder: Option<String> = sqlx::query_scalar(
             "SELECT s.gateway_id FROM sessions AS s JOIN gateways AS g ON g.id = s.gateway_id \
@@ -436,7 +428,7 @@ impl Presence for PgPresence {
         }
     }
 
-    async fn counts(&self) -> Result<ClusterCounts, PresenceError> {
+    async fn counts(&self) -> Result<Option<ClusterCounts>, PresenceError> {
         let (clients, in_flight, gateways): (i64, i64, i64) = sqlx::query_as(
             "SELECT \
                  (SELECT COUNT(*) FROM sessions AS s JOIN gateways AS g ON g.id = s.gateway_id \
@@ -451,10 +443,10 @@ impl Presence for PgPresence {
             u64::try_from(value)
                 .map_err(|_| PresenceError::Database(format!("a corrupt count of {what}: {value}")))
         };
-        Ok(ClusterCounts {
+        Ok(Some(ClusterCounts {
             clients: count("clients", clients)?,
             in_flight: count("messages in flight", in_flight)?,
             gateways: count("gateways", gateways)?,
-        })
+        }))
     }
 }

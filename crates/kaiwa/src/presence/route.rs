@@ -87,12 +87,12 @@ async fn pause(retry: &mut Duration, stop: &CancellationToken) -> Result<(), Sto
 mod tests {
     use super::*;
     use crate::domain::ClientId;
-    use crate::presence::{Claim, ClusterCounts, PresenceError};
+    use crate::presence::{Claim, ClusterCounts, Lessee, PresenceError};
     use crate::queue::{Job, MessageRef, QueueError, Taken};
     use async_trait::async_trait;
     use futures::stream::BoxStream;
     use std::collections::VecDeque;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     /// Presence that answers `holder` from a script, then with its last answer for good.
     struct Scripted(Mutex<VecDeque<Result<Option<&'static str>, bool>>>);
@@ -126,7 +126,13 @@ mod tests {
             unimplemented!()
         }
         async fn release(&self, _: &ClientId, _: u64) {}
-        async fn counts(&self) -> Result<ClusterCounts, PresenceError> {
+        async fn counts(&self) -> Result<Option<ClusterCounts>, PresenceError> {
+            unimplemented!()
+        }
+        async fn join(&self, _: u32) -> Result<(), PresenceError> {
+            unimplemented!()
+        }
+        async fn keep_lease(&self, _: u32, _: CancellationToken, _: Arc<dyn Lessee>) {
             unimplemented!()
         }
     }

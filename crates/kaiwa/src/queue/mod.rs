@@ -128,6 +128,19 @@ impl Event {
         }
     }
 
+    /// The message this event is the last word on (its last reply, or its failure), if any.
+    pub fn finishes(&self) -> Option<i64> {
+        match self {
+            Self::Reply {
+                message,
+                last: true,
+                ..
+            }
+            | Self::Failed { message, .. } => Some(message.message_id),
+            _ => None,
+        }
+    }
+
     pub fn client_id(&self) -> &ClientId {
         match self {
             Self::Processing(message)

@@ -4,7 +4,7 @@
 
 use super::{
     Existing, Inserted, MemoryStore, NewMessage, NewReply, PgOptions, PgStore, SqliteOptions,
-    SqliteStore, Store, StoreHealth, StoredMessage, StoredReply,
+    SqliteStore, Store, StoreHealth, StoredMessage, StoredReply, StuckClaims,
 };
 use crate::domain::{ClientId, Timezone};
 use chrono::{DateTime, TimeZone, Utc};

@@ -23,6 +23,7 @@ use futures::future::BoxFuture;
 use kaiwa_protocol::{Delivery, MessageStatus, MessageType, ReplyType};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The result of a write the store has already taken in.
 pub type StoreFuture<T> = BoxFuture<'static, Result<T, StoreError>>;
@@ -281,4 +282,26 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes everything pending and closes. Later calls fail with [`StoreError::Closed`].
     async fn close(&self);
+}
+
+/// Claims on accepted messages that no process is working on, in a database several processes
+/// share: a message one process claims is left alone by the others for a while, so that its
+/// job is queued again by one of them.
+#[async_trait]
+pub trait StuckClaims: Send + Sync + 'static {
+    /// Accepted messages that nothing has happened to for `older_than` (their job was never
+    /// confirmed by the broker, or was lost with it, or their processing failed), claimed for
+    /// the caller: a message claimed here is not claimed again by anyone for `older_than`.
+    async fn claim_stuck(
+        &self,
+        older_than: Duration,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// Claims, like [`StuckClaims::claim_stuck`], the accepted messages that no sweeper has
+    /// queued yet of gateways whose lease has ended: a gateway that died between a message's
+    /// commit and its job's confirm left them with no job anywhere. Some of them may have a
+    /// job after all (confirmed, and not taken yet): queued twice, such a message is processed
+    /// twice and still stored with one reply set.
+    async fn claim_orphaned(&self, limit: u32) -> Result<Vec<StoredMessage>, StoreError>;
 }

@@ -11,7 +11,7 @@ use super::batch::{DeliveryUpdate, ReplyBatch, StreamUpdate, Writes};
 use super::sql::migrate_error;
 use super::{
     Inserted, MissedReply, NewMessage, NewReply, Store, StoreError, StoreFuture, StoreHealth,
-    StoredMessage, StoredReply,
+    StoredMessage, StoredReply, StuckClaims,
 };
 use crate::domain::{ClientId, Timezone};
 use async_trait::async_trait;
@@ -118,27 +118,6 @@ impl PgStore {
             writer: Mutex::new(Some(writer)),
             health,
         })
-    }
-
-    /// Accepted messages that nothing has happened to for `older_than` (their job was never
-    /// confirmed by the broker, or was lost with it, or their processing failed), claimed for
-    /// the caller: a message claimed here is not claimed again by anyone for `older_than`, so
-    /// several sweeping processes never queue one message twice at once.
-    pub async fn claim_stuck(
-        &self,
-        older_than: Duration,
-        limit: u32,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
-        self.claim(Stuck::Untouched(older_than), limit).await
-    }
-
-    /// Claims, like [`PgStore::claim_stuck`], the accepted messages that no sweeper has queued
-    /// yet of gateways whose lease has ended: a gateway that died between a message's commit
-    /// and its job's confirm left them with no job anywhere. Some of them may have a job after
-    /// all (confirmed, and not taken yet): queued twice, such a message is processed twice and
-    /// still stored with one reply set.
-    pub async fn claim_orphaned(&self, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
-        self.claim(Stuck::Orphaned, limit).await
     }
 
     /// Marks up to `limit` accepted messages that are `stuck` as queued again now, and returns
@@ -449,6 +428,21 @@ impl PgStore {
             }
         }
         Ok(messages)
+    }
+}
+
+#[async_trait]
+impl StuckClaims for PgStore {
+    async fn claim_stuck(
+        &self,
+        older_than: Duration,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        self.claim(Stuck::Untouched(older_than), limit).await
+    }
+
+    async fn claim_orphaned(&self, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
+        self.claim(Stuck::Orphaned, limit).await
     }
 }
 

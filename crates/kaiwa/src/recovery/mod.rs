@@ -1,11 +1,14 @@
-//! The sweepers: no accepted message waits for a restart. They find messages that stay accepted
-//! with no worker on them (their processing failed: a full disk, a store error, a job that was
-//! never queued or was lost with the broker) and queue them again, in the running process:
-//! [`Sweeper`] when one process is the whole of kaiwa, [`ClusterSweeper`] in a cluster.
+//! Recovery: no accepted message waits for a restart. The sweepers find messages that stay
+//! accepted with no worker on them (the last run stopped while they were in flight, or their
+//! processing failed: a full disk, a store error, a job that was never queued or was lost with
+//! the broker) and queue them again, in the running process: [`Sweeper`] when one process is the
+//! whole of kaiwa (it knows its own in-flight slots), [`ClusterSweeper`] in a cluster (it claims
+//! them in the shared database, so that one process queues each).
 
-use super::Admission;
-use crate::queue::{Job, Queue};
-use crate::store::{PgStore, Store, StoredMessage};
+use crate::admission::{Admission, AdmissionError};
+use crate::queue::{Job, Queue, QueueError};
+use crate::store::{Store, StoreError, StoredMessage, StuckClaims};
+use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,12 +17,37 @@ use tokio_util::sync::CancellationToken;
 
 /// The longest a message that keeps failing waits between two tries.
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
+/// Messages claimed per sweep, at most.
+const CLAIM_BATCH: u32 = 500;
+/// How often every process looks for the messages of a gateway that died: one query over the
+/// messages in flight, so that they wait for the gateway's lease, not for `--requeue-after`.
+const ORPHAN_SWEEP: Duration = Duration::from_secs(1);
 
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    #[error("could not read the stuck messages: {0}")]
+    Store(#[from] StoreError),
+    #[error("could not queue a stuck message: {0}")]
+    Queue(#[from] QueueError),
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
+}
+
+/// A sweeper, as the application runs it: one per process, from start to shutdown.
+#[async_trait]
+pub trait Recovery: Send {
+    /// Sweeps until `stop` is cancelled.
+    async fn run(self: Box<Self>, stop: CancellationToken);
+}
+
+/// The sweeper of a process that is the whole of kaiwa.
 pub struct Sweeper {
     admission: Arc<Admission>,
     store: Arc<dyn Store>,
     /// How long a message must be seen accepted with no worker on it before it is queued again.
     after: Duration,
+    /// What the last run left unfinished, queued first.
+    unfinished: Vec<StoredMessage>,
     /// Messages seen stuck, with when that was first seen (or when they were last queued again)
     /// and how many times they have been queued again.
     stuck: HashMap<i64, Stuck>,
@@ -32,23 +60,20 @@ struct Stuck {
 }
 
 impl Sweeper {
-    pub fn new(admission: Arc<Admission>, store: Arc<dyn Store>, after: Duration) -> Self {
+    /// A sweeper that first queues `unfinished`: the messages the last run left accepted, read
+    /// before this run accepts its first message (see [`Admission::requeue`]).
+    pub fn new(
+        admission: Arc<Admission>,
+        store: Arc<dyn Store>,
+        after: Duration,
+        unfinished: Vec<StoredMessage>,
+    ) -> Self {
         Self {
             admission,
             store,
             after,
+            unfinished,
             stuck: HashMap::new(),
-        }
-    }
-
-    /// Sweeps every quarter of `after` until `stop` is cancelled.
-    pub async fn run(mut self, stop: CancellationToken) {
-        let mut tick = every_quarter_of(self.after);
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                _ = tick.tick() => log_pass(self.sweep(&stop).await),
-            }
         }
     }
 
@@ -57,10 +82,7 @@ impl Sweeper {
     /// A message is stuck when it is accepted in the store and holds no in-flight slot here:
     /// a message being processed (or waiting for a worker) always holds one. Requiring it to be
     /// seen that way for `after` covers the moment between its commit and its slot being parked.
-    pub async fn sweep(
-        &mut self,
-        stop: &CancellationToken,
-    ) -> Result<usize, super::AdmissionError> {
+    pub async fn sweep(&mut self, stop: &CancellationToken) -> Result<usize, RecoveryError> {
         let unfinished = self.store.unfinished_messages().await?;
         let now = Instant::now();
         let mut seen = HashMap::with_capacity(self.stuck.len());
@@ -93,7 +115,7 @@ impl Sweeper {
             seen.insert(id, stuck);
         }
         self.stuck = seen;
-        self.admission.requeue(due, stop).await
+        Ok(self.admission.requeue(due, stop).await?)
     }
 
     fn backoff(&self, retries: u32) -> Duration {
@@ -103,60 +125,63 @@ impl Sweeper {
     }
 }
 
-/// Messages claimed per sweep, at most.
-const CLAIM_BATCH: u32 = 500;
-/// How often every process looks for the messages of a gateway that died: one query over the
-/// messages in flight, so that they wait for the gateway's lease, not for `--requeue-after`.
-const ORPHAN_SWEEP: Duration = Duration::from_secs(1);
+#[async_trait]
+impl Recovery for Sweeper {
+    /// Queues what the last run left unfinished, then sweeps every quarter of `after`.
+    async fn run(mut self: Box<Self>, stop: CancellationToken) {
+        let unfinished = std::mem::take(&mut self.unfinished);
+        match self.admission.requeue(unfinished, &stop).await {
+            Ok(0) => {}
+            Ok(count) => tracing::info!(
+                messages = count,
+                "unfinished messages from the last run queued again"
+            ),
+            Err(err) => tracing::error!(%err, "could not queue unfinished messages"),
+        }
+        // From here on, a message whose processing fails is retried in this run.
+        let mut tick = every_quarter_of(self.after);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => log_pass(self.sweep(&stop).await),
+            }
+        }
+    }
+}
 
 /// The sweeper of a cluster, run by every process: messages that stay `accepted` with nothing
 /// happening to them for `after` (their job was lost with a process between the commit and the
 /// broker's confirm, or with the broker itself, or their processing failed) are claimed in the
 /// shared database, so that exactly one process queues each again, and queued again.
 pub struct ClusterSweeper {
-    store: Arc<PgStore>,
+    claims: Arc<dyn StuckClaims>,
     queue: Arc<dyn Queue>,
     after: Duration,
 }
 
 impl ClusterSweeper {
-    pub fn new(store: Arc<PgStore>, queue: Arc<dyn Queue>, after: Duration) -> Self {
+    pub fn new(claims: Arc<dyn StuckClaims>, queue: Arc<dyn Queue>, after: Duration) -> Self {
         Self {
-            store,
+            claims,
             queue,
             after,
         }
     }
 
-    /// Sweeps every quarter of `after`, and for the messages of gateways that died every
-    /// [`ORPHAN_SWEEP`], until `stop` is cancelled.
-    pub async fn run(self, stop: CancellationToken) {
-        let mut tick = every_quarter_of(self.after);
-        let mut orphans = tokio::time::interval(ORPHAN_SWEEP);
-        orphans.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                _ = tick.tick() => log_pass(self.sweep().await),
-                _ = orphans.tick() => log_pass(self.sweep_orphans().await),
-            }
-        }
-    }
-
     /// Queues again the messages of gateways whose lease ended before any sweeper queued them.
-    pub async fn sweep_orphans(&self) -> Result<usize, super::AdmissionError> {
-        let orphaned = self.store.claim_orphaned(CLAIM_BATCH).await?;
+    pub async fn sweep_orphans(&self) -> Result<usize, RecoveryError> {
+        let orphaned = self.claims.claim_orphaned(CLAIM_BATCH).await?;
         self.publish(orphaned).await
     }
 
     /// One pass; returns how many messages were queued again. A message whose job cannot be
     /// published now stays claimed until `after` has passed again, then is tried again.
-    pub async fn sweep(&self) -> Result<usize, super::AdmissionError> {
-        let stuck = self.store.claim_stuck(self.after, CLAIM_BATCH).await?;
+    pub async fn sweep(&self) -> Result<usize, RecoveryError> {
+        let stuck = self.claims.claim_stuck(self.after, CLAIM_BATCH).await?;
         self.publish(stuck).await
     }
 
-    async fn publish(&self, stuck: Vec<StoredMessage>) -> Result<usize, super::AdmissionError> {
+    async fn publish(&self, stuck: Vec<StoredMessage>) -> Result<usize, RecoveryError> {
         let mut queued = 0;
         for message in stuck {
             let job = Job {
@@ -175,6 +200,24 @@ impl ClusterSweeper {
     }
 }
 
+#[async_trait]
+impl Recovery for ClusterSweeper {
+    /// Sweeps every quarter of `after`, and for the messages of gateways that died every
+    /// [`ORPHAN_SWEEP`].
+    async fn run(self: Box<Self>, stop: CancellationToken) {
+        let mut tick = every_quarter_of(self.after);
+        let mut orphans = tokio::time::interval(ORPHAN_SWEEP);
+        orphans.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => log_pass(self.sweep().await),
+                _ = orphans.tick() => log_pass(self.sweep_orphans().await),
+            }
+        }
+    }
+}
+
 /// A sweeper's timer: the first pass a quarter of `after` from now, then every quarter, so a
 /// message waits at most `after` and a quarter once it is stuck.
 fn every_quarter_of(after: Duration) -> tokio::time::Interval {
@@ -184,10 +227,13 @@ fn every_quarter_of(after: Duration) -> tokio::time::Interval {
     tick
 }
 
-fn log_pass<E: std::fmt::Display>(pass: Result<usize, E>) {
+fn log_pass(pass: Result<usize, RecoveryError>) {
     match pass {
         Ok(0) => {}
         Ok(count) => tracing::info!(messages = count, "stuck messages queued again"),
         Err(err) => tracing::warn!(%err, "could not sweep for stuck messages"),
     }
 }
+
+#[cfg(test)]
+mod tests;
