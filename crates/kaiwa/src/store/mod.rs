@@ -178,6 +178,12 @@ pub(crate) fn non_negative(what: &str, value: i64) -> Result<u64, StoreError> {
     u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} {value}")))
 }
 
+/// A stream position as the databases store it: a signed integer (positions never come near
+/// the top).
+fn seq_param(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
 impl StoreError {
     /// Whether the same request may succeed later without anything changing on the client's
     /// side.

@@ -411,11 +411,6 @@ impl TryFrom<ReplyRecord> for StoredReply {
     }
 }
 
-/// A stream position as PostgreSQL stores it.
-fn seq_param(seq: u64) -> i64 {
-    i64::try_from(seq).unwrap_or(i64::MAX)
-}
-
 impl PgStore {
     /// Converts message rows and attaches their replies, fetched in one query.
     async fn with_replies(
@@ -574,7 +569,7 @@ impl Store for PgStore {
              ORDER BY r.seq LIMIT $3",
         )
         .bind(client_id.as_str())
-        .bind(seq_param(after))
+        .bind(super::seq_param(after))
         .bind(i64::from(limit))
         .fetch_all(&self.reads)
         .await?;

@@ -5,8 +5,9 @@
 //! and reconnects with backoff.
 
 use super::super::batch::{Backlog, Batch, Command, ReplyBatch, Updates, respond};
+use super::super::seq_param;
 use super::super::{Existing, Inserted, NewMessage, StoreError, StoreHealth, StoredReply};
-use super::{ReplyRecord, connect, describe, seq_param};
+use super::{ReplyRecord, connect, describe};
 use kaiwa_protocol::{Delivery, MessageStatus};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{Connection, Postgres, Transaction};

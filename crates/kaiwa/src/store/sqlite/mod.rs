@@ -448,7 +448,7 @@ impl Store for SqliteStore {
              ORDER BY r.seq LIMIT ?3",
         )
         .bind(client_id.as_str())
-        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(super::seq_param(after))
         .bind(i64::from(limit))
         .fetch_all(&self.reads)
         .await?;
