@@ -7,6 +7,7 @@ mod contract;
 mod media;
 mod memory;
 mod postgres;
+mod read;
 mod sql;
 pub(crate) use sql::is_outage;
 mod sqlite;
