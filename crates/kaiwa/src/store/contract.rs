@@ -4,7 +4,7 @@
 
 use super::{
     Existing, Inserted, MemoryStore, NewMessage, NewReply, PgOptions, PgStore, SqliteOptions,
-    SqliteStore, Store, StoreHealth, StoredMessage, StoredReply, StuckClaims,
+    SqliteStore, Store, StoreError, StoreHealth, StoredMessage, StoredReply, StuckClaims,
 };
 use crate::domain::{ClientId, Timezone};
 use chrono::{DateTime, TimeZone, Utc};
@@ -34,6 +34,9 @@ trait Durable: Backend {
     async fn refuse_reply_updates(&self, refuse: bool);
     /// Whether a change was refused since [`Durable::refuse_reply_updates`] was turned on.
     async fn has_refused(&self) -> bool;
+    /// Changes the data behind the store's back, as an operator's statement (or a bug in
+    /// another version) could.
+    async fn tamper(&self, statement: &str);
 }
 
 struct Memory(MemoryStore);
@@ -109,6 +112,13 @@ impl Durable for Sqlite {
     async fn has_refused(&self) -> bool {
         // SQLite's store reports every failed batch (most are a full disk).
         self.store.health() != StoreHealth::Ok
+    }
+
+    async fn tamper(&self, statement: &str) {
+        let conn = rusqlite::Connection::open(self.dir.path().join("kaiwa.db")).expect("opens");
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .expect("a busy timeout");
+        conn.execute_batch(statement).expect("the data changes");
     }
 }
 
@@ -190,6 +200,17 @@ impl Durable for Postgres {
             .fetch_one(&mut conn)
             .await
             .expect("the sequence is read")
+    }
+
+    async fn tamper(&self, statement: &str) {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&self.database.url)
+            .await
+            .expect("connects");
+        sqlx::query(sqlx::AssertSqlSafe(statement.to_owned()))
+            .execute(&mut conn)
+            .await
+            .expect("the data changes");
     }
 }
 
@@ -598,6 +619,24 @@ async fn a_failed_batchs_delivery_updates_are_written_by_a_later_one(backend: im
     );
 }
 
+/// A negative stream position can only be a corrupt row: reading it is an error that says so,
+/// never a position.
+async fn a_negative_stream_position_reads_as_corrupt(backend: impl Durable) {
+    let store = backend.store();
+    let id = stored(store, message("jan", Some("m"), "x")).await;
+    replied(store, id, "jan", vec![reply(ReplyType::Text, "r")]).await;
+    backend
+        .tamper("UPDATE replies SET seq = -1 WHERE client_id = 'jan'")
+        .await;
+    fn corrupt<T>(read: &Result<T, StoreError>) -> bool {
+        matches!(read, Err(StoreError::Corrupt(what)) if what == "reply seq -1")
+    }
+    let latest = store.latest_seq(&client("jan")).await;
+    assert!(corrupt(&latest), "{latest:?}");
+    let history = store.history(&client("jan"), None, 10).await;
+    assert!(corrupt(&history), "{history:?}");
+}
+
 macro_rules! contract {
     ($backend:ident, $name:ident $(, durable: $($durable:ident),*)?) => {
         mod $name {
@@ -651,14 +690,16 @@ contract!(
     sqlite,
     durable: unfinished_messages_survive_an_unclean_stop,
     close_writes_everything_sent_before_it,
-    a_failed_batchs_delivery_updates_are_written_by_a_later_one
+    a_failed_batchs_delivery_updates_are_written_by_a_later_one,
+    a_negative_stream_position_reads_as_corrupt
 );
 contract!(
     Postgres,
     postgres,
     durable: unfinished_messages_survive_an_unclean_stop,
     close_writes_everything_sent_before_it,
-    a_failed_batchs_delivery_updates_are_written_by_a_later_one
+    a_failed_batchs_delivery_updates_are_written_by_a_later_one,
+    a_negative_stream_position_reads_as_corrupt
 );
 
 /// What only a store that several processes share does: keep the in-flight limit for all of

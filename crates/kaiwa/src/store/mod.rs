@@ -7,6 +7,7 @@ mod contract;
 mod media;
 mod memory;
 mod postgres;
+mod read;
 mod sql;
 pub(crate) use sql::is_outage;
 mod sqlite;
@@ -177,6 +178,12 @@ pub enum StoreError {
 /// mean a corrupt row: an error, never a silent 0.
 pub(crate) fn non_negative(what: &str, value: i64) -> Result<u64, StoreError> {
     u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} {value}")))
+}
+
+/// A stream position as the databases store it: a signed integer (positions never come near
+/// the top).
+fn seq_param(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
 impl StoreError {

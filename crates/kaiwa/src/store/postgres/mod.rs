@@ -8,18 +8,19 @@ mod writer;
 use writer::Writer;
 
 use super::batch::{DeliveryUpdate, ReplyBatch, StreamUpdate, Writes};
+use super::read::{MESSAGE_COLUMNS, MessageRecord, Reads};
 use super::sql::migrate_error;
 use super::{
     Inserted, MissedReply, NewMessage, NewReply, Store, StoreError, StoreFuture, StoreHealth,
     StoredMessage, StoredReply, StuckClaims,
 };
-use crate::domain::{ClientId, Timezone};
+use crate::domain::ClientId;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use kaiwa_protocol::{Delivery, MessageStatus, MessageType, ReplyType};
+use kaiwa_protocol::Delivery;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::{Connection, FromRow};
-use std::collections::{HashMap, HashSet};
+use sqlx::{Connection, Postgres};
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -300,134 +301,9 @@ async fn connect(options: &PgConnectOptions) -> Result<PgConnection, StoreError>
     }
 }
 
-const MESSAGE_COLUMNS: &str = "id, client_id, client_msg_id, message_type, content, filename, \
-     mime_type, size_bytes, timezone, status, status_reason, client_timestamp, received_at";
-const REPLY_COLUMNS: &str = "id, message_id, seq, reply_type, content, filename, mime_type, \
-     fallback, delivery, created_at, delivered_at";
-
-#[derive(FromRow)]
-struct MessageRecord {
-    id: i64,
-    client_id: String,
-    client_msg_id: Option<String>,
-    message_type: String,
-    content: String,
-    filename: Option<String>,
-    mime_type: Option<String>,
-    size_bytes: Option<i64>,
-    timezone: String,
-    status: String,
-    status_reason: Option<String>,
-    client_timestamp: Option<String>,
-    received_at: DateTime<Utc>,
-}
-
-#[derive(FromRow)]
-pub(super) struct ReplyRecord {
-    id: i64,
-    message_id: i64,
-    seq: i64,
-    reply_type: String,
-    content: String,
-    filename: Option<String>,
-    mime_type: Option<String>,
-    fallback: bool,
-    delivery: String,
-    created_at: DateTime<Utc>,
-    delivered_at: Option<DateTime<Utc>>,
-}
-
-fn corrupt(what: &str, value: &str) -> StoreError {
-    StoreError::Corrupt(format!("{what} {value:?}"))
-}
-
-impl TryFrom<MessageRecord> for StoredMessage {
-    type Error = StoreError;
-
-    fn try_from(row: MessageRecord) -> Result<Self, StoreError> {
-        Ok(Self {
-            id: row.id,
-            client_id: ClientId::parse_stored(&row.client_id)
-                .map_err(|_| corrupt("client id", &row.client_id))?,
-            client_message_id: row.client_msg_id,
-            kind: MessageType::parse(&row.message_type)
-                .ok_or_else(|| corrupt("message type", &row.message_type))?,
-            content: row.content,
-            filename: row.filename,
-            mime_type: row.mime_type,
-            size_bytes: row.size_bytes.and_then(|size| u64::try_from(size).ok()),
-            timezone: Timezone::parse(&row.timezone)
-                .map_err(|_| corrupt("timezone", &row.timezone))?,
-            status: MessageStatus::parse(&row.status)
-                .ok_or_else(|| corrupt("message status", &row.status))?,
-            reason: row.status_reason,
-            client_timestamp: row.client_timestamp,
-            received_at: row.received_at,
-            replies: Vec::new(),
-        })
-    }
-}
-
-impl TryFrom<ReplyRecord> for StoredReply {
-    type Error = StoreError;
-
-    fn try_from(row: ReplyRecord) -> Result<Self, StoreError> {
-        Ok(Self {
-            id: row.id,
-            message_id: row.message_id,
-            seq: super::non_negative("reply seq", row.seq)?,
-            reply_type: ReplyType::parse(&row.reply_type)
-                .ok_or_else(|| corrupt("reply type", &row.reply_type))?,
-            content: row.content,
-            filename: row.filename,
-            mime_type: row.mime_type,
-            fallback: row.fallback,
-            delivery: Delivery::parse(&row.delivery)
-                .ok_or_else(|| corrupt("delivery status", &row.delivery))?,
-            created_at: row.created_at,
-            delivered_at: row.delivered_at,
-        })
-    }
-}
-
-/// A stream position as PostgreSQL stores it.
-fn seq_param(seq: u64) -> i64 {
-    i64::try_from(seq).unwrap_or(i64::MAX)
-}
-
 impl PgStore {
-    /// Converts message rows and attaches their replies, fetched in one query.
-    async fn with_replies(
-        &self,
-        rows: Vec<MessageRecord>,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
-        let mut messages = rows
-            .into_iter()
-            .map(StoredMessage::try_from)
-            .collect::<Result<Vec<_>, _>>()?;
-        if messages.is_empty() {
-            return Ok(messages);
-        }
-        let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
-        let replies: Vec<ReplyRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {REPLY_COLUMNS} FROM replies \
-             WHERE message_id = ANY($1) ORDER BY id"
-        )))
-        .bind(&ids)
-        .fetch_all(&self.reads)
-        .await?;
-        let position: HashMap<i64, usize> = messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (m.id, i))
-            .collect();
-        for reply in replies {
-            let reply = StoredReply::try_from(reply)?;
-            if let Some(&i) = position.get(&reply.message_id) {
-                messages[i].replies.push(reply);
-            }
-        }
-        Ok(messages)
+    fn read(&self) -> Reads<'_, Postgres> {
+        Reads(&self.reads)
     }
 }
 
@@ -496,13 +372,7 @@ impl Store for PgStore {
     }
 
     async fn message(&self, id: i64) -> Result<Option<StoredMessage>, StoreError> {
-        let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1"
-        )))
-        .bind(id)
-        .fetch_all(&self.reads)
-        .await?;
-        Ok(self.with_replies(rows).await?.pop())
+        self.read().message(id).await
     }
 
     async fn history(
@@ -511,16 +381,7 @@ impl Store for PgStore {
         before: Option<i64>,
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages \
-             WHERE client_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
-        )))
-        .bind(client_id.as_str())
-        .bind(before.unwrap_or(i64::MAX))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reads)
-        .await?;
-        self.with_replies(rows).await
+        self.read().history(client_id, before, limit).await
     }
 
     async fn history_by_offset(
@@ -529,20 +390,9 @@ impl Store for PgStore {
         offset: u64,
         limit: u32,
     ) -> Result<(Vec<StoredMessage>, u64), StoreError> {
-        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE client_id = $1")
-            .bind(client_id.as_str())
-            .fetch_one(&self.reads)
-            .await?;
-        let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages \
-             WHERE client_id = $1 ORDER BY id DESC LIMIT $2 OFFSET $3"
-        )))
-        .bind(client_id.as_str())
-        .bind(i64::from(limit))
-        .bind(i64::try_from(offset).unwrap_or(i64::MAX))
-        .fetch_all(&self.reads)
-        .await?;
-        Ok((self.with_replies(rows).await?, total.max(0) as u64))
+        self.read()
+            .history_by_offset(client_id, offset, limit)
+            .await
     }
 
     async fn replies_after(
@@ -551,63 +401,19 @@ impl Store for PgStore {
         after: u64,
         limit: u32,
     ) -> Result<Vec<MissedReply>, StoreError> {
-        #[derive(FromRow)]
-        struct Row {
-            #[sqlx(flatten)]
-            reply: ReplyRecord,
-            client_msg_id: Option<String>,
-            completes: bool,
-        }
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT r.id, r.message_id, r.seq, r.reply_type, r.content, r.filename, r.mime_type, \
-                 r.fallback, r.delivery, r.created_at, r.delivered_at, m.client_msg_id, \
-                 (m.status = 'replied' AND NOT EXISTS (SELECT 1 FROM replies AS later \
-                     WHERE later.message_id = r.message_id AND later.seq > r.seq)) AS completes \
-             FROM replies AS r JOIN messages AS m ON m.id = r.message_id \
-             WHERE r.client_id = $1 AND r.seq > $2 \
-             ORDER BY r.seq LIMIT $3",
-        )
-        .bind(client_id.as_str())
-        .bind(seq_param(after))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reads)
-        .await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(MissedReply {
-                    reply: StoredReply::try_from(row.reply)?,
-                    client_message_id: row.client_msg_id,
-                    completes: row.completes,
-                })
-            })
-            .collect()
+        self.read().replies_after(client_id, after, limit).await
     }
 
     async fn latest_seq(&self, client_id: &ClientId) -> Result<u64, StoreError> {
-        let seq: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(seq) FROM replies WHERE client_id = $1")
-                .bind(client_id.as_str())
-                .fetch_one(&self.reads)
-                .await?;
-        seq.map_or(Ok(0), |seq| super::non_negative("acknowledged seq", seq))
+        self.read().latest_seq(client_id).await
     }
 
     async fn acknowledged(&self, client_id: &ClientId) -> Result<u64, StoreError> {
-        let seq: Option<i64> =
-            sqlx::query_scalar("SELECT acknowledged FROM reply_streams WHERE client_id = $1")
-                .bind(client_id.as_str())
-                .fetch_optional(&self.reads)
-                .await?;
-        seq.map_or(Ok(0), |seq| super::non_negative("acknowledged seq", seq))
+        self.read().acknowledged(client_id).await
     }
 
     async fn unfinished_messages(&self) -> Result<Vec<StoredMessage>, StoreError> {
-        let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE status = 'accepted' ORDER BY id"
-        )))
-        .fetch_all(&self.reads)
-        .await?;
-        rows.into_iter().map(StoredMessage::try_from).collect()
+        self.read().unfinished_messages().await
     }
 
     fn health(&self) -> StoreHealth {

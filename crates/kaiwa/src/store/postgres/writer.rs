@@ -5,8 +5,10 @@
 //! and reconnects with backoff.
 
 use super::super::batch::{Backlog, Batch, Command, ReplyBatch, Updates, respond};
+use super::super::read::{REPLY_COLUMNS, ReplyRecord};
+use super::super::seq_param;
 use super::super::{Existing, Inserted, NewMessage, StoreError, StoreHealth, StoredReply};
-use super::{ReplyRecord, connect, describe, seq_param};
+use super::{connect, describe};
 use kaiwa_protocol::{Delivery, MessageStatus};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{Connection, Postgres, Transaction};
@@ -481,8 +483,7 @@ async fn insert_replies(
     .await?;
     let message_ids: Vec<i64> = batches.iter().map(|(batch, _)| batch.message_id).collect();
     let stored: Vec<ReplyRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {} FROM replies WHERE message_id = ANY($1)",
-        super::REPLY_COLUMNS
+        "SELECT {REPLY_COLUMNS} FROM replies WHERE message_id = ANY($1)"
     )))
     .bind(&message_ids)
     .fetch_all(&mut **tx)

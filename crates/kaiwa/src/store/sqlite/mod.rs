@@ -7,21 +7,22 @@ mod writer;
 use writer::Writer;
 
 use super::batch::{DeliveryUpdate, ReplyBatch, StreamUpdate, Writes};
+use super::read::Reads;
 use super::sql::migrate_error;
 use super::{
     Inserted, MissedReply, NewMessage, NewReply, Store, StoreError, StoreFuture, StoreHealth,
     StoredMessage, StoredReply,
 };
-use crate::domain::{ClientId, Timezone};
+use crate::domain::ClientId;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use kaiwa_protocol::{Delivery, MessageStatus, MessageType, ReplyType};
+use kaiwa_protocol::Delivery;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::{Connection, FromRow};
-use std::collections::{HashMap, HashSet};
+use sqlx::{Connection, Sqlite};
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -200,129 +201,9 @@ fn lock_path(path: &Path) -> PathBuf {
     path.with_extension("lock")
 }
 
-const MESSAGE_COLUMNS: &str = "id, client_id, client_msg_id, message_type, content, filename, \
-     mime_type, size_bytes, timezone, status, status_reason, client_timestamp, received_at";
-
-#[derive(FromRow)]
-struct MessageRecord {
-    id: i64,
-    client_id: String,
-    client_msg_id: Option<String>,
-    message_type: String,
-    content: String,
-    filename: Option<String>,
-    mime_type: Option<String>,
-    size_bytes: Option<i64>,
-    timezone: String,
-    status: String,
-    status_reason: Option<String>,
-    client_timestamp: Option<String>,
-    received_at: DateTime<Utc>,
-}
-
-#[derive(FromRow)]
-struct ReplyRecord {
-    id: i64,
-    message_id: i64,
-    seq: i64,
-    reply_type: String,
-    content: String,
-    filename: Option<String>,
-    mime_type: Option<String>,
-    fallback: bool,
-    delivery: String,
-    created_at: DateTime<Utc>,
-    delivered_at: Option<DateTime<Utc>>,
-}
-
-fn corrupt(what: &str, value: &str) -> StoreError {
-    StoreError::Corrupt(format!("{what} {value:?}"))
-}
-
-impl TryFrom<MessageRecord> for StoredMessage {
-    type Error = StoreError;
-
-    fn try_from(row: MessageRecord) -> Result<Self, StoreError> {
-        Ok(Self {
-            id: row.id,
-            client_id: ClientId::parse_stored(&row.client_id)
-                .map_err(|_| corrupt("client id", &row.client_id))?,
-            client_message_id: row.client_msg_id,
-            kind: MessageType::parse(&row.message_type)
-                .ok_or_else(|| corrupt("message type", &row.message_type))?,
-            content: row.content,
-            filename: row.filename,
-            mime_type: row.mime_type,
-            size_bytes: row.size_bytes.and_then(|size| u64::try_from(size).ok()),
-            timezone: Timezone::parse(&row.timezone)
-                .map_err(|_| corrupt("timezone", &row.timezone))?,
-            status: MessageStatus::parse(&row.status)
-                .ok_or_else(|| corrupt("message status", &row.status))?,
-            reason: row.status_reason,
-            client_timestamp: row.client_timestamp,
-            received_at: row.received_at,
-            replies: Vec::new(),
-        })
-    }
-}
-
-impl TryFrom<ReplyRecord> for StoredReply {
-    type Error = StoreError;
-
-    fn try_from(row: ReplyRecord) -> Result<Self, StoreError> {
-        Ok(Self {
-            id: row.id,
-            message_id: row.message_id,
-            seq: super::non_negative("reply seq", row.seq)?,
-            reply_type: ReplyType::parse(&row.reply_type)
-                .ok_or_else(|| corrupt("reply type", &row.reply_type))?,
-            content: row.content,
-            filename: row.filename,
-            mime_type: row.mime_type,
-            fallback: row.fallback,
-            delivery: Delivery::parse(&row.delivery)
-                .ok_or_else(|| corrupt("delivery status", &row.delivery))?,
-            created_at: row.created_at,
-            delivered_at: row.delivered_at,
-        })
-    }
-}
-
 impl SqliteStore {
-    /// Converts message rows and attaches their replies, fetched in one query.
-    async fn with_replies(
-        &self,
-        rows: Vec<MessageRecord>,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
-        let mut messages = rows
-            .into_iter()
-            .map(StoredMessage::try_from)
-            .collect::<Result<Vec<_>, _>>()?;
-        if messages.is_empty() {
-            return Ok(messages);
-        }
-        // The ids as a JSON array, for `json_each`.
-        let ids: Vec<String> = messages.iter().map(|m| m.id.to_string()).collect();
-        let replies: Vec<ReplyRecord> = sqlx::query_as(
-            "SELECT id, message_id, seq, reply_type, content, filename, mime_type, fallback, \
-                 delivery, created_at, delivered_at \
-             FROM replies WHERE message_id IN (SELECT value FROM json_each(?1)) ORDER BY id",
-        )
-        .bind(format!("[{}]", ids.join(",")))
-        .fetch_all(&self.reads)
-        .await?;
-        let position: HashMap<i64, usize> = messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (m.id, i))
-            .collect();
-        for reply in replies {
-            let reply = StoredReply::try_from(reply)?;
-            if let Some(&i) = position.get(&reply.message_id) {
-                messages[i].replies.push(reply);
-            }
-        }
-        Ok(messages)
+    fn read(&self) -> Reads<'_, Sqlite> {
+        Reads(&self.reads)
     }
 }
 
@@ -376,13 +257,7 @@ impl Store for SqliteStore {
     }
 
     async fn message(&self, id: i64) -> Result<Option<StoredMessage>, StoreError> {
-        let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?1"
-        )))
-        .bind(id)
-        .fetch_all(&self.reads)
-        .await?;
-        Ok(self.with_replies(rows).await?.pop())
+        self.read().message(id).await
     }
 
     async fn history(
@@ -391,16 +266,7 @@ impl Store for SqliteStore {
         before: Option<i64>,
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages \
-             WHERE client_id = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3"
-        )))
-        .bind(client_id.as_str())
-        .bind(before.unwrap_or(i64::MAX))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reads)
-        .await?;
-        self.with_replies(rows).await
+        self.read().history(client_id, before, limit).await
     }
 
     async fn history_by_offset(
@@ -409,20 +275,9 @@ impl Store for SqliteStore {
         offset: u64,
         limit: u32,
     ) -> Result<(Vec<StoredMessage>, u64), StoreError> {
-        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE client_id = ?1")
-            .bind(client_id.as_str())
-            .fetch_one(&self.reads)
-            .await?;
-        let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages \
-             WHERE client_id = ?1 ORDER BY id DESC LIMIT ?2 OFFSET ?3"
-        )))
-        .bind(client_id.as_str())
-        .bind(i64::from(limit))
-        .bind(i64::try_from(offset).unwrap_or(i64::MAX))
-        .fetch_all(&self.reads)
-        .await?;
-        Ok((self.with_replies(rows).await?, total.max(0) as u64))
+        self.read()
+            .history_by_offset(client_id, offset, limit)
+            .await
     }
 
     async fn replies_after(
@@ -431,63 +286,19 @@ impl Store for SqliteStore {
         after: u64,
         limit: u32,
     ) -> Result<Vec<MissedReply>, StoreError> {
-        #[derive(FromRow)]
-        struct Row {
-            #[sqlx(flatten)]
-            reply: ReplyRecord,
-            client_msg_id: Option<String>,
-            completes: bool,
-        }
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT r.id, r.message_id, r.seq, r.reply_type, r.content, r.filename, r.mime_type, \
-                 r.fallback, r.delivery, r.created_at, r.delivered_at, m.client_msg_id, \
-                 (m.status = 'replied' AND NOT EXISTS (SELECT 1 FROM replies AS later \
-                     WHERE later.message_id = r.message_id AND later.seq > r.seq)) AS completes \
-             FROM replies AS r JOIN messages AS m ON m.id = r.message_id \
-             WHERE r.client_id = ?1 AND r.seq > ?2 \
-             ORDER BY r.seq LIMIT ?3",
-        )
-        .bind(client_id.as_str())
-        .bind(i64::try_from(after).unwrap_or(i64::MAX))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reads)
-        .await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(MissedReply {
-                    reply: StoredReply::try_from(row.reply)?,
-                    client_message_id: row.client_msg_id,
-                    completes: row.completes,
-                })
-            })
-            .collect()
+        self.read().replies_after(client_id, after, limit).await
     }
 
     async fn latest_seq(&self, client_id: &ClientId) -> Result<u64, StoreError> {
-        let seq: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM replies WHERE client_id = ?1")
-                .bind(client_id.as_str())
-                .fetch_one(&self.reads)
-                .await?;
-        super::non_negative("reply seq", seq)
+        self.read().latest_seq(client_id).await
     }
 
     async fn acknowledged(&self, client_id: &ClientId) -> Result<u64, StoreError> {
-        let seq: Option<i64> =
-            sqlx::query_scalar("SELECT acknowledged FROM reply_streams WHERE client_id = ?1")
-                .bind(client_id.as_str())
-                .fetch_optional(&self.reads)
-                .await?;
-        seq.map_or(Ok(0), |seq| super::non_negative("acknowledged seq", seq))
+        self.read().acknowledged(client_id).await
     }
 
     async fn unfinished_messages(&self) -> Result<Vec<StoredMessage>, StoreError> {
-        let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE status = 'accepted' ORDER BY id"
-        )))
-        .fetch_all(&self.reads)
-        .await?;
-        rows.into_iter().map(StoredMessage::try_from).collect()
+        self.read().unfinished_messages().await
     }
 
     fn health(&self) -> StoreHealth {
@@ -534,6 +345,7 @@ mod tests {
     use super::*;
     use crate::domain::{ClientId, Timezone};
     use crate::store::Existing;
+    use kaiwa_protocol::{MessageStatus, MessageType, ReplyType};
 
     fn message(client: &str, client_message_id: Option<&str>) -> NewMessage {
         NewMessage {

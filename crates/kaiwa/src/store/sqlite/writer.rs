@@ -7,7 +7,9 @@
 //! or runtimes per statement, which is what bounds the whole server's throughput.
 
 use super::super::batch::{Backlog, Batch, Command, ReplyBatch, Updates, respond};
-use super::super::{Existing, Inserted, NewMessage, StoreError, StoreHealth, StoredReply};
+use super::super::{
+    Existing, Inserted, NewMessage, StoreError, StoreHealth, StoredReply, seq_param,
+};
 use super::{Durability, SqliteOptions};
 use chrono::{DateTime, SecondsFormat, Utc};
 use kaiwa_protocol::{Delivery, MessageStatus, ReplyType};
@@ -450,11 +452,6 @@ impl Writer {
         tx.commit()?;
         Ok(written)
     }
-}
-
-/// A stream position as SQLite stores it (a signed integer; positions never come near the top).
-fn seq_param(seq: u64) -> i64 {
-    i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
 /// The stored replies of these types for this message.
