@@ -4,7 +4,7 @@
 //! resident memory from /proc before and while they are held, per connection it holds.
 
 use crate::auth::{AUTH_SECRET_ENV, Minter, TokenSettings};
-use crate::client::{self, Attempt};
+use crate::connect::{self, Attempt};
 use crate::ledger::Mode;
 use crate::plan::{self, ClientPlan};
 use crate::report::{GatewayMemory, Problem, RunInfo, Summary, Tally, UrlShare};
@@ -135,13 +135,13 @@ pub async fn hold(
             let permit = gate.acquire_owned().await;
             // A connection reset while thousands connect at once is the server's accept queue
             // overflowing for an instant, which any client retries; a refusal is an answer.
-            let mut attempt = client::connect(&url, Mode::Native, &plan).await;
+            let mut attempt = connect::connect(&url, Mode::Native, &plan).await;
             for backoff in [100, 400] {
                 if !matches!(attempt, Attempt::Transport(_)) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(backoff)).await;
-                attempt = client::connect(&url, Mode::Native, &plan).await;
+                attempt = connect::connect(&url, Mode::Native, &plan).await;
             }
             let ws = match attempt {
                 Attempt::Ready(ws, _) => Some(ws),

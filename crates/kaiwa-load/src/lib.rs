@@ -2,8 +2,9 @@
 //! fast the server is.
 //!
 //! - [`plan`]: who the clients are (ids, random IANA timezones) and what they send, at what pace.
-//! - [`client`]: one client's connection, its writer and reader; [`resume`]: coming back
-//!   after a connection ends under it (`--reconnect`).
+//! - [`connect`]: opening a client's connection and its handshake, and what every client of a
+//!   run shares; [`client`]: one client's run over it, its writer and reader; [`resume`]:
+//!   coming back after a connection ends under it (`--reconnect`).
 //! - [`ledger`]: the accounting of every message: what it must get back, and what it got.
 //! - [`windows`]: predicts from the server's `welcome` which messages must be rejected.
 //! - [`report`]: counters, latency histograms, the final table and JSON; [`gaps`]: how long
@@ -17,6 +18,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod connect;
 pub mod connections;
 pub mod echo;
 pub mod gaps;

@@ -3,7 +3,7 @@
 //! jitter, for as long as the run lets it, with a `hello` whose `after` is the last reply the
 //! client processed, so the server replays every later one exactly once.
 
-use crate::client::{self, Attempt, Shared, Ws};
+use crate::connect::{self, Attempt, Shared, Welcome, Ws};
 use crate::ledger::Ledger;
 use crate::plan::ClientPlan;
 use crate::report::Live;
@@ -46,7 +46,7 @@ impl Backoff {
 #[derive(Debug)]
 pub enum Resumed {
     /// A new connection, welcomed, with the replay under way.
-    Connected(Box<Ws>, client::Welcome),
+    Connected(Box<Ws>, Welcome),
     /// The run stopped, or `until` came, before a connection was had.
     OutOfTime,
     /// The server said not to come back (a terminal close code); the ledger has why.
@@ -72,7 +72,7 @@ pub async fn reconnect(
             return Resumed::OutOfTime;
         }
         let after = Some(ledger.stream_position());
-        match client::connect_after(shared.url(plan.index), shared.mode, plan, after).await {
+        match connect::connect_after(shared.url(plan.index), shared.mode, plan, after).await {
             Attempt::Ready(ws, welcome) => return Resumed::Connected(ws, welcome),
             Attempt::Refused(code) => {
                 ledger.tally_mut().refused(code);

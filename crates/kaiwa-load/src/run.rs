@@ -2,7 +2,8 @@
 //! starts them, shows the live progress bar, and merges what they counted into a [`Summary`].
 
 use crate::auth::Minter;
-use crate::client::{self, Shared, StartLine};
+use crate::client::{self, StartLine};
+use crate::connect::{self, Shared};
 use crate::gaps::Timeline;
 use crate::ledger::Mode;
 use crate::media::{MediaError, Samples};
@@ -239,7 +240,7 @@ pub async fn run(config: LoadConfig) -> Result<Summary, LoadError> {
 /// Reads the server's windows from a native `welcome`; `None` if the server does not speak
 /// `kaiwa.v1` (a Python server), in which case the defaults apply.
 async fn probe_windows(url: &str, seed: u64, auth: Option<&Minter>) -> Option<Windows> {
-    let mut ws = client::open(url, true, None).await.ok()?;
+    let mut ws = connect::open(url, true, None).await.ok()?;
     let client_id = format!("load-probe-{}", plan::run_id(seed));
     let token = match auth {
         Some(minter) => Some(minter.token(&client_id).ok()?),

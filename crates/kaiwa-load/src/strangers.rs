@@ -9,7 +9,7 @@
 //! little or as much as the scenario wants, reading only what the server sends back.
 
 use crate::auth::Minter;
-use crate::client;
+use crate::connect;
 use crate::connections::resident_kib;
 use crate::media::Samples;
 use futures::{SinkExt, StreamExt};
@@ -501,7 +501,7 @@ async fn real_client(config: &StrangersConfig, samples: &Samples) -> ClientRepor
         None => None,
     };
     let outcome = tokio::time::timeout(config.wait, async {
-        let mut ws = client::open(&config.url, true, None).await?;
+        let mut ws = connect::open(&config.url, true, None).await?;
         let hello = native::ClientFrame::Hello(native::Hello {
             client_id: Some(client_id.to_owned()),
             timezone: Some("UTC".to_owned()),
@@ -562,7 +562,7 @@ async fn real_client(config: &StrangersConfig, samples: &Samples) -> ClientRepor
     report
 }
 
-async fn send(ws: &mut client::Ws, frame: &native::ClientFrame) -> Result<(), String> {
+async fn send(ws: &mut connect::Ws, frame: &native::ClientFrame) -> Result<(), String> {
     let text = serde_json::to_string(frame).map_err(|err| err.to_string())?;
     ws.send(Message::text(text))
         .await

@@ -3,6 +3,7 @@
 
 use crate::admission::{ContentLimits, Windows, parse_bytes};
 use crate::domain::Networks;
+use crate::flags::{Secret, parse_seconds};
 use crate::store::{DEFAULT_SQLITE_CACHE_MIB, Durability};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
@@ -112,7 +113,7 @@ impl Database {
         match scheme.to_ascii_lowercase().as_str() {
             "postgres" | "postgresql" => {
                 crate::store::PgStore::check_url(raw)?;
-                Ok(Self::Postgres(Secret(raw.to_owned())))
+                Ok(Self::Postgres(Secret::new(raw)))
             }
             "sqlite" => {
                 let path = rest.strip_prefix("//").unwrap_or(rest);
@@ -385,39 +386,13 @@ impl ModelConfig {
     pub fn api_key(&self) -> Option<Secret> {
         self.api_key
             .clone()
-            .or_else(|| std::env::var("OPENAI_API_KEY").ok().map(Secret))
+            .or_else(|| std::env::var("OPENAI_API_KEY").ok().map(Secret::new))
             .filter(|key| !key.expose().trim().is_empty())
     }
 }
 
-/// A value that must never be printed: `Debug` and `Display` show `[redacted]`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl std::fmt::Display for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
 fn parse_secret(raw: &str) -> Result<Secret, String> {
-    Ok(Secret(raw.trim().to_owned()))
+    Ok(Secret::new(raw.trim()))
 }
 
 fn parse_temperature(raw: &str) -> Result<f32, String> {
@@ -688,20 +663,6 @@ impl ServeConfig {
         }
         Ok(())
     }
-}
-
-/// Seconds as a decimal number (`0.5`, `20`), at least a millisecond and at most a day.
-pub(crate) fn parse_seconds(raw: &str) -> Result<Duration, String> {
-    let seconds: f64 = raw
-        .trim()
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a number of seconds"))?;
-    if !(0.001..=86_400.0).contains(&seconds) {
-        return Err(format!(
-            "{raw} s is out of range: use 0.001 to 86400 seconds"
-        ));
-    }
-    Ok(Duration::from_secs_f64(seconds))
 }
 
 fn parse_scale(raw: &str) -> Result<f64, String> {

@@ -1,5 +1,6 @@
 //! Validating newtypes for what a client says about itself (its id and its timezone) and for
-//! where it comes from (its network), and the name of a gateway in a cluster.
+//! where it comes from (its network), the name of a gateway in a cluster, and the file format
+//! of an upload.
 
 use chrono_tz::Tz;
 use std::fmt;
@@ -353,5 +354,33 @@ impl GatewayId {
 impl fmt::Display for GatewayId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// A file format kaiwa accepts: how to serve it, which extensions a client's filename may have
+/// for it. Admission recognises one by its leading bytes; the store names the file after it.
+#[derive(Debug)]
+pub struct MediaFormat {
+    pub name: &'static str,
+    pub mime: &'static str,
+    /// The first is the one kaiwa gives the stored file.
+    pub extensions: &'static [&'static str],
+}
+
+impl MediaFormat {
+    pub fn extension(&self) -> &'static str {
+        self.extensions[0]
+    }
+
+    /// Whether `filename` has one of this format's extensions; a name without an extension
+    /// passes, since the bytes already decided the format.
+    pub fn fits_filename(&self, filename: &str) -> bool {
+        match filename.rsplit_once('.') {
+            None => true,
+            Some((_, ext)) => self
+                .extensions
+                .iter()
+                .any(|known| known.eq_ignore_ascii_case(ext)),
+        }
     }
 }

@@ -28,6 +28,7 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod domain;
+pub mod flags;
 pub mod gateway;
 pub mod http;
 pub mod listener;

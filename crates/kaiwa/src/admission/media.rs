@@ -1,34 +1,14 @@
 //! Which file formats each media type accepts, recognised by their leading bytes (R7).
 
+use crate::domain::MediaFormat;
 use kaiwa_protocol::MessageType;
 
-/// A file format kaiwa accepts: how to recognise it, how to serve it, which extensions a
-/// client's filename may have for it.
+/// An accepted format and how to recognise it: the format is what the rest of kaiwa sees, the
+/// test of its leading bytes stays here.
 #[derive(Debug)]
-pub struct MediaFormat {
-    pub name: &'static str,
-    pub mime: &'static str,
-    /// The first is the one kaiwa gives the stored file.
-    pub extensions: &'static [&'static str],
+struct Signature {
+    format: MediaFormat,
     matches: fn(&[u8]) -> bool,
-}
-
-impl MediaFormat {
-    pub fn extension(&self) -> &'static str {
-        self.extensions[0]
-    }
-
-    /// Whether `filename` has one of this format's extensions; a name without an extension
-    /// passes, since the bytes already decided the format.
-    pub fn fits_filename(&self, filename: &str) -> bool {
-        match filename.rsplit_once('.') {
-            None => true,
-            Some((_, ext)) => self
-                .extensions
-                .iter()
-                .any(|known| known.eq_ignore_ascii_case(ext)),
-        }
-    }
 }
 
 fn riff(bytes: &[u8], form: &[u8; 4]) -> bool {
@@ -53,113 +33,145 @@ fn matroska(bytes: &[u8]) -> bool {
     bytes.starts_with(&[0x1A, 0x45, 0xDF, 0xA3])
 }
 
-const IMAGE: &[MediaFormat] = &[
-    MediaFormat {
-        name: "PNG",
-        mime: "image/png",
-        extensions: &["png"],
+const IMAGE: &[Signature] = &[
+    Signature {
+        format: MediaFormat {
+            name: "PNG",
+            mime: "image/png",
+            extensions: &["png"],
+        },
         matches: |b| b.starts_with(b"\x89PNG\r\n\x1a\n"),
     },
-    MediaFormat {
-        name: "JPEG",
-        mime: "image/jpeg",
-        extensions: &["jpg", "jpeg", "jfif"],
+    Signature {
+        format: MediaFormat {
+            name: "JPEG",
+            mime: "image/jpeg",
+            extensions: &["jpg", "jpeg", "jfif"],
+        },
         matches: |b| b.starts_with(&[0xFF, 0xD8, 0xFF]),
     },
-    MediaFormat {
-        name: "GIF",
-        mime: "image/gif",
-        extensions: &["gif"],
+    Signature {
+        format: MediaFormat {
+            name: "GIF",
+            mime: "image/gif",
+            extensions: &["gif"],
+        },
         matches: |b| b.starts_with(b"GIF87a") || b.starts_with(b"GIF89a"),
     },
-    MediaFormat {
-        name: "WebP",
-        mime: "image/webp",
-        extensions: &["webp"],
+    Signature {
+        format: MediaFormat {
+            name: "WebP",
+            mime: "image/webp",
+            extensions: &["webp"],
+        },
         matches: |b| riff(b, b"WEBP"),
     },
 ];
 
-const VOICE: &[MediaFormat] = &[
-    MediaFormat {
-        name: "WAV",
-        mime: "audio/wav",
-        extensions: &["wav", "wave"],
+const VOICE: &[Signature] = &[
+    Signature {
+        format: MediaFormat {
+            name: "WAV",
+            mime: "audio/wav",
+            extensions: &["wav", "wave"],
+        },
         matches: |b| riff(b, b"WAVE"),
     },
-    MediaFormat {
-        name: "MP3",
-        mime: "audio/mpeg",
-        extensions: &["mp3"],
+    Signature {
+        format: MediaFormat {
+            name: "MP3",
+            mime: "audio/mpeg",
+            extensions: &["mp3"],
+        },
         matches: mpeg_audio,
     },
-    MediaFormat {
-        name: "Ogg",
-        mime: "audio/ogg",
-        extensions: &["ogg", "oga", "opus"],
+    Signature {
+        format: MediaFormat {
+            name: "Ogg",
+            mime: "audio/ogg",
+            extensions: &["ogg", "oga", "opus"],
+        },
         matches: |b| b.starts_with(b"OggS"),
     },
-    MediaFormat {
-        name: "WebM audio",
-        mime: "audio/webm",
-        extensions: &["webm", "weba"],
+    Signature {
+        format: MediaFormat {
+            name: "WebM audio",
+            mime: "audio/webm",
+            extensions: &["webm", "weba"],
+        },
         matches: matroska,
     },
-    MediaFormat {
-        name: "MPEG-4 audio",
-        mime: "audio/mp4",
-        extensions: &["m4a", "mp4", "aac"],
+    Signature {
+        format: MediaFormat {
+            name: "MPEG-4 audio",
+            mime: "audio/mp4",
+            extensions: &["m4a", "mp4", "aac"],
+        },
         matches: iso_media,
     },
-    MediaFormat {
-        name: "AAC",
-        mime: "audio/aac",
-        extensions: &["aac"],
+    Signature {
+        format: MediaFormat {
+            name: "AAC",
+            mime: "audio/aac",
+            extensions: &["aac"],
+        },
         matches: |b| b.len() >= 2 && b[0] == 0xFF && b[1] & 0xF6 == 0xF0,
     },
-    MediaFormat {
-        name: "FLAC",
-        mime: "audio/flac",
-        extensions: &["flac"],
+    Signature {
+        format: MediaFormat {
+            name: "FLAC",
+            mime: "audio/flac",
+            extensions: &["flac"],
+        },
         matches: |b| b.starts_with(b"fLaC"),
     },
 ];
 
-const VIDEO: &[MediaFormat] = &[
-    MediaFormat {
-        name: "QuickTime",
-        mime: "video/quicktime",
-        extensions: &["mov", "qt"],
+const VIDEO: &[Signature] = &[
+    Signature {
+        format: MediaFormat {
+            name: "QuickTime",
+            mime: "video/quicktime",
+            extensions: &["mov", "qt"],
+        },
         matches: |b| iso_brand(b) == b"qt  ",
     },
-    MediaFormat {
-        name: "MPEG-4 video",
-        mime: "video/mp4",
-        extensions: &["mp4", "m4v", "mov", "3gp"],
+    Signature {
+        format: MediaFormat {
+            name: "MPEG-4 video",
+            mime: "video/mp4",
+            extensions: &["mp4", "m4v", "mov", "3gp"],
+        },
         matches: iso_media,
     },
-    MediaFormat {
-        name: "WebM",
-        mime: "video/webm",
-        extensions: &["webm", "mkv"],
+    Signature {
+        format: MediaFormat {
+            name: "WebM",
+            mime: "video/webm",
+            extensions: &["webm", "mkv"],
+        },
         matches: matroska,
     },
-    MediaFormat {
-        name: "Ogg video",
-        mime: "video/ogg",
-        extensions: &["ogv", "ogg"],
+    Signature {
+        format: MediaFormat {
+            name: "Ogg video",
+            mime: "video/ogg",
+            extensions: &["ogv", "ogg"],
+        },
         matches: |b| b.starts_with(b"OggS"),
     },
-    MediaFormat {
-        name: "AVI",
-        mime: "video/x-msvideo",
-        extensions: &["avi"],
+    Signature {
+        format: MediaFormat {
+            name: "AVI",
+            mime: "video/x-msvideo",
+            extensions: &["avi"],
+        },
         matches: |b| riff(b, b"AVI "),
     },
 ];
 
 /// The formats accepted for a media type (none for text).
-pub fn formats(kind: MessageType) -> &'static [MediaFormat] {
+fn formats(kind: MessageType) -> &'static [Signature] {
     match kind {
         MessageType::Text => &[],
         MessageType::Voice => VOICE,
@@ -170,14 +182,17 @@ pub fn formats(kind: MessageType) -> &'static [MediaFormat] {
 
 /// The accepted format these bytes are, for this media type.
 pub fn sniff(kind: MessageType, bytes: &[u8]) -> Option<&'static MediaFormat> {
-    formats(kind).iter().find(|format| (format.matches)(bytes))
+    formats(kind)
+        .iter()
+        .find(|signature| (signature.matches)(bytes))
+        .map(|signature| &signature.format)
 }
 
 /// A short list of accepted formats, for error messages.
 pub fn accepted_names(kind: MessageType) -> String {
     formats(kind)
         .iter()
-        .map(|format| format.name)
+        .map(|signature| signature.format.name)
         .collect::<Vec<_>>()
         .join(", ")
 }

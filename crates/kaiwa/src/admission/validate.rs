@@ -1,7 +1,8 @@
 //! Turns what a client sent into a checked [`Draft`]: known type, sane text, decodable media of
 //! an accepted format within its size limit, a harmless filename.
 
-use super::media::{self, MediaFormat};
+use super::media;
+use crate::domain::MediaFormat;
 use base64::Engine as _;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use bytes::Bytes;

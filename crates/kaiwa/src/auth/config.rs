@@ -1,12 +1,11 @@
 //! The flags of authentication, the admin endpoints and CORS, and the `kaiwa token` command.
 
 use super::AuthError;
+use crate::flags::{self, Secret};
 use clap::{ArgAction, Args};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-
-use crate::config::Secret;
 
 /// A secret must be at least this long: HS256 keys shorter than the hash are easy to guess.
 pub const MIN_SECRET_BYTES: usize = 32;
@@ -135,8 +134,8 @@ impl AuthConfig {
         {
             return Err(AuthError::ShortAdminToken);
         }
-        crate::http::cors::origins(&self.cors_origins)?;
-        crate::http::cors::hosts(&self.allowed_hosts)?;
+        flags::origins(&self.cors_origins)?;
+        flags::hosts(&self.allowed_hosts)?;
         Ok(())
     }
 }
@@ -166,7 +165,7 @@ pub const MAX_REFRESH_GRACE: Duration = Duration::from_secs(300);
 
 /// Seconds, from a millisecond to [`MAX_REFRESH_GRACE`].
 fn refresh_grace(raw: &str) -> Result<Duration, String> {
-    let grace = crate::config::parse_seconds(raw)?;
+    let grace = flags::parse_seconds(raw)?;
     if grace > MAX_REFRESH_GRACE {
         return Err(format!(
             "{raw} s is out of range: use up to {} seconds",

@@ -80,12 +80,9 @@ pub enum AuthError {
         config::MIN_ADMIN_TOKEN_BYTES
     )]
     ShortAdminToken,
-    #[error("--cors-origin {0:?} is not an origin: use scheme://host[:port], or *")]
-    CorsOrigin(String),
-    #[error(
-        "--allowed-host {0:?} is not a host name: use a name such as chat.example.com, without scheme or port"
-    )]
-    AllowedHost(String),
+    /// `--cors-origin` or `--allowed-host`, read below auth since the HTTP layer uses them too.
+    #[error(transparent)]
+    Flag(#[from] crate::flags::FlagError),
     #[error("no secret to sign with: give --auth-secret or --auth-secret-file")]
     NoSecret,
     #[error("--client-id: {0}")]

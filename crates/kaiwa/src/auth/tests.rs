@@ -2,7 +2,7 @@
 //! rotation keeps the previous secret's tokens good, and media proofs hold for their owner only.
 
 use super::*;
-use crate::config::Secret;
+use crate::flags::Secret;
 use axum::http::HeaderValue;
 use chrono::TimeZone;
 

@@ -2,9 +2,10 @@
 //! check of every request's `Origin` and `Host` (DNS rebinding), since a page that reaches a
 //! server with auth off can be any client.
 
-use crate::auth::{AuthConfig, AuthError};
+use crate::auth::AuthConfig;
+use crate::flags::{Origins, hosts, origins};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use kaiwa_protocol::ErrorCode;
@@ -12,51 +13,6 @@ use kaiwa_protocol::history::ErrorBody;
 use std::net::IpAddr;
 use std::sync::Arc;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-
-/// The origins allowed by `--cors-origin`.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Origins {
-    /// None given.
-    Default,
-    /// `*`: any origin, asked for explicitly.
-    Any,
-    List(Vec<HeaderValue>),
-}
-
-/// Reads the `--cors-origin` values: `*`, or origins as a browser sends them
-/// (`scheme://host[:port]`, no path).
-pub(crate) fn origins(values: &[String]) -> Result<Origins, AuthError> {
-    let values: Vec<&str> = values
-        .iter()
-        .map(|value| value.trim())
-        .filter(|value| !value.is_empty())
-        .collect();
-    if values.is_empty() {
-        return Ok(Origins::Default);
-    }
-    if values.contains(&"*") {
-        return Ok(Origins::Any);
-    }
-    values
-        .into_iter()
-        .map(|value| {
-            let origin = value.strip_suffix('/').unwrap_or(value);
-            let well_formed = origin.split_once("://").is_some_and(|(scheme, host)| {
-                !scheme.is_empty()
-                    && scheme
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
-                    && !host.is_empty()
-                    && !host.contains(['/', '?', '#', ' ', '*'])
-            });
-            well_formed
-                .then(|| HeaderValue::from_str(origin).ok())
-                .flatten()
-                .ok_or_else(|| AuthError::CorsOrigin(value.chars().take(100).collect()))
-        })
-        .collect::<Result<_, _>>()
-        .map(Origins::List)
-}
 
 /// The CORS layer for this configuration. Without `--cors-origin`, pages of loopback origins
 /// (any port: a development server beside kaiwa) may read when auth is off, and none but the
@@ -77,23 +33,6 @@ pub(crate) fn layer(config: &AuthConfig, auth_on: bool) -> CorsLayer {
         // A page sends its token, and asks for part of a video.
         .allow_headers([header::AUTHORIZATION, header::RANGE])
         .expose_headers([header::CONTENT_RANGE, header::ETAG])
-}
-
-/// Reads `--allowed-host`: host names as a `Host` header carries them, without the port.
-pub(crate) fn hosts(values: &[String]) -> Result<Vec<String>, AuthError> {
-    values
-        .iter()
-        .map(|value| value.trim())
-        .filter(|value| !value.is_empty())
-        .map(|value| {
-            let plain = value
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c));
-            plain
-                .then(|| value.to_ascii_lowercase())
-                .ok_or_else(|| AuthError::AllowedHost(value.chars().take(100).collect()))
-        })
-        .collect()
 }
 
 /// Who a browser page may be when auth is off. With auth on, a page needs a token and this
@@ -193,16 +132,6 @@ impl Rules {
     }
 }
 
-impl Origins {
-    fn allows(&self, origin: &str) -> bool {
-        match self {
-            Self::Default => false,
-            Self::Any => true,
-            Self::List(list) => list.iter().any(|allowed| allowed == origin),
-        }
-    }
-}
-
 /// The middleware of [`Browsers`].
 pub(crate) async fn guard(
     State(browsers): State<Browsers>,
@@ -250,6 +179,7 @@ fn is_loopback_origin(origin: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderValue;
 
     fn headers(host: &str, origin: Option<&str>) -> HeaderMap {
         let mut headers = HeaderMap::new();
@@ -267,7 +197,8 @@ mod tests {
         let rules = Rules {
             hosts: hosts(&allowed.iter().map(|v| v.to_string()).collect::<Vec<_>>())
                 .expect("valid hosts"),
-            origins: list(cors).expect("valid origins"),
+            origins: origins(&cors.iter().map(|v| v.to_string()).collect::<Vec<_>>())
+                .expect("valid origins"),
         };
         Browsers {
             rules: Some(Arc::new(rules)),
@@ -353,30 +284,5 @@ mod tests {
         assert_eq!(host_name("[::1]"), "[::1]");
         assert_eq!(host_name("::1"), "::1");
         assert_eq!(host_name("example.com"), "example.com");
-    }
-
-    fn list(values: &[&str]) -> Result<Origins, AuthError> {
-        origins(&values.iter().map(|v| v.to_string()).collect::<Vec<_>>())
-    }
-
-    #[test]
-    fn origins_are_read_as_a_browser_sends_them() {
-        assert_eq!(list(&[]).ok(), Some(Origins::Default));
-        assert_eq!(list(&["*"]).ok(), Some(Origins::Any));
-        assert_eq!(
-            list(&["https://chat.example.com", "http://localhost:3000/"]).ok(),
-            Some(Origins::List(vec![
-                HeaderValue::from_static("https://chat.example.com"),
-                HeaderValue::from_static("http://localhost:3000"),
-            ]))
-        );
-        for bad in [
-            "chat.example.com",
-            "https://",
-            "https://a.example/path",
-            "https://*.example",
-        ] {
-            assert!(list(&[bad]).is_err(), "{bad}");
-        }
     }
 }

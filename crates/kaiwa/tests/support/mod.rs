@@ -703,8 +703,8 @@ where
 pub mod tokens {
     use chrono::{DateTime, Utc};
     use kaiwa::auth::{Authenticator, KeyConfig};
-    use kaiwa::config::Secret;
     use kaiwa::domain::ClientId;
+    use kaiwa::flags::Secret;
     use std::time::Duration;
 
     /// The secret tests turn auth on with.

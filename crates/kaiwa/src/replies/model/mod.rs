@@ -8,7 +8,8 @@ mod sse;
 mod wire;
 
 use super::{Deltas, ReplyRequest, ResponderError, TextResponder};
-use crate::config::{ModelConfig, Secret};
+use crate::config::ModelConfig;
+use crate::flags::Secret;
 use async_trait::async_trait;
 use futures::StreamExt;
 use gate::Gate;
