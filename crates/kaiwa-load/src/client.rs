@@ -19,6 +19,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::{Instant, sleep_until};
@@ -117,11 +118,12 @@ pub async fn run(shared: Shared, plan: ClientPlan, pace: Pace, start: Option<Sta
     // reconnects.
     loop {
         shared.live.connection_opened();
+        let leaving = Arc::new(Leaving::new(shared.live.clone()));
         let (sink, stream) = (*ws).split();
-        let writing = tokio::spawn(writer.run(sink));
+        let writing = tokio::spawn(writer.run(sink, leaving.clone()));
         let ended = reader.run(stream, &mut ledger, &shared.stop).await;
+        leaving.left();
         let written = writing.await;
-        shared.live.connection_closed();
         writer = match written {
             Ok(writer) => writer,
             Err(_) => {
@@ -232,6 +234,29 @@ enum Command {
 
 /// The sending half of a client. It outlives its connection: with `--reconnect` the same
 /// writer, with its place in the schedule and its message numbering, goes on over the next.
+/// One connection's end as the concurrency count sees it, counted once: when the client sends
+/// its close frame (the server gives the client slot back as it reads it, before its close in
+/// return reaches us), or else when the connection is over.
+struct Leaving {
+    live: Arc<Live>,
+    counted: AtomicBool,
+}
+
+impl Leaving {
+    fn new(live: Arc<Live>) -> Self {
+        Self {
+            live,
+            counted: AtomicBool::new(false),
+        }
+    }
+
+    fn left(&self) {
+        if !self.counted.swap(true, Ordering::Relaxed) {
+            self.live.connection_closed();
+        }
+    }
+}
+
 struct Writer {
     notes: mpsc::UnboundedSender<Note>,
     commands: mpsc::UnboundedReceiver<Command>,
@@ -265,7 +290,7 @@ struct Writer {
 impl Writer {
     /// Sends until done, told to close, or the connection fails; hands itself back so that a
     /// client that reconnects can go on with it.
-    async fn run(mut self, mut sink: SplitSink<Ws, Message>) -> Self {
+    async fn run(mut self, mut sink: SplitSink<Ws, Message>, leaving: Arc<Leaving>) -> Self {
         loop {
             let due = match self.pace {
                 Pace::Open { interval, phase } => {
@@ -346,6 +371,7 @@ impl Writer {
             code: WsCloseCode::Normal,
             reason: "done".into(),
         };
+        leaving.left();
         // If this fails, the connection is already gone, and the reader has reported how.
         sink.send(Message::Close(Some(close))).await.ok();
         self
