@@ -275,3 +275,156 @@ impl Task {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::{InFlight, SlotEnds};
+    use crate::config::ServeConfig;
+    use crate::domain::{ClientId, Timezone};
+    use crate::queue::{MemoryQueue, Queue};
+    use crate::store::{DiskMedia, MemoryStore};
+    use std::sync::Mutex;
+
+    struct Rig {
+        pipeline: Pipeline,
+        answers: Arc<Mutex<Vec<Settled>>>,
+        queue: Arc<MemoryQueue>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn rig(per_client: usize) -> Rig {
+        let config = ServeConfig::from_args(["--text-window", "00:00-24:00"]).expect("flags");
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let queue = Arc::new(MemoryQueue::new(16));
+        let admission = Arc::new(Admission::new(
+            config.content,
+            config.windows,
+            InFlight::new(16, SlotEnds::AtLastReply),
+            Duration::ZERO,
+            Arc::new(MemoryStore::default()),
+            Arc::new(DiskMedia::open(&dir.path().join("media")).expect("media folders")),
+            queue.clone(),
+        ));
+        let sender = Arc::new(Sender {
+            client_id: ClientId::parse("alice").expect("valid"),
+            timezone: Timezone::parse("UTC").expect("valid"),
+        });
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        let answered = answers.clone();
+        let pipeline = Pipeline::new(
+            admission,
+            sender,
+            per_client,
+            TaskTracker::new(),
+            Box::new(move |settled| answered.lock().expect("not poisoned").push(settled)),
+        );
+        Rig {
+            pipeline,
+            answers,
+            queue,
+            _dir: dir,
+        }
+    }
+
+    fn text(id: &str) -> Submission {
+        Submission {
+            client_message_id: Some(id.to_owned()),
+            message_type: Some("text".into()),
+            content: Some(format!("message {id}")),
+            filename: None,
+            client_timestamp: None,
+            binary: None,
+        }
+    }
+
+    impl Rig {
+        async fn answered(&self, count: usize) -> Vec<(Option<String>, String)> {
+            loop {
+                {
+                    let answers = self.answers.lock().expect("not poisoned");
+                    if answers.len() >= count {
+                        return answers
+                            .iter()
+                            .map(|a| (a.id.clone(), format!("{:?}", a.verdict)))
+                            .collect();
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_are_answered_and_queued_in_the_order_they_were_sent() {
+        let mut rig = rig(8);
+        let mut jobs = rig.queue.jobs().expect("the jobs");
+        for id in ["a", "b", "c"] {
+            rig.pipeline.submit(text(id), chrono::Utc::now());
+        }
+        let answered = rig.answered(3).await;
+        let ids: Vec<_> = answered.iter().map(|(id, _)| id.as_deref()).collect();
+        assert_eq!(ids, [Some("a"), Some("b"), Some("c")]);
+        assert!(
+            answered
+                .iter()
+                .all(|(_, verdict)| verdict.starts_with("Accepted")),
+            "{answered:?}"
+        );
+        for id in ["a", "b", "c"] {
+            let taken = jobs.next().await.expect("a job");
+            assert_eq!(taken.job.client_message_id.as_deref(), Some(id));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_past_the_clients_share_is_answered_busy_at_once() {
+        let mut rig = rig(1);
+        let _jobs = rig.queue.jobs().expect("the jobs");
+        rig.pipeline.submit(text("a"), chrono::Utc::now());
+        assert!(
+            !rig.pipeline.has_room(),
+            "the one permit is held until the last reply"
+        );
+        rig.pipeline.submit(text("b"), chrono::Utc::now());
+        let answered = rig.answered(2).await;
+        let busy = answered
+            .iter()
+            .find(|(id, _)| id.as_deref() == Some("b"))
+            .expect("b is answered");
+        assert!(busy.1.starts_with("Busy"), "{answered:?}");
+    }
+
+    #[tokio::test]
+    async fn an_invalid_message_is_answered_in_its_turn_and_not_queued() {
+        let mut rig = rig(8);
+        let mut jobs = rig.queue.jobs().expect("the jobs");
+        rig.pipeline.submit(text("a"), chrono::Utc::now());
+        let mut empty = text("b");
+        empty.content = Some(String::new());
+        rig.pipeline.submit(empty, chrono::Utc::now());
+        rig.pipeline.submit(text("c"), chrono::Utc::now());
+        let answered = rig.answered(3).await;
+        let verdicts: Vec<_> = answered
+            .iter()
+            .map(|(id, verdict)| {
+                (
+                    id.clone().unwrap_or_default(),
+                    verdict.split(' ').next().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            verdicts,
+            [
+                ("a".to_owned(), "Accepted".to_owned()),
+                ("b".to_owned(), "Invalid(EmptyText)".to_owned()),
+                ("c".to_owned(), "Accepted".to_owned()),
+            ]
+        );
+        for id in ["a", "c"] {
+            let taken = jobs.next().await.expect("a job");
+            assert_eq!(taken.job.client_message_id.as_deref(), Some(id));
+        }
+    }
+}

@@ -143,3 +143,175 @@ impl Gateway {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DuplicatePolicy;
+    use crate::domain::{ClientId, Timezone};
+    use crate::gateway::outbox::Outgoing;
+    use crate::gateway::registry::{Liveness, SessionHandle};
+    use crate::queue::MessageRef;
+    use crate::store::{Inserted, NewMessage, NewReply, Store, StoredReply};
+    use crate::testing::Fixture;
+    use axum::extract::ws::Message;
+    use chrono::Utc;
+    use kaiwa_protocol::{MessageType, ReplyType};
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+
+    fn alice() -> ClientId {
+        ClientId::parse("alice").expect("valid")
+    }
+
+    /// A message of alice's, stored with one reply, holding an in-flight slot here.
+    async fn in_flight(fixture: &Fixture) -> (MessageRef, StoredReply) {
+        let store = &fixture.store;
+        let message = NewMessage {
+            client_id: alice(),
+            client_message_id: Some("m1".into()),
+            kind: MessageType::Text,
+            content: "hello".into(),
+            filename: None,
+            mime_type: None,
+            size_bytes: None,
+            timezone: Timezone::parse("UTC").expect("valid"),
+            status: MessageStatus::Accepted,
+            reason: None,
+            client_timestamp: None,
+            received_at: Utc::now(),
+        };
+        let Ok(Inserted::New(message_id)) = store.insert_message(message).await else {
+            panic!("stored");
+        };
+        let reply = NewReply {
+            reply_type: ReplyType::Text,
+            content: "hi there".into(),
+            filename: None,
+            mime_type: None,
+            fallback: false,
+        };
+        let mut stored = store
+            .insert_replies(message_id, &alice(), vec![reply], Utc::now(), true)
+            .await
+            .expect("stored");
+        let in_flight = &fixture.gateway.admission.in_flight;
+        let slot = in_flight
+            .acquire(None, Duration::ZERO)
+            .await
+            .expect("a slot");
+        in_flight.park(message_id, slot);
+        let message = MessageRef {
+            client_id: alice(),
+            message_id,
+            client_message_id: Some("m1".into()),
+        };
+        (message, stored.remove(0))
+    }
+
+    /// Registers a legacy session for alice; returns what its outbox sends.
+    fn legacy_session(fixture: &Fixture) -> mpsc::Receiver<Outgoing> {
+        let gateway = &fixture.gateway;
+        let (outbox, frames) = Outbox::new(gateway.settings.outbox);
+        let handle = SessionHandle {
+            conn_id: 1,
+            protocol: Protocol::Legacy,
+            outbox,
+            stream: None,
+            replaced: CancellationToken::new(),
+            moved: Arc::new(AtomicBool::new(false)),
+            liveness: Arc::new(Liveness::default()),
+        };
+        gateway
+            .registry
+            .register(alice(), handle, DuplicatePolicy::Refuse)
+            .expect("registered");
+        frames
+    }
+
+    fn texts(frames: &mut mpsc::Receiver<Outgoing>) -> Vec<serde_json::Value> {
+        std::iter::from_fn(|| frames.try_recv().ok())
+            .filter_map(|outgoing| match outgoing.message() {
+                Message::Text(text) => serde_json::from_str(text.as_str()).ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_reply_for_a_client_here_goes_to_its_outbox_and_the_last_frees_the_slot() {
+        let fixture = Fixture::new(&[]);
+        let mut frames = legacy_session(&fixture);
+        let (message, reply) = in_flight(&fixture).await;
+        let message_id = message.message_id;
+        fixture.gateway.deliver(Event::Reply {
+            message,
+            reply,
+            last: true,
+        });
+        let sent = texts(&mut frames);
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert!(sent[0].to_string().contains("hi there"), "{sent:?}");
+        assert!(!fixture.gateway.admission.in_flight.holds(message_id));
+    }
+
+    #[tokio::test]
+    async fn a_reply_for_a_client_that_left_is_recorded_failed_and_still_frees_the_slot() {
+        let fixture = Fixture::new(&[]);
+        let (message, reply) = in_flight(&fixture).await;
+        let (message_id, reply_id) = (message.message_id, reply.id);
+        fixture.gateway.deliver(Event::Reply {
+            message,
+            reply,
+            last: true,
+        });
+        assert!(!fixture.gateway.admission.in_flight.holds(message_id));
+        // Passed on first, to whichever gateway holds the client: in one process, none.
+        loop {
+            let stored = fixture.store.message(message_id).await.expect("read");
+            let stored = stored.expect("stored");
+            if stored
+                .replies
+                .iter()
+                .any(|r| r.id == reply_id && r.delivery == Delivery::Failed)
+            {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_message_frees_its_slot_and_the_client_is_told() {
+        let fixture = Fixture::new(&[]);
+        let mut frames = legacy_session(&fixture);
+        let (message, _) = in_flight(&fixture).await;
+        let message_id = message.message_id;
+        fixture.gateway.deliver(Event::Failed {
+            message,
+            reason: "the disk is full".into(),
+        });
+        assert!(!fixture.gateway.admission.in_flight.holds(message_id));
+        let sent = texts(&mut frames);
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert!(sent[0].to_string().contains("the disk is full"), "{sent:?}");
+    }
+
+    #[tokio::test]
+    async fn an_interim_event_for_a_client_that_left_frees_nothing() {
+        let fixture = Fixture::new(&[]);
+        let (message, reply) = in_flight(&fixture).await;
+        let message_id = message.message_id;
+        fixture.gateway.deliver(Event::Processing(message.clone()));
+        fixture.gateway.deliver(Event::Reply {
+            message,
+            reply,
+            last: false,
+        });
+        assert!(
+            fixture.gateway.admission.in_flight.holds(message_id),
+            "only the last reply frees the slot"
+        );
+    }
+}
