@@ -145,19 +145,7 @@ impl Store for MemoryStore {
             }
             *next_reply_id += 1;
             let seq = stream.keys().next_back().map_or(1, |last| last + 1);
-            let stored = StoredReply {
-                id: *next_reply_id,
-                message_id,
-                seq,
-                reply_type: reply.reply_type,
-                content: reply.content,
-                filename: reply.filename,
-                mime_type: reply.mime_type,
-                fallback: reply.fallback,
-                delivery: Delivery::Pending,
-                created_at,
-                delivered_at: None,
-            };
+            let stored = reply.stored(*next_reply_id, message_id, seq, created_at);
             stream.insert(seq, stored.id);
             reply_owner.insert(stored.id, message_id);
             message.replies.push(stored.clone());
@@ -300,7 +288,10 @@ impl Store for MemoryStore {
             .messages
             .values()
             .filter(|message| message.status == MessageStatus::Accepted)
-            .cloned()
+            .map(|message| StoredMessage {
+                replies: Vec::new(),
+                ..message.clone()
+            })
             .collect())
     }
 

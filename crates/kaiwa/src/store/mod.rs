@@ -78,6 +78,31 @@ pub struct NewReply {
     pub fallback: bool,
 }
 
+impl NewReply {
+    /// The reply as it was just stored: `pending`, never delivered.
+    pub fn stored(
+        self,
+        id: i64,
+        message_id: i64,
+        seq: u64,
+        created_at: DateTime<Utc>,
+    ) -> StoredReply {
+        StoredReply {
+            id,
+            message_id,
+            seq,
+            reply_type: self.reply_type,
+            content: self.content,
+            filename: self.filename,
+            mime_type: self.mime_type,
+            fallback: self.fallback,
+            delivery: Delivery::Pending,
+            created_at,
+            delivered_at: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StoredReply {
     pub id: i64,
@@ -278,8 +303,9 @@ pub trait Store: Send + Sync + 'static {
     /// The `seq` up to which a client has acknowledged its replies (0 for none).
     async fn acknowledged(&self, client_id: &ClientId) -> Result<u64, StoreError>;
 
-    /// Messages accepted but never replied to, oldest first: the process stopped while they
-    /// were in flight, or their processing failed.
+    /// Messages accepted but never replied to, oldest first, without their replies (a part of
+    /// the set may be stored): the process stopped while they were in flight, or their
+    /// processing failed.
     async fn unfinished_messages(&self) -> Result<Vec<StoredMessage>, StoreError>;
 
     /// Whether writes are going through now.

@@ -9,7 +9,7 @@ use super::super::read::{REPLY_COLUMNS, ReplyRecord};
 use super::super::seq_param;
 use super::super::{Existing, Inserted, NewMessage, StoreError, StoreHealth, StoredReply};
 use super::{connect, describe};
-use kaiwa_protocol::{Delivery, MessageStatus};
+use kaiwa_protocol::MessageStatus;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{Connection, Postgres, Transaction};
 use std::collections::{HashMap, HashSet};
@@ -618,21 +618,12 @@ async fn insert_replies(
                     .ok_or_else(|| {
                         sqlx::Error::Protocol("an inserted reply was not returned".into())
                     })?;
-                let stored = StoredReply {
-                    id,
-                    message_id: batch.message_id,
-                    seq: u64::try_from(row.seq).map_err(|_| {
-                        sqlx::Error::Protocol(format!("a corrupt reply seq {}", row.seq))
-                    })?,
-                    reply_type: reply.reply_type,
-                    content: reply.content.clone(),
-                    filename: reply.filename.clone(),
-                    mime_type: reply.mime_type.clone(),
-                    fallback: reply.fallback,
-                    delivery: Delivery::Pending,
-                    created_at: batch.created_at,
-                    delivered_at: None,
-                };
+                let seq = u64::try_from(row.seq).map_err(|_| {
+                    sqlx::Error::Protocol(format!("a corrupt reply seq {}", row.seq))
+                })?;
+                let stored = reply
+                    .clone()
+                    .stored(id, batch.message_id, seq, batch.created_at);
                 stored_now.insert(key, stored.clone());
                 answer.push(stored);
                 new_rows.next();

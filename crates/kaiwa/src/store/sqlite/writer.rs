@@ -520,19 +520,7 @@ fn stored_replies(first_id: i64, first_seq: u64, batch: ReplyBatch) -> Vec<Store
         .into_iter()
         .zip(first_id..)
         .zip(first_seq..)
-        .map(|((reply, id), seq)| StoredReply {
-            id,
-            message_id,
-            seq,
-            reply_type: reply.reply_type,
-            content: reply.content,
-            filename: reply.filename,
-            mime_type: reply.mime_type,
-            fallback: reply.fallback,
-            delivery: Delivery::Pending,
-            created_at,
-            delivered_at: None,
-        })
+        .map(|((reply, id), seq)| reply.stored(id, message_id, seq, created_at))
         .collect()
 }
 
