@@ -19,6 +19,8 @@ use tokio_util::task::TaskTracker;
 pub struct Settled {
     /// The client's own id of the message (native clients).
     pub id: Option<String>,
+    /// Its type as the client wrote it, valid or not: the path dialect answers in kind.
+    pub message_type: Option<String>,
     /// The server's clock at receipt: the time its window was judged by.
     pub received_at: DateTime<Utc>,
     pub verdict: Verdict,
@@ -70,6 +72,7 @@ struct Queued {
 /// A message handed to the store (or decided without it), waiting to be settled.
 struct Admitted {
     id: Option<String>,
+    message_type: Option<String>,
     received_at: DateTime<Utc>,
     admitting: Admitting,
 }
@@ -77,6 +80,7 @@ struct Admitted {
 /// A message whose fate the store has decided.
 struct Decided {
     id: Option<String>,
+    message_type: Option<String>,
     received_at: DateTime<Utc>,
     outcome: Outcome,
 }
@@ -115,9 +119,11 @@ impl Pipeline {
     /// finds a permit; one that does not is answered `busy`.
     pub fn submit(&mut self, submission: Submission, received_at: DateTime<Utc>) {
         let id = submission.client_message_id.clone();
+        let message_type = submission.message_type.clone();
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             (self.answer)(Settled {
                 id,
+                message_type,
                 received_at,
                 verdict: Verdict::Busy {
                     retry_after: Duration::from_secs(1),
@@ -145,6 +151,7 @@ impl Pipeline {
             tracing::error!(client_id = %self.sender.client_id, "the admission task of this client has stopped; message not admitted");
             (self.answer)(Settled {
                 id,
+                message_type,
                 received_at,
                 verdict: Verdict::Failed(AdmissionError::Stopped),
             });
@@ -191,12 +198,12 @@ impl Task {
                     admitting = None;
                     let admission = self.admission.clone();
                     settling.push_back(Box::pin(async move {
-                        let Admitted { id, received_at, admitting } = admitted;
+                        let Admitted { id, message_type, received_at, admitting } = admitted;
                         let outcome = match admitting {
                             Admitting::Decided(outcome) => outcome,
                             Admitting::Storing(storing) => admission.settle(storing).await,
                         };
-                        Decided { id, received_at, outcome }
+                        Decided { id, message_type, received_at, outcome }
                     }));
                 }
                 queued = queue.recv(), if open && admitting.is_none() => match queued {
@@ -220,11 +227,13 @@ impl Task {
                 permit,
             } = queued;
             let id = submission.client_message_id.clone();
+            let message_type = submission.message_type.clone();
             let admitting = admission
                 .admit(&sender, submission, received_at, Some(permit))
                 .await;
             Admitted {
                 id,
+                message_type,
                 received_at,
                 admitting,
             }
@@ -235,11 +244,13 @@ impl Task {
     fn answer(&self, decided: Decided) -> Option<BoxFuture<'static, ()>> {
         let Decided {
             id,
+            message_type,
             received_at,
             outcome,
         } = decided;
         let settled = |verdict| Settled {
             id: id.clone(),
+            message_type: message_type.clone(),
             received_at,
             verdict,
         };
@@ -335,6 +346,7 @@ mod tests {
             filename: None,
             client_timestamp: None,
             binary: None,
+            text_notes: false,
         }
     }
 
