@@ -121,13 +121,12 @@ pub struct Ticket {
 /// Why a text note sent under a media type is rejected, whatever the hour: a voice or video
 /// message is a file, checked by its bytes and kept on disk (R7), and a note has none.
 fn note_refused(kind: MessageType) -> String {
-    let article = if kind == MessageType::Image {
-        "an"
-    } else {
-        "a"
+    let (capital, article) = match kind {
+        MessageType::Image => ("An", "an"),
+        _ => ("A", "a"),
     };
     format!(
-        "{article} {kind} message carries {article} {kind} file, and this one carries text only: it was not taken as {kind}. Send the text with type text, or the file in base64 with a filename."
+        "{capital} {kind} message carries {article} {kind} file, and this one carries text only: it was not taken as {kind}. Send the text with type text, or the file in base64 with a filename."
     )
 }
 

@@ -220,7 +220,11 @@ pub(crate) fn from_path(
                 TimezoneError::Missing => ErrorCode::MissingTimezone,
                 TimezoneError::Unknown(_) => ErrorCode::UnknownTimezone,
             };
-            invalid(protocol, code, format!("?timezone=: {err}"))
+            invalid(
+                protocol,
+                code,
+                format!("{err} (from ?timezone= in the URL)"),
+            )
         })?,
     };
     Ok(Hello {
