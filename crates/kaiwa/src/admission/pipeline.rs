@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, FuturesUnordered};
+use kaiwa_protocol::MessageType;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -19,8 +20,8 @@ use tokio_util::task::TaskTracker;
 pub struct Settled {
     /// The client's own id of the message (native clients).
     pub id: Option<String>,
-    /// Its type as the client wrote it, valid or not: the path dialect answers in kind.
-    pub message_type: Option<String>,
+    /// Its type, when it names a known one: the path dialect answers a message with its type.
+    pub message_type: Option<MessageType>,
     /// The server's clock at receipt: the time its window was judged by.
     pub received_at: DateTime<Utc>,
     pub verdict: Verdict,
@@ -72,7 +73,7 @@ struct Queued {
 /// A message handed to the store (or decided without it), waiting to be settled.
 struct Admitted {
     id: Option<String>,
-    message_type: Option<String>,
+    message_type: Option<MessageType>,
     received_at: DateTime<Utc>,
     admitting: Admitting,
 }
@@ -80,7 +81,7 @@ struct Admitted {
 /// A message whose fate the store has decided.
 struct Decided {
     id: Option<String>,
-    message_type: Option<String>,
+    message_type: Option<MessageType>,
     received_at: DateTime<Utc>,
     outcome: Outcome,
 }
@@ -119,7 +120,7 @@ impl Pipeline {
     /// finds a permit; one that does not is answered `busy`.
     pub fn submit(&mut self, submission: Submission, received_at: DateTime<Utc>) {
         let id = submission.client_message_id.clone();
-        let message_type = submission.message_type.clone();
+        let message_type = submission.kind();
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             (self.answer)(Settled {
                 id,
@@ -227,7 +228,7 @@ impl Task {
                 permit,
             } = queued;
             let id = submission.client_message_id.clone();
-            let message_type = submission.message_type.clone();
+            let message_type = submission.kind();
             let admitting = admission
                 .admit(&sender, submission, received_at, Some(permit))
                 .await;
@@ -250,7 +251,7 @@ impl Task {
         } = decided;
         let settled = |verdict| Settled {
             id: id.clone(),
-            message_type: message_type.clone(),
+            message_type,
             received_at,
             verdict,
         };

@@ -91,6 +91,13 @@ pub struct Submission {
     pub text_notes: bool,
 }
 
+impl Submission {
+    /// Its type, if it names a known one.
+    pub fn kind(&self) -> Option<MessageType> {
+        MessageType::parse(self.message_type.as_deref()?.trim())
+    }
+}
+
 /// A message that passed validation and awaits its window verdict.
 #[derive(Debug)]
 pub struct Draft {

@@ -197,7 +197,7 @@ impl Command {
                 message,
                 about: About {
                     id: None,
-                    message_type: Some(kind),
+                    message_type: Some(kind.into()),
                 },
             };
         }

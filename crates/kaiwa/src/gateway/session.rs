@@ -344,10 +344,7 @@ impl Session {
     /// the session goes on reading.
     fn submit(&mut self, submission: Submission) {
         self.sent_message = true;
-        let about = || About {
-            id: submission.client_message_id.clone(),
-            message_type: submission.message_type.clone(),
-        };
+        let about = || About::message(submission.client_message_id.clone(), submission.kind());
         // The grace period decides only when the connection closes: a message sent on a token
         // that ran out is not taken.
         if self.expiry.as_ref().is_some_and(Expiry::lapsed) {
@@ -430,7 +427,7 @@ fn answer(protocol: Protocol, outbox: &Outbox, settled: Settled) {
         received_at,
         verdict,
     } = settled;
-    let about = About { id, message_type };
+    let about = About::message(id, message_type);
     let frame = match verdict {
         Verdict::Accepted { message_id } => {
             metrics::counter!("kaiwa_messages_total", "status" => "accepted").increment(1);

@@ -6,9 +6,10 @@ use crate::queue::MessageRef;
 use crate::store::StoredReply;
 use axum::extract::ws::{CloseFrame, Utf8Bytes};
 use chrono::{DateTime, SecondsFormat, Utc};
-use kaiwa_protocol::{CloseCode, ErrorCode, MessageStatus, legacy};
+use kaiwa_protocol::{CloseCode, ErrorCode, MessageStatus, MessageType, legacy};
 use kaiwa_protocol::{native, path};
 use serde::Serialize;
+use std::borrow::Cow;
 use std::time::Duration;
 
 /// The protocol a session speaks, fixed at the handshake.
@@ -26,8 +27,9 @@ pub(crate) enum Protocol {
 pub(crate) struct About {
     /// The client's own id of the message (native).
     pub id: Option<String>,
-    /// Its type as the client wrote it: the path dialect answers a message with its type.
-    pub message_type: Option<String>,
+    /// Its type: the path dialect answers a message with its type. As the client wrote it
+    /// when it names none known (borrowed otherwise, so that answering allocates nothing).
+    pub message_type: Option<Cow<'static, str>>,
 }
 
 impl About {
@@ -41,6 +43,14 @@ impl About {
         Self {
             id,
             message_type: None,
+        }
+    }
+
+    /// A frame about a message of type `kind`, which the client calls `id` (native).
+    pub(crate) fn message(id: Option<String>, kind: Option<MessageType>) -> Self {
+        Self {
+            id,
+            message_type: kind.map(|kind| Cow::Borrowed(kind.as_str())),
         }
     }
 
