@@ -14,7 +14,7 @@ use crate::windows::{Expectation, Windows};
 use chrono::{SecondsFormat, Utc};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
-use kaiwa_protocol::{ErrorCode, MessageStatus, MessageType, legacy, native};
+use kaiwa_protocol::{ErrorCode, MessageStatus, MessageType, ReplyType, legacy, native, path};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use std::collections::VecDeque;
@@ -71,8 +71,9 @@ pub async fn run(shared: Shared, plan: ClientPlan, pace: Pace, start: Option<Sta
     };
     let windows = welcome.windows.or(shared.windows).unwrap_or_default();
     let window = match (shared.mode, pace) {
-        // Legacy frames name no message of ours: one at a time keeps every answer attributable.
-        (Mode::Legacy, _) => 1,
+        // Legacy and path frames name no message of ours: one at a time keeps every answer
+        // attributable.
+        (mode, _) if mode.one_at_a_time() => 1,
         (_, Pace::Closed { window }) => window
             .min(welcome.max_in_flight_per_client.unwrap_or(usize::MAX))
             .max(1),
@@ -227,7 +228,7 @@ enum Command {
         kind: MessageType,
         at: Instant,
     },
-    /// Answer the legacy server's heartbeat ping.
+    /// Answer the server's heartbeat ping (legacy, path).
     Pong,
     Close,
 }
@@ -327,7 +328,10 @@ impl Writer {
                 command = self.commands.recv() => match command {
                     Some(Command::Resend { key, kind, at }) => self.resends.push_back((at, key, kind)),
                     Some(Command::Pong) => {
-                        let pong = to_json(&legacy::heartbeat_pong());
+                        let pong = match self.mode {
+                            Mode::Path => to_json(&path::ClientFrame::check(path::PONG)),
+                            _ => to_json(&legacy::heartbeat_pong()),
+                        };
                         if sink.send(Message::text(pong)).await.is_err() {
                             break;
                         }
@@ -398,7 +402,9 @@ impl Writer {
         let now = Utc::now();
         let expectation = match self.mode {
             Mode::Echo => Expectation::Accept,
-            Mode::Native | Mode::Legacy => self.windows.expect(kind, self.timezone, now),
+            Mode::Native | Mode::Legacy | Mode::Path => {
+                self.windows.expect(kind, self.timezone, now)
+            }
         };
         let frame = frame(self.mode, &key, kind, &self.samples, now);
         self.notes
@@ -450,6 +456,15 @@ pub fn frame(
             filename,
             timestamp,
             ..legacy::ClientFrame::default()
+        }),
+        // Media as files (base64 with a filename, kaiwa's addition to the dialect): text under
+        // a media type would be a note, which is rejected whatever the hour.
+        Mode::Path => to_json(&path::ClientFrame {
+            kind: Some(kind.as_str().to_owned()),
+            content: Some(content),
+            filename,
+            timestamp,
+            ..path::ClientFrame::default()
         }),
     }
 }
@@ -540,10 +555,10 @@ impl Reader {
         Ended::Closed
     }
 
-    /// Whether replies were processed that the server has not been told of. The legacy
-    /// protocol has no acknowledgements.
+    /// Whether replies were processed that the server has not been told of. The legacy and
+    /// path protocols have no acknowledgements.
     fn owes_ack(&self, ledger: &Ledger) -> bool {
-        self.mode != Mode::Legacy && ledger.stream_position() > *self.acks.borrow()
+        !self.mode.one_at_a_time() && ledger.stream_position() > *self.acks.borrow()
     }
 
     fn acknowledge(&self, ledger: &Ledger) {
@@ -685,6 +700,68 @@ impl Reader {
                         Effect::Nothing
                     }
                 }
+            }
+            Mode::Path => self.path_frame(ledger, text, at),
+        }
+    }
+
+    /// Hands one path dialect frame to the ledger: a reply, a rejection or a refusal of the
+    /// one message outstanding (each names its stored id, a kaiwa addition), or the heartbeat.
+    fn path_frame(&mut self, ledger: &mut Ledger, text: &str, at: std::time::Instant) -> Effect {
+        let Ok(frame) = serde_json::from_str::<path::ServerFrame>(text) else {
+            ledger.problem(Problem::MalformedFrame);
+            return Effect::Nothing;
+        };
+        match frame {
+            path::ServerFrame::Check { check_connection } => {
+                if check_connection == path::PING {
+                    self.commands.send(Command::Pong).ok();
+                }
+                Effect::Nothing
+            }
+            path::ServerFrame::Answer(answer) => {
+                let observed = match (answer.reply_id, answer.status, answer.code) {
+                    (Some(reply_id), _, _) => match ReplyType::parse(&answer.kind) {
+                        Some(reply_type) => Observed::Reply {
+                            reply_id,
+                            reply_type,
+                        },
+                        None => {
+                            ledger.problem(Problem::MalformedFrame);
+                            return Effect::Nothing;
+                        }
+                    },
+                    (None, Some(MessageStatus::Rejected), _) => Observed::Ack {
+                        status: MessageStatus::Rejected,
+                        duplicate: false,
+                        message_id: answer.message_id.unwrap_or_default(),
+                    },
+                    (None, _, Some(code)) => {
+                        return ledger.observe_legacy(
+                            None,
+                            Observed::Error {
+                                code,
+                                retry_after: answer.retry_after_ms.map(Duration::from_millis),
+                            },
+                            at,
+                        );
+                    }
+                    _ => {
+                        ledger.problem(Problem::MalformedFrame);
+                        return Effect::Nothing;
+                    }
+                };
+                ledger.observe_legacy(answer.message_id, observed, at)
+            }
+            path::ServerFrame::Error(failure) => {
+                let code = failure.code.unwrap_or(ErrorCode::Internal);
+                ledger.problem(Problem::Error(code.as_str().to_owned()));
+                Effect::Nothing
+            }
+            // A greeting or a notice once connected: nothing we asked for.
+            path::ServerFrame::Notice(_) => {
+                ledger.problem(Problem::UnexpectedFrame);
+                Effect::Nothing
             }
         }
     }

@@ -9,7 +9,7 @@ use crate::plan::{self, ClientPlan, Mix};
 use crate::report::{Live, Problem};
 use crate::windows::Windows;
 use futures::{SinkExt, StreamExt};
-use kaiwa_protocol::{ErrorCode, legacy, native};
+use kaiwa_protocol::{ErrorCode, legacy, native, path};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -169,30 +169,39 @@ pub async fn connect_after(
 }
 
 async fn connect_inner(url: &str, mode: Mode, plan: &ClientPlan, after: Option<u64>) -> Attempt {
-    let mut ws = match open(url, mode == Mode::Native, plan.source).await {
+    let url = match mode {
+        Mode::Path => path_url(url, plan),
+        _ => url.to_owned(),
+    };
+    let mut ws = match open(&url, mode == Mode::Native, plan.source).await {
         Ok(ws) => ws,
         // Like a full server's 1013: come back after a backoff.
         Err(OpenError::TooManyHandshakes) => return Attempt::Refused(TRY_AGAIN_LATER),
         Err(OpenError::Failed(err)) => return Attempt::Transport(err),
     };
     let hello = match mode {
-        Mode::Native | Mode::Echo => to_json(&native::ClientFrame::Hello(native::Hello {
+        Mode::Native | Mode::Echo => Some(to_json(&native::ClientFrame::Hello(native::Hello {
             client_id: Some(plan.client_id.clone()),
             timezone: Some(plan.timezone.name().to_owned()),
             resume: false,
             after,
             token: plan.token.clone(),
-        })),
-        Mode::Legacy => to_json(&legacy::ClientFrame {
+        }))),
+        Mode::Legacy => Some(to_json(&legacy::ClientFrame {
             client_id: Some(plan.client_id.clone()),
             timezone: Some(plan.timezone.name().to_owned()),
             token: plan.token.clone(),
             ..legacy::ClientFrame::default()
-        }),
+        })),
+        // The URL said it all.
+        Mode::Path => None,
     };
     // A full server closes right after the upgrade, so this write may fail; its close frame
     // is still there to read.
-    let sent = ws.send(Message::text(hello)).await;
+    let sent = match hello {
+        Some(hello) => ws.send(Message::text(hello)).await,
+        None => Ok(()),
+    };
     // A refusal is an error frame, then the close whose code says whether to come back: the
     // error says why, the close code decides.
     let mut refusal: Option<ErrorCode> = None;
@@ -257,8 +266,36 @@ async fn connect_inner(url: &str, mode: Mode, plan: &ClientPlan, after: Option<u
                 Ok(frame) if frame.kind == legacy::FrameKind::Heartbeat => continue,
                 _ => return Attempt::Failed(Problem::UnexpectedFrame),
             },
+            Mode::Path => match serde_json::from_str::<path::ServerFrame>(&text) {
+                Ok(path::ServerFrame::Notice(notice)) if notice.message == path::CONNECTED => {
+                    return Attempt::Ready(Box::new(ws), Welcome::default());
+                }
+                Ok(path::ServerFrame::Error(failure)) => {
+                    refusal = Some(failure.code.unwrap_or(ErrorCode::Internal));
+                }
+                Ok(path::ServerFrame::Check { .. }) => continue,
+                _ => return Attempt::Failed(Problem::UnexpectedFrame),
+            },
         }
     }
+}
+
+/// Where a path dialect client connects: the endpoint given (`ws://host/ws`, or the server's
+/// root) with the client id as one more segment, its timezone and, with auth on, its token in
+/// the query.
+pub fn path_url(url: &str, plan: &ClientPlan) -> String {
+    // Ids and tokens are plain URL characters; a timezone may hold a `+` (`Etc/GMT+5`).
+    let timezone = plan.timezone.name().replace('+', "%2B");
+    let mut url = format!(
+        "{}/{}?timezone={timezone}",
+        url.trim_end_matches('/'),
+        plan.client_id
+    );
+    if let Some(token) = &plan.token {
+        url.push_str("&token=");
+        url.push_str(token);
+    }
+    url
 }
 
 /// What the tool records for an upgrade refused for now (HTTP 429): "try again later".
@@ -271,4 +308,39 @@ pub(crate) const NO_STATUS: u16 = 1005;
 pub(crate) fn to_json<T: serde::Serialize>(frame: &T) -> String {
     // Plain data types: serializing cannot fail.
     serde_json::to_string(frame).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(timezone: chrono_tz::Tz, token: Option<&str>) -> ClientPlan {
+        ClientPlan {
+            index: 0,
+            client_id: "load-1a2b-0".into(),
+            timezone,
+            messages: Some(1),
+            source: None,
+            seed: 1,
+            token: token.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_path_client_adds_its_id_to_the_endpoint_and_says_its_timezone_in_the_query() {
+        let tokyo = plan(chrono_tz::Asia::Tokyo, None);
+        assert_eq!(
+            path_url("ws://127.0.0.1:8082/ws", &tokyo),
+            "ws://127.0.0.1:8082/ws/load-1a2b-0?timezone=Asia/Tokyo"
+        );
+        assert_eq!(
+            path_url("ws://127.0.0.1:8082/", &tokyo),
+            "ws://127.0.0.1:8082/load-1a2b-0?timezone=Asia/Tokyo"
+        );
+        let offset = plan(chrono_tz::Etc::GMTPlus5, Some("a.b.c"));
+        assert_eq!(
+            path_url("ws://h/ws", &offset),
+            "ws://h/ws/load-1a2b-0?timezone=Etc/GMT%2B5&token=a.b.c"
+        );
+    }
 }

@@ -27,6 +27,9 @@ pub enum Mode {
     /// The Python server's frames: replies or a rejection, no ack and no statuses. They name no
     /// client message id, so a legacy client keeps one message outstanding at a time.
     Legacy,
+    /// The path dialect (the second Python system's clients: the id in the URL, `type`/`content`
+    /// frames): accounted as legacy, one message outstanding at a time.
+    Path,
     /// A bare echo server: each frame comes back once, unchanged.
     Echo,
 }
@@ -36,8 +39,15 @@ impl Mode {
         match self {
             Self::Native => "native",
             Self::Legacy => "legacy",
+            Self::Path => "path",
             Self::Echo => "echo",
         }
+    }
+
+    /// Whether its frames name no message of the client's: then a client keeps one message
+    /// outstanding, learns of acceptance from the first reply, and acknowledges nothing.
+    pub fn one_at_a_time(self) -> bool {
+        matches!(self, Self::Legacy | Self::Path)
     }
 }
 
@@ -340,7 +350,7 @@ impl Ledger {
 
     /// Records a send. Sending a key again (after `busy`) is a resend, not a new message.
     pub fn sent(&mut self, sent: Sent) {
-        if self.mode == Mode::Legacy {
+        if self.mode.one_at_a_time() {
             self.current = Some(sent.key.clone());
         }
         if let Some(t) = self.messages.get_mut(&sent.key) {
@@ -433,7 +443,7 @@ impl Ledger {
         self.apply(key, observed, at)
     }
 
-    /// A legacy frame: it names the stored message id (kaiwa adds it) or nothing, so it belongs
+    /// A legacy or path frame: it names the stored message id (kaiwa adds it) or nothing, so it belongs
     /// to the message that id was first seen with, or else to the one outstanding message.
     pub fn observe_legacy(
         &mut self,
@@ -588,7 +598,7 @@ impl Ledger {
                     problems.push(Problem::UnexpectedFrame);
                 } else {
                     if t.accepted.is_none() {
-                        if mode == Mode::Legacy {
+                        if mode.one_at_a_time() {
                             // A legacy client learns of acceptance from the first reply.
                             problems.extend(judge(t, true));
                             t.accepted = Some(true);
@@ -728,7 +738,7 @@ fn is_complete(mode: Mode, t: &Tracked, connection: u32) -> bool {
     }
     match mode {
         Mode::Native => (t.processing > 0 && t.replied > 0) || t.crossed(connection),
-        Mode::Legacy | Mode::Echo => true,
+        Mode::Legacy | Mode::Path | Mode::Echo => true,
     }
 }
 

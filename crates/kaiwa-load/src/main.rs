@@ -2,7 +2,7 @@
 //! writes its JSON), and exits non-zero when anything was lost or wrong.
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use kaiwa_load::auth::{AUTH_SECRET_ENV, AuthError, Minter, TokenSettings};
 use kaiwa_load::connections::{self, ConnectionsConfig};
 use kaiwa_load::plan::Mix;
@@ -140,12 +140,20 @@ struct MessageArgs {
     /// is measured from each message's scheduled time, so a slow server cannot hide it.
     #[arg(long)]
     rate: Option<f64>,
-    /// Speak the Python server's frames (one message outstanding per client).
+    /// Speak the Python server's frames (one message outstanding per client); the same as
+    /// --dialect legacy.
     #[arg(long, conflicts_with = "echo")]
     legacy: bool,
-    /// Expect every frame back unchanged (against kaiwa-echo, the baseline).
+    /// Expect every frame back unchanged (against kaiwa-echo, the baseline); the same as
+    /// --dialect echo.
     #[arg(long)]
     echo: bool,
+    /// The protocol the clients speak [default: native]. `path` is the second Python system's:
+    /// each client connects to the --url with `/<client id>?timezone=<its zone>` added (to
+    /// `ws://host/ws` or to the server's root), sends no handshake frame, and keeps one message
+    /// outstanding.
+    #[arg(long, value_enum, conflicts_with_all = ["legacy", "echo"])]
+    dialect: Option<Dialect>,
     /// Without --rate: unanswered messages per client (the server's own limit caps it).
     #[arg(long, default_value_t = 32)]
     window: usize,
@@ -165,6 +173,19 @@ struct MessageArgs {
     /// longest time without replies; anything acked but not fully replied is still lost.
     #[arg(long, conflicts_with_all = ["legacy", "echo"])]
     reconnect: bool,
+}
+
+/// What `--dialect` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Dialect {
+    /// `kaiwa.v1`.
+    Native,
+    /// The first Python server's frames on `/ws`.
+    Legacy,
+    /// The second Python system's: the client id in the URL.
+    Path,
+    /// kaiwa-echo, the baseline.
+    Echo,
 }
 
 #[derive(Debug, Args)]
@@ -311,9 +332,10 @@ fn main() -> anyhow::Result<ExitCode> {
 
 async fn messages(scenario: &str, args: MessageArgs) -> anyhow::Result<ExitCode> {
     let spec = scenario == "spec";
-    let mode = match (args.legacy, args.echo) {
-        (true, _) => Mode::Legacy,
-        (_, true) => Mode::Echo,
+    let mode = match (args.legacy, args.echo, args.dialect) {
+        (true, _, _) | (_, _, Some(Dialect::Legacy)) => Mode::Legacy,
+        (_, true, _) | (_, _, Some(Dialect::Echo)) => Mode::Echo,
+        (_, _, Some(Dialect::Path)) => Mode::Path,
         _ => Mode::Native,
     };
     let (default_clients, default_mix) = if spec {
@@ -330,9 +352,10 @@ async fn messages(scenario: &str, args: MessageArgs) -> anyhow::Result<ExitCode>
             duration = Some(Duration::from_secs(10));
         }
     }
-    if mode == Mode::Legacy && args.rate.is_some() {
+    if mode.one_at_a_time() && args.rate.is_some() {
         bail!(
-            "--rate needs the native protocol: legacy frames name no message, so a legacy client waits for each answer"
+            "--rate needs the native protocol: {} frames name no message, so such a client waits for each answer",
+            mode.name()
         );
     }
     let config = LoadConfig {

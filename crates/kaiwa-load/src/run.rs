@@ -104,10 +104,10 @@ pub async fn run(config: LoadConfig) -> Result<Summary, LoadError> {
         }
     });
 
-    // Legacy frames carry no windows; a native probe asks the server for its own. The gateways
-    // of a cluster share one configuration, so the first speaks for all.
+    // Legacy and path frames carry no windows; a native probe asks the server for its own. The
+    // gateways of a cluster share one configuration, so the first speaks for all.
     let windows = match config.mode {
-        Mode::Legacy => Some(
+        Mode::Legacy | Mode::Path => Some(
             probe_windows(first_url, config.seed, config.auth.as_deref())
                 .await
                 .unwrap_or_default(),

@@ -164,6 +164,34 @@ async fn legacy_clients_are_accounted_from_replies_and_rejections_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spec_scenario_runs_in_the_path_dialect_with_the_id_in_the_url() {
+    // Five slots for twenty clients: a path client refused as the server is full waits too.
+    // Heartbeats every 50 ms: each client reads PINGs between its answers, and answers them.
+    let server = Server::start(&[
+        "--max-clients",
+        "5",
+        "--reply-delay-scale",
+        "0.01",
+        "--heartbeat-interval",
+        "0.05",
+    ])
+    .await;
+    let summary = kaiwa_load::run(config(server.url(), Mode::Path, 20, 100))
+        .await
+        .expect("the run completes");
+    assert!(summary.ok, "{}", summary.table());
+    assert_eq!((summary.sent, summary.completed), (100, 100));
+    assert_eq!(summary.clients_sent, 20, "every client sent a message");
+    assert!(summary.refusals > 0, "the client limit was hit");
+    assert!(summary.max_concurrent <= 5, "{}", summary.max_concurrent);
+    assert!(
+        summary.by_type.contains_key("video"),
+        "media types are sent, as files"
+    );
+    assert_eq!(summary.protocol, "path");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_loop_run_sends_on_schedule_and_loses_nothing() {
     let server = Server::start(&["--reply-delay-scale", "0"]).await;
     let mut config = config(server.url(), Mode::Native, 4, 40);

@@ -102,7 +102,9 @@ fn object_only<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Data
 /// Accepts a string, a number or a boolean as text, and `null` as absent: the clients in the wild
 /// are not consistent about ids and timestamps. An array or an object is refused as soon as it
 /// starts, without reading (or echoing) it.
-fn lenient_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+pub(crate) fn lenient_string<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
     struct Lenient;
 
     impl<'de> serde::de::Visitor<'de> for Lenient {

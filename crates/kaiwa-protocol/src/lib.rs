@@ -5,6 +5,9 @@
 //! - [`native`]: `kaiwa.v1`, chosen with the `Sec-WebSocket-Protocol` header or a `hello` first
 //!   frame, with client message ids, acks, status updates, binary media and resume.
 //!
+//! A third, [`path`], is the dialect of the other Python system kaiwa replaces: its clients
+//! connect to `/<client_id>` (or `/ws/<client_id>`) and send no handshake frame.
+//!
 //! This crate holds data only (serde types and small pure helpers), so the server, the load tool
 //! and any Rust client can share it without pulling in a runtime.
 
@@ -14,6 +17,7 @@ pub mod history;
 pub mod legacy;
 mod model;
 pub mod native;
+pub mod path;
 
 pub use close::{CloseCode, reconnects};
 pub use error::ErrorCode;

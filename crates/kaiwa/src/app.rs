@@ -382,7 +382,11 @@ impl Application {
         let router = match &gateway {
             Some(gateway) => Router::new()
                 .merge(gateway::router(gateway.clone()))
-                .merge(http::router(http_state)),
+                .merge(http::router(http_state))
+                .layer(axum::middleware::from_fn_with_state(
+                    gateway.clone(),
+                    gateway::path_upgrades,
+                )),
             // A worker answers operators only, under the same rules as a gateway.
             None => http::operator_router(http_state),
         }

@@ -2,7 +2,7 @@
 //! `.env` file into the environment first. Every value is validated at start.
 
 use crate::admission::{ContentLimits, Windows, parse_bytes};
-use crate::domain::Networks;
+use crate::domain::{Networks, Timezone};
 use crate::flags::{Secret, parse_seconds};
 use crate::store::{DEFAULT_SQLITE_CACHE_MIB, Durability};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -518,6 +518,11 @@ pub struct SessionConfig {
     /// What a second connection with a live client id gets (R15).
     #[arg(long, env = "KAIWA_DUPLICATE_CONNECTION", value_enum, default_value_t = DuplicatePolicy::Refuse)]
     pub duplicate_connection: DuplicatePolicy,
+
+    /// IANA timezone of clients that do not say theirs: those of the path dialect
+    /// (`/<client_id>`) that connect without `?timezone=`. Every other client must name one.
+    #[arg(long, env = "KAIWA_DEFAULT_TIMEZONE", default_value = "UTC", value_parser = Timezone::parse)]
+    pub default_timezone: Timezone,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

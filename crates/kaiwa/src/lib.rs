@@ -41,6 +41,7 @@ pub mod store;
 pub mod telemetry;
 #[cfg(test)]
 mod testing;
+mod url;
 pub mod worker;
 
 pub use app::Application;

@@ -22,7 +22,7 @@ use crate::store::{
     Existing, Inserted, MediaStore, NewMessage, Store, StoreError, StoreFuture, StoredMessage,
 };
 use chrono::{DateTime, Utc};
-use kaiwa_protocol::MessageStatus;
+use kaiwa_protocol::{MessageStatus, MessageType};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
@@ -118,6 +118,18 @@ pub struct Ticket {
     slot: InFlightSlot,
 }
 
+/// Why a text note sent under a media type is rejected, whatever the hour: a voice or video
+/// message is a file, checked by its bytes and kept on disk (R7), and a note has none.
+fn note_refused(kind: MessageType) -> String {
+    let (capital, article) = match kind {
+        MessageType::Image => ("An", "an"),
+        _ => ("A", "a"),
+    };
+    format!(
+        "{capital} {kind} message carries {article} {kind} file, and this one carries text only: it was not taken as {kind}. Send the text with type text, or the file in base64 with a filename."
+    )
+}
+
 impl Admission {
     pub fn new(
         limits: ContentLimits,
@@ -162,9 +174,12 @@ impl Admission {
             Ok(draft) => draft,
             Err(invalid) => return Admitting::Decided(Outcome::Invalid(invalid)),
         };
-        let verdict = self
-            .windows
-            .judge(draft.kind, sender.timezone.tz(), received_at);
+        let verdict = match draft.body {
+            Body::Note(_) => Err(note_refused(draft.kind)),
+            _ => self
+                .windows
+                .judge(draft.kind, sender.timezone.tz(), received_at),
+        };
         let slot = match verdict {
             Ok(()) => match self
                 .in_flight
@@ -183,6 +198,9 @@ impl Admission {
         let kind = draft.kind;
         let (content, upload) = match draft.body {
             Body::Text(text) => (text, None),
+            // The content of a media message is its file, and a note has none: kept like a
+            // refused file (not at all), so every reader of the history sees what it expects.
+            Body::Note(_) => (String::new(), None),
             // Files of rejected messages are not kept: the client still has them, and the
             // history shows the name of the file that was refused.
             Body::Media(upload) if slot.is_none() => (String::new(), Some(upload)),

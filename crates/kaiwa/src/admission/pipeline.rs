@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, FuturesUnordered};
+use kaiwa_protocol::MessageType;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -19,6 +20,8 @@ use tokio_util::task::TaskTracker;
 pub struct Settled {
     /// The client's own id of the message (native clients).
     pub id: Option<String>,
+    /// Its type, when it names a known one: the path dialect answers a message with its type.
+    pub message_type: Option<MessageType>,
     /// The server's clock at receipt: the time its window was judged by.
     pub received_at: DateTime<Utc>,
     pub verdict: Verdict,
@@ -70,6 +73,7 @@ struct Queued {
 /// A message handed to the store (or decided without it), waiting to be settled.
 struct Admitted {
     id: Option<String>,
+    message_type: Option<MessageType>,
     received_at: DateTime<Utc>,
     admitting: Admitting,
 }
@@ -77,6 +81,7 @@ struct Admitted {
 /// A message whose fate the store has decided.
 struct Decided {
     id: Option<String>,
+    message_type: Option<MessageType>,
     received_at: DateTime<Utc>,
     outcome: Outcome,
 }
@@ -115,9 +120,11 @@ impl Pipeline {
     /// finds a permit; one that does not is answered `busy`.
     pub fn submit(&mut self, submission: Submission, received_at: DateTime<Utc>) {
         let id = submission.client_message_id.clone();
+        let message_type = submission.kind();
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             (self.answer)(Settled {
                 id,
+                message_type,
                 received_at,
                 verdict: Verdict::Busy {
                     retry_after: Duration::from_secs(1),
@@ -145,6 +152,7 @@ impl Pipeline {
             tracing::error!(client_id = %self.sender.client_id, "the admission task of this client has stopped; message not admitted");
             (self.answer)(Settled {
                 id,
+                message_type,
                 received_at,
                 verdict: Verdict::Failed(AdmissionError::Stopped),
             });
@@ -191,12 +199,12 @@ impl Task {
                     admitting = None;
                     let admission = self.admission.clone();
                     settling.push_back(Box::pin(async move {
-                        let Admitted { id, received_at, admitting } = admitted;
+                        let Admitted { id, message_type, received_at, admitting } = admitted;
                         let outcome = match admitting {
                             Admitting::Decided(outcome) => outcome,
                             Admitting::Storing(storing) => admission.settle(storing).await,
                         };
-                        Decided { id, received_at, outcome }
+                        Decided { id, message_type, received_at, outcome }
                     }));
                 }
                 queued = queue.recv(), if open && admitting.is_none() => match queued {
@@ -220,11 +228,13 @@ impl Task {
                 permit,
             } = queued;
             let id = submission.client_message_id.clone();
+            let message_type = submission.kind();
             let admitting = admission
                 .admit(&sender, submission, received_at, Some(permit))
                 .await;
             Admitted {
                 id,
+                message_type,
                 received_at,
                 admitting,
             }
@@ -235,11 +245,13 @@ impl Task {
     fn answer(&self, decided: Decided) -> Option<BoxFuture<'static, ()>> {
         let Decided {
             id,
+            message_type,
             received_at,
             outcome,
         } = decided;
         let settled = |verdict| Settled {
             id: id.clone(),
+            message_type,
             received_at,
             verdict,
         };
@@ -335,6 +347,7 @@ mod tests {
             filename: None,
             client_timestamp: None,
             binary: None,
+            text_notes: false,
         }
     }
 

@@ -86,6 +86,16 @@ pub struct Submission {
     pub client_timestamp: Option<String>,
     /// The file, when it came as a binary frame rather than base64 in `content`.
     pub binary: Option<Bytes>,
+    /// Whether a media message without a file name is a text note: the path dialect's clients
+    /// send text under every type. Elsewhere such a message lacks its file name.
+    pub text_notes: bool,
+}
+
+impl Submission {
+    /// Its type, if it names a known one.
+    pub fn kind(&self) -> Option<MessageType> {
+        MessageType::parse(self.message_type.as_deref()?.trim())
+    }
 }
 
 /// A message that passed validation and awaits its window verdict.
@@ -101,6 +111,10 @@ pub struct Draft {
 pub enum Body {
     Text(String),
     Media(Upload),
+    /// Text sent under a media type (the path dialect): not the file its type is for, so it
+    /// is stored as rejected, with the reason (R6, R7), and without its text, as a refused
+    /// file is stored without its bytes.
+    Note(String),
 }
 
 #[derive(Debug)]
@@ -178,7 +192,13 @@ impl ContentLimits {
         let raw_type = submission.message_type.ok_or(Invalid::MissingType)?;
         let kind = MessageType::parse(raw_type.trim())
             .ok_or_else(|| Invalid::UnknownType(raw_type.chars().take(32).collect()))?;
-        let body = if kind.is_media() {
+        let note = kind.is_media()
+            && submission.text_notes
+            && submission.binary.is_none()
+            && submission.filename.is_none();
+        let body = if note {
+            Body::Note(self.text(submission.content)?)
+        } else if kind.is_media() {
             Body::Media(self.upload(
                 kind,
                 submission.filename,
@@ -397,6 +417,45 @@ mod tests {
         assert_eq!(
             code(submit("image", &big, Some("a.png"))),
             Some(ErrorCode::MediaTooLarge)
+        );
+    }
+
+    #[test]
+    fn media_without_a_file_is_a_note_only_where_the_dialect_sends_notes() {
+        let note = |text_notes: bool, filename: Option<&str>| {
+            limits().validate(Submission {
+                message_type: Some("voice".into()),
+                content: Some("hello".into()),
+                filename: filename.map(Into::into),
+                text_notes,
+                ..Submission::default()
+            })
+        };
+        assert!(matches!(
+            note(true, None),
+            Ok(Draft {
+                body: Body::Note(_),
+                ..
+            })
+        ));
+        assert_eq!(
+            note(false, None).err(),
+            Some(Invalid::MissingFilename(MessageType::Voice))
+        );
+        assert_eq!(
+            note(true, Some("a.wav")).err().map(|e| e.code()),
+            Some(ErrorCode::InvalidBase64),
+            "with a file name, content is the file"
+        );
+        let long = limits().validate(Submission {
+            message_type: Some("video".into()),
+            content: Some("x".repeat(11)),
+            text_notes: true,
+            ..Submission::default()
+        });
+        assert_eq!(
+            long.err(),
+            Some(Invalid::TextTooLong { chars: 11, max: 10 })
         );
     }
 

@@ -13,6 +13,7 @@ pub mod config;
 pub use config::{AuthConfig, KeyConfig, TokenArgs};
 
 use crate::domain::ClientId;
+use crate::url;
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 use base64::Engine as _;
@@ -459,38 +460,9 @@ pub fn upgrade_token(headers: &HeaderMap, query: Option<&str>) -> Result<Option<
     if bearer_scheme && let Some(token) = bearer(headers)? {
         return Ok(Some(token));
     }
-    let from_query = query.and_then(|query| {
-        query.split('&').find_map(|pair| {
-            let (name, value) = pair.split_once('=')?;
-            (name == "token").then(|| percent_decode(value))
-        })
-    });
+    // A JWT is base64url and dots, but a client may escape it anyway.
+    let from_query = query.and_then(|query| url::query_param(query, "token", url::Plus::Space));
     Ok(from_query.filter(|token| !token.is_empty()).map(Token::new))
-}
-
-/// Undoes `%XX` escapes (a JWT is base64url and dots, but a client may escape anyway).
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    while at < bytes.len() {
-        let escaped = (bytes[at] == b'%')
-            .then(|| bytes.get(at + 1..at + 3))
-            .flatten()
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match escaped {
-            Some(byte) => {
-                out.push(byte);
-                at += 3;
-            }
-            None => {
-                out.push(if bytes[at] == b'+' { b' ' } else { bytes[at] });
-                at += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `kaiwa token`: a token for `--client-id`, good for `--ttl` from now (the system's clock),

@@ -1,13 +1,13 @@
-//! What a client asks for: every frame read from a connection, in either protocol, becomes one
+//! What a client asks for: every frame read from a connection, in any protocol, becomes one
 //! [`Command`], which the session then applies. This is the only place that knows how each
 //! protocol spells its requests.
 
-use super::wire::Protocol;
+use super::wire::{About, Protocol};
 use crate::admission::{self, Submission};
 use crate::auth::Token;
 use axum::extract::ws::Message;
 use bytes::Bytes;
-use kaiwa_protocol::{ErrorCode, legacy, native};
+use kaiwa_protocol::{ErrorCode, MessageType, legacy, native, path};
 
 #[derive(Debug, PartialEq)]
 pub(super) enum Command {
@@ -17,7 +17,8 @@ pub(super) enum Command {
     Announce(Submission),
     /// A binary frame: the file of the announced message, if one was announced.
     File(Bytes),
-    /// An application-level ping (legacy `heartbeat` ping, native `ping`): answered with a pong.
+    /// An application-level ping (legacy `heartbeat` ping, native `ping`, path
+    /// `check_connection`): answered with a pong.
     Ping { nonce: Option<u64> },
     /// Nothing to do but note that the client is alive: a heartbeat answer, a WebSocket ping or
     /// pong, a repeated legacy handshake.
@@ -32,8 +33,8 @@ pub(super) enum Command {
     Refuse {
         code: ErrorCode,
         message: String,
-        /// The client's id of the message concerned, when the frame named one.
-        id: Option<String>,
+        /// The message concerned, as far as the frame named one.
+        about: About,
     },
     /// The client closed the connection.
     Close,
@@ -46,6 +47,7 @@ impl Command {
             Message::Text(text) => match protocol {
                 Protocol::Legacy => Self::from_legacy(&text),
                 Protocol::Native => Self::from_native(&text),
+                Protocol::Path => Self::from_path(&text),
             },
             Message::Binary(bytes) => Self::File(bytes),
             Message::Ping(_) | Message::Pong(_) => Self::Alive,
@@ -98,6 +100,7 @@ impl Command {
             filename: frame.filename,
             client_timestamp: frame.timestamp,
             binary: None,
+            text_notes: false,
         })
     }
 
@@ -121,6 +124,7 @@ impl Command {
                     filename: frame.filename,
                     client_timestamp: frame.timestamp,
                     binary: None,
+                    text_notes: false,
                 };
                 if frame.binary {
                     Self::Announce(submission)
@@ -154,6 +158,60 @@ impl Command {
         }
     }
 
+    /// The path dialect: `{"type": ..., "content": ...}` messages (also encoded twice), and
+    /// `check_connection` heartbeats. A message's `type` is its message type, so an unknown one
+    /// is refused here, in the words of this dialect; anything else goes to admission.
+    fn from_path(text: &str) -> Self {
+        let frame = match path::ClientFrame::parse(text) {
+            Ok(frame) => frame,
+            Err(err) => return Self::unreadable(&err, None),
+        };
+        let Some(kind) = frame.kind else {
+            return match frame.check_connection.as_deref().map(str::trim) {
+                Some(word) if word.eq_ignore_ascii_case(path::PING) => Self::Ping { nonce: None },
+                Some(word) if word.eq_ignore_ascii_case(path::PONG) => Self::Alive,
+                Some(_) => Self::refuse(
+                    ErrorCode::BadFrame,
+                    r#"check_connection must be "PING" or "PONG""#.into(),
+                    None,
+                ),
+                None => Self::refuse(
+                    ErrorCode::UnknownMessageType,
+                    r#"a message needs "type" (text, voice or video) and "content""#.into(),
+                    None,
+                ),
+            };
+        };
+        if kind == "refresh" {
+            return Self::Refresh {
+                token: frame.token.map(Token::new),
+            };
+        }
+        if MessageType::parse(kind.trim()).is_none() {
+            let message = format!(
+                "unknown type {:?}: use text, voice or video (or image, with a filename)",
+                kind.chars().take(32).collect::<String>()
+            );
+            return Self::Refuse {
+                code: ErrorCode::UnknownMessageType,
+                message,
+                about: About {
+                    id: None,
+                    message_type: Some(kind.into()),
+                },
+            };
+        }
+        Self::Send(Submission {
+            client_message_id: None,
+            message_type: Some(kind),
+            content: frame.content,
+            filename: frame.filename,
+            client_timestamp: frame.timestamp,
+            binary: None,
+            text_notes: true,
+        })
+    }
+
     /// Not JSON at all, or JSON of the wrong shape: two different mistakes, told apart.
     fn unreadable(err: &serde_json::Error, id: Option<String>) -> Self {
         match err.classify() {
@@ -169,7 +227,11 @@ impl Command {
     }
 
     fn refuse(code: ErrorCode, message: String, id: Option<String>) -> Self {
-        Self::Refuse { code, message, id }
+        Self::Refuse {
+            code,
+            message,
+            about: About::id(id),
+        }
     }
 }
 
@@ -246,6 +308,59 @@ mod tests {
                 }
             );
         }
+    }
+
+    fn path(text: &str) -> Command {
+        Command::from_frame(Protocol::Path, Message::Text(text.into()))
+    }
+
+    #[test]
+    fn the_path_dialect_reads_messages_once_or_twice_encoded_and_its_heartbeats() {
+        let Command::Send(once) = path(r#"{"type": "video", "content": "hello"}"#) else {
+            panic!("a path message");
+        };
+        assert_eq!(once.message_type.as_deref(), Some("video"));
+        assert_eq!(once.content.as_deref(), Some("hello"));
+        assert!(once.text_notes, "its media types carry text");
+        let twice = serde_json::to_string(r#"{"type": "video", "content": "hello"}"#)
+            .expect("a JSON string");
+        assert_eq!(path(&twice), Command::Send(once));
+        assert_eq!(
+            path(r#"{"check_connection": "PING"}"#),
+            Command::Ping { nonce: None }
+        );
+        assert_eq!(path(r#"{"check_connection": "PONG"}"#), Command::Alive);
+        assert_eq!(
+            path(r#"{"type": "refresh", "token": "a.b.c"}"#),
+            Command::Refresh {
+                token: Some(Token::new("a.b.c"))
+            }
+        );
+    }
+
+    #[test]
+    fn path_frames_that_ask_for_nothing_valid_say_why_and_repeat_the_type_they_named() {
+        let Command::Refuse {
+            code: refused,
+            about,
+            ..
+        } = path(r#"{"type": "sticker", "content": "hi"}"#)
+        else {
+            panic!("refused");
+        };
+        assert_eq!(refused, ErrorCode::UnknownMessageType);
+        assert_eq!(about.message_type.as_deref(), Some("sticker"));
+        assert_eq!(
+            code(&path(r#"{"content": "no type"}"#)),
+            Some(ErrorCode::UnknownMessageType)
+        );
+        assert_eq!(
+            code(&path(r#"{"check_connection": "HELLO"}"#)),
+            Some(ErrorCode::BadFrame)
+        );
+        assert_eq!(code(&path("not json")), Some(ErrorCode::MalformedJson));
+        assert_eq!(code(&path(r#""[1]""#)), Some(ErrorCode::BadFrame));
+        assert_eq!(code(&path("[1, 2]")), Some(ErrorCode::BadFrame));
     }
 
     #[test]

@@ -5,14 +5,14 @@
 
 use super::Gateway;
 use super::cluster::ClusterSlot;
-use super::handshake::{self, Credentials, HandshakeError, Hello, Resume};
+use super::handshake::{self, Credentials, HandshakeError, Hello, Opening, Resume};
 use super::outbox::{Closing, Outbox, Outgoing, Writer};
 use super::refusal::{CLOSE_REPLY_TIMEOUT, Refusal};
 use super::registry::{Duplicate, Liveness, SessionHandle};
 use super::session::{Ending, Session};
 use super::strangers::Pass;
 use super::stream::ReplyStream;
-use super::wire::{Protocol, close_frame};
+use super::wire::{About, Protocol, close_frame};
 use crate::admission::ConnectionSlot;
 use crate::auth::Claims;
 use crate::config::DuplicatePolicy;
@@ -39,8 +39,9 @@ const RELEASE_WAIT: Duration = Duration::from_secs(2);
 
 /// An upgraded connection, as the upgrade request left it.
 pub(crate) struct Arrival {
-    /// Whether the client chose `kaiwa.v1` in the upgrade request.
-    pub native: bool,
+    /// How it says who it is: with a first frame (and whether it chose `kaiwa.v1`), or with
+    /// its URL (the path dialect).
+    pub opening: Opening,
     /// The connection as the listener accepted it: its address and its read allowance.
     /// `None` only when the router is served by something else than kaiwa's listener.
     pub peer: Option<Arc<Peer>>,
@@ -74,31 +75,42 @@ pub(crate) async fn serve(gateway: Arc<Gateway>, mut socket: WebSocket, arrival:
 
 /// The handshake of a connection that is not yet a client: it ends with a verified hello, or
 /// with the connection refused (and `None`). A stranger is closed when its deadline passes,
-/// when it sends more than its allowance, or when a newer stranger takes its place.
+/// when it sends more than its allowance, or when a newer stranger takes its place. A path
+/// dialect client has said who it is in its URL: it is verified at once, without a frame.
 async fn introduce(gateway: &Gateway, socket: &mut WebSocket, arrival: Arrival) -> Option<Hello> {
     let Arrival {
-        native,
+        opening,
         pass,
         verified,
         ..
     } = arrival;
-    let guess = if native {
-        Protocol::Native
-    } else {
-        Protocol::Legacy
-    };
-    let timeout = gateway.settings.sessions.handshake_timeout;
+    let sessions = &gateway.settings.sessions;
     let credentials = Credentials {
         auth: gateway.settings.auth.clone(),
         upgrade: verified,
         clock: gateway.clock.clone(),
     };
-    // A draining server takes no new sessions: a handshake in progress (or one that begins
-    // after the drain did) ends at once.
-    let received = tokio::select! {
-        received = handshake::receive(socket, native, timeout, &credentials) => received,
-        () = pass.crowded_out() => Err(HandshakeError::CrowdedOut),
-        () = gateway.draining.cancelled() => Err(HandshakeError::ShuttingDown),
+    let (guess, received) = match opening {
+        Opening::Path(intro) => (
+            Protocol::Path,
+            handshake::from_path(&intro, &credentials, sessions.default_timezone),
+        ),
+        Opening::Frame { native } => {
+            let guess = if native {
+                Protocol::Native
+            } else {
+                Protocol::Legacy
+            };
+            let timeout = sessions.handshake_timeout;
+            // A draining server takes no new sessions: a handshake in progress (or one that
+            // begins after the drain did) ends at once.
+            let received = tokio::select! {
+                received = handshake::receive(socket, native, timeout, &credentials) => received,
+                () = pass.crowded_out() => Err(HandshakeError::CrowdedOut),
+                () = gateway.draining.cancelled() => Err(HandshakeError::ShuttingDown),
+            };
+            (guess, received)
+        }
     };
     // Whatever came of it, the connection is no longer a stranger in the pool.
     drop(pass);
@@ -432,11 +444,13 @@ async fn refuse(socket: &mut WebSocket, protocol: Protocol, refusal: Refusal) {
     }
     refusal.log();
     let linger = refusal.linger();
-    let frame = close_frame(refusal.close_code(), &refusal.detail());
+    let (code, detail) = (refusal.close_code(), refusal.detail());
+    let frame = close_frame(code, &detail);
+    // The same words, whole: a close frame's reason is cut to 123 bytes, an error frame's not.
     let error: Utf8Bytes = protocol.error(
         refusal.error_code(),
-        frame.reason.as_str().to_owned(),
-        None,
+        format!("{}: {detail}", code.name()),
+        About::nothing(),
         None,
     );
     let send = async {

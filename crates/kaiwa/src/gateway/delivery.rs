@@ -12,7 +12,7 @@ use super::wire::Protocol;
 use crate::queue::Event;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use kaiwa_protocol::{Delivery, ErrorCode, MessageStatus};
+use kaiwa_protocol::{Delivery, MessageStatus};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -111,13 +111,10 @@ impl Gateway {
                 if let Some((_, _, Some(stream))) = &session {
                     stream.forget(message.message_id);
                 }
-                if let Some((protocol, outbox, _)) = session {
-                    outbox.push(protocol.error(
-                        ErrorCode::ProcessingFailed,
-                        reason,
-                        message.client_message_id.clone(),
-                        None,
-                    ));
+                if let Some((protocol, outbox, _)) = session
+                    && let Some(frame) = protocol.processing_failed(&message, reason)
+                {
+                    outbox.push(frame);
                 }
             }
             Event::Replaced { client_id, conn_id } => {

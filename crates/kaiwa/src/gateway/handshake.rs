@@ -1,5 +1,6 @@
-//! The first frame of a connection: which protocol it speaks, who the client is, its timezone.
-//! With auth on, who the client is comes from its token, never from the frame.
+//! How a connection says who it is: its first frame (which protocol it speaks, who the client
+//! is, its timezone), or for the path dialect its URL. With auth on, who the client is comes
+//! from its token, never from the frame or the URL alone.
 
 use super::wire::Protocol;
 use crate::auth::{AuthError, Authenticator, Claims, MAX_TOKEN_BYTES, Token};
@@ -22,6 +23,24 @@ pub(crate) struct Hello {
     pub resume: Resume,
     /// What the client's token says, when auth is on.
     pub token: Option<Claims>,
+}
+
+/// How a connection says who it is, as its upgrade request chose.
+#[derive(Debug)]
+pub(crate) enum Opening {
+    /// On `/ws`: with its first frame; `native` when it chose `kaiwa.v1` in the upgrade request.
+    Frame { native: bool },
+    /// On `/<client_id>` or `/ws/<client_id>` (the path dialect): with its URL, and no frame.
+    Path(PathIntro),
+}
+
+/// What the URL of a path dialect connection says, as written (unescaped, unchecked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PathIntro {
+    /// The last segment of the path.
+    pub client_id: String,
+    /// `?timezone=`, if given.
+    pub timezone: Option<String>,
 }
 
 /// What a handshake checks who the client is with.
@@ -170,6 +189,53 @@ fn resume(resume: bool, after: Option<u64>) -> Resume {
     }
 }
 
+/// A path dialect client, from its URL: the path names the client (with auth on, the token's
+/// `sub` must be that name), `?timezone=` its timezone, else `default_timezone`.
+pub(crate) fn from_path(
+    intro: &PathIntro,
+    credentials: &Credentials,
+    default_timezone: Timezone,
+) -> Result<Hello, HandshakeError> {
+    let protocol = Protocol::Path;
+    let named = ClientId::parse(&intro.client_id).map_err(|err| {
+        let written: String = intro.client_id.chars().take(64).collect();
+        invalid(
+            protocol,
+            client_id_code(err),
+            format!("the client id {written:?} in the URL path is not valid: {err}"),
+        )
+    })?;
+    let (client_id, token) = match &credentials.auth {
+        None => (named, None),
+        Some(auth) => {
+            let claims = identify(auth, Some(named.as_str()), None, credentials)
+                .map_err(|err| refused(protocol, &err))?;
+            (claims.client_id.clone(), Some(claims))
+        }
+    };
+    let timezone = match intro.timezone.as_deref() {
+        None => default_timezone,
+        Some(name) => Timezone::parse(name).map_err(|err| {
+            let code = match err {
+                TimezoneError::Missing => ErrorCode::MissingTimezone,
+                TimezoneError::Unknown(_) => ErrorCode::UnknownTimezone,
+            };
+            invalid(
+                protocol,
+                code,
+                format!("{err} (from ?timezone= in the URL)"),
+            )
+        })?,
+    };
+    Ok(Hello {
+        protocol,
+        client_id,
+        timezone,
+        resume: Resume::Fresh,
+        token,
+    })
+}
+
 pub(crate) fn parse(
     text: &str,
     native_header: bool,
@@ -284,15 +350,17 @@ pub(crate) fn parse(
 
 /// Auth off: the client id the frame names.
 fn named(protocol: Protocol, client_id: Option<&str>) -> Result<ClientId, HandshakeError> {
-    ClientId::parse(client_id.unwrap_or_default()).map_err(|err| {
-        let code = match err {
-            ClientIdError::Missing => ErrorCode::MissingClientId,
-            ClientIdError::TooLong | ClientIdError::BadCharacter | ClientIdError::LeadingDot => {
-                ErrorCode::InvalidClientId
-            }
-        };
-        invalid(protocol, code, err.to_string())
-    })
+    ClientId::parse(client_id.unwrap_or_default())
+        .map_err(|err| invalid(protocol, client_id_code(err), err.to_string()))
+}
+
+fn client_id_code(err: ClientIdError) -> ErrorCode {
+    match err {
+        ClientIdError::Missing => ErrorCode::MissingClientId,
+        ClientIdError::TooLong | ClientIdError::BadCharacter | ClientIdError::LeadingDot => {
+            ErrorCode::InvalidClientId
+        }
+    }
 }
 
 /// Auth on: the client is its token's `sub`. The frame's `token` comes first, then the
@@ -360,6 +428,39 @@ mod tests {
         )
         .expect("native hello");
         assert_eq!(by_header.timezone.name(), "Asia/Tokyo");
+    }
+
+    fn from_path(client_id: &str, timezone: Option<&str>) -> Result<Hello, HandshakeError> {
+        let intro = PathIntro {
+            client_id: client_id.to_owned(),
+            timezone: timezone.map(str::to_owned),
+        };
+        let utc = Timezone::parse("UTC").expect("a zone");
+        super::from_path(&intro, &Credentials::anonymous(), utc)
+    }
+
+    #[test]
+    fn a_path_names_the_client_and_the_query_its_timezone_else_the_default() {
+        let hello = from_path("alice", Some("asia/tokyo")).expect("valid");
+        assert_eq!(hello.protocol, Protocol::Path);
+        assert_eq!(hello.client_id.as_str(), "alice");
+        assert_eq!(hello.timezone.name(), "Asia/Tokyo");
+        assert_eq!(hello.resume, Resume::Fresh);
+        let plain = from_path("bob", None).expect("valid");
+        assert_eq!(plain.timezone.name(), "UTC");
+        assert_eq!(
+            code(&from_path("a b", None)),
+            Some(ErrorCode::InvalidClientId)
+        );
+        let Err(HandshakeError::Invalid { close, message, .. }) = from_path("..", None) else {
+            panic!("refused");
+        };
+        assert_eq!(close, CloseCode::BadHandshake);
+        assert!(message.contains("URL path"), "{message}");
+        assert_eq!(
+            code(&from_path("alice", Some("Mars/Olympus"))),
+            Some(ErrorCode::UnknownTimezone)
+        );
     }
 
     #[test]

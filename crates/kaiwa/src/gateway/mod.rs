@@ -1,6 +1,7 @@
-//! The gateway: the `/ws` endpoint. It upgrades connections, runs one session actor per client
-//! (handshake, heartbeat, reading), keeps the registry of connected clients, and delivers what
-//! workers report back to the right client's outbox.
+//! The gateway: the WebSocket endpoints, `/ws` and the path dialect's `/<client_id>` and
+//! `/ws/<client_id>`. It upgrades connections, runs one session actor per client (handshake,
+//! heartbeat, reading), keeps the registry of connected clients, and delivers what workers
+//! report back to the right client's outbox.
 
 mod cluster;
 mod command;
@@ -25,12 +26,15 @@ use crate::config::{ServeConfig, SessionConfig};
 use crate::domain::Networks;
 use crate::listener::{Peer, ShareFull, Shares};
 use crate::store::Store;
+use crate::url::Plus;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{FromRequestParts, Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
+use handshake::{Opening, PathIntro};
 use kaiwa_protocol::ErrorCode;
 use kaiwa_protocol::history::ErrorBody;
 use kaiwa_protocol::native::{Limits, WindowInfo};
@@ -227,22 +231,79 @@ impl Gateway {
     }
 }
 
+/// `/ws`, and `/ws/<client_id>` for the path dialect. Its other spelling, `/<client_id>`,
+/// shares its one segment with other routes (`/health`, `/index.html`...): it is taken by
+/// [`path_upgrades`], for WebSocket upgrades only.
 pub fn router(gateway: Arc<Gateway>) -> Router {
     // GET only (HTTP/1.1 upgrades; the server speaks no HTTP/2): other methods get 405 with
     // `Allow`, from the router.
-    Router::new().route("/ws", get(upgrade)).with_state(gateway)
+    Router::new()
+        .route("/ws", get(upgrade))
+        .route("/ws/{client_id}", get(upgrade_path))
+        .with_state(gateway)
 }
 
-/// The `/ws` endpoint in the HTTP API's OpenAPI document.
+/// The WebSocket endpoints in the HTTP API's OpenAPI document.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     #[derive(utoipa::OpenApi)]
-    #[openapi(paths(upgrade))]
+    #[openapi(paths(upgrade, upgrade_path))]
     struct Doc;
     <Doc as utoipa::OpenApi>::openapi()
 }
 
-/// The WebSocket endpoint of both protocols (see docs/protocol.md). With auth on, the token
-/// may come in the handshake frame, or here, where it is checked before anything is upgraded.
+/// Middleware over the whole router: a WebSocket upgrade to `/<client_id>` (one segment, not
+/// `ws`) goes to the path dialect, whatever that path serves to plain requests, which go on to
+/// their route (or to 404) as before. An id that is also a page's name (`health`) is thus still
+/// a client's.
+pub async fn path_upgrades(
+    State(gateway): State<Arc<Gateway>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(client_id) = path_client(&request) else {
+        return next.run(request).await;
+    };
+    let (mut parts, _body) = request.into_parts();
+    let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let peer = parts.extensions.get::<Arc<Peer>>().cloned();
+    accept(
+        gateway,
+        peer,
+        &parts.headers,
+        parts.uri.query(),
+        ws,
+        Some(client_id),
+    )
+}
+
+/// The client id of a WebSocket upgrade to `/<client_id>`, unescaped; `None` for any other
+/// request.
+fn path_client(request: &Request) -> Option<String> {
+    let upgrade = request
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| {
+            value
+                .split(',')
+                .any(|token| token.trim().eq_ignore_ascii_case("websocket"))
+        });
+    if request.method() != Method::GET || !upgrade {
+        return None;
+    }
+    let segment = request.uri().path().strip_prefix('/')?;
+    if segment.is_empty() || segment.contains('/') || segment == "ws" {
+        return None;
+    }
+    Some(crate::url::unescape(segment, Plus::Literal))
+}
+
+/// The WebSocket endpoint of the legacy and native protocols (see docs/protocol.md). With auth
+/// on, the token may come in the handshake frame, or here, where it is checked before anything
+/// is upgraded.
 #[utoipa::path(
     get,
     path = "/ws",
@@ -266,7 +327,61 @@ pub(crate) async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     let peer = peer.map(|Extension(peer)| peer);
-    let verified = match verify_upgrade(&gateway, &headers, query.as_deref()) {
+    accept(gateway, peer, &headers, query.as_deref(), ws, None)
+}
+
+/// The path dialect's WebSocket endpoint (see docs/protocol.md): the last path segment is the
+/// client id, `?timezone=` its timezone (else `--default-timezone`), and there is no handshake
+/// frame. `/<client_id>` works the same for WebSocket upgrades. With auth on, the token comes
+/// here (`Authorization: Bearer` or `?token=`), and its `sub` must be the path's client id.
+#[utoipa::path(
+    get,
+    path = "/ws/{client_id}",
+    tag = "websocket",
+    params(
+        ("client_id" = String, Path, description = "The client's id."),
+        ("timezone" = Option<String>, Query, description = "The client's IANA timezone; the server's --default-timezone (UTC unless set) when absent."),
+        ("token" = Option<String>, Query, description = "The client's token (auth on), for clients that cannot set headers."),
+    ),
+    responses(
+        (status = 101, description = "Switched to WebSocket, in the path dialect: the server greets with {\"message\": \"Connected\"}. Refusals after the upgrade (an invalid client id or timezone, a duplicate, a full server) come as an {\"error\": ...} frame and a close code."),
+        (status = 400, description = "Not a WebSocket upgrade request.", content_type = "text/plain"),
+        (status = 401, description = "Auth is on and the upgrade request carries a token (`Authorization: Bearer` or `?token=`) that is not valid: `code` says why. Nothing is upgraded.", body = ErrorBody),
+        (status = 426, description = "The connection cannot be upgraded.", content_type = "text/plain"),
+        (status = 429, description = "This address has as many connections in their handshake as it may (`too_many_handshakes`); retry after `Retry-After` seconds.", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn upgrade_path(
+    State(gateway): State<Arc<Gateway>>,
+    peer: Option<Extension<Arc<Peer>>>,
+    headers: HeaderMap,
+    Path(client_id): Path<String>,
+    RawQuery(query): RawQuery,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let peer = peer.map(|Extension(peer)| peer);
+    accept(
+        gateway,
+        peer,
+        &headers,
+        query.as_deref(),
+        ws,
+        Some(client_id),
+    )
+}
+
+/// Upgrades a connection whose request passed the checks that come before a handshake: its
+/// token (auth on), and its place among the strangers. `client_id` is the path dialect's, from
+/// the URL; without it the first frame says who the client is.
+fn accept(
+    gateway: Arc<Gateway>,
+    peer: Option<Arc<Peer>>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    ws: WebSocketUpgrade,
+    client_id: Option<String>,
+) -> Response {
+    let verified = match verify_upgrade(&gateway, headers, query) {
         Ok(verified) => verified,
         Err(err) => {
             metrics::counter!("kaiwa_connections_refused_total", "reason" => err.code().as_str())
@@ -291,14 +406,32 @@ pub(crate) async fn upgrade(
     }
     let max_frame = gateway.settings.max_frame_bytes;
     let ws = ws
-        .protocols([kaiwa_protocol::SUBPROTOCOL])
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_message_size(max_frame)
         .max_frame_size(max_frame);
+    let (ws, opening) = match client_id {
+        // The path dialect is chosen by the URL: no subprotocol to agree on.
+        Some(client_id) => {
+            let timezone =
+                query.and_then(|query| crate::url::query_param(query, "timezone", Plus::Literal));
+            (
+                ws,
+                Opening::Path(PathIntro {
+                    client_id,
+                    timezone,
+                }),
+            )
+        }
+        None => {
+            let ws = ws.protocols([kaiwa_protocol::SUBPROTOCOL]);
+            let native = ws.selected_protocol().is_some();
+            (ws, Opening::Frame { native })
+        }
+    };
     let arrival = connection::Arrival {
-        native: ws.selected_protocol().is_some(),
+        opening,
         peer,
         pass,
         verified,

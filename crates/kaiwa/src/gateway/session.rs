@@ -8,7 +8,7 @@ use super::handshake::Hello;
 use super::outbox::Outbox;
 use super::registry::Liveness;
 use super::stream::ReplyStream;
-use super::wire::{Protocol, close_frame};
+use super::wire::{About, Protocol, close_frame};
 use super::{Gateway, GatewaySettings};
 use crate::admission::{Pipeline, Sender, Settled, Submission, Verdict};
 use crate::auth::Token;
@@ -242,7 +242,7 @@ impl Session {
             self.refuse(
                 ErrorCode::ExpectedBinary,
                 "the file announced by the last send frame must come next, as a binary frame; that message was dropped".into(),
-                announced.client_message_id,
+                About::id(announced.client_message_id),
             );
         }
         match command {
@@ -250,14 +250,18 @@ impl Session {
             Command::Announce(submission) => self.awaiting_binary = Some(submission),
             Command::File(_) => {
                 let message = match self.protocol {
-                    Protocol::Legacy => {
-                        "binary frames are not accepted: send media as base64 in content"
+                    Protocol::Legacy | Protocol::Path => {
+                        "binary frames are not accepted: send media as base64 in content, with a filename"
                     }
                     Protocol::Native => {
                         "a binary frame must follow a send frame with \"binary\": true"
                     }
                 };
-                self.refuse(ErrorCode::UnexpectedBinary, message.into(), None);
+                self.refuse(
+                    ErrorCode::UnexpectedBinary,
+                    message.into(),
+                    About::nothing(),
+                );
             }
             Command::Ping { nonce } => {
                 let now = self.gateway.clock.now();
@@ -269,12 +273,16 @@ impl Session {
                 None => self.refuse(
                     ErrorCode::UnknownFrame,
                     "sync is a kaiwa.v1 frame".into(),
-                    None,
+                    About::nothing(),
                 ),
             },
             Command::Received { seq } => self.acknowledge(seq),
             Command::Refresh { token } => self.refresh(token),
-            Command::Refuse { code, message, id } => self.refuse(code, message, id),
+            Command::Refuse {
+                code,
+                message,
+                about,
+            } => self.refuse(code, message, about),
             Command::Close => return Some(Ending::ClientClosed),
         }
         None
@@ -314,7 +322,7 @@ impl Session {
             return self.refuse(
                 ErrorCode::UnknownFrame,
                 "this server has auth off: there is no token to refresh".into(),
-                None,
+                About::nothing(),
             );
         };
         let now = self.gateway.clock.now();
@@ -328,7 +336,7 @@ impl Session {
                 }
                 self.outbox.push(self.protocol.refreshed(claims.expires_at));
             }
-            Err(err) => self.refuse(err.code(), err.to_string(), None),
+            Err(err) => self.refuse(err.code(), err.to_string(), About::nothing()),
         }
     }
 
@@ -336,24 +344,17 @@ impl Session {
     /// the session goes on reading.
     fn submit(&mut self, submission: Submission) {
         self.sent_message = true;
+        let about = || About::message(submission.client_message_id.clone(), submission.kind());
         // The grace period decides only when the connection closes: a message sent on a token
         // that ran out is not taken.
         if self.expiry.as_ref().is_some_and(Expiry::lapsed) {
             let message =
                 "your token expired: send refresh with a new one, then this message again";
-            return self.refuse(
-                ErrorCode::ExpiredToken,
-                message.into(),
-                submission.client_message_id,
-            );
+            return self.refuse(ErrorCode::ExpiredToken, message.into(), about());
         }
         if self.gateway.is_draining() {
             let message = "the server is shutting down; send this again after reconnecting";
-            return self.refuse(
-                ErrorCode::ShuttingDown,
-                message.into(),
-                submission.client_message_id,
-            );
+            return self.refuse(ErrorCode::ShuttingDown, message.into(), about());
         }
         let received_at = self.gateway.clock.now();
         self.pipeline.submit(submission, received_at);
@@ -411,10 +412,10 @@ impl Session {
         }
     }
 
-    fn refuse(&self, code: ErrorCode, message: String, id: Option<String>) {
+    fn refuse(&self, code: ErrorCode, message: String, about: About) {
         metrics::counter!("kaiwa_client_errors_total", "code" => code.as_str()).increment(1);
         self.outbox
-            .push(self.protocol.error(code, message, id, None));
+            .push(self.protocol.error(code, message, about, None));
     }
 }
 
@@ -422,14 +423,16 @@ impl Session {
 fn answer(protocol: Protocol, outbox: &Outbox, settled: Settled) {
     let Settled {
         id,
+        message_type,
         received_at,
         verdict,
     } = settled;
+    let about = About::message(id, message_type);
     let frame = match verdict {
         Verdict::Accepted { message_id } => {
             metrics::counter!("kaiwa_messages_total", "status" => "accepted").increment(1);
             protocol.stored(
-                id,
+                about,
                 message_id,
                 MessageStatus::Accepted,
                 None,
@@ -440,7 +443,7 @@ fn answer(protocol: Protocol, outbox: &Outbox, settled: Settled) {
         Verdict::Rejected { message_id, reason } => {
             metrics::counter!("kaiwa_messages_total", "status" => "rejected").increment(1);
             protocol.stored(
-                id,
+                about,
                 message_id,
                 MessageStatus::Rejected,
                 Some(reason),
@@ -449,7 +452,7 @@ fn answer(protocol: Protocol, outbox: &Outbox, settled: Settled) {
             )
         }
         Verdict::Duplicate(existing) => protocol.stored(
-            id,
+            about,
             existing.id,
             existing.status,
             existing.reason,
@@ -459,14 +462,14 @@ fn answer(protocol: Protocol, outbox: &Outbox, settled: Settled) {
         Verdict::Invalid(invalid) => {
             let code = invalid.code();
             metrics::counter!("kaiwa_client_errors_total", "code" => code.as_str()).increment(1);
-            Some(protocol.error(code, invalid.to_string(), id, None))
+            Some(protocol.error(code, invalid.to_string(), about, None))
         }
         Verdict::Busy { retry_after, limit } => {
             metrics::counter!("kaiwa_messages_total", "status" => "busy").increment(1);
             let message = format!(
                 "{limit} messages are in flight, the server's limit; send this again later"
             );
-            Some(protocol.error(ErrorCode::Busy, message, id, Some(retry_after)))
+            Some(protocol.error(ErrorCode::Busy, message, about, Some(retry_after)))
         }
         Verdict::Failed(err) if err.is_transient() => {
             metrics::counter!("kaiwa_messages_total", "status" => "unavailable").increment(1);
@@ -474,14 +477,14 @@ fn answer(protocol: Protocol, outbox: &Outbox, settled: Settled) {
                 ErrorCode::Unavailable,
                 "the database is unavailable for now; nothing was stored: send this again shortly"
                     .into(),
-                id,
+                about,
                 Some(std::time::Duration::from_secs(1)),
             ))
         }
         Verdict::Failed(_) => Some(protocol.error(
             ErrorCode::Internal,
             "the message could not be stored; send it again".into(),
-            id,
+            about,
             None,
         )),
     };

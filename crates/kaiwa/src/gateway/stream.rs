@@ -6,7 +6,7 @@
 //! reconnects.
 
 use super::outbox::Outbox;
-use super::wire::Protocol;
+use super::wire::{About, Protocol};
 use crate::domain::ClientId;
 use crate::queue::MessageRef;
 use crate::store::{Store, StoredReply};
@@ -431,7 +431,7 @@ impl ReplyStream {
         self.outbox.push(Protocol::Native.error(
             ErrorCode::Internal,
             "could not load replies; send sync to try again".into(),
-            None,
+            About::nothing(),
             None,
         ));
     }

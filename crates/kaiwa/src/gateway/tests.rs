@@ -166,6 +166,64 @@ async fn a_client_that_answers_heartbeats_stays_for_as_long_as_it_answers() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_path_client_is_pinged_in_its_own_words_and_let_go_once_it_stops_answering() {
+    let fixture = Fixture::new(&[
+        "--heartbeat-interval",
+        "20",
+        "--heartbeat-timeout",
+        "60",
+        "--first-message-timeout",
+        "36000",
+    ]);
+    let (mut session, mut sent) = fixture.session(Protocol::Path);
+    let (client, mut frames) = futures_mpsc::unbounded();
+    // As that system's clients do: a PONG for every PING (here, every 20 s), and a ping of
+    // its own; then silence, with the connection left open.
+    let answering = tokio::spawn(async move {
+        let ping = r#"{"check_connection": "PING"}"#;
+        client
+            .unbounded_send(Ok(Message::Text(ping.into())))
+            .expect("the session reads");
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            let pong = r#"{"check_connection": "PONG"}"#;
+            client
+                .unbounded_send(Ok(Message::Text(pong.into())))
+                .expect("the session reads");
+        }
+        client
+    });
+    let ten_minutes = Duration::from_secs(600);
+    assert!(
+        tokio::time::timeout(ten_minutes, session.run(&mut frames))
+            .await
+            .is_err(),
+        "still connected while it answers"
+    );
+    let frames_sent = texts(&mut sent);
+    let pings = frames_sent
+        .iter()
+        .filter(|frame| **frame == serde_json::json!({"check_connection": "PING"}))
+        .count();
+    assert!((29..=31).contains(&pings), "{pings} pings in ten minutes");
+    let pongs = frames_sent
+        .iter()
+        .filter(|frame| **frame == serde_json::json!({"check_connection": "PONG"}))
+        .count();
+    assert_eq!(pongs, 1, "its own ping is answered: {frames_sent:?}");
+
+    let _open = answering.await.expect("the client ran");
+    let started = Instant::now();
+    let ending = session.run(&mut frames).await;
+    assert_eq!(ending, Ending::Closed(CloseCode::HeartbeatTimeout));
+    assert!(
+        started.elapsed() <= Duration::from_secs(80),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_client_that_sends_no_message_is_let_go_at_the_first_message_timeout() {
     let fixture = Fixture::new(&["--first-message-timeout", "30"]);
     let (mut session, _sent) = fixture.session(Protocol::Native);

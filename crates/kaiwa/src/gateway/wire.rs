@@ -1,14 +1,15 @@
 //! Frames as each protocol spells them. Sessions and the delivery task say what to send; this
-//! module says how, so the two protocols never leak into the rest of the gateway.
+//! module says how, so the protocols never leak into the rest of the gateway.
 
 use super::GatewaySettings;
 use crate::queue::MessageRef;
 use crate::store::StoredReply;
 use axum::extract::ws::{CloseFrame, Utf8Bytes};
 use chrono::{DateTime, SecondsFormat, Utc};
-use kaiwa_protocol::native;
-use kaiwa_protocol::{CloseCode, ErrorCode, MessageStatus, legacy};
+use kaiwa_protocol::{CloseCode, ErrorCode, MessageStatus, MessageType, legacy};
+use kaiwa_protocol::{native, path};
 use serde::Serialize;
+use std::borrow::Cow;
 use std::time::Duration;
 
 /// The protocol a session speaks, fixed at the handshake.
@@ -16,6 +17,50 @@ use std::time::Duration;
 pub(crate) enum Protocol {
     Legacy,
     Native,
+    /// The path dialect: the client id in the URL, `type`/`content` frames (see
+    /// [`kaiwa_protocol::path`]).
+    Path,
+}
+
+/// The message a frame is about, as the client named it: what an answer must repeat.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct About {
+    /// The client's own id of the message (native).
+    pub id: Option<String>,
+    /// Its type: the path dialect answers a message with its type. As the client wrote it
+    /// when it names none known (borrowed otherwise, so that answering allocates nothing).
+    pub message_type: Option<Cow<'static, str>>,
+}
+
+impl About {
+    /// A frame about no message in particular.
+    pub(crate) fn nothing() -> Self {
+        Self::default()
+    }
+
+    /// A frame about the message the client calls `id` (native).
+    pub(crate) fn id(id: Option<String>) -> Self {
+        Self {
+            id,
+            message_type: None,
+        }
+    }
+
+    /// A frame about a message of type `kind`, which the client calls `id` (native).
+    pub(crate) fn message(id: Option<String>, kind: Option<MessageType>) -> Self {
+        Self {
+            id,
+            message_type: kind.map(|kind| Cow::Borrowed(kind.as_str())),
+        }
+    }
+
+    /// The type to answer with: as the client wrote it, trimmed and kept short, since an
+    /// unknown one is echoed.
+    fn kind(&self) -> Option<String> {
+        self.message_type
+            .as_deref()
+            .map(|kind| kind.trim().chars().take(32).collect())
+    }
 }
 
 fn encode<T: Serialize>(frame: &T) -> Utf8Bytes {
@@ -49,6 +94,7 @@ impl Protocol {
         let sessions = &settings.sessions;
         match self {
             Self::Legacy => encode(&legacy::ServerFrame::connected()),
+            Self::Path => encode(&path::ServerFrame::connected()),
             Self::Native => encode(&native::ServerFrame::Welcome(native::Welcome {
                 client_id: client_id.to_owned(),
                 timezone: timezone.to_owned(),
@@ -76,6 +122,10 @@ impl Protocol {
                 Some(ErrorCode::ExpiredToken),
                 message,
             )),
+            Self::Path => encode(&path::ServerFrame::Notice(path::Notice {
+                message,
+                code: Some(ErrorCode::ExpiredToken),
+            })),
             Self::Native => encode(&native::ServerFrame::TokenExpired {
                 expired_at,
                 closes_in_ms: millis(closes_in),
@@ -86,19 +136,23 @@ impl Protocol {
 
     /// The answer to a good `refresh`: the connection's token now runs until `expires_at`.
     pub(crate) fn refreshed(self, expires_at: DateTime<Utc>) -> Utf8Bytes {
+        let message = format!("Token refreshed; it expires at {}", iso(expires_at));
         match self {
-            Self::Legacy => encode(&legacy::ServerFrame::notice(
-                None,
-                format!("Token refreshed; it expires at {}", iso(expires_at)),
-            )),
+            Self::Legacy => encode(&legacy::ServerFrame::notice(None, message)),
+            Self::Path => encode(&path::ServerFrame::Notice(path::Notice {
+                message,
+                code: None,
+            })),
             Self::Native => encode(&native::ServerFrame::Refreshed { expires_at }),
         }
     }
 
-    /// The application-level heartbeat, for legacy clients; native ones get WebSocket pings.
+    /// The application-level heartbeat, for legacy and path clients; native ones get
+    /// WebSocket pings only.
     pub(crate) fn heartbeat(self, now: DateTime<Utc>) -> Option<Utf8Bytes> {
         match self {
             Self::Legacy => Some(encode(&legacy::ServerFrame::heartbeat_ping(iso(now)))),
+            Self::Path => Some(encode(&path::ServerFrame::check(path::PING))),
             Self::Native => None,
         }
     }
@@ -106,33 +160,77 @@ impl Protocol {
     pub(crate) fn heartbeat_answer(self, now: DateTime<Utc>, nonce: Option<u64>) -> Utf8Bytes {
         match self {
             Self::Legacy => encode(&legacy::ServerFrame::heartbeat_pong(iso(now))),
+            Self::Path => encode(&path::ServerFrame::check(path::PONG)),
             Self::Native => encode(&native::ServerFrame::Pong { nonce }),
         }
     }
 
+    /// Something asked for was not done. A path client is answered in the shape of a reply when
+    /// the frame was a message (its `type` repeated, the reason as `content`), so that a client
+    /// that reads one frame per message stays in step; otherwise with `{"error": ...}`.
     pub(crate) fn error(
         self,
         code: ErrorCode,
         message: String,
-        id: Option<String>,
+        about: About,
         retry_after: Option<Duration>,
     ) -> Utf8Bytes {
         match self {
             Self::Legacy => encode(&legacy::ServerFrame::error(code, message)),
+            Self::Path => match about.kind() {
+                Some(kind) => encode(&path::ServerFrame::Answer(path::Answer {
+                    kind,
+                    content: message,
+                    code: Some(code),
+                    retry_after_ms: retry_after.map(millis),
+                    ..path::Answer::default()
+                })),
+                None => {
+                    // That system's clients know this refusal by its words.
+                    let error = if code == ErrorCode::DuplicateConnection {
+                        path::ALREADY_CONNECTED.to_owned()
+                    } else {
+                        message
+                    };
+                    encode(&path::ServerFrame::Error(path::Failure {
+                        error,
+                        code: Some(code),
+                    }))
+                }
+            },
             Self::Native => encode(&native::ServerFrame::Error(native::Error {
                 code,
                 message,
-                id,
+                id: about.id,
                 retry_after_ms: retry_after.map(millis),
             })),
         }
     }
 
-    /// The answer to a stored message: an ack for native clients; for legacy ones only a
-    /// rejection is announced (they learn of acceptance from the replies).
+    /// A message's replies could not be stored; it is kept and processed again. A path client
+    /// is told nothing: its one answer is the reply that comes then, and a frame now would put
+    /// a client that reads one frame per message out of step.
+    pub(crate) fn processing_failed(
+        self,
+        message: &MessageRef,
+        reason: String,
+    ) -> Option<Utf8Bytes> {
+        match self {
+            Self::Path => None,
+            Self::Legacy | Self::Native => Some(self.error(
+                ErrorCode::ProcessingFailed,
+                reason,
+                About::id(message.client_message_id.clone()),
+                None,
+            )),
+        }
+    }
+
+    /// The answer to a stored message: an ack for native clients; for legacy and path ones
+    /// only a rejection is announced (they learn of acceptance from the replies).
     pub(crate) fn stored(
         self,
-        id: Option<String>,
+        about: About,
         message_id: i64,
         status: MessageStatus,
         reason: Option<String>,
@@ -146,8 +244,17 @@ impl Protocol {
                     reason.unwrap_or_default(),
                 ))
             }),
+            Self::Path => (status == MessageStatus::Rejected).then(|| {
+                encode(&path::ServerFrame::Answer(path::Answer {
+                    kind: about.kind().unwrap_or_default(),
+                    content: reason.unwrap_or_default(),
+                    message_id: Some(message_id),
+                    status: Some(status),
+                    ..path::Answer::default()
+                }))
+            }),
             Self::Native => Some(encode(&native::ServerFrame::Ack(native::Ack {
-                id: id.unwrap_or_default(),
+                id: about.id.unwrap_or_default(),
                 message_id,
                 status,
                 reason,
@@ -160,7 +267,7 @@ impl Protocol {
     /// `processing` and `replied`, for native clients only.
     pub(crate) fn status(self, message: &MessageRef, status: MessageStatus) -> Option<Utf8Bytes> {
         match self {
-            Self::Legacy => None,
+            Self::Legacy | Self::Path => None,
             Self::Native => Some(encode(&native::ServerFrame::Status(native::Status {
                 id: message.client_message_id.clone(),
                 message_id: message.message_id,
@@ -190,6 +297,18 @@ impl Protocol {
                 },
                 is_system: false,
             }),
+            // One frame per reply, typed by what it carries: a text message's one reply is
+            // `text`, as that system answered it.
+            Self::Path => encode(&path::ServerFrame::Answer(path::Answer {
+                kind: reply.reply_type.as_str().to_owned(),
+                content: reply.content.clone(),
+                message_id: Some(message.message_id),
+                reply_id: Some(reply.id),
+                filename: reply.filename.clone(),
+                mime_type: reply.mime_type.clone(),
+                fallback: reply.fallback,
+                ..path::Answer::default()
+            })),
             Self::Native => encode(&native::ServerFrame::Reply(native::Reply {
                 id: message.client_message_id.clone(),
                 message_id: message.message_id,
@@ -208,11 +327,11 @@ impl Protocol {
         }
     }
 
-    /// A piece of a text reply being written: native clients show it growing; legacy ones wait
+    /// A piece of a text reply being written: native clients show it growing; the others wait
     /// for the whole reply.
     pub(crate) fn delta(self, message: &MessageRef, delta: String) -> Option<Utf8Bytes> {
         match self {
-            Self::Legacy => None,
+            Self::Legacy | Self::Path => None,
             Self::Native => Some(encode(&native::ServerFrame::Delta(native::Delta {
                 id: message.client_message_id.clone(),
                 message_id: message.message_id,
@@ -224,7 +343,7 @@ impl Protocol {
     /// The end of a replay: `replies` sent, the stream now at `seq`.
     pub(crate) fn synced(self, replies: u32, seq: u64) -> Option<Utf8Bytes> {
         match self {
-            Self::Legacy => None,
+            Self::Legacy | Self::Path => None,
             Self::Native => Some(encode(&native::ServerFrame::Synced { replies, seq })),
         }
     }
