@@ -6,7 +6,7 @@
 use super::Gateway;
 use super::cluster::ClusterSlot;
 use super::handshake::{self, Credentials, HandshakeError, Hello, Opening, Resume};
-use super::outbox::{Closing, Outbox, Outgoing, Writer};
+use super::outbox::{Closing, Frames, Outbox, Writer};
 use super::refusal::{CLOSE_REPLY_TIMEOUT, Refusal};
 use super::registry::{Duplicate, Liveness, SessionHandle};
 use super::session::{Ending, Session};
@@ -26,7 +26,7 @@ use futures::{Stream, StreamExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 /// The longest a duplicate connection waits to learn whether the live one still answers.
@@ -175,7 +175,7 @@ async fn admit(gateway: &Gateway, hello: &Hello) -> Result<Admitted, Refusal> {
 struct Claimed {
     admitted: Admitted,
     outbox: Outbox,
-    frames: mpsc::Receiver<Outgoing>,
+    frames: Frames,
     stream: Option<Arc<ReplyStream>>,
     replaced: CancellationToken,
     moved: Arc<AtomicBool>,

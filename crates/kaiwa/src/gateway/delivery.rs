@@ -146,7 +146,6 @@ mod tests {
     use super::*;
     use crate::config::DuplicatePolicy;
     use crate::domain::{ClientId, Timezone};
-    use crate::gateway::outbox::Outgoing;
     use crate::gateway::registry::{Liveness, SessionHandle};
     use crate::queue::MessageRef;
     use crate::store::{Inserted, NewMessage, NewReply, Store, StoredReply};
@@ -156,7 +155,6 @@ mod tests {
     use kaiwa_protocol::{MessageType, ReplyType};
     use std::sync::atomic::AtomicBool;
     use std::time::Duration;
-    use tokio::sync::mpsc;
 
     fn alice() -> ClientId {
         ClientId::parse("alice").expect("valid")
@@ -208,7 +206,7 @@ mod tests {
     }
 
     /// Registers a legacy session for alice; returns what its outbox sends.
-    fn legacy_session(fixture: &Fixture) -> mpsc::Receiver<Outgoing> {
+    fn legacy_session(fixture: &Fixture) -> crate::gateway::outbox::Frames {
         let gateway = &fixture.gateway;
         let (outbox, frames) = Outbox::new(gateway.settings.outbox);
         let handle = SessionHandle {
@@ -227,7 +225,7 @@ mod tests {
         frames
     }
 
-    fn texts(frames: &mut mpsc::Receiver<Outgoing>) -> Vec<serde_json::Value> {
+    fn texts(frames: &mut crate::gateway::outbox::Frames) -> Vec<serde_json::Value> {
         std::iter::from_fn(|| frames.try_recv().ok())
             .filter_map(|outgoing| match outgoing.message() {
                 Message::Text(text) => serde_json::from_str(text.as_str()).ok(),

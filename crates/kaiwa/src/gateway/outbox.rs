@@ -2,17 +2,20 @@
 //! into the socket and records which replies were delivered.
 //!
 //! The bound is what keeps a client that stops reading from growing server memory: once its
-//! outbox is full, it is disconnected as a slow consumer instead.
+//! outbox is full, it is disconnected as a slow consumer instead. An idle connection's outbox
+//! holds no buffer at all: the writer takes the queue's whole buffer with each batch, and drops
+//! it once written (most connections are idle most of the time; see docs/architecture.md).
 
 use crate::clock::Clock;
 use crate::store::Store;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures::{Sink, SinkExt};
 use kaiwa_protocol::Delivery;
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// Frames written per flush, at most: one syscall carries many small frames under load.
@@ -34,7 +37,7 @@ pub(crate) struct Outgoing {
 /// pipeline, its reply stream and the delivery task each hold one.
 #[derive(Debug, Clone)]
 pub(crate) struct Outbox {
-    frames: mpsc::Sender<Outgoing>,
+    queue: Arc<Queue>,
     /// Bytes queued and not yet taken by the writer, against `max_bytes`.
     queued_bytes: Arc<AtomicUsize>,
     max_bytes: usize,
@@ -42,6 +45,138 @@ pub(crate) struct Outbox {
     overflowed: CancellationToken,
     /// Woken by the writer each time it takes frames out, for pushes that wait for room.
     drained: Arc<Notify>,
+}
+
+/// The frames between the session's side and the writer: a queue that allocates only while it
+/// holds frames (a bounded channel keeps a block of slots for its whole life).
+#[derive(Debug)]
+struct Queue {
+    pending: Mutex<Pending>,
+    /// Woken at each push, and when the queue closes; a wake-up with no waiter is kept for the
+    /// next one, so the writer misses none.
+    ready: Notify,
+    max_frames: usize,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    frames: VecDeque<Outgoing>,
+    /// The writer is done: nothing more is taken in.
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // Every update is a push, a take or a flag: a panic cannot leave it half done.
+        self.pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn push(&self, outgoing: Outgoing) -> Result<(), Refused> {
+        {
+            let mut pending = self.lock();
+            if pending.closed {
+                return Err(Refused::Closed);
+            }
+            if pending.frames.len() >= self.max_frames {
+                return Err(Refused::Full);
+            }
+            pending.frames.push_back(outgoing);
+        }
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_one();
+    }
+}
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    Full,
+    Closed,
+}
+
+/// The writer's side of an outbox: the frames, taken in batches.
+#[derive(Debug)]
+pub(crate) struct Frames {
+    queue: Arc<Queue>,
+}
+
+/// Nothing is queued now.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Empty;
+
+impl Frames {
+    /// Waits for frames and takes up to [`WRITE_BATCH`] of them; empty once the outbox is
+    /// closed and drained. A batch that is the whole queue takes its buffer along, so that the
+    /// queue holds no memory while the connection is idle.
+    async fn take(&self) -> VecDeque<Outgoing> {
+        loop {
+            // Registered before the check, so a push between the two is not missed.
+            let ready = self.queue.ready.notified();
+            {
+                let mut pending = self.queue.lock();
+                if pending.frames.len() > WRITE_BATCH {
+                    return pending.frames.drain(..WRITE_BATCH).collect();
+                }
+                if !pending.frames.is_empty() || pending.closed {
+                    return std::mem::take(&mut pending.frames);
+                }
+            }
+            ready.await;
+        }
+    }
+
+    /// Takes whatever is queued now, up to `room` frames, into `batch`.
+    fn top_up(&self, batch: &mut VecDeque<Outgoing>, room: usize) {
+        let mut pending = self.queue.lock();
+        let count = room.min(pending.frames.len());
+        batch.extend(pending.frames.drain(..count));
+    }
+
+    /// Closes the outbox and takes what is left in it.
+    fn close(&self) -> VecDeque<Outgoing> {
+        let mut pending = self.queue.lock();
+        pending.closed = true;
+        std::mem::take(&mut pending.frames)
+    }
+
+    /// The next frame, waiting for one; `None` once the outbox is closed and drained.
+    #[cfg(test)]
+    pub(crate) async fn recv(&mut self) -> Option<Outgoing> {
+        loop {
+            let ready = self.queue.ready.notified();
+            {
+                let mut pending = self.queue.lock();
+                if let Some(outgoing) = pending.frames.pop_front() {
+                    return Some(outgoing);
+                }
+                if pending.closed {
+                    return None;
+                }
+            }
+            ready.await;
+        }
+    }
+
+    /// The next frame, if one is queued.
+    #[cfg(test)]
+    pub(crate) fn try_recv(&mut self) -> Result<Outgoing, Empty> {
+        self.queue.lock().frames.pop_front().ok_or(Empty)
+    }
+}
+
+impl Drop for Frames {
+    fn drop(&mut self) {
+        // The writer is gone: pushes fail from now on, so the session sees its client is.
+        self.queue.close();
+    }
 }
 
 /// Where a frame goes: the write queue of one connection, bounded in frames and in bytes.
@@ -52,17 +187,21 @@ pub(crate) struct OutboxLimits {
 }
 
 impl Outbox {
-    pub(crate) fn new(limits: OutboxLimits) -> (Self, mpsc::Receiver<Outgoing>) {
-        let (frames, receiver) = mpsc::channel(limits.frames);
+    pub(crate) fn new(limits: OutboxLimits) -> (Self, Frames) {
+        let queue = Arc::new(Queue {
+            pending: Mutex::default(),
+            ready: Notify::new(),
+            max_frames: limits.frames.max(1),
+        });
         (
             Self {
-                frames,
+                queue: queue.clone(),
                 queued_bytes: Arc::default(),
                 max_bytes: limits.bytes,
                 overflowed: CancellationToken::new(),
                 drained: Arc::default(),
             },
-            receiver,
+            Frames { queue },
         )
     }
 
@@ -95,7 +234,7 @@ impl Outbox {
         let outgoing = Outgoing::text(text, None);
         let bytes = outgoing.bytes;
         self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if self.frames.try_send(outgoing).is_err() {
+        if self.queue.push(outgoing).is_err() {
             self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
             return false;
         }
@@ -112,7 +251,7 @@ impl Outbox {
             tokio::pin!(drained);
             // Registered before the check, so a drain between the two is not missed.
             drained.as_mut().enable();
-            if self.frames.is_closed() {
+            if self.queue.lock().closed {
                 return false;
             }
             if self.half_free() {
@@ -123,7 +262,7 @@ impl Outbox {
     }
 
     fn half_free(&self) -> bool {
-        self.frames.capacity() * 2 > self.frames.max_capacity()
+        self.queue.lock().frames.len() * 2 < self.queue.max_frames
             && self.queued_bytes.load(Ordering::Relaxed) * 2 < self.max_bytes
     }
 
@@ -147,11 +286,11 @@ impl Outbox {
             self.overflowed.cancel();
             return false;
         }
-        match self.frames.try_send(outgoing) {
+        match self.queue.push(outgoing) {
             Ok(()) => true,
-            Err(err) => {
+            Err(refused) => {
                 self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                if matches!(err, mpsc::error::TrySendError::Full(_)) {
+                if refused == Refused::Full {
                     self.overflowed.cancel();
                 }
                 false
@@ -194,7 +333,7 @@ pub(crate) struct Closing {
 pub(crate) struct Writer<S> {
     /// The socket's write half (or, in tests, anything that takes messages).
     pub sink: S,
-    pub frames: mpsc::Receiver<Outgoing>,
+    pub frames: Frames,
     /// Woken after each batch is taken out of `frames`, and again once it is written.
     pub drained: Arc<Notify>,
     /// Bytes pushed and not yet written; the writer takes a batch off once it is written.
@@ -209,13 +348,12 @@ where
     S: Sink<Message, Error = axum::Error> + Unpin,
 {
     pub(crate) async fn run(mut self) {
-        let mut batch = Vec::with_capacity(WRITE_BATCH);
         let closing = loop {
             tokio::select! {
                 biased;
                 closing = &mut self.closing => break closing.ok(),
-                received = self.frames.recv_many(&mut batch, WRITE_BATCH) => {
-                    if received == 0 {
+                mut batch = self.frames.take() => {
+                    if batch.is_empty() {
                         break None;
                     }
                     // Frames for one client come in bursts (the acks of one store commit, the
@@ -223,12 +361,8 @@ where
                     // of a burst join this write, so it costs one syscall, not several.
                     if batch.len() < WRITE_BATCH {
                         tokio::task::yield_now().await;
-                        while batch.len() < WRITE_BATCH {
-                            match self.frames.try_recv() {
-                                Ok(outgoing) => batch.push(outgoing),
-                                Err(_) => break,
-                            }
-                        }
+                        let room = WRITE_BATCH - batch.len();
+                        self.frames.top_up(&mut batch, room);
                     }
                     self.drained.notify_waiters();
                     let reply_ids: Vec<i64> = batch.iter().filter_map(|o| o.reply_id).collect();
@@ -272,11 +406,7 @@ where
 
     async fn finish(mut self, closing: Option<Closing>) {
         let drain = closing.as_ref().is_some_and(|c| c.drain);
-        self.frames.close();
-        let mut rest = Vec::new();
-        while let Ok(outgoing) = self.frames.try_recv() {
-            rest.push(outgoing);
-        }
+        let mut rest = self.frames.close();
         let reply_ids: Vec<i64> = rest.iter().filter_map(|o| o.reply_id).collect();
         let delivered = drain
             && matches!(
@@ -317,7 +447,7 @@ where
     }
 }
 
-async fn write_all<S>(sink: &mut S, batch: &mut Vec<Outgoing>) -> Result<(), axum::Error>
+async fn write_all<S>(sink: &mut S, batch: &mut VecDeque<Outgoing>) -> Result<(), axum::Error>
 where
     S: Sink<Message, Error = axum::Error> + Unpin,
 {
@@ -343,7 +473,7 @@ mod tests {
     /// reads, like a client reading slowly.
     fn slow_client(
         outbox: &Outbox,
-        frames: mpsc::Receiver<Outgoing>,
+        frames: Frames,
     ) -> (futures_mpsc::Receiver<Message>, oneshot::Sender<Closing>) {
         let (sink, socket) = futures_mpsc::channel(0);
         let (close, closing) = oneshot::channel();

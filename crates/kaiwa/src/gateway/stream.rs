@@ -523,7 +523,7 @@ mod tests {
         (stream, Frames(frames))
     }
 
-    struct Frames(tokio::sync::mpsc::Receiver<crate::gateway::outbox::Outgoing>);
+    struct Frames(crate::gateway::outbox::Frames);
 
     impl Frames {
         /// The frames sent so far: `reply:<seq>`, `status:<status>`, `synced:<seq>`, `error:<code>`.

@@ -3,7 +3,7 @@
 //! channel here instead of a socket, so that no real I/O keeps the clock from jumping.
 
 use super::handshake::{self, HandshakeError, Hello, Resume};
-use super::outbox::{Outbox, Outgoing};
+use super::outbox::Outbox;
 use super::registry::Liveness;
 use super::session::{Ending, Session};
 use super::wire::Protocol;
@@ -13,7 +13,6 @@ use futures::channel::mpsc as futures_mpsc;
 use kaiwa_protocol::CloseCode;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -27,7 +26,7 @@ impl Fixture {
     }
 
     /// A session of a client that just said hello, reading what the test sends.
-    fn session(&self, protocol: Protocol) -> (Session, mpsc::Receiver<Outgoing>) {
+    fn session(&self, protocol: Protocol) -> (Session, super::outbox::Frames) {
         self.session_with(protocol, None)
     }
 
@@ -44,7 +43,7 @@ impl Fixture {
         &self,
         protocol: Protocol,
         ttl: Duration,
-    ) -> (Session, mpsc::Receiver<Outgoing>) {
+    ) -> (Session, super::outbox::Frames) {
         let auth = self.0.gateway.settings.auth.as_ref().expect("auth on");
         let token = crate::auth::Token::new(self.token("timer", ttl));
         let claims = auth.verify(&token, chrono::Utc::now()).expect("valid");
@@ -55,7 +54,7 @@ impl Fixture {
         &self,
         protocol: Protocol,
         token: Option<crate::auth::Claims>,
-    ) -> (Session, mpsc::Receiver<Outgoing>) {
+    ) -> (Session, super::outbox::Frames) {
         let gateway = &self.0.gateway;
         let (outbox, sent) = Outbox::new(gateway.settings.outbox);
         let liveness = Arc::new(Liveness::default());
@@ -290,7 +289,7 @@ const AUTH: &[&str] = &[
 ];
 
 /// The text frames the session queued so far.
-fn texts(sent: &mut mpsc::Receiver<Outgoing>) -> Vec<serde_json::Value> {
+fn texts(sent: &mut super::outbox::Frames) -> Vec<serde_json::Value> {
     std::iter::from_fn(|| sent.try_recv().ok())
         .filter_map(|outgoing| match outgoing.message() {
             Message::Text(text) => serde_json::from_str(text.as_str()).ok(),
