@@ -53,7 +53,11 @@ pub(crate) struct Arrival {
 
 /// Serves one upgraded connection from handshake to close. The client gets a client slot only
 /// once its handshake is verified: until then it is a stranger, in a pool of its own.
-pub(crate) async fn serve(gateway: Arc<Gateway>, mut socket: WebSocket, arrival: Arrival) {
+///
+/// The socket comes boxed, and `run` takes it boxed, for the memory of an idle connection: an
+/// async fn keeps a by-value argument's bytes for its whole life beside the local it is moved
+/// into, and the session's task lives as long as the connection.
+pub(crate) async fn serve(gateway: Arc<Gateway>, mut socket: Box<WebSocket>, arrival: Arrival) {
     let peer = arrival.peer.clone();
     let Some(hello) = introduce(&gateway, &mut socket, arrival).await else {
         return;
@@ -70,7 +74,10 @@ pub(crate) async fn serve(gateway: Arc<Gateway>, mut socket: WebSocket, arrival:
         Ok(claimed) => claimed,
         Err(refusal) => return refuse(&mut socket, hello.protocol, refusal).await,
     };
-    run(gateway, socket, hello, claimed).await;
+    // A task of its own, so that what the phases above kept does not stay with the connection
+    // for its life (an async fn's frame holds every local any of its awaits needed).
+    let tracker = gateway.tracker.clone();
+    tracker.spawn(run(gateway, socket, hello, claimed));
 }
 
 /// The handshake of a connection that is not yet a client: it ends with a verified hello, or
@@ -252,7 +259,7 @@ async fn claim(gateway: &Gateway, hello: &Hello, admitted: Admitted) -> Result<C
 }
 
 /// The session, from the writer's start to the client's departure.
-async fn run(gateway: Arc<Gateway>, socket: WebSocket, hello: Hello, claimed: Claimed) {
+async fn run(gateway: Arc<Gateway>, socket: Box<WebSocket>, hello: Hello, claimed: Claimed) {
     let Claimed {
         admitted,
         outbox,
@@ -278,7 +285,7 @@ async fn run(gateway: Arc<Gateway>, socket: WebSocket, hello: Hello, claimed: Cl
         stream.replay(None);
     }
 
-    let (sink, mut frames_in) = socket.split();
+    let (sink, mut frames_in) = (*socket).split();
     let (close_tx, close_rx) = oneshot::channel();
     let writer = gateway.tracker.spawn(
         Writer {

@@ -439,7 +439,7 @@ fn accept(
     ws.on_failed_upgrade(|err| tracing::debug!(%err, "WebSocket upgrade failed"))
         .on_upgrade(move |socket| {
             let tracker = gateway.tracker.clone();
-            tracker.track_future(connection::serve(gateway, socket, arrival))
+            tracker.track_future(connection::serve(gateway, Box::new(socket), arrival))
         })
 }
 

@@ -401,7 +401,9 @@ where
                 }
             }
         };
-        self.finish(closing).await;
+        // Boxed: its state is needed once, at the end, and would otherwise size the writer of
+        // every idle connection.
+        Box::pin(self.finish(closing)).await;
     }
 
     async fn finish(mut self, closing: Option<Closing>) {
