@@ -16,7 +16,8 @@
 # Reports land in target/bench/cluster-<UTC time>/ as JSON, with the table.
 #
 # Settings (environment): CLIENTS (50), DURATION seconds (10), RATE (1000), KILL_RATE (500),
-# KILL_DURATION seconds (40), IDLE (50000; 0 leaves it out), PORT (18082), BASE_PORT (18200),
+# KILL_DURATION seconds (40), IDLE (50000; 0 leaves it out), ONLY (idle: the idle run alone),
+# PORT (18082), BASE_PORT (18200),
 # POSTGRES (postgres://postgres@127.0.0.1:5432/postgres), AMQP (amqp://guest:guest@127.0.0.1:5672).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,7 @@ RATE=${RATE:-1000}
 KILL_RATE=${KILL_RATE:-500}
 KILL_DURATION=${KILL_DURATION:-40}
 IDLE=${IDLE:-50000}
+ONLY=${ONLY:-}
 PORT=${PORT:-18082}
 BASE_PORT=${BASE_PORT:-18200}
 POSTGRES=${POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}
@@ -38,6 +40,8 @@ work=$(mktemp -d "$PWD/target/bench-cluster.XXXXXX")
 # shellcheck source=bench/common.sh
 source bench/common.sh
 pg_db=""
+# How long the killed worker and gateway were down (set by the kill run).
+worker_down=0 gateway_down=0
 cluster_name="kaiwa_bench_cluster_$$"
 cluster_up=""
 export_bench_settings
@@ -72,6 +76,7 @@ measure() {
 step "building kaiwa and kaiwa-load (release)"
 cargo build --release --locked -p kaiwa -p kaiwa-load --bins
 
+if [[ "$ONLY" != idle ]]; then
 start_kaiwa serve-sqlite
 measure serve-sqlite "ws://127.0.0.1:$PORT/ws"
 stop_server
@@ -101,6 +106,7 @@ wait "$load_pid" || true
 cat "$out/kill.txt" >&2
 cluster down
 cluster_up=""
+fi
 
 if [[ "$IDLE" -gt 0 ]]; then
   step "idle: $IDLE connections over 3 gateways"
