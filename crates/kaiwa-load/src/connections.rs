@@ -10,7 +10,8 @@ use crate::plan::{self, ClientPlan};
 use crate::report::{GatewayMemory, Problem, RunInfo, Summary, Tally, UrlShare};
 use chrono::{SecondsFormat, Utc};
 use chrono_tz::Tz;
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
+use kaiwa_protocol::{legacy, path};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
@@ -52,6 +53,8 @@ pub struct ConnectionsConfig {
     pub seed: u64,
     /// The clients' tokens, when the server has auth on.
     pub auth: Option<TokenSettings>,
+    /// What the connections speak: native, legacy or the path dialect.
+    pub mode: Mode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +107,7 @@ pub async fn hold(
     count: usize,
     run_id: &str,
     auth: Option<&Minter>,
+    mode: Mode,
 ) -> Held {
     let stop = CancellationToken::new();
     let gate = Arc::new(Semaphore::new(CONNECTING_AT_ONCE));
@@ -135,13 +139,13 @@ pub async fn hold(
             let permit = gate.acquire_owned().await;
             // A connection reset while thousands connect at once is the server's accept queue
             // overflowing for an instant, which any client retries; a refusal is an answer.
-            let mut attempt = connect::connect(&url, Mode::Native, &plan).await;
+            let mut attempt = connect::connect(&url, mode, &plan).await;
             for backoff in [100, 400] {
                 if !matches!(attempt, Attempt::Transport(_)) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(backoff)).await;
-                attempt = connect::connect(&url, Mode::Native, &plan).await;
+                attempt = connect::connect(&url, mode, &plan).await;
             }
             let ws = match attempt {
                 Attempt::Ready(ws, _) => Some(ws),
@@ -166,12 +170,20 @@ pub async fn hold(
             let Some(ws) = ws else { return tally };
             let mut ws = *ws;
             tally.connected = 1;
-            // Idle: read (which also answers the server's pings) until told to stop.
+            // Idle: read (which also answers the server's pings, and its heartbeats in the
+            // protocols that send them as frames) until told to stop.
             loop {
                 tokio::select! {
                     () = stop.cancelled() => break,
                     frame = ws.next() => match frame {
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Text(text))) if heartbeat_answer(mode, &text).is_some() => {
+                            let answer = heartbeat_answer(mode, &text).unwrap_or_default();
+                            if ws.send(Message::text(answer)).await.is_err() {
+                                tally.problem(Problem::Closed(1006));
+                                return tally;
+                            }
+                        }
                         Some(Ok(Message::Close(close))) => {
                             tally.problem(Problem::Closed(close.map_or(1005, |c| u16::from(c.code))));
                             return tally;
@@ -398,7 +410,15 @@ pub async fn run(config: ConnectionsConfig) -> Result<Summary, ConnectionsError>
             .as_ref()
             .map(TokenSettings::minter)
             .transpose()?;
-        let held = hold(&config.urls, 0, config.clients, &run_id, minter.as_ref()).await;
+        let held = hold(
+            &config.urls,
+            0,
+            config.clients,
+            &run_id,
+            minter.as_ref(),
+            config.mode,
+        )
+        .await;
         ready = held.ready();
         tokio::time::sleep(config.hold).await;
         loaded = resident(&servers);
@@ -423,6 +443,8 @@ pub async fn run(config: ConnectionsConfig) -> Result<Summary, ConnectionsError>
                 args.extend(["--url".to_owned(), url.clone()]);
             }
             args.extend([
+                "--dialect".to_owned(),
+                config.mode.name().to_owned(),
                 "--first".to_owned(),
                 first.to_string(),
                 "--count".to_owned(),
@@ -573,8 +595,9 @@ pub async fn run_part(
     count: usize,
     run_id: &str,
     auth: Option<&Minter>,
+    mode: Mode,
 ) -> PartReport {
-    let held = hold(urls, first, count, run_id, auth).await;
+    let held = hold(urls, first, count, run_id, auth, mode).await;
     println!(
         "{}",
         serde_json::to_string(&held.ready()).unwrap_or_default()
@@ -582,6 +605,24 @@ pub async fn run_part(
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     stdin.next_line().await.ok();
     PartReport::from_tallies(&held.release().await)
+}
+
+/// The answer to a heartbeat the server sends as a text frame (legacy, path dialect); `None`
+/// for any other frame.
+fn heartbeat_answer(mode: Mode, text: &str) -> Option<String> {
+    match mode {
+        Mode::Legacy => serde_json::from_str::<legacy::ServerFrame>(text)
+            .ok()
+            .filter(|frame| frame.kind == legacy::FrameKind::Heartbeat)
+            .map(|_| connect::to_json(&legacy::heartbeat_pong())),
+        Mode::Path => match serde_json::from_str::<path::ServerFrame>(text) {
+            Ok(path::ServerFrame::Check { check_connection }) if check_connection == path::PING => {
+                Some(connect::to_json(&path::ClientFrame::check(path::PONG)))
+            }
+            _ => None,
+        },
+        Mode::Native | Mode::Echo => None,
+    }
 }
 
 #[cfg(test)]

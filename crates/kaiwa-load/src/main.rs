@@ -55,6 +55,8 @@ enum Scenario {
         count: usize,
         #[arg(long)]
         run_id: String,
+        #[arg(long, value_enum, default_value = "native")]
+        dialect: Dialect,
         #[command(flatten)]
         auth: AuthArgs,
     },
@@ -188,6 +190,17 @@ enum Dialect {
     Echo,
 }
 
+impl Dialect {
+    fn mode(self) -> Mode {
+        match self {
+            Self::Native => Mode::Native,
+            Self::Legacy => Mode::Legacy,
+            Self::Path => Mode::Path,
+            Self::Echo => Mode::Echo,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 struct ConnectionArgs {
     #[command(flatten)]
@@ -205,6 +218,10 @@ struct ConnectionArgs {
     /// Seconds to hold the connections before measuring.
     #[arg(long, default_value = "5", value_parser = seconds)]
     hold: Duration,
+    /// What the connections speak: `native` (kaiwa.v1), `legacy`, or `path` (the client id in
+    /// the URL: give the server's `/ws` as --url).
+    #[arg(long, value_enum, default_value = "native")]
+    dialect: Dialect,
 }
 
 #[derive(Debug, Args)]
@@ -262,6 +279,7 @@ fn main() -> anyhow::Result<ExitCode> {
                     exe: std::env::current_exe().ok(),
                     seed: args.common.seed,
                     auth: args.common.auth.settings(),
+                    mode: args.dialect.mode(),
                 };
                 if !args.common.quiet {
                     eprintln!(
@@ -318,11 +336,19 @@ fn main() -> anyhow::Result<ExitCode> {
                 first,
                 count,
                 run_id,
+                dialect,
                 auth,
             } => {
                 let minter = auth.minter()?;
-                let report =
-                    connections::run_part(&url, first, count, &run_id, minter.as_deref()).await;
+                let report = connections::run_part(
+                    &url,
+                    first,
+                    count,
+                    &run_id,
+                    minter.as_deref(),
+                    dialect.mode(),
+                )
+                .await;
                 println!("{}", serde_json::to_string(&report)?);
                 Ok(ExitCode::SUCCESS)
             }
@@ -333,9 +359,9 @@ fn main() -> anyhow::Result<ExitCode> {
 async fn messages(scenario: &str, args: MessageArgs) -> anyhow::Result<ExitCode> {
     let spec = scenario == "spec";
     let mode = match (args.legacy, args.echo, args.dialect) {
-        (true, _, _) | (_, _, Some(Dialect::Legacy)) => Mode::Legacy,
-        (_, true, _) | (_, _, Some(Dialect::Echo)) => Mode::Echo,
-        (_, _, Some(Dialect::Path)) => Mode::Path,
+        (true, _, _) => Mode::Legacy,
+        (_, true, _) => Mode::Echo,
+        (_, _, Some(dialect)) => dialect.mode(),
         _ => Mode::Native,
     };
     let (default_clients, default_mix) = if spec {

@@ -587,6 +587,7 @@ async fn against_a_server_with_auth_on_every_client_signs_in_with_its_own_token(
         exe: Some(env!("CARGO_BIN_EXE_kaiwa-load").into()),
         seed: 8,
         auth: Some(tokens()),
+        mode: Mode::Native,
     };
     let summary = connections::run(held).await.expect("the run completes");
     assert!(summary.ok, "{}", summary.table());
@@ -606,11 +607,44 @@ async fn idle_connections_are_held_from_several_source_addresses_and_processes()
         exe: Some(env!("CARGO_BIN_EXE_kaiwa-load").into()),
         seed: 3,
         auth: None,
+        mode: Mode::Native,
     };
     let summary = connections::run(config).await.expect("the run completes");
     assert!(summary.ok, "{}", summary.table());
     assert_eq!(summary.connected, 40);
     assert!(summary.memory.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_legacy_and_path_connections_answer_the_heartbeats_their_protocols_send_as_frames() {
+    // Two heartbeat timeouts: a connection that left one unanswered would be closed (4001)
+    // and counted as a problem.
+    let server = Server::start(&[
+        "--max-clients",
+        "100",
+        "--heartbeat-interval",
+        "1",
+        "--heartbeat-timeout",
+        "2",
+    ])
+    .await;
+    for mode in [Mode::Legacy, Mode::Path] {
+        let config = ConnectionsConfig {
+            label: None,
+            urls: vec![server.url()],
+            clients: 10,
+            processes: 2,
+            server_pids: vec![std::process::id()],
+            hold: Duration::from_secs(4),
+            exe: Some(env!("CARGO_BIN_EXE_kaiwa-load").into()),
+            seed: 5,
+            auth: None,
+            mode,
+        };
+        let summary = connections::run(config).await.expect("the run completes");
+        assert!(summary.ok, "{mode:?}: {}", summary.table());
+        assert_eq!(summary.connected, 10, "{mode:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -668,7 +702,7 @@ async fn idle_connections_over_two_urls_are_counted_and_measured_per_gateway() {
     let urls = vec![servers[0].url(), servers[1].url()];
 
     // Each server holds its half, by its own count.
-    let held = connections::hold(&urls, 0, 21, "spread", None).await;
+    let held = connections::hold(&urls, 0, 21, "spread", None, Mode::Native).await;
     assert_eq!(held.connected_by_url, [11, 10]);
     for (server, expected) in servers.iter().zip([11, 10]) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -697,6 +731,7 @@ async fn idle_connections_over_two_urls_are_counted_and_measured_per_gateway() {
         exe: Some(env!("CARGO_BIN_EXE_kaiwa-load").into()),
         seed: 5,
         auth: None,
+        mode: Mode::Native,
     };
     let summary = connections::run(config).await;
     stand_in.kill().ok();
@@ -738,6 +773,7 @@ async fn idle_connections_over_two_urls_are_counted_and_measured_per_gateway() {
         exe: None,
         seed: 6,
         auth: None,
+        mode: Mode::Native,
     };
     let summary = connections::run(config).await.expect("the run completes");
     assert!(summary.ok, "{}", summary.table());
@@ -756,6 +792,7 @@ async fn idle_connections_over_two_urls_are_counted_and_measured_per_gateway() {
         exe: None,
         seed: 7,
         auth: None,
+        mode: Mode::Native,
     };
     assert!(connections::run(config).await.is_err());
 }

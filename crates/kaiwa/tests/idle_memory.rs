@@ -5,6 +5,7 @@
 
 mod support;
 
+use kaiwa_load::Mode;
 use kaiwa_load::connections::{self, ConnectionsConfig};
 use std::time::Duration;
 
@@ -40,6 +41,7 @@ async fn an_idle_connection_costs_the_server_little_memory() {
         exe: None,
         seed: 1,
         auth: None,
+        mode: Mode::Native,
     })
     .await
     .expect("the run completes");
