@@ -177,13 +177,15 @@ pub async fn hold(
                     () = stop.cancelled() => break,
                     frame = ws.next() => match frame {
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                        Some(Ok(Message::Text(text))) if heartbeat_answer(mode, &text).is_some() => {
-                            let answer = heartbeat_answer(mode, &text).unwrap_or_default();
-                            if ws.send(Message::text(answer)).await.is_err() {
-                                tally.problem(Problem::Closed(1006));
-                                return tally;
+                        Some(Ok(Message::Text(text))) => match heartbeat_answer(mode, &text) {
+                            Some(answer) => {
+                                if ws.send(Message::text(answer)).await.is_err() {
+                                    tally.problem(Problem::Closed(1006));
+                                    return tally;
+                                }
                             }
-                        }
+                            None => tally.problem(Problem::UnexpectedFrame),
+                        },
                         Some(Ok(Message::Close(close))) => {
                             tally.problem(Problem::Closed(close.map_or(1005, |c| u16::from(c.code))));
                             return tally;

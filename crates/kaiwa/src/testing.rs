@@ -98,3 +98,26 @@ impl Fixture {
         })
     }
 }
+
+/// An accepted text message of `client_id`'s in UTC, received now: what the layers above the
+/// store see of a message that passed admission.
+pub(crate) fn accepted_text(
+    client_id: &str,
+    client_message_id: Option<&str>,
+    content: &str,
+) -> crate::store::NewMessage {
+    crate::store::NewMessage {
+        client_id: crate::domain::ClientId::parse(client_id).expect("a valid client id"),
+        client_message_id: client_message_id.map(str::to_owned),
+        kind: kaiwa_protocol::MessageType::Text,
+        content: content.to_owned(),
+        filename: None,
+        mime_type: None,
+        size_bytes: None,
+        timezone: crate::domain::Timezone::parse("UTC").expect("UTC"),
+        status: kaiwa_protocol::MessageStatus::Accepted,
+        reason: None,
+        client_timestamp: None,
+        received_at: chrono::Utc::now(),
+    }
+}

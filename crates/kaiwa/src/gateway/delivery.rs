@@ -145,14 +145,14 @@ impl Gateway {
 mod tests {
     use super::*;
     use crate::config::DuplicatePolicy;
-    use crate::domain::{ClientId, Timezone};
+    use crate::domain::ClientId;
     use crate::gateway::registry::{Liveness, SessionHandle};
     use crate::queue::MessageRef;
-    use crate::store::{Inserted, NewMessage, NewReply, Store, StoredReply};
+    use crate::store::{Inserted, NewReply, Store, StoredReply};
     use crate::testing::Fixture;
     use axum::extract::ws::Message;
     use chrono::Utc;
-    use kaiwa_protocol::{MessageType, ReplyType};
+    use kaiwa_protocol::ReplyType;
     use std::sync::atomic::AtomicBool;
     use std::time::Duration;
 
@@ -163,20 +163,7 @@ mod tests {
     /// A message of alice's, stored with one reply, holding an in-flight slot here.
     async fn in_flight(fixture: &Fixture) -> (MessageRef, StoredReply) {
         let store = &fixture.store;
-        let message = NewMessage {
-            client_id: alice(),
-            client_message_id: Some("m1".into()),
-            kind: MessageType::Text,
-            content: "hello".into(),
-            filename: None,
-            mime_type: None,
-            size_bytes: None,
-            timezone: Timezone::parse("UTC").expect("valid"),
-            status: MessageStatus::Accepted,
-            reason: None,
-            client_timestamp: None,
-            received_at: Utc::now(),
-        };
+        let message = crate::testing::accepted_text("alice", Some("m1"), "hello");
         let Ok(Inserted::New(message_id)) = store.insert_message(message).await else {
             panic!("stored");
         };

@@ -3,32 +3,16 @@
 use super::*;
 use crate::admission::{InFlight, SlotEnds};
 use crate::config::ServeConfig;
-use crate::domain::{ClientId, Timezone};
 use crate::queue::{MemoryQueue, Taken};
 use crate::store::{DiskMedia, Inserted, MemoryStore, NewMessage};
-use chrono::Utc;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use kaiwa_protocol::{MessageStatus, MessageType};
 use std::sync::Mutex;
 
 const AFTER: Duration = Duration::from_secs(8);
 
 fn message(text: &str) -> NewMessage {
-    NewMessage {
-        client_id: ClientId::parse("alice").expect("valid"),
-        client_message_id: None,
-        kind: MessageType::Text,
-        content: text.to_owned(),
-        filename: None,
-        mime_type: None,
-        size_bytes: None,
-        timezone: Timezone::parse("UTC").expect("valid"),
-        status: MessageStatus::Accepted,
-        reason: None,
-        client_timestamp: None,
-        received_at: Utc::now(),
-    }
+    crate::testing::accepted_text("alice", None, text)
 }
 
 struct Alone {
