@@ -1,7 +1,7 @@
 //! One connection's life, in phases: the handshake of a stranger ([`introduce`]), the client
 //! slots and the reply stream's start ([`admit`]), the client id, here and across the cluster
-//! ([`claim`]), the session and the bookkeeping of a client that left ([`run`]), and the close
-//! handshake ([`depart`]). A phase that turns the client away says why with a [`Refusal`].
+//! ([`claim`]), then the session, the client's departure and the close handshake ([`run`]). A
+//! phase that turns the client away says why with a [`Refusal`].
 
 use super::Gateway;
 use super::cluster::ClusterSlot;
@@ -9,7 +9,7 @@ use super::handshake::{self, Credentials, HandshakeError, Hello, Opening, Resume
 use super::outbox::{Closing, Frames, Outbox, Writer};
 use super::refusal::{CLOSE_REPLY_TIMEOUT, Refusal};
 use super::registry::{Duplicate, Liveness, SessionHandle};
-use super::session::{Ending, Session};
+use super::session::Session;
 use super::strangers::Pass;
 use super::stream::ReplyStream;
 use super::wire::{About, Protocol, close_frame};
@@ -21,7 +21,6 @@ use crate::listener::Peer;
 use crate::presence::{Claim, PresenceError};
 use crate::store::StoreError;
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
-use futures::stream::SplitStream;
 use futures::{Stream, StreamExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -178,15 +177,12 @@ async fn admit(gateway: &Gateway, hello: &Hello) -> Result<Admitted, Refusal> {
     })
 }
 
-/// A client whose id is its connection's, here and in the cluster: the parts of its session.
+/// A client whose id is its connection's, here and in the cluster: the parts of its session,
+/// as the registry holds them, and the outbox's frames for the writer.
 struct Claimed {
     admitted: Admitted,
-    outbox: Outbox,
+    handle: SessionHandle,
     frames: Frames,
-    stream: Option<Arc<ReplyStream>>,
-    replaced: CancellationToken,
-    moved: Arc<AtomicBool>,
-    liveness: Arc<Liveness>,
 }
 
 /// Registers the session under the client's id here, then claims the id across the cluster.
@@ -212,30 +208,25 @@ async fn claim(gateway: &Gateway, hello: &Hello, admitted: Admitted) -> Result<C
     let liveness = Arc::new(Liveness::default());
     // The handshake frame was the first word from the client.
     liveness.heard();
+    let conn_id = admitted.conn_id;
     let mut claimed = Claimed {
         admitted,
-        outbox,
+        handle: SessionHandle {
+            conn_id,
+            protocol: hello.protocol,
+            outbox,
+            stream,
+            replaced: CancellationToken::new(),
+            moved: Arc::new(AtomicBool::new(false)),
+            liveness,
+        },
         frames,
-        stream,
-        replaced: CancellationToken::new(),
-        moved: Arc::new(AtomicBool::new(false)),
-        liveness,
-    };
-    let conn_id = claimed.admitted.conn_id;
-    let handle = SessionHandle {
-        conn_id,
-        protocol: hello.protocol,
-        outbox: claimed.outbox.clone(),
-        stream: claimed.stream.clone(),
-        replaced: claimed.replaced.clone(),
-        moved: claimed.moved.clone(),
-        liveness: claimed.liveness.clone(),
     };
     let duplicate = |elsewhere| Refusal::Duplicate {
         client_id: hello.client_id.clone(),
         elsewhere,
     };
-    if register(gateway, hello, handle).await.is_err() {
+    if register(gateway, hello, claimed.handle.clone()).await.is_err() {
         return Err(duplicate(None));
     }
     let replace = gateway.settings.sessions.duplicate_connection == DuplicatePolicy::Replace;
@@ -262,13 +253,17 @@ async fn claim(gateway: &Gateway, hello: &Hello, admitted: Admitted) -> Result<C
 async fn run(gateway: Arc<Gateway>, socket: Box<WebSocket>, hello: Hello, claimed: Claimed) {
     let Claimed {
         admitted,
-        outbox,
+        handle,
         frames,
+    } = claimed;
+    let SessionHandle {
+        outbox,
         stream,
         replaced,
         moved,
         liveness,
-    } = claimed;
+        ..
+    } = handle;
     let (conn_id, position) = (admitted.conn_id, admitted.position);
     if let Resume::After(after) = hello.resume
         && position > 0
@@ -337,21 +332,17 @@ async fn run(gateway: Arc<Gateway>, socket: Box<WebSocket>, hello: Hello, claime
     if close_tx.send(closing).is_err() {
         tracing::debug!(conn_id, "the writer ended before the session");
     }
-    depart(&mut frames_in, ending).await;
+    if ending.awaits_close_reply() {
+        // While the writer sends ours: a socket closed before the client's close frame came is
+        // reset under it.
+        await_close_reply(&mut frames_in, CLOSE_REPLY_TIMEOUT).await;
+    }
     if let Err(err) = writer.await {
         tracing::error!(conn_id, %err, "the writer task failed");
     }
     metrics::gauge!("kaiwa_connections").decrement(1.0);
     metrics::counter!("kaiwa_disconnects_total", "reason" => ending.name()).increment(1);
     tracing::info!(%client_id, conn_id, ending = ending.name(), "client disconnected");
-}
-
-/// The close handshake of a session the server ended: the client's close frame is waited for
-/// (while the writer sends ours), so that the socket is not reset under it.
-async fn depart(frames_in: &mut SplitStream<WebSocket>, ending: Ending) {
-    if ending.awaits_close_reply() {
-        await_close_reply(frames_in, CLOSE_REPLY_TIMEOUT).await;
-    }
 }
 
 /// The `seq` the client's reply stream starts after on this connection. A cursor beyond the
