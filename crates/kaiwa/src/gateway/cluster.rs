@@ -8,7 +8,6 @@ use crate::domain::ClientId;
 use crate::domain::GatewayId;
 use crate::presence::{Claim, Lessee, Presence, PresenceError, Stopped, route};
 use crate::queue::{Event, Queue, Routed};
-use kaiwa_protocol::Delivery;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,11 +41,7 @@ impl ClusterLink {
 
     /// The connections that may hold something in presence now.
     pub fn live_connections(&self) -> Vec<u64> {
-        self.lock().iter().copied().collect()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
-        lock(&self.live)
+        lock(&self.live).iter().copied().collect()
     }
 
     /// Takes a cluster-wide client slot for a connection; `None` when the cluster is full.
@@ -56,7 +51,7 @@ impl ClusterLink {
         max_clients: usize,
     ) -> Result<Option<ClusterSlot>, PresenceError> {
         // Listed before the row exists, so that a lease renewal never gives it back under us.
-        self.lock().insert(conn_id);
+        lock(&self.live).insert(conn_id);
         let max = u32::try_from(max_clients).unwrap_or(u32::MAX);
         match self.presence.take_slot(conn_id, max).await {
             Ok(Some(slot)) => Ok(Some(ClusterSlot {
@@ -66,44 +61,14 @@ impl ClusterLink {
                 client_id: None,
             })),
             Ok(None) => {
-                self.lock().remove(&conn_id);
+                lock(&self.live).remove(&conn_id);
                 Ok(None)
             }
             Err(err) => {
-                self.lock().remove(&conn_id);
+                lock(&self.live).remove(&conn_id);
                 Err(err)
             }
         }
-    }
-
-    /// Passes on an event for a client this gateway does not hold (any more) to the gateway
-    /// that does. A reply that finds no gateway is recorded `failed` here: this gateway is the
-    /// one process that has the event. An outage is waited out, until the gateway stops.
-    pub(super) fn forward(gateway: &Arc<Gateway>, event: Event) {
-        let gateway = gateway.clone();
-        gateway.tracker.clone().spawn(async move {
-            let link = &gateway.cluster;
-            let routed = match link.route_elsewhere(&event, &gateway.close_sessions).await {
-                Ok(routed) => routed,
-                Err(Stopped) => {
-                    tracing::debug!("stopped before an event was passed on");
-                    return;
-                }
-            };
-            metrics::counter!("kaiwa_events_forwarded_total", "routed" => match routed {
-                Routed::Delivered => "delivered",
-                Routed::NoGateway => "no_gateway",
-            })
-            .increment(1);
-            if routed == Routed::NoGateway
-                && let Event::Reply { reply, .. } = &event
-            {
-                gateway
-                    .store
-                    .record_delivery(reply.id, Delivery::Failed, gateway.clock.now());
-                metrics::counter!("kaiwa_replies_total", "delivery" => "failed").increment(1);
-            }
-        });
     }
 
     /// Asks `holder` whether its connection `conn_id`, which holds the client's id, still
@@ -144,41 +109,6 @@ impl ClusterLink {
         }
     }
 
-    /// Another gateway (`from`) asks whether this gateway's connection `conn_id` of the client
-    /// still answers, as this one asks itself of a duplicate connection: one that does not is
-    /// closed, which gives its claim back. The answer goes back as `Probed`.
-    pub(super) fn answer_probe(
-        gateway: &Arc<Gateway>,
-        from: GatewayId,
-        client_id: ClientId,
-        conn_id: u64,
-    ) {
-        let gateway = gateway.clone();
-        gateway.tracker.clone().spawn(async move {
-            let session = gateway.registry.with(&client_id, |s| {
-                (s.conn_id == conn_id).then(|| (s.liveness.clone(), s.outbox.clone()))
-            });
-            let alive = match session.flatten() {
-                Some((liveness, outbox)) => {
-                    liveness.answers(&outbox, gateway.liveness_probe()).await
-                }
-                // Gone already: its claim is on its way back.
-                None => false,
-            };
-            if !alive && gateway.registry.evict(&client_id, conn_id) {
-                tracing::info!(%client_id, conn_id, gateway = %from, "the connection did not answer a ping; closed for the client's new one on another gateway");
-            }
-            let event = Event::Probed {
-                client_id,
-                conn_id,
-                alive,
-            };
-            if let Err(err) = gateway.cluster.queue.publish_event(&from, event).await {
-                tracing::debug!(gateway = %from, %err, "stopped before a probe was answered");
-            }
-        });
-    }
-
     /// Tells whichever gateway holds the client now that its previous connection, here, has
     /// closed having been offered replies up to `seq`.
     pub(super) async fn hand_over(&self, client_id: &ClientId, seq: u64, stop: &CancellationToken) {
@@ -207,6 +137,73 @@ impl ClusterLink {
             stop,
         )
         .await
+    }
+}
+
+/// The gateway's side of what its cluster link carries.
+impl Gateway {
+    /// Passes on an event for a client this gateway does not hold (any more) to the gateway
+    /// that does. A reply that finds no gateway is recorded `failed` here: this gateway is the
+    /// one process that has the event. An outage is waited out, until the gateway stops.
+    pub(super) fn forward(self: &Arc<Self>, event: Event) {
+        let gateway = self.clone();
+        self.tracker.spawn(async move {
+            let link = &gateway.cluster;
+            let routed = match link.route_elsewhere(&event, &gateway.close_sessions).await {
+                Ok(routed) => routed,
+                Err(Stopped) => {
+                    tracing::debug!("stopped before an event was passed on");
+                    return;
+                }
+            };
+            metrics::counter!("kaiwa_events_forwarded_total", "routed" => match routed {
+                Routed::Delivered => "delivered",
+                Routed::NoGateway => "no_gateway",
+            })
+            .increment(1);
+            if routed == Routed::NoGateway
+                && let Event::Reply { reply, .. } = &event
+            {
+                gateway
+                    .store
+                    .record_undelivered(reply.id, gateway.clock.now());
+            }
+        });
+    }
+
+    /// Another gateway (`from`) asks whether this gateway's connection `conn_id` of the client
+    /// still answers, as this one asks itself of a duplicate connection: one that does not is
+    /// closed, which gives its claim back. The answer goes back as `Probed`.
+    pub(super) fn answer_probe(
+        self: &Arc<Self>,
+        from: GatewayId,
+        client_id: ClientId,
+        conn_id: u64,
+    ) {
+        let gateway = self.clone();
+        self.tracker.spawn(async move {
+            let session = gateway.registry.with(&client_id, |s| {
+                (s.conn_id == conn_id).then(|| (s.liveness.clone(), s.outbox.clone()))
+            });
+            let alive = match session.flatten() {
+                Some((liveness, outbox)) => {
+                    liveness.answers(&outbox, gateway.liveness_probe()).await
+                }
+                // Gone already: its claim is on its way back.
+                None => false,
+            };
+            if !alive && gateway.registry.evict(&client_id, conn_id) {
+                tracing::info!(%client_id, conn_id, gateway = %from, "the connection did not answer a ping; closed for the client's new one on another gateway");
+            }
+            let event = Event::Probed {
+                client_id,
+                conn_id,
+                alive,
+            };
+            if let Err(err) = gateway.cluster.queue.publish_event(&from, event).await {
+                tracing::debug!(gateway = %from, %err, "stopped before a probe was answered");
+            }
+        });
     }
 }
 
@@ -288,7 +285,7 @@ impl Drop for ClusterSlot {
                 link.presence.release(&client_id, conn_id).await;
             }
             link.presence.release_slot(slot, conn_id).await;
-            link.lock().remove(&conn_id);
+            lock(&link.live).remove(&conn_id);
         });
     }
 }

@@ -226,7 +226,10 @@ async fn claim(gateway: &Gateway, hello: &Hello, admitted: Admitted) -> Result<C
         client_id: hello.client_id.clone(),
         elsewhere,
     };
-    if register(gateway, hello, claimed.handle.clone()).await.is_err() {
+    if register(gateway, hello, claimed.handle.clone())
+        .await
+        .is_err()
+    {
         return Err(duplicate(None));
     }
     let replace = gateway.settings.sessions.duplicate_connection == DuplicatePolicy::Replace;

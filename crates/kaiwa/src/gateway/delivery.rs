@@ -5,14 +5,13 @@
 //! its last reply.
 
 use super::Gateway;
-use super::cluster::ClusterLink;
 use super::outbox::Outbox;
 use super::stream::{Live, ReplyStream};
 use super::wire::Protocol;
 use crate::queue::Event;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use kaiwa_protocol::{Delivery, MessageStatus};
+use kaiwa_protocol::MessageStatus;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -47,7 +46,7 @@ impl Gateway {
         });
         if session.is_none() && event.message().is_some() {
             // The client is not here (any more): the gateway that holds it now gets the event.
-            ClusterLink::forward(self, event);
+            self.forward(event);
         } else {
             self.hand(session, event);
         }
@@ -102,9 +101,7 @@ impl Gateway {
                 if !handed {
                     // The client is too slow (or left just now): a native client gets it on
                     // resume.
-                    self.store
-                        .record_delivery(reply_id, Delivery::Failed, self.clock.now());
-                    metrics::counter!("kaiwa_replies_total", "delivery" => "failed").increment(1);
+                    self.store.record_undelivered(reply_id, self.clock.now());
                 }
             }
             Event::Failed { message, reason } => {
@@ -131,7 +128,7 @@ impl Gateway {
                 client_id,
                 conn_id,
                 from,
-            } => ClusterLink::answer_probe(self, from, client_id, conn_id),
+            } => self.answer_probe(from, client_id, conn_id),
             Event::Probed {
                 client_id,
                 conn_id,
@@ -256,7 +253,7 @@ mod tests {
             if stored
                 .replies
                 .iter()
-                .any(|r| r.id == reply_id && r.delivery == Delivery::Failed)
+                .any(|r| r.id == reply_id && r.delivery == kaiwa_protocol::Delivery::Failed)
             {
                 break;
             }

@@ -262,6 +262,13 @@ pub trait Store: Send + Sync + 'static {
     /// batch. A `delivered` reply stays delivered.
     fn record_delivery(&self, reply_id: i64, delivery: Delivery, at: DateTime<Utc>);
 
+    /// Records that a reply did not reach its client (it found no session, or the session's
+    /// outbox was full), and counts it.
+    fn record_undelivered(&self, reply_id: i64, at: DateTime<Utc>) {
+        self.record_delivery(reply_id, Delivery::Failed, at);
+        metrics::counter!("kaiwa_replies_total", "delivery" => "failed").increment(1);
+    }
+
     /// A client acknowledged its replies up to and including `seq`: they become `delivered`.
     /// Does not wait, like [`Store::record_delivery`].
     fn record_received(&self, client_id: &ClientId, seq: u64, at: DateTime<Utc>);

@@ -10,8 +10,8 @@ use crate::queue::{Event, Job, MessageRef, Queue, QueueError, Routed, Taken};
 use crate::replies::{Deltas, ReplyMaker};
 use crate::store::{NewReply, Store, StoreError, StoredReply};
 use futures::{FutureExt, StreamExt};
+use kaiwa_protocol::MessageStatus;
 use kaiwa_protocol::MessageType;
-use kaiwa_protocol::{Delivery, MessageStatus};
 use rand::RngExt;
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
@@ -353,9 +353,7 @@ impl Worker {
             Ok(Routed::Delivered) => true,
             Ok(Routed::NoGateway) => {
                 if let Event::Reply { reply, .. } = &event {
-                    self.store
-                        .record_delivery(reply.id, Delivery::Failed, self.clock.now());
-                    metrics::counter!("kaiwa_replies_total", "delivery" => "failed").increment(1);
+                    self.store.record_undelivered(reply.id, self.clock.now());
                 }
                 true
             }
