@@ -65,13 +65,17 @@ pub(crate) async fn serve(gateway: Arc<Gateway>, mut socket: Box<WebSocket>, arr
     if let Some(peer) = &peer {
         peer.unlimit_reads();
     }
-    let admitted = match admit(&gateway, &hello).await {
-        Ok(admitted) => admitted,
-        Err(refusal) => return refuse(&mut socket, hello.protocol, refusal).await,
+    let claimed = match admit(&gateway, &hello).await {
+        Ok(admitted) => claim(&gateway, &hello, admitted).await,
+        Err(refused) => Err(refused),
     };
-    let claimed = match claim(&gateway, &hello, admitted).await {
+    let claimed = match claimed {
         Ok(claimed) => claimed,
-        Err(refusal) => return refuse(&mut socket, hello.protocol, refusal).await,
+        Err(Refused { refusal, slots }) => {
+            refuse(&mut socket, hello.protocol, refusal).await;
+            drop(slots);
+            return;
+        }
     };
     // A task of its own, so that what the phases above kept does not stay with the connection
     // for its life (an async fn's frame holds every local any of its awaits needed).
@@ -135,7 +139,7 @@ async fn introduce(gateway: &Gateway, socket: &mut WebSocket, arrival: Arrival) 
 /// What a verified client holds before its id is claimed.
 struct Admitted {
     /// One of this gateway's client slots, held until dropped.
-    _slot: ConnectionSlot,
+    slot: ConnectionSlot,
     /// One of the cluster's client slots (the client id joins it in [`claim`]).
     cluster_slot: ClusterSlot,
     conn_id: u64,
@@ -143,34 +147,58 @@ struct Admitted {
     position: u64,
 }
 
+/// A verified client turned away, with the client slots it held: they are given back only once
+/// the refusal is sent and answered, so that the limit counts every verified socket the server
+/// still holds.
+struct Refused {
+    refusal: Refusal,
+    slots: (Option<ConnectionSlot>, Option<ClusterSlot>),
+}
+
+impl Refusal {
+    fn holding(self, slot: Option<ConnectionSlot>, cluster_slot: Option<ClusterSlot>) -> Refused {
+        Refused {
+            refusal: self,
+            slots: (slot, cluster_slot),
+        }
+    }
+}
+
 /// Takes a client slot here and one in the cluster (the limit is the whole cluster's), and
 /// reads where the client's reply stream starts.
-async fn admit(gateway: &Gateway, hello: &Hello) -> Result<Admitted, Refusal> {
+async fn admit(gateway: &Gateway, hello: &Hello) -> Result<Admitted, Refused> {
     let max_clients = gateway.settings.max_clients;
-    let slot = gateway.slots.try_acquire().ok_or(Refusal::Full {
-        whole: "server",
-        max_clients,
-    })?;
+    let Some(slot) = gateway.slots.try_acquire() else {
+        let full = Refusal::Full {
+            whole: "server",
+            max_clients,
+        };
+        return Err(full.holding(None, None));
+    };
     let conn_id = gateway.next_conn_id();
     let cluster_slot = match gateway.cluster.take_slot(conn_id, max_clients).await {
         Ok(Some(slot)) => slot,
         Ok(None) => {
-            return Err(Refusal::Full {
+            let full = Refusal::Full {
                 whole: "the cluster",
                 max_clients,
-            });
+            };
+            return Err(full.holding(Some(slot), None));
         }
         Err(err) => {
             tracing::error!(%err, "could not take a cluster client slot");
-            return Err(Refusal::Unavailable);
+            return Err(Refusal::Unavailable.holding(Some(slot), None));
         }
     };
-    let position = start_position(gateway, hello).await.map_err(|err| {
-        tracing::error!(client_id = %hello.client_id, %err, "could not read the client's reply stream");
-        Refusal::StreamUnreadable
-    })?;
+    let position = match start_position(gateway, hello).await {
+        Ok(position) => position,
+        Err(err) => {
+            tracing::error!(client_id = %hello.client_id, %err, "could not read the client's reply stream");
+            return Err(Refusal::StreamUnreadable.holding(Some(slot), Some(cluster_slot)));
+        }
+    };
     Ok(Admitted {
-        _slot: slot,
+        slot,
         cluster_slot,
         conn_id,
         position,
@@ -187,7 +215,7 @@ struct Claimed {
 
 /// Registers the session under the client's id here, then claims the id across the cluster.
 /// The welcome is queued before the session is registered, so that no reply can overtake it.
-async fn claim(gateway: &Gateway, hello: &Hello, admitted: Admitted) -> Result<Claimed, Refusal> {
+async fn claim(gateway: &Gateway, hello: &Hello, admitted: Admitted) -> Result<Claimed, Refused> {
     let (outbox, frames) = Outbox::new(gateway.settings.outbox);
     outbox.push(hello.protocol.welcome(
         hello.client_id.as_str(),
@@ -226,30 +254,35 @@ async fn claim(gateway: &Gateway, hello: &Hello, admitted: Admitted) -> Result<C
         client_id: hello.client_id.clone(),
         elsewhere,
     };
-    if register(gateway, hello, claimed.handle.clone())
+    let refusal = if register(gateway, hello, claimed.handle.clone())
         .await
         .is_err()
     {
-        return Err(duplicate(None));
-    }
-    let replace = gateway.settings.sessions.duplicate_connection == DuplicatePolicy::Replace;
-    let across = claim_across(
-        gateway,
-        &mut claimed.admitted.cluster_slot,
-        &hello.client_id,
-        replace,
-    )
-    .await;
-    let refusal = match across {
-        Ok(Claim::Claimed { .. }) => return Ok(claimed),
-        Ok(Claim::Held { gateway, .. }) => duplicate(Some(gateway)),
-        Err(err) => {
-            tracing::error!(client_id = %hello.client_id, %err, "could not claim the client id in the cluster");
-            Refusal::Unavailable
-        }
+        duplicate(None)
+    } else {
+        let replace = gateway.settings.sessions.duplicate_connection == DuplicatePolicy::Replace;
+        let across = claim_across(
+            gateway,
+            &mut claimed.admitted.cluster_slot,
+            &hello.client_id,
+            replace,
+        )
+        .await;
+        let refusal = match across {
+            Ok(Claim::Claimed { .. }) => return Ok(claimed),
+            Ok(Claim::Held { gateway, .. }) => duplicate(Some(gateway)),
+            Err(err) => {
+                tracing::error!(client_id = %hello.client_id, %err, "could not claim the client id in the cluster");
+                Refusal::Unavailable
+            }
+        };
+        gateway.registry.remove(&hello.client_id, conn_id);
+        refusal
     };
-    gateway.registry.remove(&hello.client_id, conn_id);
-    Err(refusal)
+    let Admitted {
+        slot, cluster_slot, ..
+    } = claimed.admitted;
+    Err(refusal.holding(Some(slot), Some(cluster_slot)))
 }
 
 /// The session, from the writer's start to the client's departure.
