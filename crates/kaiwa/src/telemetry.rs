@@ -38,10 +38,11 @@ pub enum TelemetryError {
     AlreadyInstalled,
 }
 
-const GATEWAY_TARGETS: [&str; 5] = [
+const GATEWAY_TARGETS: [&str; 6] = [
     "kaiwa::gateway",
     "kaiwa::presence",
     "kaiwa::admission",
+    "kaiwa::recovery",
     "kaiwa::http",
     "kaiwa::app",
 ];

@@ -11,6 +11,9 @@ use std::collections::hash_map::Entry;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
+/// How soon the updates of a failed batch are tried again when no other write comes.
+pub(super) const BACKLOG_RETRY: Duration = Duration::from_millis(500);
+
 /// Where a command's result goes.
 pub(super) type Respond<T> = oneshot::Sender<Result<T, StoreError>>;
 

@@ -24,8 +24,6 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// At most this long after the database is back, writes go through again: an outage is a
 /// delay of its own length plus this.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// How soon the updates of a failed batch are tried again when no other write comes.
-const BACKLOG_RETRY: Duration = Duration::from_millis(500);
 /// The advisory lock namespace of reply streams: replies of one client are numbered by one
 /// transaction at a time, whichever process writes them. (The second key is the client id's
 /// hash; sqlx's migration lock uses the one-key form, so the two never meet.)
@@ -188,7 +186,8 @@ impl Writer {
                     self.set_health(StoreHealth::Degraded(err.to_string()));
                     self.retry_at = tokio::time::Instant::now();
                 } else {
-                    self.retry_at = tokio::time::Instant::now() + BACKLOG_RETRY;
+                    self.retry_at =
+                        tokio::time::Instant::now() + crate::store::batch::BACKLOG_RETRY;
                 }
                 self.backlog.keep(std::mem::take(&mut batch.updates), &err);
                 batch.fail(&err)

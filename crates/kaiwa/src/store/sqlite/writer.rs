@@ -23,8 +23,6 @@ use tokio::sync::{mpsc, oneshot};
 /// Commands taken in one transaction, at most: enough that one commit (and its fsync) takes
 /// every command waiting under load.
 const MAX_BATCH: usize = 8192;
-/// How soon the updates of a failed batch are tried again when no other write comes.
-const BACKLOG_RETRY: Duration = Duration::from_millis(500);
 
 // The writer's statements, prepared once and cached on its connection.
 const INSERT_MESSAGE: &str = "INSERT INTO messages (id, client_id, client_msg_id, message_type, \
@@ -167,7 +165,9 @@ impl Writer {
                 // comes to write.
                 match self.commands.try_recv() {
                     Ok(first) => commands.push(first),
-                    Err(mpsc::error::TryRecvError::Empty) => std::thread::sleep(BACKLOG_RETRY),
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        std::thread::sleep(crate::store::batch::BACKLOG_RETRY)
+                    }
                     Err(mpsc::error::TryRecvError::Disconnected) => return,
                 }
             }
