@@ -144,8 +144,8 @@ pub struct Application {
     worker: Option<Worker>,
     /// What brings back messages whose processing was lost or failed.
     recovery: Box<dyn Recovery>,
-    /// Where this process's gateway holds its clients (and its lease, in a cluster).
-    presence: Arc<dyn Presence>,
+    /// The cluster's client limit, which the gateway's lease keeps slots for.
+    max_clients: u32,
     tracker: TaskTracker,
     /// The Prometheus recorder, whose histograms this process drains.
     metrics: Option<PrometheusHandle>,
@@ -166,10 +166,11 @@ struct Seams {
     slot_ends: SlotEnds,
     /// How stuck messages are found: alone, by this process's own slots, the last run's
     /// unfinished messages first; in a cluster, by claims in the shared database.
-    stuck: Stuck,
+    stuck: StuckMessages,
 }
 
-enum Stuck {
+/// How stuck messages are found.
+enum StuckMessages {
     OwnSlots,
     Claimed(Arc<dyn StuckClaims>),
 }
@@ -183,7 +184,7 @@ impl Seams {
             presence: Arc::new(LocalPresence::new(id.clone())),
             id,
             slot_ends: SlotEnds::AtLastReply,
-            stuck: Stuck::OwnSlots,
+            stuck: StuckMessages::OwnSlots,
         }
     }
 }
@@ -230,7 +231,7 @@ impl Application {
             queue: Arc::new(queue),
             presence: Arc::new(presence),
             slot_ends: SlotEnds::WhenQueued,
-            stuck: Stuck::Claimed(pg.clone()),
+            stuck: StuckMessages::Claimed(pg.clone()),
         };
         Self::assemble(config, clock, pg, seams).await
     }
@@ -272,8 +273,8 @@ impl Application {
         };
         // Read before this run accepts its first message: see `Admission::requeue`.
         let unfinished = match stuck {
-            Stuck::OwnSlots => store.unfinished_messages().await?,
-            Stuck::Claimed(_) => Vec::new(),
+            StuckMessages::OwnSlots => store.unfinished_messages().await?,
+            StuckMessages::Claimed(_) => Vec::new(),
         };
         let tracker = TaskTracker::new();
         let auth = Authenticator::start(&config.auth, config.bind)?;
@@ -325,19 +326,19 @@ impl Application {
             )
         });
         let recovery: Box<dyn Recovery> = match (stuck, &gateway) {
-            (Stuck::Claimed(claims), _) => Box::new(ClusterSweeper::new(
+            (StuckMessages::Claimed(claims), _) => Box::new(ClusterSweeper::new(
                 claims,
                 queue.clone(),
                 config.requeue_after,
             )),
-            (Stuck::OwnSlots, Some(gateway)) => Box::new(Sweeper::new(
+            (StuckMessages::OwnSlots, Some(gateway)) => Box::new(Sweeper::new(
                 gateway.admission.clone(),
                 store.clone(),
                 config.requeue_after,
                 unfinished,
             )),
             // Validation keeps a lone process from running without a gateway.
-            (Stuck::OwnSlots, None) => return Err(AppError::ClusterStore),
+            (StuckMessages::OwnSlots, None) => return Err(AppError::ClusterStore),
         };
 
         let draining = gateway
@@ -348,7 +349,7 @@ impl Application {
         let http_state = Arc::new(HttpState {
             store: store.clone(),
             gateway: gateway.clone(),
-            node,
+            node: node.clone(),
             queue: queue.clone(),
             media,
             clock: clock.clone(),
@@ -413,17 +414,13 @@ impl Application {
             listener,
             admin,
             router,
-            node: Node {
-                role,
-                id,
-                presence: presence.clone(),
-            },
+            node,
             store,
             queue,
             gateway,
             worker,
             recovery,
-            presence,
+            max_clients: config.limits.max_clients,
             tracker,
             metrics,
             draining,
@@ -464,7 +461,7 @@ impl Application {
             gateway,
             worker,
             recovery,
-            presence,
+            max_clients,
             tracker,
             metrics,
             draining,
@@ -500,7 +497,7 @@ impl Application {
         let server = tokio::spawn(listener.serve(router, stop_accepting.clone()));
         let lease_task = gateway.clone().map(|gateway| {
             let stop = stop_lease.clone();
-            let max_clients = u32::try_from(gateway.settings.max_clients).unwrap_or(u32::MAX);
+            let presence = node.presence.clone();
             tokio::spawn(async move { presence.keep_lease(max_clients, stop, gateway).await })
         });
         let workers =

@@ -62,6 +62,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
 }
 
 /// Which process of a deployment this is, for `/health`.
+#[derive(Clone)]
 pub struct Node {
     pub role: Role,
     pub id: GatewayId,

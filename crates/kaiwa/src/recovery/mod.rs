@@ -50,11 +50,11 @@ pub struct Sweeper {
     unfinished: Vec<StoredMessage>,
     /// Messages seen stuck, with when that was first seen (or when they were last queued again)
     /// and how many times they have been queued again.
-    stuck: HashMap<i64, Stuck>,
+    stuck: HashMap<i64, SeenStuck>,
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Stuck {
+struct SeenStuck {
     since: Instant,
     retries: u32,
 }
@@ -96,7 +96,7 @@ impl Sweeper {
                 }
                 continue;
             }
-            let mut stuck = self.stuck.get(&id).copied().unwrap_or(Stuck {
+            let mut stuck = self.stuck.get(&id).copied().unwrap_or(SeenStuck {
                 since: now,
                 retries: 0,
             });
@@ -106,7 +106,7 @@ impl Sweeper {
                     retries = stuck.retries,
                     "queueing a stuck message again"
                 );
-                stuck = Stuck {
+                stuck = SeenStuck {
                     since: now,
                     retries: stuck.retries.saturating_add(1),
                 };

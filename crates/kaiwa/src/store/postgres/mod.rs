@@ -48,7 +48,7 @@ pub struct PgOptions {
 
 /// Which accepted messages a sweeper claims.
 #[derive(Debug, Clone, Copy)]
-enum Stuck {
+enum Claiming {
     /// Neither queued again nor received for this long.
     Untouched(Duration),
     /// Admitted by a gateway whose lease has ended, and never queued again.
@@ -123,12 +123,12 @@ impl PgStore {
 
     /// Marks up to `limit` accepted messages that are `stuck` as queued again now, and returns
     /// them; other processes skip the rows it locks.
-    async fn claim(&self, stuck: Stuck, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
+    async fn claim(&self, stuck: Claiming, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
         let condition = match stuck {
-            Stuck::Untouched(_) => {
+            Claiming::Untouched(_) => {
                 "COALESCE(touched_at, received_at) < now() - make_interval(secs => $2)"
             }
-            Stuck::Orphaned => {
+            Claiming::Orphaned => {
                 "touched_at IS NULL AND admitted_by IN \
                  (SELECT id FROM gateways WHERE lease_until <= now())"
             }
@@ -141,7 +141,7 @@ impl PgStore {
         );
         let mut query =
             sqlx::query_as::<_, MessageRecord>(sqlx::AssertSqlSafe(sql)).bind(i64::from(limit));
-        if let Stuck::Untouched(older_than) = stuck {
+        if let Claiming::Untouched(older_than) = stuck {
             query = query.bind(older_than.as_secs_f64());
         }
         let mut messages = query
@@ -316,11 +316,11 @@ impl StuckClaims for PgStore {
         older_than: Duration,
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        self.claim(Stuck::Untouched(older_than), limit).await
+        self.claim(Claiming::Untouched(older_than), limit).await
     }
 
     async fn claim_orphaned(&self, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
-        self.claim(Stuck::Orphaned, limit).await
+        self.claim(Claiming::Orphaned, limit).await
     }
 }
 
