@@ -210,7 +210,7 @@ mod tests {
     }
 
     fn texts(frames: &mut crate::gateway::outbox::Frames) -> Vec<serde_json::Value> {
-        std::iter::from_fn(|| frames.try_recv().ok())
+        std::iter::from_fn(|| frames.try_recv())
             .filter_map(|outgoing| match outgoing.message() {
                 Message::Text(text) => serde_json::from_str(text.as_str()).ok(),
                 _ => None,

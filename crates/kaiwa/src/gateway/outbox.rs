@@ -37,7 +37,7 @@ pub(crate) struct Outgoing {
 /// pipeline, its reply stream and the delivery task each hold one.
 #[derive(Debug, Clone)]
 pub(crate) struct Outbox {
-    queue: Arc<Queue>,
+    queue: Arc<FrameQueue>,
     /// Bytes queued and not yet taken by the writer, against `max_bytes`.
     queued_bytes: Arc<AtomicUsize>,
     max_bytes: usize,
@@ -50,7 +50,7 @@ pub(crate) struct Outbox {
 /// The frames between the session's side and the writer: a queue that allocates only while it
 /// holds frames (a bounded channel keeps a block of slots for its whole life).
 #[derive(Debug)]
-struct Queue {
+struct FrameQueue {
     pending: Mutex<Pending>,
     /// Woken at each push, and when the queue closes; a wake-up with no waiter is kept for the
     /// next one, so the writer misses none.
@@ -65,7 +65,7 @@ struct Pending {
     closed: bool,
 }
 
-impl Queue {
+impl FrameQueue {
     fn lock(&self) -> MutexGuard<'_, Pending> {
         // Every update is a push, a take or a flag: a panic cannot leave it half done.
         self.pending
@@ -73,14 +73,14 @@ impl Queue {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn push(&self, outgoing: Outgoing) -> Result<(), Refused> {
+    fn push(&self, outgoing: Outgoing) -> Result<(), PushError> {
         {
             let mut pending = self.lock();
             if pending.closed {
-                return Err(Refused::Closed);
+                return Err(PushError::Closed);
             }
             if pending.frames.len() >= self.max_frames {
-                return Err(Refused::Full);
+                return Err(PushError::Full);
             }
             pending.frames.push_back(outgoing);
         }
@@ -96,7 +96,7 @@ impl Queue {
 
 /// Why a frame was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refused {
+enum PushError {
     Full,
     Closed,
 }
@@ -104,13 +104,8 @@ enum Refused {
 /// The writer's side of an outbox: the frames, taken in batches.
 #[derive(Debug)]
 pub(crate) struct Frames {
-    queue: Arc<Queue>,
+    queue: Arc<FrameQueue>,
 }
-
-/// Nothing is queued now.
-#[cfg(test)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Empty;
 
 impl Frames {
     /// Waits for frames and takes up to [`WRITE_BATCH`] of them; empty once the outbox is
@@ -167,8 +162,8 @@ impl Frames {
 
     /// The next frame, if one is queued.
     #[cfg(test)]
-    pub(crate) fn try_recv(&mut self) -> Result<Outgoing, Empty> {
-        self.queue.lock().frames.pop_front().ok_or(Empty)
+    pub(crate) fn try_recv(&mut self) -> Option<Outgoing> {
+        self.queue.lock().frames.pop_front()
     }
 }
 
@@ -188,7 +183,7 @@ pub(crate) struct OutboxLimits {
 
 impl Outbox {
     pub(crate) fn new(limits: OutboxLimits) -> (Self, Frames) {
-        let queue = Arc::new(Queue {
+        let queue = Arc::new(FrameQueue {
             pending: Mutex::default(),
             ready: Notify::new(),
             max_frames: limits.frames.max(1),
@@ -290,7 +285,7 @@ impl Outbox {
             Ok(()) => true,
             Err(refused) => {
                 self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                if refused == Refused::Full {
+                if refused == PushError::Full {
                     self.overflowed.cancel();
                 }
                 false

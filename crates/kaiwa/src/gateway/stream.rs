@@ -497,7 +497,7 @@ mod tests {
             }));
         }
         let mut sent = Vec::new();
-        while let Ok(frame) = frames.try_recv() {
+        while let Some(frame) = frames.try_recv() {
             if let Message::Text(text) = frame.message() {
                 let value: serde_json::Value = serde_json::from_str(text).expect("JSON");
                 sent.push(format!("{}:{}", value["type"], value["status"]));
@@ -514,22 +514,22 @@ mod tests {
     }
 
     /// A stream over `store`, and what it has put in the outbox so far.
-    fn stream_over(store: Arc<MemoryStore>, client_id: &ClientId) -> (Arc<ReplyStream>, Frames) {
+    fn stream_over(store: Arc<MemoryStore>, client_id: &ClientId) -> (Arc<ReplyStream>, Sent) {
         let (outbox, frames) = Outbox::new(OutboxLimits {
             frames: 64,
             bytes: 1 << 20,
         });
         let stream = ReplyStream::new(client_id.clone(), outbox, store, TaskTracker::new(), 0);
-        (stream, Frames(frames))
+        (stream, Sent(frames))
     }
 
-    struct Frames(crate::gateway::outbox::Frames);
+    struct Sent(crate::gateway::outbox::Frames);
 
-    impl Frames {
+    impl Sent {
         /// The frames sent so far: `reply:<seq>`, `status:<status>`, `synced:<seq>`, `error:<code>`.
         fn sent(&mut self) -> Vec<String> {
             let mut sent = Vec::new();
-            while let Ok(frame) = self.0.try_recv() {
+            while let Some(frame) = self.0.try_recv() {
                 if let Message::Text(text) = frame.message() {
                     let value: serde_json::Value = serde_json::from_str(text).expect("JSON");
                     let detail = match value["type"].as_str() {

@@ -146,7 +146,7 @@ async fn a_client_that_answers_heartbeats_stays_for_as_long_as_it_answers() {
     // A legacy client gets a WebSocket ping and a heartbeat frame at every tick.
     let mut pings = 0;
     let mut heartbeats = 0;
-    while let Ok(outgoing) = sent.try_recv() {
+    while let Some(outgoing) = sent.try_recv() {
         match outgoing.message() {
             Message::Ping(_) => pings += 1,
             Message::Text(text) if text.contains("heartbeat") => heartbeats += 1,
@@ -260,7 +260,7 @@ async fn a_client_that_sends_a_message_in_time_is_not_held_to_the_first_message_
             .is_err(),
         "still connected"
     );
-    let acked = std::iter::from_fn(|| sent.try_recv().ok())
+    let acked = std::iter::from_fn(|| sent.try_recv())
         .any(|outgoing| matches!(outgoing.message(), Message::Text(text) if text.contains(r#""type":"ack""#)));
     assert!(acked, "the message was taken");
     drop(talker.await);
@@ -290,7 +290,7 @@ const AUTH: &[&str] = &[
 
 /// The text frames the session queued so far.
 fn texts(sent: &mut super::outbox::Frames) -> Vec<serde_json::Value> {
-    std::iter::from_fn(|| sent.try_recv().ok())
+    std::iter::from_fn(|| sent.try_recv())
         .filter_map(|outgoing| match outgoing.message() {
             Message::Text(text) => serde_json::from_str(text.as_str()).ok(),
             _ => None,
