@@ -233,8 +233,6 @@ enum Command {
     Close,
 }
 
-/// The sending half of a client. It outlives its connection: with `--reconnect` the same
-/// writer, with its place in the schedule and its message numbering, goes on over the next.
 /// One connection's end as the concurrency count sees it, counted once: when the client sends
 /// its close frame (the server gives the client slot back as it reads it, before its close in
 /// return reaches us), or else when the connection is over.
@@ -258,6 +256,8 @@ impl Leaving {
     }
 }
 
+/// The sending half of a client. It outlives its connection: with `--reconnect` the same
+/// writer, with its place in the schedule and its message numbering, goes on over the next.
 struct Writer {
     notes: mpsc::UnboundedSender<Note>,
     commands: mpsc::UnboundedReceiver<Command>,
@@ -328,10 +328,7 @@ impl Writer {
                 command = self.commands.recv() => match command {
                     Some(Command::Resend { key, kind, at }) => self.resends.push_back((at, key, kind)),
                     Some(Command::Pong) => {
-                        let pong = match self.mode {
-                            Mode::Path => to_json(&path::ClientFrame::check(path::PONG)),
-                            _ => to_json(&legacy::heartbeat_pong()),
-                        };
+                        let pong = crate::connect::heartbeat_pong(self.mode);
                         if sink.send(Message::text(pong)).await.is_err() {
                             break;
                         }

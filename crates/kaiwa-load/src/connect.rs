@@ -302,6 +302,15 @@ pub fn path_url(url: &str, plan: &ClientPlan) -> String {
 const TRY_AGAIN_LATER: u16 = 1013;
 /// What the tool records for a connection that ended without a close frame (RFC 6455, 7.1.5).
 pub(crate) const ABNORMAL_CLOSURE: u16 = 1006;
+
+/// The answer to the server's heartbeat in the protocols that send it as a frame: the path
+/// dialect's `PONG`, else the legacy protocol's.
+pub(crate) fn heartbeat_pong(mode: Mode) -> String {
+    match mode {
+        Mode::Path => to_json(&path::ClientFrame::check(path::PONG)),
+        _ => to_json(&legacy::heartbeat_pong()),
+    }
+}
 /// What the tool records for a close frame without a code.
 pub(crate) const NO_STATUS: u16 = 1005;
 

@@ -180,19 +180,19 @@ pub async fn hold(
                         Some(Ok(Message::Text(text))) => match heartbeat_answer(mode, &text) {
                             Some(answer) => {
                                 if ws.send(Message::text(answer)).await.is_err() {
-                                    tally.problem(Problem::Closed(1006));
+                                    tally.problem(Problem::Closed(connect::ABNORMAL_CLOSURE));
                                     return tally;
                                 }
                             }
                             None => tally.problem(Problem::UnexpectedFrame),
                         },
                         Some(Ok(Message::Close(close))) => {
-                            tally.problem(Problem::Closed(close.map_or(1005, |c| u16::from(c.code))));
+                            tally.problem(Problem::Closed(close.map_or(connect::NO_STATUS, |c| u16::from(c.code))));
                             return tally;
                         }
                         Some(Ok(_)) => tally.problem(Problem::UnexpectedFrame),
                         Some(Err(_)) | None => {
-                            tally.problem(Problem::Closed(1006));
+                            tally.problem(Problem::Closed(connect::ABNORMAL_CLOSURE));
                             return tally;
                         }
                     }
@@ -204,7 +204,7 @@ pub async fn hold(
             })
             .await;
             if drained.is_err() {
-                tally.problem(Problem::Closed(1006));
+                tally.problem(Problem::Closed(connect::ABNORMAL_CLOSURE));
             }
             tally
         });
@@ -612,19 +612,16 @@ pub async fn run_part(
 /// The answer to a heartbeat the server sends as a text frame (legacy, path dialect); `None`
 /// for any other frame.
 fn heartbeat_answer(mode: Mode, text: &str) -> Option<String> {
-    match mode {
+    let ping = match mode {
         Mode::Legacy => serde_json::from_str::<legacy::ServerFrame>(text)
-            .ok()
-            .filter(|frame| frame.kind == legacy::FrameKind::Heartbeat)
-            .map(|_| connect::to_json(&legacy::heartbeat_pong())),
-        Mode::Path => match serde_json::from_str::<path::ServerFrame>(text) {
-            Ok(path::ServerFrame::Check { check_connection }) if check_connection == path::PING => {
-                Some(connect::to_json(&path::ClientFrame::check(path::PONG)))
-            }
-            _ => None,
-        },
-        Mode::Native | Mode::Echo => None,
-    }
+            .is_ok_and(|frame| frame.kind == legacy::FrameKind::Heartbeat),
+        Mode::Path => matches!(
+            serde_json::from_str::<path::ServerFrame>(text),
+            Ok(path::ServerFrame::Check { check_connection }) if check_connection == path::PING
+        ),
+        Mode::Native | Mode::Echo => false,
+    };
+    ping.then(|| connect::heartbeat_pong(mode))
 }
 
 #[cfg(test)]
