@@ -106,11 +106,7 @@ async fn introduce(gateway: &Gateway, socket: &mut WebSocket, arrival: Arrival) 
             handshake::from_path(&intro, &credentials, sessions.default_timezone),
         ),
         Opening::Frame { native } => {
-            let guess = if native {
-                Protocol::Native
-            } else {
-                Protocol::Legacy
-            };
+            let guess = Protocol::chosen_at_upgrade(native);
             let timeout = sessions.handshake_timeout;
             // A draining server takes no new sessions: a handshake in progress (or one that
             // begins after the drain did) ends at once.

@@ -112,11 +112,7 @@ pub(crate) async fn receive<S>(
 where
     S: Stream<Item = Result<Message, axum::Error>> + Unpin,
 {
-    let guess = if native {
-        Protocol::Native
-    } else {
-        Protocol::Legacy
-    };
+    let guess = Protocol::chosen_at_upgrade(native);
     let first = tokio::time::timeout(timeout, async {
         loop {
             match socket.next().await {
@@ -216,13 +212,9 @@ pub(crate) fn from_path(
     let timezone = match intro.timezone.as_deref() {
         None => default_timezone,
         Some(name) => Timezone::parse(name).map_err(|err| {
-            let code = match err {
-                TimezoneError::Missing => ErrorCode::MissingTimezone,
-                TimezoneError::Unknown(_) => ErrorCode::UnknownTimezone,
-            };
             invalid(
                 protocol,
-                code,
+                timezone_code(&err),
                 format!("{err} (from ?timezone= in the URL)"),
             )
         })?,
@@ -332,13 +324,8 @@ pub(crate) fn parse(
             (claims.client_id.clone(), Some(claims))
         }
     };
-    let timezone = Timezone::parse(timezone.as_deref().unwrap_or_default()).map_err(|err| {
-        let code = match err {
-            TimezoneError::Missing => ErrorCode::MissingTimezone,
-            TimezoneError::Unknown(_) => ErrorCode::UnknownTimezone,
-        };
-        invalid(protocol, code, err.to_string())
-    })?;
+    let timezone = Timezone::parse(timezone.as_deref().unwrap_or_default())
+        .map_err(|err| invalid(protocol, timezone_code(&err), err.to_string()))?;
     Ok(Hello {
         protocol,
         client_id,
@@ -360,6 +347,13 @@ fn client_id_code(err: ClientIdError) -> ErrorCode {
         ClientIdError::TooLong | ClientIdError::BadCharacter | ClientIdError::LeadingDot => {
             ErrorCode::InvalidClientId
         }
+    }
+}
+
+fn timezone_code(err: &TimezoneError) -> ErrorCode {
+    match err {
+        TimezoneError::Missing => ErrorCode::MissingTimezone,
+        TimezoneError::Unknown(_) => ErrorCode::UnknownTimezone,
     }
 }
 

@@ -83,6 +83,12 @@ fn iso(at: DateTime<Utc>) -> String {
 }
 
 impl Protocol {
+    /// What a connection speaks until its first frame says otherwise: `kaiwa.v1` if the upgrade
+    /// request chose that subprotocol, else the legacy protocol.
+    pub(crate) fn chosen_at_upgrade(native: bool) -> Self {
+        if native { Self::Native } else { Self::Legacy }
+    }
+
     pub(crate) fn welcome(
         self,
         client_id: &str,
