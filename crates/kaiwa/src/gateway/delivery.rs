@@ -94,7 +94,7 @@ impl Gateway {
                     }),
                     // Legacy: delivered once written; `replied` is a native frame.
                     Some((protocol, outbox, None)) => {
-                        outbox.push_written_reply(protocol.reply(&message, &reply, false), reply_id)
+                        outbox.push_written_reply(protocol.reply(&message, reply, false), reply_id)
                     }
                     None => false,
                 };

@@ -347,7 +347,7 @@ impl ReplyStream {
                 }
                 if !self
                     .outbox
-                    .push(Protocol::Native.reply(&message, &missed.reply, replayed))
+                    .push(Protocol::Native.reply(&message, missed.reply, replayed))
                 {
                     return false;
                 }
@@ -391,13 +391,14 @@ impl ReplyStream {
             last,
         } = live;
         self.start(state, &message);
+        let seq = reply.seq;
         if !self
             .outbox
-            .push(Protocol::Native.reply(&message, &reply, false))
+            .push(Protocol::Native.reply(&message, reply, false))
         {
             return false;
         }
-        state.sent = reply.seq;
+        state.sent = seq;
         !last || self.finish(state, &message)
     }
 

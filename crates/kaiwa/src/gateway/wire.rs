@@ -282,22 +282,19 @@ impl Protocol {
         }
     }
 
-    pub(crate) fn reply(
-        self,
-        message: &MessageRef,
-        reply: &StoredReply,
-        missed: bool,
-    ) -> Utf8Bytes {
+    /// A reply's frame. Takes the reply, whose text (a model's answer may be long) moves into
+    /// the frame rather than being copied.
+    pub(crate) fn reply(self, message: &MessageRef, reply: StoredReply, missed: bool) -> Utf8Bytes {
         match self {
             Self::Legacy => encode(&legacy::ServerFrame {
                 kind: legacy::FrameKind::Message,
                 data: legacy::Data {
                     id: Some(reply.id),
                     message_id: Some(message.message_id),
-                    content: Some(reply.content.clone()),
+                    content: Some(reply.content),
                     reply_type: Some(reply.reply_type),
-                    filename: reply.filename.clone(),
-                    mime_type: reply.mime_type.clone(),
+                    filename: reply.filename,
+                    mime_type: reply.mime_type,
                     fallback: reply.fallback.then_some(true),
                     ..legacy::Data::default()
                 },
@@ -307,11 +304,11 @@ impl Protocol {
             // `text`, as that system answered it.
             Self::Path => encode(&path::ServerFrame::Answer(path::Answer {
                 kind: reply.reply_type.as_str().to_owned(),
-                content: reply.content.clone(),
+                content: reply.content,
                 message_id: Some(message.message_id),
                 reply_id: Some(reply.id),
-                filename: reply.filename.clone(),
-                mime_type: reply.mime_type.clone(),
+                filename: reply.filename,
+                mime_type: reply.mime_type,
                 fallback: reply.fallback,
                 ..path::Answer::default()
             })),
@@ -322,9 +319,9 @@ impl Protocol {
                 reply: native::ReplyBody {
                     id: reply.id,
                     reply_type: reply.reply_type,
-                    content: reply.content.clone(),
-                    filename: reply.filename.clone(),
-                    mime_type: reply.mime_type.clone(),
+                    content: reply.content,
+                    filename: reply.filename,
+                    mime_type: reply.mime_type,
                     fallback: reply.fallback,
                     created_at: reply.created_at,
                 },
