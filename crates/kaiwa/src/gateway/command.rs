@@ -188,6 +188,8 @@ impl Command {
             };
         }
         if MessageType::parse(kind.trim()).is_none() {
+            // Echoed in the answer's `type`: kept short.
+            let written: String = kind.trim().chars().take(32).collect();
             let message = format!(
                 "unknown type {:?}: use text, voice or video (or image, with a filename)",
                 kind.chars().take(32).collect::<String>()
@@ -197,7 +199,7 @@ impl Command {
                 message,
                 about: About {
                     id: None,
-                    message_type: Some(kind.into()),
+                    message_type: Some(written.into()),
                 },
             };
         }

@@ -27,8 +27,9 @@ pub(crate) enum Protocol {
 pub(crate) struct About {
     /// The client's own id of the message (native).
     pub id: Option<String>,
-    /// Its type: the path dialect answers a message with its type. As the client wrote it
-    /// when it names none known (borrowed otherwise, so that answering allocates nothing).
+    /// Its type: the path dialect answers a message with its type. A known type's name is
+    /// borrowed; an unknown one is as the client wrote it, trimmed and cut to 32 characters
+    /// when it is read (see `command.rs`).
     pub message_type: Option<Cow<'static, str>>,
 }
 
@@ -54,12 +55,9 @@ impl About {
         }
     }
 
-    /// The type to answer with: as the client wrote it, trimmed and kept short, since an
-    /// unknown one is echoed.
+    /// The type to answer with.
     fn kind(&self) -> Option<String> {
-        self.message_type
-            .as_deref()
-            .map(|kind| kind.trim().chars().take(32).collect())
+        self.message_type.as_deref().map(str::to_owned)
     }
 }
 

@@ -8,7 +8,7 @@ mod postgres;
 mod route;
 
 pub use postgres::PgPresence;
-pub use route::{PATIENCE, Stopped, route};
+pub use route::{Stopped, route};
 
 use crate::domain::ClientId;
 use crate::domain::GatewayId;

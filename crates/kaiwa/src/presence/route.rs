@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 /// How long an event keeps trying a gateway that presence names but whose queue takes nothing:
 /// it is declaring its queue again after the broker came back, or it died and its lease has
 /// not run out yet. After that the event counts as having found no gateway.
-pub const PATIENCE: Duration = Duration::from_secs(10);
+const PATIENCE: Duration = Duration::from_secs(10);
 const FIRST_RETRY: Duration = Duration::from_millis(50);
 const MAX_RETRY: Duration = Duration::from_secs(1);
 

@@ -223,7 +223,10 @@ where
         .bind(i64::try_from(offset).unwrap_or(i64::MAX))
         .fetch_all(self.0)
         .await?;
-        Ok((self.with_replies(rows).await?, total.max(0) as u64))
+        Ok((
+            self.with_replies(rows).await?,
+            super::non_negative("message count", total)?,
+        ))
     }
 
     pub(super) async fn replies_after(
