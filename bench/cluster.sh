@@ -6,6 +6,8 @@
 #   cluster          scripts/cluster.sh: HAProxy, 2 gateways, 2 workers, PostgreSQL, RabbitMQ
 # For each: messages/s end to end with CLIENTS clients (closed loop), then p50/p99 from send to
 # last reply at RATE messages/s offered (open loop); every run checks that nothing was lost.
+# The closed-loop run also measures the CPU time every part used per message (bench/cpu.py:
+# kaiwa's processes, PostgreSQL, RabbitMQ, HAProxy; the load tool is not counted).
 # Then, on the cluster:
 #   kill             kaiwa-load --reconnect at KILL_RATE msg/s while a worker and then a gateway
 #                    are killed (-9) and started again: how long clients saw no reply, and that
@@ -46,8 +48,25 @@ cluster_name="kaiwa_bench_cluster_$$"
 cluster_up=""
 export_bench_settings
 
+# PostgreSQL as production runs it (docs/architecture.md, "What kaiwa needs from PostgreSQL"):
+# autovacuum on, and the page cost of storage that is cached or on SSD. Set with ALTER SYSTEM
+# for the run and reset after: the development VM's PostgreSQL runs without autovacuum and with
+# the spinning-disk default (random_page_cost 4), under which the planner answered a batch's
+# delivery marks with a scan of every reply (measured: 73 rows read per message).
+pg_tuned=""
+tune_postgres() {
+  psql -q "$POSTGRES" -c "ALTER SYSTEM SET autovacuum = on" \
+    -c "ALTER SYSTEM SET random_page_cost = 1.1" -c "SELECT pg_reload_conf()" >/dev/null
+  pg_tuned=1
+}
+untune_postgres() {
+  psql -q "$POSTGRES" -c "ALTER SYSTEM RESET autovacuum" -c "ALTER SYSTEM RESET random_page_cost" \
+    -c "SELECT pg_reload_conf()" >/dev/null
+}
+
 cleanup() {
   stop_server
+  if [[ -n "$pg_tuned" ]]; then untune_postgres || true; fi
   if [[ -n "$cluster_up" ]]; then cluster down || true; fi
   if [[ -n "$pg_db" ]]; then
     psql -q "$POSTGRES" -c "DROP DATABASE IF EXISTS $pg_db WITH (FORCE)" >/dev/null 2>&1 || true
@@ -59,11 +78,18 @@ trap cleanup EXIT
 # The two runs every setup gets: closed loop, then RATE offered.
 # A third argument names the PostgreSQL database to VACUUM between the two runs: this machine's
 # PostgreSQL runs without autovacuum, and the dead rows of the first run would slow the second.
+# The rest name the setup's parts for bench/cpu.py (PART=pid:N,... or PART=comm:NAME): the CPU
+# each part used in the closed-loop run, per completed message, lands in cpu-$name.json.
 measure() {
   local name=$1 url=$2 database=${3:-}
+  shift 3
   step "$name: $CLIENTS clients for ${DURATION}s, as fast as answers come"
+  bench/cpu.py snapshot "$work/cpu-before.json" "$@"
   load throughput --url "$url" --clients "$CLIENTS" --duration "$DURATION" \
     --label "$name" --json "$out/1-$name.json" || true
+  bench/cpu.py snapshot "$work/cpu-after.json" "$@"
+  bench/cpu.py report "$work/cpu-before.json" "$work/cpu-after.json" "$out/1-$name.json" \
+    >"$out/cpu-$name.json" || true
   if [[ -n "$database" ]]; then
     psql -q "${POSTGRES%/*}/$database" -c "VACUUM ANALYZE" >/dev/null
   fi
@@ -78,19 +104,24 @@ cargo build --release --locked -p kaiwa -p kaiwa-load --bins
 
 if [[ "$ONLY" != idle ]]; then
 start_kaiwa serve-sqlite
-measure serve-sqlite "ws://127.0.0.1:$PORT/ws"
+measure serve-sqlite "ws://127.0.0.1:$PORT/ws" "" "kaiwa=pid:$server_pid"
 stop_server
 
+tune_postgres
 pg_db="kaiwa_bench_serve_$$"
 psql -q "$POSTGRES" -c "CREATE DATABASE $pg_db" >/dev/null
 start_kaiwa serve-postgres --database-url "${POSTGRES%/*}/$pg_db"
-measure serve-postgres "ws://127.0.0.1:$PORT/ws" "$pg_db"
+measure serve-postgres "ws://127.0.0.1:$PORT/ws" "$pg_db" "kaiwa=pid:$server_pid" \
+  postgres=comm:postgres
 stop_server
 
 step "cluster: HAProxy on $PORT, 2 gateways, 2 workers"
 cluster_up=1
 cluster up
-measure cluster "ws://127.0.0.1:$PORT/ws" "$cluster_name"
+pids_of() { cat "$work"/cluster/"$1"-*.pid | paste -sd, -; }
+measure cluster "ws://127.0.0.1:$PORT/ws" "$cluster_name" "gateways=pid:$(pids_of gw)" \
+  "workers=pid:$(pids_of wk)" haproxy=comm:haproxy postgres=comm:postgres \
+  rabbitmq=comm:beam.smp
 
 step "kill: $KILL_RATE msg/s for ${KILL_DURATION}s with --reconnect; wk-1 killed, then gw-1"
 # Through HAProxy, as real clients: those of the killed gateway come back on the other one.
@@ -126,6 +157,22 @@ fi
 {
   echo "kaiwa cluster benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, commit $(git rev-parse --short HEAD)"
   target/release/kaiwa-load table "$out"/[0-9]-*.json
+  python3 - "$out" <<'EOF'
+import glob, json, os, sys
+rows = []
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "cpu-*.json"))):
+    try:
+        cpu = json.load(open(path))
+    except (OSError, ValueError):
+        continue
+    name = os.path.basename(path)[4:-5]
+    parts = ", ".join(f"{part} {ms:.3f}" for part, ms in cpu["cpu_ms_per_message"].items()
+                      if ms is not None)
+    rows.append(f"  {name:<16} {cpu['total_ms_per_message']:.3f}  ({parts})")
+if rows:
+    print("CPU ms per message in the closed-loop run, by part (bench/cpu.py; the load tool not counted):")
+    print("\n".join(rows))
+EOF
   python3 - "$out/3-cluster-kill.json" "$worker_down" "$gateway_down" <<'EOF'
 import json, sys
 path, worker_down, gateway_down = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
