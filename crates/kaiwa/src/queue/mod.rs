@@ -155,7 +155,7 @@ impl Event {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum QueueError {
     #[error("the queue is closed")]
     Closed,
