@@ -9,7 +9,7 @@
 //! a publish that cannot go through waits for the next connection and is made again on it (the
 //! process's outbox is the publishes waiting so), so nothing accepted waits for the sweeper.
 
-use super::{Done, Event, GatewayId, Job, Queue, QueueError, Routed, Taken};
+use super::{Done, Event, GatewayId, Job, Queue, QueueError, Routed, Taken, record_publish};
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
@@ -416,10 +416,10 @@ impl Queue for AmqpQueue {
     async fn publish_job(&self, job: Job) -> Result<(), QueueError> {
         let payload =
             serde_json::to_vec(&job).map_err(|err| QueueError::Malformed(err.to_string()))?;
-        self.inner
-            .publish("", JOBS, &payload, false, true)
-            .await
-            .map(drop)
+        let started = std::time::Instant::now();
+        self.inner.publish("", JOBS, &payload, false, true).await?;
+        record_publish("job", started);
+        Ok(())
     }
 
     fn jobs(&self) -> Result<BoxStream<'static, Taken>, QueueError> {
@@ -465,10 +465,12 @@ impl Queue for AmqpQueue {
     async fn publish_event(&self, gateway: &GatewayId, event: Event) -> Result<Routed, QueueError> {
         let payload =
             serde_json::to_vec(&event).map_err(|err| QueueError::Malformed(err.to_string()))?;
+        let started = std::time::Instant::now();
         let returned = self
             .inner
             .publish(EVENTS, gateway.as_str(), &payload, true, false)
             .await?;
+        record_publish("event", started);
         Ok(if returned {
             Routed::NoGateway
         } else {
