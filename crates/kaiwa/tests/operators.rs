@@ -108,6 +108,21 @@ async fn every_dashboard_query_and_rule_answers_with_data_from_a_real_prometheus
         )
         .await;
 
+    // Every type was timed, to its ack and to its last reply.
+    for histogram in ["kaiwa_message_ack_seconds", "kaiwa_message_reply_seconds"] {
+        let promql = format!("sum by (type) ({histogram}_count{{job=\"kaiwa\"}}) > 0");
+        prometheus
+            .wait_for(&format!("{histogram} of every type"), &promql, |result| {
+                let mut types: Vec<&str> = result
+                    .iter()
+                    .filter_map(|series| series["metric"]["type"].as_str())
+                    .collect();
+                types.sort_unstable();
+                types == ["image", "text", "video", "voice"]
+            })
+            .await;
+    }
+
     let mut queries = dashboard_queries(&repo.join("deploy/grafana/dashboards"));
     assert!(queries.len() > 20, "the dashboard's queries: {queries:?}");
     let rules = prometheus.rules().await;
@@ -164,9 +179,12 @@ async fn every_dashboard_query_and_rule_answers_with_data_from_a_real_prometheus
     );
 }
 
-/// Debian's `prometheus` (or `PROMETHEUS` naming another): the test fails when it is missing.
+/// Debian's `prometheus` (or the binary `KAIWA_TEST_PROMETHEUS` names): the test fails, and
+/// says how to install it, when it cannot run.
 fn prometheus_binary() -> PathBuf {
-    let binary = PathBuf::from(std::env::var("PROMETHEUS").unwrap_or_else(|_| "prometheus".into()));
+    let binary = PathBuf::from(
+        std::env::var("KAIWA_TEST_PROMETHEUS").unwrap_or_else(|_| "prometheus".into()),
+    );
     match std::process::Command::new(&binary)
         .arg("--version")
         .output()
