@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 fail() { printf '\nerror: %s\n' "$*" >&2; exit 1; }
 # Installs Debian package $1 with apt-get (as root, or with sudo), updating the package lists
-# if the first attempt fails; $2 says what needs it.
+# if the first attempt fails; $2 says what needs it; more arguments go to apt-get install.
 install_package() {
   local package=$1 why=$2 sudo=""
+  shift 2
   command -v apt-get >/dev/null || fail "$package is missing and there is no apt-get to install it: $why"
   if [ "$(id -u)" != 0 ]; then
     command -v sudo >/dev/null || fail "$package is missing; installing it needs root (or sudo): $why"
@@ -19,7 +20,7 @@ install_package() {
   fi
   echo "installing $package"
   export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get install -y "$package" || { $sudo apt-get update && $sudo apt-get install -y "$package"; } \
+  $sudo apt-get install -y "$@" "$package" || { $sudo apt-get update && $sudo apt-get install -y "$@" "$package"; } \
     || fail "could not install $package with apt-get"
 }
 
@@ -78,6 +79,36 @@ if ! rabbit_ready; then
   rabbit_ready || fail "RabbitMQ does not answer on 127.0.0.1:5672: start it ($rabbit_start)"
 fi
 echo "RabbitMQ answers"
+
+step "Prometheus: deploy/prometheus checked, its rules unit-tested"
+# promtool checks the configurations and rules; tests/operators.rs runs a real Prometheus.
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  install_package prometheus "promtool checks deploy/prometheus, and tests/operators.rs runs Prometheus" \
+    --no-install-recommends
+  # Where the package may start its own service (on port 9090; not where policy-rc.d forbids
+  # it, as in containers), it is stopped and disabled: the test runs a Prometheus of its own.
+  if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
+    systemctl disable --now prometheus || true
+  elif [ -x /etc/init.d/prometheus ] && /etc/init.d/prometheus status >/dev/null 2>&1; then
+    /etc/init.d/prometheus stop || true
+    update-rc.d prometheus disable >/dev/null 2>&1 || true
+  fi
+fi
+command -v promtool >/dev/null || fail "promtool is missing after installing Debian's prometheus package"
+command -v prometheus >/dev/null || fail "prometheus is missing after installing Debian's prometheus package"
+promtool check config deploy/prometheus/*.yml || fail "deploy/prometheus: a configuration does not check"
+promtool check rules deploy/prometheus/rules/*.yml || fail "deploy/prometheus/rules does not check"
+promtool test rules deploy/prometheus/tests/*.yml || fail "deploy/prometheus/tests: a rule's unit test failed"
+
+step "deploy/compose.yaml (docker-compose config; the files it mounts exist)"
+command -v docker-compose >/dev/null || install_package docker-compose "it checks deploy/compose.yaml" --no-install-recommends
+compose_config="$(KAIWA_AUTH_SECRET=only-checked KAIWA_TLS_DIR=/only-checked docker-compose -f deploy/compose.yaml config)" \
+  || fail "deploy/compose.yaml is not a valid Compose file (see above)"
+# Bind mounts of files in the repository (docker-compose prints them as absolute paths).
+for source in $(sed -n "s#^ *- \($PWD/deploy/[^:]*\):.*#\1#p" <<<"$compose_config"); do
+  [ -e "$source" ] || fail "deploy/compose.yaml mounts $source, which does not exist"
+done
+echo "deploy/compose.yaml is valid"
 
 step "tests"
 cargo nextest run --workspace --locked --no-fail-fast -E 'not binary(cluster_faults)' "$@"

@@ -122,6 +122,11 @@ pub const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 const SECONDS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0,
 ];
+/// Bucket bounds of the time to a message's last reply, which the reply delays put at 0 to 3 s
+/// by design: fine around the objectives (`deploy/prometheus/rules/kaiwa.yml`), up to a minute.
+const REPLY_SECONDS: [f64; 16] = [
+    0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 7.5, 10.0, 30.0, 60.0,
+];
 /// Bucket bounds of the store's batch sizes (commands per commit).
 const BATCH_SIZES: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
@@ -132,6 +137,11 @@ const BATCH_SIZES: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256
 pub fn metrics_builder() -> Result<PrometheusBuilder, BuildError> {
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS)?
+        // A full name outranks a suffix.
+        .set_buckets_for_metric(
+            Matcher::Full("kaiwa_message_reply_seconds".into()),
+            &REPLY_SECONDS,
+        )?
         .set_buckets_for_metric(Matcher::Full("kaiwa_store_batch_size".into()), &BATCH_SIZES)
 }
 

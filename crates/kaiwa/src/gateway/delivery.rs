@@ -9,6 +9,7 @@ use super::outbox::Outbox;
 use super::stream::{Live, ReplyStream};
 use super::wire::Protocol;
 use crate::queue::Event;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use kaiwa_protocol::MessageStatus;
@@ -85,6 +86,7 @@ impl Gateway {
                 last,
             } => {
                 let reply_id = reply.id;
+                let receipt = message.receipt.filter(|_| last);
                 let handed = match session {
                     // Native: in stream order, acknowledged by the client.
                     Some((_, _, Some(stream))) => stream.offer(Live {
@@ -102,6 +104,9 @@ impl Gateway {
                     // The client is too slow (or left just now): a native client gets it on
                     // resume.
                     self.store.record_undelivered(reply_id, self.clock.now());
+                } else if let Some(receipt) = receipt {
+                    metrics::histogram!("kaiwa_message_reply_seconds", "type" => receipt.kind.as_str())
+                        .record(seconds_since(receipt.received_at, self.clock.now()));
                 }
             }
             Event::Failed { message, reason } => {
@@ -136,6 +141,14 @@ impl Gateway {
             } => self.cluster.probed(client_id, conn_id, alive),
         }
     }
+}
+
+/// Seconds from `then` to `now`; none if the clocks of two processes disagree so far that
+/// `now` comes first.
+pub(super) fn seconds_since(then: DateTime<Utc>, now: DateTime<Utc>) -> f64 {
+    (now - then)
+        .to_std()
+        .map_or(0.0, |elapsed| elapsed.as_secs_f64())
 }
 
 #[cfg(test)]
@@ -185,6 +198,7 @@ mod tests {
             client_id: alice(),
             message_id,
             client_message_id: Some("m1".into()),
+            receipt: None,
         };
         (message, stored.remove(0))
     }

@@ -3,6 +3,7 @@
 //! the heartbeat and watches for the reasons a session ends.
 
 use super::command::Command;
+use super::delivery::seconds_since;
 use super::expiry::{Expiry, Lapse};
 use super::handshake::Hello;
 use super::outbox::Outbox;
@@ -12,9 +13,10 @@ use super::wire::{About, Protocol, close_frame};
 use super::{Gateway, GatewaySettings};
 use crate::admission::{Pipeline, Sender, Settled, Submission, Verdict};
 use crate::auth::Token;
+use crate::clock::Clock;
 use axum::extract::ws::{CloseFrame, Message};
 use futures::{Stream, StreamExt};
-use kaiwa_protocol::{CloseCode, ErrorCode, MessageStatus};
+use kaiwa_protocol::{CloseCode, ErrorCode, MessageStatus, MessageType};
 use rand::RngExt;
 use std::sync::Arc;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -137,12 +139,13 @@ impl Session {
         });
         let protocol = hello.protocol;
         let answers = outbox.clone();
+        let clock = gateway.clock.clone();
         let pipeline = Pipeline::new(
             gateway.admission.clone(),
             client.clone(),
             gateway.settings.max_in_flight_per_client,
             gateway.tracker.clone(),
-            Box::new(move |settled| answer(protocol, &answers, settled)),
+            Box::new(move |settled| answer(protocol, &answers, clock.as_ref(), settled)),
         );
         Self {
             gateway,
@@ -420,17 +423,22 @@ impl Session {
 }
 
 /// Tells the client what became of one of its messages.
-fn answer(protocol: Protocol, outbox: &Outbox, settled: Settled) {
+fn answer(protocol: Protocol, outbox: &Outbox, clock: &dyn Clock, settled: Settled) {
     let Settled {
         id,
         message_type,
         received_at,
         verdict,
     } = settled;
+    let kind = message_type.map_or("unknown", MessageType::as_str);
     let about = About::message(id, message_type);
     let frame = match verdict {
         Verdict::Accepted { message_id } => {
-            metrics::counter!("kaiwa_messages_total", "status" => "accepted").increment(1);
+            metrics::counter!("kaiwa_messages_total", "status" => "accepted", "type" => kind)
+                .increment(1);
+            // Queued just below, and the outbox keeps the order: this is the ack going out.
+            metrics::histogram!("kaiwa_message_ack_seconds", "type" => kind)
+                .record(seconds_since(received_at, clock.now()));
             protocol.stored(
                 about,
                 message_id,
@@ -441,7 +449,8 @@ fn answer(protocol: Protocol, outbox: &Outbox, settled: Settled) {
             )
         }
         Verdict::Rejected { message_id, reason } => {
-            metrics::counter!("kaiwa_messages_total", "status" => "rejected").increment(1);
+            metrics::counter!("kaiwa_messages_total", "status" => "rejected", "type" => kind)
+                .increment(1);
             protocol.stored(
                 about,
                 message_id,
@@ -465,14 +474,16 @@ fn answer(protocol: Protocol, outbox: &Outbox, settled: Settled) {
             Some(protocol.error(code, invalid.to_string(), about, None))
         }
         Verdict::Busy { retry_after, limit } => {
-            metrics::counter!("kaiwa_messages_total", "status" => "busy").increment(1);
+            metrics::counter!("kaiwa_messages_total", "status" => "busy", "type" => kind)
+                .increment(1);
             let message = format!(
                 "{limit} messages are in flight, the server's limit; send this again later"
             );
             Some(protocol.error(ErrorCode::Busy, message, about, Some(retry_after)))
         }
         Verdict::Failed(err) if err.is_transient() => {
-            metrics::counter!("kaiwa_messages_total", "status" => "unavailable").increment(1);
+            metrics::counter!("kaiwa_messages_total", "status" => "unavailable", "type" => kind)
+                .increment(1);
             Some(protocol.error(
                 ErrorCode::Unavailable,
                 "the database is unavailable for now; nothing was stored: send this again shortly"

@@ -339,6 +339,7 @@ impl ReplyStream {
                     client_id: self.client_id.clone(),
                     message_id: missed.reply.message_id,
                     client_message_id: missed.client_message_id,
+                    receipt: None,
                 };
                 let replayed = state.replay.is_some();
                 if !replayed {
@@ -487,6 +488,7 @@ mod tests {
             client_id,
             message_id: 7,
             client_message_id: Some("m1".into()),
+            receipt: None,
         };
         // The first worker's report, then the same again from the worker the job went to next.
         for _ in 0..2 {
@@ -594,6 +596,7 @@ mod tests {
             client_id: client_id.clone(),
             message_id,
             client_message_id: Some("m1".into()),
+            receipt: None,
         };
         (message, stored)
     }

@@ -34,7 +34,9 @@ pub(super) fn admin_router() -> Router<Arc<HttpState>> {
         )
         .route(
             "/metrics",
-            axum::routing::get(|State(state): State<Arc<HttpState>>| async move { render(&state) }),
+            axum::routing::get(|State(state): State<Arc<HttpState>>| async move {
+                render(&state).await
+            }),
         )
 }
 
@@ -213,18 +215,21 @@ async fn detailed(state: &HttpState) -> Response {
 )]
 async fn metrics(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
     match access::admin(&state, &headers) {
-        Ok(()) => render(&state),
+        Ok(()) => render(&state).await,
         Err(err) => err.into_response(),
     }
 }
 
-fn render(state: &HttpState) -> Response {
+async fn render(state: &HttpState) -> Response {
     match &state.metrics {
-        Some(handle) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            handle.render(),
-        )
-            .into_response(),
+        Some(handle) => {
+            super::scrape::refresh(state).await;
+            (
+                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                handle.render(),
+            )
+                .into_response()
+        }
         None => (
             StatusCode::NOT_FOUND,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],

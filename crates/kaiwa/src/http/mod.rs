@@ -8,6 +8,7 @@ mod health;
 mod history;
 mod media;
 mod openapi;
+mod scrape;
 #[cfg(test)]
 mod tests;
 mod web;

@@ -96,6 +96,12 @@ pub trait Presence: Send + Sync + 'static {
     /// Clients connected, messages in flight and gateways alive, in the whole cluster; `None`
     /// when this process is the whole of kaiwa, and its own counts say as much.
     async fn counts(&self) -> Result<Option<ClusterCounts>, PresenceError>;
+
+    /// Messages in flight in the whole cluster, against `--max-in-flight`: one row, cheap
+    /// enough for every scrape of `/metrics`. `None` when this process is the whole of kaiwa.
+    async fn in_flight(&self) -> Result<Option<u64>, PresenceError> {
+        Ok(None)
+    }
 }
 
 /// One process: the gateway is the only one. Its own slots and registry already decide who

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// Connections for presence queries (one per connect and disconnect, and the workers' lookups).
@@ -44,6 +44,29 @@ const LEASE_CONNECTION: &str = "kaiwa-lease:";
 
 /// How often the lease connection is checked (and opened again if it dropped).
 const LEASE_PING: Duration = Duration::from_millis(500);
+
+/// One round trip to the database for presence, timed in `kaiwa_presence_seconds{op}` when it
+/// ends, whichever way it ends.
+struct RoundTrip {
+    op: &'static str,
+    started: Instant,
+}
+
+impl RoundTrip {
+    fn start(op: &'static str) -> Self {
+        Self {
+            op,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for RoundTrip {
+    fn drop(&mut self) {
+        metrics::histogram!("kaiwa_presence_seconds", "op" => self.op)
+            .record(self.started.elapsed().as_secs_f64());
+    }
+}
 
 fn seconds(lease: Duration) -> f64 {
     lease.as_secs_f64()
@@ -88,6 +111,7 @@ impl PgPresence {
     /// Extends the lease, if it still runs, and gives back rows no live connection holds.
     /// False if the lease had run out.
     async fn renew(&self, live: &[u64]) -> Result<bool, PresenceError> {
+        let _timed = RoundTrip::start("renew");
         let live: Vec<i64> = live
             .iter()
             .map(|&conn| i64::try_from(conn).unwrap_or(i64::MAX))
@@ -145,6 +169,7 @@ impl PgPresence {
 
     /// Gives back every slot and client id this gateway holds.
     async fn leave(&self) -> Result<(), PresenceError> {
+        let _timed = RoundTrip::start("leave");
         let mut tx = self.pool.begin().await.map_err(|err| unavailable(&err))?;
         sqlx::query("DELETE FROM sessions WHERE gateway_id = $1")
             .bind(self.gateway.as_str())
@@ -217,6 +242,7 @@ async fn reclaim(pool: &PgPool) -> Result<u64, PresenceError> {
 #[async_trait]
 impl Presence for PgPresence {
     async fn join(&self, max_clients: u32) -> Result<(), PresenceError> {
+        let _timed = RoundTrip::start("join");
         self.leave().await?;
         sqlx::query(
             "INSERT INTO gateways (id, started_at, lease_until) \
@@ -292,6 +318,7 @@ impl Presence for PgPresence {
     }
 
     async fn holder(&self, client_id: &ClientId) -> Result<Option<GatewayId>, PresenceError> {
+        let _timed = RoundTrip::start("holder");
         let holder: Option<String> = sqlx::query_scalar(
             "SELECT s.gateway_id FROM sessions AS s JOIN gateways AS g ON g.id = s.gateway_id \
              WHERE s.client_id = $1 AND g.lease_until > now()",
@@ -308,6 +335,7 @@ impl Presence for PgPresence {
         conn_id: u64,
         max_clients: u32,
     ) -> Result<Option<u32>, PresenceError> {
+        let _timed = RoundTrip::start("take_slot");
         // The lowest free slot; one another connection is taking right now is skipped rather
         // than waited for. Slots of gateways that died are made free by `reclaim` (here, when
         // none is free, and at every lease renewal), so this stays an index lookup.
@@ -336,6 +364,7 @@ impl Presence for PgPresence {
     }
 
     async fn release_slot(&self, slot: u32, conn_id: u64) {
+        let _timed = RoundTrip::start("release_slot");
         let released = sqlx::query(
             "UPDATE client_slots SET gateway_id = NULL, conn_id = NULL, taken_at = NULL \
              WHERE slot = $1 AND gateway_id = $2 AND conn_id = $3",
@@ -357,6 +386,7 @@ impl Presence for PgPresence {
         conn_id: u64,
         replace: bool,
     ) -> Result<Claim, PresenceError> {
+        let _timed = RoundTrip::start("claim");
         let mut tx = self.pool.begin().await.map_err(|err| unavailable(&err))?;
         // The row, locked: two gateways claiming one id at once take turns. A holder counts
         // while its lease runs; within the lease, it is alive while its lease connection is
@@ -415,6 +445,7 @@ impl Presence for PgPresence {
     }
 
     async fn release(&self, client_id: &ClientId, conn_id: u64) {
+        let _timed = RoundTrip::start("release");
         let released = sqlx::query(
             "DELETE FROM sessions WHERE client_id = $1 AND gateway_id = $2 AND conn_id = $3",
         )
@@ -429,6 +460,7 @@ impl Presence for PgPresence {
     }
 
     async fn counts(&self) -> Result<Option<ClusterCounts>, PresenceError> {
+        let _timed = RoundTrip::start("counts");
         let (clients, in_flight, gateways): (i64, i64, i64) = sqlx::query_as(
             "SELECT \
                  (SELECT COUNT(*) FROM sessions AS s JOIN gateways AS g ON g.id = s.gateway_id \
@@ -448,5 +480,18 @@ impl Presence for PgPresence {
             in_flight: count("messages in flight", in_flight)?,
             gateways: count("gateways", gateways)?,
         }))
+    }
+
+    async fn in_flight(&self) -> Result<Option<u64>, PresenceError> {
+        let _timed = RoundTrip::start("in_flight");
+        let in_flight: i64 = sqlx::query_scalar("SELECT accepted FROM in_flight")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|err| unavailable(&err))?;
+        u64::try_from(in_flight).map(Some).map_err(|_| {
+            PresenceError::Database(format!(
+                "a corrupt count of messages in flight: {in_flight}"
+            ))
+        })
     }
 }

@@ -190,6 +190,7 @@ mod tests {
             client_id: ClientId::parse("amy").expect("an id"),
             message_id: 1,
             client_message_id: None,
+            receipt: None,
         })
     }
 

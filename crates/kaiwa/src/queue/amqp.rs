@@ -12,7 +12,7 @@
 //! a publish that cannot go through waits for the next connection and is made again on it (the
 //! process's outbox is the publishes waiting so), so nothing accepted waits for the sweeper.
 
-use super::{Done, Event, GatewayId, Job, Queue, QueueError, Routed, Taken};
+use super::{Done, Event, GatewayId, Job, Queue, QueueError, Routed, Taken, record_publish};
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
@@ -510,10 +510,10 @@ impl Queue for AmqpQueue {
     async fn publish_job(&self, job: Job) -> Result<(), QueueError> {
         let payload =
             serde_json::to_vec(&job).map_err(|err| QueueError::Malformed(err.to_string()))?;
-        self.inner
-            .publish("", JOBS, &payload, false, true)
-            .await
-            .map(drop)
+        let started = std::time::Instant::now();
+        self.inner.publish("", JOBS, &payload, false, true).await?;
+        record_publish("job", started);
+        Ok(())
     }
 
     fn jobs(&self) -> Result<BoxStream<'static, Taken>, QueueError> {
@@ -557,6 +557,7 @@ impl Queue for AmqpQueue {
     }
 
     async fn publish_event(&self, gateway: &GatewayId, event: Event) -> Result<Routed, QueueError> {
+        let started = std::time::Instant::now();
         let (routed, fate) = oneshot::channel();
         let outgoing = Outgoing {
             gateway: gateway.clone(),
@@ -567,7 +568,10 @@ impl Queue for AmqpQueue {
             .events
             .send(outgoing)
             .map_err(|_| QueueError::Closed)?;
-        fate.await.map_err(|_| QueueError::Closed)?
+        let routed = fate.await.map_err(|_| QueueError::Closed)??;
+        // The wait for the batch to go counts: it is part of the event's way to its gateway.
+        record_publish("event", started);
+        Ok(routed)
     }
 
     fn events(&self, gateway: &GatewayId) -> Result<BoxStream<'static, Event>, QueueError> {

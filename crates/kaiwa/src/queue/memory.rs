@@ -2,7 +2,7 @@
 //! process holds every client and every worker, so there is one gateway to route to, and a job
 //! cannot outlive the process that would redeliver it.
 
-use super::{Done, Event, GatewayId, Job, Queue, QueueError, Routed, Taken};
+use super::{Done, Event, GatewayId, Job, Queue, QueueError, Routed, Taken, record_publish};
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -66,7 +66,10 @@ impl Done for InProcess {
 #[async_trait]
 impl Queue for MemoryQueue {
     async fn publish_job(&self, job: Job) -> Result<(), QueueError> {
-        self.jobs.send(job).await.map_err(|_| QueueError::Closed)
+        let started = std::time::Instant::now();
+        self.jobs.send(job).await.map_err(|_| QueueError::Closed)?;
+        record_publish("job", started);
+        Ok(())
     }
 
     fn jobs(&self) -> Result<BoxStream<'static, Taken>, QueueError> {
@@ -85,10 +88,12 @@ impl Queue for MemoryQueue {
         if listening.is_some_and(|listening| listening != *gateway) {
             return Ok(Routed::NoGateway);
         }
+        let started = std::time::Instant::now();
         self.events
             .send(event)
             .await
             .map_err(|_| QueueError::Closed)?;
+        record_publish("event", started);
         Ok(Routed::Delivered)
     }
 

@@ -16,6 +16,7 @@ use futures::stream::BoxStream;
 use kaiwa_protocol::MessageType;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::time::Instant;
 
 /// An accepted message, as much of it as processing needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,6 +64,18 @@ pub struct MessageRef {
     pub client_id: ClientId,
     pub message_id: i64,
     pub client_message_id: Option<String>,
+    /// What the gateway that hands out the last reply times it from
+    /// (`kaiwa_message_reply_seconds`). `None` in replies read back from the store, which are
+    /// not live, and in events of a process that predates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<Receipt>,
+}
+
+/// A message's type and when its gateway received it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub kind: MessageType,
+    pub received_at: DateTime<Utc>,
 }
 
 impl From<&Job> for MessageRef {
@@ -71,6 +84,10 @@ impl From<&Job> for MessageRef {
             client_id: job.client_id.clone(),
             message_id: job.message_id,
             client_message_id: job.client_message_id.clone(),
+            receipt: Some(Receipt {
+                kind: job.kind,
+                received_at: job.received_at,
+            }),
         }
     }
 }
@@ -153,6 +170,13 @@ impl Event {
             | Self::Probed { client_id, .. } => client_id,
         }
     }
+}
+
+/// Records one publish in `kaiwa_queue_publish_seconds{item}`: from the call to the broker's
+/// confirm (an in-process queue: to the channel's taking it), outages waited out included.
+fn record_publish(item: &'static str, started: Instant) {
+    metrics::histogram!("kaiwa_queue_publish_seconds", "item" => item)
+        .record(started.elapsed().as_secs_f64());
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

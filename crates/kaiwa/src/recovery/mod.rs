@@ -115,7 +115,9 @@ impl Sweeper {
             seen.insert(id, stuck);
         }
         self.stuck = seen;
-        Ok(self.admission.requeue(due, stop).await?)
+        let queued = self.admission.requeue(due, stop).await?;
+        requeued("stuck", queued);
+        Ok(queued)
     }
 
     fn backoff(&self, retries: u32) -> Duration {
@@ -132,10 +134,13 @@ impl Recovery for Sweeper {
         let unfinished = std::mem::take(&mut self.unfinished);
         match self.admission.requeue(unfinished, &stop).await {
             Ok(0) => {}
-            Ok(count) => tracing::info!(
-                messages = count,
-                "unfinished messages from the last run queued again"
-            ),
+            Ok(count) => {
+                requeued("unfinished_at_start", count);
+                tracing::info!(
+                    messages = count,
+                    "unfinished messages from the last run queued again"
+                );
+            }
             Err(err) => tracing::error!(%err, "could not queue unfinished messages"),
         }
         // From here on, a message whose processing fails is retried in this run.
@@ -171,17 +176,21 @@ impl ClusterSweeper {
     /// Queues again the messages of gateways whose lease ended before any sweeper queued them.
     pub async fn sweep_orphans(&self) -> Result<usize, RecoveryError> {
         let orphaned = self.claims.claim_orphaned(CLAIM_BATCH).await?;
-        self.publish(orphaned).await
+        self.publish(orphaned, "gateway_gone").await
     }
 
     /// One pass; returns how many messages were queued again. A message whose job cannot be
     /// published now stays claimed until `after` has passed again, then is tried again.
     pub async fn sweep(&self) -> Result<usize, RecoveryError> {
         let stuck = self.claims.claim_stuck(self.after, CLAIM_BATCH).await?;
-        self.publish(stuck).await
+        self.publish(stuck, "stuck").await
     }
 
-    async fn publish(&self, stuck: Vec<StoredMessage>) -> Result<usize, RecoveryError> {
+    async fn publish(
+        &self,
+        stuck: Vec<StoredMessage>,
+        reason: &'static str,
+    ) -> Result<usize, RecoveryError> {
         let mut queued = 0;
         for message in stuck {
             let job = Job {
@@ -193,7 +202,7 @@ impl ClusterSweeper {
                 "queueing a stuck message again"
             );
             self.queue.publish_job(job).await?;
-            metrics::counter!("kaiwa_messages_requeued_total").increment(1);
+            requeued(reason, 1);
             queued += 1;
         }
         Ok(queued)
@@ -225,6 +234,14 @@ fn every_quarter_of(after: Duration) -> tokio::time::Interval {
     let mut tick = tokio::time::interval_at(Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick
+}
+
+/// Counts messages queued again, in `kaiwa_messages_requeued_total{reason}`: `stuck` (accepted
+/// with nothing happening to them for `--requeue-after`), `gateway_gone` (admitted by a gateway
+/// whose lease ended), `unfinished_at_start` (left by the last run of a lone process).
+pub(crate) fn requeued(reason: &'static str, count: usize) {
+    metrics::counter!("kaiwa_messages_requeued_total", "reason" => reason)
+        .increment(u64::try_from(count).unwrap_or(u64::MAX));
 }
 
 fn log_pass(pass: Result<usize, RecoveryError>) {
