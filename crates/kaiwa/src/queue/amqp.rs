@@ -675,6 +675,7 @@ mod tests {
             client_id: crate::domain::ClientId::parse(client).expect("an id"),
             message_id,
             client_message_id: None,
+            receipt: None,
         })
     }
 
