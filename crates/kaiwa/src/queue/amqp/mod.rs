@@ -2,18 +2,21 @@
 //! from, published persistently and confirmed; a job stays a worker's until it says `done`, and
 //! goes to another worker if that one dies first. Events go through a direct exchange to the
 //! queue of the gateway they are for (one per gateway, gone with it), published as mandatory so
-//! that an event for a gateway that is no longer there comes back instead of vanishing. Events
-//! travel in batches: those that wait while earlier ones are being confirmed go to their gateway
+//! that an event for a gateway that is no longer there comes back instead of vanishing. Both
+//! travel in batches ([`batches`]): those that wait while earlier ones are being confirmed go
 //! as one AMQP message (a `processing` and the reply right behind it, the replies of several
-//! clients), which the broker routes and confirms once.
+//! clients, the jobs of several gateways' clients), which the broker routes and confirms once.
 //!
 //! The connection is kaiwa's to keep: when it breaks, a supervisor reconnects with backoff,
 //! declares the queues again and restarts the consumers. An outage of the broker is a delay:
 //! a publish that cannot go through waits for the next connection and is made again on it (the
 //! process's outbox is the publishes waiting so), so nothing accepted waits for the sweeper.
 
+mod batches;
+
 use super::{Done, Event, GatewayId, Job, Queue, QueueError, Routed, Taken, record_publish};
 use async_trait::async_trait;
+use batches::{EVENTS_ROUTE, JOBS_ROUTE, Outgoing};
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
@@ -23,8 +26,9 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// The durable queue every worker takes jobs from.
@@ -44,13 +48,6 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 const REFUSED_WAIT: Duration = Duration::from_secs(1);
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
-/// Events in one AMQP message, at most: enough that a busy worker sends a message per confirm
-/// rather than per event, few enough that one message stays small.
-const EVENTS_PER_MESSAGE: usize = 128;
-/// Event batches published and awaiting their confirms at once. Events that come meanwhile
-/// wait and go together: one in flight would add a confirm's round trip to every event under
-/// load, many would send each event alone.
-const EVENT_BATCHES_IN_FLIGHT: usize = 2;
 
 /// What the queue needs to know besides where the broker is.
 #[derive(Debug, Clone, Copy)]
@@ -75,16 +72,9 @@ struct Inner {
     /// A publish failed on a connection that still looks alive (its channel broke): the
     /// supervisor makes a new one.
     broken: Notify,
-    /// Events on their way to [`send_events`], which batches them.
-    events: mpsc::UnboundedSender<Outgoing>,
-}
-
-/// An event for a gateway, and where its fate goes. Unbounded, as the store's writes are:
-/// every event stems from a message holding an in-flight slot, so the limits upstream bound it.
-struct Outgoing {
-    gateway: GatewayId,
-    event: Event,
-    routed: oneshot::Sender<Result<Routed, QueueError>>,
+    /// Jobs and events on their way to the tasks that publish them in batches.
+    jobs: mpsc::UnboundedSender<Outgoing<Job>>,
+    events: mpsc::UnboundedSender<Outgoing<Event>>,
 }
 
 /// One connection and the channel publishes go through (with publisher confirms on).
@@ -106,7 +96,8 @@ impl AmqpQueue {
             ))
         })?;
         let (tx, _) = watch::channel(Some(link.clone()));
-        let (events, outgoing) = mpsc::unbounded_channel();
+        let (jobs, outgoing_jobs) = mpsc::unbounded_channel();
+        let (events, outgoing_events) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             url: url.to_owned(),
             describe,
@@ -114,10 +105,12 @@ impl AmqpQueue {
             link: tx,
             stop: CancellationToken::new(),
             broken: Notify::new(),
+            jobs,
             events,
         });
         tokio::spawn(supervise(inner.clone(), link));
-        tokio::spawn(send_events(inner.clone(), outgoing));
+        tokio::spawn(batches::send(inner.clone(), JOBS_ROUTE, outgoing_jobs));
+        tokio::spawn(batches::send(inner.clone(), EVENTS_ROUTE, outgoing_events));
         Ok(Self { inner })
     }
 
@@ -356,85 +349,30 @@ async fn publish_on(
     })
 }
 
-/// Publishes events as they come, each gateway's waiting ones as one message, with at most
-/// [`EVENT_BATCHES_IN_FLIGHT`] messages awaiting confirms; answers every event with its
-/// message's fate. Ends when the queue stops (events still waiting are answered `Closed`).
-async fn send_events(inner: Arc<Inner>, mut outgoing: mpsc::UnboundedReceiver<Outgoing>) {
-    let mut waiting = Vec::with_capacity(EVENTS_PER_MESSAGE);
-    let mut publishing = futures::stream::FuturesUnordered::new();
-    loop {
-        tokio::select! {
-            () = inner.stop.cancelled() => return,
-            received = outgoing.recv_many(&mut waiting, EVENTS_PER_MESSAGE),
-                if publishing.len() < EVENT_BATCHES_IN_FLIGHT =>
-            {
-                if received == 0 {
-                    return;
-                }
-                for (gateway, batch) in by_gateway(waiting.drain(..)) {
-                    publishing.push(publish_events(&inner, gateway, batch));
-                }
-            }
-            Some(()) = publishing.next(), if !publishing.is_empty() => {}
-        }
-    }
+/// The ack of one AMQP message of jobs, on the channel it was delivered on: sent when the last
+/// of its jobs is done. Until then the broker keeps them all, and a worker that dies takes the
+/// whole message back to the queue, its jobs done before included (processing one again is
+/// harmless: the worker finds its replies stored).
+struct BatchAck {
+    acker: lapin::Acker,
+    left: AtomicUsize,
 }
 
-/// Events grouped by the gateway they go to, each group in the order the events came.
-fn by_gateway(events: impl Iterator<Item = Outgoing>) -> Vec<(GatewayId, Vec<Outgoing>)> {
-    let mut groups: Vec<(GatewayId, Vec<Outgoing>)> = Vec::new();
-    for event in events {
-        match groups
-            .iter_mut()
-            .find(|(gateway, _)| *gateway == event.gateway)
-        {
-            Some((_, group)) => group.push(event),
-            None => groups.push((event.gateway.clone(), vec![event])),
-        }
-    }
-    groups
+/// One job's part of its message's ack, and its place among the jobs a worker holds.
+struct Ack {
+    batch: Arc<BatchAck>,
+    _held: OwnedSemaphorePermit,
 }
-
-/// One gateway's events as one message (a JSON array); every event shares its fate.
-async fn publish_events(inner: &Inner, gateway: GatewayId, batch: Vec<Outgoing>) {
-    let events: Vec<&Event> = batch.iter().map(|outgoing| &outgoing.event).collect();
-    let routed = match serde_json::to_vec(&events) {
-        Ok(payload) => inner
-            .publish(EVENTS, gateway.as_str(), &payload, true, false)
-            .await
-            .map(|returned| {
-                if returned {
-                    Routed::NoGateway
-                } else {
-                    Routed::Delivered
-                }
-            }),
-        Err(err) => Err(QueueError::Malformed(err.to_string())),
-    };
-    for outgoing in batch {
-        // A publisher that stopped waiting (its task ended) needs no answer.
-        let _ = outgoing.routed.send(routed.clone());
-    }
-}
-
-/// The events of one AMQP message: a batch, or one event alone (as kaiwa before batches sent
-/// them, so that gateways and workers of both kinds work together during an upgrade).
-fn read_events(data: &[u8]) -> Result<Vec<Event>, serde_json::Error> {
-    if data.first() == Some(&b'[') {
-        serde_json::from_slice(data)
-    } else {
-        serde_json::from_slice(data).map(|event| vec![event])
-    }
-}
-
-/// A job's ack, on the channel it was delivered on.
-struct Ack(lapin::Acker);
 
 #[async_trait]
 impl Done for Ack {
     async fn done(self: Box<Self>) -> Result<(), QueueError> {
+        if self.batch.left.fetch_sub(1, Ordering::AcqRel) > 1 {
+            return Ok(());
+        }
         let acked = self
-            .0
+            .batch
+            .acker
             .ack(BasicAckOptions::default())
             .await
             .map_err(|err| QueueError::Unavailable(err.to_string()))?;
@@ -508,10 +446,14 @@ fn into_stream<T: Send + 'static>(receiver: mpsc::Receiver<T>) -> BoxStream<'sta
 #[async_trait]
 impl Queue for AmqpQueue {
     async fn publish_job(&self, job: Job) -> Result<(), QueueError> {
-        let payload =
-            serde_json::to_vec(&job).map_err(|err| QueueError::Malformed(err.to_string()))?;
         let started = std::time::Instant::now();
-        self.inner.publish("", JOBS, &payload, false, true).await?;
+        let (outgoing, fate) = Outgoing::job(job);
+        self.inner
+            .jobs
+            .send(outgoing)
+            .map_err(|_| QueueError::Closed)?;
+        fate.await.map_err(|_| QueueError::Closed)??;
+        // The wait for the batch to go counts: it is part of the job's way to a worker.
         record_publish("job", started);
         Ok(())
     }
@@ -519,59 +461,80 @@ impl Queue for AmqpQueue {
     fn jobs(&self) -> Result<BoxStream<'static, Taken>, QueueError> {
         let prefetch = self.inner.options.prefetch;
         let (tx, rx) = mpsc::channel(usize::from(prefetch).max(1));
-        keep_consuming(self.inner.clone(), tx, move |channel, out| async move {
-            channel
-                .basic_qos(prefetch, BasicQosOptions::default())
-                .await?;
-            let mut consumer = channel
-                .basic_consume(
-                    JOBS.into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            while let Some(delivery) = consumer.next().await {
-                let delivery = delivery?;
-                match serde_json::from_slice::<Job>(&delivery.data) {
-                    Ok(job) => {
-                        let taken =
-                            Taken::new(job, delivery.redelivered, Box::new(Ack(delivery.acker)));
-                        if out.send(taken).await.is_err() {
-                            return Ok(());
+        // The broker counts messages unacked, and a message may carry several jobs: the jobs a
+        // worker holds are counted here, so that `prefetch` still bounds them.
+        let held = Arc::new(Semaphore::new(usize::from(prefetch).max(1)));
+        keep_consuming(self.inner.clone(), tx, move |channel, out| {
+            let held = held.clone();
+            async move {
+                channel
+                    .basic_qos(prefetch, BasicQosOptions::default())
+                    .await?;
+                let mut consumer = channel
+                    .basic_consume(
+                        JOBS.into(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                while let Some(delivery) = consumer.next().await {
+                    let delivery = delivery?;
+                    match batches::read::<Job>(&delivery.data) {
+                        Ok(jobs) if !jobs.is_empty() => {
+                            let batch = Arc::new(BatchAck {
+                                acker: delivery.acker,
+                                left: AtomicUsize::new(jobs.len()),
+                            });
+                            for job in jobs {
+                                let Ok(place) = held.clone().acquire_owned().await else {
+                                    return Ok(());
+                                };
+                                let ack = Ack {
+                                    batch: batch.clone(),
+                                    _held: place,
+                                };
+                                let taken = Taken::new(job, delivery.redelivered, Box::new(ack));
+                                if out.send(taken).await.is_err() {
+                                    return Ok(());
+                                }
+                            }
+                        }
+                        Ok(_) => {
+                            // An empty batch has nothing to do.
+                            delivery.acker.ack(BasicAckOptions::default()).await?;
+                        }
+                        Err(err) => {
+                            // It would only come back: drop it, and say so.
+                            tracing::error!(%err, "a message that holds no kaiwa jobs was dropped from the queue");
+                            delivery
+                                .acker
+                                .reject(BasicRejectOptions { requeue: false })
+                                .await?;
                         }
                     }
-                    Err(err) => {
-                        // It would only come back: drop it, and say so.
-                        tracing::error!(%err, "a job that is not a kaiwa job was dropped from the queue");
-                        delivery
-                            .acker
-                            .reject(BasicRejectOptions { requeue: false })
-                            .await?;
-                    }
                 }
+                Ok(())
             }
-            Ok(())
         });
         Ok(into_stream(rx))
     }
 
     async fn publish_event(&self, gateway: &GatewayId, event: Event) -> Result<Routed, QueueError> {
         let started = std::time::Instant::now();
-        let (routed, fate) = oneshot::channel();
-        let outgoing = Outgoing {
-            gateway: gateway.clone(),
-            event,
-            routed,
-        };
+        let (outgoing, fate) = Outgoing::to(gateway.as_str().to_owned().into(), event);
         self.inner
             .events
             .send(outgoing)
             .map_err(|_| QueueError::Closed)?;
-        let routed = fate.await.map_err(|_| QueueError::Closed)??;
+        let returned = fate.await.map_err(|_| QueueError::Closed)??;
         // The wait for the batch to go counts: it is part of the event's way to its gateway.
         record_publish("event", started);
-        Ok(routed)
+        Ok(if returned {
+            Routed::NoGateway
+        } else {
+            Routed::Delivered
+        })
     }
 
     fn events(&self, gateway: &GatewayId) -> Result<BoxStream<'static, Event>, QueueError> {
@@ -616,7 +579,7 @@ impl Queue for AmqpQueue {
                     .await?;
                 while let Some(delivery) = consumer.next().await {
                     let delivery = delivery?;
-                    match read_events(&delivery.data) {
+                    match batches::read::<Event>(&delivery.data) {
                         Ok(events) => {
                             for event in events {
                                 if out.send(event).await.is_err() {
@@ -669,58 +632,6 @@ impl Queue for AmqpQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn processing(client: &str, message_id: i64) -> Event {
-        Event::Processing(super::super::MessageRef {
-            client_id: crate::domain::ClientId::parse(client).expect("an id"),
-            message_id,
-            client_message_id: None,
-            receipt: None,
-        })
-    }
-
-    #[test]
-    fn a_batch_and_a_lone_event_both_read_as_events() {
-        let events = vec![processing("a", 1), processing("b", 2)];
-        let batch = serde_json::to_vec(&events).expect("JSON");
-        assert_eq!(read_events(&batch).expect("a batch"), events);
-        let alone = serde_json::to_vec(&events[0]).expect("JSON");
-        assert_eq!(read_events(&alone).expect("one event"), &events[..1]);
-        assert!(read_events(b"[{\"Nope\": 1}]").is_err());
-    }
-
-    #[test]
-    fn events_are_grouped_by_gateway_in_the_order_they_came() {
-        let gateway = |id: &str| GatewayId::new(id);
-        let outgoing = |to: &str, message_id| Outgoing {
-            gateway: gateway(to),
-            event: processing("a", message_id),
-            routed: oneshot::channel().0,
-        };
-        let events = [
-            outgoing("gw-1", 1),
-            outgoing("gw-2", 2),
-            outgoing("gw-1", 3),
-            outgoing("gw-1", 4),
-        ];
-        let groups: Vec<(String, Vec<i64>)> = by_gateway(events.into_iter())
-            .into_iter()
-            .map(|(to, group)| {
-                let ids = group
-                    .iter()
-                    .filter_map(|o| o.event.message().map(|m| m.message_id))
-                    .collect();
-                (to.as_str().to_owned(), ids)
-            })
-            .collect();
-        assert_eq!(
-            groups,
-            [
-                ("gw-1".to_owned(), vec![1, 3, 4]),
-                ("gw-2".to_owned(), vec![2])
-            ]
-        );
-    }
 
     #[test]
     fn a_broker_is_described_without_its_password() {

@@ -1,0 +1,201 @@
+//! Publishing in batches: items that wait while earlier ones are being confirmed go to their
+//! destination together, as one AMQP message (a JSON array) that the broker routes, stores and
+//! confirms once, instead of one message each. Jobs to the workers' queue, events to each
+//! gateway's.
+
+use super::{EVENTS, Inner, JOBS};
+use crate::queue::QueueError;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::borrow::Cow;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// Batches published and awaiting their confirms at once, per kind. Items that come meanwhile
+/// wait and go together: one in flight would add a confirm's round trip to every item under
+/// load, many would send each item alone.
+const IN_FLIGHT: usize = 2;
+
+/// Where one kind of item goes, and how.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Route {
+    exchange: &'static str,
+    /// Returned by the broker when no queue takes it (events for a gateway that is gone).
+    mandatory: bool,
+    /// Written to disk by the broker.
+    persistent: bool,
+    /// Items in one AMQP message, at most: enough that a busy process sends a message per
+    /// confirm rather than per item, few enough that one message stays small (and, for jobs,
+    /// that a worker that dies takes few others' jobs back to the queue with its own).
+    per_message: usize,
+}
+
+/// Jobs: to the one durable queue, persistent.
+pub(super) const JOBS_ROUTE: Route = Route {
+    exchange: "",
+    mandatory: false,
+    persistent: true,
+    per_message: 32,
+};
+
+/// Events: through the events exchange to a gateway's queue, returned if it has none.
+pub(super) const EVENTS_ROUTE: Route = Route {
+    exchange: EVENTS,
+    mandatory: true,
+    persistent: false,
+    per_message: 128,
+};
+
+/// An item on its way, and where its fate goes: whether it came back unroutable. The channel
+/// is unbounded, as the store's writes are: every item stems from a message holding an
+/// in-flight slot, so the limits upstream bound it.
+pub(super) struct Outgoing<T> {
+    /// The routing key: a gateway's id for an event, the jobs queue for a job.
+    pub key: Cow<'static, str>,
+    pub item: T,
+    pub fate: oneshot::Sender<Result<bool, QueueError>>,
+}
+
+impl<T> Outgoing<T> {
+    pub(super) fn job(item: T) -> (Self, oneshot::Receiver<Result<bool, QueueError>>) {
+        Self::to(Cow::Borrowed(JOBS), item)
+    }
+
+    pub(super) fn to(
+        key: Cow<'static, str>,
+        item: T,
+    ) -> (Self, oneshot::Receiver<Result<bool, QueueError>>) {
+        let (fate, answer) = oneshot::channel();
+        (Self { key, item, fate }, answer)
+    }
+}
+
+/// Publishes items as they come, those waiting for one routing key as one message, with at
+/// most [`IN_FLIGHT`] messages awaiting confirms; answers every item with its message's fate.
+/// Ends when the queue stops (items still waiting are dropped, so their callers see `Closed`).
+pub(super) async fn send<T: Serialize>(
+    inner: Arc<Inner>,
+    route: Route,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing<T>>,
+) {
+    let mut waiting = Vec::with_capacity(route.per_message);
+    let mut publishing = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            () = inner.stop.cancelled() => return,
+            received = outgoing.recv_many(&mut waiting, route.per_message),
+                if publishing.len() < IN_FLIGHT =>
+            {
+                if received == 0 {
+                    return;
+                }
+                for (key, batch) in by_key(waiting.drain(..)) {
+                    publishing.push(publish(&inner, route, key, batch));
+                }
+            }
+            Some(()) = publishing.next(), if !publishing.is_empty() => {}
+        }
+    }
+}
+
+/// Items grouped by routing key, each group in the order the items came.
+fn by_key<T>(
+    items: impl Iterator<Item = Outgoing<T>>,
+) -> Vec<(Cow<'static, str>, Vec<Outgoing<T>>)> {
+    let mut groups: Vec<(Cow<'static, str>, Vec<Outgoing<T>>)> = Vec::new();
+    for item in items {
+        match groups.iter_mut().find(|(key, _)| *key == item.key) {
+            Some((_, group)) => group.push(item),
+            None => groups.push((item.key.clone(), vec![item])),
+        }
+    }
+    groups
+}
+
+/// One routing key's items as one message; every item shares its fate.
+async fn publish<T: Serialize>(
+    inner: &Inner,
+    route: Route,
+    key: Cow<'static, str>,
+    batch: Vec<Outgoing<T>>,
+) {
+    let items: Vec<&T> = batch.iter().map(|outgoing| &outgoing.item).collect();
+    let fate = match serde_json::to_vec(&items) {
+        Ok(payload) => {
+            inner
+                .publish(
+                    route.exchange,
+                    &key,
+                    &payload,
+                    route.mandatory,
+                    route.persistent,
+                )
+                .await
+        }
+        Err(err) => Err(QueueError::Malformed(err.to_string())),
+    };
+    for outgoing in batch {
+        // A publisher that stopped waiting (its task ended) needs no answer.
+        let _ = outgoing.fate.send(fate.clone());
+    }
+}
+
+/// The items of one AMQP message: a batch, or one item alone (as kaiwa before batches sent
+/// them, so that processes of both kinds work together during an upgrade).
+pub(super) fn read<T: DeserializeOwned>(data: &[u8]) -> Result<Vec<T>, serde_json::Error> {
+    if data.first() == Some(&b'[') {
+        serde_json::from_slice(data)
+    } else {
+        serde_json::from_slice(data).map(|item| vec![item])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ClientId;
+    use crate::queue::{Event, MessageRef};
+
+    fn processing(client: &str, message_id: i64) -> Event {
+        Event::Processing(MessageRef {
+            client_id: ClientId::parse(client).expect("an id"),
+            message_id,
+            client_message_id: None,
+            receipt: None,
+        })
+    }
+
+    #[test]
+    fn a_batch_and_a_lone_item_both_read_as_items() {
+        let events = vec![processing("a", 1), processing("b", 2)];
+        let batch = serde_json::to_vec(&events).expect("JSON");
+        assert_eq!(read::<Event>(&batch).expect("a batch"), events);
+        let alone = serde_json::to_vec(&events[0]).expect("JSON");
+        assert_eq!(read::<Event>(&alone).expect("one event"), &events[..1]);
+        assert!(read::<Event>(br#"[{"Nope": 1}]"#).is_err());
+    }
+
+    #[test]
+    fn items_are_grouped_by_routing_key_in_the_order_they_came() {
+        let outgoing = |to: &'static str, message_id| Outgoing::to(Cow::Borrowed(to), message_id).0;
+        let items = [
+            outgoing("gw-1", 1),
+            outgoing("gw-2", 2),
+            outgoing("gw-1", 3),
+            outgoing("gw-1", 4),
+        ];
+        let groups: Vec<(String, Vec<i64>)> = by_key(items.into_iter())
+            .into_iter()
+            .map(|(key, group)| (key.into_owned(), group.iter().map(|o| o.item).collect()))
+            .collect();
+        assert_eq!(
+            groups,
+            [
+                ("gw-1".to_owned(), vec![1, 3, 4]),
+                ("gw-2".to_owned(), vec![2])
+            ]
+        );
+    }
+}
