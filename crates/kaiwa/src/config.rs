@@ -544,6 +544,31 @@ pub struct LogConfig {
     /// Format of standard output; the files under <data-dir>/logs are always JSON lines.
     #[arg(long, env = "KAIWA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Also write the logs, as JSON lines, to one file per component under <data-dir>/logs.
+    /// `false`: standard output only, which is what a container runtime or systemd's journal
+    /// collects (the container image sets it).
+    #[arg(long = "log-files", env = "KAIWA_LOG_FILES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub files: bool,
+
+    /// When a log file is closed and the next one started: `daily` or `hourly` (at midnight or
+    /// on the hour, UTC; each file named by its day or hour, e.g. gateway.2026-12-06.log), or
+    /// `never` (one file per component that grows for ever: gateway.log).
+    #[arg(long = "log-rotation", env = "KAIWA_LOG_ROTATION", value_enum, default_value_t = LogRotation::Daily)]
+    pub rotation: LogRotation,
+
+    /// Rotated files kept per component, the current one included; older ones are deleted at
+    /// each rotation and at start. 0 keeps them all.
+    #[arg(long = "log-keep", env = "KAIWA_LOG_KEEP", default_value_t = 7)]
+    pub keep: usize,
+}
+
+/// How often the log files are rotated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogRotation {
+    Daily,
+    Hourly,
+    Never,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
