@@ -8,13 +8,12 @@ use kaiwa_load::plan::Mix;
 use kaiwa_load::{LoadConfig, Mode};
 use kaiwa_protocol::history::{HistoryMessage, HistoryPage};
 use kaiwa_protocol::{MessageStatus, MessageType, ReplyType};
-use serde_json::json;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::{Client, files, isolated, send, send_file, serve_command, start_listening};
+use support::{files, isolated, native_at, send, send_file, serve_command, start_listening};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -53,14 +52,7 @@ async fn keep_sending(
     acked: Arc<Mutex<Vec<Acked>>>,
     stop: CancellationToken,
 ) {
-    let mut client = Client::connect(&format!("ws://{addr}/ws"), true)
-        .await
-        .expect("connects");
-    client
-        .send_json(json!({"type": "hello", "client_id": client_id, "timezone": "UTC"}))
-        .await;
-    let welcome = client.next_json().await;
-    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    let mut client = native_at(addr, &client_id).await;
     for n in 0u32.. {
         if stop.is_cancelled() {
             break;

@@ -392,66 +392,39 @@ fn not_found(err: io::Error) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::config::{Cli, Command};
-    use crate::domain::{ClientId, Timezone};
     use crate::store::{NewMessage, SqliteOptions, SqliteStore, Store};
     use bytes::Bytes;
     use clap::Parser;
-    use kaiwa_protocol::{MessageStatus, MessageType};
+    use kaiwa_protocol::MessageType;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    fn message(n: u64, kind: MessageType, content: String) -> NewMessage {
+    fn message(n: u64, kind: MessageType, content: &str) -> NewMessage {
         NewMessage {
-            client_id: ClientId::parse("backup-test").expect("an id"),
-            client_message_id: Some(format!("m{n}")),
             kind,
-            content,
-            filename: None,
-            mime_type: None,
-            size_bytes: None,
-            timezone: Timezone::parse("UTC").expect("a zone"),
-            status: MessageStatus::Accepted,
-            reason: None,
-            client_timestamp: None,
-            received_at: Utc::now(),
+            ..super::super::contract::message("backup-test", Some(&format!("m{n}")), content)
         }
     }
 
-    fn command(args: &[&str]) -> Command {
-        Cli::try_parse_from(["kaiwa"].iter().chain(args))
+    /// The `kaiwa` command line `subcommand` with the storage flags of `data_dir` and `more`.
+    fn command(subcommand: &str, data_dir: &Path, more: [&str; 2]) -> Command {
+        let database = format!("sqlite://{}", data_dir.join(DATABASE).display());
+        let data_dir = data_dir.display().to_string();
+        let storage = ["--database-url", &database, "--data-dir", &data_dir];
+        Cli::try_parse_from(["kaiwa", subcommand].into_iter().chain(storage).chain(more))
             .expect("valid flags")
             .command
     }
 
     fn backup_args(data_dir: &Path, to: &Path) -> BackupArgs {
-        let database = format!("sqlite://{}", data_dir.join(DATABASE).display());
-        let (data_dir, to) = (data_dir.display().to_string(), to.display().to_string());
-        match command(&[
-            "backup",
-            "--database-url",
-            &database,
-            "--data-dir",
-            &data_dir,
-            "--to",
-            &to,
-        ]) {
+        match command("backup", data_dir, ["--to", &to.display().to_string()]) {
             Command::Backup(args) => args,
             other => panic!("not a backup: {other:?}"),
         }
     }
 
     fn restore_args(from: &Path, data_dir: &Path) -> RestoreArgs {
-        let database = format!("sqlite://{}", data_dir.join(DATABASE).display());
-        let (from, data_dir) = (from.display().to_string(), data_dir.display().to_string());
-        match command(&[
-            "restore",
-            "--from",
-            &from,
-            "--database-url",
-            &database,
-            "--data-dir",
-            &data_dir,
-        ]) {
+        match command("restore", data_dir, ["--from", &from.display().to_string()]) {
             Command::Restore(args) => args,
             other => panic!("not a restore: {other:?}"),
         }
@@ -469,7 +442,7 @@ mod tests {
                     return;
                 }
                 store
-                    .insert_message(message(n, MessageType::Text, format!("text {n}")))
+                    .insert_message(message(n, MessageType::Text, &format!("text {n}")))
                     .await
                     .expect("stored");
                 committed.fetch_add(1, Ordering::SeqCst);
@@ -546,7 +519,7 @@ mod tests {
                 .await
                 .expect("saved");
             store
-                .insert_message(message(n.into(), MessageType::Image, key.clone()))
+                .insert_message(message(n.into(), MessageType::Image, &key))
                 .await
                 .expect("stored");
             keys.push(key);
@@ -579,7 +552,7 @@ mod tests {
         else {
             panic!("{err}");
         };
-        assert_eq!(missing, &[lost.clone()]);
+        assert_eq!(missing, std::slice::from_ref(&lost));
         assert_eq!((copied.messages, copied.files), (2, 1));
         assert!(err.to_string().contains(&lost), "{err}");
         assert!(to.join(DATABASE).is_file(), "the backup is there");
@@ -632,16 +605,10 @@ mod tests {
     #[test]
     fn postgres_is_refused_with_the_way_to_back_it_up() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let args = match command(&[
-            "backup",
-            "--database-url",
+        let mut args = backup_args(dir.path(), &dir.path().join("b"));
+        args.store.database_url = Some(crate::flags::Secret::new(
             "postgres://kaiwa:hunter2@db.example/kaiwa",
-            "--to",
-            &dir.path().join("b").display().to_string(),
-        ]) {
-            Command::Backup(args) => args,
-            other => panic!("not a backup: {other:?}"),
-        };
+        ));
         let err = backup(&args).expect_err("PostgreSQL");
         let said = err.to_string();
         assert!(said.contains("pg_dump") && said.contains("media"), "{said}");

@@ -487,6 +487,19 @@ pub async fn flood(client: &mut Client, count: usize) {
     client.ws.flush().await.ok();
 }
 
+/// A native client (`kaiwa.v1` by header) of the server at `addr`, in UTC, after `welcome`.
+pub async fn native_at(addr: SocketAddr, client_id: &str) -> Client {
+    let mut client = Client::connect(&format!("ws://{addr}/ws"), true)
+        .await
+        .expect("connects");
+    client
+        .send_json(json!({"type": "hello", "client_id": client_id, "timezone": "UTC"}))
+        .await;
+    let welcome = client.next_json().await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    client
+}
+
 /// A native `send` frame.
 pub fn send(id: &str, message_type: &str, content: &str) -> Value {
     json!({"type": "send", "id": id, "message_type": message_type, "content": content})
