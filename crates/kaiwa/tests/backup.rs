@@ -1,6 +1,8 @@
 //! `kaiwa backup` and `kaiwa restore` with the real binary: a server on SQLite under load
 //! (kaiwa-load, and clients of the test's own that note every ack), a backup taken while the
-//! load goes on, restored into a fresh data directory, and a kaiwa started on it.
+//! load goes on, restored into a fresh data directory, and a kaiwa started on it; and the
+//! procedure README gives for PostgreSQL (pg_dump, the media directory, pg_restore), run as
+//! written there.
 
 mod support;
 
@@ -368,4 +370,118 @@ async fn a_backup_under_load_restores_every_message_acked_before_it_with_its_rep
         }
     }
     source.child.kill().await.ok();
+}
+
+/// Runs `program ARGS` to its end; panics with its output unless it succeeds, and says which
+/// package brings it when it is missing.
+async fn run(program: &str, args: &[&str]) {
+    let output = tokio::process::Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|err| {
+            panic!("{program} cannot run ({err}): it comes with Debian's postgresql-client")
+        });
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgresql_the_documented_dump_and_media_copy_restore_the_history_and_files() {
+    let app = support::TestApp::spawn_postgres(&FLAGS).await;
+    let mut client = app.native("pg-client", "UTC").await;
+    let png = kaiwa::replies::image::render(7);
+    let mut mp4 = files::mp4();
+    mp4.extend_from_slice(b"one of a kind");
+    let sent = [
+        (
+            MessageType::Text,
+            send("t", "text", "kept in PostgreSQL"),
+            b"kept in PostgreSQL".to_vec(),
+        ),
+        (
+            MessageType::Image,
+            send_file("i", "image", "p.png", &png),
+            png.clone(),
+        ),
+        (
+            MessageType::Voice,
+            send_file("v", "voice", "n.wav", &files::wav()),
+            files::wav(),
+        ),
+        (
+            MessageType::Video,
+            send_file("c", "video", "c.mp4", &mp4),
+            mp4.clone(),
+        ),
+    ];
+    for (_, frame, _) in &sent {
+        let id = frame["id"].as_str().expect("an id").to_owned();
+        client.send_json(frame.clone()).await;
+        client
+            .until(|f| f["type"] == "status" && f["id"] == id.as_str() && f["status"] == "replied")
+            .await;
+    }
+
+    // The procedure, with the server running: the dump first, then the media directory.
+    let backup = tempfile::tempdir().expect("a temporary directory");
+    let dump = backup.path().join("kaiwa.dump");
+    let dump = dump.to_str().expect("UTF-8");
+    let url = app.database_url().expect("PostgreSQL");
+    run(
+        "pg_dump",
+        &["--format=custom", &format!("--file={dump}"), url],
+    )
+    .await;
+    let media = |dir: &Path| format!("{}/media/", dir.display());
+    run(
+        "cp",
+        &[
+            "-a",
+            &format!("{}.", media(app.data_dir())),
+            &media(backup.path()),
+        ],
+    )
+    .await;
+
+    // Restored into a new database and a new data directory, and served.
+    let database = Arc::new(support::postgres::TestDatabase::create().await);
+    run(
+        "pg_restore",
+        &["--no-owner", &format!("--dbname={}", database.url), dump],
+    )
+    .await;
+    let data_dir = tempfile::tempdir().expect("a temporary directory");
+    run(
+        "cp",
+        &[
+            "-a",
+            &format!("{}.", media(backup.path())),
+            &media(data_dir.path()),
+        ],
+    )
+    .await;
+    let restored = support::TestApp::spawn_on(data_dir, database, &FLAGS).await;
+
+    let http = reqwest::Client::new();
+    let kept = history(&http, restored.addr, "pg-client").await;
+    assert_eq!(kept.len(), sent.len());
+    for ((kind, _, bytes), stored) in sent.iter().zip(kept.values()) {
+        assert_eq!(stored.message_type, *kind);
+        assert_eq!(stored.status, MessageStatus::Replied);
+        let mut types: Vec<ReplyType> = stored.replies.iter().map(|r| r.reply_type).collect();
+        types.sort_by_key(|t| reply_types(*kind).iter().position(|e| e == t));
+        assert_eq!(types, reply_types(*kind), "{stored:?}");
+        if *kind == MessageType::Text {
+            assert_eq!(stored.content.as_bytes(), bytes);
+        } else {
+            let (status, body) = get(&http, restored.addr, &stored.content).await;
+            assert_eq!(status, 200, "{}", stored.content);
+            assert!(body == *bytes, "{}: another file", stored.content);
+        }
+    }
 }

@@ -106,6 +106,16 @@ impl TestApp {
         Self::start(dir, Some(database), flags, |store| store).await
     }
 
+    /// Starts kaiwa on a PostgreSQL database made by the test (a restored dump, say) and the
+    /// data directory `dir`.
+    pub async fn spawn_on(
+        dir: TempDir,
+        database: Arc<postgres::TestDatabase>,
+        flags: &[&str],
+    ) -> TestApp {
+        Self::start(dir, Some(database), flags, |store| store).await
+    }
+
     /// Stops kaiwa as SIGTERM would, and starts it again on the same data directory and
     /// database.
     pub async fn restart(mut self, flags: &[&str]) -> TestApp {
