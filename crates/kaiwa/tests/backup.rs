@@ -236,6 +236,11 @@ async fn a_backup_under_load_restores_every_message_acked_before_it_with_its_rep
         during > 0,
         "no message was acked while the backup ran: {said}"
     );
+    eprintln!(
+        "{} messages of the test's clients acked before the backup, {during} while it ran ({:?}): {said}",
+        before.len(),
+        ended - began
+    );
     stop.cancel();
     for writer in writers {
         writer.await.expect("a writer ran");
