@@ -51,7 +51,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
-# A user of its own; /var/lib/kaiwa holds its logs (and the SQLite file of a lone `serve`),
+# A user of its own; /var/lib/kaiwa holds the SQLite file and uploads of a lone `serve`,
 # /var/lib/kaiwa-media is where deploy/compose.yaml mounts the media volume the gateways share
 # (made here so that a new named volume takes the kaiwa user as its owner).
 RUN groupadd --system --gid 10001 kaiwa \
@@ -64,8 +64,11 @@ COPY deploy/healthcheck.sh /usr/local/bin/kaiwa-healthcheck
 
 # Listen on every address of the container. kaiwa refuses to start on such an address without
 # auth (KAIWA_AUTH_SECRET or KAIWA_AUTH_SECRET_FILE) unless KAIWA_ALLOW_ANONYMOUS=true is set.
+# Logs go to standard output only, which the container runtime collects and rotates: no log
+# files in the volume (KAIWA_LOG_FILES=true brings them back, rotated daily).
 ENV KAIWA_BIND=0.0.0.0:8082 \
-    KAIWA_DATA_DIR=/var/lib/kaiwa
+    KAIWA_DATA_DIR=/var/lib/kaiwa \
+    KAIWA_LOG_FILES=false
 
 # Numeric, so that a runtime can tell it is not root without reading /etc/passwd.
 USER 10001:10001

@@ -62,6 +62,9 @@ if ! pg_ready; then
   pg_ready || fail "PostgreSQL does not answer at ${KAIWA_TEST_POSTGRES:-127.0.0.1:5432}: start it ($pg_start) or set KAIWA_TEST_POSTGRES to a server the tests may create databases on"
 fi
 echo "PostgreSQL answers"
+# tests/backup.rs runs README's backup procedure for PostgreSQL with the server's own tools.
+command -v pg_dump >/dev/null && command -v pg_restore >/dev/null \
+  || install_package postgresql-client "tests/backup.rs backs up with pg_dump and restores with pg_restore"
 
 step "services: RabbitMQ"
 # The cluster tests make a vhost of their own with rabbitmqctl and delete it after;

@@ -38,6 +38,13 @@ pub enum Command {
     Worker(Box<ServeConfig>),
     /// Apply pending database migrations, then exit.
     Migrate(StoreConfig),
+    /// Copy the SQLite database (SQLite's online backup: consistent while the server runs and
+    /// writes) and the media files it names into a new directory, itself a data directory.
+    /// For PostgreSQL, use pg_dump and copy the media directory (README, Backups).
+    Backup(BackupArgs),
+    /// Copy a backup into a data directory that has no database yet, then exit; start kaiwa
+    /// on it.
+    Restore(RestoreArgs),
     /// Print a token for a client, signed with the configured secret (for development and
     /// tests).
     Token(crate::auth::TokenArgs),
@@ -249,10 +256,8 @@ pub struct ClusterConfig {
     #[arg(long, env = "KAIWA_GATEWAY_ID", value_parser = parse_node_id)]
     pub gateway_id: Option<String>,
 
-    /// Where uploaded files are kept. Every gateway of a cluster must see the same directory
-    /// (a mounted volume). Default: media/ in --data-dir.
-    #[arg(long, env = "KAIWA_MEDIA_DIR")]
-    pub media_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub media: MediaDirConfig,
 
     /// Seconds a gateway's clients keep their slots and ids after it last renewed its lease:
     /// how long the clients of a gateway that died stay counted. Renewed every third of it.
@@ -286,10 +291,56 @@ impl ClusterConfig {
 
     /// The directory of uploaded files.
     pub fn media_dir(&self, data_dir: &std::path::Path) -> PathBuf {
+        self.media.resolve(data_dir)
+    }
+}
+
+/// Where uploaded files are: read by `serve` and `gateway`, and by `backup` and `restore`.
+#[derive(Debug, Clone, Args)]
+pub struct MediaDirConfig {
+    /// Where uploaded files are kept. Every gateway of a cluster must see the same directory
+    /// (a mounted volume). Default: media/ in --data-dir.
+    #[arg(long, env = "KAIWA_MEDIA_DIR")]
+    pub media_dir: Option<PathBuf>,
+}
+
+impl MediaDirConfig {
+    /// `--media-dir`, else `media/` in the data directory.
+    pub fn resolve(&self, data_dir: &std::path::Path) -> PathBuf {
         self.media_dir
             .clone()
             .unwrap_or_else(|| data_dir.join("media"))
     }
+}
+
+/// `kaiwa backup`: the server's own storage flags (or their environment variables, or its
+/// `.env`) say what to copy.
+#[derive(Debug, Clone, Args)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub store: StoreConfig,
+
+    #[command(flatten)]
+    pub media: MediaDirConfig,
+
+    /// The directory to write the backup to: it must not exist yet, or be empty. It is made
+    /// as DIR.partial beside it and renamed when complete.
+    #[arg(long, value_name = "DIR")]
+    pub to: PathBuf,
+}
+
+/// `kaiwa restore`: the storage flags name the data directory to restore into.
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// The backup: a directory written by `kaiwa backup`.
+    #[arg(long, value_name = "DIR")]
+    pub from: PathBuf,
+
+    #[command(flatten)]
+    pub store: StoreConfig,
+
+    #[command(flatten)]
+    pub media: MediaDirConfig,
 }
 
 /// A node id is part of RabbitMQ queue names and of log lines: kept short and plain.
@@ -544,6 +595,31 @@ pub struct LogConfig {
     /// Format of standard output; the files under <data-dir>/logs are always JSON lines.
     #[arg(long, env = "KAIWA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Also write the logs, as JSON lines, to one file per component under <data-dir>/logs.
+    /// `false`: standard output only, which is what a container runtime or systemd's journal
+    /// collects (the container image sets it).
+    #[arg(long = "log-files", env = "KAIWA_LOG_FILES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub files: bool,
+
+    /// When a log file is closed and the next one started: `daily` or `hourly` (at midnight or
+    /// on the hour, UTC; each file named by its day or hour, e.g. gateway.2026-12-06.log), or
+    /// `never` (one file per component that grows for ever: gateway.log).
+    #[arg(long = "log-rotation", env = "KAIWA_LOG_ROTATION", value_enum, default_value_t = LogRotation::Daily)]
+    pub rotation: LogRotation,
+
+    /// Rotated files kept per component, the current one included; older ones are deleted at
+    /// each rotation and at start. 0 keeps them all.
+    #[arg(long = "log-keep", env = "KAIWA_LOG_KEEP", default_value_t = 7)]
+    pub keep: usize,
+}
+
+/// How often the log files are rotated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogRotation {
+    Daily,
+    Hourly,
+    Never,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use kaiwa::clock::SystemClock;
 use kaiwa::config::{Cli, Command, Role, ServeConfig};
+use kaiwa::store::backup;
 use kaiwa::{Application, shutdown, telemetry};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -58,6 +59,18 @@ fn run(cli: Cli, env_file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
                 println!("{applied} migration(s) applied to {database}");
             }
             Command::Token(args) => println!("{}", kaiwa::auth::issue(&args)?),
+            Command::Backup(args) => {
+                let copied = tokio::task::spawn_blocking(move || backup::backup(&args))
+                    .await
+                    .context("the backup stopped")??;
+                println!("backup written to {copied}");
+            }
+            Command::Restore(args) => {
+                let copied = tokio::task::spawn_blocking(move || backup::restore(&args))
+                    .await
+                    .context("the restore stopped")??;
+                println!("restored {copied}");
+            }
         }
         Ok(())
     })

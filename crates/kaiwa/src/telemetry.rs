@@ -1,8 +1,9 @@
-//! Logs and metrics. Logs go to standard output (text or JSON) and, as JSON lines, to one file
-//! per component under `<data-dir>/logs`: `gateway.log` (sessions, admission, HTTP),
-//! `worker.log` (processing, replies, queue) and `kaiwa.log` (everything).
+//! Logs and metrics. Logs go to standard output (text or JSON) and, unless `--log-files false`,
+//! as JSON lines to one file per component under `<data-dir>/logs`, rotated daily by default:
+//! `gateway.<date>.log` (sessions, admission, HTTP), `worker.<date>.log` (processing, replies,
+//! queue) and `kaiwa.<date>.log` (everything).
 
-use crate::config::{LogConfig, LogFormat};
+use crate::config::{LogConfig, LogFormat, LogRotation};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use std::io::IsTerminal;
 use std::path::Path;
@@ -10,11 +11,12 @@ use std::sync::OnceLock;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Level;
-use tracing_appender::non_blocking::WorkerGuard;
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
+use tracing_appender::rolling::{RollingFileAppender, Rotation};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{Layer, fmt};
+use tracing_subscriber::{Layer, Registry, fmt};
 
 /// Keeps the log files' writer threads alive; dropping it flushes them.
 #[must_use]
@@ -33,6 +35,12 @@ pub enum TelemetryError {
     LogDir {
         path: String,
         source: std::io::Error,
+    },
+    #[error("cannot open the log file {component} in {dir}: {source}")]
+    LogFile {
+        component: &'static str,
+        dir: String,
+        source: tracing_appender::rolling::InitError,
     },
     #[error("a global logger is already installed")]
     AlreadyInstalled,
@@ -78,40 +86,99 @@ pub fn init(config: &LogConfig, data_dir: &Path) -> Result<TelemetryGuard, Telem
             .boxed(),
     };
 
+    let (files, guards) = file_layers(config, data_dir)?;
+    let mut layers = vec![stdout];
+    layers.extend(files);
+
+    tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .map_err(|_| TelemetryError::AlreadyInstalled)?;
+    Ok(TelemetryGuard { _files: guards })
+}
+
+/// Lines each log file's writer thread may have waiting; past it, lines are dropped rather than
+/// holding up the thread that logs. The channel's slots are allocated, and written, when it is
+/// made: tracing-appender's default of 128,000 lines kept 4 MB resident per file (12 MB for the
+/// three) in a server that logs a line per connection. A burst of reconnecting clients logs
+/// a few thousand lines, which the writer drains in milliseconds.
+const BUFFERED_LINES: usize = 8_192;
+
+/// A layer that writes one log file.
+type FileLayer = Box<dyn Layer<Registry> + Send + Sync>;
+
+/// The layers that write the log files, with the guards that flush them; none with
+/// `--log-files false` (and then no `logs` directory is made).
+fn file_layers(
+    config: &LogConfig,
+    data_dir: &Path,
+) -> Result<(Vec<FileLayer>, Vec<WorkerGuard>), TelemetryError> {
+    if !config.files {
+        return Ok((Vec::new(), Vec::new()));
+    }
     let dir = data_dir.join("logs");
     std::fs::create_dir_all(&dir).map_err(|source| TelemetryError::LogDir {
         path: dir.display().to_string(),
         source,
     })?;
-    let mut guards = Vec::new();
-    let mut file_layer = |name: &str, targets: Targets| {
-        let appender = tracing_appender::rolling::never(&dir, name);
-        let (writer, guard) = tracing_appender::non_blocking(appender);
-        guards.push(guard);
-        fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_writer(writer)
-            .with_filter(targets)
-            .boxed()
-    };
     let info = |targets: &[&'static str]| {
         Targets::new().with_targets(targets.iter().map(|target| (*target, Level::INFO)))
     };
-    let gateway = file_layer("gateway.log", info(&GATEWAY_TARGETS));
-    let worker = file_layer("worker.log", info(&WORKER_TARGETS));
-    let all = file_layer(
-        "kaiwa.log",
-        Targets::new()
-            .with_target("kaiwa", Level::INFO)
-            .with_default(Level::WARN),
-    );
+    let components = [
+        ("gateway", info(&GATEWAY_TARGETS)),
+        ("worker", info(&WORKER_TARGETS)),
+        (
+            "kaiwa",
+            Targets::new()
+                .with_target("kaiwa", Level::INFO)
+                .with_default(Level::WARN),
+        ),
+    ];
+    let mut layers = Vec::new();
+    let mut guards = Vec::new();
+    for (component, targets) in components {
+        let (writer, guard) = NonBlockingBuilder::default()
+            .buffered_lines_limit(BUFFERED_LINES)
+            .thread_name(&format!("log-{component}"))
+            .finish(file_appender(&dir, component, config)?);
+        guards.push(guard);
+        layers.push(
+            fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_writer(writer)
+                .with_filter(targets)
+                .boxed(),
+        );
+    }
+    Ok((layers, guards))
+}
 
-    tracing_subscriber::registry()
-        .with(vec![stdout, gateway, worker, all])
-        .try_init()
-        .map_err(|_| TelemetryError::AlreadyInstalled)?;
-    Ok(TelemetryGuard { _files: guards })
+/// The file of one component in `dir`, rotated as configured: `<component>.<date>.log` (the
+/// date to the hour with hourly rotation), or `<component>.log` with none. The oldest files
+/// past `--log-keep` are deleted now and at each rotation.
+fn file_appender(
+    dir: &Path,
+    component: &'static str,
+    config: &LogConfig,
+) -> Result<RollingFileAppender, TelemetryError> {
+    let rotation = match config.rotation {
+        LogRotation::Daily => Rotation::DAILY,
+        LogRotation::Hourly => Rotation::HOURLY,
+        LogRotation::Never => Rotation::NEVER,
+    };
+    RollingFileAppender::builder()
+        .rotation(rotation)
+        .filename_prefix(component)
+        .filename_suffix("log")
+        // 0 turns pruning off, as --log-keep 0 says.
+        .max_log_files(config.keep)
+        .build(dir)
+        .map_err(|source| TelemetryError::LogFile {
+            component,
+            dir: dir.display().to_string(),
+            source,
+        })
 }
 
 /// How often the recorder folds recent histogram samples into their buckets. Until then every
@@ -165,5 +232,171 @@ pub async fn keep_metrics(handle: PrometheusHandle, every: Duration, stop: Cance
             () = stop.cancelled() => return,
             _ = ticks.tick() => handle.run_upkeep(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn config(args: &[&str]) -> LogConfig {
+        crate::ServeConfig::from_args(args.iter().copied())
+            .expect("valid flags")
+            .log
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("a directory")
+            .map(|entry| {
+                entry
+                    .expect("an entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The name of the file a line written now goes to: the date (or hour) is taken before and
+    /// after the write, so a test running across midnight sees one of the two.
+    fn written_now(
+        dir: &Path,
+        component: &'static str,
+        config: &LogConfig,
+        format: &str,
+    ) -> String {
+        let before = chrono::Utc::now().format(format).to_string();
+        let mut appender = file_appender(dir, component, config).expect("an appender");
+        appender
+            .write_all(b"{\"message\":\"hello\"}\n")
+            .expect("written");
+        let after = chrono::Utc::now().format(format).to_string();
+        let names = names(dir);
+        let name = names
+            .iter()
+            .find(|name| {
+                [&before, &after]
+                    .iter()
+                    .any(|date| **name == format!("{component}.{date}.log"))
+            })
+            .unwrap_or_else(|| panic!("no {component} file of {before} or {after}: {names:?}"));
+        name.clone()
+    }
+
+    #[test]
+    fn files_are_rotated_daily_by_default_and_named_by_their_day() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = config(&[]);
+        assert!(config.files);
+        assert_eq!((config.rotation, config.keep), (LogRotation::Daily, 7));
+        let name = written_now(dir.path(), "gateway", &config, "%Y-%m-%d");
+        let text = std::fs::read_to_string(dir.path().join(name)).expect("readable");
+        assert_eq!(text, "{\"message\":\"hello\"}\n");
+    }
+
+    #[test]
+    fn hourly_rotation_names_each_file_by_its_hour() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        written_now(
+            dir.path(),
+            "worker",
+            &config(&["--log-rotation", "hourly"]),
+            "%Y-%m-%d-%H",
+        );
+    }
+
+    #[test]
+    fn without_rotation_each_component_keeps_its_one_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = config(&["--log-rotation", "never"]);
+        file_appender(dir.path(), "kaiwa", &config)
+            .expect("an appender")
+            .write_all(b"{}\n")
+            .expect("written");
+        assert_eq!(names(dir.path()), ["kaiwa.log"]);
+    }
+
+    /// Files of a component dated `days` (oldest first), created in that order: the appender
+    /// deletes by creation time, and two files made within one tick of the file system's
+    /// clock would tie, so each is made again until its time is later than the one before.
+    fn dated_files(dir: &Path, component: &str, days: &[&str]) {
+        let mut last = None;
+        for day in days {
+            let path = dir.join(format!("{component}.{day}.log"));
+            loop {
+                std::fs::write(&path, day).expect("written");
+                let created = std::fs::metadata(&path)
+                    .and_then(|meta| meta.created())
+                    .ok();
+                // Without creation times the appender orders files by the date in their name.
+                if created.is_none() || created > last {
+                    last = created;
+                    break;
+                }
+                std::fs::remove_file(&path).expect("removed");
+            }
+        }
+    }
+
+    #[test]
+    fn past_log_keep_the_oldest_files_of_the_component_are_deleted() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let days = [
+            "2026-01-01",
+            "2026-01-02",
+            "2026-01-03",
+            "2026-01-04",
+            "2026-01-05",
+        ];
+        dated_files(dir.path(), "gateway", &days);
+        dated_files(dir.path(), "worker", &days[..2]);
+        std::fs::write(dir.path().join("notes.txt"), "an operator's").expect("written");
+        let config = config(&["--log-keep", "3"]);
+        let today = written_now(dir.path(), "gateway", &config, "%Y-%m-%d");
+        let mut expected = vec![
+            "gateway.2026-01-04.log".to_owned(),
+            "gateway.2026-01-05.log".to_owned(),
+            today,
+            "notes.txt".to_owned(),
+            "worker.2026-01-01.log".to_owned(),
+            "worker.2026-01-02.log".to_owned(),
+        ];
+        expected.sort();
+        assert_eq!(
+            names(dir.path()),
+            expected,
+            "three gateway files, the newest"
+        );
+    }
+
+    #[test]
+    fn log_keep_0_deletes_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let days = ["2026-01-01", "2026-01-02", "2026-01-03"];
+        dated_files(dir.path(), "kaiwa", &days);
+        written_now(
+            dir.path(),
+            "kaiwa",
+            &config(&["--log-keep", "0"]),
+            "%Y-%m-%d",
+        );
+        assert_eq!(names(dir.path()).len(), 4);
+    }
+
+    #[test]
+    fn with_log_files_false_nothing_is_written_to_the_data_directory() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (layers, guards) =
+            file_layers(&config(&["--log-files", "false"]), dir.path()).expect("no files");
+        assert!(layers.is_empty() && guards.is_empty());
+        assert!(names(dir.path()).is_empty(), "no logs directory");
+
+        let (layers, _guards) = file_layers(&config(&[]), dir.path()).expect("files");
+        assert_eq!(layers.len(), 3);
+        assert_eq!(names(&dir.path().join("logs")).len(), 3);
     }
 }

@@ -18,7 +18,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use support::{Client, Socket, files, send, send_file};
+use support::{Socket, files, send, send_file};
 use tokio::process::Child;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -184,7 +184,7 @@ async fn send_until_cut_off(
     mut ledger: Ledger,
     acks: Arc<watch::Sender<usize>>,
 ) -> Ledger {
-    let mut client = connect(addr, &ledger.client_id).await;
+    let mut client = support::native_at(addr, &ledger.client_id).await;
     let mut unacked = BTreeSet::new();
     loop {
         while unacked.len() < WINDOW && ledger.sent.len() < MAX_PER_CLIENT {
@@ -228,7 +228,7 @@ struct Resent {
 /// (which must come back as a duplicate of itself), and sends a new text and image, so that ids
 /// given out after the crash are checked too.
 async fn resend_after_restart(addr: SocketAddr, mut ledger: Ledger) -> (Ledger, Resent) {
-    let mut client = connect(addr, &ledger.client_id).await;
+    let mut client = support::native_at(addr, &ledger.client_id).await;
     let unacked: Vec<Outgoing> = ledger
         .sent
         .iter()
@@ -420,19 +420,6 @@ impl Tally {
             .filter(|m| matches!(m.body, Body::Image { .. }) && ledger.acked.contains_key(&m.id))
             .count();
     }
-}
-
-/// A native client (`kaiwa.v1` by header) after `welcome`.
-async fn connect(addr: SocketAddr, client_id: &str) -> Client {
-    let mut client = Client::connect(&format!("ws://{addr}/ws"), true)
-        .await
-        .expect("connects");
-    client
-        .send_json(json!({"type": "hello", "client_id": client_id, "timezone": "UTC"}))
-        .await;
-    let welcome = client.next_json().await;
-    assert_eq!(welcome["type"], "welcome", "{welcome}");
-    client
 }
 
 /// Writes one message's frames; fails once the server is gone.

@@ -224,7 +224,12 @@ fn at(second: u32) -> DateTime<Utc> {
         .expect("a time")
 }
 
-fn message(client_id: &str, client_message_id: Option<&str>, content: &str) -> NewMessage {
+/// A text message, accepted, stored under `client_message_id` if given.
+pub(super) fn message(
+    client_id: &str,
+    client_message_id: Option<&str>,
+    content: &str,
+) -> NewMessage {
     NewMessage {
         client_id: client(client_id),
         client_message_id: client_message_id.map(str::to_owned),

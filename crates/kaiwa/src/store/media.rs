@@ -95,24 +95,34 @@ impl DiskMedia {
         })
     }
 
-    /// The file a key could name: `media/<folder>/<name>` with `folder` one of the media
-    /// folders and `name` a plain name like the `<uuid>.<ext>` that [`DiskMedia::save`] makes up
-    /// (anything else, e.g. `..`, is not ours to serve).
+    /// The file `media/<folder>/<name>` (see [`file`]).
     fn path(&self, folder: &str, name: &str) -> Option<PathBuf> {
-        let known = [MessageType::Image, MessageType::Video, MessageType::Voice]
-            .into_iter()
-            .map(self::folder)
-            .any(|known| known == folder);
-        let plain = !name.is_empty()
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
-            && !name.starts_with('.');
-        (known && plain).then(|| self.root.join(folder).join(name))
+        file(folder, name).map(|file| self.root.join(file))
     }
 
     fn key_path(&self, key: &str) -> Option<PathBuf> {
-        let (folder, name) = key.strip_prefix(KEY_PREFIX)?.split_once('/')?;
-        self.path(folder, name)
+        key_file(key).map(|file| self.root.join(file))
     }
+}
+
+/// The file a key names, relative to the media directory; `None` for a key kaiwa never makes.
+pub(crate) fn key_file(key: &str) -> Option<PathBuf> {
+    let (folder, name) = key.strip_prefix(KEY_PREFIX)?.split_once('/')?;
+    file(folder, name)
+}
+
+/// The file `<folder>/<name>` could name, relative to the media directory: `folder` one of the
+/// media folders and `name` a plain name like the `<uuid>.<ext>` that [`DiskMedia::save`] makes
+/// up (anything else, e.g. `..`, is not ours to serve).
+fn file(folder: &str, name: &str) -> Option<PathBuf> {
+    let known = [MessageType::Image, MessageType::Video, MessageType::Voice]
+        .into_iter()
+        .map(self::folder)
+        .any(|known| known == folder);
+    let plain = !name.is_empty()
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
+        && !name.starts_with('.');
+    (known && plain).then(|| Path::new(folder).join(name))
 }
 
 #[async_trait]

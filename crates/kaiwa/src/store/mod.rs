@@ -1,6 +1,7 @@
 //! Durable state: messages, replies and their delivery statuses behind the [`Store`] trait, and
 //! uploaded files in the [`MediaStore`].
 
+pub mod backup;
 mod batch;
 #[cfg(test)]
 mod contract;

@@ -106,6 +106,16 @@ impl TestApp {
         Self::start(dir, Some(database), flags, |store| store).await
     }
 
+    /// Starts kaiwa on a PostgreSQL database made by the test (a restored dump, say) and the
+    /// data directory `dir`.
+    pub async fn spawn_on(
+        dir: TempDir,
+        database: Arc<postgres::TestDatabase>,
+        flags: &[&str],
+    ) -> TestApp {
+        Self::start(dir, Some(database), flags, |store| store).await
+    }
+
     /// Stops kaiwa as SIGTERM would, and starts it again on the same data directory and
     /// database.
     pub async fn restart(mut self, flags: &[&str]) -> TestApp {
@@ -485,6 +495,19 @@ pub async fn flood(client: &mut Client, count: usize) {
         }
     }
     client.ws.flush().await.ok();
+}
+
+/// A native client (`kaiwa.v1` by header) of the server at `addr`, in UTC, after `welcome`.
+pub async fn native_at(addr: SocketAddr, client_id: &str) -> Client {
+    let mut client = Client::connect(&format!("ws://{addr}/ws"), true)
+        .await
+        .expect("connects");
+    client
+        .send_json(json!({"type": "hello", "client_id": client_id, "timezone": "UTC"}))
+        .await;
+    let welcome = client.next_json().await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    client
 }
 
 /// A native `send` frame.

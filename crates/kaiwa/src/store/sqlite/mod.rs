@@ -187,7 +187,9 @@ fn read_options(path: &Path, options: SqliteOptions) -> SqliteConnectOptions {
         .pragma("cache_size", options.read_cache_size().to_string())
 }
 
-fn lock_database(path: &Path) -> Result<File, StoreError> {
+/// Takes the lock a kaiwa process holds on the database at `path` while it uses it (also
+/// taken by `kaiwa restore` while it writes one).
+pub(crate) fn lock_database(path: &Path) -> Result<File, StoreError> {
     let file = File::create(lock_path(path))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
