@@ -17,6 +17,7 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::drawing::{DrawingArea, DrawingAreaErrorKind, IntoDrawingArea};
 use plotters::element::{PathElement, Rectangle, Text};
 use plotters::series::LineSeries;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::{BLACK, Color, IntoFont, RGBColor, ShapeStyle, WHITE};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -29,9 +30,12 @@ const MARKED_SILENCES_MAX: usize = 20;
 
 const SIZE: (u32, u32) = (1100, 1250);
 const FONT: &str = "sans-serif";
-const TIME_AXIS: &str = "seconds since the run began";
+/// The x axis of the time panels.
+pub const TIME_AXIS: &str = "seconds since the run began";
 /// The y axis of the throughput panel.
 pub const THROUGHPUT_AXIS: &str = "completed messages per second";
+/// The throughput line in the legend.
+pub const THROUGHPUT_SERIES: &str = "completed messages/s (per-second bucket)";
 /// The y axis of the latency panel.
 pub const LATENCY_AXIS: &str = "latency to last reply (ms, log scale)";
 /// The x axis of the distribution panel.
@@ -224,7 +228,8 @@ impl Chart {
             .map(Bucket::throughput)
             .fold(0.0, f64::max)
             .max(1.0)
-            * 1.15;
+            // Room for the legend above the line: three entries with the marks.
+            * if self.reconnect { 1.5 } else { 1.25 };
         let mut chart = ChartBuilder::on(area)
             .caption("Throughput", (FONT, 16))
             .margin(12)
@@ -235,8 +240,9 @@ impl Chart {
             .configure_mesh()
             .x_desc(TIME_AXIS)
             .y_desc(THROUGHPUT_AXIS)
+            .y_label_formatter(&|rate| format!("{rate:.0}"))
             .draw()?;
-        self.draw_marks(&mut chart, 0.0, top)?;
+        self.draw_marks(&mut chart, (0.0, top), true)?;
         let style = THROUGHPUT.stroke_width(2);
         chart
             .draw_series(
@@ -246,7 +252,7 @@ impl Chart {
                 )
                 .point_size(2),
             )?
-            .label("completed messages/s (per-second bucket)")
+            .label(THROUGHPUT_SERIES)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
         legend(&mut chart)
     }
@@ -274,7 +280,7 @@ impl Chart {
             .y_desc(LATENCY_AXIS)
             .y_label_formatter(&|ms| ms_label(*ms))
             .draw()?;
-        self.draw_marks(&mut chart, low, high)?;
+        self.draw_marks(&mut chart, (low, high), false)?;
         for (name, color, quantile) in [
             (
                 "p99",
@@ -321,6 +327,7 @@ impl Chart {
             .x_desc(DISTRIBUTION_AXIS)
             .y_desc(SHARE_AXIS)
             .x_label_formatter(&|ms| ms_label(*ms))
+            .y_label_formatter(&|share| format!("{share:.0}"))
             .draw()?;
         for (index, curve) in self.types.iter().enumerate() {
             let style = TYPES[index % TYPES.len()].stroke_width(2);
@@ -338,56 +345,68 @@ impl Chart {
             .draw()
     }
 
-    /// Silences as bands and reconnects as lines (with their count) across a time panel.
-    fn draw_marks<Y: Ranged<ValueType = f64>>(
+    /// Silences as bands and reconnects as lines across a time panel; `labelled`, with the
+    /// count of reconnects at the foot of each line and entries in the legend (the panels share
+    /// one time axis, so one panel says what the marks are).
+    fn draw_marks<'a, Y: Ranged<ValueType = f64>>(
         &self,
-        chart: &mut ChartContext<'_, SVGBackend<'_>, Cartesian2d<RangedCoordf64, Y>>,
-        low: f64,
-        high: f64,
+        chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, Y>>,
+        (low, high): (f64, f64),
+        labelled: bool,
     ) -> Drawn {
         if !self.reconnect {
             return Ok(());
         }
         let band: ShapeStyle = SILENCE.mix(0.25).filled();
-        let longest = self.silences.iter().map(|s| s.length).fold(0.0, f64::max);
-        let silences = if self.silences.is_empty() {
-            format!(
-                "no client got a reply (≥ {} ms): never",
-                MARKED_SILENCE.as_millis()
-            )
-        } else {
-            format!(
-                "no client got a reply (≥ {} ms; longest {} s)",
-                MARKED_SILENCE.as_millis(),
-                seconds_label(longest)
-            )
-        };
-        chart
-            .draw_series(
-                self.silences
-                    .iter()
-                    .map(|s| Rectangle::new([(s.start, low), (s.start + s.length, high)], band)),
-            )?
-            .label(silences)
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], band));
+        let bands = chart.draw_series(
+            self.silences
+                .iter()
+                .map(|s| Rectangle::new([(s.start, low), (s.start + s.length, high)], band)),
+        )?;
+        if labelled {
+            let longest = self.silences.iter().map(|s| s.length).fold(0.0, f64::max);
+            let label = if self.silences.is_empty() {
+                format!(
+                    "no client got a reply for {} ms or more: never",
+                    MARKED_SILENCE.as_millis()
+                )
+            } else {
+                format!(
+                    "no client got a reply (for {} ms or more; longest {longest:.2} s)",
+                    MARKED_SILENCE.as_millis()
+                )
+            };
+            bands
+                .label(label)
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], band));
+        }
         let line = RECONNECT.stroke_width(1);
         let reconnected: Vec<&Bucket> = self.buckets.iter().filter(|b| b.reconnects > 0).collect();
-        let total: u64 = reconnected.iter().map(|b| b.reconnects).sum();
-        chart
-            .draw_series(
-                reconnected
-                    .iter()
-                    .map(|b| PathElement::new(vec![(middle(b), low), (middle(b), high)], line)),
-            )?
-            .label(format!("reconnects: {total} (count per second at the top)"))
-            .legend(move |(x, y)| PathElement::new(vec![(x + 10, y - 6), (x + 10, y + 6)], line));
-        chart.draw_series(reconnected.iter().map(|b| {
-            Text::new(
-                b.reconnects.to_string(),
-                (middle(b), high),
-                (FONT, 11).into_font().color(&RECONNECT),
-            )
-        }))?;
+        let lines = chart.draw_series(
+            reconnected
+                .iter()
+                .map(|b| PathElement::new(vec![(middle(b), low), (middle(b), high)], line)),
+        )?;
+        if labelled {
+            let total: u64 = reconnected.iter().map(|b| b.reconnects).sum();
+            lines
+                .label(format!(
+                    "reconnects: {total} (count per second at the foot)"
+                ))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x + 10, y - 6), (x + 10, y + 6)], line)
+                });
+            chart.draw_series(reconnected.iter().map(|b| {
+                Text::new(
+                    format!(" {}", b.reconnects),
+                    (middle(b), low),
+                    (FONT, 11)
+                        .into_font()
+                        .color(&RECONNECT)
+                        .pos(Pos::new(HPos::Left, VPos::Bottom)),
+                )
+            }))?;
+        }
         Ok(())
     }
 }
@@ -454,8 +473,9 @@ fn runs(points: impl Iterator<Item = Option<(f64, f64)>>) -> Vec<Vec<(f64, f64)>
     runs
 }
 
-/// A log axis around `values` (milliseconds), with room on both sides; a decade around 1 ms
-/// when there are none.
+/// A log axis over `values` (milliseconds) from a power of ten, so that its labels (plotters
+/// puts them from the first power of ten up) cover it, and at least a decade long; a decade or
+/// two around 1 ms when there are none.
 fn log_bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (low, high) = values
         .filter(|v| *v > 0.0)
@@ -465,25 +485,21 @@ fn log_bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
     if high <= 0.0 {
         return (0.1, 10.0);
     }
-    ((low / 1.5).max(0.001), (high * 1.5).max(low * 10.0))
+    let low = 10f64.powf(low.log10().floor()).max(0.001);
+    let high = (high * 1.3).max(low * 10.0);
+    (low, high)
 }
 
 /// Milliseconds as people write them: 0.25, 3, 40, 1200.
 fn ms_label(ms: f64) -> String {
-    if ms >= 10.0 {
-        format!("{ms:.0}")
+    let text = if ms >= 10.0 {
+        return format!("{ms:.0}");
     } else if ms >= 1.0 {
         format!("{ms:.1}")
     } else {
         format!("{ms:.3}")
-            .trim_end_matches('0')
-            .trim_end_matches('.')
-            .to_owned()
-    }
-}
-
-fn seconds_label(seconds: f64) -> String {
-    format!("{seconds:.2}")
+    };
+    text.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
 #[cfg(test)]
@@ -524,7 +540,9 @@ mod tests {
         assert!(
             curve
                 .legend()
-                .starts_with("voice: 4 replied, p50 2.0 ms, p99 40 ms")
+                .starts_with("voice: 4 replied, p50 2 ms, p99 40 ms"),
+            "{}",
+            curve.legend()
         );
         let silent = TypeCurve::of("video", 3, None);
         assert!(silent.points.is_empty());
@@ -550,12 +568,13 @@ mod tests {
     #[test]
     fn log_axes_cover_their_values_and_have_a_default() {
         assert_eq!(log_bounds([].into_iter()), (0.1, 10.0));
-        let (low, high) = log_bounds([0.2, 30.0].into_iter());
-        assert!(low < 0.2 && high > 30.0);
-        let (low, high) = log_bounds([5.0].into_iter());
-        assert!(low < 5.0 && high >= 50.0);
+        assert_eq!(log_bounds([0.2, 30.0].into_iter()), (0.1, 39.0));
+        assert_eq!(log_bounds([110.0, 2_000.0].into_iter()), (100.0, 2_600.0));
+        assert_eq!(log_bounds([5.0].into_iter()), (1.0, 10.0));
         assert_eq!(ms_label(0.25), "0.25");
-        assert_eq!(ms_label(3.04), "3.0");
+        assert_eq!(ms_label(3.04), "3");
+        assert_eq!(ms_label(3.12), "3.1");
+        assert_eq!(ms_label(1.0), "1");
         assert_eq!(ms_label(1234.0), "1234");
     }
 }
