@@ -9,11 +9,11 @@ use crate::series::Bucket;
 use hdrhistogram::Histogram;
 use plotters::backend::SVGBackend;
 use plotters::chart::{ChartBuilder, ChartContext, SeriesLabelPosition};
-use plotters::coord::Shift;
 use plotters::coord::cartesian::Cartesian2d;
 use plotters::coord::combinators::IntoLogRange;
 use plotters::coord::ranged1d::Ranged;
 use plotters::coord::types::RangedCoordf64;
+use plotters::coord::{CoordTranslate, Shift};
 use plotters::drawing::{DrawingArea, DrawingAreaErrorKind, IntoDrawingArea};
 use plotters::element::{PathElement, Rectangle, Text};
 use plotters::series::LineSeries;
@@ -37,7 +37,7 @@ pub const THROUGHPUT_AXIS: &str = "completed messages per second";
 /// The throughput line in the legend.
 pub const THROUGHPUT_SERIES: &str = "completed messages/s (per-second bucket)";
 /// The y axis of the latency panel.
-pub const LATENCY_AXIS: &str = "latency to last reply (ms, log scale)";
+pub const LATENCY_AXIS: &str = "latency to last reply, p50 and p99 (ms, log scale)";
 /// The x axis of the distribution panel.
 pub const DISTRIBUTION_AXIS: &str = "latency to last reply (ms, log scale)";
 /// The y axis of the distribution panel.
@@ -253,8 +253,8 @@ impl Chart {
                 .point_size(2),
             )?
             .label(THROUGHPUT_SERIES)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
-        legend(&mut chart)
+            .legend(line_key(style));
+        legend(&mut chart, SeriesLabelPosition::UpperRight)
     }
 
     fn draw_latency(&self, area: &DrawingArea<SVGBackend<'_>, Shift>) -> Drawn {
@@ -302,9 +302,9 @@ impl Chart {
                         .flat_map(move |run| LineSeries::new(run, style).point_size(2)),
                 )?
                 .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+                .legend(line_key(style));
         }
-        legend(&mut chart)
+        legend(&mut chart, SeriesLabelPosition::UpperRight)
     }
 
     fn draw_distribution(&self, area: &DrawingArea<SVGBackend<'_>, Shift>) -> Drawn {
@@ -334,15 +334,9 @@ impl Chart {
             chart
                 .draw_series(LineSeries::new(curve.points.iter().copied(), style))?
                 .label(curve.legend())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+                .legend(line_key(style));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font((FONT, 13))
-            .draw()
+        legend(&mut chart, SeriesLabelPosition::LowerRight)
     }
 
     /// Silences as bands and reconnects as lines across a time panel; `labelled`, with the
@@ -411,16 +405,22 @@ impl Chart {
     }
 }
 
-fn legend<'a, Y: Ranged<ValueType = f64>>(
-    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, Y>>,
+fn legend<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+    position: SeriesLabelPosition,
 ) -> Drawn {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(position)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font((FONT, 13))
         .draw()
+}
+
+/// A series' key in the legend: a short line in its style.
+fn line_key(style: ShapeStyle) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style)
 }
 
 fn title(summary: &Summary) -> String {
