@@ -10,7 +10,7 @@ use hdrhistogram::Histogram;
 use plotters::backend::SVGBackend;
 use plotters::chart::{ChartBuilder, ChartContext, SeriesLabelPosition};
 use plotters::coord::cartesian::Cartesian2d;
-use plotters::coord::combinators::IntoLogRange;
+use plotters::coord::combinators::{BindKeyPoints, IntoLogRange, LogCoord, WithKeyPoints};
 use plotters::coord::ranged1d::Ranged;
 use plotters::coord::types::RangedCoordf64;
 use plotters::coord::{CoordTranslate, Shift};
@@ -264,7 +264,8 @@ impl Chart {
                 .flat_map(|b| [b.p50_ms, b.p99_ms])
                 .flatten()
         };
-        let (low, high) = log_bounds(values());
+        // The top fifth is left to the legend.
+        let (low, high) = log_axis(values(), 0.8);
         let mut chart = ChartBuilder::on(area)
             .caption(
                 "Latency to the last reply, per second (messages whose last reply came in it)",
@@ -273,7 +274,7 @@ impl Chart {
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d(0.0..self.end(), (low..high).log_scale())?;
+            .build_cartesian_2d(0.0..self.end(), log_range(low, high))?;
         chart
             .configure_mesh()
             .x_desc(TIME_AXIS)
@@ -308,10 +309,12 @@ impl Chart {
     }
 
     fn draw_distribution(&self, area: &DrawingArea<SVGBackend<'_>, Shift>) -> Drawn {
-        let (low, high) = log_bounds(
+        // The curves end at the slowest reply: right of it, room for the legend.
+        let (low, high) = log_axis(
             self.types
                 .iter()
                 .flat_map(|t| t.points.iter().map(|(ms, _)| *ms)),
+            0.62,
         );
         let mut chart = ChartBuilder::on(area)
             .caption(
@@ -321,7 +324,7 @@ impl Chart {
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d((low..high).log_scale(), 0.0..100.0)?;
+            .build_cartesian_2d(log_range(low, high), 0.0..100.0)?;
         chart
             .configure_mesh()
             .x_desc(DISTRIBUTION_AXIS)
@@ -473,21 +476,52 @@ fn runs(points: impl Iterator<Item = Option<(f64, f64)>>) -> Vec<Vec<(f64, f64)>
     runs
 }
 
-/// A log axis over `values` (milliseconds) from a power of ten, so that its labels (plotters
-/// puts them from the first power of ten up) cover it, and at least a decade long; a decade or
-/// two around 1 ms when there are none.
-fn log_bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (low, high) = values
+/// A log axis over `values` (milliseconds): from the power of ten at or under the least, so
+/// that it has a label at its foot, to where the greatest takes `share` of its length (the
+/// rest is the legend's), at least a decade long; a decade around 1 ms when there are none.
+fn log_axis(values: impl Iterator<Item = f64>, share: f64) -> (f64, f64) {
+    let (least, greatest) = values
         .filter(|v| *v > 0.0)
         .fold((f64::MAX, 0.0_f64), |(low, high), v| {
             (low.min(v), high.max(v))
         });
-    if high <= 0.0 {
+    if greatest <= 0.0 {
         return (0.1, 10.0);
     }
-    let low = 10f64.powf(low.log10().floor()).max(0.001);
-    let high = (high * 1.3).max(low * 10.0);
+    let low = 10f64.powf(least.log10().floor()).max(0.001);
+    let high = (low * (greatest / low).powf(1.0 / share)).max(low * 10.0);
     (low, high)
+}
+
+/// A log range labelled at 1, 2 and 5 of each decade (at each power of ten only, over more
+/// than three decades), with light lines at the other multiples: plotters' own choice crowds
+/// its labels at the top of a decade.
+fn log_range(low: f64, high: f64) -> WithKeyPoints<LogCoord<f64>> {
+    let labelled: &[u32] = if high / low > 1_000.0 {
+        &[1]
+    } else {
+        &[1, 2, 5]
+    };
+    let (mut bold, mut light) = (Vec::new(), Vec::new());
+    let mut decade = low;
+    while decade <= high {
+        for multiple in 1..10u32 {
+            let value = decade * f64::from(multiple);
+            if value > high {
+                break;
+            }
+            if labelled.contains(&multiple) {
+                bold.push(value);
+            } else {
+                light.push(value);
+            }
+        }
+        decade *= 10.0;
+    }
+    (low..high)
+        .log_scale()
+        .with_key_points(bold)
+        .with_light_points(light)
 }
 
 /// Milliseconds as people write them: 0.25, 3, 40, 1200.
@@ -505,6 +539,7 @@ fn ms_label(ms: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use plotters::coord::ranged1d::BoldPoints;
 
     fn histogram(values_ms: &[u64]) -> Histogram<u32> {
         let mut histogram = crate::report::new_histogram().expect("a histogram");
@@ -566,15 +601,30 @@ mod tests {
     }
 
     #[test]
-    fn log_axes_cover_their_values_and_have_a_default() {
-        assert_eq!(log_bounds([].into_iter()), (0.1, 10.0));
-        assert_eq!(log_bounds([0.2, 30.0].into_iter()), (0.1, 39.0));
-        assert_eq!(log_bounds([110.0, 2_000.0].into_iter()), (100.0, 2_600.0));
-        assert_eq!(log_bounds([5.0].into_iter()), (1.0, 10.0));
+    fn log_axes_start_at_a_power_of_ten_and_leave_room_for_the_legend() {
+        assert_eq!(log_axis([].into_iter(), 0.8), (0.1, 10.0));
+        let (low, high) = log_axis([0.2, 30.0].into_iter(), 0.5);
+        assert_eq!(low, 0.1);
+        assert!((high - 0.1 * 300.0 * 300.0).abs() < 1e-6, "{high}");
+        assert_eq!(log_axis([110.0, 200.0].into_iter(), 0.8), (100.0, 1_000.0));
+        assert_eq!(log_axis([5.0].into_iter(), 0.8), (1.0, 10.0));
         assert_eq!(ms_label(0.25), "0.25");
         assert_eq!(ms_label(3.04), "3");
         assert_eq!(ms_label(3.12), "3.1");
         assert_eq!(ms_label(1.0), "1");
+    }
+
+    #[test]
+    fn log_axes_are_labelled_at_one_two_and_five_or_at_powers_of_ten_when_long() {
+        let labels = |low: f64, high: f64| -> Vec<String> {
+            log_range(low, high)
+                .key_points(BoldPoints(100))
+                .into_iter()
+                .map(ms_label)
+                .collect()
+        };
+        assert_eq!(labels(1.0, 60.0), ["1", "2", "5", "10", "20", "50"]);
+        assert_eq!(labels(0.01, 100.0), ["0.01", "0.1", "1", "10", "100"]);
         assert_eq!(ms_label(1234.0), "1234");
     }
 }
