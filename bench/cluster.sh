@@ -15,7 +15,9 @@
 #   idle             IDLE idle connections over 3 gateways addressed directly, memory per
 #                    connection per gateway (one process may hold ~19,900 sockets here)
 # Every message is inside its window (--text-window 00:00-24:00), so every one is replied to.
-# Reports land in target/bench/cluster-<UTC time>/ as JSON, with the table.
+# Reports land in target/bench/cluster-<UTC time>/ as JSON, with the table; beside each message
+# run's JSON, its plot as SVG (kaiwa-load --plot; the kill run's marks the reconnects and the
+# times no client got a reply).
 #
 # Settings (environment): CLIENTS (50), DURATION seconds (10), RATE (1000), KILL_RATE (500),
 # KILL_DURATION seconds (40), IDLE (50000; 0 leaves it out), ONLY (idle: the idle run alone),
@@ -86,7 +88,7 @@ measure() {
   step "$name: $CLIENTS clients for ${DURATION}s, as fast as answers come"
   bench/cpu.py snapshot "$work/cpu-before.json" "$@"
   load throughput --url "$url" --clients "$CLIENTS" --duration "$DURATION" \
-    --label "$name" --json "$out/1-$name.json" || true
+    --label "$name" --json "$out/1-$name.json" --plot "$out/1-$name.svg" || true
   bench/cpu.py snapshot "$work/cpu-after.json" "$@"
   bench/cpu.py report "$work/cpu-before.json" "$work/cpu-after.json" "$out/1-$name.json" \
     >"$out/cpu-$name.json" || true
@@ -95,7 +97,8 @@ measure() {
   fi
   step "$name: $RATE msg/s offered for ${DURATION}s"
   load throughput --url "$url" --clients "$CLIENTS" --rate "$RATE" --duration "$DURATION" \
-    --label "$name-rate-$RATE" --json "$out/2-$name-rate.json" || true
+    --label "$name-rate-$RATE" --json "$out/2-$name-rate.json" --plot "$out/2-$name-rate.svg" \
+    || true
 }
 
 
@@ -127,7 +130,8 @@ step "kill: $KILL_RATE msg/s for ${KILL_DURATION}s with --reconnect; wk-1 killed
 # Through HAProxy, as real clients: those of the killed gateway come back on the other one.
 load throughput --url "ws://127.0.0.1:$PORT/ws" \
   --clients "$CLIENTS" --rate "$KILL_RATE" --duration "$KILL_DURATION" --reconnect \
-  --label cluster-kill --json "$out/3-cluster-kill.json" >"$out/kill.txt" 2>&1 &
+  --label cluster-kill --json "$out/3-cluster-kill.json" --plot "$out/3-cluster-kill.svg" \
+  >"$out/kill.txt" 2>&1 &
 load_pid=$!
 sleep $((KILL_DURATION / 4))
 worker_down=$(cluster restart wk-1)

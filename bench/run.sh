@@ -10,7 +10,9 @@
 # With PostgreSQL (on by default; WITH_POSTGRES=0 leaves it out), beside the SQLite figures:
 #   3. kaiwa-postgres, 4. rate-1000-postgres, 6. store-postgres: the same, with kaiwa's store on
 #      a fresh database of the PostgreSQL server in POSTGRES, dropped afterwards
-# Everything runs on loopback. Reports land in target/bench/<UTC time>/ as JSON, with the table.
+# Everything runs on loopback. Reports land in target/bench/<UTC time>/ as JSON, with the table;
+# beside each message run's JSON, its plot (kaiwa-load --plot: throughput and latency over the
+# run, latency by message type) as SVG.
 #
 # Settings (environment): CLIENTS (50), DURATION seconds (10), RATES ("1000 5000"),
 # IDLE ("10000 19000"), STORE_MESSAGES (200000), PORT (18082), ECHO_PORT (18090),
@@ -68,7 +70,8 @@ cargo build --release --locked -p kaiwa -p kaiwa-load --bins --example store_ben
 
 step "spec: 100 clients, 2,000 messages, default limits (50 clients) and delays"
 start_kaiwa spec
-load spec --url "ws://127.0.0.1:$PORT/ws" --label spec --json "$out/1-spec.json" || true
+load spec --url "ws://127.0.0.1:$PORT/ws" --label spec --json "$out/1-spec.json" \
+  --plot "$out/1-spec.svg" || true
 stop_server
 
 step "echo ceiling: $CLIENTS clients for ${DURATION}s"
@@ -76,13 +79,13 @@ target/release/kaiwa-echo --bind "127.0.0.1:$ECHO_PORT" >"$out/echo.server.log" 
 server_pid=$!
 wait_for_port "$ECHO_PORT"
 load throughput --echo --url "ws://127.0.0.1:$ECHO_PORT/ws" --clients "$CLIENTS" \
-  --duration "$DURATION" --label echo --json "$out/2-echo.json" || true
+  --duration "$DURATION" --label echo --json "$out/2-echo.json" --plot "$out/2-echo.svg" || true
 stop_server
 
 step "kaiwa end to end: $CLIENTS clients for ${DURATION}s"
 start_kaiwa throughput "${FAST[@]}"
 load throughput --url "ws://127.0.0.1:$PORT/ws" --clients "$CLIENTS" --duration "$DURATION" \
-  --label kaiwa --json "$out/3-kaiwa.json" || true
+  --label kaiwa --json "$out/3-kaiwa.json" --plot "$out/3-kaiwa.svg" || true
 stop_server
 
 step "kaiwa end to end with auth on (every client signs in with its own token): $CLIENTS clients for ${DURATION}s"
@@ -90,13 +93,15 @@ step "kaiwa end to end with auth on (every client signs in with its own token): 
 bench_secret=$(head -c 48 /dev/urandom | base64)
 KAIWA_AUTH_SECRET="$bench_secret" start_kaiwa throughput-auth "${FAST[@]}"
 KAIWA_AUTH_SECRET="$bench_secret" load throughput --url "ws://127.0.0.1:$PORT/ws" \
-  --clients "$CLIENTS" --duration "$DURATION" --label kaiwa-auth --json "$out/3-kaiwa-auth.json" || true
+  --clients "$CLIENTS" --duration "$DURATION" --label kaiwa-auth --json "$out/3-kaiwa-auth.json" \
+  --plot "$out/3-kaiwa-auth.svg" || true
 stop_server
 
 step "kaiwa end to end, --sqlite-synchronous normal: $CLIENTS clients for ${DURATION}s"
 start_kaiwa throughput-normal "${FAST[@]}" --sqlite-synchronous normal
 load throughput --url "ws://127.0.0.1:$PORT/ws" --clients "$CLIENTS" --duration "$DURATION" \
-  --label kaiwa-sync-normal --json "$out/3-kaiwa-normal.json" || true
+  --label kaiwa-sync-normal --json "$out/3-kaiwa-normal.json" --plot "$out/3-kaiwa-normal.svg" \
+  || true
 stop_server
 
 if [[ "$WITH_POSTGRES" == 1 ]]; then
@@ -104,7 +109,8 @@ if [[ "$WITH_POSTGRES" == 1 ]]; then
   pg_database throughput
   start_kaiwa throughput-postgres "${FAST[@]}" --database-url "$pg_url"
   load throughput --url "ws://127.0.0.1:$PORT/ws" --clients "$CLIENTS" --duration "$DURATION" \
-    --label kaiwa-postgres --json "$out/3-kaiwa-postgres.json" || true
+    --label kaiwa-postgres --json "$out/3-kaiwa-postgres.json" \
+    --plot "$out/3-kaiwa-postgres.svg" || true
   stop_server
 fi
 
@@ -112,7 +118,8 @@ for rate in $RATES; do
   step "kaiwa at $rate msg/s offered for ${DURATION}s"
   start_kaiwa "rate-$rate" "${FAST[@]}"
   load throughput --url "ws://127.0.0.1:$PORT/ws" --clients "$CLIENTS" --rate "$rate" \
-    --duration "$DURATION" --label "rate-$rate" --json "$out/4-rate-$rate.json" || true
+    --duration "$DURATION" --label "rate-$rate" --json "$out/4-rate-$rate.json" \
+    --plot "$out/4-rate-$rate.svg" || true
   stop_server
 done
 
@@ -121,7 +128,8 @@ if [[ "$WITH_POSTGRES" == 1 ]]; then
   pg_database rate
   start_kaiwa rate-1000-postgres "${FAST[@]}" --database-url "$pg_url"
   load throughput --url "ws://127.0.0.1:$PORT/ws" --clients "$CLIENTS" --rate 1000 \
-    --duration "$DURATION" --label rate-1000-postgres --json "$out/4-rate-1000-postgres.json" || true
+    --duration "$DURATION" --label rate-1000-postgres --json "$out/4-rate-1000-postgres.json" \
+    --plot "$out/4-rate-1000-postgres.svg" || true
   stop_server
 fi
 

@@ -79,29 +79,69 @@ impl Timeline {
             .is_some_and(|word| word.load(Ordering::Relaxed) & (1 << (index % 64)) != 0)
     }
 
-    /// The longest run of time within `from..to` in which nobody saw a reply, to the bucket
-    /// (a millisecond unless the run was allowed to last days); `None` if the timeline keeps
-    /// nothing.
-    pub fn longest_silence(&self, from: Instant, to: Instant) -> Option<Duration> {
+    /// The buckets from the one of `from` to the one of `to` (or the last), if the timeline
+    /// keeps any.
+    fn span(&self, from: Instant, to: Instant) -> Option<(u64, u64)> {
         if self.bits.is_empty() {
             return None;
         }
         let first = self.bucket_of(from)?;
         let last = self.bucket_of(to).unwrap_or(self.capacity() - 1);
-        let mut longest = 0u64;
-        let mut run = 0u64;
-        for index in first..=last {
-            if self.is_marked(index) {
-                run = 0;
-            } else {
-                run += 1;
-                longest = longest.max(run);
+        Some((first, last))
+    }
+
+    /// The runs of buckets within `first..=last` in which nobody saw a reply, in order, as
+    /// (first bucket, length in buckets).
+    fn quiet_runs(&self, first: u64, last: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let mut index = first;
+        std::iter::from_fn(move || {
+            while index <= last && self.is_marked(index) {
+                index += 1;
             }
-        }
-        Some(
-            self.bucket
-                .saturating_mul(u32::try_from(longest).unwrap_or(u32::MAX)),
-        )
+            if index > last {
+                return None;
+            }
+            let start = index;
+            while index <= last && !self.is_marked(index) {
+                index += 1;
+            }
+            Some((start, index - start))
+        })
+    }
+
+    fn buckets(&self, count: u64) -> Duration {
+        self.bucket
+            .saturating_mul(u32::try_from(count).unwrap_or(u32::MAX))
+    }
+
+    /// The longest run of time within `from..to` in which nobody saw a reply, to the bucket
+    /// (a millisecond unless the run was allowed to last days); `None` if the timeline keeps
+    /// nothing.
+    pub fn longest_silence(&self, from: Instant, to: Instant) -> Option<Duration> {
+        let (first, last) = self.span(from, to)?;
+        let longest = self
+            .quiet_runs(first, last)
+            .map(|(_, length)| length)
+            .max()
+            .unwrap_or(0);
+        Some(self.buckets(longest))
+    }
+
+    /// Every run of time within `from..to` of at least `at_least` in which nobody saw a reply,
+    /// in order, as (when it began, how long it lasted).
+    pub fn silences(
+        &self,
+        from: Instant,
+        to: Instant,
+        at_least: Duration,
+    ) -> Vec<(Instant, Duration)> {
+        let Some((first, last)) = self.span(from, to) else {
+            return Vec::new();
+        };
+        self.quiet_runs(first, last)
+            .map(|(start, length)| (self.origin + self.buckets(start), self.buckets(length)))
+            .filter(|(_, length)| *length >= at_least)
+            .collect()
     }
 }
 
@@ -167,6 +207,45 @@ mod tests {
             Some(Duration::from_millis(1_990))
         );
         assert_eq!(Timeline::default().longest_silence(at(0), at(5)), None);
+    }
+
+    #[test]
+    fn every_silence_long_enough_is_listed_in_order_and_cut_to_the_phase() {
+        let timeline = Timeline::new(Duration::from_secs(10));
+        let at = |ms: u64| timeline.origin + Duration::from_millis(ms);
+        for ms in (0..100).chain(400..410).chain(420..500).chain(1_500..1_600) {
+            timeline.mark(at(ms));
+        }
+        let ms = |silences: Vec<(Instant, Duration)>| -> Vec<(u128, u128)> {
+            silences
+                .into_iter()
+                .map(|(start, length)| {
+                    (
+                        start.duration_since(timeline.origin).as_millis(),
+                        length.as_millis(),
+                    )
+                })
+                .collect()
+        };
+        // 100..400 and 500..1 500; the 10 ms gap at 410 is too short to list.
+        assert_eq!(
+            ms(timeline.silences(at(0), at(1_599), Duration::from_millis(100))),
+            [(100, 300), (500, 1_000)]
+        );
+        // From the start of the phase to the next reply, and from the last to its end.
+        assert_eq!(
+            ms(timeline.silences(at(200), at(2_000), Duration::from_millis(100))),
+            [(200, 200), (500, 1_000), (1_600, 401)]
+        );
+        assert_eq!(
+            ms(timeline.silences(at(0), at(1_599), Duration::from_millis(5))),
+            [(100, 300), (410, 10), (500, 1_000)]
+        );
+        assert!(
+            Timeline::default()
+                .silences(at(0), at(5), Duration::ZERO)
+                .is_empty()
+        );
     }
 
     #[test]

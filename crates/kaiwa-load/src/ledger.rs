@@ -276,6 +276,7 @@ impl Ledger {
         self.replaying = true;
         self.tally.reconnects += 1;
         Live::add(&self.live.reconnects, 1);
+        self.live.series.reconnected(at);
         let mode = self.mode;
         let connection = self.connection;
         let mut settled = 0;
@@ -510,6 +511,7 @@ impl Ledger {
                     per_type.accepted += 1;
                     per_type.record_ack(latency);
                     per_type.record_reply(latency);
+                    self.live.series.replied(at, latency);
                     self.tally.accepted += 1;
                     effect = Effect::Settled;
                 }
@@ -626,6 +628,7 @@ impl Ledger {
                     }
                     if t.replies.len() == expected.len() {
                         self.tally.kind(t.kind).record_reply(latency);
+                        self.live.series.replied(at, latency);
                     }
                 }
             }
@@ -699,6 +702,7 @@ impl Ledger {
     fn completed(&mut self, at: Instant) {
         self.one_less(at);
         self.tally.completed += 1;
+        self.live.series.completed(at);
         self.tally.last_settle = Some(match self.tally.last_settle {
             Some(last) => last.max(at),
             None => at,

@@ -8,7 +8,8 @@
 //! - [`ledger`]: the accounting of every message: what it must get back, and what it got.
 //! - [`windows`]: predicts from the server's `welcome` which messages must be rejected.
 //! - [`report`]: counters, latency histograms, the final table and JSON; [`gaps`]: how long
-//!   replies stopped coming.
+//!   replies stopped coming; [`series`]: the run second by second, which [`plot`] draws as SVG
+//!   (`--plot`).
 //! - [`run`]: the message scenarios (`spec`, `throughput`, `--rate`); [`connections`]: idle
 //!   connections and the server's memory per connection.
 //! - [`auth`]: the clients' tokens, when the server has auth on; [`strangers`]: connections
@@ -25,13 +26,15 @@ pub mod gaps;
 pub mod ledger;
 pub mod media;
 pub mod plan;
+pub mod plot;
 pub mod report;
 pub mod resume;
 pub mod run;
+pub mod series;
 pub mod strangers;
 pub mod table;
 pub mod windows;
 
 pub use ledger::Mode;
 pub use report::Summary;
-pub use run::{LoadConfig, LoadError, run};
+pub use run::{LoadConfig, LoadError, run, run_charted};

@@ -1,5 +1,5 @@
 //! The `kaiwa-load` binary: parses the command line, runs a scenario, prints its table (and
-//! writes its JSON), and exits non-zero when anything was lost or wrong.
+//! writes its JSON and its plot), and exits non-zero when anything was lost or wrong.
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -175,6 +175,12 @@ struct MessageArgs {
     /// longest time without replies; anything acked but not fully replied is still lost.
     #[arg(long, conflicts_with_all = ["legacy", "echo"])]
     reconnect: bool,
+    /// Draw the run to this SVG file: messages completed per second and p50/p99 latency to the
+    /// last reply over the run (one-second buckets), and the distribution of that latency by
+    /// message type. With --reconnect, reconnects and the times no client got a reply (250 ms
+    /// or more) are marked on the time axis.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
 }
 
 /// What `--dialect` names.
@@ -402,8 +408,12 @@ async fn messages(scenario: &str, args: MessageArgs) -> anyhow::Result<ExitCode>
         reconnect: args.reconnect,
         auth: args.common.auth.minter()?,
     };
-    let summary = kaiwa_load::run(config).await?;
-    finish(&summary, args.common.json.as_ref())
+    let (summary, chart) = kaiwa_load::run_charted(config).await?;
+    let code = finish(&summary, args.common.json.as_ref())?;
+    if let Some(path) = &args.plot {
+        chart.write(path)?;
+    }
+    Ok(code)
 }
 
 fn finish(summary: &Summary, json: Option<&PathBuf>) -> anyhow::Result<ExitCode> {

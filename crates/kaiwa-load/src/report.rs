@@ -2,6 +2,7 @@
 //! counters behind the progress bar ([`Live`]), and the final [`Summary`] as a table and as JSON.
 
 use crate::gaps::Timeline;
+use crate::series::Series;
 use hdrhistogram::Histogram;
 use kaiwa_protocol::{CloseCode, MessageType};
 use serde::{Deserialize, Serialize};
@@ -137,6 +138,8 @@ pub struct Live {
     /// When any client saw a reply, for the run's longest silence.
     pub replies: Timeline,
     pub reconnects: AtomicU64,
+    /// The run second by second, for `--plot`.
+    pub series: Series,
 }
 
 impl Live {
@@ -161,13 +164,13 @@ impl Live {
 
 /// Microseconds, up to an hour, at two significant digits (1 %): small enough to keep one per
 /// message type per client.
-fn new_histogram() -> Option<Histogram<u32>> {
+pub(crate) fn new_histogram() -> Option<Histogram<u32>> {
     // The bounds are constants that hdrhistogram accepts, so this is always `Some`.
     Histogram::new_with_bounds(1, 3_600_000_000, 2).ok()
 }
 
 /// Adds `other` into `slot`, creating the histogram on first use.
-fn add_into(slot: &mut Option<Histogram<u32>>, other: &Histogram<u32>) {
+pub(crate) fn add_into(slot: &mut Option<Histogram<u32>>, other: &Histogram<u32>) {
     if slot.is_none() {
         *slot = new_histogram();
     }
@@ -192,25 +195,27 @@ pub struct TypeTally {
     pub reply: Option<Histogram<u32>>,
 }
 
-impl TypeTally {
-    fn record(slot: &mut Option<Histogram<u32>>, latency: Duration) {
-        let micros = u64::try_from(latency.as_micros())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        if slot.is_none() {
-            *slot = new_histogram();
-        }
-        if let Some(histogram) = slot {
-            histogram.saturating_record(micros);
-        }
+/// Records `latency` into `slot` (in microseconds, at least one), creating the histogram on
+/// first use.
+pub(crate) fn record_into(slot: &mut Option<Histogram<u32>>, latency: Duration) {
+    let micros = u64::try_from(latency.as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    if slot.is_none() {
+        *slot = new_histogram();
     }
+    if let Some(histogram) = slot {
+        histogram.saturating_record(micros);
+    }
+}
 
+impl TypeTally {
     pub fn record_ack(&mut self, latency: Duration) {
-        Self::record(&mut self.ack, latency);
+        record_into(&mut self.ack, latency);
     }
 
     pub fn record_reply(&mut self, latency: Duration) {
-        Self::record(&mut self.reply, latency);
+        record_into(&mut self.reply, latency);
     }
 
     fn merge(&mut self, other: &TypeTally) {

@@ -1,5 +1,6 @@
 //! Runs the message scenarios (`spec`, `throughput`, and any `--rate`): plans the clients,
-//! starts them, shows the live progress bar, and merges what they counted into a [`Summary`].
+//! starts them, shows the live progress bar, and merges what they counted into a [`Summary`]
+//! (and the [`Chart`] that `--plot` draws).
 
 use crate::auth::Minter;
 use crate::client::{self, StartLine};
@@ -8,6 +9,7 @@ use crate::gaps::Timeline;
 use crate::ledger::Mode;
 use crate::media::{MediaError, Samples};
 use crate::plan::{self, Mix, Pace};
+use crate::plot::Chart;
 use crate::report::{Live, RunInfo, Summary, Tally, UrlShare, millis};
 use crate::windows::Windows;
 use chrono::{SecondsFormat, Utc};
@@ -72,6 +74,11 @@ pub enum LoadError {
 
 /// Runs the scenario and returns its summary; the caller decides what a failure means.
 pub async fn run(config: LoadConfig) -> Result<Summary, LoadError> {
+    run_charted(config).await.map(|(summary, _)| summary)
+}
+
+/// Runs the scenario and returns its summary and its chart, for `--plot`.
+pub async fn run_charted(config: LoadConfig) -> Result<(Summary, Chart), LoadError> {
     if config.clients == 0 {
         return Err(LoadError::NoClients);
     }
@@ -223,18 +230,19 @@ pub async fn run(config: LoadConfig) -> Result<Summary, LoadError> {
     // the end, for clients the run stopped first).
     let sending_done = tally.sending_done.filter(|_| !tally.still_sending);
     let ended = std::time::Instant::now();
-    summary.longest_silence_ms = tally.first_send.and_then(|first| {
-        live.replies
-            .longest_silence(first, sending_done.unwrap_or(ended))
-            .map(millis)
-    });
+    let phase = tally
+        .first_send
+        .map(|first| (first, sending_done.unwrap_or(ended)));
+    summary.longest_silence_ms =
+        phase.and_then(|(from, to)| live.replies.longest_silence(from, to).map(millis));
     summary.by_url = config
         .urls
         .iter()
         .zip(&by_url)
         .map(|(url, share)| UrlShare::from_tally(url, share))
         .collect();
-    Ok(summary)
+    let chart = Chart::of(&summary, &tally, &live, phase, ended);
+    Ok((summary, chart))
 }
 
 /// Reads the server's windows from a native `welcome`; `None` if the server does not speak

@@ -2,7 +2,8 @@
 //! lost), two of them given as two endpoints (each client keeps to its own), the echo baseline,
 //! fake servers that withhold or repeat replies (the tool must report it, so its checks can
 //! fail), and a kaiwa behind a proxy that cuts every connection mid-run (`--reconnect` must
-//! come back and lose nothing; without it, the cut must show as lost).
+//! come back and lose nothing, and its plot mark the reconnects; without it, the cut must show
+//! as lost). `--plot` writes an SVG of a run.
 
 use futures::{SinkExt, StreamExt};
 use kaiwa::clock::SystemClock;
@@ -11,6 +12,7 @@ use kaiwa_load::auth::TokenSettings;
 use kaiwa_load::connections::{self, ConnectionsConfig};
 use kaiwa_load::media::Samples;
 use kaiwa_load::plan::{self, Mix};
+use kaiwa_load::plot;
 use kaiwa_load::{LoadConfig, Mode};
 use kaiwa_protocol::{CloseCode, ErrorCode, MessageStatus, MessageType, ReplyType, native};
 use std::net::SocketAddr;
@@ -169,6 +171,106 @@ async fn the_spec_scenario_accounts_for_every_message_and_every_client_gets_its_
     assert!(
         summary.by_type.contains_key("video"),
         "media types are sent"
+    );
+}
+
+/// The text of every `<text>` of an SVG document, which must parse as XML with an `<svg>` root.
+fn svg_texts(svg: &str) -> Vec<String> {
+    let document = roxmltree::Document::parse(svg).unwrap_or_else(|e| panic!("not XML: {e}"));
+    let root = document.root_element();
+    assert_eq!(root.tag_name().name(), "svg");
+    root.descendants()
+        .filter(|node| node.has_tag_name("text"))
+        .filter_map(|node| node.text())
+        .map(|text| text.trim().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_run_with_plot_draws_throughput_latency_and_every_type_sent_as_svg() {
+    let server = Server::start(&["--reply-delay-scale", "0.01"]).await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (plot, json) = (dir.path().join("spec.svg"), dir.path().join("spec.json"));
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_kaiwa-load"))
+        .args([
+            "spec",
+            "--url",
+            &server.url(),
+            "--clients",
+            "10",
+            "--messages",
+            "80",
+            "--quiet",
+        ])
+        .arg("--plot")
+        .arg(&plot)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .await
+        .expect("kaiwa-load runs");
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: kaiwa_load::Summary =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("the JSON report"))
+            .expect("a summary");
+
+    let svg = std::fs::read_to_string(&plot).expect("the plot is written");
+    let texts = svg_texts(&svg);
+    for wanted in [
+        plot::TIME_AXIS,
+        plot::THROUGHPUT_AXIS,
+        plot::LATENCY_AXIS,
+        plot::DISTRIBUTION_AXIS,
+        plot::SHARE_AXIS,
+        plot::THROUGHPUT_SERIES,
+        "p50",
+        "p99",
+    ] {
+        assert!(
+            texts.iter().any(|t| t == wanted),
+            "no {wanted:?} in {texts:?}"
+        );
+    }
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.starts_with("kaiwa-load spec: 10 clients")),
+        "a title: {texts:?}"
+    );
+    // Every type sent has its distribution, named in the legend with what it came to.
+    let sent: Vec<(&String, u64)> = summary
+        .by_type
+        .iter()
+        .filter(|(_, t)| t.sent > 0)
+        .map(|(kind, t)| (kind, t.reply_ms.map_or(0, |q| q.count)))
+        .collect();
+    assert!(
+        sent.len() >= 3,
+        "the spec mix sends several types: {sent:?}"
+    );
+    for (kind, replied) in sent {
+        let entry = if replied > 0 {
+            format!("{kind}: {replied} replied, p50 ")
+        } else {
+            format!("{kind}: ")
+        };
+        assert!(
+            texts.iter().any(|t| t.starts_with(&entry)),
+            "no {entry:?} in {texts:?}"
+        );
+    }
+    // A line per series: throughput, p50, p99 and a curve per type.
+    let lines = svg.matches("<polyline").count();
+    assert!(lines >= 3 + summary.by_type.len(), "{lines} lines");
+    // Nothing to mark in a run without --reconnect.
+    assert!(
+        !texts.iter().any(|t| t.starts_with("reconnects")),
+        "{texts:?}"
     );
 }
 
@@ -1054,7 +1156,7 @@ async fn cut_mid_run(proxy: &Proxy) {
 async fn with_reconnect_a_cut_mid_run_loses_nothing_and_every_message_is_stored_and_replied_once() {
     let (server, proxy) = server_behind_a_proxy().await;
     let (clients, messages) = (6, 300);
-    let run = tokio::spawn(kaiwa_load::run(cut_config(
+    let run = tokio::spawn(kaiwa_load::run_charted(cut_config(
         proxy.url(),
         clients,
         messages,
@@ -1068,13 +1170,14 @@ async fn with_reconnect_a_cut_mid_run_loses_nothing_and_every_message_is_stored_
         })
         .await;
     proxy.let_through();
-    let summary = run
+    let (summary, chart) = run
         .await
         .expect("the run's task")
         .expect("the run completes");
 
     let table = summary.table();
     println!("{table}");
+    assert_plot_marks(&summary, &chart);
     assert!(summary.ok, "{table}");
     assert!(summary.reconnect);
     assert_eq!(
@@ -1127,6 +1230,37 @@ async fn with_reconnect_a_cut_mid_run_loses_nothing_and_every_message_is_stored_
         stored += history.len() as u64;
     }
     assert_eq!(stored, messages);
+}
+
+/// The plot of a `--reconnect` run marks its reconnects, each in the second it happened, and
+/// the silences long enough to mark, the longest as long as the summary's.
+fn assert_plot_marks(summary: &kaiwa_load::Summary, chart: &plot::Chart) {
+    let reconnects: u64 = chart.buckets.iter().map(|b| b.reconnects).sum();
+    assert_eq!(reconnects, summary.reconnects);
+    let longest = summary.longest_silence_ms.expect("a longest silence");
+    let marked = chart
+        .silences
+        .iter()
+        .map(|s| s.length * 1000.0)
+        .fold(0.0, f64::max);
+    if longest >= plot::MARKED_SILENCE.as_millis() as f64 {
+        assert!(
+            (marked - longest).abs() < 1.0,
+            "{marked} ms marked, {longest} ms longest"
+        );
+    } else {
+        assert!(chart.silences.is_empty(), "{:?}", chart.silences);
+    }
+    let texts = svg_texts(&chart.svg().expect("an SVG"));
+    let entry = format!("reconnects: {}", summary.reconnects);
+    assert!(
+        texts.iter().any(|t| t.starts_with(&entry)),
+        "no {entry:?} in {texts:?}"
+    );
+    assert!(
+        texts.iter().any(|t| t.starts_with("no client got a reply")),
+        "{texts:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
