@@ -62,27 +62,18 @@ pub fn init(config: &LogConfig, data_dir: &Path) -> Result<TelemetryGuard, Telem
         filter: config.filter.clone(),
         source,
     })?;
-    // Caps, whatever the filter asks: tungstenite logs every frame it reads at TRACE, tokens
-    // and messages included, so it never goes below DEBUG; lapin warns of every message the
-    // broker returns, whole (a reply's text included), and kaiwa publishes events as mandatory
-    // so that returns happen, and handles each one. A second filter, not directives in the
-    // first: a directive there would also turn these targets *on* at that level.
-    let caps = Targets::new()
-        .with_default(LevelFilter::TRACE)
-        .with_target("tungstenite::protocol", LevelFilter::DEBUG)
-        .with_target("lapin::returned_messages", LevelFilter::ERROR);
     let stdout = match config.log_format {
         LogFormat::Text => fmt::layer()
             .with_target(true)
             .with_ansi(std::io::stdout().is_terminal())
             .with_filter(filter)
-            .with_filter(caps)
+            .with_filter(caps())
             .boxed(),
         LogFormat::Json => fmt::layer()
             .json()
             .flatten_event(true)
             .with_filter(filter)
-            .with_filter(caps)
+            .with_filter(caps())
             .boxed(),
     };
 
@@ -95,6 +86,18 @@ pub fn init(config: &LogConfig, data_dir: &Path) -> Result<TelemetryGuard, Telem
         .try_init()
         .map_err(|_| TelemetryError::AlreadyInstalled)?;
     Ok(TelemetryGuard { _files: guards })
+}
+
+/// Caps on every output, whatever the filter asks: tungstenite logs every frame it reads at
+/// TRACE, tokens and messages included, so it never goes below DEBUG; lapin warns of every
+/// message the broker returns, whole (a reply's text included), and kaiwa publishes events as
+/// mandatory so that returns happen, and handles each one. A filter of its own, not directives
+/// in the first: a directive there would also turn these targets *on* at that level.
+fn caps() -> Targets {
+    Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_target("tungstenite::protocol", LevelFilter::DEBUG)
+        .with_target("lapin::returned_messages", LevelFilter::ERROR)
 }
 
 /// Lines each log file's writer thread may have waiting; past it, lines are dropped rather than
@@ -148,6 +151,7 @@ fn file_layers(
                 .flatten_event(true)
                 .with_writer(writer)
                 .with_filter(targets)
+                .with_filter(caps())
                 .boxed(),
         );
     }
@@ -244,6 +248,23 @@ mod tests {
         crate::ServeConfig::from_args(args.iter().copied())
             .expect("valid flags")
             .log
+    }
+
+    #[test]
+    fn the_log_files_never_get_what_the_caps_hold_back() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let config = config(&["--log-rotation", "never"]);
+        let (layers, guards) = file_layers(&config, dir.path()).expect("the file layers");
+        let subscriber = tracing_subscriber::registry().with(layers);
+        tracing::subscriber::with_default(subscriber, || {
+            // What lapin logs of a returned event: the whole message, a reply's text included.
+            tracing::warn!(target: "lapin::returned_messages", "a reply's secret text");
+            tracing::warn!(target: "lapin::channel", "a warning of lapin's own");
+        });
+        drop(guards);
+        let all = std::fs::read_to_string(dir.path().join("logs/kaiwa.log")).expect("kaiwa.log");
+        assert!(all.contains("a warning of lapin's own"), "{all}");
+        assert!(!all.contains("secret"), "{all}");
     }
 
     fn names(dir: &Path) -> Vec<String> {
