@@ -326,11 +326,13 @@ impl Application {
             )
         });
         let recovery: Box<dyn Recovery> = match (stuck, &gateway) {
-            (StuckMessages::Claimed(claims), _) => Box::new(ClusterSweeper::new(
-                claims,
-                queue.clone(),
-                config.requeue_after,
-            )),
+            (StuckMessages::Claimed(claims), gateway) => {
+                let sweeper = ClusterSweeper::new(claims, queue.clone(), config.requeue_after);
+                Box::new(match gateway {
+                    Some(_) => sweeper.for_gateway(id.clone(), clock.now()),
+                    None => sweeper,
+                })
+            }
             (StuckMessages::OwnSlots, Some(gateway)) => Box::new(Sweeper::new(
                 gateway.admission.clone(),
                 store.clone(),

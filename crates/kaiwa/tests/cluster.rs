@@ -509,6 +509,44 @@ async fn messages_a_gateway_died_with_before_publishing_are_queued_when_its_leas
 }
 
 #[tokio::test]
+async fn messages_a_gateway_died_with_before_publishing_are_queued_when_it_comes_back() {
+    let cluster = Cluster::create().await;
+    // Neither the lease nor the stuck sweep can queue them in time: only the gateway's own
+    // start, taking back what its last run left.
+    let flags = [
+        "--lease",
+        "60",
+        "--requeue-after",
+        "300",
+        "--reply-delay-scale",
+        "0",
+    ];
+    let broker = Proxy::to(cluster.broker_addr()).await;
+    let a = cluster.gateway_via("gw-a", &flags, Some(broker.addr)).await;
+    let _worker = cluster.worker("wk-1", &flags).await;
+    broker.freeze();
+    let mut client = native(&a, "left-behind", json!({})).await;
+    for n in 0..3 {
+        client
+            .send_json(send(&format!("l{n}"), "text", "anyone there?"))
+            .await;
+        let ack = client.until(|f| f["type"] == "ack").await;
+        assert_eq!(ack["status"], "accepted", "{ack}");
+    }
+    a.kill().await;
+    drop(client);
+    let killed = tokio::time::Instant::now();
+    let back = cluster.gateway("gw-a", &flags).await;
+    all_replied(&back, "left-behind", 3).await;
+    let waited = killed.elapsed();
+    eprintln!("replied {waited:?} after the gateway was killed and started again");
+    assert!(
+        waited < Duration::from_secs(12),
+        "queued again by the gateway's start, not the lease (60 s) or the sweep (300 s): took {waited:?}"
+    );
+}
+
+#[tokio::test]
 async fn the_in_flight_limit_holds_across_gateways() {
     let cluster = Cluster::create().await;
     let flags = ["--max-in-flight", "6", "--max-in-flight-per-client", "6"];

@@ -6,9 +6,11 @@
 //! them in the shared database, so that one process queues each).
 
 use crate::admission::{Admission, AdmissionError};
+use crate::domain::GatewayId;
 use crate::queue::{Job, Queue, QueueError};
 use crate::store::{Store, StoreError, StoredMessage, StuckClaims};
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,6 +164,8 @@ pub struct ClusterSweeper {
     claims: Arc<dyn StuckClaims>,
     queue: Arc<dyn Queue>,
     after: Duration,
+    /// On a gateway: its id and when this run began, to take back first what its last run left.
+    gateway: Option<(GatewayId, DateTime<Utc>)>,
 }
 
 impl ClusterSweeper {
@@ -170,6 +174,31 @@ impl ClusterSweeper {
             claims,
             queue,
             after,
+            gateway: None,
+        }
+    }
+
+    /// The sweeper of gateway `id`, whose run began at `started`: it first queues again what
+    /// the gateway's last run admitted and left without a job (a gateway killed between a
+    /// message's commit and its job's confirm, and back under its id before its lease ended,
+    /// would otherwise leave them to the stuck sweep, `after` later).
+    pub fn for_gateway(mut self, id: GatewayId, started: DateTime<Utc>) -> Self {
+        self.gateway = Some((id, started));
+        self
+    }
+
+    /// Queues again every message the gateway's last run left unqueued; returns how many.
+    pub async fn take_back(&self) -> Result<usize, RecoveryError> {
+        let Some((id, started)) = &self.gateway else {
+            return Ok(0);
+        };
+        let mut queued = 0;
+        loop {
+            let left = self.claims.claim_left_by(id, *started, CLAIM_BATCH).await?;
+            if left.is_empty() {
+                return Ok(queued);
+            }
+            queued += self.publish(left, "unfinished_at_start").await?;
         }
     }
 
@@ -214,6 +243,10 @@ impl Recovery for ClusterSweeper {
     /// Sweeps every quarter of `after`, and for the messages of gateways that died every
     /// [`ORPHAN_SWEEP`].
     async fn run(self: Box<Self>, stop: CancellationToken) {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            taken = self.take_back() => log_pass(taken),
+        }
         let mut tick = every_quarter_of(self.after);
         let mut orphans = tokio::time::interval(ORPHAN_SWEEP);
         orphans.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -238,7 +271,8 @@ fn every_quarter_of(after: Duration) -> tokio::time::Interval {
 
 /// Counts messages queued again, in `kaiwa_messages_requeued_total{reason}`: `stuck` (accepted
 /// with nothing happening to them for `--requeue-after`), `gateway_gone` (admitted by a gateway
-/// whose lease ended), `unfinished_at_start` (left by the last run of a lone process).
+/// whose lease ended), `unfinished_at_start` (left by the last run of a lone process, or of a
+/// gateway back under its id).
 pub(crate) fn requeued(reason: &'static str, count: usize) {
     metrics::counter!("kaiwa_messages_requeued_total", "reason" => reason)
         .increment(u64::try_from(count).unwrap_or(u64::MAX));

@@ -138,6 +138,7 @@ async fn what_the_last_run_left_unfinished_is_queued_at_once() {
 struct Claims {
     stuck: Mutex<Vec<StoredMessage>>,
     orphaned: Mutex<Vec<StoredMessage>>,
+    left: Mutex<Vec<StoredMessage>>,
 }
 
 #[async_trait]
@@ -151,6 +152,17 @@ impl StuckClaims for Claims {
     async fn claim_orphaned(&self, _: u32) -> Result<Vec<StoredMessage>, StoreError> {
         Ok(std::mem::take(
             &mut *self.orphaned.lock().expect("not poisoned"),
+        ))
+    }
+
+    async fn claim_left_by(
+        &self,
+        _: &GatewayId,
+        _: DateTime<Utc>,
+        _: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        Ok(std::mem::take(
+            &mut *self.left.lock().expect("not poisoned"),
         ))
     }
 }

@@ -893,4 +893,51 @@ mod shared_postgres {
         dead.close().await;
         alive.close().await;
     }
+
+    #[tokio::test]
+    async fn a_gateway_back_under_its_id_claims_what_its_last_run_left_at_once_and_once() {
+        let database = test_postgres::TestDatabase::create().await;
+        let (last_run, other) = tokio::join!(
+            admitting(&database, 500, Some("gw-back")),
+            admitting(&database, 500, Some("gw-other"))
+        );
+        let left = stored(&last_run, message("l1", None, "hello")).await;
+        let answered = stored(&last_run, message("l2", None, "hello")).await;
+        replied(
+            &last_run,
+            answered,
+            "l2",
+            vec![reply(ReplyType::Text, "hi")],
+        )
+        .await;
+        stored(&other, message("o1", None, "hello")).await;
+        // The new run begins; what it admits from then on is its own, not left.
+        let started = at(30);
+        let mut own = message("n1", None, "hello");
+        own.received_at = at(31);
+        stored(&last_run, own).await;
+        let gateway = crate::domain::GatewayId::new("gw-back");
+        let claimed: Vec<i64> = other
+            .claim_left_by(&gateway, started, 100)
+            .await
+            .expect("claimed")
+            .into_iter()
+            .map(|message| message.id)
+            .collect();
+        assert_eq!(
+            claimed,
+            [left],
+            "only the unanswered message the gateway admitted before its new run began"
+        );
+        assert!(
+            other
+                .claim_left_by(&gateway, started, 100)
+                .await
+                .expect("claimed")
+                .is_empty(),
+            "claimed once: the next pass leaves it to the stuck sweep"
+        );
+        last_run.close().await;
+        other.close().await;
+    }
 }

@@ -18,7 +18,7 @@ pub use memory::MemoryStore;
 pub use postgres::{PgOptions, PgStore};
 pub use sqlite::{DEFAULT_SQLITE_CACHE_MIB, Durability, SqliteOptions, SqliteStore};
 
-use crate::domain::{ClientId, Timezone};
+use crate::domain::{ClientId, GatewayId, Timezone};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
@@ -345,4 +345,15 @@ pub trait StuckClaims: Send + Sync + 'static {
     /// job after all (confirmed, and not taken yet): queued twice, such a message is processed
     /// twice and still stored with one reply set.
     async fn claim_orphaned(&self, limit: u32) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// Claims, like [`StuckClaims::claim_orphaned`], the accepted messages that no sweeper has
+    /// queued yet which `gateway` admitted before `before`: a gateway that comes back under its
+    /// id (restarted after a crash, before its lease ended) takes back at once what its last run
+    /// left without a job, instead of the stuck sweep finding them after `--requeue-after`.
+    async fn claim_left_by(
+        &self,
+        gateway: &GatewayId,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
 }

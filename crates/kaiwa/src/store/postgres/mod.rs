@@ -14,7 +14,7 @@ use super::{
     Inserted, MissedReply, NewMessage, NewReply, Store, StoreError, StoreFuture, StoreHealth,
     StoredMessage, StoredReply, StuckClaims,
 };
-use crate::domain::ClientId;
+use crate::domain::{ClientId, GatewayId};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use kaiwa_protocol::Delivery;
@@ -48,11 +48,13 @@ pub struct PgOptions {
 
 /// Which accepted messages a sweeper claims.
 #[derive(Debug, Clone, Copy)]
-enum Claiming {
+enum Claiming<'a> {
     /// Neither queued again nor received for this long.
     Untouched(Duration),
     /// Admitted by a gateway whose lease has ended, and never queued again.
     Orphaned,
+    /// Admitted by this gateway before this time (by its last run), and never queued again.
+    LeftBy(&'a GatewayId, DateTime<Utc>),
 }
 
 pub struct PgStore {
@@ -123,7 +125,11 @@ impl PgStore {
 
     /// Marks up to `limit` accepted messages that are `stuck` as queued again now, and returns
     /// them; other processes skip the rows it locks.
-    async fn claim(&self, stuck: Claiming, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
+    async fn claim(
+        &self,
+        stuck: Claiming<'_>,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
         let condition = match stuck {
             Claiming::Untouched(_) => {
                 "COALESCE(touched_at, received_at) < now() - make_interval(secs => $2)"
@@ -132,6 +138,7 @@ impl PgStore {
                 "touched_at IS NULL AND admitted_by IN \
                  (SELECT id FROM gateways WHERE lease_until <= now())"
             }
+            Claiming::LeftBy(..) => "touched_at IS NULL AND admitted_by = $2 AND received_at < $3",
         };
         let sql = format!(
             "UPDATE messages SET touched_at = now() WHERE id IN ( \
@@ -141,8 +148,12 @@ impl PgStore {
         );
         let mut query =
             sqlx::query_as::<_, MessageRecord>(sqlx::AssertSqlSafe(sql)).bind(i64::from(limit));
-        if let Claiming::Untouched(older_than) = stuck {
-            query = query.bind(older_than.as_secs_f64());
+        match stuck {
+            Claiming::Untouched(older_than) => query = query.bind(older_than.as_secs_f64()),
+            Claiming::Orphaned => {}
+            Claiming::LeftBy(gateway, before) => {
+                query = query.bind(gateway.as_str().to_owned()).bind(before);
+            }
         }
         let mut messages = query
             .fetch_all(&self.reads)
@@ -321,6 +332,15 @@ impl StuckClaims for PgStore {
 
     async fn claim_orphaned(&self, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
         self.claim(Claiming::Orphaned, limit).await
+    }
+
+    async fn claim_left_by(
+        &self,
+        gateway: &GatewayId,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        self.claim(Claiming::LeftBy(gateway, before), limit).await
     }
 }
 
