@@ -23,6 +23,7 @@ pub mod connect;
 pub mod connections;
 pub mod echo;
 pub mod gaps;
+mod latency;
 pub mod ledger;
 pub mod media;
 pub mod plan;

@@ -542,7 +542,7 @@ mod tests {
     use plotters::coord::ranged1d::BoldPoints;
 
     fn histogram(values_ms: &[u64]) -> Histogram<u32> {
-        let mut histogram = crate::report::new_histogram().expect("a histogram");
+        let mut histogram = crate::latency::new_histogram().expect("a histogram");
         for ms in values_ms {
             histogram.record(ms * 1000).expect("in range");
         }

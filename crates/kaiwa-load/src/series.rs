@@ -3,7 +3,7 @@
 //! follows the run's length, not its messages, and is capped: past [`MAX_BUCKETS`] buckets
 //! they are merged in pairs and twice as wide, so a long run costs resolution, not memory.
 
-use crate::report::{add_into, record_into};
+use crate::latency::{add_into, record_into};
 use hdrhistogram::Histogram;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
