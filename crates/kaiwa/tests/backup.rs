@@ -22,18 +22,10 @@ use tokio_util::sync::CancellationToken;
 /// Every type accepted at any hour, so that kaiwa-load's clients in random timezones and the
 /// test's own send all four; replies after a short delay, so that some are still to come when
 /// the backup is taken.
-const FLAGS: [&str; 10] = [
-    "--text-window",
-    "00:00-24:00",
-    "--voice-window",
-    "00:00-24:00",
-    "--video-window",
-    "00:00-24:00",
-    "--reply-delay-scale",
-    "0.05",
-    "--max-clients",
-    "100",
-];
+fn flags() -> Vec<&'static str> {
+    let delays_and_room = ["--reply-delay-scale", "0.05", "--max-clients", "100"];
+    [support::ANY_HOUR.as_slice(), &delays_and_room].concat()
+}
 
 /// A message a client of the test sent, as its ack came back.
 #[derive(Debug, Clone)]
@@ -169,7 +161,7 @@ async fn a_backup_under_load_restores_every_message_acked_before_it_with_its_rep
     let dir = tempfile::tempdir().expect("a temporary directory");
     let source_dir = dir.path().join("source");
     let mut command = serve_command(&source_dir);
-    command.args(["--bind", "127.0.0.1:0"]).args(FLAGS);
+    command.args(["--bind", "127.0.0.1:0"]).args(flags());
     let mut source = start_listening("source", &mut command, dir.path()).await;
     let http = reqwest::Client::new();
 
@@ -276,7 +268,7 @@ async fn a_backup_under_load_restores_every_message_acked_before_it_with_its_rep
     )
     .await;
     let mut command = serve_command(&restored_dir);
-    command.args(["--bind", "127.0.0.1:0"]).args(FLAGS);
+    command.args(["--bind", "127.0.0.1:0"]).args(flags());
     let restored = start_listening("restored", &mut command, dir.path()).await;
 
     // Every message acked before the backup began is there, with its file. Those still
@@ -397,7 +389,7 @@ async fn run(program: &str, args: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgresql_the_documented_dump_and_media_copy_restore_the_history_and_files() {
-    let app = support::TestApp::spawn_postgres(&FLAGS).await;
+    let app = support::TestApp::spawn_postgres(&flags()).await;
     let mut client = app.native("pg-client", "UTC").await;
     let png = kaiwa::replies::image::render(7);
     let mut mp4 = files::mp4();
@@ -470,7 +462,7 @@ async fn on_postgresql_the_documented_dump_and_media_copy_restore_the_history_an
         ],
     )
     .await;
-    let restored = support::TestApp::spawn_on(data_dir, database, &FLAGS).await;
+    let restored = support::TestApp::spawn_on(data_dir, database, &flags()).await;
 
     let http = reqwest::Client::new();
     let kept = history(&http, restored.addr, "pg-client").await;

@@ -470,6 +470,31 @@ async fn replies_a_killed_gateway_left_pending_are_failed_when_its_lease_ends() 
     assert_eq!(replayed["seq"], 1, "{replayed}");
 }
 
+/// Gateway `gw-a`, whose broker stops answering, admits three messages of `client_id` (stored
+/// and acked, their jobs waiting) and is killed: they have no job anywhere. Also starts the
+/// worker that will process them; returns it with the instant of the kill.
+async fn stranded_by_a_killed_gateway(
+    cluster: &Cluster,
+    flags: &[&str],
+    client_id: &str,
+) -> (Process, tokio::time::Instant) {
+    let broker = Proxy::to(cluster.broker_addr()).await;
+    let a = cluster.gateway_via("gw-a", flags, Some(broker.addr)).await;
+    let worker = cluster.worker("wk-1", flags).await;
+    broker.freeze();
+    let mut client = native(&a, client_id, json!({})).await;
+    for n in 0..3 {
+        client
+            .send_json(send(&format!("s{n}"), "text", "anyone there?"))
+            .await;
+        let ack = client.until(|f| f["type"] == "ack").await;
+        assert_eq!(ack["status"], "accepted", "{ack}");
+    }
+    a.kill().await;
+    drop(client);
+    (worker, tokio::time::Instant::now())
+}
+
 #[tokio::test]
 async fn messages_a_gateway_died_with_before_publishing_are_queued_when_its_lease_ends() {
     let cluster = Cluster::create().await;
@@ -482,23 +507,8 @@ async fn messages_a_gateway_died_with_before_publishing_are_queued_when_its_leas
         "--reply-delay-scale",
         "0",
     ];
-    let broker = Proxy::to(cluster.broker_addr()).await;
-    let a = cluster.gateway_via("gw-a", &flags, Some(broker.addr)).await;
     let b = cluster.gateway("gw-b", &flags).await;
-    let _worker = cluster.worker("wk-1", &flags).await;
-    // A's broker stops answering: what it admits now is stored and acked, and its job waits.
-    broker.freeze();
-    let mut client = native(&a, "stranded", json!({})).await;
-    for n in 0..3 {
-        client
-            .send_json(send(&format!("s{n}"), "text", "anyone there?"))
-            .await;
-        let ack = client.until(|f| f["type"] == "ack").await;
-        assert_eq!(ack["status"], "accepted", "{ack}");
-    }
-    a.kill().await;
-    drop(client);
-    let killed = tokio::time::Instant::now();
+    let (_worker, killed) = stranded_by_a_killed_gateway(&cluster, &flags, "stranded").await;
     all_replied(&b, "stranded", 3).await;
     let waited = killed.elapsed();
     eprintln!("replied {waited:?} after the gateway was killed (lease 2 s)");
@@ -521,21 +531,7 @@ async fn messages_a_gateway_died_with_before_publishing_are_queued_when_it_comes
         "--reply-delay-scale",
         "0",
     ];
-    let broker = Proxy::to(cluster.broker_addr()).await;
-    let a = cluster.gateway_via("gw-a", &flags, Some(broker.addr)).await;
-    let _worker = cluster.worker("wk-1", &flags).await;
-    broker.freeze();
-    let mut client = native(&a, "left-behind", json!({})).await;
-    for n in 0..3 {
-        client
-            .send_json(send(&format!("l{n}"), "text", "anyone there?"))
-            .await;
-        let ack = client.until(|f| f["type"] == "ack").await;
-        assert_eq!(ack["status"], "accepted", "{ack}");
-    }
-    a.kill().await;
-    drop(client);
-    let killed = tokio::time::Instant::now();
+    let (_worker, killed) = stranded_by_a_killed_gateway(&cluster, &flags, "left-behind").await;
     let back = cluster.gateway("gw-a", &flags).await;
     all_replied(&back, "left-behind", 3).await;
     let waited = killed.elapsed();

@@ -39,23 +39,16 @@ async fn every_dashboard_query_and_rule_answers_with_data_from_a_real_prometheus
     let prometheus_bin = prometheus_binary();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let flags = [
-        "--reply-delay-scale",
-        "0.05",
-        "--text-window",
-        "00:00-24:00",
-        "--voice-window",
-        "00:00-24:00",
-        "--video-window",
-        "00:00-24:00",
-        "--image-window",
-        "00:00-24:00",
-    ];
+        support::ANY_HOUR.as_slice(),
+        &["--reply-delay-scale", "0.05"],
+    ]
+    .concat();
 
     let dir = tempfile::tempdir().expect("a temporary directory");
     let serve_dir = dir.path().join("serve");
     std::fs::create_dir_all(&serve_dir).expect("a data directory");
     let mut command = support::serve_command(&serve_dir);
-    command.args(["--bind", "127.0.0.1:0"]).args(flags);
+    command.args(["--bind", "127.0.0.1:0"]).args(&flags);
     let serve = support::start_listening("serve", &mut command, &serve_dir).await;
     let cluster = Cluster::create().await;
     let gateway = cluster.gateway("gw-1", &flags).await;

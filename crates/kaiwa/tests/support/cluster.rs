@@ -182,15 +182,8 @@ impl Cluster {
             .arg(&data_dir)
             .args(["--database-url", &self.database.url])
             .args(["--queue-url", &queue_url])
+            .args(super::ANY_HOUR)
             .args([
-                "--text-window",
-                "00:00-24:00",
-                "--voice-window",
-                "00:00-24:00",
-                "--image-window",
-                "00:00-24:00",
-                "--video-window",
-                "00:00-24:00",
                 "--log-format",
                 "json",
                 "--log",

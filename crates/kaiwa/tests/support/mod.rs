@@ -28,6 +28,19 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// How long a test waits for any one frame before failing.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Every message type accepted at any hour: for tests whose clients are in any timezone, or
+/// whose point is not the windows.
+pub const ANY_HOUR: [&str; 8] = [
+    "--text-window",
+    "00:00-24:00",
+    "--voice-window",
+    "00:00-24:00",
+    "--image-window",
+    "00:00-24:00",
+    "--video-window",
+    "00:00-24:00",
+];
+
 /// A UTC instant for a local wall-clock time in `zone`.
 pub fn local(zone: &str, y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> DateTime<Utc> {
     let tz: Tz = zone.parse().expect("a known zone");
