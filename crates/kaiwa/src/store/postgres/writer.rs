@@ -511,6 +511,8 @@ async fn insert_replies(
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
+    // The locks in a statement of their own: a statement reads the snapshot taken when it
+    // started, so only the statements after this one see what the lock's last holder wrote.
     sqlx::query(
         "SELECT pg_advisory_xact_lock($1, hashtext(c)) \
          FROM (SELECT DISTINCT c FROM UNNEST($2::text[]) AS c) AS clients ORDER BY hashtext(c)",
@@ -573,13 +575,21 @@ async fn insert_replies(
             *next += 1;
         }
     }
+    let completed: Vec<i64> = batches
+        .iter()
+        .filter(|(batch, _)| batch.completes)
+        .map(|(batch, _)| batch.message_id)
+        .collect();
     let mut ids: HashMap<(String, i64), i64> = HashMap::new();
     if !rows.is_empty() {
         // Joined with its message instead of checked by a foreign key: the key's check locks
         // the message's row (a write to its page, and to the WAL) for every reply. Messages
         // are never deleted, so reading the row is as good a guarantee.
+        // The messages these replies complete are marked replied by the same statement.
         let returned: Vec<(i64, String, i64)> = sqlx::query_as(
-            "INSERT INTO replies (message_id, client_id, seq, reply_type, content, filename, \
+            "WITH replied AS (UPDATE messages SET status = 'replied' \
+                 WHERE id = ANY($10) AND status = 'accepted') \
+             INSERT INTO replies (message_id, client_id, seq, reply_type, content, filename, \
                  mime_type, fallback, created_at) \
              SELECT r.* FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[], \
                  $5::text[], $6::text[], $7::text[], $8::bool[], $9::timestamptz[]) \
@@ -626,6 +636,7 @@ async fn insert_replies(
                 .map(|r| batches[r.batch].0.created_at)
                 .collect::<Vec<_>>(),
         )
+        .bind(&completed)
         .fetch_all(&mut **tx)
         .await?;
         if returned.len() < rows.len() {
@@ -648,13 +659,8 @@ async fn insert_replies(
             .into_iter()
             .map(|(id, client, seq)| ((client, seq), id))
             .collect();
-    }
-    let completed: Vec<i64> = batches
-        .iter()
-        .filter(|(batch, _)| batch.completes)
-        .map(|(batch, _)| batch.message_id)
-        .collect();
-    if !completed.is_empty() {
+    } else if !completed.is_empty() {
+        // Every reply was stored before (a job processed twice): only the status is left.
         sqlx::query(
             "UPDATE messages SET status = 'replied' WHERE id = ANY($1) AND status = 'accepted'",
         )
@@ -730,9 +736,15 @@ async fn record_updates(conn: &mut PgConnection, updates: &Updates) -> Result<()
         let seqs: Vec<i64> = received.iter().map(|u| seq_param(u.seq)).collect();
         // Only the range since each client's last acknowledgement, found by a range scan of the
         // client's part of the stream (a join the planner is free to order could read every
-        // reply).
+        // reply). The new position is written by the same statement, whose reads all see the
+        // position from before it.
         sqlx::query(
-            "UPDATE replies AS r SET delivery = 'delivered', delivered_at = t.at \
+            "WITH position AS (INSERT INTO reply_streams (client_id, acknowledged) \
+                 SELECT * FROM UNNEST($1::text[], $2::bigint[]) \
+                 ON CONFLICT (client_id) DO UPDATE \
+                     SET acknowledged = GREATEST(reply_streams.acknowledged, \
+                         EXCLUDED.acknowledged)) \
+             UPDATE replies AS r SET delivery = 'delivered', delivered_at = t.at \
              FROM (SELECT range.id, u.at \
                    FROM UNNEST($1::text[], $2::bigint[], $3::timestamptz[]) AS u(client_id, seq, at) \
                    LEFT JOIN reply_streams AS s ON s.client_id = u.client_id \
@@ -744,16 +756,6 @@ async fn record_updates(conn: &mut PgConnection, updates: &Updates) -> Result<()
         .bind(&clients)
         .bind(&seqs)
         .bind(received.iter().map(|u| u.at).collect::<Vec<_>>())
-        .execute(&mut *conn)
-        .await?;
-        sqlx::query(
-            "INSERT INTO reply_streams (client_id, acknowledged) \
-             SELECT * FROM UNNEST($1::text[], $2::bigint[]) \
-             ON CONFLICT (client_id) DO UPDATE \
-                 SET acknowledged = GREATEST(reply_streams.acknowledged, EXCLUDED.acknowledged)",
-        )
-        .bind(&clients)
-        .bind(&seqs)
         .execute(&mut *conn)
         .await?;
     }
