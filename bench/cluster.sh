@@ -25,7 +25,8 @@
 # BASE_PORT+21 and +22) that holds every chunk of bytes DELAY_MS each way, so a round trip
 # takes twice that. The load tool's connections to HAProxy and the gateways are not delayed,
 # nor is the setup (psql, rabbitmqctl, kaiwa migrate). The proxies' own CPU is reported apart,
-# outside the totals, like the load tool's. Without DELAY_MS (or with 0): loopback.
+# outside the totals, like the load tool's. Without DELAY_MS (or with 0): loopback. README
+# ("A cluster") has a run of each, back to back.
 #
 # Settings (environment): CLIENTS (50), DURATION seconds (10), RATE (1000), KILL_RATE (500),
 # KILL_DURATION seconds (40), IDLE (50000; 0 leaves it out), ONLY (idle: the idle run alone),
