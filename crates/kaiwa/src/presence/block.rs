@@ -14,12 +14,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Slots fetched beyond those asked for, and kept after departures: a storm of connections
-/// costs one fetch per this many, and a storm of departures one give-back per this many.
+/// Slots fetched beyond those asked for, and kept after departures, at most: a storm of
+/// connections costs one fetch per this many, and a storm of departures one give-back per
+/// this many.
 pub(super) const SPARE: usize = 64;
 
-/// The spare slots a gateway keeps before it gives the surplus back.
-const KEEP_AT_MOST: usize = 2 * SPARE;
+/// The spare is at most this share of the cluster's slots: with the default limit of 50, one
+/// gateway's spare would otherwise be every slot there is.
+const SPARE_SHARE: usize = 16;
 
 #[derive(Debug, Default)]
 pub(super) struct SlotBlock {
@@ -39,6 +41,8 @@ pub(super) struct SlotBlock {
     /// Counts `reset`s: a fetch or a failed give-back of an earlier epoch is about rows this
     /// gateway no longer holds.
     epoch: u64,
+    /// Slots fetched beyond those asked for; twice as many are kept before the surplus goes.
+    spare: usize,
 }
 
 /// Slots to give back, taken out of the block already, and the epoch they belong to.
@@ -51,6 +55,12 @@ pub(super) struct Surplus {
 impl SlotBlock {
     pub(super) fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// Sizes the spare for a cluster of `max_clients` slots.
+    pub(super) fn size_for(&mut self, max_clients: u32) {
+        let max = usize::try_from(max_clients).unwrap_or(usize::MAX);
+        self.spare = (max / SPARE_SHARE).min(SPARE);
     }
 
     /// Whether slots may be handed out now, as far as the lease goes.
@@ -78,7 +88,7 @@ impl SlotBlock {
         if self.tight(now) {
             waiting
         } else {
-            waiting + SPARE
+            waiting + self.spare
         }
     }
 
@@ -112,8 +122,8 @@ impl SlotBlock {
         self.free.push(slot);
         let keep = if self.tight(now) {
             0
-        } else if self.free.len() > KEEP_AT_MOST {
-            SPARE
+        } else if self.free.len() > 2 * self.spare {
+            self.spare
         } else {
             return Surplus::default();
         };
@@ -122,7 +132,7 @@ impl SlotBlock {
 
     /// The lease was renewed at `at` (when the renewal began); `short` says whether any gateway
     /// was short of slots lately. Returns the spare slots to give back: all of them if the
-    /// cluster is short or nothing was taken since the last renewal, else those past [`SPARE`].
+    /// cluster is short or nothing was taken since the last renewal, else those past the spare.
     pub(super) fn renewed(
         &mut self,
         at: Instant,
@@ -137,7 +147,7 @@ impl SlotBlock {
         let keep = if self.tight(now) || !self.taken_since_renewal {
             0
         } else {
-            SPARE
+            self.spare
         };
         self.taken_since_renewal = false;
         self.surplus(keep)
@@ -190,8 +200,21 @@ mod tests {
 
     fn joined(now: Instant) -> SlotBlock {
         let mut block = SlotBlock::default();
+        block.size_for(u32::MAX);
         block.reset(Some((now, LEASE)));
         block
+    }
+
+    #[test]
+    fn the_spare_is_a_small_share_of_a_small_cluster() {
+        let mut block = SlotBlock::default();
+        let now = Instant::now();
+        block.size_for(50);
+        assert_eq!(block.wanted(1, now), 1 + 3);
+        block.size_for(3);
+        assert_eq!(block.wanted(1, now), 1, "a tiny cluster keeps no spare");
+        block.size_for(100_000);
+        assert_eq!(block.wanted(1, now), 1 + SPARE);
     }
 
     #[tokio::test(start_paused = true)]
@@ -256,8 +279,8 @@ mod tests {
             count,
             "every slot is somewhere"
         );
-        assert!(block.spare() <= KEEP_AT_MOST, "spare {}", block.spare());
-        assert!(given.len() >= count - KEEP_AT_MOST);
+        assert!(block.spare() <= 2 * SPARE, "spare {}", block.spare());
+        assert!(given.len() >= count - 2 * SPARE);
     }
 
     #[tokio::test(start_paused = true)]

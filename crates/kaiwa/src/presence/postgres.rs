@@ -393,7 +393,9 @@ impl Presence for PgPresence {
         .execute(&self.pool)
         .await
         .map_err(|err| unavailable(&err))?;
-        lock(&self.block).reset(Some((started, self.lease)));
+        let mut block = lock(&self.block);
+        block.size_for(max_clients);
+        block.reset(Some((started, self.lease)));
         Ok(())
     }
 
