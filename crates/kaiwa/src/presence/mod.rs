@@ -58,8 +58,9 @@ pub struct ClusterCounts {
 
 /// A gateway as its lease sees it: what it holds, and what it must do when the lease is lost.
 pub trait Lessee: Send + Sync {
-    /// The connections that may hold a slot or a client id now: rows of this gateway's that
-    /// none of them holds (their release failed) are given back.
+    /// The connections that may hold a client id now: `sessions` rows of this gateway's that
+    /// none of them holds (their release failed) are given back. (Slots are the block's to
+    /// account for.)
     fn live_connections(&self) -> Vec<u64>;
 
     /// The lease ran out: other gateways may hold this one's slots and ids now, so its sessions
