@@ -38,8 +38,10 @@ pub(super) struct SlotBlock {
     /// Whether a connection took a slot since the last renewal: an idle gateway gives back
     /// every spare slot.
     taken_since_renewal: bool,
-    /// Counts `reset`s: a fetch or a failed give-back of an earlier epoch is about rows this
-    /// gateway no longer holds.
+    /// Counts resets and renewals. A fetch begun before a reset brought rows that the reset
+    /// freed; a give-back of slots taken out before a renewal is skipped, because the renewal
+    /// freed every row the block did not list (and this gateway may have fetched one of them
+    /// again since, which the give-back would free under its connection).
     epoch: u64,
     /// Slots fetched beyond those asked for; twice as many are kept before the surplus goes.
     spare: usize,
@@ -140,6 +142,7 @@ impl SlotBlock {
         short: bool,
         now: Instant,
     ) -> Surplus {
+        self.epoch += 1;
         self.valid_until = Some(at + lease);
         if short {
             self.tight_until = Some(now + lease);
@@ -327,6 +330,18 @@ mod tests {
             block.held()
         );
         assert_eq!(block.take(2, now), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_give_back_from_before_a_renewal_is_of_another_epoch() {
+        let now = Instant::now();
+        let mut block = joined(now);
+        let epoch = block.epoch();
+        block.fill(epoch, vec![1], 1, now, LEASE);
+        let before = block.surplus(0);
+        assert_eq!(before.slots, vec![1]);
+        let _ = block.renewed(now, LEASE, false, now);
+        assert_ne!(before.epoch, block.epoch(), "the renewal freed it already");
     }
 
     #[tokio::test(start_paused = true)]

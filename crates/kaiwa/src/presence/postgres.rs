@@ -208,7 +208,8 @@ impl PgPresence {
     }
 
     /// Returns slots to the cluster; `rows` is held. A give-back of an earlier epoch is
-    /// dropped: joining again freed its rows, and some may be this gateway's again.
+    /// dropped: joining again or a renewal freed its rows, and some may be this gateway's
+    /// again.
     async fn give_back_locked(&self, surplus: Surplus) {
         if surplus.slots.is_empty() || surplus.epoch != lock(&self.block).epoch() {
             return;
