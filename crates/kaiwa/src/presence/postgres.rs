@@ -119,6 +119,7 @@ impl PgPresence {
             .idle_timeout(None)
             .max_lifetime(None)
             .acquire_timeout(lease / 3)
+            .acquire_slow_threshold(SLOW_ACQUIRE)
             .connect_with(options.application_name(&lease_connection_name(&gateway)))
             .await
             .map_err(|err| unavailable(&err))?;
@@ -418,6 +419,11 @@ impl Presence for PgPresence {
             tokio::select! {
                 () = stop.cancelled() => break,
                 _ = ping.tick() => {
+                    // A connection in use is open: the ping is for one idle or dropped, and
+                    // waiting behind a renewal slowed by a storm only made sqlx warn.
+                    if self.lease_pool.size() > 0 && self.lease_pool.num_idle() == 0 {
+                        continue;
+                    }
                     if let Err(err) = sqlx::query("SELECT 1").execute(&self.lease_pool).await {
                         tracing::debug!(gateway = %self.gateway, %err, "the lease connection is down");
                     }
