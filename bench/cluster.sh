@@ -22,9 +22,18 @@
 # run's JSON, its plot as SVG (kaiwa-load --plot; the kill run's marks the reconnects and the
 # times no client got a reply).
 #
+# DELAY_MS (e.g. 0.25) simulates a network between machines, which loopback does not have: every
+# connection of kaiwa's processes (serve-postgres's, the gateways' and the workers') to
+# PostgreSQL and to RabbitMQ goes through a `kaiwa-load delay-proxy` (one per server, on
+# BASE_PORT+21 and +22) that holds every chunk of bytes DELAY_MS each way, so a round trip
+# takes twice that. The load tool's connections to HAProxy and the gateways are not delayed,
+# nor is the setup (psql, rabbitmqctl, kaiwa migrate). The proxies' own CPU is reported apart,
+# outside the totals, like the load tool's. Without DELAY_MS (or with 0): loopback. README
+# ("A cluster") has a run of each, back to back.
+#
 # Settings (environment): CLIENTS (50), DURATION seconds (10), RATE (1000), KILL_RATE (500),
-# KILL_DURATION seconds (40), IDLE (50000; 0 leaves it out), ONLY (idle: the storm alone), STORM_HOLD seconds (5),
-# PORT (18082), BASE_PORT (18200),
+# KILL_DURATION seconds (40), IDLE (50000; 0 leaves it out), ONLY (idle: the storm alone),
+# STORM_HOLD seconds (5), PORT (18082), BASE_PORT (18200), DELAY_MS (none: loopback),
 # POSTGRES (postgres://postgres@127.0.0.1:5432/postgres), AMQP (amqp://guest:guest@127.0.0.1:5672).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +49,19 @@ PORT=${PORT:-18082}
 BASE_PORT=${BASE_PORT:-18200}
 POSTGRES=${POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}
 export POSTGRES AMQP="${AMQP:-amqp://guest:guest@127.0.0.1:5672}"
-out=${OUT:-target/bench/cluster-$(date -u +%Y%m%dT%H%M%SZ)}
+DELAY_MS=${DELAY_MS:-}
+if [[ -n "$DELAY_MS" ]] && ! awk -v d="$DELAY_MS" 'BEGIN { exit !(d + 0 > 0) }'; then
+  DELAY_MS=""
+fi
+# What kaiwa's processes are given: the proxies' URLs under DELAY_MS (set when they start).
+export POSTGRES_VIA=$POSTGRES AMQP_VIA=$AMQP
+if [[ -n "$DELAY_MS" ]]; then
+  network="PostgreSQL and RabbitMQ behind delay proxies, $DELAY_MS ms each way"
+  out=${OUT:-target/bench/cluster-$(date -u +%Y%m%dT%H%M%SZ)-delay-${DELAY_MS}ms}
+else
+  network="loopback"
+  out=${OUT:-target/bench/cluster-$(date -u +%Y%m%dT%H%M%SZ)}
+fi
 mkdir -p "$out"
 # On the real disk, not tmpfs: the stores' fsyncs are part of what is measured.
 work=$(mktemp -d "$PWD/target/bench-cluster.XXXXXX")
@@ -69,6 +90,48 @@ untune_postgres() {
     -c "SELECT pg_reload_conf()" >/dev/null
 }
 
+# The delaying proxies (DELAY_MS): one per server, started after the build.
+proxy_pids=()
+# host:port of a URL (scheme://[user[:password]@]host[:port][/path]), with the default port
+# when it names none.
+authority() {
+  local rest=${1#*://}
+  rest=${rest##*@}
+  rest=${rest%%/*}
+  rest=${rest%%\?*}
+  echo "$rest"
+}
+# Starts a proxy on 127.0.0.1:port to the server of url; sets proxied_url to url with the
+# proxy in the server's place. (Not in a command substitution: the pid must reach proxy_pids.)
+proxied_url=""
+start_delay_proxy() {
+  local name=$1 url=$2 port=$3 default_port=$4
+  local original target log="$out/delay-proxy-$1.log"
+  original=$(authority "$url")
+  target=$original
+  [[ "$target" =~ :[0-9]+$ ]] || target="$target:$default_port"
+  target/release/kaiwa-load delay-proxy --listen "127.0.0.1:$port" --to "$target" \
+    --delay-ms "$DELAY_MS" >"$log" 2>&1 &
+  proxy_pids+=($!)
+  # Ready once it says so: a test connection would reach the server as a client that never
+  # speaks (and PostgreSQL logs each one).
+  for _ in $(seq 1 100); do
+    if grep -q "each way" "$log"; then break; fi
+    kill -0 "${proxy_pids[-1]}" 2>/dev/null || { cat "$log" >&2; return 1; }
+    sleep 0.1
+  done
+  grep -q "each way" "$log" || { echo "the $name delay proxy did not start" >&2; return 1; }
+  proxied_url=${url/"$original"/127.0.0.1:$port}
+}
+stop_delay_proxies() {
+  local pid
+  for pid in "${proxy_pids[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  proxy_pids=()
+}
+
 cleanup() {
   stop_server
   if [[ -n "$pg_tuned" ]]; then untune_postgres || true; fi
@@ -76,9 +139,18 @@ cleanup() {
   if [[ -n "$pg_db" ]]; then
     psql -q "$POSTGRES" -c "DROP DATABASE IF EXISTS $pg_db WITH (FORCE)" >/dev/null 2>&1 || true
   fi
+  # Last: kaiwa's processes, which talk through them, are stopped by now.
+  stop_delay_proxies
   rm -rf "$work"
 }
 trap cleanup EXIT
+
+# The delaying proxies' CPU, apart from the parts': it stands for a network, not for kaiwa.
+proxies_cpu() {
+  if [[ ${#proxy_pids[@]} -gt 0 ]]; then
+    bench/cpu.py snapshot "$1" "proxies=pid:$(IFS=,; echo "${proxy_pids[*]}")"
+  fi
+}
 
 # The two runs every setup gets: closed loop, then RATE offered.
 # A third argument names the PostgreSQL database to VACUUM between the two runs: this machine's
@@ -90,11 +162,17 @@ measure() {
   shift 3
   step "$name: $CLIENTS clients for ${DURATION}s, as fast as answers come"
   bench/cpu.py snapshot "$work/cpu-before.json" "$@"
+  proxies_cpu "$work/net-before.json"
   load throughput --url "$url" --clients "$CLIENTS" --duration "$DURATION" \
     --label "$name" --json "$out/1-$name.json" --plot "$out/1-$name.svg" || true
   bench/cpu.py snapshot "$work/cpu-after.json" "$@"
+  proxies_cpu "$work/net-after.json"
   bench/cpu.py report "$work/cpu-before.json" "$work/cpu-after.json" "$out/1-$name.json" \
     >"$out/cpu-$name.json" || true
+  if [[ ${#proxy_pids[@]} -gt 0 ]]; then
+    bench/cpu.py report "$work/net-before.json" "$work/net-after.json" "$out/1-$name.json" \
+      >"$out/net-$name.json" || true
+  fi
   if [[ -n "$database" ]]; then
     psql -q "${POSTGRES%/*}/$database" -c "VACUUM ANALYZE" >/dev/null
   fi
@@ -108,6 +186,14 @@ measure() {
 step "building kaiwa and kaiwa-load (release)"
 cargo build --release --locked -p kaiwa -p kaiwa-load --bins
 
+if [[ -n "$DELAY_MS" ]]; then
+  step "network: $network"
+  start_delay_proxy postgres "$POSTGRES" $((BASE_PORT + 21)) 5432
+  POSTGRES_VIA=$proxied_url
+  start_delay_proxy rabbitmq "$AMQP" $((BASE_PORT + 22)) 5672
+  AMQP_VIA=$proxied_url
+fi
+
 if [[ "$ONLY" != idle ]]; then
 start_kaiwa serve-sqlite
 measure serve-sqlite "ws://127.0.0.1:$PORT/ws" "" "kaiwa=pid:$server_pid"
@@ -116,7 +202,7 @@ stop_server
 tune_postgres
 pg_db="kaiwa_bench_serve_$$"
 psql -q "$POSTGRES" -c "CREATE DATABASE $pg_db" >/dev/null
-start_kaiwa serve-postgres --database-url "${POSTGRES%/*}/$pg_db"
+start_kaiwa serve-postgres --database-url "${POSTGRES_VIA%/*}/$pg_db"
 measure serve-postgres "ws://127.0.0.1:$PORT/ws" "$pg_db" "kaiwa=pid:$server_pid" \
   postgres=comm:postgres
 stop_server
@@ -205,6 +291,7 @@ fi
 
 {
   echo "kaiwa cluster benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, commit $(git rev-parse --short HEAD)"
+  echo "network: $network"
   target/release/kaiwa-load table "$out"/[0-9]-*.json
   python3 - "$out" <<'EOF'
 import glob, json, os, sys
@@ -221,6 +308,15 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "cpu-*.json"))):
 if rows:
     print("CPU ms per message in the closed-loop run, by part (bench/cpu.py; the load tool not counted):")
     print("\n".join(rows))
+net = []
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "net-*.json"))):
+    try:
+        cpu = json.load(open(path))
+    except (OSError, ValueError):
+        continue
+    net.append(f"{os.path.basename(path)[4:-5]} {cpu['total_ms_per_message']:.3f}")
+if net:
+    print("  the delay proxies, not counted above: " + ", ".join(net))
 EOF
   python3 - "$out/3-cluster-kill.json" "$worker_down" "$gateway_down" <<'EOF'
 import json, sys

@@ -16,8 +16,10 @@
 # Settings (environment): PORT (8082, HAProxy), TLS_PORT (8443), TLS_PEM, BASE_PORT (8200: gateways on BASE_PORT+1..,
 # workers on BASE_PORT+11..), GATEWAYS (2), WORKERS (2), RUN_DIR (target/cluster),
 # POSTGRES (postgres://postgres@127.0.0.1:5432/postgres: the server; the cluster makes its own
-# database on it), AMQP (amqp://guest:guest@127.0.0.1:5672), NAME (kaiwa_cluster: database and
-# vhost), BINARY (target/release/kaiwa, built if missing), and any KAIWA_* setting, which every
+# database on it), AMQP (amqp://guest:guest@127.0.0.1:5672), POSTGRES_VIA and AMQP_VIA (the
+# same servers as the gateways and workers reach them, e.g. through bench/cluster.sh's delaying
+# proxies; default POSTGRES and AMQP: psql, rabbitmqctl and `kaiwa migrate` always go direct),
+# NAME (kaiwa_cluster: database and vhost), BINARY (target/release/kaiwa, built if missing), and any KAIWA_* setting, which every
 # process reads (e.g. KAIWA_REPLY_DELAY_SCALE=0, KAIWA_MAX_CLIENTS=20000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +33,8 @@ WORKERS=${WORKERS:-2}
 RUN_DIR=${RUN_DIR:-target/cluster}
 POSTGRES=${POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}
 AMQP=${AMQP:-amqp://guest:guest@127.0.0.1:5672}
+POSTGRES_VIA=${POSTGRES_VIA:-$POSTGRES}
+AMQP_VIA=${AMQP_VIA:-$AMQP}
 NAME=${NAME:-kaiwa_cluster}
 BINARY=${BINARY:-target/release/kaiwa}
 
@@ -38,7 +42,9 @@ fail() { printf 'error: %s\n' "$*" >&2; exit 1; }
 say() { printf '%s\n' "$*" >&2; }
 
 database_url="${POSTGRES%/*}/$NAME"
-queue_url="${AMQP%/}/$NAME"
+# What the gateways and workers are given; setup uses database_url.
+process_database_url="${POSTGRES_VIA%/*}/$NAME"
+queue_url="${AMQP_VIA%/}/$NAME"
 
 wait_for_port() {
   for _ in $(seq 1 150); do
@@ -74,7 +80,7 @@ start_process() {
   local role=$1 name=$2 port=$3
   local cmd=("$BINARY" "$role" --bind "127.0.0.1:$port" --gateway-id "$name"
     --data-dir "$RUN_DIR/$name" --media-dir "$RUN_DIR/media"
-    --database-url "$database_url" --queue-url "$queue_url")
+    --database-url "$process_database_url" --queue-url "$queue_url")
   mkdir -p "$RUN_DIR/$name"
   printf '%q ' "${cmd[@]}" >"$RUN_DIR/$name.cmd"
   "${cmd[@]}" >>"$RUN_DIR/$name.log" 2>&1 &
@@ -147,7 +153,11 @@ up() {
   for i in $(seq 1 "$GATEWAYS"); do say "  gateway gw-$i   http://127.0.0.1:$((BASE_PORT + i))/health"; done
   for i in $(seq 1 "$WORKERS"); do say "  worker  wk-$i   http://127.0.0.1:$((BASE_PORT + 10 + i))/health"; done
   say "  PostgreSQL     ${database_url}"
+  if [ "$process_database_url" != "$database_url" ]; then
+    say "                 gateways and workers through ${process_database_url}"
+  fi
   say "  RabbitMQ       vhost $NAME"
+  if [ "$AMQP_VIA" != "$AMQP" ]; then say "                 gateways and workers through AMQP_VIA"; fi
   say "  logs           $RUN_DIR/*.log"
 }
 

@@ -16,11 +16,14 @@
 //!   that never say who they are, against which one real client must still get in.
 //! - [`echo`]: the bare WebSocket echo server used as the ceiling; [`table`]: the benchmark
 //!   table over several runs' reports.
+//! - [`delay`]: a TCP proxy that delays every byte by a fixed one-way latency (`delay-proxy`),
+//!   the network between machines simulated on one host.
 
 pub mod auth;
 pub mod client;
 pub mod connect;
 pub mod connections;
+pub mod delay;
 pub mod echo;
 pub mod gaps;
 mod latency;

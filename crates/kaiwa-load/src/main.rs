@@ -5,6 +5,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kaiwa_load::auth::{AUTH_SECRET_ENV, AuthError, Minter, TokenSettings};
 use kaiwa_load::connections::{self, ConnectionsConfig};
+use kaiwa_load::delay::{self, DelayProxy};
 use kaiwa_load::plan::Mix;
 use kaiwa_load::strangers::{self, StrangersConfig};
 use kaiwa_load::table::{self, Report};
@@ -39,6 +40,9 @@ enum Scenario {
     /// of megabytes, HTTP headers that never end) and one real client among them: how the
     /// server ended each stranger, how long the client took, the server's memory.
     Strangers(StrangerArgs),
+    /// A TCP proxy that holds every chunk of bytes --delay-ms before passing it on, each way:
+    /// a one-way latency, as between machines, not a pause per chunk. Runs until killed.
+    DelayProxy(DelayArgs),
     /// Prints one table from the --json reports of several runs (used by bench/run.sh).
     Table {
         /// JSON reports, in the order to print them.
@@ -260,6 +264,26 @@ struct StrangerArgs {
     auth: AuthArgs,
 }
 
+#[derive(Debug, Args)]
+struct DelayArgs {
+    /// Where to listen, e.g. 127.0.0.1:15432.
+    #[arg(long)]
+    listen: String,
+    /// Where to forward each connection, e.g. 127.0.0.1:5432.
+    #[arg(long)]
+    to: String,
+    /// Milliseconds each chunk is held in each direction (a round trip takes twice this).
+    #[arg(long, value_parser = milliseconds)]
+    delay_ms: Duration,
+}
+
+fn milliseconds(raw: &str) -> Result<Duration, String> {
+    let value: f64 = raw
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a number of milliseconds"))?;
+    Duration::try_from_secs_f64(value / 1000.0).map_err(|e| e.to_string())
+}
+
 fn seconds(raw: &str) -> Result<Duration, String> {
     let value: f64 = raw
         .parse()
@@ -269,6 +293,10 @@ fn seconds(raw: &str) -> Result<Duration, String> {
 
 fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
+    if let Scenario::DelayProxy(args) = &cli.scenario {
+        // Before any thread starts, so that the proxy's threads inherit the slack.
+        return delay_proxy(args);
+    }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         match cli.scenario {
@@ -324,6 +352,7 @@ fn main() -> anyhow::Result<ExitCode> {
                     ExitCode::FAILURE
                 })
             }
+            Scenario::DelayProxy(args) => delay_proxy(&args),
             Scenario::Table { files } => {
                 let mut reports = Vec::new();
                 for file in &files {
@@ -360,6 +389,22 @@ fn main() -> anyhow::Result<ExitCode> {
             }
         }
     })
+}
+
+/// Runs the proxy on this thread, outside any async runtime (kaiwa_load::delay says why).
+fn delay_proxy(args: &DelayArgs) -> anyhow::Result<ExitCode> {
+    if let Err(err) = delay::tighten_timer_slack() {
+        eprintln!("delay-proxy: {err}; delays may run up to 50 µs long");
+    }
+    let proxy = DelayProxy::bind(&args.listen, &args.to, args.delay_ms)?;
+    eprintln!(
+        "delay-proxy: {} -> {}, {:.3} ms each way",
+        proxy.local_addr()?,
+        args.to,
+        args.delay_ms.as_secs_f64() * 1000.0
+    );
+    proxy.run();
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn messages(scenario: &str, args: MessageArgs) -> anyhow::Result<ExitCode> {

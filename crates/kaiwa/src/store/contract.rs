@@ -422,6 +422,25 @@ async fn replies_are_stored_once_per_type_and_numbered_per_client(backend: impl 
     assert_eq!(store.latest_seq(&client("nobody")).await.expect("read"), 0);
 }
 
+async fn a_reply_to_a_message_never_stored_is_refused(backend: impl Backend) {
+    let store = backend.store();
+    let real = stored(store, message("erin", Some("1"), "hello")).await;
+    let refused = store
+        .insert_replies(
+            real + 1_000,
+            &client("erin"),
+            vec![reply(ReplyType::Text, "to nobody")],
+            at(1),
+            true,
+        )
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    // Nothing of it was kept: the client's stream still starts at 1.
+    let first = replied(store, real, "erin", vec![reply(ReplyType::Text, "hi")]).await;
+    assert_eq!(first[0].seq, 1);
+    assert_eq!(store.latest_seq(&client("erin")).await.expect("read"), 1);
+}
+
 async fn the_stream_reads_back_in_order_and_delivered_is_never_overwritten(backend: impl Backend) {
     let store = backend.store();
     let mut seqs = Vec::new();
@@ -664,6 +683,11 @@ macro_rules! contract {
                     $backend::open().await,
                 )
                 .await;
+            }
+
+            #[tokio::test]
+            async fn a_reply_to_a_message_never_stored_is_refused() {
+                super::a_reply_to_a_message_never_stored_is_refused($backend::open().await).await;
             }
 
             #[tokio::test]

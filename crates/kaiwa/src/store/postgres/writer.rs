@@ -148,27 +148,31 @@ impl Writer {
             return batch.fail(&err);
         };
         let started = Instant::now();
-        let mut result = write(
-            conn,
-            &batch,
-            self.max_in_flight,
-            self.admitted_by.as_deref(),
-        )
-        .await;
-        // Two processes' batches can wait on each other's row locks: PostgreSQL then aborts
-        // one of them, which can simply run again.
-        if let Err(err) = &result
-            && is_retryable(err)
-        {
-            tracing::debug!(%err, "batch aborted by a conflict; running it again");
-            result = write(
+        let mut replies = Replies::New;
+        let mut conflicts_left = 1;
+        let result = loop {
+            match write(
                 conn,
                 &batch,
                 self.max_in_flight,
                 self.admitted_by.as_deref(),
+                replies,
             )
-            .await;
-        }
+            .await
+            {
+                // A job processed twice: its batch runs again, reading what was stored before.
+                Err(Failed::StoredBefore) if replies == Replies::New => {
+                    replies = Replies::MaybeStored;
+                }
+                // Two processes' batches can wait on each other's row locks: PostgreSQL then
+                // aborts one of them, which can simply run again.
+                Err(Failed::Sql(err)) if is_retryable(&err) && conflicts_left > 0 => {
+                    tracing::debug!(%err, "batch aborted by a conflict; running it again");
+                    conflicts_left -= 1;
+                }
+                other => break other.map_err(Failed::into_sql),
+            }
+        };
         match result {
             Ok(written) => {
                 self.set_health(StoreHealth::Ok);
@@ -243,15 +247,49 @@ fn answer(batch: Batch, written: Written) -> Option<oneshot::Sender<()>> {
     close
 }
 
+/// Whether a batch's reply sets may hold replies stored before. Almost never: only a job
+/// processed twice (a worker died before acknowledging it) brings them, so a batch first runs
+/// without reading them, and runs again reading them if an insert finds one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replies {
+    New,
+    MaybeStored,
+}
+
+/// Why a batch's transaction did not commit.
+enum Failed {
+    Sql(sqlx::Error),
+    /// A reply of a type its message already has, found by the insert of [`Replies::New`].
+    StoredBefore,
+}
+
+impl From<sqlx::Error> for Failed {
+    fn from(err: sqlx::Error) -> Self {
+        Self::Sql(err)
+    }
+}
+
+impl Failed {
+    fn into_sql(self) -> sqlx::Error {
+        match self {
+            Self::Sql(err) => err,
+            Self::StoredBefore => {
+                sqlx::Error::Protocol("replies stored before were not read back".into())
+            }
+        }
+    }
+}
+
 /// The whole batch in one transaction.
 async fn write(
     conn: &mut PgConnection,
     batch: &Batch,
     max_in_flight: Option<u32>,
     admitted_by: Option<&str>,
-) -> Result<Written, sqlx::Error> {
+    seen: Replies,
+) -> Result<Written, Failed> {
     let mut tx = conn.begin().await?;
-    let replies = insert_replies(&mut tx, &batch.replies).await?;
+    let replies = insert_replies(&mut tx, &batch.replies, seen).await?;
     record_updates(&mut tx, &batch.updates).await?;
     // Last, right before the commit: with a shared in-flight limit this locks the cluster-wide
     // count that every gateway's messages wait for, so nothing else may run while it is held.
@@ -462,7 +500,8 @@ async fn room_in_flight(tx: &mut Transaction<'_, Postgres>, max: u32) -> Result<
 async fn insert_replies(
     tx: &mut Transaction<'_, Postgres>,
     batches: &[(ReplyBatch, super::super::batch::Respond<Vec<StoredReply>>)],
-) -> Result<Vec<Vec<StoredReply>>, sqlx::Error> {
+    seen: Replies,
+) -> Result<Vec<Vec<StoredReply>>, Failed> {
     if batches.is_empty() {
         return Ok(Vec::new());
     }
@@ -472,6 +511,8 @@ async fn insert_replies(
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
+    // The locks in a statement of their own: a statement reads the snapshot taken when it
+    // started, so only the statements after this one see what the lock's last holder wrote.
     sqlx::query(
         "SELECT pg_advisory_xact_lock($1, hashtext(c)) \
          FROM (SELECT DISTINCT c FROM UNNEST($2::text[]) AS c) AS clients ORDER BY hashtext(c)",
@@ -480,18 +521,20 @@ async fn insert_replies(
     .bind(&clients)
     .execute(&mut **tx)
     .await?;
-    let message_ids: Vec<i64> = batches.iter().map(|(batch, _)| batch.message_id).collect();
-    let stored: Vec<ReplyRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {REPLY_COLUMNS} FROM replies WHERE message_id = ANY($1)"
-    )))
-    .bind(&message_ids)
-    .fetch_all(&mut **tx)
-    .await?;
     let mut existing: HashMap<(i64, &'static str), StoredReply> = HashMap::new();
-    for record in stored {
-        let reply =
-            StoredReply::try_from(record).map_err(|err| sqlx::Error::Protocol(err.to_string()))?;
-        existing.insert((reply.message_id, reply.reply_type.as_str()), reply);
+    if seen == Replies::MaybeStored {
+        let message_ids: Vec<i64> = batches.iter().map(|(batch, _)| batch.message_id).collect();
+        let stored: Vec<ReplyRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {REPLY_COLUMNS} FROM replies WHERE message_id = ANY($1)"
+        )))
+        .bind(&message_ids)
+        .fetch_all(&mut **tx)
+        .await?;
+        for record in stored {
+            let reply = StoredReply::try_from(record)
+                .map_err(|err| sqlx::Error::Protocol(err.to_string()))?;
+            existing.insert((reply.message_id, reply.reply_type.as_str()), reply);
+        }
     }
     // Each client's newest reply, read from the end of its index (a MAX with GROUP BY would
     // read every reply the client ever had).
@@ -532,13 +575,28 @@ async fn insert_replies(
             *next += 1;
         }
     }
+    let completed: Vec<i64> = batches
+        .iter()
+        .filter(|(batch, _)| batch.completes)
+        .map(|(batch, _)| batch.message_id)
+        .collect();
     let mut ids: HashMap<(String, i64), i64> = HashMap::new();
     if !rows.is_empty() {
+        // Joined with its message instead of checked by a foreign key: the key's check locks
+        // the message's row (a write to its page, and to the WAL) for every reply. Messages
+        // are never deleted, so reading the row is as good a guarantee.
+        // The messages these replies complete are marked replied by the same statement.
         let returned: Vec<(i64, String, i64)> = sqlx::query_as(
-            "INSERT INTO replies (message_id, client_id, seq, reply_type, content, filename, \
+            "WITH replied AS (UPDATE messages SET status = 'replied' \
+                 WHERE id = ANY($10) AND status = 'accepted') \
+             INSERT INTO replies (message_id, client_id, seq, reply_type, content, filename, \
                  mime_type, fallback, created_at) \
-             SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[], \
+             SELECT r.* FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[], \
                  $5::text[], $6::text[], $7::text[], $8::bool[], $9::timestamptz[]) \
+                 AS r(message_id, client_id, seq, reply_type, content, filename, mime_type, \
+                     fallback, created_at) \
+             JOIN messages AS m ON m.id = r.message_id \
+             ON CONFLICT (message_id, reply_type) DO NOTHING \
              RETURNING id, client_id, seq",
         )
         .bind(
@@ -578,19 +636,31 @@ async fn insert_replies(
                 .map(|r| batches[r.batch].0.created_at)
                 .collect::<Vec<_>>(),
         )
+        .bind(&completed)
         .fetch_all(&mut **tx)
         .await?;
+        if returned.len() < rows.len() {
+            if seen == Replies::New {
+                return Err(Failed::StoredBefore);
+            }
+            let stored: HashSet<(&str, i64)> = returned
+                .iter()
+                .map(|(_, client, seq)| (client.as_str(), *seq))
+                .collect();
+            let missing = rows
+                .iter()
+                .find(|r| !stored.contains(&(batches[r.batch].0.client_id.as_str(), r.seq)))
+                .map_or(0, |r| batches[r.batch].0.message_id);
+            return Err(Failed::Sql(sqlx::Error::Protocol(format!(
+                "a reply to message {missing}, which is not stored"
+            ))));
+        }
         ids = returned
             .into_iter()
             .map(|(id, client, seq)| ((client, seq), id))
             .collect();
-    }
-    let completed: Vec<i64> = batches
-        .iter()
-        .filter(|(batch, _)| batch.completes)
-        .map(|(batch, _)| batch.message_id)
-        .collect();
-    if !completed.is_empty() {
+    } else if !completed.is_empty() {
+        // Every reply was stored before (a job processed twice): only the status is left.
         sqlx::query(
             "UPDATE messages SET status = 'replied' WHERE id = ANY($1) AND status = 'accepted'",
         )
@@ -666,9 +736,15 @@ async fn record_updates(conn: &mut PgConnection, updates: &Updates) -> Result<()
         let seqs: Vec<i64> = received.iter().map(|u| seq_param(u.seq)).collect();
         // Only the range since each client's last acknowledgement, found by a range scan of the
         // client's part of the stream (a join the planner is free to order could read every
-        // reply).
+        // reply). The new position is written by the same statement, whose reads all see the
+        // position from before it.
         sqlx::query(
-            "UPDATE replies AS r SET delivery = 'delivered', delivered_at = t.at \
+            "WITH position AS (INSERT INTO reply_streams (client_id, acknowledged) \
+                 SELECT * FROM UNNEST($1::text[], $2::bigint[]) \
+                 ON CONFLICT (client_id) DO UPDATE \
+                     SET acknowledged = GREATEST(reply_streams.acknowledged, \
+                         EXCLUDED.acknowledged)) \
+             UPDATE replies AS r SET delivery = 'delivered', delivered_at = t.at \
              FROM (SELECT range.id, u.at \
                    FROM UNNEST($1::text[], $2::bigint[], $3::timestamptz[]) AS u(client_id, seq, at) \
                    LEFT JOIN reply_streams AS s ON s.client_id = u.client_id \
@@ -680,16 +756,6 @@ async fn record_updates(conn: &mut PgConnection, updates: &Updates) -> Result<()
         .bind(&clients)
         .bind(&seqs)
         .bind(received.iter().map(|u| u.at).collect::<Vec<_>>())
-        .execute(&mut *conn)
-        .await?;
-        sqlx::query(
-            "INSERT INTO reply_streams (client_id, acknowledged) \
-             SELECT * FROM UNNEST($1::text[], $2::bigint[]) \
-             ON CONFLICT (client_id) DO UPDATE \
-                 SET acknowledged = GREATEST(reply_streams.acknowledged, EXCLUDED.acknowledged)",
-        )
-        .bind(&clients)
-        .bind(&seqs)
         .execute(&mut *conn)
         .await?;
     }
