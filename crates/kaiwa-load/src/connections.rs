@@ -406,6 +406,7 @@ pub async fn run(config: ConnectionsConfig) -> Result<Summary, ConnectionsError>
     let mut ready = PartReport::default();
     let mut report = PartReport::default();
     let loaded;
+    let (connected_in, left_in);
     if processes <= 1 {
         let minter = config
             .auth
@@ -422,9 +423,12 @@ pub async fn run(config: ConnectionsConfig) -> Result<Summary, ConnectionsError>
         )
         .await;
         ready = held.ready();
+        connected_in = began.elapsed();
         tokio::time::sleep(config.hold).await;
         loaded = resident(&servers);
+        let leaving = Instant::now();
         report = PartReport::from_tallies(&held.release().await);
+        left_in = leaving.elapsed();
     } else {
         let exe = config
             .exe
@@ -484,8 +488,11 @@ pub async fn run(config: ConnectionsConfig) -> Result<Summary, ConnectionsError>
         for part in &mut parts {
             ready.merge(&next_report(part).await?);
         }
+        connected_in = began.elapsed();
         tokio::time::sleep(config.hold).await;
         loaded = resident(&servers);
+        let leaving = Instant::now();
+        // Every process is told before any is waited for: all leave at once.
         for part in &mut parts {
             part.stdin
                 .write_all(b"stop\n")
@@ -499,6 +506,7 @@ pub async fn run(config: ConnectionsConfig) -> Result<Summary, ConnectionsError>
                 .await
                 .map_err(|e| ConnectionsError::Child(e.to_string()))?;
         }
+        left_in = leaving.elapsed();
     }
     // Problems arrive by name (children print them), so the tally carries the counts and the
     // names are added to the summary after.
@@ -547,6 +555,8 @@ pub async fn run(config: ConnectionsConfig) -> Result<Summary, ConnectionsError>
         *summary.problems.entry("not_connected".into()).or_default() += missing;
     }
     summary.ok = summary.problems.is_empty();
+    summary.connect_s = Some(connected_in.as_secs_f64());
+    summary.leave_s = Some(left_in.as_secs_f64());
     summary.memory_by_gateway = servers
         .iter()
         .zip(baseline.iter().zip(&loaded))

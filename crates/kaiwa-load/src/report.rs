@@ -523,6 +523,13 @@ pub struct Summary {
     /// Per endpoint, in the order of `urls`.
     #[serde(default)]
     pub by_url: Vec<UrlShare>,
+    /// In the `connections` scenario: from the first connect to the last connection open or
+    /// failed, and from telling every connection to close to the last one closed. A storm is
+    /// judged by these as much as by what was refused.
+    #[serde(default)]
+    pub connect_s: Option<f64>,
+    #[serde(default)]
+    pub leave_s: Option<f64>,
     /// Nothing lost or wrong, and every client had its turn.
     pub ok: bool,
 }
@@ -630,6 +637,8 @@ impl Summary {
             memory: None,
             memory_by_gateway: Vec::new(),
             by_url: Vec::new(),
+            connect_s: None,
+            leave_s: None,
         }
     }
 
@@ -681,6 +690,13 @@ impl Summary {
                     share.problems
                 );
             }
+        }
+        if let (Some(connect), Some(leave)) = (self.connect_s, self.leave_s) {
+            let _ = writeln!(
+                out,
+                "  all connected or failed in {connect:.1} s ({:.0} per second); all closed in {leave:.1} s",
+                self.clients as f64 / connect.max(0.001)
+            );
         }
         if self.memory_by_gateway.len() > 1 {
             for gateway in &self.memory_by_gateway {

@@ -2,10 +2,15 @@
 //! connected. Workers ask it where to send a client's replies; gateways join it, keep a lease
 //! in it, and take a client slot and the client's id from it. In one process the gateway's own
 //! registry and slots are the whole truth ([`LocalPresence`]); in a cluster they are rows in
-//! PostgreSQL ([`PgPresence`]).
+//! PostgreSQL ([`PgPresence`]), slots held by each gateway in blocks and ids claimed in
+//! batches.
 
+mod block;
+mod claims;
 mod postgres;
 mod route;
+#[cfg(test)]
+mod tests;
 
 pub use postgres::PgPresence;
 pub use route::{Stopped, route};
@@ -16,7 +21,7 @@ use async_trait::async_trait;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PresenceError {
     /// The database cannot be reached now; the same call can succeed later.
     #[error("presence is unavailable: {0}")]
@@ -53,8 +58,9 @@ pub struct ClusterCounts {
 
 /// A gateway as its lease sees it: what it holds, and what it must do when the lease is lost.
 pub trait Lessee: Send + Sync {
-    /// The connections that may hold a slot or a client id now: rows of this gateway's that
-    /// none of them holds (their release failed) are given back.
+    /// The connections that may hold a client id now: `sessions` rows of this gateway's that
+    /// none of them holds (their release failed) are given back. (Slots are the block's to
+    /// account for.)
     fn live_connections(&self) -> Vec<u64>;
 
     /// The lease ran out: other gateways may hold this one's slots and ids now, so its sessions
@@ -76,7 +82,8 @@ pub trait Presence: Send + Sync + 'static {
     async fn holder(&self, client_id: &ClientId) -> Result<Option<GatewayId>, PresenceError>;
 
     /// Takes one of the cluster's `max_clients` slots for a new connection; `None` when every
-    /// slot is taken.
+    /// slot is taken (one may be spare in another gateway's block for a moment; see
+    /// docs/architecture.md, "Presence").
     async fn take_slot(&self, conn_id: u64, max_clients: u32)
     -> Result<Option<u32>, PresenceError>;
 

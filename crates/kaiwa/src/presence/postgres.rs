@@ -1,20 +1,30 @@
 //! Presence shared through PostgreSQL, for a cluster: each gateway keeps a lease, takes client
 //! slots and client ids in rows that several gateways compete for, and workers read there which
-//! gateway holds a client. The limits are exact because each slot and each id is one row that
-//! one connection holds at a time, taken with row locks rather than counted and then added.
+//! gateway holds a client. The limits are exact because each slot and each id is one row held
+//! by one gateway at a time, taken with row locks rather than counted and then added. Slots are
+//! held in blocks (see [`super::block`]) and ids claimed in batches (see [`super::claims`]), so
+//! that a storm of connections costs a statement per many of them rather than several each.
 
+use super::block::{SlotBlock, Surplus};
+use super::claims::Claims;
 use super::{Claim, ClusterCounts, Lessee, Presence, PresenceError};
 use crate::domain::ClientId;
 use crate::domain::GatewayId;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// Connections for presence queries (one per connect and disconnect, and the workers' lookups).
+/// Connections for presence queries (batches of claims and departures, slot fetches and
+/// give-backs, and the workers' lookups).
 const CONNECTIONS: u32 = 4;
+
+/// A wait for a pool connection longer than this is logged (sqlx's slow acquire warning): the
+/// bound issue 19 sets, half of sqlx's default.
+pub(crate) const SLOW_ACQUIRE: Duration = Duration::from_secs(1);
 
 pub struct PgPresence {
     pool: PgPool,
@@ -24,9 +34,20 @@ pub struct PgPresence {
     gateway: GatewayId,
     /// How long a gateway's claims outlive its last renewal.
     lease: Duration,
+    /// The client slots this gateway holds.
+    block: Mutex<SlotBlock>,
+    /// Held by whatever changes which rows of `client_slots` are this gateway's (a fetch, a
+    /// give-back, a renewal, joining and leaving), so that the block and the table agree
+    /// whenever one of them looks: a renewal frees the rows the block does not list, and must
+    /// not free those a fetch has taken but not yet listed.
+    rows: tokio::sync::Mutex<()>,
+    /// Connections waiting for `rows` to fetch slots: the fetch brings one for each.
+    waiting: AtomicUsize,
+    /// Claims and departures of client ids, written in batches.
+    claims: Claims,
 }
 
-fn unavailable(err: &sqlx::Error) -> PresenceError {
+pub(super) fn unavailable(err: &sqlx::Error) -> PresenceError {
     if crate::store::is_outage(err) {
         PresenceError::Unavailable(err.to_string())
     } else {
@@ -40,20 +61,20 @@ fn lease_connection_name(gateway: &GatewayId) -> String {
     format!("{LEASE_CONNECTION}{gateway}")
 }
 
-const LEASE_CONNECTION: &str = "kaiwa-lease:";
+pub(super) const LEASE_CONNECTION: &str = "kaiwa-lease:";
 
 /// How often the lease connection is checked (and opened again if it dropped).
 const LEASE_PING: Duration = Duration::from_millis(500);
 
 /// One round trip to the database for presence, timed in `kaiwa_presence_seconds{op}` when it
 /// ends, whichever way it ends.
-struct RoundTrip {
+pub(super) struct RoundTrip {
     op: &'static str,
     started: Instant,
 }
 
 impl RoundTrip {
-    fn start(op: &'static str) -> Self {
+    pub(super) fn start(op: &'static str) -> Self {
         Self {
             op,
             started: Instant::now(),
@@ -85,6 +106,7 @@ impl PgPresence {
         let pool = PgPoolOptions::new()
             .max_connections(CONNECTIONS)
             .acquire_timeout(Duration::from_secs(5))
+            .acquire_slow_threshold(SLOW_ACQUIRE)
             .connect_with(options.clone())
             .await
             .map_err(|err| unavailable(&err))?;
@@ -97,42 +119,53 @@ impl PgPresence {
             .idle_timeout(None)
             .max_lifetime(None)
             .acquire_timeout(lease / 3)
+            .acquire_slow_threshold(SLOW_ACQUIRE)
             .connect_with(options.application_name(&lease_connection_name(&gateway)))
             .await
             .map_err(|err| unavailable(&err))?;
+        let claims = Claims::spawn(pool.clone(), gateway.clone());
         Ok(Self {
             pool,
             lease_pool,
             gateway,
             lease,
+            block: Mutex::new(SlotBlock::default()),
+            rows: tokio::sync::Mutex::new(()),
+            waiting: AtomicUsize::new(0),
+            claims,
         })
     }
 
-    /// Extends the lease, if it still runs, and gives back rows no live connection holds.
-    /// False if the lease had run out.
-    async fn renew(&self, live: &[u64]) -> Result<bool, PresenceError> {
+    /// Extends the lease, if it still runs, gives back client ids no live connection holds
+    /// and slot rows the block does not list, and then the block's surplus. False if the lease
+    /// had run out.
+    pub(super) async fn renew(&self, live: &[u64]) -> Result<bool, PresenceError> {
         let _timed = RoundTrip::start("renew");
         let live: Vec<i64> = live
             .iter()
             .map(|&conn| i64::try_from(conn).unwrap_or(i64::MAX))
             .collect();
+        let rows = self.rows.lock().await;
+        let started = tokio::time::Instant::now();
+        let held = slot_params(&lock(&self.block).held());
         let mut tx = self
             .lease_pool
             .begin()
             .await
             .map_err(|err| unavailable(&err))?;
-        let renewed = sqlx::query(
+        // Whether any gateway ran short of free slots lately comes back with the renewal.
+        let short: Option<bool> = sqlx::query_scalar(
             "UPDATE gateways SET lease_until = now() + make_interval(secs => $2) \
-             WHERE id = $1 AND lease_until > now()",
+             WHERE id = $1 AND lease_until > now() \
+             RETURNING EXISTS (SELECT 1 FROM gateways \
+                 WHERE short_until > now() AND lease_until > now())",
         )
         .bind(self.gateway.as_str())
         .bind(seconds(self.lease))
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await
-        .map_err(|err| unavailable(&err))?
-        .rows_affected()
-            == 1;
-        if renewed {
+        .map_err(|err| unavailable(&err))?;
+        if short.is_some() {
             // Only rows older than a moment: a connection takes its row after it is listed
             // live, and the list was read before this statement.
             // Anti-joins, not `<> ALL`: a gateway lists thousands of live connections, and
@@ -147,29 +180,127 @@ impl PgPresence {
             .execute(&mut *tx)
             .await
             .map_err(|err| unavailable(&err))?;
+            // Rows of a give-back or a fetch that failed halfway.
             sqlx::query(
                 "UPDATE client_slots AS c SET gateway_id = NULL, conn_id = NULL, taken_at = NULL \
-                 WHERE c.gateway_id = $1 AND c.taken_at < now() - interval '5 seconds' \
-                 AND NOT EXISTS (SELECT 1 FROM UNNEST($2::bigint[]) AS l(conn) WHERE l.conn = c.conn_id)",
+                 WHERE c.gateway_id = $1 \
+                 AND NOT EXISTS (SELECT 1 FROM UNNEST($2::integer[]) AS h(slot) WHERE h.slot = c.slot)",
             )
             .bind(self.gateway.as_str())
-            .bind(&live)
+            .bind(&held)
             .execute(&mut *tx)
             .await
             .map_err(|err| unavailable(&err))?;
         }
         tx.commit().await.map_err(|err| unavailable(&err))?;
-        if renewed && let Err(err) = reclaim(&self.lease_pool).await {
+        let Some(short) = short else {
+            return Ok(false);
+        };
+        let surplus =
+            lock(&self.block).renewed(started, self.lease, short, tokio::time::Instant::now());
+        self.give_back_locked(surplus).await;
+        drop(rows);
+        if let Err(err) = reclaim(&self.lease_pool).await {
             // The lease is renewed: a reclaim that failed is tried again at the next renewal,
             // and must not count as a renewal that failed.
             tracing::warn!(gateway = %self.gateway, %err, "could not free the slots of gateways that are gone");
         }
-        Ok(renewed)
+        Ok(true)
+    }
+
+    /// Returns slots to the cluster; `rows` is held. A give-back of an earlier epoch is
+    /// dropped: joining again or a renewal freed its rows, and some may be this gateway's
+    /// again.
+    async fn give_back_locked(&self, surplus: Surplus) {
+        if surplus.slots.is_empty() || surplus.epoch != lock(&self.block).epoch() {
+            return;
+        }
+        let _timed = RoundTrip::start("give_back");
+        let given = sqlx::query(
+            "UPDATE client_slots SET gateway_id = NULL, conn_id = NULL, taken_at = NULL \
+             WHERE gateway_id = $1 AND slot = ANY($2::integer[])",
+        )
+        .bind(self.gateway.as_str())
+        .bind(slot_params(&surplus.slots))
+        .execute(&self.pool)
+        .await;
+        if let Err(err) = given {
+            // Nothing is lost: the rows are no longer in the block, and the next renewal frees
+            // every row of this gateway's that the block does not list.
+            tracing::info!(slots = surplus.slots.len(), %err, "spare client slots not given back yet; the next renewal frees them");
+        }
+    }
+
+    /// Takes up to `want` free slots into this gateway's block; `rows` is held. When there are
+    /// fewer, the slots of gateways whose lease ended are freed first, and the gateway is
+    /// marked short (others keep no spare slots while one is).
+    async fn fetch_locked(&self, want: usize, max_clients: u32) -> Result<Vec<u32>, PresenceError> {
+        let mut slots = self.fetch_once(want, max_clients).await?;
+        if slots.len() < want {
+            if reclaim(&self.pool).await? > 0 {
+                let more = self.fetch_once(want - slots.len(), max_clients).await?;
+                slots.extend(more);
+            }
+            if slots.len() < want {
+                sqlx::query(
+                    "UPDATE gateways SET short_until = now() + make_interval(secs => $2) WHERE id = $1",
+                )
+                .bind(self.gateway.as_str())
+                .bind(seconds(self.lease))
+                .execute(&self.pool)
+                .await
+                .map_err(|err| unavailable(&err))?;
+            }
+        }
+        Ok(slots)
+    }
+
+    /// The lowest free slots, up to `want`; rows another gateway is taking right now are
+    /// skipped rather than waited for. Nothing while this gateway's lease has run out: what it
+    /// holds may be freed by others any moment.
+    async fn fetch_once(&self, want: usize, max_clients: u32) -> Result<Vec<u32>, PresenceError> {
+        let _timed = RoundTrip::start("fetch_slots");
+        let slots: Vec<i32> = sqlx::query_scalar(
+            "WITH free AS ( \
+                 SELECT slot FROM client_slots WHERE gateway_id IS NULL AND slot <= $3 \
+                 AND EXISTS (SELECT 1 FROM gateways WHERE id = $1 AND lease_until > now()) \
+                 ORDER BY slot LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             UPDATE client_slots AS c SET gateway_id = $1, conn_id = NULL, taken_at = now() \
+             FROM free WHERE c.slot = free.slot RETURNING c.slot",
+        )
+        .bind(self.gateway.as_str())
+        .bind(i64::try_from(want).unwrap_or(i64::MAX))
+        .bind(i32::try_from(max_clients).unwrap_or(i32::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|err| unavailable(&err))?;
+        Ok(slots
+            .into_iter()
+            .filter_map(|slot| u32::try_from(slot).ok())
+            .collect())
+    }
+
+    /// A slot of the block for the connection, if one is spare.
+    fn take_here(&self, conn_id: u64) -> Result<Option<u32>, PresenceError> {
+        let now = tokio::time::Instant::now();
+        let mut block = lock(&self.block);
+        if !block.lease_runs(now) {
+            return Err(PresenceError::Unavailable(
+                "this gateway's lease has run out; it joins the cluster again".into(),
+            ));
+        }
+        Ok(block.take(conn_id, now))
     }
 
     /// Gives back every slot and client id this gateway holds.
     async fn leave(&self) -> Result<(), PresenceError> {
+        let _rows = self.rows.lock().await;
+        self.leave_locked().await
+    }
+
+    async fn leave_locked(&self) -> Result<(), PresenceError> {
         let _timed = RoundTrip::start("leave");
+        lock(&self.block).reset(None);
         let mut tx = self.pool.begin().await.map_err(|err| unavailable(&err))?;
         sqlx::query("DELETE FROM sessions WHERE gateway_id = $1")
             .bind(self.gateway.as_str())
@@ -243,7 +374,9 @@ async fn reclaim(pool: &PgPool) -> Result<u64, PresenceError> {
 impl Presence for PgPresence {
     async fn join(&self, max_clients: u32) -> Result<(), PresenceError> {
         let _timed = RoundTrip::start("join");
-        self.leave().await?;
+        let _rows = self.rows.lock().await;
+        self.leave_locked().await?;
+        let started = tokio::time::Instant::now();
         sqlx::query(
             "INSERT INTO gateways (id, started_at, lease_until) \
              VALUES ($1, now(), now() + make_interval(secs => $2)) \
@@ -262,12 +395,15 @@ impl Presence for PgPresence {
         .execute(&self.pool)
         .await
         .map_err(|err| unavailable(&err))?;
+        let mut block = lock(&self.block);
+        block.size_for(max_clients);
+        block.reset(Some((started, self.lease)));
         Ok(())
     }
 
     /// Renews the lease every third of it until `stop`, then leaves the cluster. Each renewal
-    /// also gives back the rows of this gateway that no live connection holds (their release
-    /// failed). If the lease could not be renewed before it ran out, others may have taken
+    /// also gives back the client ids of this gateway's that no live connection holds (their
+    /// release failed), slot rows its block does not list, and the block's surplus. If the lease could not be renewed before it ran out, others may have taken
     /// this gateway's slots and ids: the lessee is told (it closes its sessions), and the
     /// gateway joins again once the database answers.
     async fn keep_lease(&self, max_clients: u32, stop: CancellationToken, lessee: Arc<dyn Lessee>) {
@@ -283,6 +419,11 @@ impl Presence for PgPresence {
             tokio::select! {
                 () = stop.cancelled() => break,
                 _ = ping.tick() => {
+                    // A connection in use is open: the ping is for one idle or dropped, and
+                    // waiting behind a renewal slowed by a storm only made sqlx warn.
+                    if self.lease_pool.size() > 0 && self.lease_pool.num_idle() == 0 {
+                        continue;
+                    }
                     if let Err(err) = sqlx::query("SELECT 1").execute(&self.lease_pool).await {
                         tracing::debug!(gateway = %self.gateway, %err, "the lease connection is down");
                     }
@@ -335,48 +476,36 @@ impl Presence for PgPresence {
         conn_id: u64,
         max_clients: u32,
     ) -> Result<Option<u32>, PresenceError> {
-        let _timed = RoundTrip::start("take_slot");
-        // The lowest free slot; one another connection is taking right now is skipped rather
-        // than waited for. Slots of gateways that died are made free by `reclaim` (here, when
-        // none is free, and at every lease renewal), so this stays an index lookup.
-        for attempt in 0..2 {
-            let slot: Option<i32> = sqlx::query_scalar(
-                "WITH free AS ( \
-                     SELECT slot FROM client_slots WHERE gateway_id IS NULL AND slot <= $3 \
-                     ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED) \
-                 UPDATE client_slots AS c SET gateway_id = $1, conn_id = $2, taken_at = now() \
-                 FROM free WHERE c.slot = free.slot RETURNING c.slot",
-            )
-            .bind(self.gateway.as_str())
-            .bind(i64::try_from(conn_id).unwrap_or(i64::MAX))
-            .bind(i32::try_from(max_clients).unwrap_or(i32::MAX))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|err| unavailable(&err))?;
-            if let Some(slot) = slot {
-                return Ok(u32::try_from(slot).ok());
-            }
-            if attempt == 0 && reclaim(&self.pool).await? == 0 {
-                break;
-            }
+        if let Some(slot) = self.take_here(conn_id)? {
+            return Ok(Some(slot));
         }
-        Ok(None)
+        let _timed = RoundTrip::start("take_slot");
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let rows = self.rows.lock().await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        // Another connection's fetch may have brought one meanwhile.
+        if let Some(slot) = self.take_here(conn_id)? {
+            return Ok(Some(slot));
+        }
+        let (want, epoch) = {
+            let block = lock(&self.block);
+            let waiting = self.waiting.load(Ordering::SeqCst) + 1;
+            (
+                block.wanted(waiting, tokio::time::Instant::now()),
+                block.epoch(),
+            )
+        };
+        let slots = self.fetch_locked(want, max_clients).await?;
+        lock(&self.block).fill(epoch, slots, want, tokio::time::Instant::now(), self.lease);
+        drop(rows);
+        self.take_here(conn_id)
     }
 
     async fn release_slot(&self, slot: u32, conn_id: u64) {
-        let _timed = RoundTrip::start("release_slot");
-        let released = sqlx::query(
-            "UPDATE client_slots SET gateway_id = NULL, conn_id = NULL, taken_at = NULL \
-             WHERE slot = $1 AND gateway_id = $2 AND conn_id = $3",
-        )
-        .bind(i32::try_from(slot).unwrap_or(i32::MAX))
-        .bind(self.gateway.as_str())
-        .bind(i64::try_from(conn_id).unwrap_or(i64::MAX))
-        .execute(&self.pool)
-        .await;
-        if let Err(err) = released {
-            // The slot comes back when this gateway's lease ends, if it ever does.
-            tracing::warn!(slot, %err, "could not give back a client slot");
+        let surplus = lock(&self.block).release(conn_id, slot, tokio::time::Instant::now());
+        if !surplus.slots.is_empty() {
+            let _rows = self.rows.lock().await;
+            self.give_back_locked(surplus).await;
         }
     }
 
@@ -386,77 +515,11 @@ impl Presence for PgPresence {
         conn_id: u64,
         replace: bool,
     ) -> Result<Claim, PresenceError> {
-        let _timed = RoundTrip::start("claim");
-        let mut tx = self.pool.begin().await.map_err(|err| unavailable(&err))?;
-        // The row, locked: two gateways claiming one id at once take turns. A holder counts
-        // while its lease runs; within the lease, it is alive while its lease connection is
-        // open. A gateway that was killed loses that connection at once (the kernel closes its
-        // sockets), so its clients are not refused elsewhere for the rest of its lease. Ids are
-        // compared on PostgreSQL's first 63 bytes of the name: two alike that far count as
-        // connected if either is, and the lease alone decides, as before.
-        let held: Option<(String, i64, bool, bool)> = sqlx::query_as(
-            "SELECT s.gateway_id, s.conn_id, EXISTS ( \
-                 SELECT 1 FROM gateways AS g WHERE g.id = s.gateway_id AND g.lease_until > now()), \
-               EXISTS (SELECT 1 FROM pg_stat_activity AS a \
-                 WHERE a.datname = current_database() \
-                   AND a.application_name = left($2 || s.gateway_id, 63)) \
-             FROM sessions AS s WHERE s.client_id = $1 FOR UPDATE",
-        )
-        .bind(client_id.as_str())
-        .bind(LEASE_CONNECTION)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(|err| unavailable(&err))?;
-        let previous = match held {
-            // This gateway's own registry already decided between its connections.
-            Some((gateway, ..)) if gateway == self.gateway.as_str() => None,
-            Some((gateway, conn, true, connected)) => {
-                let conn = u64::try_from(conn).map_err(|_| {
-                    PresenceError::Database(format!("a corrupt connection id {conn}"))
-                })?;
-                let other = (GatewayId::new(gateway), conn);
-                if connected && !replace {
-                    return Ok(Claim::Held {
-                        gateway: other.0,
-                        conn_id: other.1,
-                    });
-                }
-                // Not connected: most likely dead, but it may only be reopening its lease
-                // connection. Taken either way, and the holder is told, as with `replace`,
-                // so that a live one closes its connection rather than keep a second one.
-                Some(other)
-            }
-            // Held by a gateway whose lease ended.
-            Some((_, _, false, _)) | None => None,
-        };
-        sqlx::query(
-            "INSERT INTO sessions (client_id, gateway_id, conn_id, since) VALUES ($1, $2, $3, now()) \
-             ON CONFLICT (client_id) DO UPDATE \
-                 SET gateway_id = EXCLUDED.gateway_id, conn_id = EXCLUDED.conn_id, since = now()",
-        )
-        .bind(client_id.as_str())
-        .bind(self.gateway.as_str())
-        .bind(i64::try_from(conn_id).unwrap_or(i64::MAX))
-        .execute(&mut *tx)
-        .await
-        .map_err(|err| unavailable(&err))?;
-        tx.commit().await.map_err(|err| unavailable(&err))?;
-        Ok(Claim::Claimed { replaced: previous })
+        self.claims.claim(client_id, conn_id, replace).await
     }
 
     async fn release(&self, client_id: &ClientId, conn_id: u64) {
-        let _timed = RoundTrip::start("release");
-        let released = sqlx::query(
-            "DELETE FROM sessions WHERE client_id = $1 AND gateway_id = $2 AND conn_id = $3",
-        )
-        .bind(client_id.as_str())
-        .bind(self.gateway.as_str())
-        .bind(i64::try_from(conn_id).unwrap_or(i64::MAX))
-        .execute(&self.pool)
-        .await;
-        if let Err(err) = released {
-            tracing::warn!(%client_id, %err, "could not give back a client id");
-        }
+        self.claims.release(client_id, conn_id).await;
     }
 
     async fn counts(&self) -> Result<Option<ClusterCounts>, PresenceError> {
@@ -494,4 +557,19 @@ impl Presence for PgPresence {
             ))
         })
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every update leaves the block whole: a panic cannot stop one halfway.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Slot numbers as PostgreSQL integers.
+fn slot_params(slots: &[u32]) -> Vec<i32> {
+    slots
+        .iter()
+        .filter_map(|&slot| i32::try_from(slot).ok())
+        .collect()
 }

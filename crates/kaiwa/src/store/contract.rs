@@ -12,8 +12,9 @@ use futures::future::join_all;
 use kaiwa_protocol::{Delivery, MessageStatus, MessageType, ReplyType};
 use std::sync::Arc;
 
+// Shared with presence's tests: a file may be a module once.
 #[path = "../../tests/support/postgres.rs"]
-mod test_postgres;
+pub(crate) mod test_postgres;
 
 /// One store under test, and what the contract needs around it.
 trait Backend: Sized {

@@ -4,7 +4,7 @@
 pub mod backup;
 mod batch;
 #[cfg(test)]
-mod contract;
+pub(crate) mod contract;
 mod media;
 mod memory;
 mod postgres;
