@@ -4,7 +4,7 @@
 //! A storm of 50,000 connections then costs PostgreSQL a few hundred statements, not 50,000
 //! transactions of four round trips each.
 
-use super::postgres::{LEASE_CONNECTION, RoundTrip, unavailable};
+use super::sql::{LEASE_CONNECTION, RoundTrip, unavailable};
 use super::{Claim, PresenceError};
 use crate::domain::{ClientId, GatewayId};
 use sqlx::PgPool;

@@ -7,6 +7,7 @@
 
 use super::block::{SlotBlock, Surplus};
 use super::claims::Claims;
+use super::sql::{LEASE_CONNECTION, RoundTrip, unavailable};
 use super::{Claim, ClusterCounts, Lessee, Presence, PresenceError};
 use crate::domain::ClientId;
 use crate::domain::GatewayId;
@@ -15,7 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Connections for presence queries (batches of claims and departures, slot fetches and
@@ -47,47 +48,14 @@ pub struct PgPresence {
     claims: Claims,
 }
 
-pub(super) fn unavailable(err: &sqlx::Error) -> PresenceError {
-    if crate::store::is_outage(err) {
-        PresenceError::Unavailable(err.to_string())
-    } else {
-        PresenceError::Database(err.to_string())
-    }
-}
-
 /// The `application_name` of a gateway's lease connection. PostgreSQL keeps its first 63
 /// bytes; `claim` compares as many (gateway ids are ASCII).
 fn lease_connection_name(gateway: &GatewayId) -> String {
     format!("{LEASE_CONNECTION}{gateway}")
 }
 
-pub(super) const LEASE_CONNECTION: &str = "kaiwa-lease:";
-
 /// How often the lease connection is checked (and opened again if it dropped).
 const LEASE_PING: Duration = Duration::from_millis(500);
-
-/// One round trip to the database for presence, timed in `kaiwa_presence_seconds{op}` when it
-/// ends, whichever way it ends.
-pub(super) struct RoundTrip {
-    op: &'static str,
-    started: Instant,
-}
-
-impl RoundTrip {
-    pub(super) fn start(op: &'static str) -> Self {
-        Self {
-            op,
-            started: Instant::now(),
-        }
-    }
-}
-
-impl Drop for RoundTrip {
-    fn drop(&mut self) {
-        metrics::histogram!("kaiwa_presence_seconds", "op" => self.op)
-            .record(self.started.elapsed().as_secs_f64());
-    }
-}
 
 fn seconds(lease: Duration) -> f64 {
     lease.as_secs_f64()
