@@ -74,64 +74,6 @@ cluster_name="kaiwa_bench_cluster_$$"
 cluster_up=""
 export_bench_settings
 
-# PostgreSQL as production runs it (docs/architecture.md, "What kaiwa needs from PostgreSQL"):
-# autovacuum on, and the page cost of storage that is cached or on SSD. Set with ALTER SYSTEM
-# for the run and reset after: the development VM's PostgreSQL runs without autovacuum and with
-# the spinning-disk default (random_page_cost 4), under which the planner answered a batch's
-# delivery marks with a scan of every reply (measured: 73 rows read per message).
-pg_tuned=""
-tune_postgres() {
-  psql -q "$POSTGRES" -c "ALTER SYSTEM SET autovacuum = on" \
-    -c "ALTER SYSTEM SET random_page_cost = 1.1" -c "SELECT pg_reload_conf()" >/dev/null
-  pg_tuned=1
-}
-untune_postgres() {
-  psql -q "$POSTGRES" -c "ALTER SYSTEM RESET autovacuum" -c "ALTER SYSTEM RESET random_page_cost" \
-    -c "SELECT pg_reload_conf()" >/dev/null
-}
-
-# The delaying proxies (DELAY_MS): one per server, started after the build.
-proxy_pids=()
-# host:port of a URL (scheme://[user[:password]@]host[:port][/path]), with the default port
-# when it names none.
-authority() {
-  local rest=${1#*://}
-  rest=${rest##*@}
-  rest=${rest%%/*}
-  rest=${rest%%\?*}
-  echo "$rest"
-}
-# Starts a proxy on 127.0.0.1:port to the server of url; sets proxied_url to url with the
-# proxy in the server's place. (Not in a command substitution: the pid must reach proxy_pids.)
-proxied_url=""
-start_delay_proxy() {
-  local name=$1 url=$2 port=$3 default_port=$4
-  local original target log="$out/delay-proxy-$1.log"
-  original=$(authority "$url")
-  target=$original
-  [[ "$target" =~ :[0-9]+$ ]] || target="$target:$default_port"
-  target/release/kaiwa-load delay-proxy --listen "127.0.0.1:$port" --to "$target" \
-    --delay-ms "$DELAY_MS" >"$log" 2>&1 &
-  proxy_pids+=($!)
-  # Ready once it says so: a test connection would reach the server as a client that never
-  # speaks (and PostgreSQL logs each one).
-  for _ in $(seq 1 100); do
-    if grep -q "each way" "$log"; then break; fi
-    kill -0 "${proxy_pids[-1]}" 2>/dev/null || { cat "$log" >&2; return 1; }
-    sleep 0.1
-  done
-  grep -q "each way" "$log" || { echo "the $name delay proxy did not start" >&2; return 1; }
-  proxied_url=${url/"$original"/127.0.0.1:$port}
-}
-stop_delay_proxies() {
-  local pid
-  for pid in "${proxy_pids[@]}"; do
-    kill -TERM "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  proxy_pids=()
-}
-
 cleanup() {
   stop_server
   if [[ -n "$pg_tuned" ]]; then untune_postgres || true; fi
@@ -295,26 +237,24 @@ fi
   target/release/kaiwa-load table "$out"/[0-9]-*.json
   python3 - "$out" <<'EOF'
 import glob, json, os, sys
+
+def reports(prefix):
+    """(run name, bench/cpu.py report) of each PREFIX-<name>.json that reads."""
+    for path in sorted(glob.glob(os.path.join(sys.argv[1], f"{prefix}-*.json"))):
+        try:
+            yield os.path.basename(path)[len(prefix) + 1:-5], json.load(open(path))
+        except (OSError, ValueError):
+            continue
+
 rows = []
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "cpu-*.json"))):
-    try:
-        cpu = json.load(open(path))
-    except (OSError, ValueError):
-        continue
-    name = os.path.basename(path)[4:-5]
+for name, cpu in reports("cpu"):
     parts = ", ".join(f"{part} {ms:.3f}" for part, ms in cpu["cpu_ms_per_message"].items()
                       if ms is not None)
     rows.append(f"  {name:<16} {cpu['total_ms_per_message']:.3f}  ({parts})")
 if rows:
     print("CPU ms per message in the closed-loop run, by part (bench/cpu.py; the load tool not counted):")
     print("\n".join(rows))
-net = []
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "net-*.json"))):
-    try:
-        cpu = json.load(open(path))
-    except (OSError, ValueError):
-        continue
-    net.append(f"{os.path.basename(path)[4:-5]} {cpu['total_ms_per_message']:.3f}")
+net = [f"{name} {cpu['total_ms_per_message']:.3f}" for name, cpu in reports("net")]
 if net:
     print("  the delay proxies, not counted above: " + ", ".join(net))
 EOF

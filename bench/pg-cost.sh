@@ -28,22 +28,20 @@ work=$(mktemp -d "$PWD/target/bench-pg-cost.XXXXXX")
 # shellcheck source=bench/common.sh
 source bench/common.sh
 export_bench_settings
-db="" proxy=""
+db=""
 
 cleanup() {
   stop_server
-  if [[ -n "$proxy" ]]; then kill "$proxy" 2>/dev/null || true; fi
+  stop_delay_proxies
   if [[ -n "$db" ]]; then
     psql -q "$POSTGRES" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
   fi
-  psql -q "$POSTGRES" -c "ALTER SYSTEM RESET autovacuum" -c "ALTER SYSTEM RESET random_page_cost" \
-    -c "SELECT pg_reload_conf()" >/dev/null 2>&1 || true
+  if [[ -n "$pg_tuned" ]]; then untune_postgres || true; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-psql -q "$POSTGRES" -c "ALTER SYSTEM SET autovacuum = on" \
-  -c "ALTER SYSTEM SET random_page_cost = 1.1" -c "SELECT pg_reload_conf()" >/dev/null
+tune_postgres
 
 # Counters of the server and of the run's database, as JSON, for the report below.
 counters() {
@@ -67,16 +65,10 @@ run() {
   psql -q "$POSTGRES" -c "CREATE DATABASE $db" >/dev/null
   local url=${POSTGRES%/*}/$db
   if [[ -n "$DELAY_MS" ]]; then
-    target/release/kaiwa-load delay-proxy --listen "127.0.0.1:$((PORT + 1))" --to 127.0.0.1:5432 \
-      --delay-ms "$DELAY_MS" >"$out/$name.proxy.log" 2>&1 &
-    proxy=$!
-    wait_for_port $((PORT + 1))
-    url="postgres://postgres@127.0.0.1:$((PORT + 1))/$db"
+    start_delay_proxy postgres "$url" $((PORT + 1)) 5432
+    url=$proxied_url
   fi
-  "$binary" serve --bind "127.0.0.1:$PORT" --data-dir "$work/$name" --log warn \
-    --database-url "$url" >"$out/$name.server.log" 2>&1 &
-  server_pid=$!
-  wait_for_port "$PORT"
+  kaiwa_binary=$binary start_kaiwa "$name" --database-url "$url"
   counters >"$work/before.json"
   bench/cpu.py snapshot "$work/cpu-before.json" "kaiwa=pid:$server_pid" postgres=comm:postgres
   load throughput --url "ws://127.0.0.1:$PORT/ws" --clients "$CLIENTS" --duration "$DURATION" \
@@ -86,16 +78,14 @@ run() {
   bench/cpu.py report "$work/cpu-before.json" "$work/cpu-after.json" "$out/$name.json" \
     >"$out/cpu-$name.json"
   stop_server
-  if [[ -n "$proxy" ]]; then kill "$proxy"; wait "$proxy" 2>/dev/null || true; proxy=""; fi
+  stop_delay_proxies
   psql -q "$POSTGRES" -c "DROP DATABASE $db WITH (FORCE)" >/dev/null
   db=""
-  python3 - "$work/before.json" "$work/after.json" "$out/cpu-$name.json" "$out/$name.json" \
-    "$name" <<'PY' | tee "$out/$name.txt"
+  python3 - "$work/before.json" "$work/after.json" "$out/cpu-$name.json" "$name" <<'PY' |
 import json, sys
-before, after, cpu, report = (json.load(open(p)) for p in sys.argv[1:5])
+before, after, cpu = (json.load(open(p)) for p in sys.argv[1:4])
 n = cpu["messages"] or 1
-lat = report.get("latency_ms", {}) if isinstance(report.get("latency_ms"), dict) else {}
-print(f"{sys.argv[5]}: {cpu['messages']} messages, CPU ms per message "
+print(f"{sys.argv[4]}: {cpu['messages']} messages, CPU ms per message "
       f"{json.dumps(cpu['cpu_ms_per_message'])} (total {cpu['total_ms_per_message']})")
 d = {k: (after["database"][k] - before["database"][k]) / n for k in after["database"]}
 w = {k: (float(after["wal"][k]) - float(before["wal"][k])) / n for k in after["wal"]}
@@ -115,6 +105,7 @@ for name, now in sorted((after["indexes"] or {}).items()):
     if any(abs(x) > 0.0005 for x in v):
         print(f"  {name:28} {'':9} {'':9} {v[0]:9.3f}")
 PY
+    tee "$out/$name.txt"
 }
 
 step "building kaiwa and kaiwa-load (release)"
