@@ -369,24 +369,6 @@ async fn a_backup_under_load_restores_every_message_acked_before_it_with_its_rep
     source.child.kill().await.ok();
 }
 
-/// Runs `program ARGS` to its end; panics with its output unless it succeeds, and says which
-/// package brings it when it is missing.
-async fn run(program: &str, args: &[&str]) {
-    let output = tokio::process::Command::new(program)
-        .args(args)
-        .output()
-        .await
-        .unwrap_or_else(|err| {
-            panic!("{program} cannot run ({err}): it comes with Debian's postgresql-client")
-        });
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgresql_the_documented_dump_and_media_copy_restore_the_history_and_files() {
     let app = support::TestApp::spawn_postgres(&flags()).await;
@@ -429,39 +411,33 @@ async fn on_postgresql_the_documented_dump_and_media_copy_restore_the_history_an
     let dump = backup.path().join("kaiwa.dump");
     let dump = dump.to_str().expect("UTF-8");
     let url = app.database_url().expect("PostgreSQL");
-    run(
+    let postgres_tool = |program: &str, args: &[&str]| {
+        support::tool(program, args, "postgresql-client", "");
+    };
+    // As README documents it: `cp -a FROM/media/. TO/media/`.
+    let copy_media = |from: &Path, to: &Path| {
+        let media = |dir: &Path| format!("{}/media/", dir.display());
+        support::tool(
+            "cp",
+            &["-a", &format!("{}.", media(from)), &media(to)],
+            "coreutils",
+            "",
+        );
+    };
+    postgres_tool(
         "pg_dump",
         &["--format=custom", &format!("--file={dump}"), url],
-    )
-    .await;
-    let media = |dir: &Path| format!("{}/media/", dir.display());
-    run(
-        "cp",
-        &[
-            "-a",
-            &format!("{}.", media(app.data_dir())),
-            &media(backup.path()),
-        ],
-    )
-    .await;
+    );
+    copy_media(app.data_dir(), backup.path());
 
     // Restored into a new database and a new data directory, and served.
     let database = Arc::new(support::postgres::TestDatabase::create().await);
-    run(
+    postgres_tool(
         "pg_restore",
         &["--no-owner", &format!("--dbname={}", database.url), dump],
-    )
-    .await;
+    );
     let data_dir = tempfile::tempdir().expect("a temporary directory");
-    run(
-        "cp",
-        &[
-            "-a",
-            &format!("{}.", media(backup.path())),
-            &media(data_dir.path()),
-        ],
-    )
-    .await;
+    copy_media(backup.path(), data_dir.path());
     let restored = support::TestApp::spawn_on(data_dir, database, &flags()).await;
 
     let http = reqwest::Client::new();

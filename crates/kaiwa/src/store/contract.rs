@@ -758,6 +758,15 @@ mod shared_postgres {
             .expect("the PostgreSQL store opens")
     }
 
+    /// The ids of the messages a sweeper claimed.
+    fn ids_of(claimed: Result<Vec<StoredMessage>, StoreError>) -> Vec<i64> {
+        claimed
+            .expect("claimed")
+            .into_iter()
+            .map(|message| message.id)
+            .collect()
+    }
+
     #[tokio::test]
     async fn the_in_flight_limit_holds_across_processes_and_frees_up_as_replies_are_stored() {
         let database = test_postgres::TestDatabase::create().await;
@@ -856,12 +865,8 @@ mod shared_postgres {
         replied(&a, done, "c0", vec![reply(ReplyType::Text, "hi")]).await;
         let after = Duration::from_secs(60);
         let (by_a, by_b) = tokio::join!(a.claim_stuck(after, 20), b.claim_stuck(after, 20));
-        let mut claimed: Vec<i64> = by_a
-            .expect("claimed")
-            .into_iter()
-            .chain(by_b.expect("claimed"))
-            .map(|message| message.id)
-            .collect();
+        let mut claimed = ids_of(by_a);
+        claimed.extend(ids_of(by_b));
         claimed.sort_unstable();
         assert_eq!(
             claimed,
@@ -899,13 +904,7 @@ mod shared_postgres {
         let answered = stored(&dead, message("d2", None, "hello")).await;
         replied(&dead, answered, "d2", vec![reply(ReplyType::Text, "hi")]).await;
         stored(&alive, message("a1", None, "hello")).await;
-        let claimed: Vec<i64> = alive
-            .claim_orphaned(100)
-            .await
-            .expect("claimed")
-            .into_iter()
-            .map(|message| message.id)
-            .collect();
+        let claimed = ids_of(alive.claim_orphaned(100).await);
         assert_eq!(
             claimed,
             [left],
@@ -942,13 +941,7 @@ mod shared_postgres {
         own.received_at = at(31);
         stored(&last_run, own).await;
         let gateway = crate::domain::GatewayId::new("gw-back");
-        let claimed: Vec<i64> = other
-            .claim_left_by(&gateway, started, 100)
-            .await
-            .expect("claimed")
-            .into_iter()
-            .map(|message| message.id)
-            .collect();
+        let claimed = ids_of(other.claim_left_by(&gateway, started, 100).await);
         assert_eq!(
             claimed,
             [left],

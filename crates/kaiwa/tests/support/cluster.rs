@@ -26,19 +26,12 @@ fn broker() -> String {
 
 /// Runs `rabbitmqctl` with `args`; panics with the command to run when it cannot.
 pub fn rabbitmqctl(args: &[&str]) -> String {
-    let output = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .unwrap_or_else(|err| {
-            panic!("rabbitmqctl cannot run ({err}): the cluster tests need RabbitMQ's tools (Debian package rabbitmq-server)")
-        });
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?} failed: {}{}\nIs RabbitMQ running? Start it with `{RABBIT_START}`.",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    super::tool(
+        "rabbitmqctl",
+        args,
+        "rabbitmq-server",
+        &format!("Is RabbitMQ running? Start it with `{RABBIT_START}`."),
+    )
 }
 
 /// A RabbitMQ vhost of the test's own.

@@ -75,6 +75,25 @@ fn init_logs() {
 }
 
 pub mod cluster;
+
+/// Runs a program of the machine's to its end and returns what it printed; panics with its
+/// output unless it succeeds, naming the Debian package that brings it when it is missing and
+/// adding `if_failed` when it fails.
+pub fn tool(program: &str, args: &[&str], package: &str, if_failed: &str) -> String {
+    let output = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| {
+            panic!("{program} cannot run ({err}): it comes with Debian's {package}")
+        });
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}{}\n{if_failed}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
 pub mod postgres;
 
 pub struct TestApp {
