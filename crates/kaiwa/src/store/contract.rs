@@ -848,6 +848,19 @@ mod shared_postgres {
             a.in_flight().await.expect("read")
         );
         assert_eq!(counted, 5);
+        // And the table that recovery and the sweepers read holds those same messages.
+        let mut ids = Vec::new();
+        for query in [
+            "SELECT message_id FROM unfinished ORDER BY 1",
+            "SELECT id FROM messages WHERE status = 'accepted' ORDER BY 1",
+        ] {
+            let listed: Vec<i64> = sqlx::query_scalar(query)
+                .fetch_all(&mut conn)
+                .await
+                .expect("listed");
+            ids.push(listed);
+        }
+        assert_eq!(ids[0], ids[1]);
         a.close().await;
         b.close().await;
     }

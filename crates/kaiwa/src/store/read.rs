@@ -128,14 +128,18 @@ impl TryFrom<MissedRecord> for MissedReply {
 }
 
 /// What the two databases write differently in these reads: a list of message ids as one
-/// parameter. PostgreSQL takes an array; SQLite has no array type, and a JSON array read back
-/// by `json_each` keeps the statement the same whatever the number of ids (an `IN` list of
-/// that many parameters would be a new statement for every length).
+/// parameter, and where unfinished messages are found. PostgreSQL takes an array; SQLite has
+/// no array type, and a JSON array read back by `json_each` keeps the statement the same
+/// whatever the number of ids (an `IN` list of that many parameters would be a new statement
+/// for every length).
 pub(super) trait Dialect: Database {
     /// The ids as bound.
     type Ids: for<'q> Encode<'q, Self> + Type<Self> + Send + 'static;
     /// The condition that `message_id` is one of the ids bound as `$1`.
     const MESSAGE_ID_IN: &'static str;
+    /// The condition that a message is accepted and not yet replied to, for a query of
+    /// `messages`: SQLite has a partial index of them, PostgreSQL a table (its migration 8).
+    const UNFINISHED: &'static str;
 
     fn ids(ids: Vec<i64>) -> Self::Ids;
 }
@@ -143,6 +147,7 @@ pub(super) trait Dialect: Database {
 impl Dialect for Sqlite {
     type Ids = String;
     const MESSAGE_ID_IN: &'static str = "message_id IN (SELECT value FROM json_each($1))";
+    const UNFINISHED: &'static str = "status = 'accepted'";
 
     fn ids(ids: Vec<i64>) -> String {
         let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
@@ -153,6 +158,8 @@ impl Dialect for Sqlite {
 impl Dialect for Postgres {
     type Ids = Vec<i64>;
     const MESSAGE_ID_IN: &'static str = "message_id = ANY($1)";
+    const UNFINISHED: &'static str =
+        "id IN (SELECT message_id FROM unfinished) AND status = 'accepted'";
 
     fn ids(ids: Vec<i64>) -> Vec<i64> {
         ids
@@ -272,7 +279,8 @@ where
 
     pub(super) async fn unfinished_messages(&self) -> Result<Vec<StoredMessage>, StoreError> {
         let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE status = 'accepted' ORDER BY id"
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE {} ORDER BY id",
+            DB::UNFINISHED
         )))
         .fetch_all(self.0)
         .await?;

@@ -142,7 +142,9 @@ impl PgStore {
         };
         let sql = format!(
             "UPDATE messages SET touched_at = now() WHERE id IN ( \
-                 SELECT id FROM messages WHERE status = 'accepted' AND {condition} \
+                 SELECT id FROM messages \
+                 WHERE id IN (SELECT message_id FROM unfinished) AND status = 'accepted' \
+                     AND {condition} \
                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
              RETURNING {MESSAGE_COLUMNS}"
         );
