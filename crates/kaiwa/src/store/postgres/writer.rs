@@ -320,14 +320,6 @@ async fn insert_messages(
         }
         _ => None,
     };
-    let mut ids: Vec<i64> = sqlx::query_scalar(
-        "SELECT nextval(pg_get_serial_sequence('messages', 'id')) FROM generate_series(1, $1)",
-    )
-    .bind(messages.len() as i64)
-    .fetch_all(&mut **tx)
-    .await?;
-    // A sequence hands out increasing values: sorted, they follow the order of the calls.
-    ids.sort_unstable();
     // A client message id sent twice within the batch is stored once, by its first send.
     let mut first_of: HashMap<(&str, &str), usize> = HashMap::new();
     let mut repeat_of: Vec<Option<usize>> = Vec::with_capacity(messages.len());
@@ -363,16 +355,33 @@ async fn insert_messages(
     let column = |f: &dyn for<'m> Fn(&'m NewMessage) -> Option<&'m str>| -> Vec<Option<&str>> {
         rows.iter().map(|&i| f(&messages[i].0)).collect()
     };
-    let inserted: HashSet<i64> = sqlx::query_scalar(
-        "INSERT INTO messages (id, client_id, client_msg_id, message_type, content, filename, \
-             mime_type, size_bytes, timezone, status, status_reason, client_timestamp, received_at, \
-             admitted_by) \
-         SELECT *, $14::text FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], \
-             $5::text[], $6::text[], $7::text[], $8::bigint[], $9::text[], $10::text[], \
-             $11::text[], $12::text[], $13::timestamptz[]) \
-         ON CONFLICT DO NOTHING RETURNING id",
+    // Each row's id drawn from the table's sequence in the order of the calls (a volatile
+    // output is computed after the ORDER BY's sort), in the statement that inserts them: the
+    // ids come back with the rows' positions, and whether each row went in.
+    let returned: Vec<(i64, i64, bool)> = sqlx::query_as(
+        "WITH input AS MATERIALIZED ( \
+             SELECT u.position, nextval(pg_get_serial_sequence('messages', 'id')) AS id, \
+                 u.client_id, u.client_msg_id, u.message_type, u.content, u.filename, \
+                 u.mime_type, u.size_bytes, u.timezone, u.status, u.status_reason, \
+                 u.client_timestamp, u.received_at \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                 $6::text[], $7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[], \
+                 $12::timestamptz[]) WITH ORDINALITY AS u(client_id, client_msg_id, \
+                     message_type, content, filename, mime_type, size_bytes, timezone, status, \
+                     status_reason, client_timestamp, received_at, position) \
+             ORDER BY u.position), \
+         inserted AS ( \
+             INSERT INTO messages (id, client_id, client_msg_id, message_type, content, \
+                 filename, mime_type, size_bytes, timezone, status, status_reason, \
+                 client_timestamp, received_at, admitted_by) \
+             SELECT id, client_id, client_msg_id, message_type, content, filename, mime_type, \
+                 size_bytes, timezone, status, status_reason, client_timestamp, received_at, \
+                 $13::text \
+             FROM input \
+             ON CONFLICT DO NOTHING RETURNING id) \
+         SELECT input.position, input.id, inserted.id IS NOT NULL \
+         FROM input LEFT JOIN inserted ON inserted.id = input.id",
     )
-    .bind(rows.iter().map(|&i| ids[i]).collect::<Vec<i64>>())
     .bind(column(&|m| Some(m.client_id.as_str())))
     .bind(column(&|m| m.client_message_id.as_deref()))
     .bind(column(&|m| Some(m.kind.as_str())))
@@ -381,7 +390,12 @@ async fn insert_messages(
     .bind(column(&|m| m.mime_type.as_deref()))
     .bind(
         rows.iter()
-            .map(|&i| messages[i].0.size_bytes.and_then(|size| i64::try_from(size).ok()))
+            .map(|&i| {
+                messages[i]
+                    .0
+                    .size_bytes
+                    .and_then(|size| i64::try_from(size).ok())
+            })
             .collect::<Vec<Option<i64>>>(),
     )
     .bind(column(&|m| Some(m.timezone.name())))
@@ -395,14 +409,21 @@ async fn insert_messages(
     )
     .bind(admitted_by)
     .fetch_all(&mut **tx)
-    .await?
-    .into_iter()
-    .collect();
+    .await?;
+    // Per message of the batch: the id it drew and whether it was inserted under it.
+    let mut drawn: Vec<Option<(i64, bool)>> = vec![None; messages.len()];
+    for (position, id, inserted) in returned {
+        let index = usize::try_from(position - 1)
+            .ok()
+            .and_then(|row| rows.get(row))
+            .ok_or_else(|| sqlx::Error::Protocol(format!("a message row {position} not sent")))?;
+        drawn[*index] = Some((id, inserted));
+    }
     // Rows that were not inserted resend a client message id stored before this batch.
     let resent: Vec<usize> = rows
         .iter()
         .copied()
-        .filter(|&i| !inserted.contains(&ids[i]))
+        .filter(|&i| matches!(drawn[i], Some((_, false))))
         .collect();
     let mut existing: HashMap<(String, String), Existing> = HashMap::new();
     if !resent.is_empty() {
@@ -464,20 +485,21 @@ async fn insert_messages(
                 duplicate => duplicate.clone(),
             },
             None if busy[index] => Inserted::Busy,
-            None if inserted.contains(&ids[index]) => Inserted::New(ids[index]),
-            None => {
-                let key = (
-                    message.client_id.as_str().to_owned(),
-                    message.client_message_id.clone().unwrap_or_default(),
-                );
-                let stored = existing.get(&key).cloned().ok_or_else(|| {
-                    sqlx::Error::Protocol(format!(
-                        "message {} was neither inserted nor found",
-                        ids[index]
-                    ))
-                })?;
-                Inserted::Duplicate(stored)
-            }
+            None => match drawn[index] {
+                Some((id, true)) => Inserted::New(id),
+                _ => {
+                    let key = (
+                        message.client_id.as_str().to_owned(),
+                        message.client_message_id.clone().unwrap_or_default(),
+                    );
+                    let stored = existing.get(&key).cloned().ok_or_else(|| {
+                        sqlx::Error::Protocol(format!(
+                            "message {index} of a batch was neither inserted nor found"
+                        ))
+                    })?;
+                    Inserted::Duplicate(stored)
+                }
+            },
         };
         outcome.push(result);
     }
@@ -511,16 +533,15 @@ async fn insert_replies(
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    // The locks in a statement of their own: a statement reads the snapshot taken when it
-    // started, so only the statements after this one see what the lock's last holder wrote.
-    sqlx::query(
-        "SELECT pg_advisory_xact_lock($1, hashtext(c)) \
-         FROM (SELECT DISTINCT c FROM UNNEST($2::text[]) AS c) AS clients ORDER BY hashtext(c)",
-    )
-    .bind(REPLY_STREAM_LOCKS)
-    .bind(&clients)
-    .execute(&mut **tx)
-    .await?;
+    // The streams locked, then where each ends (migration 9's function: one round trip),
+    // before anything else of theirs is read: only then is what the lock's last holder wrote
+    // in view.
+    let latest: Vec<(String, Option<i64>)> =
+        sqlx::query_as("SELECT client, latest FROM lock_reply_streams($1, $2)")
+            .bind(REPLY_STREAM_LOCKS)
+            .bind(&clients)
+            .fetch_all(&mut **tx)
+            .await?;
     let mut existing: HashMap<(i64, &'static str), StoredReply> = HashMap::new();
     if seen == Replies::MaybeStored {
         let message_ids: Vec<i64> = batches.iter().map(|(batch, _)| batch.message_id).collect();
@@ -536,15 +557,6 @@ async fn insert_replies(
             existing.insert((reply.message_id, reply.reply_type.as_str()), reply);
         }
     }
-    // Each client's newest reply, read from the end of its index (a MAX with GROUP BY would
-    // read every reply the client ever had).
-    let latest: Vec<(String, Option<i64>)> = sqlx::query_as(
-        "SELECT c, (SELECT seq FROM replies WHERE client_id = c ORDER BY seq DESC LIMIT 1) \
-         FROM UNNEST($1::text[]) AS c",
-    )
-    .bind(&clients)
-    .fetch_all(&mut **tx)
-    .await?;
     let mut next_seq: HashMap<String, i64> = latest
         .into_iter()
         .map(|(client, seq)| (client, seq.unwrap_or(0) + 1))
