@@ -722,11 +722,13 @@ async fn insert_replies(
 async fn record_updates(conn: &mut PgConnection, updates: &Updates) -> Result<(), sqlx::Error> {
     if !updates.deliveries.is_empty() {
         let deliveries: Vec<_> = updates.deliveries.values().collect();
+        // `r.id = ANY($1)` beside the join: the replies then come by their ids from the primary
+        // key, whatever the statistics say of how few are still undelivered (below).
         sqlx::query(
             "UPDATE replies AS r SET delivery = u.delivery, \
                  delivered_at = CASE WHEN u.delivery = 'delivered' THEN u.at END \
              FROM UNNEST($1::bigint[], $2::text[], $3::timestamptz[]) AS u(id, delivery, at) \
-             WHERE r.id = u.id AND r.delivery <> 'delivered'",
+             WHERE r.id = ANY($1) AND r.id = u.id AND r.delivery <> 'delivered'",
         )
         .bind(deliveries.iter().map(|u| u.reply_id).collect::<Vec<i64>>())
         .bind(
@@ -747,23 +749,30 @@ async fn record_updates(conn: &mut PgConnection, updates: &Updates) -> Result<()
             .collect();
         let seqs: Vec<i64> = received.iter().map(|u| seq_param(u.seq)).collect();
         // Only the range since each client's last acknowledgement, found by a range scan of the
-        // client's part of the stream (a join the planner is free to order could read every
-        // reply). The new position is written by the same statement, whose reads all see the
-        // position from before it.
+        // client's part of the stream, and the replies then updated by id. Both as fences the
+        // planner cannot reorder (`OFFSET 0` keeps each client's range a scan of its own, and
+        // `ANY(ARRAY(...))` makes the ids a list looked up in the primary key): left free, once
+        // statistics said that nearly every reply is delivered, it started from a scan of every
+        // reply for the few that are not (20 ms a batch at 100,000 replies). The new position is
+        // written by the same statement, whose reads all see the position from before it.
         sqlx::query(
             "WITH position AS (INSERT INTO reply_streams (client_id, acknowledged) \
                  SELECT * FROM UNNEST($1::text[], $2::bigint[]) \
                  ON CONFLICT (client_id) DO UPDATE \
                      SET acknowledged = GREATEST(reply_streams.acknowledged, \
                          EXCLUDED.acknowledged)) \
-             UPDATE replies AS r SET delivery = 'delivered', delivered_at = t.at \
-             FROM (SELECT range.id, u.at \
-                   FROM UNNEST($1::text[], $2::bigint[], $3::timestamptz[]) AS u(client_id, seq, at) \
-                   LEFT JOIN reply_streams AS s ON s.client_id = u.client_id \
-                   CROSS JOIN LATERAL (SELECT id FROM replies \
-                       WHERE client_id = u.client_id \
-                         AND seq > COALESCE(s.acknowledged, 0) AND seq <= u.seq) AS range) AS t \
-             WHERE r.id = t.id AND r.delivery <> 'delivered'",
+             UPDATE replies AS r SET delivery = 'delivered', \
+                 delivered_at = (SELECT a.at FROM UNNEST($1::text[], $3::timestamptz[]) \
+                     AS a(client_id, at) WHERE a.client_id = r.client_id LIMIT 1) \
+             WHERE r.id = ANY(ARRAY( \
+                     SELECT range.id \
+                     FROM UNNEST($1::text[], $2::bigint[]) AS u(client_id, seq) \
+                     LEFT JOIN reply_streams AS s ON s.client_id = u.client_id \
+                     CROSS JOIN LATERAL (SELECT id FROM replies \
+                         WHERE client_id = u.client_id \
+                           AND seq > COALESCE(s.acknowledged, 0) AND seq <= u.seq \
+                         OFFSET 0) AS range)) \
+               AND r.delivery <> 'delivered'",
         )
         .bind(&clients)
         .bind(&seqs)
@@ -774,11 +783,11 @@ async fn record_updates(conn: &mut PgConnection, updates: &Updates) -> Result<()
     if !updates.departures.is_empty() {
         sqlx::query(
             "UPDATE replies AS r SET delivery = 'failed' \
-             FROM (SELECT range.id \
-                   FROM UNNEST($1::text[], $2::bigint[]) AS u(client_id, seq) \
-                   CROSS JOIN LATERAL (SELECT id FROM replies \
-                       WHERE client_id = u.client_id AND seq > u.seq) AS range) AS t \
-             WHERE r.id = t.id AND r.delivery = 'pending'",
+             WHERE r.id = ANY(ARRAY( \
+                     SELECT range.id FROM UNNEST($1::text[], $2::bigint[]) AS u(client_id, seq) \
+                     CROSS JOIN LATERAL (SELECT id FROM replies \
+                         WHERE client_id = u.client_id AND seq > u.seq OFFSET 0) AS range)) \
+               AND r.delivery = 'pending'",
         )
         .bind(
             updates
