@@ -496,7 +496,7 @@ impl Presence for PgPresence {
             "SELECT \
                  (SELECT COUNT(*) FROM sessions AS s JOIN gateways AS g ON g.id = s.gateway_id \
                   WHERE g.lease_until > now()), \
-                 (SELECT accepted FROM in_flight), \
+                 (SELECT SUM(accepted)::bigint FROM in_flight), \
                  (SELECT COUNT(*) FROM gateways WHERE lease_until > now())",
         )
         .fetch_one(&self.pool)
@@ -515,7 +515,7 @@ impl Presence for PgPresence {
 
     async fn in_flight(&self) -> Result<Option<u64>, PresenceError> {
         let _timed = RoundTrip::start("in_flight");
-        let in_flight: i64 = sqlx::query_scalar("SELECT accepted FROM in_flight")
+        let in_flight: i64 = sqlx::query_scalar("SELECT SUM(accepted)::bigint FROM in_flight")
             .fetch_one(&self.pool)
             .await
             .map_err(|err| unavailable(&err))?;

@@ -171,7 +171,7 @@ impl PgStore {
     /// check the limit by; `/health` reads it through presence).
     #[cfg(test)]
     pub async fn in_flight(&self) -> Result<u64, StoreError> {
-        let count: i64 = sqlx::query_scalar("SELECT accepted FROM in_flight")
+        let count: i64 = sqlx::query_scalar("SELECT SUM(accepted)::bigint FROM in_flight")
             .fetch_one(&self.reads)
             .await?;
         super::non_negative("messages in flight", count)

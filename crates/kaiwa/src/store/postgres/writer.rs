@@ -507,12 +507,19 @@ async fn insert_messages(
 }
 
 /// How many more messages may be accepted, across every process sharing the database. Locks
-/// the in-flight count's row until the transaction ends, so that it stays true until this
-/// batch's messages are committed (the table's triggers add them to it).
+/// the count's admission shard until the transaction ends, so that the count stays true until
+/// this batch's messages are committed (the table's triggers add them to that shard). The
+/// locked shard is read as it is once the lock is held (a row locked after a wait is read
+/// again); the others, where completions take themselves off, as of the statement's start,
+/// which can only count completions too late: never more messages than the limit.
 async fn room_in_flight(tx: &mut Transaction<'_, Postgres>, max: u32) -> Result<u32, sqlx::Error> {
-    let count: i64 = sqlx::query_scalar("SELECT accepted FROM in_flight FOR UPDATE")
-        .fetch_one(&mut **tx)
-        .await?;
+    let count: i64 = sqlx::query_scalar(
+        "WITH admission AS (SELECT accepted FROM in_flight WHERE shard = 0 FOR UPDATE) \
+         SELECT ((SELECT accepted FROM admission) \
+             + (SELECT COALESCE(SUM(accepted), 0) FROM in_flight WHERE shard <> 0))::bigint",
+    )
+    .fetch_one(&mut **tx)
+    .await?;
     Ok(u32::try_from(i64::from(max).saturating_sub(count).max(0)).unwrap_or(0))
 }
 
