@@ -9,9 +9,11 @@
 -- `unfinished`: one small row per message in flight, inserted and deleted by the same triggers
 -- that keep the in-flight count, so that no way of changing a message can leave the two apart.
 
--- No message may change until the triggers below have taken over (processes of the previous
--- version may be running): they wait for this transaction.
-LOCK TABLE messages IN SHARE ROW EXCLUSIVE MODE;
+-- No message may change or be read until the triggers below have taken over and the old
+-- index is gone (processes of the previous version may be running): they wait for this
+-- transaction. The strongest lock first, as `DROP INDEX` would take it later anyway: taken
+-- late, it would wait behind readers while new ones queued behind it.
+LOCK TABLE messages IN ACCESS EXCLUSIVE MODE;
 
 CREATE TABLE unfinished (
     message_id BIGINT PRIMARY KEY

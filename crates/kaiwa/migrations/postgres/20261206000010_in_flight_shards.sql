@@ -7,9 +7,8 @@
 -- while completions commit elsewhere can only count too many, never too few: the limit errs on
 -- the side of a client told to retry.
 --
--- Processes of a version before this one read the count as a single row: stop them before
--- this migration runs (a rolling upgrade across it leaves the limit unchecked until they are
--- gone).
+-- Processes of a version before this one read the count as a single row (and lock every
+-- row of it, in an order the new ones do not keep): stop them before this migration runs.
 LOCK TABLE messages IN SHARE ROW EXCLUSIVE MODE;
 LOCK TABLE in_flight IN ACCESS EXCLUSIVE MODE;
 
@@ -28,8 +27,13 @@ DECLARE
     removed BIGINT := 0;
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
+        -- Shard 0 alone takes the count to zero: shards 1 to 8 must only ever go down, or a
+        -- room read (shard 0 read after its lock, the others as of its start) could count too
+        -- few. No completion runs meanwhile: TRUNCATE holds `messages` exclusively.
         DELETE FROM unfinished;
-        UPDATE in_flight SET accepted = 0;
+        UPDATE in_flight
+            SET accepted = -(SELECT COALESCE(SUM(accepted), 0) FROM in_flight WHERE shard <> 0)
+            WHERE shard = 0;
         RETURN NULL;
     ELSIF TG_OP = 'INSERT' THEN
         INSERT INTO unfinished (message_id) SELECT id FROM new_rows WHERE status = 'accepted';

@@ -865,6 +865,50 @@ mod shared_postgres {
         b.close().await;
     }
 
+    /// The count's shards after completions (shards 1 to 8 below zero) and an operator's
+    /// TRUNCATE: zero in all, and the limit as before.
+    #[tokio::test]
+    async fn a_truncate_leaves_the_count_at_zero_and_the_limit_exact() {
+        let database = test_postgres::TestDatabase::create().await;
+        let store = shared(&database, 3).await;
+        for i in 0..3 {
+            let id = stored(&store, message(&format!("t{i}"), None, "hello")).await;
+            if i == 0 {
+                replied(&store, id, "t0", vec![reply(ReplyType::Text, "hi")]).await;
+            }
+        }
+        assert_eq!(store.in_flight().await.expect("counted"), 2);
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&database.url)
+            .await
+            .expect("connected");
+        sqlx::query("TRUNCATE messages")
+            .execute(&mut conn)
+            .await
+            .expect("truncated");
+        assert_eq!(store.in_flight().await.expect("counted"), 0);
+        let unfinished: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM unfinished")
+            .fetch_one(&mut conn)
+            .await
+            .expect("counted");
+        assert_eq!(unfinished, 0);
+        // Shards 1 to 8 were left as they were (one below zero), shard 0 made up for them.
+        let below: i64 = sqlx::query_scalar("SELECT MIN(accepted) FROM in_flight WHERE shard <> 0")
+            .fetch_one(&mut conn)
+            .await
+            .expect("read");
+        assert_eq!(below, -1);
+        let outcomes: Vec<Inserted> = join_all(
+            (0..5).map(|i| store.insert_message(message(&format!("u{i}"), None, "again"))),
+        )
+        .await
+        .into_iter()
+        .map(|outcome| outcome.expect("answered"))
+        .collect();
+        let busy = outcomes.iter().filter(|o| **o == Inserted::Busy).count();
+        assert_eq!(busy, 2, "{outcomes:?}");
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn a_stuck_message_is_claimed_by_one_sweeper_at_a_time() {
         let database = test_postgres::TestDatabase::create().await;

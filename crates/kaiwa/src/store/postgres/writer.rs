@@ -355,9 +355,10 @@ async fn insert_messages(
     let column = |f: &dyn for<'m> Fn(&'m NewMessage) -> Option<&'m str>| -> Vec<Option<&str>> {
         rows.iter().map(|&i| f(&messages[i].0)).collect()
     };
-    // Each row's id drawn from the table's sequence in the order of the calls (a volatile
-    // output is computed after the ORDER BY's sort), in the statement that inserts them: the
-    // ids come back with the rows' positions, and whether each row went in.
+    // Each row's id drawn from the table's sequence in the order of the calls (UNNEST yields
+    // them in order, and a volatile output is computed after any sort the ORDER BY needs), in
+    // the statement that inserts them: the ids come back with the rows' positions, and whether
+    // each row went in.
     let returned: Vec<(i64, i64, bool)> = sqlx::query_as(
         "WITH input AS MATERIALIZED ( \
              SELECT u.position, nextval(pg_get_serial_sequence('messages', 'id')) AS id, \
