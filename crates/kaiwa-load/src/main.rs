@@ -278,17 +278,19 @@ struct DelayArgs {
 }
 
 fn milliseconds(raw: &str) -> Result<Duration, String> {
-    let value: f64 = raw
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a number of milliseconds"))?;
-    Duration::try_from_secs_f64(value / 1000.0).map_err(|e| e.to_string())
+    duration(raw, "milliseconds", 1000.0)
 }
 
 fn seconds(raw: &str) -> Result<Duration, String> {
+    duration(raw, "seconds", 1.0)
+}
+
+/// A decimal number of `unit`s, of which there are `per_second` in a second.
+fn duration(raw: &str, unit: &str, per_second: f64) -> Result<Duration, String> {
     let value: f64 = raw
         .parse()
-        .map_err(|_| format!("{raw:?} is not a number of seconds"))?;
-    Duration::try_from_secs_f64(value).map_err(|e| e.to_string())
+        .map_err(|_| format!("{raw:?} is not a number of {unit}"))?;
+    Duration::try_from_secs_f64(value / per_second).map_err(|e| e.to_string())
 }
 
 fn main() -> anyhow::Result<ExitCode> {

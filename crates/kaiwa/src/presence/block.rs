@@ -189,8 +189,9 @@ impl SlotBlock {
         }
     }
 
+    /// Slots of the block that no connection holds.
     #[cfg(test)]
-    pub(super) fn spare(&self) -> usize {
+    pub(super) fn unheld(&self) -> usize {
         self.free.len()
     }
 }
@@ -205,6 +206,14 @@ mod tests {
         let mut block = SlotBlock::default();
         block.size_for(u32::MAX);
         block.reset(Some((now, LEASE)));
+        block
+    }
+
+    /// A block just joined that fetched `slots`, as many as it asked for.
+    fn holding(now: Instant, slots: Vec<u32>) -> SlotBlock {
+        let mut block = joined(now);
+        let asked = slots.len();
+        block.fill(block.epoch(), slots, asked, now, LEASE);
         block
     }
 
@@ -223,9 +232,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn slots_are_handed_out_only_while_the_lease_runs() {
         let now = Instant::now();
-        let mut block = joined(now);
-        let epoch = block.epoch();
-        block.fill(epoch, vec![1, 2, 3], 3, now, LEASE);
+        let mut block = holding(now, vec![1, 2, 3]);
         assert!(block.take(7, now).is_some());
         tokio::time::advance(LEASE).await;
         assert_eq!(
@@ -265,11 +272,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn departures_give_back_the_surplus_beyond_twice_the_spare() {
         let now = Instant::now();
-        let mut block = joined(now);
-        let epoch = block.epoch();
         let count = 3 * SPARE;
-        let slots: Vec<u32> = (1..=u32::try_from(count).expect("small")).collect();
-        block.fill(epoch, slots, count, now, LEASE);
+        let mut block = holding(now, (1..=u32::try_from(count).expect("small")).collect());
         let held: Vec<(u64, u32)> = (0..count as u64)
             .map(|conn| (conn, block.take(conn, now).expect("a slot")))
             .collect();
@@ -278,20 +282,18 @@ mod tests {
             given.extend(block.release(conn, slot, now).slots);
         }
         assert_eq!(
-            given.len() + block.spare(),
+            given.len() + block.unheld(),
             count,
             "every slot is somewhere"
         );
-        assert!(block.spare() <= 2 * SPARE, "spare {}", block.spare());
+        assert!(block.unheld() <= 2 * SPARE, "spare {}", block.unheld());
         assert!(given.len() >= count - 2 * SPARE);
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_gateway_gives_back_every_spare_slot_at_its_renewal() {
         let now = Instant::now();
-        let mut block = joined(now);
-        let epoch = block.epoch();
-        block.fill(epoch, (1..=10).collect(), 10, now, LEASE);
+        let mut block = holding(now, (1..=10).collect());
         let slot = block.take(1, now).expect("a slot");
         tokio::time::advance(Duration::from_secs(3)).await;
         let first = block.renewed(Instant::now(), LEASE, false, Instant::now());
@@ -305,9 +307,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_short_cluster_makes_every_gateway_give_back_its_spares_at_renewal() {
         let now = Instant::now();
-        let mut block = joined(now);
-        let epoch = block.epoch();
-        block.fill(epoch, (1..=10).collect(), 10, now, LEASE);
+        let mut block = holding(now, (1..=10).collect());
         block.take(1, now).expect("a slot");
         let back = block.renewed(now, LEASE, true, now);
         assert_eq!(back.slots.len(), 9);
@@ -335,9 +335,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_give_back_from_before_a_renewal_is_of_another_epoch() {
         let now = Instant::now();
-        let mut block = joined(now);
-        let epoch = block.epoch();
-        block.fill(epoch, vec![1], 1, now, LEASE);
+        let mut block = holding(now, vec![1]);
         let before = block.surplus(0);
         assert_eq!(before.slots, vec![1]);
         let _ = block.renewed(now, LEASE, false, now);
@@ -347,25 +345,21 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn only_the_holder_gives_a_slot_back() {
         let now = Instant::now();
-        let mut block = joined(now);
-        let epoch = block.epoch();
-        block.fill(epoch, vec![1, 2], 2, now, LEASE);
+        let mut block = holding(now, vec![1, 2]);
         let slot = block.take(1, now).expect("a slot");
         let _ = block.release(2, slot, now);
         assert!(block.held().contains(&slot));
-        assert_eq!(block.spare(), 1, "still in use by connection 1");
+        assert_eq!(block.unheld(), 1, "still in use by connection 1");
         let _ = block.release(1, slot, now);
-        assert_eq!(block.spare(), 2);
+        assert_eq!(block.unheld(), 2);
         let _ = block.release(1, slot, now);
-        assert_eq!(block.spare(), 2, "a second give-back finds nothing");
+        assert_eq!(block.unheld(), 2, "a second give-back finds nothing");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_left_gateway_hands_out_nothing() {
         let now = Instant::now();
-        let mut block = joined(now);
-        let epoch = block.epoch();
-        block.fill(epoch, vec![1], 1, now, LEASE);
+        let mut block = holding(now, vec![1]);
         block.reset(None);
         assert!(!block.lease_runs(now));
         assert_eq!(block.take(1, now), None);

@@ -4,7 +4,7 @@
 //! A storm of 50,000 connections then costs PostgreSQL a few hundred statements, not 50,000
 //! transactions of four round trips each.
 
-use super::sql::{LEASE_CONNECTION, RoundTrip, unavailable};
+use super::sql::{LEASE_CONNECTION, RoundTrip, conn_param, unavailable};
 use super::{Claim, PresenceError};
 use crate::domain::{ClientId, GatewayId};
 use sqlx::PgPool;
@@ -19,13 +19,7 @@ const MAX_BATCH: usize = 4096;
 const RACED_ATTEMPTS: u8 = 3;
 
 pub(super) enum Request {
-    Claim {
-        client_id: ClientId,
-        conn_id: u64,
-        replace: bool,
-        respond: oneshot::Sender<Result<Claim, PresenceError>>,
-        attempts: u8,
-    },
+    Claim(Pending),
     Release {
         client_id: ClientId,
         conn_id: u64,
@@ -63,13 +57,13 @@ impl Claims {
     ) -> Result<Claim, PresenceError> {
         let (respond, answer) = oneshot::channel();
         self.requests
-            .send(Request::Claim {
+            .send(Request::Claim(Pending {
                 client_id: client_id.clone(),
                 conn_id,
                 replace,
                 respond,
                 attempts: 0,
-            })
+            }))
             .map_err(|_| closed())?;
         answer.await.map_err(|_| closed())?
     }
@@ -102,7 +96,7 @@ struct Writer {
 }
 
 /// A claim waiting for its statement.
-struct Pending {
+pub(super) struct Pending {
     client_id: ClientId,
     conn_id: u64,
     replace: bool,
@@ -113,9 +107,16 @@ struct Pending {
 /// What the claim statement read and did for one id.
 struct Outcome {
     claimed: bool,
-    /// The row as it was before: its gateway and connection, whether that gateway's lease ran
-    /// and whether its lease connection was open.
-    held: Option<(String, i64, bool, bool)>,
+    /// The row as it was before, if there was one.
+    held: Option<Holder>,
+}
+
+/// Who held an id when the claim statement began.
+struct Holder {
+    gateway: String,
+    conn: i64,
+    /// Whether that gateway's lease ran.
+    live: bool,
 }
 
 impl Writer {
@@ -145,19 +146,7 @@ impl Writer {
                         conn_id,
                         done,
                     } => releases.push((client_id, conn_id, done)),
-                    Request::Claim {
-                        client_id,
-                        conn_id,
-                        replace,
-                        respond,
-                        attempts,
-                    } => claims.push(Pending {
-                        client_id,
-                        conn_id,
-                        replace,
-                        respond,
-                        attempts,
-                    }),
+                    Request::Claim(claim) => claims.push(claim),
                 }
             }
             // Departures first: a client that left and came back within one batch finds its
@@ -174,7 +163,10 @@ impl Writer {
     async fn release(&self, releases: Vec<(ClientId, u64, oneshot::Sender<()>)>) {
         let _timed = RoundTrip::start("release");
         let ids: Vec<&str> = releases.iter().map(|(id, ..)| id.as_str()).collect();
-        let conns: Vec<i64> = releases.iter().map(|(_, conn, _)| db_conn(*conn)).collect();
+        let conns: Vec<i64> = releases
+            .iter()
+            .map(|(_, conn, _)| conn_param(*conn))
+            .collect();
         let released = sqlx::query(
             "DELETE FROM sessions AS s USING UNNEST($2::text[], $3::bigint[]) AS r(client_id, conn_id) \
              WHERE s.client_id = r.client_id AND s.gateway_id = $1 AND s.conn_id = r.conn_id",
@@ -224,7 +216,7 @@ impl Writer {
         // ids take turns instead of deadlocking.
         pending.sort_by(|a, b| a.client_id.as_str().cmp(b.client_id.as_str()));
         let ids: Vec<&str> = pending.iter().map(|p| p.client_id.as_str()).collect();
-        let conns: Vec<i64> = pending.iter().map(|p| db_conn(p.conn_id)).collect();
+        let conns: Vec<i64> = pending.iter().map(|p| conn_param(p.conn_id)).collect();
         // `holders` locks the rows that exist, read as they are: a holder counts while its
         // lease runs and, within the lease, while its lease connection is open (a gateway
         // that was killed loses it at once). Ids are compared on PostgreSQL's first 63 bytes
@@ -259,8 +251,7 @@ impl Writer {
                                  WHERE a.datname = current_database() \
                                    AND a.application_name = left($4 || s.gateway_id, 63)) \
                      RETURNING s.client_id) \
-                 SELECT r.client_id, t.client_id IS NOT NULL, c.gateway_id, c.conn_id, c.live, \
-                     c.connected \
+                 SELECT r.client_id, t.client_id IS NOT NULL, c.gateway_id, c.conn_id, c.live \
                  FROM req AS r LEFT JOIN taken AS t ON t.client_id = r.client_id \
                  LEFT JOIN holders AS c ON c.client_id = r.client_id",
         )
@@ -283,14 +274,13 @@ impl Writer {
         };
         let mut outcomes: HashMap<String, Outcome> = rows
             .into_iter()
-            .map(|(id, claimed, gateway, conn, live, connected)| {
+            .map(|(id, claimed, gateway, conn, live)| {
                 let held = match (gateway, conn) {
-                    (Some(gateway), Some(conn)) => Some((
+                    (Some(gateway), Some(conn)) => Some(Holder {
                         gateway,
                         conn,
-                        live.unwrap_or(false),
-                        connected.unwrap_or(false),
-                    )),
+                        live: live.unwrap_or(false),
+                    }),
                     _ => None,
                 };
                 (id, Outcome { claimed, held })
@@ -304,13 +294,10 @@ impl Writer {
                     let _ = claim.respond.send(answer);
                 }
                 Decided::Again if claim.attempts + 1 < RACED_ATTEMPTS => {
-                    self.again.push(Request::Claim {
-                        client_id: claim.client_id,
-                        conn_id: claim.conn_id,
-                        replace: claim.replace,
-                        respond: claim.respond,
+                    self.again.push(Request::Claim(Pending {
                         attempts: claim.attempts + 1,
-                    });
+                        ..claim
+                    }));
                 }
                 Decided::Again => {
                     let err = PresenceError::Unavailable(
@@ -332,13 +319,14 @@ impl Writer {
         let other = match outcome.held {
             // This gateway's own registry already decided between its connections; a holder
             // whose lease ended counts for nothing.
-            Some((gateway, _, _, _)) if gateway == self.gateway.as_str() => None,
-            Some((_, _, false, _)) | None => None,
-            Some((gateway, conn, true, connected)) => match u64::try_from(conn) {
-                Ok(conn) => Some((GatewayId::new(gateway), conn, connected)),
+            Some(holder) if holder.gateway == self.gateway.as_str() || !holder.live => None,
+            None => None,
+            Some(holder) => match u64::try_from(holder.conn) {
+                Ok(conn) => Some((GatewayId::new(holder.gateway), conn)),
                 Err(_) => {
                     return Decided::Answer(Err(PresenceError::Database(format!(
-                        "a corrupt connection id {conn}"
+                        "a corrupt connection id {}",
+                        holder.conn
                     ))));
                 }
             },
@@ -347,10 +335,8 @@ impl Writer {
             // A live holder that was taken from, connected (policy `replace`) or not (it may
             // only be reopening its lease connection): told, so that a live one closes its
             // connection rather than keep a second one.
-            (true, other) => Decided::Answer(Ok(Claim::Claimed {
-                replaced: other.map(|(gateway, conn, _)| (gateway, conn)),
-            })),
-            (false, Some((gateway, conn_id, _))) => {
+            (true, replaced) => Decided::Answer(Ok(Claim::Claimed { replaced })),
+            (false, Some((gateway, conn_id))) => {
                 Decided::Answer(Ok(Claim::Held { gateway, conn_id }))
             }
             // Not taken, and no row was there when the statement began: another gateway
@@ -361,21 +347,10 @@ impl Writer {
 }
 
 /// One id's row of the claim statement: the id, whether it was taken, and the row as it was
-/// (gateway, connection, lease running, lease connection open), if there was one.
-type ClaimRow = (
-    String,
-    bool,
-    Option<String>,
-    Option<i64>,
-    Option<bool>,
-    Option<bool>,
-);
+/// (gateway, connection, lease running), if there was one.
+type ClaimRow = (String, bool, Option<String>, Option<i64>, Option<bool>);
 
 enum Decided {
     Answer(Result<Claim, PresenceError>),
     Again,
-}
-
-fn db_conn(conn: u64) -> i64 {
-    i64::try_from(conn).unwrap_or(i64::MAX)
 }

@@ -7,10 +7,11 @@
 
 use super::block::{SlotBlock, Surplus};
 use super::claims::Claims;
-use super::sql::{LEASE_CONNECTION, RoundTrip, unavailable};
+use super::sql::{LEASE_CONNECTION, RoundTrip, conn_param, unavailable};
 use super::{Claim, ClusterCounts, Lessee, Presence, PresenceError};
 use crate::domain::ClientId;
 use crate::domain::GatewayId;
+use crate::store::IN_FLIGHT_COUNT;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::str::FromStr;
@@ -109,10 +110,7 @@ impl PgPresence {
     /// had run out.
     pub(super) async fn renew(&self, live: &[u64]) -> Result<bool, PresenceError> {
         let _timed = RoundTrip::start("renew");
-        let live: Vec<i64> = live
-            .iter()
-            .map(|&conn| i64::try_from(conn).unwrap_or(i64::MAX))
-            .collect();
+        let live: Vec<i64> = live.iter().map(|&conn| conn_param(conn)).collect();
         let rows = self.rows.lock().await;
         let started = tokio::time::Instant::now();
         let held = slot_params(&lock(&self.block).held());
@@ -371,9 +369,10 @@ impl Presence for PgPresence {
 
     /// Renews the lease every third of it until `stop`, then leaves the cluster. Each renewal
     /// also gives back the client ids of this gateway's that no live connection holds (their
-    /// release failed), slot rows its block does not list, and the block's surplus. If the lease could not be renewed before it ran out, others may have taken
-    /// this gateway's slots and ids: the lessee is told (it closes its sessions), and the
-    /// gateway joins again once the database answers.
+    /// release failed), slot rows its block does not list, and the block's surplus. If the
+    /// lease could not be renewed before it ran out, others may have taken this gateway's
+    /// slots and ids: the lessee is told (it closes its sessions), and the gateway joins again
+    /// once the database answers.
     async fn keep_lease(&self, max_clients: u32, stop: CancellationToken, lessee: Arc<dyn Lessee>) {
         let mut tick = tokio::time::interval(self.lease / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -492,16 +491,17 @@ impl Presence for PgPresence {
 
     async fn counts(&self) -> Result<Option<ClusterCounts>, PresenceError> {
         let _timed = RoundTrip::start("counts");
-        let (clients, in_flight, gateways): (i64, i64, i64) = sqlx::query_as(
-            "SELECT \
-                 (SELECT COUNT(*) FROM sessions AS s JOIN gateways AS g ON g.id = s.gateway_id \
-                  WHERE g.lease_until > now()), \
-                 (SELECT SUM(accepted)::bigint FROM in_flight), \
-                 (SELECT COUNT(*) FROM gateways WHERE lease_until > now())",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|err| unavailable(&err))?;
+        let (clients, in_flight, gateways): (i64, i64, i64) =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT \
+                     (SELECT COUNT(*) FROM sessions AS s JOIN gateways AS g ON g.id = s.gateway_id \
+                      WHERE g.lease_until > now()), \
+                     ({IN_FLIGHT_COUNT}), \
+                     (SELECT COUNT(*) FROM gateways WHERE lease_until > now())"
+            )))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|err| unavailable(&err))?;
         let count = |what: &str, value: i64| {
             u64::try_from(value)
                 .map_err(|_| PresenceError::Database(format!("a corrupt count of {what}: {value}")))
@@ -515,7 +515,7 @@ impl Presence for PgPresence {
 
     async fn in_flight(&self) -> Result<Option<u64>, PresenceError> {
         let _timed = RoundTrip::start("in_flight");
-        let in_flight: i64 = sqlx::query_scalar("SELECT SUM(accepted)::bigint FROM in_flight")
+        let in_flight: i64 = sqlx::query_scalar(IN_FLIGHT_COUNT)
             .fetch_one(&self.pool)
             .await
             .map_err(|err| unavailable(&err))?;

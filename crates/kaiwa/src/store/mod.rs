@@ -10,6 +10,7 @@ mod memory;
 mod postgres;
 mod read;
 mod sql;
+pub(crate) use postgres::IN_FLIGHT_COUNT;
 pub(crate) use sql::is_outage;
 mod sqlite;
 

@@ -75,6 +75,7 @@ fn init_logs() {
 }
 
 pub mod cluster;
+pub mod postgres;
 
 /// Runs a program of the machine's to its end and returns what it printed; panics with its
 /// output unless it succeeds, naming the Debian package that brings it when it is missing and
@@ -94,7 +95,6 @@ pub fn tool(program: &str, args: &[&str], package: &str, if_failed: &str) -> Str
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
-pub mod postgres;
 
 pub struct TestApp {
     pub addr: SocketAddr,

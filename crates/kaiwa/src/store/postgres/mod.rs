@@ -57,6 +57,10 @@ enum Claiming<'a> {
     LeftBy(&'a GatewayId, DateTime<Utc>),
 }
 
+/// The number of messages in flight across the cluster: the sum of the count's shards (see
+/// migration 8), read by `/health` through presence as well as by the store's tests.
+pub(crate) const IN_FLIGHT_COUNT: &str = "SELECT SUM(accepted)::bigint FROM in_flight";
+
 pub struct PgStore {
     /// To the writer task.
     writes: Writes,
@@ -171,7 +175,7 @@ impl PgStore {
     /// check the limit by; `/health` reads it through presence).
     #[cfg(test)]
     pub async fn in_flight(&self) -> Result<u64, StoreError> {
-        let count: i64 = sqlx::query_scalar("SELECT SUM(accepted)::bigint FROM in_flight")
+        let count: i64 = sqlx::query_scalar(IN_FLIGHT_COUNT)
             .fetch_one(&self.reads)
             .await?;
         super::non_negative("messages in flight", count)
