@@ -422,6 +422,26 @@ async fn replies_are_stored_once_per_type_and_numbered_per_client(backend: impl 
     assert_eq!(store.latest_seq(&client("nobody")).await.expect("read"), 0);
 }
 
+async fn one_reply_set_sent_twice_at_once_is_stored_once(backend: impl Backend) {
+    let store = backend.store();
+    let id = stored(store, message("fay", Some("1"), "hello")).await;
+    // Sent together, as two workers that took the same job would: on the database stores
+    // they usually share a batch.
+    let set = || {
+        vec![
+            reply(ReplyType::Text, "text"),
+            reply(ReplyType::Voice, "voice"),
+        ]
+    };
+    let (one, two) = futures::join!(
+        replied(store, id, "fay", set()),
+        replied(store, id, "fay", set())
+    );
+    assert_eq!(one, two, "both are answered with the replies stored");
+    assert_eq!(one.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(store.latest_seq(&client("fay")).await.expect("read"), 2);
+}
+
 async fn a_reply_to_a_message_never_stored_is_refused(backend: impl Backend) {
     let store = backend.store();
     let real = stored(store, message("erin", Some("1"), "hello")).await;
@@ -683,6 +703,11 @@ macro_rules! contract {
                     $backend::open().await,
                 )
                 .await;
+            }
+
+            #[tokio::test]
+            async fn one_reply_set_sent_twice_at_once_is_stored_once() {
+                super::one_reply_set_sent_twice_at_once_is_stored_once($backend::open().await).await;
             }
 
             #[tokio::test]

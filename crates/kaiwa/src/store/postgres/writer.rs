@@ -535,9 +535,9 @@ async fn insert_replies(
     if batches.is_empty() {
         return Ok(Vec::new());
     }
-    let clients: Vec<String> = batches
+    let clients: Vec<&str> = batches
         .iter()
-        .map(|(batch, _)| batch.client_id.as_str().to_owned())
+        .map(|(batch, _)| batch.client_id.as_str())
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
@@ -584,9 +584,10 @@ async fn insert_replies(
             if existing.contains_key(&key) || !taken.insert(key) {
                 continue;
             }
+            // The function answers for every client it was given.
             let next = next_seq
-                .entry(batch.client_id.as_str().to_owned())
-                .or_insert(1);
+                .get_mut(batch.client_id.as_str())
+                .ok_or_else(|| sqlx::Error::Protocol("a reply stream's end was not read".into()))?;
             rows.push(Row {
                 batch: index,
                 reply,
@@ -600,24 +601,34 @@ async fn insert_replies(
         .filter(|(batch, _)| batch.completes)
         .map(|(batch, _)| batch.message_id)
         .collect();
-    let mut ids: HashMap<(String, i64), i64> = HashMap::new();
-    if !rows.is_empty() {
+    let returned: Vec<(i64, String, i64)> = if rows.is_empty() {
+        if !completed.is_empty() {
+            // Every reply was stored before (a job processed twice): only the status is left.
+            sqlx::query(
+                "UPDATE messages SET status = 'replied' WHERE id = ANY($1) AND status = 'accepted'",
+            )
+            .bind(&completed)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Vec::new()
+    } else {
         // Joined with its message instead of checked by a foreign key: the key's check locks
         // the message's row (a write to its page, and to the WAL) for every reply. Messages
         // are never deleted, so reading the row is as good a guarantee.
         // The messages these replies complete are marked replied by the same statement.
-        let returned: Vec<(i64, String, i64)> = sqlx::query_as(
+        sqlx::query_as(
             "WITH replied AS (UPDATE messages SET status = 'replied' \
-                 WHERE id = ANY($10) AND status = 'accepted') \
-             INSERT INTO replies (message_id, client_id, seq, reply_type, content, filename, \
-                 mime_type, fallback, created_at) \
-             SELECT r.* FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[], \
-                 $5::text[], $6::text[], $7::text[], $8::bool[], $9::timestamptz[]) \
-                 AS r(message_id, client_id, seq, reply_type, content, filename, mime_type, \
-                     fallback, created_at) \
-             JOIN messages AS m ON m.id = r.message_id \
-             ON CONFLICT (message_id, reply_type) DO NOTHING \
-             RETURNING id, client_id, seq",
+                     WHERE id = ANY($10) AND status = 'accepted') \
+                 INSERT INTO replies (message_id, client_id, seq, reply_type, content, filename, \
+                     mime_type, fallback, created_at) \
+                 SELECT r.* FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[], \
+                     $5::text[], $6::text[], $7::text[], $8::bool[], $9::timestamptz[]) \
+                     AS r(message_id, client_id, seq, reply_type, content, filename, mime_type, \
+                         fallback, created_at) \
+                 JOIN messages AS m ON m.id = r.message_id \
+                 ON CONFLICT (message_id, reply_type) DO NOTHING \
+                 RETURNING id, client_id, seq",
         )
         .bind(
             rows.iter()
@@ -658,41 +669,31 @@ async fn insert_replies(
         )
         .bind(&completed)
         .fetch_all(&mut **tx)
-        .await?;
-        if returned.len() < rows.len() {
-            if seen == Replies::New {
-                return Err(Failed::StoredBefore);
-            }
-            let stored: HashSet<(&str, i64)> = returned
-                .iter()
-                .map(|(_, client, seq)| (client.as_str(), *seq))
-                .collect();
-            let missing = rows
-                .iter()
-                .find(|r| !stored.contains(&(batches[r.batch].0.client_id.as_str(), r.seq)))
-                .map_or(0, |r| batches[r.batch].0.message_id);
-            return Err(Failed::Sql(sqlx::Error::Protocol(format!(
-                "a reply to message {missing}, which is not stored"
-            ))));
+        .await?
+    };
+    // Each new reply's id by its stream position.
+    let ids: HashMap<(&str, i64), i64> = returned
+        .iter()
+        .map(|(id, client, seq)| ((client.as_str(), *seq), *id))
+        .collect();
+    if ids.len() < rows.len() {
+        if seen == Replies::New {
+            return Err(Failed::StoredBefore);
         }
-        ids = returned
-            .into_iter()
-            .map(|(id, client, seq)| ((client, seq), id))
-            .collect();
-    } else if !completed.is_empty() {
-        // Every reply was stored before (a job processed twice): only the status is left.
-        sqlx::query(
-            "UPDATE messages SET status = 'replied' WHERE id = ANY($1) AND status = 'accepted'",
-        )
-        .bind(&completed)
-        .execute(&mut **tx)
-        .await?;
+        let missing = rows
+            .iter()
+            .find(|r| !ids.contains_key(&(batches[r.batch].0.client_id.as_str(), r.seq)))
+            .map_or(0, |r| batches[r.batch].0.message_id);
+        return Err(Failed::Sql(sqlx::Error::Protocol(format!(
+            "a reply to message {missing}, which is not stored"
+        ))));
     }
 
     // Each batch's answer: its replies as stored, new or from before, in the order asked.
     let mut new_rows = rows.into_iter().peekable();
-    let mut answers = Vec::with_capacity(batches.len());
-    let mut stored_now: HashMap<(i64, &'static str), StoredReply> = HashMap::new();
+    let mut answers: Vec<Vec<StoredReply>> = Vec::with_capacity(batches.len());
+    // Where each reply stored now was answered: a second of its kind answers the same.
+    let mut stored_now: HashMap<(i64, &'static str), (usize, usize)> = HashMap::new();
     for (index, (batch, _)) in batches.iter().enumerate() {
         let mut answer = Vec::with_capacity(batch.replies.len());
         for reply in &batch.replies {
@@ -702,7 +703,7 @@ async fn insert_replies(
                 && std::ptr::eq(row.reply, reply)
             {
                 let id = ids
-                    .get(&(batch.client_id.as_str().to_owned(), row.seq))
+                    .get(&(batch.client_id.as_str(), row.seq))
                     .copied()
                     .ok_or_else(|| {
                         sqlx::Error::Protocol("an inserted reply was not returned".into())
@@ -713,12 +714,19 @@ async fn insert_replies(
                 let stored = reply
                     .clone()
                     .stored(id, batch.message_id, seq, batch.created_at);
-                stored_now.insert(key, stored.clone());
+                stored_now.insert(key, (index, answer.len()));
                 answer.push(stored);
                 new_rows.next();
-            } else if let Some(stored) = existing.get(&key).or_else(|| stored_now.get(&key)) {
+            } else if let Some(stored) = existing.get(&key) {
                 // Stored before (a job processed twice): the first reply stands.
                 answer.push(stored.clone());
+            } else if let Some(&(set, at)) = stored_now.get(&key) {
+                let first = if set == index {
+                    answer[at].clone()
+                } else {
+                    answers[set][at].clone()
+                };
+                answer.push(first);
             }
         }
         answers.push(answer);
