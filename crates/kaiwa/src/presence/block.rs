@@ -54,6 +54,19 @@ pub(super) struct Surplus {
     pub epoch: u64,
 }
 
+impl Surplus {
+    /// Adds `other` to what waits to be given back. Slots of an earlier epoch than the newest
+    /// are dropped: joining again or a renewal has freed their rows already, and the block may
+    /// hold some of them again.
+    pub(super) fn merge(&mut self, other: Surplus) {
+        if other.epoch > self.epoch {
+            *self = other;
+        } else if other.epoch == self.epoch {
+            self.slots.extend(other.slots);
+        }
+    }
+}
+
 impl SlotBlock {
     pub(super) fn epoch(&self) -> u64 {
         self.epoch
@@ -215,6 +228,36 @@ mod tests {
         let asked = slots.len();
         block.fill(block.epoch(), slots, asked, now, LEASE);
         block
+    }
+
+    #[test]
+    fn surpluses_waiting_together_keep_only_the_newest_epoch() {
+        let mut waiting = Surplus::default();
+        waiting.merge(Surplus {
+            slots: vec![7, 8],
+            epoch: 1,
+        });
+        waiting.merge(Surplus {
+            slots: vec![9],
+            epoch: 1,
+        });
+        assert_eq!(waiting.slots, [7, 8, 9]);
+        // A renewal in between freed the rows of epoch 1 already.
+        waiting.merge(Surplus {
+            slots: vec![3],
+            epoch: 2,
+        });
+        waiting.merge(Surplus {
+            slots: vec![4],
+            epoch: 1,
+        });
+        assert_eq!(
+            waiting,
+            Surplus {
+                slots: vec![3],
+                epoch: 2
+            }
+        );
     }
 
     #[test]

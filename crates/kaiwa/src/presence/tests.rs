@@ -103,6 +103,27 @@ async fn two_gateways_taking_at_once_never_pass_the_limit_and_leave_no_slot_unus
 }
 
 #[tokio::test]
+async fn clients_leaving_all_at_once_give_back_every_surplus_slot() {
+    let database = database().await;
+    let max = 5000;
+    let a = gateway(&database, "gw-a", LEASE, max).await;
+    let taken: Vec<(u64, u32)> = join_all((0..1000u64).map(|conn| {
+        let a = &a;
+        async move { (conn, take(a, conn, max).await) }
+    }))
+    .await;
+    // Their give-backs wait for one another and go together.
+    join_all(taken.iter().map(|&(conn, slot)| a.release_slot(slot, conn))).await;
+    let held = rows_of(&database, "gw-a").await;
+    let listed = i64::try_from(a.block_held()).expect("small");
+    assert_eq!(held, listed, "the table holds what the block lists");
+    assert!(
+        held <= 2 * SPARE as i64,
+        "the surplus is given back: {held}"
+    );
+}
+
+#[tokio::test]
 async fn a_gateway_fetches_a_block_and_gives_back_its_surplus() {
     let database = database().await;
     // Large enough for the whole spare.
