@@ -1,7 +1,7 @@
 //! One connection's life, in phases: the handshake of a stranger ([`introduce`]), the client
 //! slots and the reply stream's start ([`admit`]), the client id, here and across the cluster
-//! ([`claim`]), then the session, the client's departure and the close handshake ([`run`]). A
-//! phase that turns the client away says why with a [`Refusal`].
+//! ([`claim`]), the session ([`run`]), then the client's departure and the close handshake
+//! ([`depart`]). A phase that turns the client away says why with a [`Refusal`].
 
 use super::Gateway;
 use super::cluster::ClusterSlot;
@@ -9,7 +9,7 @@ use super::handshake::{self, Credentials, HandshakeError, Hello, Opening, Resume
 use super::outbox::{Closing, Frames, Outbox, Writer};
 use super::refusal::{CLOSE_REPLY_TIMEOUT, Refusal};
 use super::registry::{Duplicate, Liveness, SessionHandle};
-use super::session::Session;
+use super::session::{Ending, Session};
 use super::strangers::Pass;
 use super::stream::ReplyStream;
 use super::wire::{About, Protocol, close_frame};
@@ -21,11 +21,13 @@ use crate::listener::Peer;
 use crate::presence::{Claim, PresenceError};
 use crate::store::StoreError;
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
-use futures::{Stream, StreamExt};
+use futures::stream::SplitStream;
+use futures::{FutureExt, Stream, StreamExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// The longest a duplicate connection waits to learn whether the live one still answers.
@@ -78,9 +80,11 @@ pub(crate) async fn serve(gateway: Arc<Gateway>, mut socket: Box<WebSocket>, arr
         }
     };
     // A task of its own, so that what the phases above kept does not stay with the connection
-    // for its life (an async fn's frame holds every local any of its awaits needed).
+    // for its life (an async fn's frame holds every local any of its awaits needed). `then`
+    // keeps the two phases in one place of the task's memory: the session's is gone when the
+    // departure's begins.
     let tracker = gateway.tracker.clone();
-    tracker.spawn(run(gateway, socket, hello, claimed));
+    tracker.spawn(run(gateway, socket, hello, claimed).then(depart));
 }
 
 /// The handshake of a connection that is not yet a client: it ends with a verified hello, or
@@ -281,8 +285,30 @@ async fn claim(gateway: &Gateway, hello: &Hello, admitted: Admitted) -> Result<C
     Err(refusal.holding(Some(slot), Some(cluster_slot)))
 }
 
-/// The session, from the writer's start to the client's departure.
-async fn run(gateway: Arc<Gateway>, socket: Box<WebSocket>, hello: Hello, claimed: Claimed) {
+/// A session that ended, with what its departure needs.
+struct Ended {
+    gateway: Arc<Gateway>,
+    session: Session,
+    ending: Ending,
+    client_id: ClientId,
+    /// The client slots, given back as the departure begins.
+    admitted: Admitted,
+    /// Set by the registry when the client's id moved to a connection on another gateway.
+    moved: Arc<AtomicBool>,
+    /// To the writer: how to close.
+    closing: oneshot::Sender<Closing>,
+    /// What is still read from the client: its close frame, in return for ours.
+    frames_in: SplitStream<WebSocket>,
+    writer: JoinHandle<()>,
+}
+
+/// The session, from the writer's start to the session's end.
+async fn run(
+    gateway: Arc<Gateway>,
+    socket: Box<WebSocket>,
+    hello: Hello,
+    claimed: Claimed,
+) -> Ended {
     let Claimed {
         admitted,
         handle,
@@ -313,7 +339,7 @@ async fn run(gateway: Arc<Gateway>, socket: Box<WebSocket>, hello: Hello, claime
     }
 
     let (sink, mut frames_in) = (*socket).split();
-    let (close_tx, close_rx) = oneshot::channel();
+    let (closing, close_rx) = oneshot::channel();
     let writer = gateway.tracker.spawn(
         Writer {
             sink,
@@ -340,7 +366,34 @@ async fn run(gateway: Arc<Gateway>, socket: Box<WebSocket>, hello: Hello, claime
         position,
     );
     let ending = session.run(&mut frames_in).await;
+    Ended {
+        gateway,
+        session,
+        ending,
+        client_id,
+        admitted,
+        moved,
+        closing,
+        frames_in,
+        writer,
+    }
+}
 
+/// The client's departure: it leaves the registry and the limits at once, replies that came
+/// here after it moved to another gateway are handed over, then the close handshake, bounded.
+async fn depart(ended: Ended) {
+    let Ended {
+        gateway,
+        session,
+        ending,
+        client_id,
+        admitted,
+        moved,
+        closing,
+        mut frames_in,
+        writer,
+    } = ended;
+    let conn_id = admitted.conn_id;
     gateway.registry.remove(&client_id, conn_id);
     // The client is gone as far as the limits go; the close handshake below is bounded.
     drop(admitted);
@@ -357,11 +410,11 @@ async fn run(gateway: Arc<Gateway>, socket: Box<WebSocket>, hello: Hello, claime
             .tracker
             .spawn(async move { link.hand_over(&client_id, seq, &stop).await });
     }
-    let closing = Closing {
+    let closing_frame = Closing {
         frame: ending.close_frame(&gateway.settings),
         drain: ending.drains(),
     };
-    if close_tx.send(closing).is_err() {
+    if closing.send(closing_frame).is_err() {
         tracing::debug!(conn_id, "the writer ended before the session");
     }
     if ending.awaits_close_reply() {
