@@ -680,6 +680,22 @@ async fn a_negative_stream_position_reads_as_corrupt(backend: impl Durable) {
     assert!(corrupt(&latest), "{latest:?}");
     let history = store.history(&client("jan"), None, 10).await;
     assert!(corrupt(&history), "{history:?}");
+    // A job processed twice is answered with the replies stored before, read as every read
+    // reads them: the writer's error names the same value. (Through the writer's batch it is
+    // a failed write, not `Corrupt`.)
+    let again = store
+        .insert_replies(
+            id,
+            &client("jan"),
+            vec![reply(ReplyType::Text, "r")],
+            at(1),
+            true,
+        )
+        .await;
+    assert!(
+        matches!(&again, Err(err) if err.to_string().contains("reply seq -1")),
+        "{again:?}"
+    );
 }
 
 macro_rules! contract {
