@@ -3,8 +3,9 @@
 //! the tests use; see `tests/support/postgres.rs`).
 
 use super::{
-    Existing, Inserted, MemoryStore, NewMessage, NewReply, PgOptions, PgStore, SqliteOptions,
-    SqliteStore, Store, StoreError, StoreHealth, StoredMessage, StoredReply, StuckClaims,
+    Existing, Inserted, MemoryStore, NewMessage, NewReply, PgOptions, PgShared, PgStore,
+    SqliteOptions, SqliteStore, Store, StoreError, StoreHealth, StoredMessage, StoredReply,
+    StuckClaims,
 };
 use crate::domain::{ClientId, Timezone};
 use chrono::{DateTime, TimeZone, Utc};
@@ -790,9 +791,10 @@ mod shared_postgres {
         gateway: Option<&str>,
     ) -> PgStore {
         let options = PgOptions {
-            shared: true,
-            max_in_flight: Some(max_in_flight),
-            admitted_by: gateway.map(Into::into),
+            shared: Some(PgShared {
+                max_in_flight,
+                admitted_by: gateway.map(Into::into),
+            }),
         };
         PgStore::connect(&database.url, options)
             .await
