@@ -15,8 +15,8 @@ use crate::recovery::{ClusterSweeper, Recovery, Sweeper};
 use crate::replies::model::{ModelError, ModelResponder};
 use crate::replies::{BuiltinResponder, ReplyMaker, TextResponder};
 use crate::store::{
-    DiskMedia, MediaStore, PgOptions, PgStore, SqliteOptions, SqliteStore, Store, StoreError,
-    StuckClaims,
+    DiskMedia, MediaStore, PgOptions, PgShared, PgStore, SqliteOptions, SqliteStore, Store,
+    StoreError, StuckClaims,
 };
 use crate::telemetry;
 use crate::worker::{Delays, Worker};
@@ -204,9 +204,10 @@ impl Application {
         };
         let id = GatewayId::new(config.cluster.node_id());
         let options = PgOptions {
-            shared: true,
-            max_in_flight: Some(config.limits.max_in_flight),
-            admitted_by: Some(id.as_str().into()),
+            shared: Some(PgShared {
+                max_in_flight: config.limits.max_in_flight,
+                admitted_by: Some(id.as_str().into()),
+            }),
         };
         let pg = PgStore::connect(database_url.expose(), options)
             .await

@@ -18,9 +18,15 @@
 //!    voice clips and generated images.
 //!
 //! [`presence`] says which gateway holds which client and keeps the cluster-wide client limits,
-//! and routes a client's events to its gateway; [`http`] serves history, health, metrics and
-//! media; [`auth`] says who a client is (signed tokens); [`app`] wires it all together, for
-//! `kaiwa serve` (every role in one process) or one role of a cluster.
+//! and routes a client's events to its gateway; [`recovery`] queues again the accepted messages
+//! no worker holds (the sweepers); [`http`] serves history, health, metrics and media; [`auth`]
+//! says who a client is (signed tokens); [`app`] wires it all together, for `kaiwa serve`
+//! (every role in one process) or one role of a cluster.
+//!
+//! Beneath them: [`domain`], the validating identities (client id, timezone, a connection's
+//! source, gateway id) and an upload's file format; [`flags`], the flag values several modules
+//! read; [`config`], the command line; [`telemetry`], logs and metrics; [`clock`] and
+//! [`shutdown`].
 
 pub mod admission;
 pub mod app;

@@ -1,7 +1,7 @@
 //! One connection's life, in phases: the handshake of a stranger ([`introduce`]), the client
 //! slots and the reply stream's start ([`admit`]), the client id, here and across the cluster
-//! ([`claim`]), then the session, the client's departure and the close handshake ([`run`]). A
-//! phase that turns the client away says why with a [`Refusal`].
+//! ([`claim`]), the session ([`run`]), then the client's departure and the close handshake
+//! ([`depart`]). A phase that turns the client away says why with a [`Refusal`].
 
 use super::Gateway;
 use super::cluster::ClusterSlot;
@@ -9,7 +9,7 @@ use super::handshake::{self, Credentials, HandshakeError, Hello, Opening, Resume
 use super::outbox::{Closing, Frames, Outbox, Writer};
 use super::refusal::{CLOSE_REPLY_TIMEOUT, Refusal};
 use super::registry::{Duplicate, Liveness, SessionHandle};
-use super::session::Session;
+use super::session::{Ending, Session};
 use super::strangers::Pass;
 use super::stream::ReplyStream;
 use super::wire::{About, Protocol, close_frame};
@@ -21,11 +21,13 @@ use crate::listener::Peer;
 use crate::presence::{Claim, PresenceError};
 use crate::store::StoreError;
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
-use futures::{Stream, StreamExt};
+use futures::stream::SplitStream;
+use futures::{FutureExt, Stream, StreamExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// The longest a duplicate connection waits to learn whether the live one still answers.
@@ -78,9 +80,11 @@ pub(crate) async fn serve(gateway: Arc<Gateway>, mut socket: Box<WebSocket>, arr
         }
     };
     // A task of its own, so that what the phases above kept does not stay with the connection
-    // for its life (an async fn's frame holds every local any of its awaits needed).
+    // for its life (an async fn's frame holds every local any of its awaits needed). `then`
+    // keeps the two phases in one place of the task's memory: the session's is gone when the
+    // departure's begins.
     let tracker = gateway.tracker.clone();
-    tracker.spawn(run(gateway, socket, hello, claimed));
+    tracker.spawn(run(gateway, socket, hello, claimed).then(depart));
 }
 
 /// The handshake of a connection that is not yet a client: it ends with a verified hello, or
@@ -281,8 +285,30 @@ async fn claim(gateway: &Gateway, hello: &Hello, admitted: Admitted) -> Result<C
     Err(refusal.holding(Some(slot), Some(cluster_slot)))
 }
 
-/// The session, from the writer's start to the client's departure.
-async fn run(gateway: Arc<Gateway>, socket: Box<WebSocket>, hello: Hello, claimed: Claimed) {
+/// A session that ended, with what its departure needs.
+struct Ended {
+    gateway: Arc<Gateway>,
+    session: Session,
+    ending: Ending,
+    client_id: ClientId,
+    /// The client slots, given back as the departure begins.
+    admitted: Admitted,
+    /// Set by the registry when the client's id moved to a connection on another gateway.
+    moved: Arc<AtomicBool>,
+    /// To the writer: how to close.
+    closing: oneshot::Sender<Closing>,
+    /// What is still read from the client: its close frame, in return for ours.
+    frames_in: SplitStream<WebSocket>,
+    writer: JoinHandle<()>,
+}
+
+/// The session, from the writer's start to the session's end.
+async fn run(
+    gateway: Arc<Gateway>,
+    socket: Box<WebSocket>,
+    hello: Hello,
+    claimed: Claimed,
+) -> Ended {
     let Claimed {
         admitted,
         handle,
@@ -313,7 +339,7 @@ async fn run(gateway: Arc<Gateway>, socket: Box<WebSocket>, hello: Hello, claime
     }
 
     let (sink, mut frames_in) = (*socket).split();
-    let (close_tx, close_rx) = oneshot::channel();
+    let (closing, close_rx) = oneshot::channel();
     let writer = gateway.tracker.spawn(
         Writer {
             sink,
@@ -340,7 +366,34 @@ async fn run(gateway: Arc<Gateway>, socket: Box<WebSocket>, hello: Hello, claime
         position,
     );
     let ending = session.run(&mut frames_in).await;
+    Ended {
+        gateway,
+        session,
+        ending,
+        client_id,
+        admitted,
+        moved,
+        closing,
+        frames_in,
+        writer,
+    }
+}
 
+/// The client's departure: it leaves the registry and the limits at once, replies that came
+/// here after it moved to another gateway are handed over, then the close handshake, bounded.
+async fn depart(ended: Ended) {
+    let Ended {
+        gateway,
+        session,
+        ending,
+        client_id,
+        admitted,
+        moved,
+        closing,
+        mut frames_in,
+        writer,
+    } = ended;
+    let conn_id = admitted.conn_id;
     gateway.registry.remove(&client_id, conn_id);
     // The client is gone as far as the limits go; the close handshake below is bounded.
     drop(admitted);
@@ -357,11 +410,11 @@ async fn run(gateway: Arc<Gateway>, socket: Box<WebSocket>, hello: Hello, claime
             .tracker
             .spawn(async move { link.hand_over(&client_id, seq, &stop).await });
     }
-    let closing = Closing {
+    let closing_frame = Closing {
         frame: ending.close_frame(&gateway.settings),
         drain: ending.drains(),
     };
-    if close_tx.send(closing).is_err() {
+    if closing.send(closing_frame).is_err() {
         tracing::debug!(conn_id, "the writer ended before the session");
     }
     if ending.awaits_close_reply() {
@@ -512,5 +565,218 @@ where
     .await;
     if drained.is_err() {
         tracing::debug!("no close frame from the client in time");
+    }
+}
+
+/// The phases between a verified hello and the session, on the fixture's gateway (the memory
+/// store and queue, `LocalPresence`): the client slots, where the reply stream starts, and who
+/// gets the client id.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Timezone;
+    use crate::store::{NewReply, Store};
+    use crate::testing::{Fixture, accepted_text};
+    use kaiwa_protocol::ReplyType;
+
+    fn hello(protocol: Protocol, client_id: &str, resume: Resume) -> Hello {
+        Hello {
+            protocol,
+            client_id: ClientId::parse(client_id).expect("an id"),
+            timezone: Timezone::parse("UTC").expect("a zone"),
+            resume,
+            token: None,
+        }
+    }
+
+    fn native(client_id: &str) -> Hello {
+        hello(Protocol::Native, client_id, Resume::Fresh)
+    }
+
+    async fn admitted(gateway: &Gateway, hello: &Hello) -> Admitted {
+        match admit(gateway, hello).await {
+            Ok(admitted) => admitted,
+            Err(refused) => panic!("refused: {:?}", refused.refusal),
+        }
+    }
+
+    async fn claimed(gateway: &Gateway, hello: &Hello) -> Claimed {
+        let admitted = admitted(gateway, hello).await;
+        match claim(gateway, hello, admitted).await {
+            Ok(claimed) => claimed,
+            Err(refused) => panic!("refused: {:?}", refused.refusal),
+        }
+    }
+
+    /// The connection that holds the client id here, if one does.
+    fn holder(gateway: &Gateway, client_id: &str) -> Option<u64> {
+        let client_id = ClientId::parse(client_id).expect("an id");
+        gateway.registry.with(&client_id, |live| live.conn_id)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_the_client_limit_a_client_is_refused_until_a_slot_is_given_back() {
+        let fixture = Fixture::new(&["--max-clients", "2"]);
+        let gateway = &fixture.gateway;
+        let first = admitted(gateway, &native("ann")).await;
+        let _second = admitted(gateway, &native("bob")).await;
+        assert_eq!(gateway.slots.in_use(), 2);
+        let Err(refused) = admit(gateway, &native("cid")).await else {
+            panic!("a third client was admitted");
+        };
+        assert!(
+            matches!(
+                refused.refusal,
+                Refusal::Full {
+                    whole: "server",
+                    max_clients: 2
+                }
+            ),
+            "{:?}",
+            refused.refusal
+        );
+        assert!(refused.slots.0.is_none() && refused.slots.1.is_none());
+        drop(first);
+        assert_eq!(gateway.slots.in_use(), 1);
+        let _third = admitted(gateway, &native("cid")).await;
+        assert_eq!(gateway.slots.in_use(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_reply_stream_starts_at_the_clients_cursor_but_never_past_what_is_stored() {
+        let fixture = Fixture::new(&[]);
+        let gateway = &fixture.gateway;
+        let store: &dyn Store = fixture.store.as_ref();
+        let id = match store
+            .insert_message(accepted_text("ann", Some("m1"), "hi"))
+            .await
+            .expect("stored")
+        {
+            crate::store::Inserted::New(id) => id,
+            other => panic!("{other:?}"),
+        };
+        let replies = [ReplyType::Text, ReplyType::Voice, ReplyType::Image]
+            .into_iter()
+            .map(|reply_type| NewReply {
+                reply_type,
+                content: "r".into(),
+                filename: None,
+                mime_type: None,
+                fallback: false,
+            })
+            .collect();
+        let ann = ClientId::parse("ann").expect("an id");
+        store
+            .insert_replies(id, &ann, replies, chrono::Utc::now(), true)
+            .await
+            .expect("stored");
+        let cases = [
+            (hello(Protocol::Native, "ann", Resume::After(2)), 2),
+            // A cursor from elsewhere, beyond the stored stream: no later reply is skipped.
+            (hello(Protocol::Native, "ann", Resume::After(10)), 3),
+            (hello(Protocol::Native, "ann", Resume::Fresh), 3),
+            // Nothing acknowledged yet: every stored reply is sent again.
+            (hello(Protocol::Native, "ann", Resume::Unacknowledged), 0),
+            // Legacy clients have no stream.
+            (hello(Protocol::Legacy, "ann", Resume::Fresh), 0),
+        ];
+        for (hello, position) in cases {
+            let admitted = admitted(gateway, &hello).await;
+            assert_eq!(admitted.position, position, "{:?}", hello.resume);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claimed_client_is_registered_under_its_id_with_the_welcome_queued_first() {
+        let fixture = Fixture::new(&[]);
+        let gateway = &fixture.gateway;
+        let mut ann = claimed(gateway, &native("ann")).await;
+        assert_eq!(holder(gateway, "ann"), Some(ann.admitted.conn_id));
+        let first = ann.frames.try_recv().expect("a frame queued");
+        let Message::Text(text) = first.message() else {
+            panic!("{:?}", first.message());
+        };
+        let welcome: serde_json::Value = serde_json::from_str(text.as_str()).expect("JSON");
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        assert_eq!(welcome["client_id"], "ann");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_connection_with_a_live_id_is_refused_and_holds_its_slots_until_dropped() {
+        let fixture = Fixture::new(&[]);
+        let gateway = &fixture.gateway;
+        let live = claimed(gateway, &native("ann")).await;
+        let admitted = admitted(gateway, &native("ann")).await;
+        let Err(refused) = claim(gateway, &native("ann"), admitted).await else {
+            panic!("the second connection was claimed");
+        };
+        assert!(
+            matches!(
+                &refused.refusal,
+                Refusal::Duplicate { client_id, elsewhere: None } if client_id.as_str() == "ann"
+            ),
+            "{:?}",
+            refused.refusal
+        );
+        assert_eq!(holder(gateway, "ann"), Some(live.admitted.conn_id));
+        assert!(!live.handle.replaced.is_cancelled());
+        // Given back only once the refusal is sent: the limit counts the socket until then.
+        assert!(refused.slots.0.is_some() && refused.slots.1.is_some());
+        assert_eq!(gateway.slots.in_use(), 2);
+        drop(refused);
+        assert_eq!(gateway.slots.in_use(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_live_id_whose_connection_no_longer_answers_is_taken_over() {
+        let fixture = Fixture::new(&["--heartbeat-interval", "20", "--heartbeat-timeout", "60"]);
+        let gateway = &fixture.gateway;
+        let mut dead = claimed(gateway, &native("ann")).await;
+        // Silent for longer than the probe: the new connection pings it and waits the probe.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let started = tokio::time::Instant::now();
+        let new = claimed(gateway, &native("ann")).await;
+        assert_eq!(started.elapsed(), gateway.liveness_probe());
+        assert_eq!(holder(gateway, "ann"), Some(new.admitted.conn_id));
+        assert!(dead.handle.replaced.is_cancelled());
+        let pinged = std::iter::from_fn(|| dead.frames.try_recv())
+            .any(|frame| matches!(frame.message(), Message::Ping(_)));
+        assert!(pinged, "the dead connection was not pinged first");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_live_id_that_answers_the_ping_keeps_its_connection() {
+        let fixture = Fixture::new(&["--heartbeat-interval", "20", "--heartbeat-timeout", "60"]);
+        let gateway = &fixture.gateway;
+        let live = claimed(gateway, &native("ann")).await;
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let liveness = live.handle.liveness.clone();
+        // The client answers a second into the probe.
+        let answer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            liveness.heard();
+        });
+        let admitted = admitted(gateway, &native("ann")).await;
+        let started = tokio::time::Instant::now();
+        assert!(claim(gateway, &native("ann"), admitted).await.is_err());
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(1),
+            "refused at the answer"
+        );
+        assert_eq!(holder(gateway, "ann"), Some(live.admitted.conn_id));
+        answer.await.expect("answered");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_the_replace_policy_the_newer_connection_takes_the_id_at_once() {
+        let fixture = Fixture::new(&["--duplicate-connection", "replace"]);
+        let gateway = &fixture.gateway;
+        let old = claimed(gateway, &native("ann")).await;
+        let started = tokio::time::Instant::now();
+        let new = claimed(gateway, &native("ann")).await;
+        assert_eq!(started.elapsed(), Duration::ZERO, "no probe under replace");
+        assert!(old.handle.replaced.is_cancelled());
+        assert_eq!(holder(gateway, "ann"), Some(new.admitted.conn_id));
     }
 }

@@ -503,3 +503,386 @@ fn answer(protocol: Protocol, outbox: &Outbox, clock: &dyn Clock, settled: Settl
         outbox.push(frame);
     }
 }
+
+/// What a session does with what the client sends, one command at a time: its messages
+/// answered, its acknowledgements recorded, and every other command applied. (Its timers are
+/// in `gateway/tests.rs`.)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::{AdmissionError, Invalid};
+    use crate::domain::{ClientId, Timezone};
+    use crate::gateway::handshake::Resume;
+    use crate::gateway::outbox::Frames;
+    use crate::store::{Existing, Inserted, NewReply, Store, StoreError};
+    use crate::testing::{Fixture, accepted_text};
+    use bytes::Bytes;
+    use chrono::Utc;
+    use kaiwa_protocol::{Delivery, ReplyType};
+    use std::time::Duration;
+
+    /// Every message inside its window, whatever the time of the run.
+    const OPEN: &[&str] = &["--text-window", "00:00-24:00"];
+
+    fn client() -> ClientId {
+        ClientId::parse("ann").expect("an id")
+    }
+
+    /// A session of `ann` just after its welcome, with a reply stream (native) starting at
+    /// `position`.
+    fn session(fixture: &Fixture, protocol: Protocol, position: u64) -> (Session, Frames) {
+        let gateway = &fixture.gateway;
+        let (outbox, frames) = Outbox::new(gateway.settings.outbox);
+        let stream = (protocol == Protocol::Native).then(|| {
+            ReplyStream::new(
+                client(),
+                outbox.clone(),
+                gateway.store.clone(),
+                gateway.tracker.clone(),
+                position,
+            )
+        });
+        let hello = Hello {
+            protocol,
+            client_id: client(),
+            timezone: Timezone::parse("UTC").expect("a zone"),
+            resume: Resume::Fresh,
+            token: None,
+        };
+        let session = Session::new(
+            gateway.clone(),
+            hello,
+            outbox,
+            Arc::new(Liveness::default()),
+            CancellationToken::new(),
+            stream,
+            position,
+        );
+        (session, frames)
+    }
+
+    fn frame(protocol: Protocol, text: &str) -> Command {
+        Command::from_frame(protocol, Message::Text(text.to_owned().into()))
+    }
+
+    fn json(frame: &super::super::outbox::Outgoing) -> Option<serde_json::Value> {
+        match frame.message() {
+            Message::Text(text) => serde_json::from_str(text.as_str()).ok(),
+            _ => None,
+        }
+    }
+
+    /// The text frames queued so far.
+    fn queued(frames: &mut Frames) -> Vec<serde_json::Value> {
+        std::iter::from_fn(|| frames.try_recv())
+            .filter_map(|frame| json(&frame))
+            .collect()
+    }
+
+    /// The next text frame, once it is queued.
+    async fn next(frames: &mut Frames) -> serde_json::Value {
+        loop {
+            let frame = frames.recv().await.expect("the outbox is open");
+            if let Some(value) = json(&frame) {
+                return value;
+            }
+        }
+    }
+
+    /// `ann`'s one message with five replies stored (seq 1 to 5), all pending.
+    async fn five_replies(store: &dyn Store) {
+        let Inserted::New(id) = store
+            .insert_message(accepted_text("ann", Some("m1"), "hi"))
+            .await
+            .expect("stored")
+        else {
+            panic!("not new");
+        };
+        for reply_type in [ReplyType::Text, ReplyType::Voice, ReplyType::Image] {
+            store
+                .insert_replies(id, &client(), vec![reply(reply_type)], Utc::now(), false)
+                .await
+                .expect("stored");
+        }
+        let Inserted::New(id) = store
+            .insert_message(accepted_text("ann", Some("m2"), "again"))
+            .await
+            .expect("stored")
+        else {
+            panic!("not new");
+        };
+        let replies = vec![reply(ReplyType::Text), reply(ReplyType::Voice)];
+        store
+            .insert_replies(id, &client(), replies, Utc::now(), true)
+            .await
+            .expect("stored");
+    }
+
+    fn reply(reply_type: ReplyType) -> NewReply {
+        NewReply {
+            reply_type,
+            content: "r".into(),
+            filename: None,
+            mime_type: None,
+            fallback: false,
+        }
+    }
+
+    /// The stream's replies sent, up to `seq`.
+    async fn sent_up_to(frames: &mut Frames, seq: u64) {
+        loop {
+            let frame = next(frames).await;
+            if frame["type"] == "reply" && frame["seq"] == seq {
+                return;
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_is_answered_with_its_ack_and_sent_again_with_the_first_ack() {
+        let fixture = Fixture::new(OPEN);
+        let (mut session, mut frames) = session(&fixture, Protocol::Native, 0);
+        let send = r#"{"type":"send","id":"m1","message_type":"text","content":"hello"}"#;
+        assert_eq!(session.apply(frame(Protocol::Native, send)), None);
+        let ack = next(&mut frames).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        assert_eq!(ack["id"], "m1");
+        assert_eq!(ack["status"], "accepted");
+        let message_id = ack["message_id"].clone();
+        assert!(session.sent_message);
+        // The same id again: stored once, answered with the first.
+        assert_eq!(session.apply(frame(Protocol::Native, send)), None);
+        let again = next(&mut frames).await;
+        assert_eq!(again["type"], "ack", "{again}");
+        assert_eq!(again["message_id"], message_id);
+        assert_eq!(again["duplicate"], true);
+        let stored = fixture
+            .store
+            .history(&client(), None, 10)
+            .await
+            .expect("read");
+        assert_eq!(stored.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_verdict_is_answered_in_the_clients_words() {
+        let fixture = Fixture::new(&[]);
+        let (outbox, mut frames) = Outbox::new(fixture.gateway.settings.outbox);
+        let clock = fixture.gateway.clock.clone();
+        let settled = |verdict| Settled {
+            id: Some("m1".into()),
+            message_type: Some(MessageType::Text),
+            received_at: Utc::now(),
+            verdict,
+        };
+        let answered = |frames: &mut Frames, verdict| {
+            answer(Protocol::Native, &outbox, clock.as_ref(), settled(verdict));
+            let mut queued = queued(frames);
+            assert_eq!(queued.len(), 1, "{queued:?}");
+            queued.remove(0)
+        };
+        let rejected = answered(
+            &mut frames,
+            Verdict::Rejected {
+                message_id: 4,
+                reason: "outside its window".into(),
+            },
+        );
+        assert_eq!(
+            (&rejected["type"], &rejected["status"], &rejected["reason"]),
+            (
+                &"ack".into(),
+                &"rejected".into(),
+                &"outside its window".into()
+            )
+        );
+        let duplicate = answered(
+            &mut frames,
+            Verdict::Duplicate(Existing {
+                id: 3,
+                status: MessageStatus::Replied,
+                reason: None,
+                received_at: Utc::now(),
+            }),
+        );
+        assert_eq!(
+            (
+                &duplicate["message_id"],
+                &duplicate["status"],
+                &duplicate["duplicate"]
+            ),
+            (&3.into(), &"replied".into(), &true.into())
+        );
+        let invalid = answered(&mut frames, Verdict::Invalid(Invalid::EmptyText));
+        assert_eq!(
+            (&invalid["type"], &invalid["code"], &invalid["id"]),
+            (&"error".into(), &"empty_text".into(), &"m1".into())
+        );
+        let busy = answered(
+            &mut frames,
+            Verdict::Busy {
+                retry_after: Duration::from_millis(1500),
+                limit: 500,
+            },
+        );
+        assert_eq!(
+            (&busy["code"], &busy["retry_after_ms"]),
+            (&"busy".into(), &1500.into())
+        );
+        let away = StoreError::Unavailable("connection refused".into());
+        let unavailable = answered(&mut frames, Verdict::Failed(AdmissionError::Store(away)));
+        assert_eq!(
+            (&unavailable["code"], &unavailable["retry_after_ms"]),
+            (&"unavailable".into(), &1000.into())
+        );
+        let broken = StoreError::Database("disk I/O error".into());
+        let internal = answered(&mut frames, Verdict::Failed(AdmissionError::Store(broken)));
+        assert_eq!(internal["code"], "internal");
+        assert!(internal.get("retry_after_ms").is_none(), "{internal}");
+        // A legacy client hears of an accepted message only through its replies.
+        answer(
+            Protocol::Legacy,
+            &outbox,
+            clock.as_ref(),
+            settled(Verdict::Accepted { message_id: 5 }),
+        );
+        assert_eq!(queued(&mut frames), Vec::<serde_json::Value>::new());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_acknowledgement_is_recorded_once_and_never_past_what_was_sent() {
+        let fixture = Fixture::new(&[]);
+        five_replies(fixture.store.as_ref()).await;
+        let (mut session, mut frames) = session(&fixture, Protocol::Native, 0);
+        let stream = session.stream().expect("native").clone();
+        stream.replay(Some(0));
+        sent_up_to(&mut frames, 5).await;
+        let acknowledged = || async { fixture.store.acknowledged(&client()).await.expect("read") };
+
+        session.apply(frame(Protocol::Native, r#"{"type":"received","seq":3}"#));
+        assert_eq!((session.acknowledged, acknowledged().await), (3, 3));
+        // An older one changes nothing.
+        session.apply(frame(Protocol::Native, r#"{"type":"received","seq":2}"#));
+        assert_eq!(session.acknowledged, 3);
+        // Beyond what this connection sent: the last reply sent.
+        session.apply(frame(Protocol::Native, r#"{"type":"received","seq":99}"#));
+        assert_eq!((session.acknowledged, acknowledged().await), (5, 5));
+        assert!(
+            queued(&mut frames)
+                .iter()
+                .all(|frame| frame["type"] != "error")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_departure_the_replies_sent_and_not_acknowledged_count_as_not_delivered() {
+        let fixture = Fixture::new(&[]);
+        five_replies(fixture.store.as_ref()).await;
+        let (mut session, mut frames) = session(&fixture, Protocol::Native, 0);
+        session.stream().expect("native").replay(Some(0));
+        sent_up_to(&mut frames, 5).await;
+        session.apply(frame(Protocol::Native, r#"{"type":"received","seq":3}"#));
+        session.depart();
+        let deliveries: Vec<Delivery> = fixture
+            .store
+            .replies_after(&client(), 0, 10)
+            .await
+            .expect("read")
+            .into_iter()
+            .map(|missed| missed.reply.delivery)
+            .collect();
+        use Delivery::{Delivered, Failed};
+        assert_eq!(
+            deliveries,
+            [Delivered, Delivered, Delivered, Failed, Failed]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_file_is_taken_only_right_after_its_announcement() {
+        let fixture = Fixture::new(OPEN);
+        let (mut session, mut frames) = session(&fixture, Protocol::Native, 0);
+        // A binary frame nobody announced.
+        session.apply(Command::File(Bytes::from_static(b"\x89PNG")));
+        let unexpected = queued(&mut frames);
+        assert_eq!(unexpected.len(), 1, "{unexpected:?}");
+        assert_eq!(unexpected[0]["code"], "unexpected_binary");
+        assert!(!session.sent_message);
+
+        // Announced, then another frame first: that message is dropped, the frame still applied.
+        let announce =
+            r#"{"type":"send","id":"f1","message_type":"image","filename":"a.png","binary":true}"#;
+        session.apply(frame(Protocol::Native, announce));
+        session.apply(frame(Protocol::Native, r#"{"type":"ping","nonce":7}"#));
+        let answered = queued(&mut frames);
+        assert_eq!(answered.len(), 2, "{answered:?}");
+        assert_eq!(
+            (&answered[0]["code"], &answered[0]["id"]),
+            (&"expected_binary".into(), &"f1".into())
+        );
+        assert_eq!(
+            (&answered[1]["type"], &answered[1]["nonce"]),
+            (&"pong".into(), &7.into())
+        );
+        // Announced, then its file: one message, answered as any other.
+        session.apply(frame(Protocol::Native, announce));
+        session.apply(Command::File(Bytes::from_static(b"not a png")));
+        assert!(session.sent_message);
+        let answer = next(&mut frames).await;
+        assert_eq!(
+            (&answer["id"], &answer["code"]),
+            (&"f1".into(), &"media_mismatch".into()),
+            "{answer}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn commands_a_session_cannot_do_are_refused_and_the_session_goes_on() {
+        let fixture = Fixture::new(&[]);
+        let (mut legacy, mut frames) = session(&fixture, Protocol::Legacy, 0);
+        assert_eq!(legacy.apply(Command::Sync { after: None }), None);
+        assert_eq!(
+            legacy.apply(Command::Refresh {
+                token: Some(crate::auth::Token::new("t"))
+            }),
+            None
+        );
+        let refused: Vec<_> = queued(&mut frames)
+            .into_iter()
+            .map(|frame| frame["data"]["code"].clone())
+            .collect();
+        assert_eq!(refused, ["unknown_frame", "unknown_frame"]);
+        // A frame the reading already refused is told as it is.
+        let (mut native, mut frames) = session(&fixture, Protocol::Native, 0);
+        native.apply(frame(Protocol::Native, r#"{"type":"received"}"#));
+        let told = queued(&mut frames);
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert_eq!(told[0]["code"], "bad_frame");
+        // Its close frame ends the session.
+        assert_eq!(
+            native.apply(Command::from_frame(Protocol::Native, Message::Close(None))),
+            Some(Ending::ClientClosed)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_draining_server_takes_no_message_and_says_so() {
+        let fixture = Fixture::new(OPEN);
+        let (mut session, mut frames) = session(&fixture, Protocol::Native, 0);
+        fixture.gateway.begin_drain();
+        let send = r#"{"type":"send","id":"m1","message_type":"text","content":"hello"}"#;
+        session.apply(frame(Protocol::Native, send));
+        let answered = queued(&mut frames);
+        assert_eq!(answered.len(), 1, "{answered:?}");
+        assert_eq!(
+            (&answered[0]["code"], &answered[0]["id"]),
+            (&"shutting_down".into(), &"m1".into())
+        );
+        let stored = fixture
+            .store
+            .history(&client(), None, 10)
+            .await
+            .expect("read");
+        assert!(stored.is_empty());
+    }
+}

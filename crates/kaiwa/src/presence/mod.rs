@@ -162,3 +162,100 @@ impl Presence for LocalPresence {
         Ok(None)
     }
 }
+
+/// `LocalPresence` on its own: a cluster of one never refuses, never loses its lease and has
+/// nothing to count, because the gateway's own slots and registry already decided.
+#[cfg(test)]
+mod local_tests {
+    use super::{Claim, Lessee, LocalPresence, Presence};
+    use crate::domain::{ClientId, GatewayId};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    use tokio_util::sync::CancellationToken;
+
+    fn local() -> LocalPresence {
+        LocalPresence::new(GatewayId::new("local"))
+    }
+
+    fn client(id: &str) -> ClientId {
+        ClientId::parse(id).expect("a client id")
+    }
+
+    #[derive(Default)]
+    struct Watched {
+        lost: AtomicBool,
+    }
+
+    impl Lessee for Watched {
+        fn live_connections(&self) -> Vec<u64> {
+            Vec::new()
+        }
+
+        fn lease_lost(&self) {
+            self.lost.store(true, Ordering::Relaxed);
+        }
+    }
+
+    #[tokio::test]
+    async fn every_client_is_held_by_the_one_gateway_and_its_own_registry_says_whether_it_is_there()
+    {
+        let presence = local();
+        for id in ["alice", "bob"] {
+            assert_eq!(
+                presence.holder(&client(id)).await.expect("no outage"),
+                Some(GatewayId::new("local"))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn slots_and_ids_are_never_refused_since_the_gateway_checked_them_before() {
+        let presence = local();
+        presence.join(2).await.expect("joins");
+        // Past the limit: the gateway's own client slots are the limit, taken before this.
+        for conn_id in 0..5 {
+            assert_eq!(
+                presence.take_slot(conn_id, 2).await.expect("no outage"),
+                Some(0)
+            );
+        }
+        presence.release_slot(0, 0).await;
+        // The same id for a second connection, under either policy: the registry decided.
+        for (conn_id, replace) in [(1, false), (2, false), (3, true)] {
+            assert_eq!(
+                presence
+                    .claim(&client("alice"), conn_id, replace)
+                    .await
+                    .expect("no outage"),
+                Claim::Claimed { replaced: None }
+            );
+        }
+        presence.release(&client("alice"), 1).await;
+    }
+
+    #[tokio::test]
+    async fn the_process_is_the_whole_of_kaiwa_so_there_is_nothing_to_count() {
+        let presence = local();
+        assert_eq!(presence.counts().await.expect("no outage"), None);
+        assert_eq!(presence.in_flight().await.expect("no outage"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_lease_is_kept_until_stopped_and_never_lost() {
+        let presence = Arc::new(local());
+        let lessee = Arc::new(Watched::default());
+        let stop = CancellationToken::new();
+        let kept = tokio::spawn({
+            let (presence, lessee, stop) = (presence.clone(), lessee.clone(), stop.clone());
+            async move { presence.keep_lease(2, stop, lessee).await }
+        });
+        // A day on the paused clock: no lease runs out in a cluster of one.
+        tokio::time::sleep(Duration::from_secs(86_400)).await;
+        assert!(!kept.is_finished(), "the lease ended without a stop");
+        assert!(!lessee.lost.load(Ordering::Relaxed), "the lease was lost");
+        stop.cancel();
+        kept.await.expect("the lease task ends at the stop");
+        assert!(!lessee.lost.load(Ordering::Relaxed));
+    }
+}

@@ -3,8 +3,9 @@
 //! the tests use; see `tests/support/postgres.rs`).
 
 use super::{
-    Existing, Inserted, MemoryStore, NewMessage, NewReply, PgOptions, PgStore, SqliteOptions,
-    SqliteStore, Store, StoreError, StoreHealth, StoredMessage, StoredReply, StuckClaims,
+    Existing, Inserted, MemoryStore, NewMessage, NewReply, PgOptions, PgShared, PgStore,
+    SqliteOptions, SqliteStore, Store, StoreError, StoreHealth, StoredMessage, StoredReply,
+    StuckClaims,
 };
 use crate::domain::{ClientId, Timezone};
 use chrono::{DateTime, TimeZone, Utc};
@@ -680,6 +681,22 @@ async fn a_negative_stream_position_reads_as_corrupt(backend: impl Durable) {
     assert!(corrupt(&latest), "{latest:?}");
     let history = store.history(&client("jan"), None, 10).await;
     assert!(corrupt(&history), "{history:?}");
+    // A job processed twice is answered with the replies stored before, read as every read
+    // reads them: the writer's error names the same value. (Through the writer's batch it is
+    // a failed write, not `Corrupt`.)
+    let again = store
+        .insert_replies(
+            id,
+            &client("jan"),
+            vec![reply(ReplyType::Text, "r")],
+            at(1),
+            true,
+        )
+        .await;
+    assert!(
+        matches!(&again, Err(err) if err.to_string().contains("reply seq -1")),
+        "{again:?}"
+    );
 }
 
 macro_rules! contract {
@@ -774,9 +791,10 @@ mod shared_postgres {
         gateway: Option<&str>,
     ) -> PgStore {
         let options = PgOptions {
-            shared: true,
-            max_in_flight: Some(max_in_flight),
-            admitted_by: gateway.map(Into::into),
+            shared: Some(PgShared {
+                max_in_flight,
+                admitted_by: gateway.map(Into::into),
+            }),
         };
         PgStore::connect(&database.url, options)
             .await

@@ -16,7 +16,7 @@ mod sqlite;
 
 pub use media::{DiskMedia, MediaStore};
 pub use memory::MemoryStore;
-pub use postgres::{PgOptions, PgStore};
+pub use postgres::{PgOptions, PgShared, PgStore};
 pub use sqlite::{DEFAULT_SQLITE_CACHE_MIB, Durability, SqliteOptions, SqliteStore};
 
 use crate::domain::{ClientId, GatewayId, Timezone};

@@ -38,19 +38,21 @@ pub(super) struct MessageRecord {
     received_at: DateTime<Utc>,
 }
 
+/// A reply row, as both stores read it: through sqlx here and in the PostgreSQL writer, and
+/// through the SQLite writer's own connection (rusqlite, which fills the fields itself).
 #[derive(FromRow)]
 pub(super) struct ReplyRecord {
-    id: i64,
-    message_id: i64,
-    seq: i64,
-    reply_type: String,
-    content: String,
-    filename: Option<String>,
-    mime_type: Option<String>,
-    fallback: bool,
-    delivery: String,
-    created_at: DateTime<Utc>,
-    delivered_at: Option<DateTime<Utc>>,
+    pub(super) id: i64,
+    pub(super) message_id: i64,
+    pub(super) seq: i64,
+    pub(super) reply_type: String,
+    pub(super) content: String,
+    pub(super) filename: Option<String>,
+    pub(super) mime_type: Option<String>,
+    pub(super) fallback: bool,
+    pub(super) delivery: String,
+    pub(super) created_at: DateTime<Utc>,
+    pub(super) delivered_at: Option<DateTime<Utc>>,
 }
 
 /// A reply read back from a client's stream, with what [`MissedReply`] adds from its message.

@@ -35,12 +35,17 @@ const READ_CONNECTIONS: u32 = 8;
 /// How a process uses the database.
 #[derive(Debug, Clone, Default)]
 pub struct PgOptions {
-    /// Other kaiwa processes share the database (a cluster): what is pending is not this
-    /// process's alone to clean up at start, and the in-flight limit is kept here.
-    pub shared: bool,
+    /// `Some` when other kaiwa processes share the database (a cluster): what is pending is
+    /// not this process's alone to clean up at start, and the in-flight limit is kept here.
+    pub shared: Option<PgShared>,
+}
+
+/// What a process that shares the database with a cluster keeps in it.
+#[derive(Debug, Clone)]
+pub struct PgShared {
     /// At most this many messages `accepted` and not yet replied to, across every process:
     /// an accepted message beyond it is not stored, and its sender is told to retry.
-    pub max_in_flight: Option<u32>,
+    pub max_in_flight: u32,
     /// The gateway this process is, written with every message it admits: if it dies before
     /// publishing a job, the others find the message by it once its lease has ended.
     pub admitted_by: Option<Arc<str>>,
@@ -96,7 +101,7 @@ impl PgStore {
         migrated(&mut conn).await?;
         // Alone on the database, replies still pending were on their way to clients of a run
         // that stopped. In a cluster they may be on their way now, through another gateway.
-        if !settings.shared {
+        if settings.shared.is_none() {
             let swept =
                 sqlx::query("UPDATE replies SET delivery = 'failed' WHERE delivery = 'pending'")
                     .execute(&mut conn)
@@ -240,7 +245,7 @@ async fn spawn_writer(
     health: Arc<Mutex<StoreHealth>>,
     settings: &PgOptions,
 ) -> Result<std::thread::JoinHandle<()>, StoreError> {
-    let (max_in_flight, admitted_by) = (settings.max_in_flight, settings.admitted_by.clone());
+    let shared = settings.shared.clone();
     let (ready, connected) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("kaiwa-pg-writer".to_owned())
@@ -258,7 +263,7 @@ async fn spawn_writer(
                 }
             };
             runtime.block_on(async move {
-                match Writer::connect(options, commands, health, max_in_flight, admitted_by).await {
+                match Writer::connect(options, commands, health, shared).await {
                     Ok(writer) => {
                         if ready.send(Ok(())).is_ok() {
                             writer.run().await;

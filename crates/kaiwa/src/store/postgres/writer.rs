@@ -8,7 +8,7 @@ use super::super::batch::{Backlog, Batch, Command, ReplyBatch, Updates, respond}
 use super::super::read::{REPLY_COLUMNS, ReplyRecord};
 use super::super::seq_param;
 use super::super::{Existing, Inserted, NewMessage, StoreError, StoreHealth, StoredReply};
-use super::{connect, describe};
+use super::{PgShared, connect, describe};
 use kaiwa_protocol::MessageStatus;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{Connection, Postgres, Transaction};
@@ -38,10 +38,9 @@ pub(super) struct Writer {
     backoff: Duration,
     /// When to try connecting again, while unreachable.
     retry_at: tokio::time::Instant,
-    /// The cluster-wide in-flight limit, when this store keeps it.
-    max_in_flight: Option<u32>,
-    /// The gateway whose messages these are, written with each.
-    admitted_by: Option<Arc<str>>,
+    /// The cluster-wide in-flight limit and the gateway whose messages these are, when the
+    /// database is shared.
+    shared: Option<PgShared>,
     /// Delivery updates of failed batches, written with the next one.
     backlog: Backlog,
 }
@@ -59,8 +58,7 @@ impl Writer {
         options: PgConnectOptions,
         commands: mpsc::UnboundedReceiver<Command>,
         health: Arc<Mutex<StoreHealth>>,
-        max_in_flight: Option<u32>,
-        admitted_by: Option<Arc<str>>,
+        shared: Option<PgShared>,
     ) -> Result<Self, StoreError> {
         let conn = connect(&options).await?;
         Ok(Self {
@@ -70,8 +68,7 @@ impl Writer {
             health,
             backoff: FIRST_BACKOFF,
             retry_at: tokio::time::Instant::now(),
-            max_in_flight,
-            admitted_by,
+            shared,
             backlog: Backlog::default(),
         })
     }
@@ -151,15 +148,7 @@ impl Writer {
         let mut replies = Replies::New;
         let mut conflicts_left = 1;
         let result = loop {
-            match write(
-                conn,
-                &batch,
-                self.max_in_flight,
-                self.admitted_by.as_deref(),
-                replies,
-            )
-            .await
-            {
+            match write(conn, &batch, self.shared.as_ref(), replies).await {
                 // A job processed twice: its batch runs again, reading what was stored before.
                 Err(Failed::StoredBefore) if replies == Replies::New => {
                     replies = Replies::MaybeStored;
@@ -284,8 +273,7 @@ impl Failed {
 async fn write(
     conn: &mut PgConnection,
     batch: &Batch,
-    max_in_flight: Option<u32>,
-    admitted_by: Option<&str>,
+    shared: Option<&PgShared>,
     seen: Replies,
 ) -> Result<Written, Failed> {
     let mut tx = conn.begin().await?;
@@ -294,7 +282,7 @@ async fn write(
     // Last, right before the commit: with a shared in-flight limit this locks the cluster-wide
     // count that every gateway's messages wait for, so nothing else may run while it is held.
     // (Nothing else in a batch can refer to its new messages: their ids are not out yet.)
-    let messages = insert_messages(&mut tx, &batch.messages, max_in_flight, admitted_by).await?;
+    let messages = insert_messages(&mut tx, &batch.messages, shared).await?;
     tx.commit().await?;
     Ok(Written { messages, replies })
 }
@@ -304,22 +292,24 @@ async fn write(
 async fn insert_messages(
     tx: &mut Transaction<'_, Postgres>,
     messages: &[(Box<NewMessage>, super::super::batch::Respond<Inserted>)],
-    max_in_flight: Option<u32>,
-    admitted_by: Option<&str>,
+    shared: Option<&PgShared>,
 ) -> Result<Vec<Inserted>, sqlx::Error> {
     if messages.is_empty() {
         return Ok(Vec::new());
     }
-    let room = match max_in_flight {
-        Some(max)
+    // Alone on the database, the process's own in-flight slots keep the limit (admission):
+    // only gateways that share it need the count that all of them see.
+    let room = match shared {
+        Some(shared)
             if messages
                 .iter()
                 .any(|(m, _)| m.status == MessageStatus::Accepted) =>
         {
-            Some(room_in_flight(tx, max).await?)
+            Some(room_in_flight(tx, shared.max_in_flight).await?)
         }
         _ => None,
     };
+    let admitted_by = shared.and_then(|shared| shared.admitted_by.as_deref());
     // A client message id sent twice within the batch is stored once, by its first send.
     let mut first_of: HashMap<(&str, &str), usize> = HashMap::new();
     let mut repeat_of: Vec<Option<usize>> = Vec::with_capacity(messages.len());

@@ -7,12 +7,13 @@
 //! or runtimes per statement, which is what bounds the whole server's throughput.
 
 use super::super::batch::{Backlog, Batch, Command, ReplyBatch, Updates, respond};
+use super::super::read::{REPLY_COLUMNS, ReplyRecord};
 use super::super::{
     Existing, Inserted, NewMessage, StoreError, StoreHealth, StoredReply, seq_param,
 };
 use super::{Durability, SqliteOptions};
 use chrono::{DateTime, SecondsFormat, Utc};
-use kaiwa_protocol::{Delivery, MessageStatus, ReplyType};
+use kaiwa_protocol::{Delivery, MessageStatus};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::collections::HashMap;
 use std::path::Path;
@@ -52,9 +53,6 @@ const RECORD_ACKNOWLEDGED: &str = "INSERT INTO reply_streams (client_id, acknowl
      ON CONFLICT (client_id) DO UPDATE SET acknowledged = MAX(acknowledged, excluded.acknowledged)";
 const RECORD_DEPARTURE: &str = "UPDATE replies SET delivery = 'failed' \
      WHERE client_id = ?1 AND seq > ?2 AND delivery = 'pending'";
-const FIND_REPLIES: &str = "SELECT id, reply_type, content, filename, mime_type, fallback, \
-         delivery, created_at, delivered_at, seq \
-     FROM replies WHERE message_id = ?1 ORDER BY id";
 
 fn timestamp(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
@@ -454,49 +452,27 @@ impl Writer {
     }
 }
 
-/// The stored replies of these types for this message.
+/// The stored replies of these types for this message, read as the read side reads a reply
+/// ([`ReplyRecord`], and its conversion with the same words for a corrupt value).
 fn stored_earlier(
     tx: &rusqlite::Transaction<'_>,
     batch: &ReplyBatch,
 ) -> Result<Vec<StoredReply>, rusqlite::Error> {
-    let mut find = tx.prepare_cached(FIND_REPLIES)?;
-    let rows = find.query_map(params![batch.message_id], |row| {
-        Ok((
-            row.get::<_, i64>(0)?,
-            row.get::<_, String>(1)?,
-            row.get::<_, String>(2)?,
-            row.get::<_, Option<String>>(3)?,
-            row.get::<_, Option<String>>(4)?,
-            row.get::<_, bool>(5)?,
-            row.get::<_, String>(6)?,
-            row.get::<_, String>(7)?,
-            row.get::<_, Option<String>>(8)?,
-            row.get::<_, i64>(9)?,
-        ))
-    })?;
+    // Prepared on the rare batch that needs it (a job processed twice), then cached.
+    let mut find = tx.prepare_cached(&format!(
+        "SELECT {REPLY_COLUMNS} FROM replies WHERE message_id = ?1 ORDER BY id"
+    ))?;
+    let records = find.query_map(params![batch.message_id], reply_record)?;
     let mut stored = Vec::new();
-    for row in rows {
-        let (id, reply_type, content, filename, mime_type, fallback, delivery, created, at, seq) =
-            row?;
-        let reply_type = ReplyType::parse(&reply_type)
-            .ok_or_else(|| corrupt(format!("unknown reply type {reply_type:?}")))?;
-        if !batch.replies.iter().any(|r| r.reply_type == reply_type) {
-            continue;
+    for record in records {
+        let reply = StoredReply::try_from(record?).map_err(|err| corrupt(err.to_string()))?;
+        if batch
+            .replies
+            .iter()
+            .any(|asked| asked.reply_type == reply.reply_type)
+        {
+            stored.push(reply);
         }
-        stored.push(StoredReply {
-            id,
-            message_id: batch.message_id,
-            seq: u64::try_from(seq).map_err(|_| corrupt(format!("negative seq {seq}")))?,
-            reply_type,
-            content,
-            filename,
-            mime_type,
-            fallback,
-            delivery: Delivery::parse(&delivery)
-                .ok_or_else(|| corrupt(format!("unknown delivery status {delivery:?}")))?,
-            created_at: parse_time(&created)?,
-            delivered_at: at.as_deref().map(parse_time).transpose()?,
-        });
     }
     // In the order they were asked for, as a fresh reply set would be.
     stored.sort_by_key(|reply| {
@@ -506,6 +482,28 @@ fn stored_earlier(
             .position(|asked| asked.reply_type == reply.reply_type)
     });
     Ok(stored)
+}
+
+/// A row of [`REPLY_COLUMNS`] as sqlx would read it: SQLite keeps its timestamps as RFC 3339
+/// text.
+fn reply_record(row: &rusqlite::Row<'_>) -> Result<ReplyRecord, rusqlite::Error> {
+    Ok(ReplyRecord {
+        id: row.get("id")?,
+        message_id: row.get("message_id")?,
+        seq: row.get("seq")?,
+        reply_type: row.get("reply_type")?,
+        content: row.get("content")?,
+        filename: row.get("filename")?,
+        mime_type: row.get("mime_type")?,
+        fallback: row.get("fallback")?,
+        delivery: row.get("delivery")?,
+        created_at: parse_time(&row.get::<_, String>("created_at")?)?,
+        delivered_at: row
+            .get::<_, Option<String>>("delivered_at")?
+            .as_deref()
+            .map(parse_time)
+            .transpose()?,
+    })
 }
 
 /// The replies of a batch as they were just stored: consecutive ids and stream positions.
