@@ -121,6 +121,15 @@ fn assert_shape(answer: &Value, kind: &str) {
     assert!(answer["content"].is_string(), "{answer}");
 }
 
+/// A reply to an accepted message: the shape, a `reply_id` (a rejection has none), and no
+/// `status` or `code`.
+fn assert_replied(answer: &Value, kind: &str) {
+    assert_shape(answer, kind);
+    assert!(answer["reply_id"].is_i64(), "not a reply: {answer}");
+    assert!(answer.get("status").is_none(), "{answer}");
+    assert!(answer.get("code").is_none(), "{answer}");
+}
+
 async fn history(app: &TestApp, client_id: &str) -> Vec<Value> {
     let (status, body) = app
         .get_json(&format!("/chat-history/{client_id}?limit=100"))
@@ -394,10 +403,12 @@ async fn an_invalid_id_in_the_path_is_refused_with_a_clear_error_and_1008() {
 #[tokio::test]
 async fn the_timezone_comes_from_the_query_else_from_the_default_flag() {
     let app = TestApp::spawn(&["--default-timezone", "Asia/Tokyo"]).await;
-    // 02:00 UTC is 11:00 in Tokyo: text is open there, and not in UTC.
+    // 02:00 UTC is 11:00 in Tokyo, 15:00 in Auckland and 21:00 the day before at GMT-5: text
+    // is open in each of them, and not in UTC. Each is answered with a reply only if it was
+    // judged in its own zone.
     app.set_time(local("UTC", 2026, 11, 21, 2, 0, 0));
     let mut tokyo = PathClient::connected(&app, "/owl").await;
-    assert_shape(&tokyo.ask(message("text", "morning")).await, "text");
+    assert_replied(&tokyo.ask(message("text", "morning")).await, "text");
     let mut utc = PathClient::connected(&app, "/ws/lark?timezone=UTC").await;
     let rejected = utc.ask(message("text", "too early")).await;
     assert_shape(&rejected, "text");
@@ -410,9 +421,9 @@ async fn the_timezone_comes_from_the_query_else_from_the_default_flag() {
     );
     // Escaped, in any letter case, with a `+` left as it is.
     let mut escaped = PathClient::connected(&app, "/kiwi?timezone=pacific%2Fauckland").await;
-    assert_shape(&escaped.ask(message("text", "kia ora")).await, "text");
+    assert_replied(&escaped.ask(message("text", "kia ora")).await, "text");
     let mut offset = PathClient::connected(&app, "/ws/sailor?timezone=Etc/GMT+5").await;
-    assert_shape(&offset.ask(message("text", "ahoy")).await, "text");
+    assert_replied(&offset.ask(message("text", "ahoy")).await, "text");
 
     let (mut unknown, refusal) = PathClient::connect(&app, "/lost?timezone=Mars/Olympus").await;
     let refusal = refusal.expect("an error frame first");
