@@ -267,7 +267,9 @@ async fn the_heartbeat_is_pinged_in_its_words_and_an_answering_client_stays() {
     let mut client = PathClient::connected(&app, "/pinged").await;
     let reply = client.ask(message("text", "hi")).await;
     assert_shape(&reply, "text");
-    // Reading (and answering each PING) for three timeouts' worth.
+    // Reading (and answering each PING) for three timeouts' worth, sending nothing else: the
+    // server sends this dialect no WebSocket pings, so the pongs tungstenite sends by itself
+    // do not keep the client; only its PONGs do.
     let until = tokio::time::Instant::now() + Duration::from_millis(2100);
     while tokio::time::Instant::now() < until {
         if let Ok(Some(frame)) = tokio::time::timeout_at(until, client.ws.next())
@@ -307,6 +309,7 @@ async fn a_client_that_never_answers_is_closed_at_the_heartbeat_timeout() {
     };
     assert_eq!(closed.code, 4001, "{closed:?}");
     assert_eq!(seen[0], json!({"message": "Connected"}));
+    assert!(seen.len() >= 2, "no PING before the close: {seen:?}");
     assert!(
         seen[1..]
             .iter()
