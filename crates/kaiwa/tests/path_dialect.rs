@@ -72,16 +72,34 @@ impl PathClient {
     /// connection ended.
     async fn next(&mut self) -> Result<Value, Closed> {
         loop {
-            let frame = tokio::time::timeout(FRAME_TIMEOUT, self.ws.next())
-                .await
-                .expect("a frame arrives in time");
-            match decode(frame) {
-                Some(Ok(value)) if value == json!({"check_connection": "PING"}) => {
+            match self.next_frame().await {
+                Ok(value) if value == json!({"check_connection": "PING"}) => {
                     self.pings += 1;
                     self.send(json!({"check_connection": "PONG"})).await;
                 }
-                Some(result) => return result,
-                None => continue,
+                result => return result,
+            }
+        }
+    }
+
+    /// Reads until `count` more PINGs came, answering each and sending nothing else; any
+    /// other frame, or the close, fails the test.
+    async fn answer_pings(&mut self, count: usize) {
+        for _ in 0..count {
+            let frame = self.next_frame().await;
+            assert_eq!(frame, Ok(json!({"check_connection": "PING"})));
+            self.pings += 1;
+            self.send(json!({"check_connection": "PONG"})).await;
+        }
+    }
+
+    async fn next_frame(&mut self) -> Result<Value, Closed> {
+        loop {
+            let frame = tokio::time::timeout(FRAME_TIMEOUT, self.ws.next())
+                .await
+                .expect("a frame arrives in time");
+            if let Some(result) = decode(frame) {
+                return result;
             }
         }
     }
@@ -324,7 +342,21 @@ async fn a_client_that_never_answers_is_closed_at_the_heartbeat_timeout() {
 
 #[tokio::test]
 async fn forty_clients_at_once_each_get_their_answers() {
-    let app = TestApp::spawn(&[]).await;
+    // PINGs every 100 ms, and replies 0-200 ms after their message: a PING may come between
+    // a message and its answer, and the client answers it and reads on.
+    let app = TestApp::spawn(&[
+        "--heartbeat-interval",
+        "0.1",
+        "--heartbeat-timeout",
+        "0.35",
+        "--reply-delay-scale",
+        "0.2",
+    ])
+    .await;
+    // Between two messages each client answers this many PINGs and sends nothing else: 0.4 s
+    // and more of a silence a client that does not answer them would be closed in (at most
+    // four PINGs come within the 0.35 s timeout), so each one stays only by its PONGs.
+    const PINGS_BETWEEN_MESSAGES: usize = 5;
     let mut clients = Vec::new();
     for n in 0..40 {
         let path = if n % 2 == 0 {
@@ -340,14 +372,30 @@ async fn forty_clients_at_once_each_get_their_answers() {
         .enumerate()
         .map(|(n, mut client)| async move {
             for round in 0..3 {
-                let frame = message("text", &format!("client {n}, round {round}"));
+                let text = format!("client {n}, round {round}");
+                let frame = message("text", &text);
                 let frame = if round == 1 { twice(&frame) } else { frame };
                 let reply = client.ask(frame).await;
-                assert_shape(&reply, "text");
+                assert_replied(&reply, "text");
                 assert!(reply["message_id"].is_i64(), "{reply}");
+                // The built-in responder quotes the message: this client's, of this round.
+                assert!(
+                    reply["content"]
+                        .as_str()
+                        .is_some_and(|content| content.contains(&text)),
+                    "{text}: {reply}"
+                );
+                client.answer_pings(PINGS_BETWEEN_MESSAGES).await;
             }
             let note = client.ask(message("voice", "hum")).await;
             assert_shape(&note, "voice");
+            assert_eq!(note["status"], "rejected", "{note}");
+            assert!(
+                note["content"]
+                    .as_str()
+                    .is_some_and(|reason| reason.contains("carries text only")),
+                "{note}"
+            );
             client.close().await;
         });
     futures::future::join_all(talks).await;
