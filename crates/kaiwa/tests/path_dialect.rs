@@ -1,8 +1,8 @@
 //! The path dialect against a real server: clients written the way the second Python system's
 //! clients behave (the id in the URL, no handshake frame, `type`/`content` messages, one of
 //! them encoded twice, one answer read per message, every PING answered with PONG), many at
-//! once, a duplicate, bad ids and timezones, auth, the routes it must not shadow, and the
-//! history those clients leave.
+//! once, a duplicate, bad ids (an empty one too) and timezones, auth, the routes it must not
+//! shadow, and the history those clients leave.
 
 mod support;
 
@@ -493,18 +493,20 @@ async fn the_timezone_comes_from_the_query_else_from_the_default_flag() {
 }
 
 #[tokio::test]
-async fn plain_requests_keep_their_routes_and_upgrades_to_any_one_segment_reach_the_dialect() {
+async fn plain_requests_keep_their_routes_and_upgrades_to_any_path_but_ws_reach_the_dialect() {
     let app = TestApp::spawn(&[]).await;
     let (status, health) = app.get_json("/health").await;
     assert_eq!((status, &health["status"]), (200, &json!("ok")));
-    let nobody = app
-        .http
-        .get(app.url("/somebody"))
-        .send()
-        .await
-        .expect("HTTP works");
-    assert_eq!(nobody.status(), 404);
-    assert_eq!(nobody.text().await.expect("a body"), "");
+    for path in ["/somebody", "/ws/", "/somebody/", "/x/y/deep", "/ws/a/b"] {
+        let nobody = app
+            .http
+            .get(app.url(path))
+            .send()
+            .await
+            .expect("HTTP works");
+        assert_eq!(nobody.status(), 404, "{path}");
+        assert_eq!(nobody.text().await.expect("a body"), "", "{path}");
+    }
     let page = app.http.get(app.url("/")).send().await.expect("HTTP works");
     assert_eq!(page.status(), 200);
     let not_upgraded = app
@@ -521,8 +523,42 @@ async fn plain_requests_keep_their_routes_and_upgrades_to_any_one_segment_reach_
     let (status, history) = app.get_json("/chat-history/health").await;
     assert_eq!(status, 200);
     assert_eq!(history["pagination"]["total"], 1, "{history}");
+    // Any depth: the last segment names the client, on another route's path too.
+    for (path, client_id) in [
+        ("/x/y/deep", "deep"),
+        ("/ws/a/b?timezone=UTC", "b"),
+        ("/chat-history/reader", "reader"),
+        ("/ws/ws", "ws"),
+    ] {
+        let mut client = PathClient::connected(&app, path).await;
+        assert_replied(&client.ask(message("text", "hi")).await, "text");
+        client.close().await;
+        let (status, history) = app.get_json(&format!("/chat-history/{client_id}")).await;
+        assert_eq!(status, 200);
+        assert_eq!(history["pagination"]["total"], 1, "{path}: {history}");
+    }
     // `/ws` itself keeps its protocols.
     app.legacy("old-timer", "UTC").await;
+}
+
+#[tokio::test]
+async fn an_upgrade_to_a_path_ending_in_a_slash_names_no_client_and_is_refused_with_1008() {
+    let app = TestApp::spawn(&[]).await;
+    for path in ["/ws/", "/alice/", "/", "/x/y/", "/ws/?timezone=UTC"] {
+        let (mut client, refusal) = PathClient::connect(&app, path).await;
+        let refusal = refusal.expect("an error frame first");
+        assert_eq!(refusal["code"], "missing_client_id", "{path}: {refusal}");
+        assert!(
+            refusal["error"]
+                .as_str()
+                .is_some_and(|error| error.contains("the URL path names no client id")),
+            "{path}: {refusal}"
+        );
+        let closed = client.closed().await;
+        assert_eq!(closed.code, 1008, "{path}: {closed:?}");
+    }
+    assert_eq!(app.health().await["slots_in_use"], 0);
+    assert_eq!(app.health().await["connections"], 0);
 }
 
 #[tokio::test]
