@@ -158,7 +158,7 @@ async fn history(app: &TestApp, client_id: &str) -> Vec<Value> {
 
 #[tokio::test]
 async fn a_client_of_that_system_gets_one_answer_per_message_in_its_shape() {
-    // 09:00 UTC: text is open; voice and video sent as text are notes, never files.
+    // 09:00 UTC: text is open; voice, video and image sent as text are notes, never files.
     let app = TestApp::spawn(&[]).await;
     let mut client = PathClient::connected(&app, "/alice").await;
 
@@ -171,7 +171,7 @@ async fn a_client_of_that_system_gets_one_answer_per_message_in_its_shape() {
         "{reply}"
     );
 
-    for kind in ["voice", "video"] {
+    for kind in ["voice", "video", "image"] {
         let answer = client.ask(message(kind, "a note, not a file")).await;
         assert_shape(&answer, kind);
         assert_eq!(answer["status"], "rejected", "{answer}");
@@ -225,7 +225,7 @@ async fn a_client_of_that_system_gets_one_answer_per_message_in_its_shape() {
     // Newest first; refusals that stored nothing are not there.
     assert_eq!(
         kinds,
-        ["text", "video", "text", "video", "voice", "text"],
+        ["text", "video", "text", "image", "video", "voice", "text"],
         "{messages:?}"
     );
     for stored in &messages {
@@ -241,9 +241,9 @@ async fn a_client_of_that_system_gets_one_answer_per_message_in_its_shape() {
             assert!(replies.is_empty(), "{stored}");
         }
     }
-    assert_eq!(messages[5]["content"], "Hello there");
+    assert_eq!(messages[6]["content"], "Hello there");
     // A note is stored as a refused file is: without its content.
-    assert_eq!(messages[4]["content"], "");
+    assert_eq!(messages[5]["content"], "");
     // A reply written to the socket is delivered, as for legacy clients.
     eventually("the replies recorded delivered", || async {
         let messages = history(&app, "alice").await;
