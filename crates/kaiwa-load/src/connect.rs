@@ -342,10 +342,12 @@ mod tests {
             path_url("ws://127.0.0.1:8082/ws", &tokyo),
             "ws://127.0.0.1:8082/ws/load-1a2b-0?timezone=Asia/Tokyo"
         );
-        assert_eq!(
-            path_url("ws://127.0.0.1:8082/", &tokyo),
-            "ws://127.0.0.1:8082/load-1a2b-0?timezone=Asia/Tokyo"
-        );
+        for root in ["ws://127.0.0.1:8082/", "ws://127.0.0.1:8082"] {
+            assert_eq!(
+                path_url(root, &tokyo),
+                "ws://127.0.0.1:8082/load-1a2b-0?timezone=Asia/Tokyo"
+            );
+        }
         let offset = plan(chrono_tz::Etc::GMTPlus5, Some("a.b.c"));
         assert_eq!(
             path_url("ws://h/ws", &offset),

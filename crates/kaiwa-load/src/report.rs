@@ -444,7 +444,7 @@ impl UrlShare {
 pub struct Summary {
     pub scenario: String,
     pub label: Option<String>,
-    /// `native`, `legacy` or `echo`.
+    /// `native`, `legacy`, `path` or `echo`.
     pub protocol: String,
     /// The endpoints, joined by ", " (a single URL before runs could have several).
     pub url: String,

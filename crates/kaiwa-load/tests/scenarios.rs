@@ -1,5 +1,5 @@
 //! The load tool against real servers: an in-process kaiwa with small delays (nothing may be
-//! lost), two of them given as two endpoints (each client keeps to its own), the echo baseline,
+//! lost; the binary in the path dialect too, its clients at the server's root), two of them given as two endpoints (each client keeps to its own), the echo baseline,
 //! fake servers that withhold or repeat replies (the tool must report it, so its checks can
 //! fail), and a kaiwa behind a proxy that cuts every connection mid-run (`--reconnect` must
 //! come back and lose nothing, and its plot mark the reconnects; without it, the cut must show
@@ -310,6 +310,55 @@ async fn the_spec_scenario_runs_in_the_path_dialect_with_the_id_in_the_url() {
         "media types are sent, as files"
     );
     assert_eq!(summary.protocol, "path");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_runs_the_spec_scenario_in_the_path_dialect_with_ids_at_the_servers_root() {
+    let server = Server::start(&["--reply-delay-scale", "0.01"]).await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let json = dir.path().join("path.json");
+    // The server's root, as that system's scripts give it: each client at ws://<addr>/<id>.
+    let root = format!("ws://{}", server.addr);
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_kaiwa-load"))
+        .args([
+            "spec",
+            "--dialect",
+            "path",
+            "--url",
+            &root,
+            "--clients",
+            "10",
+            "--messages",
+            "60",
+            "--quiet",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .await
+        .expect("kaiwa-load runs");
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: kaiwa_load::Summary =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("the JSON report"))
+            .expect("a summary");
+    assert!(summary.ok, "{table}");
+    assert_eq!(summary.protocol, "path");
+    assert_eq!(summary.urls, [root]);
+    assert_eq!((summary.sent, summary.completed, summary.lost), (60, 60, 0));
+    assert_eq!(summary.accepted + summary.rejected, 60);
+    assert_eq!(summary.clients_sent, 10, "every client sent a message");
+    // The server stored each message under the id the client's URL named.
+    let run_id = summary.run_id.as_deref().expect("the run's id");
+    let mut stored = 0;
+    for client in 0..10 {
+        stored += server.stored(&format!("load-{run_id}-{client}")).await;
+    }
+    assert_eq!(stored, 60);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -538,7 +538,8 @@ pub struct LimitsConfig {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Sessions")]
 pub struct SessionConfig {
-    /// Seconds between heartbeats (WebSocket pings, and heartbeat frames for legacy clients).
+    /// Seconds between heartbeats (WebSocket pings, and heartbeat frames for legacy clients;
+    /// path dialect clients get the frame only).
     #[arg(long, env = "KAIWA_HEARTBEAT_INTERVAL", default_value = "20", value_parser = parse_seconds)]
     pub heartbeat_interval: Duration,
 

@@ -1,8 +1,8 @@
 //! The path dialect against a real server: clients written the way the second Python system's
 //! clients behave (the id in the URL, no handshake frame, `type`/`content` messages, one of
 //! them encoded twice, one answer read per message, every PING answered with PONG), many at
-//! once, a duplicate, bad ids and timezones, auth, the routes it must not shadow, and the
-//! history those clients leave.
+//! once, a duplicate, bad ids (an empty one too) and timezones, auth, the routes it must not
+//! shadow, and the history those clients leave.
 
 mod support;
 
@@ -72,16 +72,34 @@ impl PathClient {
     /// connection ended.
     async fn next(&mut self) -> Result<Value, Closed> {
         loop {
-            let frame = tokio::time::timeout(FRAME_TIMEOUT, self.ws.next())
-                .await
-                .expect("a frame arrives in time");
-            match decode(frame) {
-                Some(Ok(value)) if value == json!({"check_connection": "PING"}) => {
+            match self.next_frame().await {
+                Ok(value) if value == json!({"check_connection": "PING"}) => {
                     self.pings += 1;
                     self.send(json!({"check_connection": "PONG"})).await;
                 }
-                Some(result) => return result,
-                None => continue,
+                result => return result,
+            }
+        }
+    }
+
+    /// Reads until `count` more PINGs came, answering each and sending nothing else; any
+    /// other frame, or the close, fails the test.
+    async fn answer_pings(&mut self, count: usize) {
+        for _ in 0..count {
+            let frame = self.next_frame().await;
+            assert_eq!(frame, Ok(json!({"check_connection": "PING"})));
+            self.pings += 1;
+            self.send(json!({"check_connection": "PONG"})).await;
+        }
+    }
+
+    async fn next_frame(&mut self) -> Result<Value, Closed> {
+        loop {
+            let frame = tokio::time::timeout(FRAME_TIMEOUT, self.ws.next())
+                .await
+                .expect("a frame arrives in time");
+            if let Some(result) = decode(frame) {
+                return result;
             }
         }
     }
@@ -121,6 +139,15 @@ fn assert_shape(answer: &Value, kind: &str) {
     assert!(answer["content"].is_string(), "{answer}");
 }
 
+/// A reply to an accepted message: the shape, a `reply_id` (a rejection has none), and no
+/// `status` or `code`.
+fn assert_replied(answer: &Value, kind: &str) {
+    assert_shape(answer, kind);
+    assert!(answer["reply_id"].is_i64(), "not a reply: {answer}");
+    assert!(answer.get("status").is_none(), "{answer}");
+    assert!(answer.get("code").is_none(), "{answer}");
+}
+
 async fn history(app: &TestApp, client_id: &str) -> Vec<Value> {
     let (status, body) = app
         .get_json(&format!("/chat-history/{client_id}?limit=100"))
@@ -131,7 +158,7 @@ async fn history(app: &TestApp, client_id: &str) -> Vec<Value> {
 
 #[tokio::test]
 async fn a_client_of_that_system_gets_one_answer_per_message_in_its_shape() {
-    // 09:00 UTC: text is open; voice and video sent as text are notes, never files.
+    // 09:00 UTC: text is open; voice, video and image sent as text are notes, never files.
     let app = TestApp::spawn(&[]).await;
     let mut client = PathClient::connected(&app, "/alice").await;
 
@@ -144,7 +171,7 @@ async fn a_client_of_that_system_gets_one_answer_per_message_in_its_shape() {
         "{reply}"
     );
 
-    for kind in ["voice", "video"] {
+    for kind in ["voice", "video", "image"] {
         let answer = client.ask(message(kind, "a note, not a file")).await;
         assert_shape(&answer, kind);
         assert_eq!(answer["status"], "rejected", "{answer}");
@@ -198,7 +225,7 @@ async fn a_client_of_that_system_gets_one_answer_per_message_in_its_shape() {
     // Newest first; refusals that stored nothing are not there.
     assert_eq!(
         kinds,
-        ["text", "video", "text", "video", "voice", "text"],
+        ["text", "video", "text", "image", "video", "voice", "text"],
         "{messages:?}"
     );
     for stored in &messages {
@@ -214,9 +241,9 @@ async fn a_client_of_that_system_gets_one_answer_per_message_in_its_shape() {
             assert!(replies.is_empty(), "{stored}");
         }
     }
-    assert_eq!(messages[5]["content"], "Hello there");
+    assert_eq!(messages[6]["content"], "Hello there");
     // A note is stored as a refused file is: without its content.
-    assert_eq!(messages[4]["content"], "");
+    assert_eq!(messages[5]["content"], "");
     // A reply written to the socket is delivered, as for legacy clients.
     eventually("the replies recorded delivered", || async {
         let messages = history(&app, "alice").await;
@@ -258,7 +285,9 @@ async fn the_heartbeat_is_pinged_in_its_words_and_an_answering_client_stays() {
     let mut client = PathClient::connected(&app, "/pinged").await;
     let reply = client.ask(message("text", "hi")).await;
     assert_shape(&reply, "text");
-    // Reading (and answering each PING) for three timeouts' worth.
+    // Reading (and answering each PING) for three timeouts' worth, sending nothing else: the
+    // server sends this dialect no WebSocket pings, so the pongs tungstenite sends by itself
+    // do not keep the client; only its PONGs do.
     let until = tokio::time::Instant::now() + Duration::from_millis(2100);
     while tokio::time::Instant::now() < until {
         if let Ok(Some(frame)) = tokio::time::timeout_at(until, client.ws.next())
@@ -298,6 +327,7 @@ async fn a_client_that_never_answers_is_closed_at_the_heartbeat_timeout() {
     };
     assert_eq!(closed.code, 4001, "{closed:?}");
     assert_eq!(seen[0], json!({"message": "Connected"}));
+    assert!(seen.len() >= 2, "no PING before the close: {seen:?}");
     assert!(
         seen[1..]
             .iter()
@@ -312,7 +342,21 @@ async fn a_client_that_never_answers_is_closed_at_the_heartbeat_timeout() {
 
 #[tokio::test]
 async fn forty_clients_at_once_each_get_their_answers() {
-    let app = TestApp::spawn(&[]).await;
+    // PINGs every 100 ms, and replies 0-200 ms after their message: a PING may come between
+    // a message and its answer, and the client answers it and reads on.
+    let app = TestApp::spawn(&[
+        "--heartbeat-interval",
+        "0.1",
+        "--heartbeat-timeout",
+        "0.35",
+        "--reply-delay-scale",
+        "0.2",
+    ])
+    .await;
+    // Between two messages each client answers this many PINGs and sends nothing else: 0.4 s
+    // and more of a silence a client that does not answer them would be closed in (at most
+    // four PINGs come within the 0.35 s timeout), so each one stays only by its PONGs.
+    const PINGS_BETWEEN_MESSAGES: usize = 5;
     let mut clients = Vec::new();
     for n in 0..40 {
         let path = if n % 2 == 0 {
@@ -328,14 +372,30 @@ async fn forty_clients_at_once_each_get_their_answers() {
         .enumerate()
         .map(|(n, mut client)| async move {
             for round in 0..3 {
-                let frame = message("text", &format!("client {n}, round {round}"));
+                let text = format!("client {n}, round {round}");
+                let frame = message("text", &text);
                 let frame = if round == 1 { twice(&frame) } else { frame };
                 let reply = client.ask(frame).await;
-                assert_shape(&reply, "text");
+                assert_replied(&reply, "text");
                 assert!(reply["message_id"].is_i64(), "{reply}");
+                // The built-in responder quotes the message: this client's, of this round.
+                assert!(
+                    reply["content"]
+                        .as_str()
+                        .is_some_and(|content| content.contains(&text)),
+                    "{text}: {reply}"
+                );
+                client.answer_pings(PINGS_BETWEEN_MESSAGES).await;
             }
             let note = client.ask(message("voice", "hum")).await;
             assert_shape(&note, "voice");
+            assert_eq!(note["status"], "rejected", "{note}");
+            assert!(
+                note["content"]
+                    .as_str()
+                    .is_some_and(|reason| reason.contains("carries text only")),
+                "{note}"
+            );
             client.close().await;
         });
     futures::future::join_all(talks).await;
@@ -394,10 +454,12 @@ async fn an_invalid_id_in_the_path_is_refused_with_a_clear_error_and_1008() {
 #[tokio::test]
 async fn the_timezone_comes_from_the_query_else_from_the_default_flag() {
     let app = TestApp::spawn(&["--default-timezone", "Asia/Tokyo"]).await;
-    // 02:00 UTC is 11:00 in Tokyo: text is open there, and not in UTC.
+    // 02:00 UTC is 11:00 in Tokyo, 15:00 in Auckland and 21:00 the day before at GMT-5: text
+    // is open in each of them, and not in UTC. Each is answered with a reply only if it was
+    // judged in its own zone.
     app.set_time(local("UTC", 2026, 11, 21, 2, 0, 0));
     let mut tokyo = PathClient::connected(&app, "/owl").await;
-    assert_shape(&tokyo.ask(message("text", "morning")).await, "text");
+    assert_replied(&tokyo.ask(message("text", "morning")).await, "text");
     let mut utc = PathClient::connected(&app, "/ws/lark?timezone=UTC").await;
     let rejected = utc.ask(message("text", "too early")).await;
     assert_shape(&rejected, "text");
@@ -410,9 +472,9 @@ async fn the_timezone_comes_from_the_query_else_from_the_default_flag() {
     );
     // Escaped, in any letter case, with a `+` left as it is.
     let mut escaped = PathClient::connected(&app, "/kiwi?timezone=pacific%2Fauckland").await;
-    assert_shape(&escaped.ask(message("text", "kia ora")).await, "text");
+    assert_replied(&escaped.ask(message("text", "kia ora")).await, "text");
     let mut offset = PathClient::connected(&app, "/ws/sailor?timezone=Etc/GMT+5").await;
-    assert_shape(&offset.ask(message("text", "ahoy")).await, "text");
+    assert_replied(&offset.ask(message("text", "ahoy")).await, "text");
 
     let (mut unknown, refusal) = PathClient::connect(&app, "/lost?timezone=Mars/Olympus").await;
     let refusal = refusal.expect("an error frame first");
@@ -431,18 +493,20 @@ async fn the_timezone_comes_from_the_query_else_from_the_default_flag() {
 }
 
 #[tokio::test]
-async fn plain_requests_keep_their_routes_and_upgrades_to_any_one_segment_reach_the_dialect() {
+async fn plain_requests_keep_their_routes_and_upgrades_to_any_path_but_ws_reach_the_dialect() {
     let app = TestApp::spawn(&[]).await;
     let (status, health) = app.get_json("/health").await;
     assert_eq!((status, &health["status"]), (200, &json!("ok")));
-    let nobody = app
-        .http
-        .get(app.url("/somebody"))
-        .send()
-        .await
-        .expect("HTTP works");
-    assert_eq!(nobody.status(), 404);
-    assert_eq!(nobody.text().await.expect("a body"), "");
+    for path in ["/somebody", "/ws/", "/somebody/", "/x/y/deep", "/ws/a/b"] {
+        let nobody = app
+            .http
+            .get(app.url(path))
+            .send()
+            .await
+            .expect("HTTP works");
+        assert_eq!(nobody.status(), 404, "{path}");
+        assert_eq!(nobody.text().await.expect("a body"), "", "{path}");
+    }
     let page = app.http.get(app.url("/")).send().await.expect("HTTP works");
     assert_eq!(page.status(), 200);
     let not_upgraded = app
@@ -459,8 +523,42 @@ async fn plain_requests_keep_their_routes_and_upgrades_to_any_one_segment_reach_
     let (status, history) = app.get_json("/chat-history/health").await;
     assert_eq!(status, 200);
     assert_eq!(history["pagination"]["total"], 1, "{history}");
+    // Any depth: the last segment names the client, on another route's path too.
+    for (path, client_id) in [
+        ("/x/y/deep", "deep"),
+        ("/ws/a/b?timezone=UTC", "b"),
+        ("/chat-history/reader", "reader"),
+        ("/ws/ws", "ws"),
+    ] {
+        let mut client = PathClient::connected(&app, path).await;
+        assert_replied(&client.ask(message("text", "hi")).await, "text");
+        client.close().await;
+        let (status, history) = app.get_json(&format!("/chat-history/{client_id}")).await;
+        assert_eq!(status, 200);
+        assert_eq!(history["pagination"]["total"], 1, "{path}: {history}");
+    }
     // `/ws` itself keeps its protocols.
     app.legacy("old-timer", "UTC").await;
+}
+
+#[tokio::test]
+async fn an_upgrade_to_a_path_ending_in_a_slash_names_no_client_and_is_refused_with_1008() {
+    let app = TestApp::spawn(&[]).await;
+    for path in ["/ws/", "/alice/", "/", "/x/y/", "/ws/?timezone=UTC"] {
+        let (mut client, refusal) = PathClient::connect(&app, path).await;
+        let refusal = refusal.expect("an error frame first");
+        assert_eq!(refusal["code"], "missing_client_id", "{path}: {refusal}");
+        assert!(
+            refusal["error"]
+                .as_str()
+                .is_some_and(|error| error.contains("the URL path names no client id")),
+            "{path}: {refusal}"
+        );
+        let closed = client.closed().await;
+        assert_eq!(closed.code, 1008, "{path}: {closed:?}");
+    }
+    assert_eq!(app.health().await["slots_in_use"], 0);
+    assert_eq!(app.health().await["connections"], 0);
 }
 
 #[tokio::test]

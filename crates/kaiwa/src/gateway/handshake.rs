@@ -194,12 +194,13 @@ pub(crate) fn from_path(
 ) -> Result<Hello, HandshakeError> {
     let protocol = Protocol::Path;
     let named = ClientId::parse(&intro.client_id).map_err(|err| {
-        let written: String = intro.client_id.chars().take(64).collect();
-        invalid(
-            protocol,
-            client_id_code(err),
-            format!("the client id {written:?} in the URL path is not valid: {err}"),
-        )
+        let message = if intro.client_id.is_empty() {
+            "the URL path names no client id: its last segment, after the last /, is empty (connect to /<client_id> or /ws/<client_id>)".to_owned()
+        } else {
+            let written: String = intro.client_id.chars().take(64).collect();
+            format!("the client id {written:?} in the URL path is not valid: {err}")
+        };
+        invalid(protocol, client_id_code(err), message)
     })?;
     let (client_id, token) = match &credentials.auth {
         None => (named, None),
@@ -451,6 +452,13 @@ mod tests {
         };
         assert_eq!(close, CloseCode::BadHandshake);
         assert!(message.contains("URL path"), "{message}");
+        let empty = from_path("", None);
+        assert_eq!(code(&empty), Some(ErrorCode::MissingClientId));
+        let Err(HandshakeError::Invalid { close, message, .. }) = empty else {
+            panic!("refused");
+        };
+        assert_eq!(close, CloseCode::BadHandshake);
+        assert!(message.contains("names no client id"), "{message}");
         assert_eq!(
             code(&from_path("alice", Some("Mars/Olympus"))),
             Some(ErrorCode::UnknownTimezone)

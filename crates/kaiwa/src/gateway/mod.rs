@@ -1,5 +1,5 @@
-//! The gateway: the WebSocket endpoints, `/ws` and the path dialect's `/<client_id>` and
-//! `/ws/<client_id>`. It upgrades connections, runs one session actor per client (handshake,
+//! The gateway: the WebSocket endpoints, `/ws` and the path dialect's (an upgrade to any other
+//! path, such as `/<client_id>` or `/ws/<client_id>`). It upgrades connections, runs one session actor per client (handshake,
 //! heartbeat, reading), keeps the registry of connected clients, and delivers what workers
 //! report back to the right client's outbox.
 
@@ -231,9 +231,10 @@ impl Gateway {
     }
 }
 
-/// `/ws`, and `/ws/<client_id>` for the path dialect. Its other spelling, `/<client_id>`,
-/// shares its one segment with other routes (`/health`, `/index.html`...): it is taken by
-/// [`path_upgrades`], for WebSocket upgrades only.
+/// `/ws`, and `/ws/<client_id>` for the path dialect. Upgrades to `/ws/<client_id>` are taken by
+/// [`path_upgrades`] before they reach the route, as are those to any other path but `/ws`
+/// (which may be another route's, `/health`, `/index.html`...): the route stays for what it
+/// answers a plain request (400), and for the OpenAPI document.
 pub fn router(gateway: Arc<Gateway>) -> Router {
     // GET only (HTTP/1.1 upgrades; the server speaks no HTTP/2): other methods get 405 with
     // `Allow`, from the router.
@@ -251,10 +252,11 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     <Doc as utoipa::OpenApi>::openapi()
 }
 
-/// Middleware over the whole router: a WebSocket upgrade to `/<client_id>` (one segment, not
-/// `ws`) goes to the path dialect, whatever that path serves to plain requests, which go on to
-/// their route (or to 404) as before. An id that is also a page's name (`health`) is thus still
-/// a client's.
+/// Middleware over the whole router: a WebSocket upgrade to any path but `/ws` goes to the path
+/// dialect, its last segment the client id, whatever that path serves to plain requests, which
+/// go on to their route (or to 404) as before. An id that is also a page's name (`health`) is
+/// thus still a client's, and a path that ends in `/` names an empty id, which is refused as
+/// any invalid one is (after the upgrade, with an error frame the client can read).
 pub async fn path_upgrades(
     State(gateway): State<Arc<Gateway>>,
     request: Request,
@@ -279,8 +281,8 @@ pub async fn path_upgrades(
     )
 }
 
-/// The client id of a WebSocket upgrade to `/<client_id>`, unescaped; `None` for any other
-/// request.
+/// The client id of a WebSocket upgrade to a path other than `/ws`: the path's last segment,
+/// unescaped (empty when the path ends in `/`); `None` for any other request.
 fn path_client(request: &Request) -> Option<String> {
     let upgrade = request
         .headers()
@@ -294,10 +296,12 @@ fn path_client(request: &Request) -> Option<String> {
     if request.method() != Method::GET || !upgrade {
         return None;
     }
-    let segment = request.uri().path().strip_prefix('/')?;
-    if segment.is_empty() || segment.contains('/') || segment == "ws" {
+    let path = request.uri().path();
+    if path == "/ws" {
         return None;
     }
+    // Split before unescaping: an escaped `/` (`%2F`) is part of the id, and refused with it.
+    let segment = path.rsplit_once('/').map_or(path, |(_, last)| last);
     Some(crate::url::unescape(segment, Plus::Literal))
 }
 
@@ -332,7 +336,8 @@ pub(crate) async fn upgrade(
 
 /// The path dialect's WebSocket endpoint (see docs/protocol.md): the last path segment is the
 /// client id, `?timezone=` its timezone (else `--default-timezone`), and there is no handshake
-/// frame. `/<client_id>` works the same for WebSocket upgrades. With auth on, the token comes
+/// frame. An upgrade to any other path but `/ws` (`/<client_id>`, `/a/b/<client_id>`) works the
+/// same. With auth on, the token comes
 /// here (`Authorization: Bearer` or `?token=`), and its `sub` must be the path's client id.
 #[utoipa::path(
     get,

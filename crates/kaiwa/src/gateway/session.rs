@@ -206,7 +206,9 @@ impl Session {
                     if self.liveness.silent_for() > sessions.heartbeat_timeout {
                         return Ending::Closed(CloseCode::HeartbeatTimeout);
                     }
-                    self.outbox.push_ping();
+                    if self.protocol.websocket_pings() {
+                        self.outbox.push_ping();
+                    }
                     if let Some(frame) = self.protocol.heartbeat(self.gateway.clock.now()) {
                         self.outbox.push(frame);
                     }

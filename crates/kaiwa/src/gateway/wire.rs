@@ -151,6 +151,13 @@ impl Protocol {
         }
     }
 
+    /// Whether the heartbeat sends a WebSocket ping. Not to path clients: that system pinged
+    /// in its own words only, and its clients' PONG, not the pong every WebSocket library
+    /// sends by itself, is what shows that one still reads and answers.
+    pub(crate) fn websocket_pings(self) -> bool {
+        !matches!(self, Self::Path)
+    }
+
     /// The application-level heartbeat, for legacy and path clients; native ones get
     /// WebSocket pings only.
     pub(crate) fn heartbeat(self, now: DateTime<Utc>) -> Option<Utf8Bytes> {
