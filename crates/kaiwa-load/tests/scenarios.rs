@@ -1,9 +1,9 @@
-//! The load tool against real servers: an in-process kaiwa with small delays (nothing may be
-//! lost; the binary in the path dialect too, its clients at the server's root), two of them given as two endpoints (each client keeps to its own), the echo baseline,
-//! fake servers that withhold or repeat replies (the tool must report it, so its checks can
-//! fail), and a kaiwa behind a proxy that cuts every connection mid-run (`--reconnect` must
-//! come back and lose nothing, and its plot mark the reconnects; without it, the cut must show
-//! as lost). `--plot` writes an SVG of a run.
+//! The load tool against real servers: an in-process kaiwa with small delays (nothing may be lost;
+//! the binary in the path dialect too, its clients at the server's root), two of them given as two
+//! endpoints (each client keeps to its own), the echo baseline, fake servers that withhold or
+//! repeat replies (the tool must report it, so its checks can fail), and a kaiwa behind a proxy
+//! that cuts every connection mid-run (`--reconnect` must come back and lose nothing, and its plot
+//! mark the reconnects; without it, the cut must show as lost). `--plot` writes an SVG of a run.
 
 use futures::{SinkExt, StreamExt};
 use kaiwa::clock::SystemClock;

@@ -1,7 +1,7 @@
 //! The gateway: the WebSocket endpoints, `/ws` and the path dialect's (an upgrade to any other
-//! path, such as `/<client_id>` or `/ws/<client_id>`). It upgrades connections, runs one session actor per client (handshake,
-//! heartbeat, reading), keeps the registry of connected clients, and delivers what workers
-//! report back to the right client's outbox.
+//! path, such as `/<client_id>` or `/ws/<client_id>`). It upgrades connections, runs one session
+//! actor per client (handshake, heartbeat, reading), keeps the registry of connected clients, and
+//! delivers what workers report back to the right client's outbox.
 
 mod cluster;
 mod command;
@@ -337,8 +337,8 @@ pub(crate) async fn upgrade(
 /// The path dialect's WebSocket endpoint (see docs/protocol.md): the last path segment is the
 /// client id, `?timezone=` its timezone (else `--default-timezone`), and there is no handshake
 /// frame. An upgrade to any other path but `/ws` (`/<client_id>`, `/a/b/<client_id>`) works the
-/// same. With auth on, the token comes
-/// here (`Authorization: Bearer` or `?token=`), and its `sub` must be the path's client id.
+/// same. With auth on, the token comes here (`Authorization: Bearer` or `?token=`), and its `sub`
+/// must be the path's client id.
 #[utoipa::path(
     get,
     path = "/ws/{client_id}",

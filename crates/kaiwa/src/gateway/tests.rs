@@ -1,6 +1,7 @@
 //! The session's timers on tokio's paused clock: the heartbeat, the first-message timeout, the
-//! handshake timeout and the token's expiry, each checked to the second without a real sleep. The session reads from a
-//! channel here instead of a socket, so that no real I/O keeps the clock from jumping.
+//! handshake timeout and the token's expiry, each checked to the second without a real sleep. The
+//! session reads from a channel here instead of a socket, so that no real I/O keeps the clock from
+//! jumping.
 
 use super::handshake::{self, HandshakeError, Hello, Resume};
 use super::outbox::Outbox;
