@@ -908,6 +908,35 @@ mod shared_postgres {
         b.close().await;
     }
 
+    /// Admission in the insert: accepted messages go in in the order they came while there is
+    /// room, and a rejected one among them goes in regardless.
+    #[tokio::test]
+    async fn the_room_left_goes_to_the_first_accepted_messages_in_order() {
+        let database = test_postgres::TestDatabase::create().await;
+        let store = shared(&database, 2).await;
+        let mut rejected = message("r", None, "too late");
+        rejected.status = MessageStatus::Rejected;
+        let sent = vec![
+            message("a", None, "first"),
+            rejected,
+            message("b", None, "second"),
+            message("c", None, "third"),
+        ];
+        let outcomes: Vec<Inserted> = join_all(sent.into_iter().map(|m| store.insert_message(m)))
+            .await
+            .into_iter()
+            .map(|outcome| outcome.expect("answered"))
+            .collect();
+        let admitted: Vec<bool> = outcomes
+            .iter()
+            .map(|outcome| matches!(outcome, Inserted::New(_)))
+            .collect();
+        assert_eq!(admitted, [true, true, true, false], "{outcomes:?}");
+        assert_eq!(outcomes[3], Inserted::Busy, "{outcomes:?}");
+        assert_eq!(store.in_flight().await.expect("counted"), 2);
+        store.close().await;
+    }
+
     /// The count's shards after completions (shards 1 to 8 below zero) and an operator's
     /// TRUNCATE: zero in all, and the limit as before.
     #[tokio::test]

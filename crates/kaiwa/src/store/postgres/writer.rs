@@ -298,17 +298,15 @@ async fn insert_messages(
         return Ok(Vec::new());
     }
     // Alone on the database, the process's own in-flight slots keep the limit (admission):
-    // only gateways that share it need the count that all of them see.
-    let room = match shared {
-        Some(shared)
-            if messages
+    // only gateways that share it need the count that all of them see, read and locked in the
+    // insert itself (see `ADMISSION`).
+    let limit = shared
+        .filter(|_| {
+            messages
                 .iter()
-                .any(|(m, _)| m.status == MessageStatus::Accepted) =>
-        {
-            Some(room_in_flight(tx, shared.max_in_flight).await?)
-        }
-        _ => None,
-    };
+                .any(|(m, _)| m.status == MessageStatus::Accepted)
+        })
+        .map(|shared| i64::from(shared.max_in_flight));
     let admitted_by = shared.and_then(|shared| shared.admitted_by.as_deref());
     // A client message id sent twice within the batch is stored once, by its first send.
     let mut first_of: HashMap<(&str, &str), usize> = HashMap::new();
@@ -325,21 +323,8 @@ async fn insert_messages(
         });
         repeat_of.push(repeat);
     }
-    // Accepted messages past the room left are not stored: their senders retry.
-    let mut busy = vec![false; messages.len()];
-    if let Some(mut room) = room {
-        for (index, (message, _)) in messages.iter().enumerate() {
-            if repeat_of[index].is_none() && message.status == MessageStatus::Accepted {
-                if room == 0 {
-                    busy[index] = true;
-                } else {
-                    room -= 1;
-                }
-            }
-        }
-    }
     let rows: Vec<usize> = (0..messages.len())
-        .filter(|&i| repeat_of[i].is_none() && !busy[i])
+        .filter(|&i| repeat_of[i].is_none())
         .collect();
     // Columns as arrays of borrowed text: the rows are encoded straight from the messages.
     let column = |f: &dyn for<'m> Fn(&'m NewMessage) -> Option<&'m str>| -> Vec<Option<&str>> {
@@ -347,32 +332,14 @@ async fn insert_messages(
     };
     // Each row's id drawn from the table's sequence in the order of the calls (UNNEST yields
     // them in order, and a volatile output is computed after any sort the ORDER BY needs), in
-    // the statement that inserts them: the ids come back with the rows' positions, and whether
-    // each row went in.
-    let returned: Vec<(i64, i64, bool)> = sqlx::query_as(
-        "WITH input AS MATERIALIZED ( \
-             SELECT u.position, nextval(pg_get_serial_sequence('messages', 'id')) AS id, \
-                 u.client_id, u.client_msg_id, u.message_type, u.content, u.filename, \
-                 u.mime_type, u.size_bytes, u.timezone, u.status, u.status_reason, \
-                 u.client_timestamp, u.received_at \
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-                 $6::text[], $7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[], \
-                 $12::timestamptz[]) WITH ORDINALITY AS u(client_id, client_msg_id, \
-                     message_type, content, filename, mime_type, size_bytes, timezone, status, \
-                     status_reason, client_timestamp, received_at, position) \
-             ORDER BY u.position), \
-         inserted AS ( \
-             INSERT INTO messages (id, client_id, client_msg_id, message_type, content, \
-                 filename, mime_type, size_bytes, timezone, status, status_reason, \
-                 client_timestamp, received_at, admitted_by) \
-             SELECT id, client_id, client_msg_id, message_type, content, filename, mime_type, \
-                 size_bytes, timezone, status, status_reason, client_timestamp, received_at, \
-                 $13::text \
-             FROM input \
-             ON CONFLICT DO NOTHING RETURNING id) \
-         SELECT input.position, input.id, inserted.id IS NOT NULL \
-         FROM input LEFT JOIN inserted ON inserted.id = input.id",
-    )
+    // the statement that inserts them: the ids come back with the rows' positions, whether
+    // each row went in, and whether it was admitted (accepted messages past the room left are
+    // not stored: their senders retry).
+    let returned: Vec<(i64, i64, bool, bool)> = sqlx::query_as(if limit.is_some() {
+        ADMITTED_INSERT
+    } else {
+        INSERT
+    })
     .bind(column(&|m| Some(m.client_id.as_str())))
     .bind(column(&|m| m.client_message_id.as_deref()))
     .bind(column(&|m| Some(m.kind.as_str())))
@@ -399,22 +366,25 @@ async fn insert_messages(
             .collect::<Vec<_>>(),
     )
     .bind(admitted_by)
+    .bind(limit)
     .fetch_all(&mut **tx)
     .await?;
     // Per message of the batch: the id it drew and whether it was inserted under it.
     let mut drawn: Vec<Option<(i64, bool)>> = vec![None; messages.len()];
-    for (position, id, inserted) in returned {
+    let mut busy = vec![false; messages.len()];
+    for (position, id, inserted, admitted) in returned {
         let index = usize::try_from(position - 1)
             .ok()
             .and_then(|row| rows.get(row))
             .ok_or_else(|| sqlx::Error::Protocol(format!("a message row {position} not sent")))?;
         drawn[*index] = Some((id, inserted));
+        busy[*index] = !admitted;
     }
-    // Rows that were not inserted resend a client message id stored before this batch.
+    // Rows admitted and not inserted resend a client message id stored before this batch.
     let resent: Vec<usize> = rows
         .iter()
         .copied()
-        .filter(|&i| matches!(drawn[i], Some((_, false))))
+        .filter(|&i| !busy[i] && matches!(drawn[i], Some((_, false))))
         .collect();
     let mut existing: HashMap<(String, String), Existing> = HashMap::new();
     if !resent.is_empty() {
@@ -497,22 +467,65 @@ async fn insert_messages(
     Ok(outcome)
 }
 
-/// How many more messages may be accepted, across every process sharing the database. Locks
-/// the count's admission shard until the transaction ends, so that the count stays true until
-/// this batch's messages are committed (the table's triggers add them to that shard). The
-/// locked shard is read as it is once the lock is held (a row locked after a wait is read
-/// again); the others, where completions take themselves off, as of the statement's start,
-/// which can only count completions too late: never more messages than the limit.
-async fn room_in_flight(tx: &mut Transaction<'_, Postgres>, max: u32) -> Result<u32, sqlx::Error> {
-    let count: i64 = sqlx::query_scalar(
-        "WITH admission AS (SELECT accepted FROM in_flight WHERE shard = 0 FOR UPDATE) \
-         SELECT ((SELECT accepted FROM admission) \
-             + (SELECT COALESCE(SUM(accepted), 0) FROM in_flight WHERE shard <> 0))::bigint",
-    )
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(u32::try_from(i64::from(max).saturating_sub(count).max(0)).unwrap_or(0))
+/// The insert of a batch's messages (see [`insert_messages`]): `$1`-`$12` the columns, `$13`
+/// the gateway that admitted them, `$14` the cluster's in-flight limit; `$with` adds CTEs
+/// before the input, `$admitted` says whether a row may go in.
+macro_rules! messages_insert {
+    ($with:literal, $admitted:literal) => {
+        concat!(
+            "WITH ",
+            $with,
+            "input AS MATERIALIZED ( \
+                 SELECT u.position, nextval(pg_get_serial_sequence('messages', 'id')) AS id, \
+                     u.client_id, u.client_msg_id, u.message_type, u.content, u.filename, \
+                     u.mime_type, u.size_bytes, u.timezone, u.status, u.status_reason, \
+                     u.client_timestamp, u.received_at, ",
+            $admitted,
+            " AS admitted \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                     $6::text[], $7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[], \
+                     $12::timestamptz[]) WITH ORDINALITY AS u(client_id, client_msg_id, \
+                         message_type, content, filename, mime_type, size_bytes, timezone, \
+                         status, status_reason, client_timestamp, received_at, position) \
+                 ORDER BY u.position), \
+             inserted AS ( \
+                 INSERT INTO messages (id, client_id, client_msg_id, message_type, content, \
+                     filename, mime_type, size_bytes, timezone, status, status_reason, \
+                     client_timestamp, received_at, admitted_by) \
+                 SELECT id, client_id, client_msg_id, message_type, content, filename, \
+                     mime_type, size_bytes, timezone, status, status_reason, client_timestamp, \
+                     received_at, $13::text \
+                 FROM input WHERE admitted \
+                 ON CONFLICT DO NOTHING RETURNING id) \
+             SELECT input.position, input.id, inserted.id IS NOT NULL, input.admitted \
+             FROM input LEFT JOIN inserted ON inserted.id = input.id"
+        )
+    };
 }
+
+/// Every row goes in: alone on the database, admission's own slots kept the limit (`$14` is
+/// null here; only [`ADMITTED_INSERT`] is given one).
+const INSERT: &str = messages_insert!("", "$14::bigint IS NULL");
+
+/// Accepted rows go in, in the batch's order, while the cluster's in-flight count leaves room
+/// under `$14`; the others are not stored, and their senders retry. The count's admission shard
+/// is locked until the transaction ends, so that the count stays true until these messages
+/// are committed (the table's triggers add them to that shard); taking it in the insert
+/// itself, not a statement before, keeps it held for one round trip less, and every gateway's
+/// accepted messages wait for it. The locked shard is read as it is once the lock is held (a
+/// row locked after a wait is read again); the others, where completions take themselves off,
+/// as of the statement's start, which can only count completions too late: never more
+/// messages than the limit. A resend of a message stored before takes room too (it is answered
+/// as that message; the batch is one place short, as it was when the count was read apart).
+const ADMITTED_INSERT: &str = messages_insert!(
+    "admission AS MATERIALIZED ( \
+         SELECT accepted FROM in_flight WHERE shard = 0 FOR UPDATE), \
+     room AS MATERIALIZED ( \
+         SELECT $14::bigint - (SELECT accepted FROM admission) \
+             - (SELECT COALESCE(SUM(accepted), 0) FROM in_flight WHERE shard <> 0) AS places), ",
+    "(u.status <> 'accepted' OR COUNT(*) FILTER (WHERE u.status = 'accepted') \
+         OVER (ORDER BY u.position) <= (SELECT places FROM room))"
+);
 
 /// Stores reply sets. Each client's replies are numbered under an advisory lock of that
 /// client's, taken in one order by every process (so two processes never wait on each other in
