@@ -5,7 +5,9 @@
 #   3. kaiwa       kaiwa end to end (reply delays off, high limits), same clients: a ratio of 2;
 #                  kaiwa-auth the same with auth on, every client with a token of its own
 #   4. rate-N      p99 latency at fixed offered rates (open loop)
-#   5. idle-N      resident memory per idle connection, read from /proc/<pid>/status
+#   5. idle-N      resident memory per idle native connection, read from /proc/<pid>/status;
+#                  idle-legacy-N and idle-path-N the same for the other protocols
+#                  (kaiwa-load connections --dialect legacy|path)
 #   6. store       the SQLite store alone, concurrent inserts, group commit
 # With PostgreSQL (on by default; WITH_POSTGRES=0 leaves it out), beside the SQLite figures:
 #   3. kaiwa-postgres, 4. rate-1000-postgres, 6. store-postgres: the same, with kaiwa's store on
@@ -15,8 +17,10 @@
 # run, latency by message type) as SVG.
 #
 # Settings (environment): CLIENTS (50), DURATION seconds (10), RATES ("1000 5000"),
-# IDLE ("10000 19000"), STORE_MESSAGES (200000), PORT (18082), ECHO_PORT (18090),
-# WITH_POSTGRES (1), POSTGRES (postgres://postgres@127.0.0.1:5432/postgres).
+# IDLE ("10000 19000": native connections, a run each), IDLE_DIALECTS ("legacy path"; "" leaves
+# them out), IDLE_DIALECT_CLIENTS (10000: one run of each dialect), ONLY (idle: the idle
+# connections alone, no PostgreSQL needed), STORE_MESSAGES (200000), PORT (18082),
+# ECHO_PORT (18090), WITH_POSTGRES (1), POSTGRES (postgres://postgres@127.0.0.1:5432/postgres).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +28,9 @@ CLIENTS=${CLIENTS:-50}
 DURATION=${DURATION:-10}
 RATES=${RATES:-"1000 5000"}
 IDLE=${IDLE:-"10000 19000"}
+IDLE_DIALECTS=${IDLE_DIALECTS-"legacy path"}
+IDLE_DIALECT_CLIENTS=${IDLE_DIALECT_CLIENTS:-10000}
+ONLY=${ONLY:-}
 STORE_MESSAGES=${STORE_MESSAGES:-200000}
 PORT=${PORT:-18082}
 ECHO_PORT=${ECHO_PORT:-18090}
@@ -34,6 +41,8 @@ work=$(mktemp -d "$PWD/target/bench-data.XXXXXX")
 # shellcheck source=bench/common.sh
 source bench/common.sh
 WITH_POSTGRES=${WITH_POSTGRES:-1}
+# The idle runs alone need no PostgreSQL.
+if [[ "$ONLY" == idle ]]; then WITH_POSTGRES=0; fi
 POSTGRES=${POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}
 pg_databases=()
 
@@ -68,6 +77,7 @@ FAST=(--reply-delay-scale 0 --max-clients 20000 --max-in-flight 100000
 step "building in release mode"
 cargo build --release --locked -p kaiwa -p kaiwa-load --bins --example store_bench
 
+if [[ "$ONLY" != idle ]]; then
 step "spec: 100 clients, 2,000 messages, default limits (50 clients) and delays"
 start_kaiwa spec
 load spec --url "ws://127.0.0.1:$PORT/ws" --label spec --json "$out/1-spec.json" \
@@ -133,6 +143,8 @@ if [[ "$WITH_POSTGRES" == 1 ]]; then
   stop_server
 fi
 
+fi
+
 for n in $IDLE; do
   step "$n idle connections"
   start_kaiwa "idle-$n" "${FAST[@]}"
@@ -140,7 +152,17 @@ for n in $IDLE; do
     --label "idle-$n" --json "$out/5-idle-$n.json" || true
   stop_server
 done
+for dialect in $IDLE_DIALECTS; do
+  n=$IDLE_DIALECT_CLIENTS
+  step "$n idle $dialect connections"
+  start_kaiwa "idle-$dialect-$n" "${FAST[@]}"
+  load connections --dialect "$dialect" --url "ws://127.0.0.1:$PORT/ws" --clients "$n" \
+    --server-pid "$server_pid" --label "idle-$dialect-$n" --json "$out/5-idle-$dialect-$n.json" \
+    || true
+  stop_server
+done
 
+if [[ "$ONLY" != idle ]]; then
 step "SQLite store alone: $STORE_MESSAGES messages, 64 concurrent writers"
 target/release/examples/store_bench --messages "$STORE_MESSAGES" --writers 64 \
   --data-dir "$work/store" --label store >"$out/6-store.json"
@@ -150,6 +172,7 @@ if [[ "$WITH_POSTGRES" == 1 ]]; then
   pg_database store
   target/release/examples/store_bench --messages "$STORE_MESSAGES" --writers 64 \
     --database-url "$pg_url" --label store-postgres >"$out/6-store-postgres.json"
+fi
 fi
 
 step "results in $out"

@@ -1,7 +1,8 @@
-//! The `connections` scenario: opens and holds many idle native connections, spread over the
-//! servers' endpoints (connection i on url[i % n]), over source addresses 127.0.0.x and, past
-//! what one process may hold open, over child processes of the tool; reads each server's
-//! resident memory from /proc before and while they are held, per connection it holds.
+//! The `connections` scenario: opens and holds many idle connections (native, legacy or the path
+//! dialect), spread over the servers' endpoints (connection i on url[i % n]), over source
+//! addresses 127.0.0.x and, past what one process may hold open, over child processes of the
+//! tool; reads each server's resident memory from /proc before and while they are held, per
+//! connection it holds.
 
 use crate::auth::{AUTH_SECRET_ENV, Minter, TokenSettings};
 use crate::connect::{self, Attempt};
@@ -519,7 +520,7 @@ pub async fn run(config: ConnectionsConfig) -> Result<Summary, ConnectionsError>
     let info = RunInfo {
         scenario: "connections".into(),
         label: config.label.clone(),
-        protocol: "native".into(),
+        protocol: config.mode.name().to_owned(),
         urls: config.urls.clone(),
         started_at,
         offered_rate: None,

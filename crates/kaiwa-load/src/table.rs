@@ -64,7 +64,7 @@ pub fn render(reports: &[Report]) -> String {
     for report in reports {
         match report {
             Report::Run(s) => {
-                let label = s.label.clone().unwrap_or_else(|| s.scenario.clone());
+                let label = row_label(s);
                 let ratio = (s.protocol != "echo" && s.offered_rate.is_none() && s.sent > 0)
                     .then(|| echo_at(s.clients))
                     .flatten()
@@ -143,6 +143,17 @@ pub fn render(reports: &[Report]) -> String {
     out
 }
 
+/// A run's label, with the protocol it spoke when that is not kaiwa's own and the label does
+/// not say it: a legacy run's row must not pass for a native one's.
+fn row_label(s: &Summary) -> String {
+    let label = s.label.clone().unwrap_or_else(|| s.scenario.clone());
+    if matches!(s.protocol.as_str(), "native" | "echo") || label.contains(&s.protocol) {
+        label
+    } else {
+        format!("{label} ({})", s.protocol)
+    }
+}
+
 fn verdict(met: bool, target: &str) -> String {
     format!("{target}: {}", if met { "met" } else { "MISSED" })
 }
@@ -208,6 +219,35 @@ mod tests {
         let table = render(&[Report::Run(Box::new(rate)), Report::Run(Box::new(idle))]);
         assert!(table.contains("p99 < 10 ms: met"), "{table}");
         assert!(table.contains("≤ 10 KiB: met"), "{table}");
+    }
+
+    #[test]
+    fn a_row_names_the_protocol_its_run_spoke() {
+        let idle = |label: &str, protocol: &str| {
+            let mut s = summary(label, protocol, 0.0);
+            s.sent = 0;
+            s.memory = Some(Memory {
+                server_pid: 1,
+                server_pids: vec![1],
+                baseline_kib: 1_000,
+                loaded_kib: 80_000,
+                per_connection_kib: 7.9,
+            });
+            Report::Run(Box::new(s))
+        };
+        let table = render(&[
+            idle("idle-10000", "native"),
+            idle("idle-10000", "legacy"),
+            idle("idle-path-10000", "path"),
+        ]);
+        let rows: Vec<&str> = table.lines().skip(1).collect();
+        assert!(rows[0].starts_with("idle-10000 "), "{table}");
+        assert!(rows[1].starts_with("idle-10000 (legacy) "), "{table}");
+        assert!(rows[2].starts_with("idle-path-10000 "), "{table}");
+        assert!(
+            rows.iter().all(|row| row.ends_with("≤ 10 KiB: met")),
+            "{table}"
+        );
     }
 
     #[test]

@@ -814,6 +814,8 @@ async fn idle_legacy_and_path_connections_answer_the_heartbeats_their_protocols_
         let summary = connections::run(config).await.expect("the run completes");
         assert!(summary.ok, "{mode:?}: {}", summary.table());
         assert_eq!(summary.connected, 10, "{mode:?}");
+        // The report names the protocol spoken, which bench tables label the row by.
+        assert_eq!(summary.protocol, mode.name());
     }
 }
 

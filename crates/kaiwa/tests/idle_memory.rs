@@ -14,9 +14,42 @@ const CONNECTIONS: usize = 3_000;
 /// 9.75 at 10,000), and 19.3 before the outbox stopped keeping buffers for idle connections
 /// and the session's task its setup's locals (the test failed there: tried).
 const LIMIT_KIB: f64 = 14.0;
+/// Open files this process needs: a socket per connection, and the runtime's, the pipes to the
+/// server and the harness's besides. The server inherits the same limit and holds as many.
+const OPEN_FILES_NEEDED: u64 = CONNECTIONS as u64 + 256;
+
+/// The open-files soft and hard limits (`RLIMIT_NOFILE`), from /proc/self/limits: none where
+/// that cannot be read. No crate of the workspace can set a limit (neither libc nor nix is a
+/// dependency), so a limit too low is named rather than raised.
+fn open_files_limits() -> Option<(u64, u64)> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let number = |field: &str| match field {
+        "unlimited" => Some(u64::MAX),
+        field => field.parse().ok(),
+    };
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    Some((number(fields.next()?)?, number(fields.next()?)?))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_costs_the_server_little_memory() {
+    // Without this, a low limit shows up as refused or failed connections, not as its cause.
+    if let Some((soft, hard)) = open_files_limits() {
+        let raise = if hard >= OPEN_FILES_NEEDED {
+            format!("raise it with `ulimit -n {OPEN_FILES_NEEDED}` (the hard limit is {hard})")
+        } else {
+            format!(
+                "the hard limit is {hard}, so both must be raised (`ulimit -n {OPEN_FILES_NEEDED}` as root)"
+            )
+        };
+        assert!(
+            soft >= OPEN_FILES_NEEDED,
+            "the open-files soft limit (RLIMIT_NOFILE, `ulimit -n`) is {soft}, and this test needs \
+             {OPEN_FILES_NEEDED} for {CONNECTIONS} connections (the server it starts inherits the \
+             limit and needs as many): {raise}"
+        );
+    }
     let dir = tempfile::tempdir().expect("a temporary directory");
     let mut command = support::serve_command(dir.path());
     command
