@@ -338,7 +338,7 @@ async fn run(
         stream.replay(None);
     }
 
-    let (sink, mut frames_in) = (*socket).split();
+    let (sink, mut frames_in) = unbox(socket).split();
     let (closing, close_rx) = oneshot::channel();
     let writer = gateway.tracker.spawn(
         Writer {
@@ -377,6 +377,12 @@ async fn run(
         frames_in,
         writer,
     }
+}
+
+/// The socket out of its box, the box freed: moved out in place (`(*socket).split()`), the box
+/// would stay allocated until the session's task ends, 368 bytes of every idle connection.
+fn unbox(socket: Box<WebSocket>) -> WebSocket {
+    *socket
 }
 
 /// The client's departure: it leaves the registry and the limits at once, replies that came
