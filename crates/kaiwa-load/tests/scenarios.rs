@@ -186,13 +186,34 @@ fn svg_texts(svg: &str) -> Vec<String> {
         .collect()
 }
 
+/// Runs the kaiwa-load binary with `args` and `--json json`; it must succeed. Its summary, and
+/// the table it printed.
+async fn run_binary(args: &[&str], json: &std::path::Path) -> (kaiwa_load::Summary, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_kaiwa-load"))
+        .args(args)
+        .arg("--json")
+        .arg(json)
+        .output()
+        .await
+        .expect("kaiwa-load runs");
+    let table = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary = serde_json::from_str(&std::fs::read_to_string(json).expect("the JSON report"))
+        .expect("a summary");
+    (summary, table)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spec_run_with_plot_draws_throughput_latency_and_every_type_sent_as_svg() {
     let server = Server::start(&["--reply-delay-scale", "0.01"]).await;
     let dir = tempfile::tempdir().expect("a temporary directory");
     let (plot, json) = (dir.path().join("spec.svg"), dir.path().join("spec.json"));
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_kaiwa-load"))
-        .args([
+    let (summary, _) = run_binary(
+        &[
             "spec",
             "--url",
             &server.url(),
@@ -201,23 +222,12 @@ async fn a_spec_run_with_plot_draws_throughput_latency_and_every_type_sent_as_sv
             "--messages",
             "80",
             "--quiet",
-        ])
-        .arg("--plot")
-        .arg(&plot)
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .await
-        .expect("kaiwa-load runs");
-    let table = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{table}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let summary: kaiwa_load::Summary =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("the JSON report"))
-            .expect("a summary");
+            "--plot",
+            plot.to_str().expect("a UTF-8 path"),
+        ],
+        &json,
+    )
+    .await;
 
     let svg = std::fs::read_to_string(&plot).expect("the plot is written");
     let texts = svg_texts(&svg);
@@ -319,8 +329,8 @@ async fn the_binary_runs_the_spec_scenario_in_the_path_dialect_with_ids_at_the_s
     let json = dir.path().join("path.json");
     // The server's root, as that system's scripts give it: each client at ws://<addr>/<id>.
     let root = format!("ws://{}", server.addr);
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_kaiwa-load"))
-        .args([
+    let (summary, table) = run_binary(
+        &[
             "spec",
             "--dialect",
             "path",
@@ -331,21 +341,10 @@ async fn the_binary_runs_the_spec_scenario_in_the_path_dialect_with_ids_at_the_s
             "--messages",
             "60",
             "--quiet",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .await
-        .expect("kaiwa-load runs");
-    let table = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{table}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let summary: kaiwa_load::Summary =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("the JSON report"))
-            .expect("a summary");
+        ],
+        &json,
+    )
+    .await;
     assert!(summary.ok, "{table}");
     assert_eq!(summary.protocol, "path");
     assert_eq!(summary.urls, [root]);
