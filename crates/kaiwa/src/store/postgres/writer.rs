@@ -469,9 +469,10 @@ async fn insert_messages(
 
 /// The insert of a batch's messages (see [`insert_messages`]): `$1`-`$12` the columns, `$13`
 /// the gateway that admitted them, `$14` the cluster's in-flight limit; `$with` adds CTEs
-/// before the input, `$admitted` says whether a row may go in.
+/// before the input, `$joined` what the rows are joined with, `$admitted` says whether a row
+/// may go in.
 macro_rules! messages_insert {
-    ($with:literal, $admitted:literal) => {
+    ($with:literal, $joined:literal, $admitted:literal) => {
         concat!(
             "WITH ",
             $with,
@@ -482,7 +483,9 @@ macro_rules! messages_insert {
                      u.client_timestamp, u.received_at, ",
             $admitted,
             " AS admitted \
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                 FROM ",
+            $joined,
+            "UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
                      $6::text[], $7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[], \
                      $12::timestamptz[]) WITH ORDINALITY AS u(client_id, client_msg_id, \
                          message_type, content, filename, mime_type, size_bytes, timezone, \
@@ -505,7 +508,7 @@ macro_rules! messages_insert {
 
 /// Every row goes in: alone on the database, admission's own slots kept the limit (`$14` is
 /// null here; only [`ADMITTED_INSERT`] is given one).
-const INSERT: &str = messages_insert!("", "$14::bigint IS NULL");
+const INSERT: &str = messages_insert!("", "", "$14::bigint IS NULL");
 
 /// Accepted rows go in, in the batch's order, while the cluster's in-flight count leaves room
 /// under `$14`; the others are not stored, and their senders retry. The count's admission shard
@@ -523,8 +526,13 @@ const ADMITTED_INSERT: &str = messages_insert!(
      room AS MATERIALIZED ( \
          SELECT $14::bigint - (SELECT accepted FROM admission) \
              - (SELECT COALESCE(SUM(accepted), 0) FROM in_flight WHERE shard <> 0) AS places), ",
+    // Joined, not asked for by the first accepted row: a subquery is run when a row first needs
+    // it, after the rows before it went in, and a rejected row inserted before the lock could
+    // make another gateway's batch, holding the lock and inserting the same client message id,
+    // wait for this one: a deadlock, that stalled every gateway's admission for a second.
+    "room CROSS JOIN ",
     "(u.status <> 'accepted' OR COUNT(*) FILTER (WHERE u.status = 'accepted') \
-         OVER (ORDER BY u.position) <= (SELECT places FROM room))"
+         OVER (ORDER BY u.position) <= room.places)"
 );
 
 /// Stores reply sets. Each client's replies are numbered under an advisory lock of that
