@@ -937,6 +937,90 @@ mod shared_postgres {
         store.close().await;
     }
 
+    /// A batch locks the count before it inserts any row: a row inserted while it waits for
+    /// the lock could be waited for in turn by the batch that holds it (the same client message
+    /// id in both), a deadlock that stalls every gateway's admission. Fails with the count read
+    /// by the first accepted row's comparison (2bc84a8): the holder's insert then waits on the
+    /// batch's rejected row until its lock timeout.
+    #[tokio::test]
+    async fn a_batch_waiting_for_the_count_has_inserted_nothing() {
+        use sqlx::Connection;
+        let database = test_postgres::TestDatabase::create().await;
+        let store = Arc::new(shared(&database, 10).await);
+        let mut holder = sqlx::PgConnection::connect(&database.url)
+            .await
+            .expect("connected");
+        for statement in [
+            "BEGIN",
+            "SELECT accepted FROM in_flight WHERE shard = 0 FOR UPDATE",
+        ] {
+            sqlx::query(statement)
+                .execute(&mut holder)
+                .await
+                .expect("the count is locked");
+        }
+        let mut rejected = message("cy", Some("Y"), "too late");
+        rejected.status = MessageStatus::Rejected;
+        // Both sent before the writer runs: one batch, the rejected row first.
+        let batch = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move {
+                join_all([
+                    store.insert_message(rejected),
+                    store.insert_message(message("cz", Some("Z"), "hello")),
+                ])
+                .await
+            }
+        });
+        let mut watcher = sqlx::PgConnection::connect(&database.url)
+            .await
+            .expect("connected");
+        let mut waits = 0;
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&mut watcher)
+            .await
+            .expect("read");
+            if waiting > 0 {
+                break;
+            }
+            waits += 1;
+            assert!(waits < 1000, "the batch never waited for the count");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // The same client message id, from the lock's holder: nothing of the batch's to wait for.
+        sqlx::query("SET lock_timeout = '500ms'")
+            .execute(&mut holder)
+            .await
+            .expect("set");
+        sqlx::query(
+            "INSERT INTO messages (client_id, client_msg_id, message_type, content, timezone, \
+                 status, received_at) \
+             VALUES ('cy', 'Y', 'text', 'first', 'UTC', 'rejected', now()) ON CONFLICT DO NOTHING",
+        )
+        .execute(&mut holder)
+        .await
+        .expect("the holder's insert does not wait for the batch that waits for it");
+        sqlx::query("COMMIT")
+            .execute(&mut holder)
+            .await
+            .expect("committed");
+        let outcomes: Vec<Inserted> = batch
+            .await
+            .expect("the batch ends")
+            .into_iter()
+            .map(|outcome| outcome.expect("answered"))
+            .collect();
+        assert!(
+            matches!(&outcomes[0], Inserted::Duplicate(existing) if existing.status == MessageStatus::Rejected),
+            "{outcomes:?}"
+        );
+        assert!(matches!(outcomes[1], Inserted::New(_)), "{outcomes:?}");
+    }
+
     /// The count's shards after completions (shards 1 to 8 below zero) and an operator's
     /// TRUNCATE: zero in all, and the limit as before.
     #[tokio::test]
