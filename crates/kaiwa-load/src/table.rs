@@ -164,6 +164,20 @@ mod tests {
     use crate::report::{Memory, Quantiles, RunInfo, Tally};
     use std::time::Duration;
 
+    /// A run of idle connections, each holding `per_connection_kib`.
+    fn idle(label: &str, protocol: &str, per_connection_kib: f64) -> Summary {
+        let mut idle = summary(label, protocol, 0.0);
+        idle.sent = 0;
+        idle.memory = Some(Memory {
+            server_pid: 1,
+            server_pids: vec![1],
+            baseline_kib: 1_000,
+            loaded_kib: 1_000 + (per_connection_kib * 10_000.0) as u64,
+            per_connection_kib,
+        });
+        idle
+    }
+
     fn summary(label: &str, protocol: &str, throughput: f64) -> Summary {
         let info = RunInfo {
             scenario: "throughput".into(),
@@ -207,15 +221,7 @@ mod tests {
             p999: 4.0,
             max: 5.0,
         });
-        let mut idle = summary("idle-10000", "native", 0.0);
-        idle.sent = 0;
-        idle.memory = Some(Memory {
-            server_pid: 1,
-            server_pids: vec![1],
-            baseline_kib: 1_000,
-            loaded_kib: 101_000,
-            per_connection_kib: 10.0,
-        });
+        let idle = idle("idle-10000", "native", 10.0);
         let table = render(&[Report::Run(Box::new(rate)), Report::Run(Box::new(idle))]);
         assert!(table.contains("p99 < 10 ms: met"), "{table}");
         assert!(table.contains("≤ 10 KiB: met"), "{table}");
@@ -223,23 +229,14 @@ mod tests {
 
     #[test]
     fn a_row_names_the_protocol_its_run_spoke() {
-        let idle = |label: &str, protocol: &str| {
-            let mut s = summary(label, protocol, 0.0);
-            s.sent = 0;
-            s.memory = Some(Memory {
-                server_pid: 1,
-                server_pids: vec![1],
-                baseline_kib: 1_000,
-                loaded_kib: 80_000,
-                per_connection_kib: 7.9,
-            });
-            Report::Run(Box::new(s))
-        };
-        let table = render(&[
-            idle("idle-10000", "native"),
-            idle("idle-10000", "legacy"),
-            idle("idle-path-10000", "path"),
-        ]);
+        let table = render(&["native", "legacy", "path"].map(|protocol| {
+            let label = if protocol == "path" {
+                "idle-path-10000"
+            } else {
+                "idle-10000"
+            };
+            Report::Run(Box::new(idle(label, protocol, 7.9)))
+        }));
         let rows: Vec<&str> = table.lines().skip(1).collect();
         assert!(rows[0].starts_with("idle-10000 "), "{table}");
         assert!(rows[1].starts_with("idle-10000 (legacy) "), "{table}");
