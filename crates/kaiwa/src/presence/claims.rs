@@ -4,9 +4,10 @@
 //! A storm of 50,000 connections then costs PostgreSQL a few hundred statements, not 50,000
 //! transactions of four round trips each.
 
-use super::sql::{LEASE_CONNECTION, RoundTrip, conn_param, unavailable};
+use super::sql::{LEASE_CONNECTION, RoundTrip, unavailable};
 use super::{Claim, PresenceError};
 use crate::domain::{ClientId, GatewayId};
+use crate::store::bigint_param;
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
 use tokio::sync::{mpsc, oneshot};
@@ -165,7 +166,7 @@ impl Writer {
         let ids: Vec<&str> = releases.iter().map(|(id, ..)| id.as_str()).collect();
         let conns: Vec<i64> = releases
             .iter()
-            .map(|(_, conn, _)| conn_param(*conn))
+            .map(|(_, conn, _)| bigint_param(*conn))
             .collect();
         let released = sqlx::query(
             "DELETE FROM sessions AS s USING UNNEST($2::text[], $3::bigint[]) AS r(client_id, conn_id) \
@@ -216,7 +217,7 @@ impl Writer {
         // ids take turns instead of deadlocking.
         pending.sort_by(|a, b| a.client_id.as_str().cmp(b.client_id.as_str()));
         let ids: Vec<&str> = pending.iter().map(|p| p.client_id.as_str()).collect();
-        let conns: Vec<i64> = pending.iter().map(|p| conn_param(p.conn_id)).collect();
+        let conns: Vec<i64> = pending.iter().map(|p| bigint_param(p.conn_id)).collect();
         // `holders` locks the rows that exist, read as they are: a holder counts while its
         // lease runs and, within the lease, while its lease connection is open (a gateway
         // that was killed loses it at once). Ids are compared on PostgreSQL's first 63 bytes

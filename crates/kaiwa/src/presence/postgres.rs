@@ -7,11 +7,12 @@
 
 use super::block::{SlotBlock, Surplus};
 use super::claims::Claims;
-use super::sql::{LEASE_CONNECTION, RoundTrip, conn_param, unavailable};
+use super::sql::{LEASE_CONNECTION, RoundTrip, unavailable};
 use super::{Claim, ClusterCounts, Lessee, Presence, PresenceError};
 use crate::domain::ClientId;
 use crate::domain::GatewayId;
 use crate::store::IN_FLIGHT_COUNT;
+use crate::store::bigint_param;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::str::FromStr;
@@ -115,7 +116,7 @@ impl PgPresence {
     /// had run out.
     pub(super) async fn renew(&self, live: &[u64]) -> Result<bool, PresenceError> {
         let _timed = RoundTrip::start("renew");
-        let live: Vec<i64> = live.iter().map(|&conn| conn_param(conn)).collect();
+        let live: Vec<i64> = live.iter().map(|&conn| bigint_param(conn)).collect();
         let rows = self.rows.lock().await;
         let started = tokio::time::Instant::now();
         let held = slot_params(&lock(&self.block).held());

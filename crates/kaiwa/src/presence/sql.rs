@@ -1,6 +1,6 @@
 //! What presence's PostgreSQL parts (the gateway's rows in [`super::postgres`], the batched
-//! claims in [`super::claims`]) share: how a sqlx error reads, a connection id as a parameter,
-//! the lease connection's name, and the timing of a round trip.
+//! claims in [`super::claims`]) share: how a sqlx error reads, the lease connection's name,
+//! and the timing of a round trip.
 
 use super::PresenceError;
 use std::time::Instant;
@@ -11,11 +11,6 @@ pub(super) fn unavailable(err: &sqlx::Error) -> PresenceError {
     } else {
         PresenceError::Database(err.to_string())
     }
-}
-
-/// A connection id as PostgreSQL's BIGINT (ids come from a counter that never gets that far).
-pub(super) fn conn_param(conn: u64) -> i64 {
-    i64::try_from(conn).unwrap_or(i64::MAX)
 }
 
 /// The start of the `application_name` of a gateway's lease connection; the gateway's id follows.

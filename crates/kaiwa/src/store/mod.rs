@@ -207,10 +207,10 @@ pub(crate) fn non_negative(what: &str, value: i64) -> Result<u64, StoreError> {
     u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} {value}")))
 }
 
-/// A stream position as the databases store it: a signed integer (positions never come near
-/// the top).
-fn seq_param(seq: u64) -> i64 {
-    i64::try_from(seq).unwrap_or(i64::MAX)
+/// A stream position or a connection id as the databases store it: a signed 64-bit integer
+/// (neither comes near the top).
+pub(crate) fn bigint_param(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 impl StoreError {

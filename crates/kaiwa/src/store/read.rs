@@ -254,7 +254,7 @@ where
              ORDER BY r.seq LIMIT $3",
         )
         .bind(client_id.as_str())
-        .bind(super::seq_param(after))
+        .bind(super::bigint_param(after))
         .bind(i64::from(limit))
         .fetch_all(self.0)
         .await?;

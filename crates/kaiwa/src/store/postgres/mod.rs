@@ -8,7 +8,7 @@ mod writer;
 use writer::Writer;
 
 use super::batch::{DeliveryUpdate, ReplyBatch, StreamUpdate, Writes};
-use super::read::{MESSAGE_COLUMNS, MessageRecord, Reads};
+use super::read::{Dialect, MESSAGE_COLUMNS, MessageRecord, Reads};
 use super::sql::migrate_error;
 use super::{
     Inserted, MissedReply, NewMessage, NewReply, Store, StoreError, StoreFuture, StoreHealth,
@@ -149,11 +149,11 @@ impl PgStore {
             }
             Claiming::LeftBy(..) => "touched_at IS NULL AND admitted_by = $2 AND received_at < $3",
         };
+        let unfinished = <Postgres as Dialect>::UNFINISHED;
         let sql = format!(
             "UPDATE messages SET touched_at = now() WHERE id IN ( \
                  SELECT id FROM messages \
-                 WHERE id IN (SELECT message_id FROM unfinished) AND status = 'accepted' \
-                     AND {condition} \
+                 WHERE {unfinished} AND {condition} \
                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
              RETURNING {MESSAGE_COLUMNS}"
         );

@@ -5,8 +5,8 @@
 //! and reconnects with backoff.
 
 use super::super::batch::{Backlog, Batch, Command, ReplyBatch, Updates, respond};
+use super::super::bigint_param;
 use super::super::read::{REPLY_COLUMNS, ReplyRecord};
-use super::super::seq_param;
 use super::super::{Existing, Inserted, NewMessage, StoreError, StoreHealth, StoredReply};
 use super::{PgShared, connect, describe};
 use kaiwa_protocol::MessageStatus;
@@ -299,7 +299,7 @@ async fn insert_messages(
     }
     // Alone on the database, the process's own in-flight slots keep the limit (admission):
     // only gateways that share it need the count that all of them see, read and locked in the
-    // insert itself (see `ADMISSION`).
+    // insert itself (see [`ADMITTED_INSERT`]).
     let limit = shared
         .filter(|_| {
             messages
@@ -369,22 +369,23 @@ async fn insert_messages(
     .bind(limit)
     .fetch_all(&mut **tx)
     .await?;
-    // Per message of the batch: the id it drew and whether it was inserted under it.
-    let mut drawn: Vec<Option<(i64, bool)>> = vec![None; messages.len()];
-    let mut busy = vec![false; messages.len()];
+    // Per message of the batch sent as a row: what became of it.
+    let mut row_of: Vec<Option<Row>> = vec![None; messages.len()];
     for (position, id, inserted, admitted) in returned {
         let index = usize::try_from(position - 1)
             .ok()
             .and_then(|row| rows.get(row))
             .ok_or_else(|| sqlx::Error::Protocol(format!("a message row {position} not sent")))?;
-        drawn[*index] = Some((id, inserted));
-        busy[*index] = !admitted;
+        row_of[*index] = Some(match (admitted, inserted) {
+            (false, _) => Row::Busy,
+            (true, true) => Row::Inserted(id),
+            (true, false) => Row::Resent,
+        });
     }
-    // Rows admitted and not inserted resend a client message id stored before this batch.
     let resent: Vec<usize> = rows
         .iter()
         .copied()
-        .filter(|&i| !busy[i] && matches!(drawn[i], Some((_, false))))
+        .filter(|&i| row_of[i] == Some(Row::Resent))
         .collect();
     let mut existing: HashMap<(String, String), Existing> = HashMap::new();
     if !resent.is_empty() {
@@ -445,10 +446,10 @@ async fn insert_messages(
                 }),
                 duplicate => duplicate.clone(),
             },
-            None if busy[index] => Inserted::Busy,
-            None => match drawn[index] {
-                Some((id, true)) => Inserted::New(id),
-                _ => {
+            None => match row_of[index] {
+                Some(Row::Busy) => Inserted::Busy,
+                Some(Row::Inserted(id)) => Inserted::New(id),
+                Some(Row::Resent) | None => {
                     let key = (
                         message.client_id.as_str().to_owned(),
                         message.client_message_id.clone().unwrap_or_default(),
@@ -465,6 +466,17 @@ async fn insert_messages(
         outcome.push(result);
     }
     Ok(outcome)
+}
+
+/// What the insert did with one message's row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Row {
+    /// Past the cluster's in-flight limit: not stored, its sender retries.
+    Busy,
+    /// Stored under this id.
+    Inserted(i64),
+    /// Its client message id was stored before this batch.
+    Resent,
 }
 
 /// The insert of a batch's messages (see [`insert_messages`]): `$1`-`$12` the columns, `$13`
@@ -774,7 +786,7 @@ async fn record_updates(conn: &mut PgConnection, updates: &Updates) -> Result<()
             .iter()
             .map(|u| u.client_id.as_str().to_owned())
             .collect();
-        let seqs: Vec<i64> = received.iter().map(|u| seq_param(u.seq)).collect();
+        let seqs: Vec<i64> = received.iter().map(|u| bigint_param(u.seq)).collect();
         // Only the range since each client's last acknowledgement, found by a range scan of the
         // client's part of the stream, and the replies then updated by id. Both as fences the
         // planner cannot reorder (`OFFSET 0` keeps each client's range a scan of its own, and
@@ -827,7 +839,7 @@ async fn record_updates(conn: &mut PgConnection, updates: &Updates) -> Result<()
             updates
                 .departures
                 .iter()
-                .map(|u| seq_param(u.seq))
+                .map(|u| bigint_param(u.seq))
                 .collect::<Vec<i64>>(),
         )
         .execute(&mut *conn)

@@ -9,7 +9,7 @@
 use super::super::batch::{Backlog, Batch, Command, ReplyBatch, Updates, respond};
 use super::super::read::{REPLY_COLUMNS, ReplyRecord};
 use super::super::{
-    Existing, Inserted, NewMessage, StoreError, StoreHealth, StoredReply, seq_param,
+    Existing, Inserted, NewMessage, StoreError, StoreHealth, StoredReply, bigint_param,
 };
 use super::{Durability, SqliteOptions};
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -421,7 +421,7 @@ impl Writer {
             let mut position = tx.prepare_cached(RECORD_ACKNOWLEDGED)?;
             for received in updates.received.values() {
                 let client_id = received.client_id.as_str();
-                let seq = seq_param(received.seq);
+                let seq = bigint_param(received.seq);
                 let acknowledged: i64 = since
                     .query_row(params![client_id], |row| row.get(0))
                     .optional()?
@@ -443,7 +443,7 @@ impl Writer {
             for departure in &updates.departures {
                 update.execute(params![
                     departure.client_id.as_str(),
-                    seq_param(departure.seq)
+                    bigint_param(departure.seq)
                 ])?;
             }
         }
