@@ -229,14 +229,14 @@ mod tests {
 
     #[test]
     fn a_row_names_the_protocol_its_run_spoke() {
-        let table = render(&["native", "legacy", "path"].map(|protocol| {
-            let label = if protocol == "path" {
-                "idle-path-10000"
-            } else {
-                "idle-10000"
-            };
-            Report::Run(Box::new(idle(label, protocol, 7.9)))
-        }));
+        let table = render(
+            &[
+                ("idle-10000", "native"),
+                ("idle-10000", "legacy"),
+                ("idle-path-10000", "path"),
+            ]
+            .map(|(label, protocol)| Report::Run(Box::new(idle(label, protocol, 7.9)))),
+        );
         let rows: Vec<&str> = table.lines().skip(1).collect();
         assert!(rows[0].starts_with("idle-10000 "), "{table}");
         assert!(rows[1].starts_with("idle-10000 (legacy) "), "{table}");

@@ -432,21 +432,33 @@ async fn a_second_connection_with_the_same_id_is_told_it_is_already_connected() 
     assert_shape(&reply, "text");
 }
 
+/// An upgrade to `path` is refused after it: an error frame with `code` whose words contain
+/// `words`, then close 1008.
+async fn assert_refused(app: &TestApp, path: &str, code: &str, words: &str) {
+    let (mut client, refusal) = PathClient::connect(app, path).await;
+    let refusal = refusal.expect("an error frame first");
+    assert_eq!(refusal["code"], code, "{path}: {refusal}");
+    assert!(
+        refusal["error"]
+            .as_str()
+            .is_some_and(|error| error.contains(words)),
+        "{path}: {refusal}"
+    );
+    let closed = client.closed().await;
+    assert_eq!(closed.code, 1008, "{path}: {closed:?}");
+}
+
 #[tokio::test]
 async fn an_invalid_id_in_the_path_is_refused_with_a_clear_error_and_1008() {
     let app = TestApp::spawn(&[]).await;
     for path in ["/ws/a%20b", "/.hidden", "/ws/caf%C3%A9%2Fbar", "/x%00y"] {
-        let (mut client, refusal) = PathClient::connect(&app, path).await;
-        let refusal = refusal.expect("an error frame first");
-        assert_eq!(refusal["code"], "invalid_client_id", "{path}: {refusal}");
-        assert!(
-            refusal["error"]
-                .as_str()
-                .is_some_and(|error| error.contains("in the URL path is not valid")),
-            "{path}: {refusal}"
-        );
-        let closed = client.closed().await;
-        assert_eq!(closed.code, 1008, "{path}: {closed:?}");
+        assert_refused(
+            &app,
+            path,
+            "invalid_client_id",
+            "in the URL path is not valid",
+        )
+        .await;
     }
     assert_eq!(app.health().await["slots_in_use"], 0);
 }
@@ -545,17 +557,13 @@ async fn plain_requests_keep_their_routes_and_upgrades_to_any_path_but_ws_reach_
 async fn an_upgrade_to_a_path_ending_in_a_slash_names_no_client_and_is_refused_with_1008() {
     let app = TestApp::spawn(&[]).await;
     for path in ["/ws/", "/alice/", "/", "/x/y/", "/ws/?timezone=UTC"] {
-        let (mut client, refusal) = PathClient::connect(&app, path).await;
-        let refusal = refusal.expect("an error frame first");
-        assert_eq!(refusal["code"], "missing_client_id", "{path}: {refusal}");
-        assert!(
-            refusal["error"]
-                .as_str()
-                .is_some_and(|error| error.contains("the URL path names no client id")),
-            "{path}: {refusal}"
-        );
-        let closed = client.closed().await;
-        assert_eq!(closed.code, 1008, "{path}: {closed:?}");
+        assert_refused(
+            &app,
+            path,
+            "missing_client_id",
+            "the URL path names no client id",
+        )
+        .await;
     }
     assert_eq!(app.health().await["slots_in_use"], 0);
     assert_eq!(app.health().await["connections"], 0);

@@ -591,7 +591,8 @@ mod tests {
         }
     }
 
-    /// `ann`'s one message with five replies stored (seq 1 to 5), all pending.
+    /// `ann`'s two messages with five replies stored, all pending: m1's three (seq 1 to 3, each
+    /// stored apart) and m2's two (seq 4 and 5, stored as its last).
     async fn five_replies(store: &dyn Store) {
         let Inserted::New(id) = store
             .insert_message(accepted_text("ann", Some("m1"), "hi"))

@@ -153,7 +153,9 @@ impl Protocol {
 
     /// Whether the heartbeat sends a WebSocket ping. Not to path clients: that system pinged
     /// in its own words only, and its clients' PONG, not the pong every WebSocket library
-    /// sends by itself, is what shows that one still reads and answers.
+    /// sends by itself, is what shows that one still reads and answers. (The probe of a
+    /// duplicate id, `Liveness::answers`, pings every protocol: any answer within its short
+    /// wait shows the connection is open, which is all it asks.)
     pub(crate) fn websocket_pings(self) -> bool {
         !matches!(self, Self::Path)
     }
