@@ -287,10 +287,8 @@ async fn claim(gateway: &Gateway, hello: &Hello, admitted: Admitted) -> Result<C
 
 /// A session that ended, with what its departure needs.
 struct Ended {
-    gateway: Arc<Gateway>,
     session: Session,
     ending: Ending,
-    client_id: ClientId,
     /// The client slots, given back as the departure begins.
     admitted: Admitted,
     /// Set by the registry when the client's id moved to a connection on another gateway.
@@ -355,22 +353,11 @@ async fn run(
     tracing::info!(client_id = %hello.client_id, timezone = %hello.timezone, protocol = ?hello.protocol, conn_id, "client connected");
     metrics::gauge!("kaiwa_connections").increment(1.0);
 
-    let client_id = hello.client_id.clone();
-    let mut session = Session::new(
-        gateway.clone(),
-        hello,
-        outbox,
-        liveness,
-        replaced,
-        stream,
-        position,
-    );
+    let mut session = Session::new(gateway, hello, outbox, liveness, replaced, stream, position);
     let ending = session.run(&mut frames_in).await;
     Ended {
-        gateway,
         session,
         ending,
-        client_id,
         admitted,
         moved,
         closing,
@@ -389,16 +376,16 @@ fn unbox(socket: Box<WebSocket>) -> WebSocket {
 /// here after it moved to another gateway are handed over, then the close handshake, bounded.
 async fn depart(ended: Ended) {
     let Ended {
-        gateway,
         session,
         ending,
-        client_id,
         admitted,
         moved,
         closing,
         mut frames_in,
         writer,
     } = ended;
+    let gateway = session.gateway().clone();
+    let client_id = session.client_id().clone();
     let conn_id = admitted.conn_id;
     gateway.registry.remove(&client_id, conn_id);
     // The client is gone as far as the limits go; the close handshake below is bounded.

@@ -14,6 +14,7 @@ use super::{Gateway, GatewaySettings};
 use crate::admission::{Pipeline, Sender, Settled, Submission, Verdict};
 use crate::auth::Token;
 use crate::clock::Clock;
+use crate::domain::ClientId;
 use axum::extract::ws::{CloseFrame, Message};
 use futures::{Stream, StreamExt};
 use kaiwa_protocol::{CloseCode, ErrorCode, MessageStatus, MessageType};
@@ -378,6 +379,14 @@ impl Session {
                 self.gateway.clock.now(),
             );
         }
+    }
+
+    pub(super) fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    pub(super) fn client_id(&self) -> &ClientId {
+        &self.client.client_id
     }
 
     /// The native client's reply stream.
