@@ -510,23 +510,13 @@ async fn plain_requests_keep_their_routes_and_upgrades_to_any_path_but_ws_reach_
     let (status, health) = app.get_json("/health").await;
     assert_eq!((status, &health["status"]), (200, &json!("ok")));
     for path in ["/somebody", "/ws/", "/somebody/", "/x/y/deep", "/ws/a/b"] {
-        let nobody = app
-            .http
-            .get(app.url(path))
-            .send()
-            .await
-            .expect("HTTP works");
+        let nobody = app.get(path).await;
         assert_eq!(nobody.status(), 404, "{path}");
         assert_eq!(nobody.text().await.expect("a body"), "", "{path}");
     }
-    let page = app.http.get(app.url("/")).send().await.expect("HTTP works");
+    let page = app.get("/").await;
     assert_eq!(page.status(), 200);
-    let not_upgraded = app
-        .http
-        .get(app.url("/ws/somebody"))
-        .send()
-        .await
-        .expect("HTTP works");
+    let not_upgraded = app.get("/ws/somebody").await;
     assert_eq!(not_upgraded.status(), 400, "not a WebSocket upgrade");
 
     // A client named like a page is still a client.

@@ -232,13 +232,17 @@ impl TestApp {
         self.clock.set(now);
     }
 
-    pub async fn get_json(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .http
+    /// A plain GET of `path`.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
             .get(self.url(path))
             .send()
             .await
-            .expect("HTTP works");
+            .expect("HTTP works")
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let response = self.get(path).await;
         let status = response.status().as_u16();
         let body = response.json().await.expect("a JSON body");
         (status, body)
