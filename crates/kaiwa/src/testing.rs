@@ -121,3 +121,28 @@ pub(crate) fn accepted_text(
         received_at: chrono::Utc::now(),
     }
 }
+
+/// Stores `message`, which the test knows is new; its id.
+pub(crate) async fn stored(
+    store: &dyn crate::store::Store,
+    message: crate::store::NewMessage,
+) -> i64 {
+    match store.insert_message(message).await.expect("stored") {
+        crate::store::Inserted::New(id) => id,
+        other => panic!("not new: {other:?}"),
+    }
+}
+
+/// A reply of `reply_type` saying `content`, with no file: what a worker hands the store.
+pub(crate) fn reply(
+    reply_type: kaiwa_protocol::ReplyType,
+    content: &str,
+) -> crate::store::NewReply {
+    crate::store::NewReply {
+        reply_type,
+        content: content.to_owned(),
+        filename: None,
+        mime_type: None,
+        fallback: false,
+    }
+}

@@ -568,8 +568,8 @@ where
 mod tests {
     use super::*;
     use crate::domain::Timezone;
-    use crate::store::{NewReply, Store};
-    use crate::testing::{Fixture, accepted_text};
+    use crate::store::Store;
+    use crate::testing::{Fixture, accepted_text, reply, stored};
     use kaiwa_protocol::ReplyType;
 
     fn hello(protocol: Protocol, client_id: &str, resume: Resume) -> Hello {
@@ -640,23 +640,10 @@ mod tests {
         let fixture = Fixture::new(&[]);
         let gateway = &fixture.gateway;
         let store: &dyn Store = fixture.store.as_ref();
-        let id = match store
-            .insert_message(accepted_text("ann", Some("m1"), "hi"))
-            .await
-            .expect("stored")
-        {
-            crate::store::Inserted::New(id) => id,
-            other => panic!("{other:?}"),
-        };
+        let id = stored(store, accepted_text("ann", Some("m1"), "hi")).await;
         let replies = [ReplyType::Text, ReplyType::Voice, ReplyType::Image]
             .into_iter()
-            .map(|reply_type| NewReply {
-                reply_type,
-                content: "r".into(),
-                filename: None,
-                mime_type: None,
-                fallback: false,
-            })
+            .map(|reply_type| reply(reply_type, "r"))
             .collect();
         let ann = ClientId::parse("ann").expect("an id");
         store

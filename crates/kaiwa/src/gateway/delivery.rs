@@ -158,7 +158,7 @@ mod tests {
     use crate::domain::ClientId;
     use crate::gateway::registry::{Liveness, SessionHandle};
     use crate::queue::MessageRef;
-    use crate::store::{Inserted, NewReply, Store, StoredReply};
+    use crate::store::{Store, StoredReply};
     use crate::testing::Fixture;
     use axum::extract::ws::Message;
     use chrono::Utc;
@@ -174,16 +174,8 @@ mod tests {
     async fn in_flight(fixture: &Fixture) -> (MessageRef, StoredReply) {
         let store = &fixture.store;
         let message = crate::testing::accepted_text("alice", Some("m1"), "hello");
-        let Ok(Inserted::New(message_id)) = store.insert_message(message).await else {
-            panic!("stored");
-        };
-        let reply = NewReply {
-            reply_type: ReplyType::Text,
-            content: "hi there".into(),
-            filename: None,
-            mime_type: None,
-            fallback: false,
-        };
+        let message_id = crate::testing::stored(store.as_ref(), message).await;
+        let reply = crate::testing::reply(ReplyType::Text, "hi there");
         let mut stored = store
             .insert_replies(message_id, &alice(), vec![reply], Utc::now(), true)
             .await

@@ -525,8 +525,8 @@ mod tests {
     use crate::domain::{ClientId, Timezone};
     use crate::gateway::handshake::Resume;
     use crate::gateway::outbox::Frames;
-    use crate::store::{Existing, Inserted, NewReply, Store, StoreError};
-    use crate::testing::{Fixture, accepted_text};
+    use crate::store::{Existing, Store, StoreError};
+    use crate::testing::{Fixture, accepted_text, reply, stored};
     use bytes::Bytes;
     use chrono::Utc;
     use kaiwa_protocol::{Delivery, ReplyType};
@@ -603,41 +603,25 @@ mod tests {
     /// `ann`'s two messages with five replies stored, all pending: m1's three (seq 1 to 3, each
     /// stored apart) and m2's two (seq 4 and 5, stored as its last).
     async fn five_replies(store: &dyn Store) {
-        let Inserted::New(id) = store
-            .insert_message(accepted_text("ann", Some("m1"), "hi"))
-            .await
-            .expect("stored")
-        else {
-            panic!("not new");
-        };
+        let id = stored(store, accepted_text("ann", Some("m1"), "hi")).await;
         for reply_type in [ReplyType::Text, ReplyType::Voice, ReplyType::Image] {
             store
-                .insert_replies(id, &client(), vec![reply(reply_type)], Utc::now(), false)
+                .insert_replies(
+                    id,
+                    &client(),
+                    vec![reply(reply_type, "r")],
+                    Utc::now(),
+                    false,
+                )
                 .await
                 .expect("stored");
         }
-        let Inserted::New(id) = store
-            .insert_message(accepted_text("ann", Some("m2"), "again"))
-            .await
-            .expect("stored")
-        else {
-            panic!("not new");
-        };
-        let replies = vec![reply(ReplyType::Text), reply(ReplyType::Voice)];
+        let id = stored(store, accepted_text("ann", Some("m2"), "again")).await;
+        let replies = vec![reply(ReplyType::Text, "r"), reply(ReplyType::Voice, "r")];
         store
             .insert_replies(id, &client(), replies, Utc::now(), true)
             .await
             .expect("stored");
-    }
-
-    fn reply(reply_type: ReplyType) -> NewReply {
-        NewReply {
-            reply_type,
-            content: "r".into(),
-            filename: None,
-            mime_type: None,
-            fallback: false,
-        }
     }
 
     /// The stream's replies sent, up to `seq`.

@@ -558,7 +558,7 @@ mod tests {
     /// complete.
     async fn answered(store: &MemoryStore, client_id: &ClientId) -> (MessageRef, Vec<StoredReply>) {
         use crate::domain::Timezone;
-        use crate::store::{Inserted, NewMessage, NewReply};
+        use crate::store::{Inserted, NewMessage};
         use kaiwa_protocol::MessageType;
         let inserted = store
             .insert_message(NewMessage {
@@ -582,13 +582,7 @@ mod tests {
         };
         let replies = [ReplyType::Text, ReplyType::Voice]
             .into_iter()
-            .map(|reply_type| NewReply {
-                reply_type,
-                content: "hi".into(),
-                filename: None,
-                mime_type: None,
-                fallback: false,
-            })
+            .map(|reply_type| crate::testing::reply(reply_type, "hi"))
             .collect();
         let stored = store
             .insert_replies(message_id, client_id, replies, chrono::Utc::now(), true)
