@@ -1,8 +1,9 @@
-//! The PostgreSQL writer: one task with a connection of its own. It takes every command waiting,
-//! writes them in one transaction with one multi-row statement per kind of row (rows passed as
-//! arrays and read back with `UNNEST`), commits once, and answers each command. When the
-//! database cannot be reached it answers at once that it is unavailable, instead of queueing,
-//! and reconnects with backoff.
+//! The PostgreSQL writer: one task with a connection of its own. It takes every command waiting
+//! and writes them with one call of a database function (migration 10's `write_batch`), which
+//! stores every kind of row with one multi-row statement (rows passed as arrays and read back
+//! with `UNNEST`) and commits as it returns: one round trip per batch. It then answers each
+//! command. When the database cannot be reached it answers at once that it is unavailable,
+//! instead of queueing, and reconnects with backoff.
 
 use super::super::batch::{Backlog, Batch, Command, ReplyBatch, Updates, respond};
 use super::super::bigint_param;
@@ -11,7 +12,7 @@ use super::super::{Existing, Inserted, NewMessage, StoreError, StoreHealth, Stor
 use super::{PgShared, connect, describe};
 use kaiwa_protocol::MessageStatus;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{Connection, Postgres, Transaction};
+use sqlx::{Connection, Postgres};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -269,203 +270,270 @@ impl Failed {
     }
 }
 
-/// The whole batch in one transaction.
+/// The call of migration 10's `write_batch`, which writes a whole batch in one round trip and
+/// one transaction of its own: its arguments are bound by [`MessageRows::bind`],
+/// [`ReplyRows::bind`] and [`bind_updates`], in that order.
+const WRITE_BATCH: &str = "SELECT kind, position, id, seq, fresh, admitted FROM write_batch(\
+    $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
+    $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, \
+    $26, $27, $28, $29, $30, $31, $32, $33)";
+
+/// What `write_batch` fails with when a reply finds one of its type stored and replies stored
+/// before were not looked for.
+const STORED_BEFORE: &str = "KW001";
+
+type Call<'q> = sqlx::query::QueryAs<'q, Postgres, Outcome, sqlx::postgres::PgArguments>;
+
+/// One row `write_batch` returns: what became of one message or reply given to it.
+#[derive(sqlx::FromRow)]
+struct Outcome {
+    /// `b'm'` for a message, `b'r'` for a reply.
+    kind: i8,
+    /// Its place among the rows of its kind given, from 1.
+    position: i64,
+    id: i64,
+    /// A reply's place in its client's stream.
+    seq: Option<i64>,
+    /// Stored by this call (else: stored before).
+    fresh: bool,
+    /// Whether a message had room under the cluster's in-flight limit.
+    admitted: bool,
+}
+
+/// The whole batch in one statement: replies, delivery updates, then messages.
 async fn write(
     conn: &mut PgConnection,
     batch: &Batch,
     shared: Option<&PgShared>,
     seen: Replies,
 ) -> Result<Written, Failed> {
-    let mut tx = conn.begin().await?;
-    let replies = insert_replies(&mut tx, &batch.replies, seen).await?;
-    record_updates(&mut tx, &batch.updates).await?;
-    // Last, right before the commit: with a shared in-flight limit this locks the cluster-wide
-    // count that every gateway's messages wait for, so nothing else may run while it is held.
-    // (Nothing else in a batch can refer to its new messages: their ids are not out yet.)
-    let messages = insert_messages(&mut tx, &batch.messages, shared).await?;
-    tx.commit().await?;
-    Ok(Written { messages, replies })
+    let messages = MessageRows::plan(&batch.messages);
+    let replies = ReplyRows::plan(&batch.replies);
+    let call = sqlx::query_as(WRITE_BATCH);
+    let call = messages.bind(call, shared);
+    let call = replies.bind(call, seen);
+    let call = bind_updates(call, &batch.updates);
+    let returned = call.fetch_all(&mut *conn).await.map_err(|err| match &err {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some(STORED_BEFORE) => {
+            Failed::StoredBefore
+        }
+        _ => Failed::Sql(err),
+    })?;
+    let (message_rows, reply_rows): (Vec<Outcome>, Vec<Outcome>) =
+        returned.into_iter().partition(|row| row.kind == b'm' as i8);
+    Ok(Written {
+        messages: messages.outcome(conn, message_rows).await?,
+        replies: replies.answers(conn, reply_rows).await?,
+    })
 }
 
-/// Stores new messages under ids taken from the table's sequence in the order of the calls;
-/// a native resend of a stored client message id gets the stored message instead.
-async fn insert_messages(
-    tx: &mut Transaction<'_, Postgres>,
-    messages: &[(Box<NewMessage>, super::super::batch::Respond<Inserted>)],
-    shared: Option<&PgShared>,
-) -> Result<Vec<Inserted>, sqlx::Error> {
-    if messages.is_empty() {
-        return Ok(Vec::new());
-    }
-    // Alone on the database, the process's own in-flight slots keep the limit (admission):
-    // only gateways that share it need the count that all of them see, read and locked in the
-    // insert itself (see [`ADMITTED_INSERT`]).
-    let limit = shared
-        .filter(|_| {
-            messages
-                .iter()
-                .any(|(m, _)| m.status == MessageStatus::Accepted)
-        })
-        .map(|shared| i64::from(shared.max_in_flight));
-    let admitted_by = shared.and_then(|shared| shared.admitted_by.as_deref());
-    // A client message id sent twice within the batch is stored once, by its first send.
-    let mut first_of: HashMap<(&str, &str), usize> = HashMap::new();
-    let mut repeat_of: Vec<Option<usize>> = Vec::with_capacity(messages.len());
-    for (index, (message, _)) in messages.iter().enumerate() {
-        let repeat = message.client_message_id.as_deref().and_then(|cmid| {
-            match first_of.entry((message.client_id.as_str(), cmid)) {
-                std::collections::hash_map::Entry::Occupied(first) => Some(*first.get()),
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(index);
-                    None
+/// A batch's messages as rows: a client message id sent twice within the batch is stored
+/// once, by its first send.
+struct MessageRows<'a> {
+    messages: &'a [(Box<NewMessage>, super::super::batch::Respond<Inserted>)],
+    /// Per message, the earlier one of the batch it repeats.
+    repeat_of: Vec<Option<usize>>,
+    /// The messages sent as rows, in the batch's order.
+    rows: Vec<usize>,
+}
+
+impl<'a> MessageRows<'a> {
+    fn plan(messages: &'a [(Box<NewMessage>, super::super::batch::Respond<Inserted>)]) -> Self {
+        let mut first_of: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut repeat_of: Vec<Option<usize>> = Vec::with_capacity(messages.len());
+        for (index, (message, _)) in messages.iter().enumerate() {
+            let repeat = message.client_message_id.as_deref().and_then(|cmid| {
+                match first_of.entry((message.client_id.as_str(), cmid)) {
+                    std::collections::hash_map::Entry::Occupied(first) => Some(*first.get()),
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(index);
+                        None
+                    }
                 }
-            }
-        });
-        repeat_of.push(repeat);
+            });
+            repeat_of.push(repeat);
+        }
+        let rows = (0..messages.len())
+            .filter(|&i| repeat_of[i].is_none())
+            .collect();
+        Self {
+            messages,
+            repeat_of,
+            rows,
+        }
     }
-    let rows: Vec<usize> = (0..messages.len())
-        .filter(|&i| repeat_of[i].is_none())
-        .collect();
-    // Columns as arrays of borrowed text: the rows are encoded straight from the messages.
-    let column = |f: &dyn for<'m> Fn(&'m NewMessage) -> Option<&'m str>| -> Vec<Option<&str>> {
-        rows.iter().map(|&i| f(&messages[i].0)).collect()
-    };
-    // Each row's id drawn from the table's sequence in the order of the calls (UNNEST yields
-    // them in order, and a volatile output is computed after any sort the ORDER BY needs), in
-    // the statement that inserts them: the ids come back with the rows' positions, whether
-    // each row went in, and whether it was admitted (accepted messages past the room left are
-    // not stored: their senders retry).
-    let returned: Vec<(i64, i64, bool, bool)> = sqlx::query_as(if limit.is_some() {
-        ADMITTED_INSERT
-    } else {
-        INSERT
-    })
-    .bind(column(&|m| Some(m.client_id.as_str())))
-    .bind(column(&|m| m.client_message_id.as_deref()))
-    .bind(column(&|m| Some(m.kind.as_str())))
-    .bind(column(&|m| Some(m.content.as_str())))
-    .bind(column(&|m| m.filename.as_deref()))
-    .bind(column(&|m| m.mime_type.as_deref()))
-    .bind(
-        rows.iter()
-            .map(|&i| {
-                messages[i]
-                    .0
-                    .size_bytes
-                    .and_then(|size| i64::try_from(size).ok())
+
+    /// Binds the columns (arrays of borrowed text: encoded straight from the messages), the
+    /// gateway admitting them and the cluster's in-flight limit.
+    fn bind<'q>(&self, call: Call<'q>, shared: Option<&'q PgShared>) -> Call<'q>
+    where
+        'a: 'q,
+    {
+        let messages = self.messages;
+        let rows = &self.rows;
+        // Alone on the database, the process's own in-flight slots keep the limit (admission):
+        // only gateways that share it need the count that all of them see, read and locked in
+        // the insert itself.
+        let limit = shared
+            .filter(|_| {
+                messages
+                    .iter()
+                    .any(|(m, _)| m.status == MessageStatus::Accepted)
             })
-            .collect::<Vec<Option<i64>>>(),
+            .map(|shared| i64::from(shared.max_in_flight));
+        let admitted_by = shared.and_then(|shared| shared.admitted_by.as_deref());
+        let column = |f: &dyn Fn(&'a NewMessage) -> Option<&'a str>| -> Vec<Option<&'a str>> {
+            rows.iter().map(|&i| f(&messages[i].0)).collect()
+        };
+        call.bind(column(&|m| Some(m.client_id.as_str())))
+            .bind(column(&|m| m.client_message_id.as_deref()))
+            .bind(column(&|m| Some(m.kind.as_str())))
+            .bind(column(&|m| Some(m.content.as_str())))
+            .bind(column(&|m| m.filename.as_deref()))
+            .bind(column(&|m| m.mime_type.as_deref()))
+            .bind(
+                rows.iter()
+                    .map(|&i| {
+                        messages[i]
+                            .0
+                            .size_bytes
+                            .and_then(|size| i64::try_from(size).ok())
+                    })
+                    .collect::<Vec<Option<i64>>>(),
+            )
+            .bind(column(&|m| Some(m.timezone.name())))
+            .bind(column(&|m| Some(m.status.as_str())))
+            .bind(column(&|m| m.reason.as_deref()))
+            .bind(column(&|m| m.client_timestamp.as_deref()))
+            .bind(
+                rows.iter()
+                    .map(|&i| messages[i].0.received_at)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(admitted_by)
+            .bind(limit)
+    }
+
+    /// What became of each message, in the batch's order; a native resend of a stored client
+    /// message id gets the stored message, read now (rare: a client that resends after a lost
+    /// acknowledgement).
+    async fn outcome(
+        &self,
+        conn: &mut PgConnection,
+        returned: Vec<Outcome>,
+    ) -> Result<Vec<Inserted>, sqlx::Error> {
+        let messages = self.messages;
+        let mut row_of: Vec<Option<Row>> = vec![None; messages.len()];
+        for row in returned {
+            let index = usize::try_from(row.position - 1)
+                .ok()
+                .and_then(|at| self.rows.get(at))
+                .ok_or_else(|| {
+                    sqlx::Error::Protocol(format!("a message row {} not sent", row.position))
+                })?;
+            row_of[*index] = Some(match (row.admitted, row.fresh) {
+                (false, _) => Row::Busy,
+                (true, true) => Row::Inserted(row.id),
+                (true, false) => Row::Resent,
+            });
+        }
+        let resent: Vec<usize> = self
+            .rows
+            .iter()
+            .copied()
+            .filter(|&i| row_of[i] == Some(Row::Resent))
+            .collect();
+        let existing = if resent.is_empty() {
+            HashMap::new()
+        } else {
+            stored_messages(conn, resent.iter().map(|&i| &*messages[i].0)).await?
+        };
+        let mut outcome: Vec<Inserted> = Vec::with_capacity(messages.len());
+        for (index, (message, _)) in messages.iter().enumerate() {
+            let result = match self.repeat_of[index] {
+                // A repeat within the batch answers as its first send turned out.
+                Some(first) => match &outcome[first] {
+                    Inserted::New(id) => Inserted::Duplicate(Existing {
+                        id: *id,
+                        status: messages[first].0.status,
+                        reason: messages[first].0.reason.clone(),
+                        received_at: messages[first].0.received_at,
+                    }),
+                    duplicate => duplicate.clone(),
+                },
+                None => match row_of[index] {
+                    Some(Row::Busy) => Inserted::Busy,
+                    Some(Row::Inserted(id)) => Inserted::New(id),
+                    Some(Row::Resent) | None => {
+                        let key = (
+                            message.client_id.as_str().to_owned(),
+                            message.client_message_id.clone().unwrap_or_default(),
+                        );
+                        let stored = existing.get(&key).cloned().ok_or_else(|| {
+                            sqlx::Error::Protocol(format!(
+                                "message {index} of a batch was neither inserted nor found"
+                            ))
+                        })?;
+                        Inserted::Duplicate(stored)
+                    }
+                },
+            };
+            outcome.push(result);
+        }
+        Ok(outcome)
+    }
+}
+
+/// The messages stored under the client message ids of `resent`, by client and client message
+/// id.
+async fn stored_messages(
+    conn: &mut PgConnection,
+    resent: impl Iterator<Item = &NewMessage> + Clone,
+) -> Result<HashMap<(String, String), Existing>, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Found {
+        id: i64,
+        client_id: String,
+        client_msg_id: String,
+        status: String,
+        status_reason: Option<String>,
+        received_at: chrono::DateTime<chrono::Utc>,
+    }
+    let found: Vec<Found> = sqlx::query_as(
+        "SELECT m.id, m.client_id, m.client_msg_id, m.status, m.status_reason, m.received_at \
+             FROM messages AS m \
+             JOIN UNNEST($1::text[], $2::text[]) AS r(client_id, client_msg_id) \
+                 ON m.client_id = r.client_id AND m.client_msg_id = r.client_msg_id",
     )
-    .bind(column(&|m| Some(m.timezone.name())))
-    .bind(column(&|m| Some(m.status.as_str())))
-    .bind(column(&|m| m.reason.as_deref()))
-    .bind(column(&|m| m.client_timestamp.as_deref()))
     .bind(
-        rows.iter()
-            .map(|&i| messages[i].0.received_at)
+        resent
+            .clone()
+            .map(|m| m.client_id.as_str())
             .collect::<Vec<_>>(),
     )
-    .bind(admitted_by)
-    .bind(limit)
-    .fetch_all(&mut **tx)
+    .bind(
+        resent
+            .map(|m| m.client_message_id.as_deref().unwrap_or_default())
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(&mut *conn)
     .await?;
-    // Per message of the batch sent as a row: what became of it.
-    let mut row_of: Vec<Option<Row>> = vec![None; messages.len()];
-    for (position, id, inserted, admitted) in returned {
-        let index = usize::try_from(position - 1)
-            .ok()
-            .and_then(|row| rows.get(row))
-            .ok_or_else(|| sqlx::Error::Protocol(format!("a message row {position} not sent")))?;
-        row_of[*index] = Some(match (admitted, inserted) {
-            (false, _) => Row::Busy,
-            (true, true) => Row::Inserted(id),
-            (true, false) => Row::Resent,
-        });
-    }
-    let resent: Vec<usize> = rows
-        .iter()
-        .copied()
-        .filter(|&i| row_of[i] == Some(Row::Resent))
-        .collect();
-    let mut existing: HashMap<(String, String), Existing> = HashMap::new();
-    if !resent.is_empty() {
-        #[derive(sqlx::FromRow)]
-        struct Found {
-            id: i64,
-            client_id: String,
-            client_msg_id: String,
-            status: String,
-            status_reason: Option<String>,
-            received_at: chrono::DateTime<chrono::Utc>,
-        }
-        let found: Vec<Found> = sqlx::query_as(
-            "SELECT m.id, m.client_id, m.client_msg_id, m.status, m.status_reason, m.received_at \
-                 FROM messages AS m \
-                 JOIN UNNEST($1::text[], $2::text[]) AS r(client_id, client_msg_id) \
-                     ON m.client_id = r.client_id AND m.client_msg_id = r.client_msg_id",
-        )
-        .bind(
-            resent
-                .iter()
-                .map(|&i| messages[i].0.client_id.as_str().to_owned())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            resent
-                .iter()
-                .map(|&i| messages[i].0.client_message_id.clone().unwrap_or_default())
-                .collect::<Vec<_>>(),
-        )
-        .fetch_all(&mut **tx)
-        .await?;
-        for row in found {
-            let status = MessageStatus::parse(&row.status).ok_or_else(|| {
-                sqlx::Error::Protocol(format!("unknown message status {:?}", row.status))
-            })?;
-            existing.insert(
-                (row.client_id, row.client_msg_id),
-                Existing {
-                    id: row.id,
-                    status,
-                    reason: row.status_reason,
-                    received_at: row.received_at,
-                },
-            );
-        }
-    }
-    let mut outcome: Vec<Inserted> = Vec::with_capacity(messages.len());
-    for (index, (message, _)) in messages.iter().enumerate() {
-        let result = match repeat_of[index] {
-            // A repeat within the batch answers as its first send turned out.
-            Some(first) => match &outcome[first] {
-                Inserted::New(id) => Inserted::Duplicate(Existing {
-                    id: *id,
-                    status: messages[first].0.status,
-                    reason: messages[first].0.reason.clone(),
-                    received_at: messages[first].0.received_at,
-                }),
-                duplicate => duplicate.clone(),
+    let mut existing = HashMap::with_capacity(found.len());
+    for row in found {
+        let status = MessageStatus::parse(&row.status).ok_or_else(|| {
+            sqlx::Error::Protocol(format!("unknown message status {:?}", row.status))
+        })?;
+        existing.insert(
+            (row.client_id, row.client_msg_id),
+            Existing {
+                id: row.id,
+                status,
+                reason: row.status_reason,
+                received_at: row.received_at,
             },
-            None => match row_of[index] {
-                Some(Row::Busy) => Inserted::Busy,
-                Some(Row::Inserted(id)) => Inserted::New(id),
-                Some(Row::Resent) | None => {
-                    let key = (
-                        message.client_id.as_str().to_owned(),
-                        message.client_message_id.clone().unwrap_or_default(),
-                    );
-                    let stored = existing.get(&key).cloned().ok_or_else(|| {
-                        sqlx::Error::Protocol(format!(
-                            "message {index} of a batch was neither inserted nor found"
-                        ))
-                    })?;
-                    Inserted::Duplicate(stored)
-                }
-            },
-        };
-        outcome.push(result);
+        );
     }
-    Ok(outcome)
+    Ok(existing)
 }
 
 /// What the insert did with one message's row.
@@ -479,361 +547,200 @@ enum Row {
     Resent,
 }
 
-/// The insert of a batch's messages (see [`insert_messages`]): `$1`-`$12` the columns, `$13`
-/// the gateway that admitted them, `$14` the cluster's in-flight limit; `$with` adds CTEs
-/// before the input, `$joined` what the rows are joined with, `$admitted` says whether a row
-/// may go in.
-macro_rules! messages_insert {
-    ($with:literal, $joined:literal, $admitted:literal) => {
-        concat!(
-            "WITH ",
-            $with,
-            "input AS MATERIALIZED ( \
-                 SELECT u.position, nextval(pg_get_serial_sequence('messages', 'id')) AS id, \
-                     u.client_id, u.client_msg_id, u.message_type, u.content, u.filename, \
-                     u.mime_type, u.size_bytes, u.timezone, u.status, u.status_reason, \
-                     u.client_timestamp, u.received_at, ",
-            $admitted,
-            " AS admitted \
-                 FROM ",
-            $joined,
-            "UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-                     $6::text[], $7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[], \
-                     $12::timestamptz[]) WITH ORDINALITY AS u(client_id, client_msg_id, \
-                         message_type, content, filename, mime_type, size_bytes, timezone, \
-                         status, status_reason, client_timestamp, received_at, position) \
-                 ORDER BY u.position), \
-             inserted AS ( \
-                 INSERT INTO messages (id, client_id, client_msg_id, message_type, content, \
-                     filename, mime_type, size_bytes, timezone, status, status_reason, \
-                     client_timestamp, received_at, admitted_by) \
-                 SELECT id, client_id, client_msg_id, message_type, content, filename, \
-                     mime_type, size_bytes, timezone, status, status_reason, client_timestamp, \
-                     received_at, $13::text \
-                 FROM input WHERE admitted \
-                 ON CONFLICT DO NOTHING RETURNING id) \
-             SELECT input.position, input.id, inserted.id IS NOT NULL, input.admitted \
-             FROM input LEFT JOIN inserted ON inserted.id = input.id"
-        )
-    };
+/// A batch's reply sets as rows: a reply of a type its message has twice in the batch is sent
+/// once, by its first set. Each client's replies are numbered by `write_batch`, under an
+/// advisory lock of that client's taken in one order by every process (so two processes never
+/// wait on each other in a circle), which makes the numbering gap-free and the per-type check
+/// exact.
+struct ReplyRows<'a> {
+    batches: &'a [(ReplyBatch, super::super::batch::Respond<Vec<StoredReply>>)],
+    /// The replies sent, in the order of the calls: (reply set, reply).
+    rows: Vec<(usize, &'a super::super::NewReply)>,
 }
 
-/// Every row goes in: alone on the database, admission's own slots kept the limit (`$14` is
-/// null here; only [`ADMITTED_INSERT`] is given one).
-const INSERT: &str = messages_insert!("", "", "$14::bigint IS NULL");
-
-/// Accepted rows go in, in the batch's order, while the cluster's in-flight count leaves room
-/// under `$14`; the others are not stored, and their senders retry. The count's admission shard
-/// is locked until the transaction ends, so that the count stays true until these messages
-/// are committed (the table's triggers add them to that shard); taking it in the insert
-/// itself, not a statement before, keeps it held for one round trip less, and every gateway's
-/// accepted messages wait for it. The locked shard is read as it is once the lock is held (a
-/// row locked after a wait is read again); the others, where completions take themselves off,
-/// as of the statement's start, which can only count completions too late: never more
-/// messages than the limit. A resend of a message stored before takes room too (it is answered
-/// as that message; the batch is one place short, as it was when the count was read apart).
-const ADMITTED_INSERT: &str = messages_insert!(
-    "admission AS MATERIALIZED ( \
-         SELECT accepted FROM in_flight WHERE shard = 0 FOR UPDATE), \
-     room AS MATERIALIZED ( \
-         SELECT $14::bigint - (SELECT accepted FROM admission) \
-             - (SELECT COALESCE(SUM(accepted), 0) FROM in_flight WHERE shard <> 0) AS places), ",
-    // Joined, not asked for by the first accepted row: a subquery is run when a row first needs
-    // it, after the rows before it went in, and a rejected row inserted before the lock could
-    // make another gateway's batch, holding the lock and inserting the same client message id,
-    // wait for this one: a deadlock, that stalled every gateway's admission for a second.
-    "room CROSS JOIN ",
-    "(u.status <> 'accepted' OR COUNT(*) FILTER (WHERE u.status = 'accepted') \
-         OVER (ORDER BY u.position) <= room.places)"
-);
-
-/// Stores reply sets. Each client's replies are numbered under an advisory lock of that
-/// client's, taken in one order by every process (so two processes never wait on each other in
-/// a circle), which makes the numbering gap-free and the per-type check below exact.
-async fn insert_replies(
-    tx: &mut Transaction<'_, Postgres>,
-    batches: &[(ReplyBatch, super::super::batch::Respond<Vec<StoredReply>>)],
-    seen: Replies,
-) -> Result<Vec<Vec<StoredReply>>, Failed> {
-    if batches.is_empty() {
-        return Ok(Vec::new());
-    }
-    let clients: Vec<&str> = batches
-        .iter()
-        .map(|(batch, _)| batch.client_id.as_str())
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    // The streams locked, then where each ends (migration 9's function: one round trip),
-    // before anything else of theirs is read: only then is what the lock's last holder wrote
-    // in view.
-    let latest: Vec<(String, Option<i64>)> =
-        sqlx::query_as("SELECT client, latest FROM lock_reply_streams($1, $2)")
-            .bind(REPLY_STREAM_LOCKS)
-            .bind(&clients)
-            .fetch_all(&mut **tx)
-            .await?;
-    let mut existing: HashMap<(i64, &'static str), StoredReply> = HashMap::new();
-    if seen == Replies::MaybeStored {
-        let message_ids: Vec<i64> = batches.iter().map(|(batch, _)| batch.message_id).collect();
-        let stored: Vec<ReplyRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {REPLY_COLUMNS} FROM replies WHERE message_id = ANY($1)"
-        )))
-        .bind(&message_ids)
-        .fetch_all(&mut **tx)
-        .await?;
-        for record in stored {
-            let reply = StoredReply::try_from(record)
-                .map_err(|err| sqlx::Error::Protocol(err.to_string()))?;
-            existing.insert((reply.message_id, reply.reply_type.as_str()), reply);
-        }
-    }
-    let mut next_seq: HashMap<String, i64> = latest
-        .into_iter()
-        .map(|(client, seq)| (client, seq.unwrap_or(0) + 1))
-        .collect();
-
-    // Which replies are new, and their stream positions, in the order of the calls.
-    struct Row<'a> {
-        batch: usize,
-        reply: &'a super::super::NewReply,
-        seq: i64,
-    }
-    let mut rows: Vec<Row<'_>> = Vec::new();
-    let mut taken: HashSet<(i64, &'static str)> = HashSet::new();
-    for (index, (batch, _)) in batches.iter().enumerate() {
-        for reply in &batch.replies {
-            let key = (batch.message_id, reply.reply_type.as_str());
-            if existing.contains_key(&key) || !taken.insert(key) {
-                continue;
+impl<'a> ReplyRows<'a> {
+    fn plan(batches: &'a [(ReplyBatch, super::super::batch::Respond<Vec<StoredReply>>)]) -> Self {
+        let mut rows = Vec::new();
+        let mut taken: HashSet<(i64, &'static str)> = HashSet::new();
+        for (index, (batch, _)) in batches.iter().enumerate() {
+            for reply in &batch.replies {
+                if taken.insert((batch.message_id, reply.reply_type.as_str())) {
+                    rows.push((index, reply));
+                }
             }
-            // The function answers for every client it was given.
-            let next = next_seq
-                .get_mut(batch.client_id.as_str())
-                .ok_or_else(|| sqlx::Error::Protocol("a reply stream's end was not read".into()))?;
-            rows.push(Row {
-                batch: index,
-                reply,
-                seq: *next,
-            });
-            *next += 1;
         }
+        Self { batches, rows }
     }
-    let completed: Vec<i64> = batches
-        .iter()
-        .filter(|(batch, _)| batch.completes)
-        .map(|(batch, _)| batch.message_id)
-        .collect();
-    let returned: Vec<(i64, String, i64)> = if rows.is_empty() {
-        if !completed.is_empty() {
-            // Every reply was stored before (a job processed twice): only the status is left.
-            sqlx::query(
-                "UPDATE messages SET status = 'replied' WHERE id = ANY($1) AND status = 'accepted'",
-            )
-            .bind(&completed)
-            .execute(&mut **tx)
-            .await?;
-        }
-        Vec::new()
-    } else {
-        // Joined with its message instead of checked by a foreign key: the key's check locks
-        // the message's row (a write to its page, and to the WAL) for every reply. Messages
-        // are never deleted, so reading the row is as good a guarantee.
-        // The messages these replies complete are marked replied by the same statement.
-        sqlx::query_as(
-            "WITH replied AS (UPDATE messages SET status = 'replied' \
-                     WHERE id = ANY($10) AND status = 'accepted') \
-                 INSERT INTO replies (message_id, client_id, seq, reply_type, content, filename, \
-                     mime_type, fallback, created_at) \
-                 SELECT r.* FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[], \
-                     $5::text[], $6::text[], $7::text[], $8::bool[], $9::timestamptz[]) \
-                     AS r(message_id, client_id, seq, reply_type, content, filename, mime_type, \
-                         fallback, created_at) \
-                 JOIN messages AS m ON m.id = r.message_id \
-                 ON CONFLICT (message_id, reply_type) DO NOTHING \
-                 RETURNING id, client_id, seq",
-        )
-        .bind(
-            rows.iter()
-                .map(|r| batches[r.batch].0.message_id)
-                .collect::<Vec<i64>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|r| batches[r.batch].0.client_id.as_str())
-                .collect::<Vec<&str>>(),
-        )
-        .bind(rows.iter().map(|r| r.seq).collect::<Vec<i64>>())
-        .bind(
-            rows.iter()
-                .map(|r| r.reply.reply_type.as_str())
-                .collect::<Vec<&str>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|r| r.reply.content.as_str())
-                .collect::<Vec<&str>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|r| r.reply.filename.as_deref())
-                .collect::<Vec<Option<&str>>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|r| r.reply.mime_type.as_deref())
-                .collect::<Vec<Option<&str>>>(),
-        )
-        .bind(rows.iter().map(|r| r.reply.fallback).collect::<Vec<bool>>())
-        .bind(
-            rows.iter()
-                .map(|r| batches[r.batch].0.created_at)
-                .collect::<Vec<_>>(),
-        )
-        .bind(&completed)
-        .fetch_all(&mut **tx)
-        .await?
-    };
-    // Each new reply's id by its stream position.
-    let ids: HashMap<(&str, i64), i64> = returned
-        .iter()
-        .map(|(id, client, seq)| ((client.as_str(), *seq), *id))
-        .collect();
-    if ids.len() < rows.len() {
-        if seen == Replies::New {
-            return Err(Failed::StoredBefore);
-        }
-        let missing = rows
+
+    fn bind<'q>(&self, call: Call<'q>, seen: Replies) -> Call<'q>
+    where
+        'a: 'q,
+    {
+        let batches = self.batches;
+        let rows = &self.rows;
+        let completed: Vec<i64> = batches
             .iter()
-            .find(|r| !ids.contains_key(&(batches[r.batch].0.client_id.as_str(), r.seq)))
-            .map_or(0, |r| batches[r.batch].0.message_id);
-        return Err(Failed::Sql(sqlx::Error::Protocol(format!(
-            "a reply to message {missing}, which is not stored"
-        ))));
+            .filter(|(batch, _)| batch.completes)
+            .map(|(batch, _)| batch.message_id)
+            .collect();
+        call.bind(REPLY_STREAM_LOCKS)
+            .bind(
+                rows.iter()
+                    .map(|&(set, _)| batches[set].0.message_id)
+                    .collect::<Vec<i64>>(),
+            )
+            .bind(
+                rows.iter()
+                    .map(|&(set, _)| batches[set].0.client_id.as_str())
+                    .collect::<Vec<&str>>(),
+            )
+            .bind(
+                rows.iter()
+                    .map(|(_, reply)| reply.reply_type.as_str())
+                    .collect::<Vec<&str>>(),
+            )
+            .bind(
+                rows.iter()
+                    .map(|(_, reply)| reply.content.as_str())
+                    .collect::<Vec<&str>>(),
+            )
+            .bind(
+                rows.iter()
+                    .map(|(_, reply)| reply.filename.as_deref())
+                    .collect::<Vec<Option<&str>>>(),
+            )
+            .bind(
+                rows.iter()
+                    .map(|(_, reply)| reply.mime_type.as_deref())
+                    .collect::<Vec<Option<&str>>>(),
+            )
+            .bind(
+                rows.iter()
+                    .map(|(_, reply)| reply.fallback)
+                    .collect::<Vec<bool>>(),
+            )
+            .bind(
+                rows.iter()
+                    .map(|&(set, _)| batches[set].0.created_at)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(completed)
+            .bind(seen == Replies::MaybeStored)
     }
 
-    // Each batch's answer: its replies as stored, new or from before, in the order asked.
-    let mut new_rows = rows.into_iter().peekable();
-    let mut answers: Vec<Vec<StoredReply>> = Vec::with_capacity(batches.len());
-    // Where each reply stored now was answered: a second of its kind answers the same.
-    let mut stored_now: HashMap<(i64, &'static str), (usize, usize)> = HashMap::new();
-    for (index, (batch, _)) in batches.iter().enumerate() {
-        let mut answer = Vec::with_capacity(batch.replies.len());
-        for reply in &batch.replies {
-            let key = (batch.message_id, reply.reply_type.as_str());
-            if let Some(row) = new_rows.peek()
-                && row.batch == index
-                && std::ptr::eq(row.reply, reply)
-            {
-                let id = ids
-                    .get(&(batch.client_id.as_str(), row.seq))
-                    .copied()
-                    .ok_or_else(|| {
-                        sqlx::Error::Protocol("an inserted reply was not returned".into())
-                    })?;
-                let seq = u64::try_from(row.seq).map_err(|_| {
-                    sqlx::Error::Protocol(format!("a corrupt reply seq {}", row.seq))
+    /// Each reply set's answer: its replies as stored, new or from before (those read now), in
+    /// the order asked.
+    async fn answers(
+        &self,
+        conn: &mut PgConnection,
+        returned: Vec<Outcome>,
+    ) -> Result<Vec<Vec<StoredReply>>, sqlx::Error> {
+        let batches = self.batches;
+        // Per row sent: its id and stream position, and whether it was stored before.
+        let mut stored: Vec<Option<(i64, i64, bool)>> = vec![None; self.rows.len()];
+        for row in returned {
+            let at = usize::try_from(row.position - 1)
+                .ok()
+                .filter(|&at| at < stored.len())
+                .ok_or_else(|| {
+                    sqlx::Error::Protocol(format!("a reply row {} not sent", row.position))
                 })?;
-                let stored = reply
-                    .clone()
-                    .stored(id, batch.message_id, seq, batch.created_at);
-                stored_now.insert(key, (index, answer.len()));
-                answer.push(stored);
-                new_rows.next();
-            } else if let Some(stored) = existing.get(&key) {
-                // Stored before (a job processed twice): the first reply stands.
-                answer.push(stored.clone());
-            } else if let Some(&(set, at)) = stored_now.get(&key) {
-                let first = if set == index {
-                    answer[at].clone()
-                } else {
-                    answers[set][at].clone()
-                };
-                answer.push(first);
+            let seq = row
+                .seq
+                .ok_or_else(|| sqlx::Error::Protocol("a reply without its seq".into()))?;
+            stored[at] = Some((row.id, seq, !row.fresh));
+        }
+        let before: Vec<i64> = stored
+            .iter()
+            .flatten()
+            .filter(|(_, _, before)| *before)
+            .map(|&(id, _, _)| id)
+            .collect();
+        let mut earlier: HashMap<i64, StoredReply> = HashMap::new();
+        if !before.is_empty() {
+            let records: Vec<ReplyRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {REPLY_COLUMNS} FROM replies WHERE id = ANY($1)"
+            )))
+            .bind(&before)
+            .fetch_all(&mut *conn)
+            .await?;
+            for record in records {
+                let reply = StoredReply::try_from(record)
+                    .map_err(|err| sqlx::Error::Protocol(err.to_string()))?;
+                earlier.insert(reply.id, reply);
             }
         }
-        answers.push(answer);
+        // Each reply sent, as stored, by its message and type: a second of its kind in the
+        // batch answers the same.
+        let mut by_type: HashMap<(i64, &'static str), StoredReply> =
+            HashMap::with_capacity(self.rows.len());
+        for (&(set, reply), stored) in self.rows.iter().zip(stored) {
+            let batch = &batches[set].0;
+            let (id, seq, before) = stored.ok_or_else(|| {
+                sqlx::Error::Protocol("an inserted reply was not returned".into())
+            })?;
+            let answer = if before {
+                earlier.get(&id).cloned().ok_or_else(|| {
+                    sqlx::Error::Protocol(format!("reply {id}, stored before, was not found"))
+                })?
+            } else {
+                let seq = u64::try_from(seq)
+                    .map_err(|_| sqlx::Error::Protocol(format!("a corrupt reply seq {seq}")))?;
+                reply
+                    .clone()
+                    .stored(id, batch.message_id, seq, batch.created_at)
+            };
+            by_type.insert((batch.message_id, reply.reply_type.as_str()), answer);
+        }
+        Ok(batches
+            .iter()
+            .map(|(batch, _)| {
+                batch
+                    .replies
+                    .iter()
+                    .filter_map(|reply| {
+                        by_type
+                            .get(&(batch.message_id, reply.reply_type.as_str()))
+                            .cloned()
+                    })
+                    .collect()
+            })
+            .collect())
     }
-    Ok(answers)
 }
 
-/// Delivery statuses: by reply, by acknowledgement, by departure; delivered stays delivered.
-async fn record_updates(conn: &mut PgConnection, updates: &Updates) -> Result<(), sqlx::Error> {
-    if !updates.deliveries.is_empty() {
-        let deliveries: Vec<_> = updates.deliveries.values().collect();
-        // `r.id = ANY($1)` beside the join: the replies then come by their ids from the primary
-        // key, whatever the statistics say of how few are still undelivered (below).
-        sqlx::query(
-            "UPDATE replies AS r SET delivery = u.delivery, \
-                 delivered_at = CASE WHEN u.delivery = 'delivered' THEN u.at END \
-             FROM UNNEST($1::bigint[], $2::text[], $3::timestamptz[]) AS u(id, delivery, at) \
-             WHERE r.id = ANY($1) AND r.id = u.id AND r.delivery <> 'delivered'",
-        )
-        .bind(deliveries.iter().map(|u| u.reply_id).collect::<Vec<i64>>())
+/// Binds delivery statuses: by reply, by acknowledgement, by departure (delivered stays
+/// delivered).
+fn bind_updates<'q>(call: Call<'q>, updates: &'q Updates) -> Call<'q> {
+    let deliveries: Vec<_> = updates.deliveries.values().collect();
+    let received: Vec<_> = updates.received.values().collect();
+    call.bind(deliveries.iter().map(|u| u.reply_id).collect::<Vec<i64>>())
         .bind(
             deliveries
                 .iter()
-                .map(|u| u.delivery.as_str().to_owned())
-                .collect::<Vec<String>>(),
+                .map(|u| u.delivery.as_str())
+                .collect::<Vec<&str>>(),
         )
         .bind(deliveries.iter().map(|u| u.at).collect::<Vec<_>>())
-        .execute(&mut *conn)
-        .await?;
-    }
-    if !updates.received.is_empty() {
-        let received: Vec<_> = updates.received.values().collect();
-        let clients: Vec<String> = received
-            .iter()
-            .map(|u| u.client_id.as_str().to_owned())
-            .collect();
-        let seqs: Vec<i64> = received.iter().map(|u| bigint_param(u.seq)).collect();
-        // Only the range since each client's last acknowledgement, found by a range scan of the
-        // client's part of the stream, and the replies then updated by id. Both as fences the
-        // planner cannot reorder (`OFFSET 0` keeps each client's range a scan of its own, and
-        // `ANY(ARRAY(...))` makes the ids a list looked up in the primary key): left free, once
-        // statistics said that nearly every reply is delivered, it started from a scan of every
-        // reply for the few that are not (20 ms a batch at 100,000 replies). The new position is
-        // written by the same statement, whose reads all see the position from before it.
-        sqlx::query(
-            "WITH position AS (INSERT INTO reply_streams (client_id, acknowledged) \
-                 SELECT * FROM UNNEST($1::text[], $2::bigint[]) \
-                 ON CONFLICT (client_id) DO UPDATE \
-                     SET acknowledged = GREATEST(reply_streams.acknowledged, \
-                         EXCLUDED.acknowledged)) \
-             UPDATE replies AS r SET delivery = 'delivered', \
-                 delivered_at = (SELECT a.at FROM UNNEST($1::text[], $3::timestamptz[]) \
-                     AS a(client_id, at) WHERE a.client_id = r.client_id LIMIT 1) \
-             WHERE r.id = ANY(ARRAY( \
-                     SELECT range.id \
-                     FROM UNNEST($1::text[], $2::bigint[]) AS u(client_id, seq) \
-                     LEFT JOIN reply_streams AS s ON s.client_id = u.client_id \
-                     CROSS JOIN LATERAL (SELECT id FROM replies \
-                         WHERE client_id = u.client_id \
-                           AND seq > COALESCE(s.acknowledged, 0) AND seq <= u.seq \
-                         OFFSET 0) AS range)) \
-               AND r.delivery <> 'delivered'",
+        .bind(
+            received
+                .iter()
+                .map(|u| u.client_id.as_str())
+                .collect::<Vec<&str>>(),
         )
-        .bind(&clients)
-        .bind(&seqs)
+        .bind(
+            received
+                .iter()
+                .map(|u| bigint_param(u.seq))
+                .collect::<Vec<i64>>(),
+        )
         .bind(received.iter().map(|u| u.at).collect::<Vec<_>>())
-        .execute(&mut *conn)
-        .await?;
-    }
-    if !updates.departures.is_empty() {
-        sqlx::query(
-            "UPDATE replies AS r SET delivery = 'failed' \
-             WHERE r.id = ANY(ARRAY( \
-                     SELECT range.id FROM UNNEST($1::text[], $2::bigint[]) AS u(client_id, seq) \
-                     CROSS JOIN LATERAL (SELECT id FROM replies \
-                         WHERE client_id = u.client_id AND seq > u.seq OFFSET 0) AS range)) \
-               AND r.delivery = 'pending'",
-        )
         .bind(
             updates
                 .departures
                 .iter()
-                .map(|u| u.client_id.as_str().to_owned())
-                .collect::<Vec<String>>(),
+                .map(|u| u.client_id.as_str())
+                .collect::<Vec<&str>>(),
         )
         .bind(
             updates
@@ -842,8 +749,4 @@ async fn record_updates(conn: &mut PgConnection, updates: &Updates) -> Result<()
                 .map(|u| bigint_param(u.seq))
                 .collect::<Vec<i64>>(),
         )
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(())
 }
