@@ -74,17 +74,18 @@ BEGIN
         -- 6), each stream's end read from the end of its index, and each new reply's id drawn
         -- here, so that what became of each row is read from the rows given: joined to the
         -- insert's output, a plan made for few rows compared every row with every other.
+        -- The rows carried through the steps are narrow: the rest of each reply is read from
+        -- its arrays by position at the insert, not copied from step to step.
         WITH given AS MATERIALIZED (
             SELECT u.*, before.id AS before_id, before.seq AS before_seq
-            FROM UNNEST(r_message, r_client, r_type, r_content, r_filename, r_mime_type,
-                    r_fallback, r_created_at) WITH ORDINALITY
-                AS u(message_id, client_id, reply_type, content, filename, mime_type,
-                    fallback, created_at, "position")
+            FROM UNNEST(r_message, r_client, r_type) WITH ORDINALITY
+                AS u(message_id, client_id, reply_type, "position")
             LEFT JOIN LATERAL (SELECT r.id, r.seq FROM replies AS r
                 WHERE look_for_stored
                   AND r.message_id = u.message_id AND r.reply_type = u.reply_type
                 OFFSET 0) AS before ON true),
-        ends AS (
+        -- Materialized: each end read once per client, not once per reply.
+        ends AS MATERIALIZED (
             SELECT c AS client_id, COALESCE((SELECT r.seq FROM replies AS r
                 WHERE r.client_id = c ORDER BY r.seq DESC LIMIT 1), 0) AS last
             FROM (SELECT DISTINCT c FROM UNNEST(r_client) AS c) AS distinct_clients),
@@ -97,8 +98,9 @@ BEGIN
         inserted AS (
             INSERT INTO replies (id, message_id, client_id, seq, reply_type, content, filename,
                 mime_type, fallback, created_at)
-            SELECT n.new_id, n.message_id, n.client_id, n.new_seq, n.reply_type, n.content,
-                n.filename, n.mime_type, n.fallback, n.created_at
+            SELECT n.new_id, n.message_id, n.client_id, n.new_seq, n.reply_type,
+                r_content[n."position"], r_filename[n."position"], r_mime_type[n."position"],
+                r_fallback[n."position"], r_created_at[n."position"]
             FROM numbered AS n
             WHERE EXISTS (SELECT 1 FROM messages AS m WHERE m.id = n.message_id OFFSET 0)
             ON CONFLICT (message_id, reply_type) DO NOTHING
@@ -175,29 +177,27 @@ BEGIN
     END IF;
 
     -- Last, right before the commit: with a shared in-flight limit this locks the cluster-wide
-    -- count that every gateway's messages wait for. Each row's id is drawn from the table's
+    -- count that every gateway's messages wait for. As with replies, the steps carry each
+    -- row's position and the columns are read by it at the insert. Each row's id is drawn from the table's
     -- sequence in the order of the rows (UNNEST yields them in order, and a volatile output is
     -- computed after any sort the ORDER BY needs).
     IF cardinality(m_client) > 0 AND max_in_flight IS NULL THEN
         -- Every row goes in: alone on the database, admission's own slots kept the limit.
         RETURN QUERY
             WITH given AS MATERIALIZED (
-                SELECT u.*, nextval(pg_get_serial_sequence('messages', 'id')) AS new_id
-                FROM UNNEST(m_client, m_client_msg_id, m_type, m_content, m_filename,
-                        m_mime_type, m_size, m_timezone, m_status, m_reason,
-                        m_client_timestamp, m_received_at) WITH ORDINALITY
-                    AS u(client_id, client_msg_id, message_type, content, filename, mime_type,
-                        size_bytes, timezone, status, status_reason, client_timestamp,
-                        received_at, "position")
+                SELECT u."position", nextval(pg_get_serial_sequence('messages', 'id')) AS new_id
+                FROM UNNEST(m_status) WITH ORDINALITY AS u(status, "position")
                 ORDER BY u."position"),
             inserted AS (
                 INSERT INTO messages (id, client_id, client_msg_id, message_type, content,
                     filename, mime_type, size_bytes, timezone, status, status_reason,
                     client_timestamp, received_at, admitted_by)
-                SELECT new_id, client_id, client_msg_id, message_type, content, filename,
-                    mime_type, size_bytes, timezone, status, status_reason, client_timestamp,
-                    received_at, admitted_by
-                FROM given
+                SELECT g.new_id, m_client[g."position"], m_client_msg_id[g."position"],
+                    m_type[g."position"], m_content[g."position"], m_filename[g."position"],
+                    m_mime_type[g."position"], m_size[g."position"], m_timezone[g."position"],
+                    m_status[g."position"], m_reason[g."position"],
+                    m_client_timestamp[g."position"], m_received_at[g."position"], admitted_by
+                FROM given AS g
                 ON CONFLICT DO NOTHING RETURNING messages.id)
             SELECT 'm'::"char", g."position", g.new_id, NULL::BIGINT, i.id IS NOT NULL, true
             FROM given AS g LEFT JOIN inserted AS i ON i.id = g.new_id;
@@ -222,24 +222,21 @@ BEGIN
                     - (SELECT COALESCE(SUM(accepted), 0) FROM in_flight WHERE shard > 0)
                     AS places),
             given AS MATERIALIZED (
-                SELECT u.*, nextval(pg_get_serial_sequence('messages', 'id')) AS new_id,
+                SELECT u."position", nextval(pg_get_serial_sequence('messages', 'id')) AS new_id,
                     (u.status <> 'accepted' OR COUNT(*) FILTER (WHERE u.status = 'accepted')
                         OVER (ORDER BY u."position") <= room.places) AS may_enter
-                FROM room CROSS JOIN UNNEST(m_client, m_client_msg_id, m_type, m_content,
-                        m_filename, m_mime_type, m_size, m_timezone, m_status, m_reason,
-                        m_client_timestamp, m_received_at) WITH ORDINALITY
-                    AS u(client_id, client_msg_id, message_type, content, filename, mime_type,
-                        size_bytes, timezone, status, status_reason, client_timestamp,
-                        received_at, "position")
+                FROM room CROSS JOIN UNNEST(m_status) WITH ORDINALITY AS u(status, "position")
                 ORDER BY u."position"),
             inserted AS (
                 INSERT INTO messages (id, client_id, client_msg_id, message_type, content,
                     filename, mime_type, size_bytes, timezone, status, status_reason,
                     client_timestamp, received_at, admitted_by)
-                SELECT new_id, client_id, client_msg_id, message_type, content, filename,
-                    mime_type, size_bytes, timezone, status, status_reason, client_timestamp,
-                    received_at, admitted_by
-                FROM given WHERE may_enter
+                SELECT g.new_id, m_client[g."position"], m_client_msg_id[g."position"],
+                    m_type[g."position"], m_content[g."position"], m_filename[g."position"],
+                    m_mime_type[g."position"], m_size[g."position"], m_timezone[g."position"],
+                    m_status[g."position"], m_reason[g."position"],
+                    m_client_timestamp[g."position"], m_received_at[g."position"], admitted_by
+                FROM given AS g WHERE g.may_enter
                 ON CONFLICT DO NOTHING RETURNING messages.id)
             SELECT 'm'::"char", g."position", g.new_id, NULL::BIGINT, i.id IS NOT NULL,
                 g.may_enter
