@@ -104,7 +104,11 @@ BEGIN
             FROM numbered AS n
             WHERE EXISTS (SELECT 1 FROM messages AS m WHERE m.id = n.message_id OFFSET 0)
             ON CONFLICT (message_id, reply_type) DO NOTHING
-            RETURNING 1)
+            RETURNING 1),
+        -- The messages these replies complete, marked by the same statement.
+        replied AS (
+            UPDATE messages SET status = 'replied'
+            WHERE id = ANY(completed) AND status = 'accepted')
         SELECT array_agg(every_row."position"), array_agg(every_row.id),
                 array_agg(every_row.seq), array_agg(every_row.fresh),
                 COUNT(*) FILTER (WHERE every_row.fresh), (SELECT COUNT(*) FROM inserted)
@@ -127,8 +131,7 @@ BEGIN
         RETURN QUERY
             SELECT 'r'::"char", t.*, true
             FROM UNNEST(r_positions, r_ids, r_seqs, r_fresh) AS t;
-    END IF;
-    IF cardinality(completed) > 0 THEN
+    ELSIF cardinality(completed) > 0 THEN
         UPDATE messages SET status = 'replied' WHERE id = ANY(completed) AND status = 'accepted';
     END IF;
 
