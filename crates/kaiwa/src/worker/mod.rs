@@ -174,7 +174,6 @@ impl Worker {
                 }
             }
         }
-        self.report(route, Event::Processing(message.clone())).await;
         // The text is written while the delay runs (a model's latency then overlaps it); its
         // pieces wait in `pieces` until the delay is over (R9).
         let (deltas, mut pieces) = Deltas::channel();
@@ -183,22 +182,46 @@ impl Worker {
         // A timer, not a thread: thousands of messages can wait at once (R9).
         let delay = tokio::time::sleep(self.delays.pick(job.kind));
         tokio::pin!(delay);
-        let mut written = None;
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return abandon(job),
-                () = &mut delay => break,
-                reply = &mut text, if written.is_none() => written = Some(reply),
+        // The `processing` event is on its way while the replies are made and stored: what
+        // waits for its confirm is only the events after it, which keep its order.
+        let stored = {
+            let processing = self.report(route, Event::Processing(message.clone()));
+            tokio::pin!(processing);
+            let mut reported = false;
+            let mut written = None;
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return abandon(job),
+                    () = &mut delay => break,
+                    reply = &mut text, if written.is_none() => written = Some(reply),
+                    _ = &mut processing, if !reported => reported = true,
+                }
             }
+            match written {
+                // The usual case: the whole set at once, in order.
+                Some(text) => {
+                    let replies = std::iter::once(text)
+                        .chain(self.replies.media(job))
+                        .collect();
+                    let store = self.store_replies(job, replies, true, &stop);
+                    if reported {
+                        Some(store.await)
+                    } else {
+                        Some(tokio::join!(processing, store).1)
+                    }
+                }
+                None => {
+                    if !reported {
+                        processing.await;
+                    }
+                    None
+                }
+            }
+        };
+        if let Some(stored) = stored {
+            return self.reported(job, route, &message, stored, true).await;
         }
         let media = self.replies.media(job);
-        if let Some(text) = written {
-            // The usual case: the whole set at once, in order.
-            let replies = std::iter::once(text).chain(media).collect();
-            return self
-                .store_and_report(job, route, &message, replies, true)
-                .await;
-        }
         // The text is still being written: a slow responder must not hold back the voice and
         // image replies, so they go first, and the text follows as it grows.
         if !media.is_empty() {
@@ -238,12 +261,23 @@ impl Worker {
         replies: Vec<NewReply>,
         completes: bool,
     ) -> Finished {
-        let stored = match self
+        let stored = self
             .store_replies(job, replies, completes, &route.stop)
-            .await
-        {
-            Some(stored) => stored,
-            None => return abandon(job),
+            .await;
+        self.reported(job, route, message, stored, completes).await
+    }
+
+    /// Reports replies as they were stored (`None`: stopped first), or that they could not be.
+    async fn reported(
+        &self,
+        job: &Job,
+        route: &mut Route,
+        message: &MessageRef,
+        stored: Option<Result<Vec<StoredReply>, StoreError>>,
+        completes: bool,
+    ) -> Finished {
+        let Some(stored) = stored else {
+            return abandon(job);
         };
         match stored {
             Ok(stored) => {
