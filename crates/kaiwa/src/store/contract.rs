@@ -1172,3 +1172,138 @@ mod shared_postgres {
         other.close().await;
     }
 }
+
+/// What only the PostgreSQL store's writer has: its batch is one call of `write_batch`
+/// (migration 10), whose plans are made once per connection and kept.
+mod postgres_plans {
+    use super::*;
+    use sqlx::Connection;
+    use std::time::{Duration, Instant};
+
+    /// The tables that grow with every message.
+    const GROWING: [&str; 3] = ["messages", "replies", "reply_streams"];
+
+    /// One of each thing a batch writes: a message, its replies (which complete it), a
+    /// delivery mark, an acknowledgement and a departure, each of them seen through to the
+    /// database (the writer takes commands in order, so a message stored after an update was
+    /// written with it or after it).
+    async fn one_of_each(store: &PgStore, round: u32) {
+        let name = format!("c{round}");
+        let id = stored(store, message(&name, Some(&format!("m{round}")), "hello")).await;
+        let replies = replied(
+            store,
+            id,
+            &name,
+            vec![reply(ReplyType::Text, "hi"), reply(ReplyType::Voice, "hum")],
+        )
+        .await;
+        store.record_delivery(replies[0].id, Delivery::Delivered, at(2));
+        store.record_received(&client(&name), replies[1].seq, at(3));
+        store.record_departure(&client(&name), replies[0].seq, at(4));
+        stored(store, message(&name, None, "and then")).await;
+    }
+
+    /// (sequential scans, rows inserted) per growing table, as the statistics have them now.
+    async fn scans(conn: &mut sqlx::PgConnection) -> Vec<(String, i64, i64)> {
+        sqlx::query("SELECT pg_stat_clear_snapshot()")
+            .execute(&mut *conn)
+            .await
+            .expect("a fresh snapshot");
+        sqlx::query_as(
+            "SELECT relname::text, seq_scan, n_tup_ins FROM pg_stat_user_tables \
+             WHERE relname = ANY($1) ORDER BY relname",
+        )
+        .bind(&GROWING[..])
+        .fetch_all(&mut *conn)
+        .await
+        .expect("statistics")
+    }
+
+    /// The plans are made while the tables are empty, and kept as the tables grow, with no
+    /// statistics to say so (autovacuum off for them, nothing analyzed): had any of them scanned
+    /// a table whole, each batch would now read 100,000 rows.
+    #[tokio::test]
+    async fn plans_made_on_empty_tables_scan_no_table_once_it_has_grown() {
+        let database = test_postgres::TestDatabase::create().await;
+        let mut conn = sqlx::PgConnection::connect(&database.url)
+            .await
+            .expect("connects");
+        let store = PgStore::connect(&database.url, PgOptions::default())
+            .await
+            .expect("the PostgreSQL store opens");
+        for table in GROWING {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "ALTER TABLE {table} SET (autovacuum_enabled = false)"
+            )))
+            .execute(&mut conn)
+            .await
+            .expect("autovacuum off");
+        }
+        for round in 0..3 {
+            one_of_each(&store, round).await;
+        }
+        sqlx::query(
+            "INSERT INTO messages (client_id, message_type, content, timezone, status, \
+                 received_at) \
+             SELECT 'bulk' || (g % 1000), 'text', 'x', 'UTC', 'replied', now() \
+             FROM generate_series(1, 100000) AS g",
+        )
+        .execute(&mut conn)
+        .await
+        .expect("messages grown");
+        sqlx::query(
+            "INSERT INTO replies (message_id, client_id, seq, reply_type, content, delivery, \
+                 created_at) \
+             SELECT id, client_id, id, 'text', 'y', 'delivered', now() FROM messages \
+             WHERE client_id LIKE 'bulk%'",
+        )
+        .execute(&mut conn)
+        .await
+        .expect("replies grown");
+        sqlx::query(
+            "INSERT INTO reply_streams (client_id, acknowledged) \
+             SELECT DISTINCT client_id, 0 FROM messages WHERE client_id LIKE 'bulk%'",
+        )
+        .execute(&mut conn)
+        .await
+        .expect("streams grown");
+
+        // The growth's own counts reach the statistics first: the writer's come after them.
+        let grown = wait_for_inserts(&mut conn, None).await;
+        one_of_each(&store, 3).await;
+        let after = wait_for_inserts(&mut conn, Some(grown.as_slice())).await;
+        for ((table, scans_before, _), (_, scans_after, _)) in grown.iter().zip(&after) {
+            assert_eq!(
+                scans_after, scans_before,
+                "the writer's batch scanned {table} whole"
+            );
+        }
+        store.close().await;
+    }
+
+    /// The statistics once `messages` has more rows inserted than in `since` (or any, with no
+    /// `since`): a backend's counts reach them within seconds of its transaction, not at once.
+    async fn wait_for_inserts(
+        conn: &mut sqlx::PgConnection,
+        since: Option<&[(String, i64, i64)]>,
+    ) -> Vec<(String, i64, i64)> {
+        let inserted = |rows: &[(String, i64, i64)]| {
+            rows.iter()
+                .find(|(table, _, _)| table == "messages")
+                .map_or(0, |(_, _, inserts)| *inserts)
+        };
+        let floor = since.map_or(100_000, |rows| inserted(rows) + 1);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = scans(conn).await;
+            if inserted(&now) >= floor {
+                return now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the statistics never counted the inserts: {now:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
