@@ -179,55 +179,40 @@ BEGIN
               AND r.delivery = 'pending';
     END IF;
 
-    -- Last, right before the commit: with a shared in-flight limit this locks the cluster-wide
-    -- count that every gateway's messages wait for. As with replies, the steps carry each
-    -- row's position and the columns are read by it at the insert. Each row's id is drawn from the table's
-    -- sequence in the order of the rows (UNNEST yields them in order, and a volatile output is
-    -- computed after any sort the ORDER BY needs).
-    IF cardinality(m_client) > 0 AND max_in_flight IS NULL THEN
-        -- Every row goes in: alone on the database, admission's own slots kept the limit.
-        RETURN QUERY
-            WITH given AS MATERIALIZED (
-                SELECT u."position", nextval(pg_get_serial_sequence('messages', 'id')) AS new_id
-                FROM UNNEST(m_status) WITH ORDINALITY AS u(status, "position")
-                ORDER BY u."position"),
-            inserted AS (
-                INSERT INTO messages (id, client_id, client_msg_id, message_type, content,
-                    filename, mime_type, size_bytes, timezone, status, status_reason,
-                    client_timestamp, received_at, admitted_by)
-                SELECT g.new_id, m_client[g."position"], m_client_msg_id[g."position"],
-                    m_type[g."position"], m_content[g."position"], m_filename[g."position"],
-                    m_mime_type[g."position"], m_size[g."position"], m_timezone[g."position"],
-                    m_status[g."position"], m_reason[g."position"],
-                    m_client_timestamp[g."position"], m_received_at[g."position"], admitted_by
-                FROM given AS g
-                ON CONFLICT DO NOTHING RETURNING messages.id)
-            SELECT 'm'::"char", g."position", g.new_id, NULL::BIGINT, i.id IS NOT NULL, true
-            FROM given AS g LEFT JOIN inserted AS i ON i.id = g.new_id;
-    ELSIF cardinality(m_client) > 0 THEN
-        -- Accepted rows go in, in the batch's order, while the cluster's in-flight count leaves
-        -- room; the others are not stored, and their senders retry. The count's admission
-        -- shard is locked until the commit, so that the count stays true until these messages
-        -- are committed (the table's triggers add them to that shard), and every gateway's
-        -- accepted messages wait for it. The locked shard is read as it is once the lock is
-        -- held; the others, where completions take themselves off, as of the statement's start,
-        -- which can only count completions too late: never more messages than the limit. A
-        -- resend of a message stored before takes room too (it is answered as that message).
-        -- The count is joined to the rows, not asked for by the first accepted row: a subquery
-        -- runs when a row first needs it, after the rows before it went in, and a row inserted
-        -- before the lock could make another gateway's batch, holding the lock and inserting
-        -- the same client message id, wait for this one: a deadlock.
+    -- Last, right before the commit: with a shared in-flight limit (`max_in_flight` given) this
+    -- locks the cluster-wide count that every gateway's messages wait for. Alone on the
+    -- database (no limit given), every row goes in: admission's own slots kept the limit. As
+    -- with replies, the steps carry each row's position and the columns are read by it at the
+    -- insert. Each row's id is drawn from the table's sequence in the order of the rows (UNNEST
+    -- yields them in order, and a volatile output is computed after any sort the ORDER BY
+    -- needs).
+    --
+    -- With a limit, accepted rows go in, in the batch's order, while the count leaves room; the
+    -- others are not stored, and their senders retry. The count's admission shard is locked
+    -- until the commit, so that the count stays true until these messages are committed (the
+    -- table's triggers add them to that shard). The locked shard is read as it is once the lock
+    -- is held; the others, where completions take themselves off, as of the statement's start,
+    -- which can only count completions too late: never more messages than the limit. A resend
+    -- of a message stored before takes room too (it is answered as that message). The count is
+    -- joined to the rows, not asked for by the first accepted row: a subquery runs when a row
+    -- first needs it, after the rows before it went in, and a row inserted before the lock could
+    -- make another gateway's batch, holding the lock and inserting the same client message id,
+    -- wait for this one: a deadlock.
+    IF cardinality(m_client) > 0 THEN
         RETURN QUERY
             WITH admission AS MATERIALIZED (
-                SELECT accepted FROM in_flight WHERE shard = 0 FOR UPDATE),
+                SELECT accepted FROM in_flight
+                WHERE shard = 0 AND max_in_flight IS NOT NULL FOR UPDATE),
             room AS MATERIALIZED (
-                SELECT max_in_flight - (SELECT accepted FROM admission)
-                    - (SELECT COALESCE(SUM(accepted), 0) FROM in_flight WHERE shard > 0)
-                    AS places),
+                SELECT CASE WHEN max_in_flight IS NOT NULL THEN
+                    max_in_flight - (SELECT accepted FROM admission)
+                        - (SELECT COALESCE(SUM(accepted), 0) FROM in_flight WHERE shard > 0)
+                    END AS places),
             given AS MATERIALIZED (
                 SELECT u."position", nextval(pg_get_serial_sequence('messages', 'id')) AS new_id,
-                    (u.status <> 'accepted' OR COUNT(*) FILTER (WHERE u.status = 'accepted')
-                        OVER (ORDER BY u."position") <= room.places) AS may_enter
+                    (room.places IS NULL OR u.status <> 'accepted'
+                        OR COUNT(*) FILTER (WHERE u.status = 'accepted')
+                            OVER (ORDER BY u."position") <= room.places) AS may_enter
                 FROM room CROSS JOIN UNNEST(m_status) WITH ORDINALITY AS u(status, "position")
                 ORDER BY u."position"),
             inserted AS (
