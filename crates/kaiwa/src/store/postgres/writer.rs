@@ -47,11 +47,13 @@ pub(super) struct Writer {
 }
 
 /// What one batch learned from the database.
+/// The batch is committed by then: a read after it that fails (what a resend or a reply stored
+/// before is answered with) fails only the commands that needed it.
 struct Written {
     /// Per message, in the batch's order: new under this id, or stored before.
-    messages: Vec<Inserted>,
+    messages: Vec<Result<Inserted, StoreError>>,
     /// Per reply batch, in the batch's order.
-    replies: Vec<Vec<StoredReply>>,
+    replies: Vec<Result<Vec<StoredReply>, StoreError>>,
 }
 
 impl Writer {
@@ -225,10 +227,10 @@ fn answer(batch: Batch, written: Written) -> Option<oneshot::Sender<()>> {
         ..
     } = batch;
     for ((_, tx), inserted) in messages.into_iter().zip(written.messages) {
-        respond(tx, Ok(inserted));
+        respond(tx, inserted);
     }
     for ((_, tx), stored) in replies.into_iter().zip(written.replies) {
-        respond(tx, Ok(stored));
+        respond(tx, stored);
     }
     #[cfg(test)]
     for done in barriers {
@@ -321,10 +323,16 @@ async fn write(
     })?;
     let (message_rows, reply_rows): (Vec<Outcome>, Vec<Outcome>) =
         returned.into_iter().partition(|row| row.kind == b'm' as i8);
-    Ok(Written {
-        messages: messages.outcome(conn, message_rows).await?,
-        replies: replies.answers(conn, reply_rows).await?,
-    })
+    // Committed: from here on a failure answers the commands it concerns, not the batch.
+    let messages = match messages.outcome(conn, message_rows).await {
+        Ok(outcome) => outcome,
+        Err(err) => vec![Err(super::super::sql::error(&err)); batch.messages.len()],
+    };
+    let replies = match replies.answers(conn, reply_rows).await {
+        Ok(answers) => answers,
+        Err(err) => vec![Err(super::super::sql::error(&err)); batch.replies.len()],
+    };
+    Ok(Written { messages, replies })
 }
 
 /// A batch's messages as rows: a client message id sent twice within the batch is stored
@@ -421,7 +429,7 @@ impl<'a> MessageRows<'a> {
         &self,
         conn: &mut PgConnection,
         returned: Vec<Outcome>,
-    ) -> Result<Vec<Inserted>, sqlx::Error> {
+    ) -> Result<Vec<Result<Inserted, StoreError>>, sqlx::Error> {
         let messages = self.messages;
         let mut row_of: Vec<Option<Row>> = vec![None; messages.len()];
         for row in returned {
@@ -444,40 +452,46 @@ impl<'a> MessageRows<'a> {
             .filter(|&i| row_of[i] == Some(Row::Resent))
             .collect();
         let existing = if resent.is_empty() {
-            HashMap::new()
+            Ok(HashMap::new())
         } else {
-            stored_messages(conn, resent.iter().map(|&i| &*messages[i].0)).await?
+            stored_messages(conn, resent.iter().map(|&i| &*messages[i].0))
+                .await
+                .map_err(|err| super::super::sql::error(&err))
         };
-        let mut outcome: Vec<Inserted> = Vec::with_capacity(messages.len());
+        let mut outcome: Vec<Result<Inserted, StoreError>> = Vec::with_capacity(messages.len());
         for (index, (message, _)) in messages.iter().enumerate() {
-            let result = match self.repeat_of[index] {
-                // A repeat within the batch answers as its first send turned out.
-                Some(first) => match &outcome[first] {
-                    Inserted::New(id) => Inserted::Duplicate(Existing {
-                        id: *id,
-                        status: messages[first].0.status,
-                        reason: messages[first].0.reason.clone(),
-                        received_at: messages[first].0.received_at,
-                    }),
-                    duplicate => duplicate.clone(),
-                },
-                None => match row_of[index] {
-                    Some(Row::Busy) => Inserted::Busy,
-                    Some(Row::Inserted(id)) => Inserted::New(id),
-                    Some(Row::Resent) | None => {
-                        let key = (
-                            message.client_id.as_str().to_owned(),
-                            message.client_message_id.clone().unwrap_or_default(),
-                        );
-                        let stored = existing.get(&key).cloned().ok_or_else(|| {
-                            sqlx::Error::Protocol(format!(
-                                "message {index} of a batch was neither inserted nor found"
-                            ))
-                        })?;
-                        Inserted::Duplicate(stored)
-                    }
-                },
-            };
+            let result =
+                match self.repeat_of[index] {
+                    // A repeat within the batch answers as its first send turned out.
+                    Some(first) => match &outcome[first] {
+                        Ok(Inserted::New(id)) => Ok(Inserted::Duplicate(Existing {
+                            id: *id,
+                            status: messages[first].0.status,
+                            reason: messages[first].0.reason.clone(),
+                            received_at: messages[first].0.received_at,
+                        })),
+                        duplicate => duplicate.clone(),
+                    },
+                    None => match row_of[index] {
+                        Some(Row::Busy) => Ok(Inserted::Busy),
+                        Some(Row::Inserted(id)) => Ok(Inserted::New(id)),
+                        Some(Row::Resent) | None => existing
+                            .as_ref()
+                            .map_err(Clone::clone)
+                            .and_then(|existing| {
+                                let key = (
+                                    message.client_id.as_str().to_owned(),
+                                    message.client_message_id.clone().unwrap_or_default(),
+                                );
+                                let stored = existing.get(&key).cloned().ok_or_else(|| {
+                                    StoreError::Database(format!(
+                                        "message {index} of a batch was neither inserted nor found"
+                                    ))
+                                })?;
+                                Ok(Inserted::Duplicate(stored))
+                            }),
+                    },
+                };
             outcome.push(result);
         }
         Ok(outcome)
@@ -634,7 +648,7 @@ impl<'a> ReplyRows<'a> {
         &self,
         conn: &mut PgConnection,
         returned: Vec<Outcome>,
-    ) -> Result<Vec<Vec<StoredReply>>, sqlx::Error> {
+    ) -> Result<Vec<Result<Vec<StoredReply>, StoreError>>, sqlx::Error> {
         let batches = self.batches;
         // Per row sent: its id and stream position, and whether it was stored before.
         let mut stored: Vec<Option<(i64, i64, bool)>> = vec![None; self.rows.len()];
@@ -656,23 +670,16 @@ impl<'a> ReplyRows<'a> {
             .filter(|(_, _, before)| *before)
             .map(|&(id, _, _)| id)
             .collect();
-        let mut earlier: HashMap<i64, StoredReply> = HashMap::new();
-        if !before.is_empty() {
-            let records: Vec<ReplyRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "SELECT {REPLY_COLUMNS} FROM replies WHERE id = ANY($1)"
-            )))
-            .bind(&before)
-            .fetch_all(&mut *conn)
-            .await?;
-            for record in records {
-                let reply = StoredReply::try_from(record)
-                    .map_err(|err| sqlx::Error::Protocol(err.to_string()))?;
-                earlier.insert(reply.id, reply);
-            }
-        }
+        let earlier = if before.is_empty() {
+            Ok(HashMap::new())
+        } else {
+            replies_by_id(conn, &before)
+                .await
+                .map_err(|err| super::super::sql::error(&err))
+        };
         // Each reply sent, as stored, by its message and type: a second of its kind in the
         // batch answers the same.
-        let mut by_type: HashMap<(i64, &'static str), StoredReply> =
+        let mut by_type: HashMap<(i64, &'static str), Result<StoredReply, StoreError>> =
             HashMap::with_capacity(self.rows.len());
         for (&(set, reply), stored) in self.rows.iter().zip(stored) {
             let batch = &batches[set].0;
@@ -680,15 +687,17 @@ impl<'a> ReplyRows<'a> {
                 sqlx::Error::Protocol("an inserted reply was not returned".into())
             })?;
             let answer = if before {
-                earlier.get(&id).cloned().ok_or_else(|| {
-                    sqlx::Error::Protocol(format!("reply {id}, stored before, was not found"))
-                })?
+                earlier.as_ref().map_err(Clone::clone).and_then(|earlier| {
+                    earlier.get(&id).cloned().ok_or_else(|| {
+                        StoreError::Database(format!("reply {id}, stored before, was not found"))
+                    })
+                })
             } else {
                 let seq = u64::try_from(seq)
                     .map_err(|_| sqlx::Error::Protocol(format!("a corrupt reply seq {seq}")))?;
-                reply
+                Ok(reply
                     .clone()
-                    .stored(id, batch.message_id, seq, batch.created_at)
+                    .stored(id, batch.message_id, seq, batch.created_at))
             };
             by_type.insert((batch.message_id, reply.reply_type.as_str()), answer);
         }
@@ -707,6 +716,27 @@ impl<'a> ReplyRows<'a> {
             })
             .collect())
     }
+}
+
+/// Replies as stored, by id.
+async fn replies_by_id(
+    conn: &mut PgConnection,
+    ids: &[i64],
+) -> Result<HashMap<i64, StoredReply>, sqlx::Error> {
+    let records: Vec<ReplyRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {REPLY_COLUMNS} FROM replies WHERE id = ANY($1)"
+    )))
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    records
+        .into_iter()
+        .map(|record| {
+            StoredReply::try_from(record)
+                .map(|reply| (reply.id, reply))
+                .map_err(|err| sqlx::Error::Protocol(err.to_string()))
+        })
+        .collect()
 }
 
 /// Binds delivery statuses: by reply, by acknowledgement, by departure (delivered stays
