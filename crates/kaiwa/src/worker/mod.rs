@@ -125,6 +125,11 @@ impl Worker {
                 // A panic must not leave the message's in-flight slot held for good: reporting
                 // it failed frees it, and the sweeper queues the message again.
                 tracing::error!(message_id = message.message_id, "processing panicked");
+                // A panic amid routing the `processing` event can leave no gateway named: the
+                // one that admitted the message is where its slot is held.
+                if route.gateway.is_none() {
+                    route.gateway = taken.job.origin.clone();
+                }
                 self.report(
                     &mut route,
                     Event::Failed {
