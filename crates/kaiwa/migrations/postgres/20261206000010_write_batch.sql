@@ -210,7 +210,7 @@ BEGIN
                     END AS places),
             given AS MATERIALIZED (
                 SELECT u."position", nextval(pg_get_serial_sequence('messages', 'id')) AS new_id,
-                    (room.places IS NULL OR u.status <> 'accepted'
+                    (max_in_flight IS NULL OR u.status <> 'accepted'
                         OR COUNT(*) FILTER (WHERE u.status = 'accepted')
                             OVER (ORDER BY u."position") <= room.places) AS may_enter
                 FROM room CROSS JOIN UNNEST(m_status) WITH ORDINALITY AS u(status, "position")
