@@ -1235,48 +1235,35 @@ mod postgres_plans {
         let store = PgStore::connect(&database.url, PgOptions::default())
             .await
             .expect("the PostgreSQL store opens");
-        for table in GROWING {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "ALTER TABLE {table} SET (autovacuum_enabled = false)"
-            )))
-            .execute(&mut conn)
-            .await
-            .expect("autovacuum off");
-        }
-        // Statistics that say the tables are empty, as a fresh database's first analysis does:
-        // never analyzed, the planner would assume ten pages of rows instead.
-        sqlx::query("ANALYZE messages, replies, reply_streams")
-            .execute(&mut conn)
-            .await
-            .expect("analyzed");
+        // Statistics that say the tables are empty, as a fresh database's first analysis does
+        // (never analyzed, the planner would assume ten pages of rows instead), and kept so.
+        sqlx::raw_sql(
+            "ALTER TABLE messages SET (autovacuum_enabled = false); \
+             ALTER TABLE replies SET (autovacuum_enabled = false); \
+             ALTER TABLE reply_streams SET (autovacuum_enabled = false); \
+             ANALYZE messages, replies, reply_streams;",
+        )
+        .execute(&mut conn)
+        .await
+        .expect("analyzed empty, autovacuum off");
         for round in 0..3 {
             one_of_each(&store, round).await;
         }
-        sqlx::query(
+        sqlx::raw_sql(
             "INSERT INTO messages (client_id, message_type, content, timezone, status, \
                  received_at) \
              SELECT 'bulk' || (g % 1000), 'text', 'x', 'UTC', 'replied', now() \
-             FROM generate_series(1, 100000) AS g",
-        )
-        .execute(&mut conn)
-        .await
-        .expect("messages grown");
-        sqlx::query(
-            "INSERT INTO replies (message_id, client_id, seq, reply_type, content, delivery, \
+             FROM generate_series(1, 100000) AS g; \
+             INSERT INTO replies (message_id, client_id, seq, reply_type, content, delivery, \
                  created_at) \
              SELECT id, client_id, id, 'text', 'y', 'delivered', now() FROM messages \
-             WHERE client_id LIKE 'bulk%'",
+             WHERE client_id LIKE 'bulk%'; \
+             INSERT INTO reply_streams (client_id, acknowledged) \
+             SELECT DISTINCT client_id, 0 FROM messages WHERE client_id LIKE 'bulk%';",
         )
         .execute(&mut conn)
         .await
-        .expect("replies grown");
-        sqlx::query(
-            "INSERT INTO reply_streams (client_id, acknowledged) \
-             SELECT DISTINCT client_id, 0 FROM messages WHERE client_id LIKE 'bulk%'",
-        )
-        .execute(&mut conn)
-        .await
-        .expect("streams grown");
+        .expect("tables grown");
 
         // Every insert so far counted (the growth's and the three rounds' two messages each):
         // the counts that come after are the next round's alone.

@@ -5,10 +5,12 @@
 //! command. When the database cannot be reached it answers at once that it is unavailable,
 //! instead of queueing, and reconnects with backoff.
 
-use super::super::batch::{Backlog, Batch, Command, ReplyBatch, Updates, respond};
-use super::super::bigint_param;
+use super::super::batch::{Backlog, Batch, Command, ReplyBatch, Respond, Updates, respond};
 use super::super::read::{REPLY_COLUMNS, ReplyRecord};
-use super::super::{Existing, Inserted, NewMessage, StoreError, StoreHealth, StoredReply};
+use super::super::{
+    Existing, Inserted, NewMessage, NewReply, StoreError, StoreHealth, StoredReply, bigint_param,
+    sql,
+};
 use super::{PgShared, connect, describe};
 use kaiwa_protocol::MessageStatus;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
@@ -46,8 +48,7 @@ pub(super) struct Writer {
     backlog: Backlog,
 }
 
-/// What one batch learned from the database.
-/// The batch is committed by then: a read after it that fails (what a resend or a reply stored
+/// What one batch learned from the database. The batch is committed by then: a read after it that fails (what a resend or a reply stored
 /// before is answered with) fails only the commands that needed it.
 struct Written {
     /// Per message, in the batch's order: new under this id, or stored before.
@@ -175,7 +176,7 @@ impl Writer {
                 answer(batch, written)
             }
             Err(err) => {
-                let err = super::super::sql::error(&err);
+                let err = sql::error(&err);
                 tracing::error!(%err, commands = batch.len(), "database batch failed");
                 if err.is_transient() {
                     self.conn = None;
@@ -255,12 +256,6 @@ enum Failed {
     StoredBefore,
 }
 
-impl From<sqlx::Error> for Failed {
-    fn from(err: sqlx::Error) -> Self {
-        Self::Sql(err)
-    }
-}
-
 impl Failed {
     fn into_sql(self) -> sqlx::Error {
         match self {
@@ -326,11 +321,11 @@ async fn write(
     // Committed: from here on a failure answers the commands it concerns, not the batch.
     let messages = match messages.outcome(conn, message_rows).await {
         Ok(outcome) => outcome,
-        Err(err) => vec![Err(super::super::sql::error(&err)); batch.messages.len()],
+        Err(err) => vec![Err(sql::error(&err)); batch.messages.len()],
     };
     let replies = match replies.answers(conn, reply_rows).await {
         Ok(answers) => answers,
-        Err(err) => vec![Err(super::super::sql::error(&err)); batch.replies.len()],
+        Err(err) => vec![Err(sql::error(&err)); batch.replies.len()],
     };
     Ok(Written { messages, replies })
 }
@@ -338,7 +333,7 @@ async fn write(
 /// A batch's messages as rows: a client message id sent twice within the batch is stored
 /// once, by its first send.
 struct MessageRows<'a> {
-    messages: &'a [(Box<NewMessage>, super::super::batch::Respond<Inserted>)],
+    messages: &'a [(Box<NewMessage>, Respond<Inserted>)],
     /// Per message, the earlier one of the batch it repeats.
     repeat_of: Vec<Option<usize>>,
     /// The messages sent as rows, in the batch's order.
@@ -346,7 +341,7 @@ struct MessageRows<'a> {
 }
 
 impl<'a> MessageRows<'a> {
-    fn plan(messages: &'a [(Box<NewMessage>, super::super::batch::Respond<Inserted>)]) -> Self {
+    fn plan(messages: &'a [(Box<NewMessage>, Respond<Inserted>)]) -> Self {
         let mut first_of: HashMap<(&str, &str), usize> = HashMap::new();
         let mut repeat_of: Vec<Option<usize>> = Vec::with_capacity(messages.len());
         for (index, (message, _)) in messages.iter().enumerate() {
@@ -456,7 +451,7 @@ impl<'a> MessageRows<'a> {
         } else {
             stored_messages(conn, resent.iter().map(|&i| &*messages[i].0))
                 .await
-                .map_err(|err| super::super::sql::error(&err))
+                .map_err(|err| sql::error(&err))
         };
         let mut outcome: Vec<Result<Inserted, StoreError>> = Vec::with_capacity(messages.len());
         for (index, (message, _)) in messages.iter().enumerate() {
@@ -567,13 +562,13 @@ enum Row {
 /// wait on each other in a circle), which makes the numbering gap-free and the per-type check
 /// exact.
 struct ReplyRows<'a> {
-    batches: &'a [(ReplyBatch, super::super::batch::Respond<Vec<StoredReply>>)],
+    batches: &'a [(ReplyBatch, Respond<Vec<StoredReply>>)],
     /// The replies sent, in the order of the calls: (reply set, reply).
-    rows: Vec<(usize, &'a super::super::NewReply)>,
+    rows: Vec<(usize, &'a NewReply)>,
 }
 
 impl<'a> ReplyRows<'a> {
-    fn plan(batches: &'a [(ReplyBatch, super::super::batch::Respond<Vec<StoredReply>>)]) -> Self {
+    fn plan(batches: &'a [(ReplyBatch, Respond<Vec<StoredReply>>)]) -> Self {
         let mut rows = Vec::new();
         let mut taken: HashSet<(i64, &'static str)> = HashSet::new();
         for (index, (batch, _)) in batches.iter().enumerate() {
@@ -675,7 +670,7 @@ impl<'a> ReplyRows<'a> {
         } else {
             replies_by_id(conn, &before)
                 .await
-                .map_err(|err| super::super::sql::error(&err))
+                .map_err(|err| sql::error(&err))
         };
         // Each reply sent, as stored, by its message and type: a second of its kind in the
         // batch answers the same.
