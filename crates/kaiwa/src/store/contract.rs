@@ -8,6 +8,7 @@ use super::{
     StuckClaims,
 };
 use crate::domain::{ClientId, Timezone};
+use crate::testing::stored;
 use chrono::{DateTime, TimeZone, Utc};
 use futures::future::join_all;
 use kaiwa_protocol::{Delivery, MessageStatus, MessageType, ReplyType};
@@ -255,13 +256,6 @@ fn reply(reply_type: ReplyType, content: &str) -> NewReply {
         filename: (reply_type != ReplyType::Text).then(|| format!("{content}.bin")),
         mime_type: (reply_type != ReplyType::Text).then(|| "application/octet-stream".into()),
         fallback: reply_type == ReplyType::Text && content.contains("fallback"),
-    }
-}
-
-async fn stored(store: &dyn Store, message: NewMessage) -> i64 {
-    match store.insert_message(message).await.expect("stored") {
-        Inserted::New(id) => id,
-        other => panic!("not stored as new: {other:?}"),
     }
 }
 

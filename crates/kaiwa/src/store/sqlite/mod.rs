@@ -366,16 +366,6 @@ mod tests {
         }
     }
 
-    fn text_reply(text: &str) -> NewReply {
-        NewReply {
-            reply_type: ReplyType::Text,
-            content: text.into(),
-            filename: None,
-            mime_type: None,
-            fallback: false,
-        }
-    }
-
     #[tokio::test]
     async fn a_client_message_id_is_stored_once() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -418,11 +408,23 @@ mod tests {
         };
         let now = Utc::now();
         let first = store
-            .insert_replies(id, &client, vec![text_reply("one")], now, true)
+            .insert_replies(
+                id,
+                &client,
+                vec![crate::testing::reply(ReplyType::Text, "one")],
+                now,
+                true,
+            )
             .await
             .expect("stored");
         let second = store
-            .insert_replies(id, &client, vec![text_reply("two")], now, true)
+            .insert_replies(
+                id,
+                &client,
+                vec![crate::testing::reply(ReplyType::Text, "two")],
+                now,
+                true,
+            )
             .await
             .expect("answered");
         assert_eq!(second.len(), 1);
@@ -455,7 +457,13 @@ mod tests {
                 panic!("new");
             };
             store
-                .insert_replies(id, &client, vec![text_reply("lost")], Utc::now(), true)
+                .insert_replies(
+                    id,
+                    &client,
+                    vec![crate::testing::reply(ReplyType::Text, "lost")],
+                    Utc::now(),
+                    true,
+                )
                 .await
                 .expect("stored");
             store.close().await;
