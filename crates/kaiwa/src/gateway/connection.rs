@@ -294,7 +294,7 @@ struct Ended {
     /// Set by the registry when the client's id moved to a connection on another gateway.
     moved: Arc<AtomicBool>,
     /// To the writer: how to close.
-    closing: oneshot::Sender<Closing>,
+    to_writer: oneshot::Sender<Closing>,
     /// What is still read from the client: its close frame, in return for ours.
     frames_in: SplitStream<WebSocket>,
     writer: JoinHandle<()>,
@@ -337,7 +337,7 @@ async fn run(
     }
 
     let (sink, mut frames_in) = unbox(socket).split();
-    let (closing, close_rx) = oneshot::channel();
+    let (to_writer, close_rx) = oneshot::channel();
     let writer = gateway.tracker.spawn(
         Writer {
             sink,
@@ -360,7 +360,7 @@ async fn run(
         ending,
         admitted,
         moved,
-        closing,
+        to_writer,
         frames_in,
         writer,
     }
@@ -380,7 +380,7 @@ async fn depart(ended: Ended) {
         ending,
         admitted,
         moved,
-        closing,
+        to_writer,
         mut frames_in,
         writer,
     } = ended;
@@ -403,11 +403,11 @@ async fn depart(ended: Ended) {
             .tracker
             .spawn(async move { link.hand_over(&client_id, seq, &stop).await });
     }
-    let closing_frame = Closing {
+    let closing = Closing {
         frame: ending.close_frame(&gateway.settings),
         drain: ending.drains(),
     };
-    if closing.send(closing_frame).is_err() {
+    if to_writer.send(closing).is_err() {
         tracing::debug!(conn_id, "the writer ended before the session");
     }
     if ending.awaits_close_reply() {
