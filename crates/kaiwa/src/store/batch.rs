@@ -14,6 +14,12 @@ use tokio::sync::{mpsc, oneshot};
 /// How soon the updates of a failed batch are tried again when no other write comes.
 pub(super) const BACKLOG_RETRY: Duration = Duration::from_millis(500);
 
+/// How long delivery marks and acknowledgements wait for a batch of messages or replies to
+/// ride with, at most. They are on no client's path, and at a few hundred messages a second a
+/// transaction of their own after each reply was a third of a process's commits, each of them
+/// round trips, a WAL flush and wake-ups on every side.
+pub(super) const UPDATES_WAIT: Duration = Duration::from_millis(50);
+
 /// Where a command's result goes.
 pub(super) type Respond<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -218,6 +224,21 @@ impl Batch {
         batch
     }
 
+    /// Whether the batch holds only updates that may wait ([`UPDATES_WAIT`]): delivery marks
+    /// and acknowledgements. A departure goes at once, with whatever waits: its client may be
+    /// back on another gateway already, asking what it acknowledged.
+    pub(super) fn may_wait(&self) -> bool {
+        #[cfg(test)]
+        if !self.barriers.is_empty() {
+            return false;
+        }
+        self.messages.is_empty()
+            && self.replies.is_empty()
+            && self.close.is_none()
+            && self.updates.departures.is_empty()
+            && !self.updates.is_empty()
+    }
+
     /// Whether there is anything to write.
     pub(super) fn is_empty(&self) -> bool {
         self.messages.is_empty() && self.replies.is_empty() && self.updates.is_empty()
@@ -243,9 +264,9 @@ impl Batch {
     }
 }
 
-/// The updates of batches that failed, kept for the next batch. They say where replies went
-/// and what clients acknowledged, and each is idempotent, so writing them late is right; an
-/// outage of the database only delays them. Bounded by what they are about: a reply has one
+/// The updates of batches that failed, and those waiting for a batch to ride with, kept for
+/// the next batch. They say where replies went and what clients acknowledged, and each is
+/// idempotent, so writing them late is right; an outage of the database only delays them. Bounded by what they are about: a reply has one
 /// entry, a client one acknowledgement, and a departure happens once per connection.
 #[derive(Default)]
 pub(super) struct Backlog {
@@ -272,6 +293,13 @@ impl Backlog {
         let mut updates = std::mem::take(&mut self.updates);
         updates.absorb(fresh);
         updates
+    }
+
+    /// Keeps `later` for the next batch, after what waits already.
+    pub(super) fn hold(&mut self, later: Updates) {
+        let mut updates = std::mem::take(&mut self.updates);
+        updates.absorb(later);
+        self.updates = updates;
     }
 
     /// The batch went through, and the updates it held with it.

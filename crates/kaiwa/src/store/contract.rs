@@ -789,6 +789,7 @@ mod shared_postgres {
                 max_in_flight,
                 admitted_by: gateway.map(Into::into),
             }),
+            ..PgOptions::default()
         };
         PgStore::connect(&database.url, options)
             .await
@@ -1300,5 +1301,132 @@ mod postgres_plans {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// Delivery marks and acknowledgements on PostgreSQL wait for a batch of messages or replies to
+/// ride with (`PgOptions::updates_wait`), and go on their own once the wait is over; a
+/// departure takes them at once.
+mod postgres_updates {
+    use super::*;
+    use sqlx::Connection;
+    use std::time::{Duration, Instant};
+
+    async fn waiting(database: &test_postgres::TestDatabase, wait: Duration) -> PgStore {
+        let options = PgOptions {
+            updates_wait: Some(wait),
+            ..PgOptions::default()
+        };
+        PgStore::connect(&database.url, options)
+            .await
+            .expect("the PostgreSQL store opens")
+    }
+
+    /// A message of `name`'s and its two replies, stored.
+    async fn answered(store: &PgStore, name: &str) -> Vec<StoredReply> {
+        let id = stored(store, message(name, Some("m1"), "hello")).await;
+        replied(
+            store,
+            id,
+            name,
+            vec![reply(ReplyType::Text, "hi"), reply(ReplyType::Voice, "hum")],
+        )
+        .await
+    }
+
+    /// The reply's delivery, and the transaction that last wrote its row.
+    async fn delivery(conn: &mut sqlx::PgConnection, reply_id: i64) -> (String, String) {
+        sqlx::query_as("SELECT delivery, xmin::text FROM replies WHERE id = $1")
+            .bind(reply_id)
+            .fetch_one(conn)
+            .await
+            .expect("the reply")
+    }
+
+    /// Polls until the reply's delivery is `expected`, for at most ten seconds.
+    async fn wait_for_delivery(conn: &mut sqlx::PgConnection, reply_id: i64, expected: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (now, _) = delivery(conn, reply_id).await;
+            if now == expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "reply {reply_id} is still {now}, not {expected}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn delivery_marks_and_acknowledgements_ride_with_the_next_message() {
+        let database = test_postgres::TestDatabase::create().await;
+        let store = waiting(&database, Duration::from_secs(3600)).await;
+        let replies = answered(&store, "ann").await;
+        store.record_delivery(replies[0].id, Delivery::Delivered, at(2));
+        store.record_received(&client("ann"), replies[1].seq, at(3));
+        let next = stored(&store, message("ann", Some("m2"), "and then")).await;
+
+        let mut conn = sqlx::PgConnection::connect(&database.url)
+            .await
+            .expect("connects");
+        let message_written_by: String =
+            sqlx::query_scalar("SELECT xmin::text FROM messages WHERE id = $1")
+                .bind(next)
+                .fetch_one(&mut conn)
+                .await
+                .expect("the message");
+        for reply in &replies {
+            assert_eq!(
+                delivery(&mut conn, reply.id).await,
+                ("delivered".to_owned(), message_written_by.clone()),
+                "reply {} was marked in the message's transaction",
+                reply.id
+            );
+        }
+        let acknowledged: (i64, String) = sqlx::query_as(
+            "SELECT acknowledged, xmin::text FROM reply_streams WHERE client_id = 'ann'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .expect("the stream");
+        assert_eq!(
+            acknowledged,
+            (
+                i64::try_from(replies[1].seq).expect("a seq"),
+                message_written_by
+            )
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn alone_they_are_written_once_the_wait_is_over() {
+        let database = test_postgres::TestDatabase::create().await;
+        let store = waiting(&database, Duration::from_millis(20)).await;
+        let replies = answered(&store, "bob").await;
+        let mut conn = sqlx::PgConnection::connect(&database.url)
+            .await
+            .expect("connects");
+        store.record_delivery(replies[0].id, Delivery::Delivered, at(2));
+        wait_for_delivery(&mut conn, replies[0].id, "delivered").await;
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_departure_goes_at_once_and_takes_what_waits_with_it() {
+        let database = test_postgres::TestDatabase::create().await;
+        let store = waiting(&database, Duration::from_secs(3600)).await;
+        let replies = answered(&store, "cat").await;
+        let mut conn = sqlx::PgConnection::connect(&database.url)
+            .await
+            .expect("connects");
+        store.record_delivery(replies[0].id, Delivery::Delivered, at(2));
+        // The client saw the first reply and left before the second.
+        store.record_departure(&client("cat"), replies[0].seq, at(3));
+        wait_for_delivery(&mut conn, replies[1].id, "failed").await;
+        assert_eq!(delivery(&mut conn, replies[0].id).await.0, "delivered");
+        store.close().await;
     }
 }

@@ -38,6 +38,9 @@ pub struct PgOptions {
     /// `Some` when other kaiwa processes share the database (a cluster): what is pending is
     /// not this process's alone to clean up at start, and the in-flight limit is kept here.
     pub shared: Option<PgShared>,
+    /// How long delivery marks and acknowledgements wait for a batch of messages or replies to
+    /// ride with, at most; `None`: [`super::batch::UPDATES_WAIT`]. Tests set their own.
+    pub updates_wait: Option<Duration>,
 }
 
 /// What a process that shares the database with a cluster keeps in it.
@@ -246,6 +249,7 @@ async fn spawn_writer(
     settings: &PgOptions,
 ) -> Result<std::thread::JoinHandle<()>, StoreError> {
     let shared = settings.shared.clone();
+    let updates_wait = settings.updates_wait.unwrap_or(super::batch::UPDATES_WAIT);
     let (ready, connected) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("kaiwa-pg-writer".to_owned())
@@ -263,7 +267,7 @@ async fn spawn_writer(
                 }
             };
             runtime.block_on(async move {
-                match Writer::connect(options, commands, health, shared).await {
+                match Writer::connect(options, commands, health, shared, updates_wait).await {
                     Ok(writer) => {
                         if ready.send(Ok(())).is_ok() {
                             writer.run().await;

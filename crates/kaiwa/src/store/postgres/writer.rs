@@ -39,13 +39,16 @@ pub(super) struct Writer {
     commands: mpsc::UnboundedReceiver<Command>,
     health: Arc<Mutex<StoreHealth>>,
     backoff: Duration,
-    /// When to try connecting again, while unreachable.
+    /// When to try connecting again while unreachable, or to write the backlog when nothing
+    /// else comes.
     retry_at: tokio::time::Instant,
     /// The cluster-wide in-flight limit and the gateway whose messages these are, when the
     /// database is shared.
     shared: Option<PgShared>,
-    /// Delivery updates of failed batches, written with the next one.
+    /// Delivery updates of failed batches and those waiting, written with the next batch.
     backlog: Backlog,
+    /// How long delivery marks and acknowledgements alone wait for a batch to ride with.
+    updates_wait: Duration,
 }
 
 /// What one batch learned from the database. The batch is committed by then: a read after it that fails (what a resend or a reply stored
@@ -63,6 +66,7 @@ impl Writer {
         commands: mpsc::UnboundedReceiver<Command>,
         health: Arc<Mutex<StoreHealth>>,
         shared: Option<PgShared>,
+        updates_wait: Duration,
     ) -> Result<Self, StoreError> {
         let conn = connect(&options).await?;
         Ok(Self {
@@ -74,6 +78,7 @@ impl Writer {
             retry_at: tokio::time::Instant::now(),
             shared,
             backlog: Backlog::default(),
+            updates_wait,
         })
     }
 
@@ -97,7 +102,15 @@ impl Writer {
                     continue;
                 }
             }
-            let batch = Batch::gather(commands.drain(..));
+            let mut batch = Batch::gather(commands.drain(..));
+            if batch.may_wait() && self.conn.is_some() {
+                // The first to wait sets when they go; a backlog already waiting has its time.
+                if self.backlog.is_empty() {
+                    self.retry_at = tokio::time::Instant::now() + self.updates_wait;
+                }
+                self.backlog.hold(std::mem::take(&mut batch.updates));
+                continue;
+            }
             if let Some(closed) = self.commit(batch).await {
                 self.commands.close();
                 let rest: Vec<Command> =
