@@ -14,7 +14,7 @@ mod sql;
 mod tests;
 
 pub use postgres::PgPresence;
-pub use route::{Stopped, route};
+pub use route::{Stopped, route, route_all};
 
 use crate::domain::ClientId;
 use crate::domain::GatewayId;

@@ -34,14 +34,45 @@ pub async fn route(
     event: &Event,
     stop: &CancellationToken,
 ) -> Result<Routed, Stopped> {
+    let taken = route_all(
+        presence,
+        queue,
+        guess,
+        not_here,
+        std::slice::from_ref(event),
+        stop,
+    )
+    .await?;
+    Ok(if taken == 1 {
+        Routed::Delivered
+    } else {
+        Routed::NoGateway
+    })
+}
+
+/// Sends `events`, all of one client's, as [`route`] sends one: in order, and in one message
+/// where the broker can carry them so. Returns how many, from the first, a gateway took; the
+/// rest found none.
+pub async fn route_all(
+    presence: &dyn Presence,
+    queue: &dyn Queue,
+    guess: &mut Option<GatewayId>,
+    not_here: Option<&GatewayId>,
+    events: &[Event],
+    stop: &CancellationToken,
+) -> Result<usize, Stopped> {
+    let Some(first) = events.first() else {
+        return Ok(0);
+    };
     let started = Instant::now();
     let mut retry = FIRST_RETRY;
+    let mut sent = 0;
     loop {
         let (gateway, guessed) = match guess.take() {
             Some(gateway) => (gateway, true),
-            None => match presence.holder(event.client_id()).await {
+            None => match presence.holder(first.client_id()).await {
                 Ok(Some(gateway)) if Some(&gateway) != not_here => (gateway, false),
-                Ok(_) => return Ok(Routed::NoGateway),
+                Ok(_) => return Ok(sent),
                 Err(err) if err.is_transient() => {
                     tracing::debug!(%err, "presence is unavailable; routing the event again shortly");
                     pause(&mut retry, stop).await?;
@@ -51,26 +82,28 @@ pub async fn route(
                     // Not an outage: waiting would not help. The client reads what it missed
                     // back from the store when it resumes.
                     tracing::error!(%err, "could not find the client's gateway");
-                    return Ok(Routed::NoGateway);
+                    return Ok(sent);
                 }
             },
         };
-        match queue.publish_event(&gateway, event.clone()).await {
-            Ok(Routed::Delivered) => {
-                *guess = Some(gateway);
-                return Ok(Routed::Delivered);
-            }
-            // A guess that was wrong: the client is looked up at once.
-            Ok(Routed::NoGateway) if guessed => {}
-            Ok(Routed::NoGateway) => {
-                if started.elapsed() >= PATIENCE {
-                    tracing::debug!(%gateway, "the client's gateway takes no events; given up");
-                    return Ok(Routed::NoGateway);
-                }
-                pause(&mut retry, stop).await?;
-            }
-            Err(_) => return Err(Stopped),
+        let taken = queue
+            .publish_events(&gateway, events[sent..].to_vec())
+            .await
+            .map_err(|_| Stopped)?;
+        sent += taken;
+        if sent == events.len() {
+            *guess = Some(gateway);
+            return Ok(sent);
         }
+        // A guess that was wrong: the client is looked up at once.
+        if guessed && taken == 0 {
+            continue;
+        }
+        if started.elapsed() >= PATIENCE {
+            tracing::debug!(%gateway, "the client's gateway takes no events; given up");
+            return Ok(sent);
+        }
+        pause(&mut retry, stop).await?;
     }
 }
 

@@ -255,6 +255,24 @@ pub trait Queue: Send + Sync + 'static {
     /// waits out an outage of the broker and fails only when the queue closes.
     async fn publish_event(&self, gateway: &GatewayId, event: Event) -> Result<Routed, QueueError>;
 
+    /// Sends events to a gateway in order, as [`Queue::publish_event`] sends each; a broker
+    /// carries them in one message where they fit, with one confirm. Returns how many, from
+    /// the first, the gateway's queue took: the rest found no gateway.
+    async fn publish_events(
+        &self,
+        gateway: &GatewayId,
+        events: Vec<Event>,
+    ) -> Result<usize, QueueError> {
+        let mut taken = 0;
+        for event in events {
+            if self.publish_event(gateway, event).await? == Routed::NoGateway {
+                break;
+            }
+            taken += 1;
+        }
+        Ok(taken)
+    }
+
     /// The events for `gateway`'s clients, for its delivery task.
     fn events(&self, gateway: &GatewayId) -> Result<BoxStream<'static, Event>, QueueError>;
 

@@ -6,7 +6,7 @@
 use crate::clock::Clock;
 use crate::domain::GatewayId;
 use crate::presence::{self, Presence};
-use crate::queue::{Event, Job, MessageRef, Queue, QueueError, Routed, Taken};
+use crate::queue::{Event, Job, MessageRef, Queue, QueueError, Taken};
 use crate::replies::{Deltas, ReplyMaker};
 use crate::store::{NewReply, Store, StoreError, StoredReply};
 use futures::{FutureExt, StreamExt};
@@ -130,16 +130,12 @@ impl Worker {
                 if route.gateway.is_none() {
                     route.gateway = taken.job.origin.clone();
                 }
-                self.report(
-                    &mut route,
-                    Event::Failed {
-                        message: message.clone(),
-                        reason:
-                            "processing failed; the message is kept and will be processed again"
-                                .to_owned(),
-                    },
-                )
-                .await;
+                let failed = Event::Failed {
+                    message: message.clone(),
+                    reason: "processing failed; the message is kept and will be processed again"
+                        .to_owned(),
+                };
+                self.report(&mut route, vec![failed]).await;
                 Finished::Done
             }
         };
@@ -163,7 +159,7 @@ impl Worker {
                         "replies found stored; reporting them again"
                     );
                     return self
-                        .report_replies(route, &message, stored.replies, true)
+                        .report_replies(route, &message, stored.replies, true, None)
                         .await;
                 }
                 Ok(Some(_)) => {}
@@ -187,44 +183,54 @@ impl Worker {
         // A timer, not a thread: thousands of messages can wait at once (R9).
         let delay = tokio::time::sleep(self.delays.pick(job.kind));
         tokio::pin!(delay);
-        // The `processing` event is on its way while the replies are made and stored: what
-        // waits for its confirm is only the events after it, which keep its order.
-        let stored = {
-            let processing = self.report(route, Event::Processing(message.clone()));
-            tokio::pin!(processing);
-            let mut reported = false;
-            let mut written = None;
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return abandon(job),
-                    () = &mut delay => break,
-                    reply = &mut text, if written.is_none() => written = Some(reply),
-                    _ = &mut processing, if !reported => reported = true,
+        let processing = Event::Processing(message.clone());
+        // The `processing` event waits a moment for the replies. Made and stored by then (no
+        // reply delay, a quick responder), it goes to the gateway with them, in one message;
+        // otherwise it goes alone while they are made and stored, and what waits for its
+        // confirm is only the events after it, which keep its order.
+        let (made, processing) = {
+            let made = async {
+                let mut written = None;
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return Made::Stopped,
+                        () = &mut delay => break,
+                        reply = &mut text, if written.is_none() => written = Some(reply),
+                    }
                 }
-            }
-            match written {
                 // The usual case: the whole set at once, in order.
-                Some(text) => {
-                    let replies = std::iter::once(text)
-                        .chain(self.replies.media(job))
-                        .collect();
-                    let store = self.store_replies(job, replies, true, &stop);
-                    if reported {
-                        Some(store.await)
-                    } else {
-                        Some(tokio::join!(processing, store).1)
-                    }
+                let Some(text) = written else {
+                    return Made::TextPending;
+                };
+                let replies = std::iter::once(text)
+                    .chain(self.replies.media(job))
+                    .collect();
+                match self.store_replies(job, replies, true, &stop).await {
+                    Some(stored) => Made::Stored(stored),
+                    None => Made::Stopped,
                 }
-                None => {
-                    if !reported {
-                        processing.await;
-                    }
-                    None
+            };
+            tokio::pin!(made);
+            tokio::select! {
+                made = &mut made => (made, Some(processing)),
+                () = tokio::time::sleep(PROCESSING_WAIT) => {
+                    let (_, made) = tokio::join!(self.report(route, vec![processing]), made);
+                    (made, None)
                 }
             }
         };
-        if let Some(stored) = stored {
-            return self.reported(job, route, &message, stored, true).await;
+        match made {
+            Made::Stopped => return abandon(job),
+            Made::Stored(stored) => {
+                return self
+                    .reported(job, route, &message, Some(stored), true, processing)
+                    .await;
+            }
+            Made::TextPending => {
+                if let Some(processing) = processing {
+                    self.report(route, vec![processing]).await;
+                }
+            }
         }
         let media = self.replies.media(job);
         // The text is still being written: a slow responder must not hold back the voice and
@@ -246,7 +252,7 @@ impl Worker {
                     while let Ok(more) = pieces.try_recv() {
                         delta.push_str(&more);
                     }
-                    self.report(route, Event::Delta { message: message.clone(), delta }).await;
+                    self.report(route, vec![Event::Delta { message: message.clone(), delta }]).await;
                 }
             }
         };
@@ -269,7 +275,8 @@ impl Worker {
         let stored = self
             .store_replies(job, replies, completes, &route.stop)
             .await;
-        self.reported(job, route, message, stored, completes).await
+        self.reported(job, route, message, stored, completes, None)
+            .await
     }
 
     /// Reports replies as they were stored (`None`: stopped first), or that they could not be.
@@ -280,6 +287,7 @@ impl Worker {
         message: &MessageRef,
         stored: Option<Result<Vec<StoredReply>, StoreError>>,
         completes: bool,
+        first: Option<Event>,
     ) -> Finished {
         let Some(stored) = stored else {
             return abandon(job);
@@ -291,18 +299,17 @@ impl Worker {
                         .increment(1);
                     tracing::debug!(message_id = job.message_id, kind = %job.kind, "message processed");
                 }
-                self.report_replies(route, message, stored, completes).await
+                self.report_replies(route, message, stored, completes, first)
+                    .await
             }
             Err(err) => {
                 tracing::error!(message_id = job.message_id, %err, "could not store the replies; the sweeper queues the message again");
-                self.report(
-                    route,
-                    Event::Failed {
-                        message: message.clone(),
-                        reason: "the replies could not be stored; the message is kept and will be processed again".to_owned(),
-                    },
-                )
-                .await;
+                let failed = Event::Failed {
+                    message: message.clone(),
+                    reason: "the replies could not be stored; the message is kept and will be processed again".to_owned(),
+                };
+                self.report(route, first.into_iter().chain([failed]).collect())
+                    .await;
                 Finished::Done
             }
         }
@@ -343,61 +350,65 @@ impl Worker {
         }
     }
 
-    /// Reports stored replies in order; the last is marked so when `completes`. Unreported if
-    /// any could not be sent: the queue then hands the job out again.
+    /// Reports stored replies in order, after `first` if given, all in one go; the last is
+    /// marked so when `completes`. Unreported if they could not be sent: the queue then hands
+    /// the job out again.
     async fn report_replies(
         &self,
         route: &mut Route,
         message: &MessageRef,
         replies: Vec<StoredReply>,
         completes: bool,
+        first: Option<Event>,
     ) -> Finished {
         let count = replies.len();
-        let mut reported = true;
-        for (index, reply) in replies.into_iter().enumerate() {
-            reported &= self
-                .report(
-                    route,
-                    Event::Reply {
-                        message: message.clone(),
-                        reply,
-                        last: completes && index + 1 == count,
-                    },
-                )
-                .await;
-        }
-        if reported {
+        let replies = replies
+            .into_iter()
+            .enumerate()
+            .map(|(index, reply)| Event::Reply {
+                message: message.clone(),
+                reply,
+                last: completes && index + 1 == count,
+            });
+        if self
+            .report(route, first.into_iter().chain(replies).collect())
+            .await
+        {
             Finished::Done
         } else {
             Finished::Unreported
         }
     }
 
-    /// Sends an event to the gateway that holds the message's client now: the one that
-    /// admitted the message while it is there, else the one presence names; outages of the
-    /// broker and of presence are waited out. A reply for a client no gateway holds is recorded
-    /// `failed` here, by this one process: the client gets it when it resumes. False only if
-    /// the worker stopped first.
-    async fn report(&self, route: &mut Route, event: Event) -> bool {
-        let routed = presence::route(
+    /// Sends a message's events, in order, to the gateway that holds its client now: the one
+    /// that admitted the message while it is there, else the one presence names; outages of
+    /// the broker and of presence are waited out. A reply for a client no gateway holds is
+    /// recorded `failed` here, by this one process: the client gets it when it resumes. False
+    /// only if the worker stopped first.
+    async fn report(&self, route: &mut Route, events: Vec<Event>) -> bool {
+        let routed = presence::route_all(
             self.presence.as_ref(),
             self.queue.as_ref(),
             &mut route.gateway,
             None,
-            &event,
+            &events,
             &route.stop,
         )
         .await;
         match routed {
-            Ok(Routed::Delivered) => true,
-            Ok(Routed::NoGateway) => {
-                if let Event::Reply { reply, .. } = &event {
-                    self.store.record_undelivered(reply.id, self.clock.now());
+            Ok(taken) => {
+                for event in &events[taken..] {
+                    if let Event::Reply { reply, .. } = event {
+                        self.store.record_undelivered(reply.id, self.clock.now());
+                    }
                 }
                 true
             }
             Err(presence::Stopped) => {
-                let message_id = event.message().map_or(0, |message| message.message_id);
+                let message_id = events
+                    .first()
+                    .and_then(Event::message)
+                    .map_or(0, |message| message.message_id);
                 tracing::debug!(message_id, "stopped before an event was reported");
                 false
             }
@@ -426,6 +437,20 @@ impl Route {
 /// to [`MAX_STORE_RETRY`], so they go in at most that long after it is back.
 const STORE_RETRY: Duration = Duration::from_millis(100);
 const MAX_STORE_RETRY: Duration = Duration::from_secs(1);
+
+/// How long the `processing` event waits for the replies to go with them, at most: longer than
+/// a batch of replies takes to be stored under load, short enough that a client waiting for a
+/// reply that takes seconds (a model, the reply delay) sees no difference.
+const PROCESSING_WAIT: Duration = Duration::from_millis(20);
+
+/// How far a job got while its `processing` event waited.
+enum Made {
+    Stopped,
+    /// The delay is over and the text is still being written.
+    TextPending,
+    /// The whole reply set, stored or not.
+    Stored(Result<Vec<StoredReply>, StoreError>),
+}
 
 /// How processing a job ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -25,6 +25,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -521,20 +522,40 @@ impl Queue for AmqpQueue {
     }
 
     async fn publish_event(&self, gateway: &GatewayId, event: Event) -> Result<Routed, QueueError> {
-        let started = std::time::Instant::now();
-        let (outgoing, fate) = Outgoing::to(gateway.as_str().to_owned().into(), event);
-        self.inner
-            .events
-            .send(outgoing)
-            .map_err(|_| QueueError::Closed)?;
-        let returned = fate.await.map_err(|_| QueueError::Closed)??;
-        // The wait for the batch to go counts: it is part of the event's way to its gateway.
-        record_publish("event", started);
-        Ok(if returned {
-            Routed::NoGateway
-        } else {
+        Ok(if self.publish_events(gateway, vec![event]).await? == 1 {
             Routed::Delivered
+        } else {
+            Routed::NoGateway
         })
+    }
+
+    async fn publish_events(
+        &self,
+        gateway: &GatewayId,
+        events: Vec<Event>,
+    ) -> Result<usize, QueueError> {
+        let started = std::time::Instant::now();
+        let key: Cow<'static, str> = gateway.as_str().to_owned().into();
+        // All of them handed over before any is awaited: the publisher takes what is waiting
+        // for one gateway as one message.
+        let mut fates = Vec::with_capacity(events.len());
+        for event in events {
+            let (outgoing, fate) = Outgoing::to(key.clone(), event);
+            self.inner
+                .events
+                .send(outgoing)
+                .map_err(|_| QueueError::Closed)?;
+            fates.push(fate);
+        }
+        let mut taken = 0;
+        for fate in fates {
+            if fate.await.map_err(|_| QueueError::Closed)?? {
+                break;
+            }
+            record_publish("event", started);
+            taken += 1;
+        }
+        Ok(taken)
     }
 
     fn events(&self, gateway: &GatewayId) -> Result<BoxStream<'static, Event>, QueueError> {
