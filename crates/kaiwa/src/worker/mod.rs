@@ -192,10 +192,14 @@ impl Worker {
             let made = async {
                 let mut written = None;
                 loop {
+                    // A text ready when the delay is over is taken: with no delay, both are
+                    // ready at the first poll, and a delay polled first would leave the text
+                    // to the slow path and the `processing` event to go alone.
                     tokio::select! {
+                        biased;
                         () = stop.cancelled() => return Made::Stopped,
-                        () = &mut delay => break,
                         reply = &mut text, if written.is_none() => written = Some(reply),
+                        () = &mut delay => break,
                     }
                 }
                 // The usual case: the whole set at once, in order.
@@ -471,3 +475,6 @@ fn abandon(job: &Job) -> Finished {
     );
     Finished::Abandoned
 }
+
+#[cfg(test)]
+mod tests;
