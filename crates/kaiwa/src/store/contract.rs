@@ -1312,26 +1312,42 @@ mod postgres_updates {
     use sqlx::Connection;
     use std::time::{Duration, Instant};
 
-    async fn waiting(database: &test_postgres::TestDatabase, wait: Duration) -> PgStore {
+    /// A store on a database of its own whose updates wait `wait`, a message of `name`'s with
+    /// its two replies stored through it, and a connection of the test's to look. The
+    /// database is dropped with `_database`: bind it for as long as the test runs.
+    struct Answered {
+        _database: test_postgres::TestDatabase,
+        store: PgStore,
+        replies: Vec<StoredReply>,
+        conn: sqlx::PgConnection,
+    }
+
+    async fn answered(name: &str, wait: Duration) -> Answered {
+        let database = test_postgres::TestDatabase::create().await;
         let options = PgOptions {
             updates_wait: Some(wait),
             ..PgOptions::default()
         };
-        PgStore::connect(&database.url, options)
+        let store = PgStore::connect(&database.url, options)
             .await
-            .expect("the PostgreSQL store opens")
-    }
-
-    /// A message of `name`'s and its two replies, stored.
-    async fn answered(store: &PgStore, name: &str) -> Vec<StoredReply> {
-        let id = stored(store, message(name, Some("m1"), "hello")).await;
-        replied(
-            store,
+            .expect("the PostgreSQL store opens");
+        let id = stored(&store, message(name, Some("m1"), "hello")).await;
+        let replies = replied(
+            &store,
             id,
             name,
             vec![reply(ReplyType::Text, "hi"), reply(ReplyType::Voice, "hum")],
         )
-        .await
+        .await;
+        let conn = sqlx::PgConnection::connect(&database.url)
+            .await
+            .expect("connects");
+        Answered {
+            _database: database,
+            store,
+            replies,
+            conn,
+        }
     }
 
     /// The reply's delivery, and the transaction that last wrote its row.
@@ -1361,16 +1377,16 @@ mod postgres_updates {
 
     #[tokio::test]
     async fn delivery_marks_and_acknowledgements_ride_with_the_next_message() {
-        let database = test_postgres::TestDatabase::create().await;
-        let store = waiting(&database, Duration::from_secs(3600)).await;
-        let replies = answered(&store, "ann").await;
+        let Answered {
+            store,
+            replies,
+            mut conn,
+            _database,
+        } = answered("ann", Duration::from_secs(3600)).await;
         store.record_delivery(replies[0].id, Delivery::Delivered, at(2));
         store.record_received(&client("ann"), replies[1].seq, at(3));
         let next = stored(&store, message("ann", Some("m2"), "and then")).await;
 
-        let mut conn = sqlx::PgConnection::connect(&database.url)
-            .await
-            .expect("connects");
         let message_written_by: String =
             sqlx::query_scalar("SELECT xmin::text FROM messages WHERE id = $1")
                 .bind(next)
@@ -1403,12 +1419,12 @@ mod postgres_updates {
 
     #[tokio::test]
     async fn alone_they_are_written_once_the_wait_is_over() {
-        let database = test_postgres::TestDatabase::create().await;
-        let store = waiting(&database, Duration::from_millis(20)).await;
-        let replies = answered(&store, "bob").await;
-        let mut conn = sqlx::PgConnection::connect(&database.url)
-            .await
-            .expect("connects");
+        let Answered {
+            store,
+            replies,
+            mut conn,
+            _database,
+        } = answered("bob", Duration::from_millis(20)).await;
         store.record_delivery(replies[0].id, Delivery::Delivered, at(2));
         wait_for_delivery(&mut conn, replies[0].id, "delivered").await;
         store.close().await;
@@ -1416,12 +1432,12 @@ mod postgres_updates {
 
     #[tokio::test]
     async fn a_departure_goes_at_once_and_takes_what_waits_with_it() {
-        let database = test_postgres::TestDatabase::create().await;
-        let store = waiting(&database, Duration::from_secs(3600)).await;
-        let replies = answered(&store, "cat").await;
-        let mut conn = sqlx::PgConnection::connect(&database.url)
-            .await
-            .expect("connects");
+        let Answered {
+            store,
+            replies,
+            mut conn,
+            _database,
+        } = answered("cat", Duration::from_secs(3600)).await;
         store.record_delivery(replies[0].id, Delivery::Delivered, at(2));
         // The client saw the first reply and left before the second.
         store.record_departure(&client("cat"), replies[0].seq, at(3));
