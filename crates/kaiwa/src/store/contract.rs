@@ -1431,6 +1431,19 @@ mod postgres_updates {
     }
 
     #[tokio::test]
+    async fn a_store_dropped_without_closing_writes_what_waits() {
+        let Answered {
+            store,
+            replies,
+            mut conn,
+            _database,
+        } = answered("dan", Duration::from_secs(3600)).await;
+        store.record_delivery(replies[0].id, Delivery::Delivered, at(2));
+        drop(store);
+        wait_for_delivery(&mut conn, replies[0].id, "delivered").await;
+    }
+
+    #[tokio::test]
     async fn a_departure_goes_at_once_and_takes_what_waits_with_it() {
         let Answered {
             store,

@@ -88,6 +88,10 @@ impl Writer {
             tokio::select! {
                 received = self.commands.recv_many(&mut commands, MAX_BATCH) => {
                     if received == 0 {
+                        // Every sender is gone without a close: what waits is written now.
+                        if self.conn.is_some() && !self.backlog.is_empty() {
+                            self.commit(Batch::default()).await;
+                        }
                         return;
                     }
                 }
