@@ -15,7 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 pub(super) const BACKLOG_RETRY: Duration = Duration::from_millis(500);
 
 /// How long delivery marks and acknowledgements wait for a batch of messages or replies to
-/// ride with, at most. They are on no client's path, and at a few hundred messages a second a
+/// ride with, at most (while a failed batch's updates wait for their retry, they wait with
+/// them, up to [`BACKLOG_RETRY`]). They are on no client's path, and at a few hundred messages a second a
 /// transaction of their own after each reply was a third of a process's commits, each of them
 /// round trips, a WAL flush and wake-ups on every side.
 pub(super) const UPDATES_WAIT: Duration = Duration::from_millis(50);

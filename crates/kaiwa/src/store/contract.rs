@@ -1385,6 +1385,10 @@ mod postgres_updates {
         } = answered("ann", Duration::from_secs(3600)).await;
         store.record_delivery(replies[0].id, Delivery::Delivered, at(2));
         store.record_received(&client("ann"), replies[1].seq, at(3));
+        // Time for the writer, idle on its own thread, to take the updates as a batch of their
+        // own (microseconds): sent right after them, the message could join them in one batch
+        // whether updates wait or not. Nothing can be waited for instead: waiting is the point.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let next = stored(&store, message("ann", Some("m2"), "and then")).await;
 
         let message_written_by: String =

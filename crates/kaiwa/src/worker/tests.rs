@@ -91,12 +91,19 @@ impl TextResponder for Slow {
     }
 }
 
-/// Processes one text message with `responder` and no reply delay; what went to the gateway.
-async fn publishes_for(responder: Arc<dyn TextResponder>) -> Vec<Vec<&'static str>> {
+/// Processes one message of `kind` with `responder` and `delays`; what went to the gateway.
+async fn publishes_for(
+    kind: MessageType,
+    responder: Arc<dyn TextResponder>,
+    delays: Delays,
+) -> Vec<Vec<&'static str>> {
     let store = Arc::new(MemoryStore::default());
     let queue = Arc::new(Recorder::default());
     let gateway = GatewayId::new("gw-1");
-    let message = accepted_text("ann", Some("m1"), "hello");
+    let message = crate::store::NewMessage {
+        kind,
+        ..accepted_text("ann", Some("m1"), "hello")
+    };
     let id = stored(store.as_ref(), message.clone()).await;
     let job = Job {
         origin: Some(gateway.clone()),
@@ -107,7 +114,7 @@ async fn publishes_for(responder: Arc<dyn TextResponder>) -> Vec<Vec<&'static st
         queue.clone(),
         Arc::new(LocalPresence::new(gateway)),
         ReplyMaker::new(responder, store.clone()),
-        Delays::new(0.0),
+        delays,
         Arc::new(ManualClock::new(chrono::Utc::now())),
     );
     worker
@@ -121,16 +128,30 @@ async fn publishes_for(responder: Arc<dyn TextResponder>) -> Vec<Vec<&'static st
 
 #[tokio::test(start_paused = true)]
 async fn a_reply_set_made_at_once_goes_with_its_processing_event_in_one_publish() {
-    assert_eq!(
-        publishes_for(Arc::new(BuiltinResponder)).await,
-        [vec!["processing", "last reply"]]
-    );
+    let publishes = publishes_for(
+        MessageType::Text,
+        Arc::new(BuiltinResponder),
+        Delays::new(0.0),
+    )
+    .await;
+    assert_eq!(publishes, [vec!["processing", "last reply"]]);
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_processing_event_does_not_wait_for_a_reply_that_takes_longer() {
-    assert_eq!(
-        publishes_for(Arc::new(Slow)).await,
-        [vec!["processing"], vec!["last reply"]]
-    );
+    let publishes = publishes_for(MessageType::Text, Arc::new(Slow), Delays::new(0.0)).await;
+    assert_eq!(publishes, [vec!["processing"], vec!["last reply"]]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_processing_event_does_not_wait_out_the_reply_delay() {
+    // A voice message's delay is one to two seconds: `processing` goes once its own wait is
+    // over, and the text and voice replies together after the delay.
+    let publishes = publishes_for(
+        MessageType::Voice,
+        Arc::new(BuiltinResponder),
+        Delays::new(1.0),
+    )
+    .await;
+    assert_eq!(publishes, [vec!["processing"], vec!["reply", "last reply"]]);
 }

@@ -26,9 +26,10 @@ pub(super) struct Route {
     mandatory: bool,
     /// Written to disk by the broker.
     persistent: bool,
-    /// Items in one AMQP message, at most: enough that a busy process sends a message per
-    /// confirm rather than per item, few enough that one message stays small (and, for jobs,
-    /// that a worker that dies takes few others' jobs back to the queue with its own).
+    /// [`Outgoing`]s in one AMQP message, at most (a job each, or one message's few events):
+    /// enough that a busy process sends a message per confirm rather than per item, few enough
+    /// that one message stays small (and, for jobs, that a worker that dies takes few others'
+    /// jobs back to the queue with its own).
     per_message: usize,
 }
 
@@ -48,27 +49,29 @@ pub(super) const EVENTS_ROUTE: Route = Route {
     per_message: 128,
 };
 
-/// An item on its way, and where its fate goes: whether it came back unroutable. The channel
-/// is unbounded, as the store's writes are: every item stems from a message holding an
-/// in-flight slot, so the limits upstream bound it.
+/// Items on their way, in order, and where their fate goes: whether they came back
+/// unroutable. They travel in one AMQP message, never split: a message's events reach their
+/// gateway together and in order, or come back together. The channel is unbounded, as the
+/// store's writes are: every item stems from a message holding an in-flight slot, so the
+/// limits upstream bound it.
 pub(super) struct Outgoing<T> {
     /// The routing key: a gateway's id for an event, the jobs queue for a job.
     pub key: Cow<'static, str>,
-    pub item: T,
+    pub items: Vec<T>,
     pub fate: oneshot::Sender<Result<bool, QueueError>>,
 }
 
 impl<T> Outgoing<T> {
     pub(super) fn job(item: T) -> (Self, oneshot::Receiver<Result<bool, QueueError>>) {
-        Self::to(Cow::Borrowed(JOBS), item)
+        Self::to(Cow::Borrowed(JOBS), vec![item])
     }
 
     pub(super) fn to(
         key: Cow<'static, str>,
-        item: T,
+        items: Vec<T>,
     ) -> (Self, oneshot::Receiver<Result<bool, QueueError>>) {
         let (fate, answer) = oneshot::channel();
-        (Self { key, item, fate }, answer)
+        (Self { key, items, fate }, answer)
     }
 }
 
@@ -121,7 +124,7 @@ async fn publish<T: Serialize>(
     key: Cow<'static, str>,
     batch: Vec<Outgoing<T>>,
 ) {
-    let items: Vec<&T> = batch.iter().map(|outgoing| &outgoing.item).collect();
+    let items: Vec<&T> = batch.iter().flat_map(|outgoing| &outgoing.items).collect();
     let fate = match serde_json::to_vec(&items) {
         Ok(payload) => {
             inner
@@ -179,7 +182,8 @@ mod tests {
 
     #[test]
     fn items_are_grouped_by_routing_key_in_the_order_they_came() {
-        let outgoing = |to: &'static str, message_id| Outgoing::to(Cow::Borrowed(to), message_id).0;
+        let outgoing =
+            |to: &'static str, message_id| Outgoing::to(Cow::Borrowed(to), vec![message_id]).0;
         let items = [
             outgoing("gw-1", 1),
             outgoing("gw-2", 2),
@@ -188,7 +192,10 @@ mod tests {
         ];
         let groups: Vec<(String, Vec<i64>)> = by_key(items.into_iter())
             .into_iter()
-            .map(|(key, group)| (key.into_owned(), group.iter().map(|o| o.item).collect()))
+            .map(|(key, group)| {
+                let items = group.iter().flat_map(|o| o.items.iter().copied()).collect();
+                (key.into_owned(), items)
+            })
             .collect();
         assert_eq!(
             groups,

@@ -25,7 +25,6 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -535,27 +534,21 @@ impl Queue for AmqpQueue {
         events: Vec<Event>,
     ) -> Result<usize, QueueError> {
         let started = std::time::Instant::now();
-        let key: Cow<'static, str> = gateway.as_str().to_owned().into();
-        // All of them handed over before any is awaited: the publisher takes what is waiting
-        // for one gateway as one message.
-        let mut fates = Vec::with_capacity(events.len());
-        for event in events {
-            let (outgoing, fate) = Outgoing::to(key.clone(), event);
-            self.inner
-                .events
-                .send(outgoing)
-                .map_err(|_| QueueError::Closed)?;
-            fates.push(fate);
+        let count = events.len();
+        // One item of the publisher's: it never splits them, so they reach the gateway in one
+        // message, or all come back.
+        let (outgoing, fate) = Outgoing::to(gateway.as_str().to_owned().into(), events);
+        self.inner
+            .events
+            .send(outgoing)
+            .map_err(|_| QueueError::Closed)?;
+        if fate.await.map_err(|_| QueueError::Closed)?? {
+            return Ok(0);
         }
-        let mut taken = 0;
-        for fate in fates {
-            if fate.await.map_err(|_| QueueError::Closed)?? {
-                break;
-            }
+        for _ in 0..count {
             record_publish("event", started);
-            taken += 1;
         }
-        Ok(taken)
+        Ok(count)
     }
 
     fn events(&self, gateway: &GatewayId) -> Result<BoxStream<'static, Event>, QueueError> {

@@ -100,7 +100,8 @@ impl Writer {
                         self.reconnect().await;
                     }
                     if self.conn.is_some() && !self.backlog.is_empty() {
-                        // Updates of a failed batch, written now that the database is back.
+                        // Updates of a failed batch, written now that the database is back, or
+                        // updates that waited alone for as long as they may.
                         self.commit(Batch::default()).await;
                     }
                     continue;
