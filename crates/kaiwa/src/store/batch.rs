@@ -298,9 +298,7 @@ impl Backlog {
 
     /// Keeps `later` for the next batch, after what waits already.
     pub(super) fn hold(&mut self, later: Updates) {
-        let mut updates = std::mem::take(&mut self.updates);
-        updates.absorb(later);
-        self.updates = updates;
+        self.updates = self.take_with(later);
     }
 
     /// The batch went through, and the updates it held with it.

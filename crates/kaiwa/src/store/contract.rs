@@ -1313,9 +1313,9 @@ mod postgres_updates {
     use std::time::{Duration, Instant};
 
     /// A store on a database of its own whose updates wait `wait`, a message of `name`'s with
-    /// its two replies stored through it, and a connection of the test's to look. The
-    /// database is dropped with `_database`: bind it for as long as the test runs.
+    /// its two replies stored through it, and a connection of the test's to look.
     struct Answered {
+        /// Dropped with the test's value, which drops the database.
         _database: test_postgres::TestDatabase,
         store: PgStore,
         replies: Vec<StoredReply>,
@@ -1377,29 +1377,26 @@ mod postgres_updates {
 
     #[tokio::test]
     async fn delivery_marks_and_acknowledgements_ride_with_the_next_message() {
-        let Answered {
-            store,
-            replies,
-            mut conn,
-            _database,
-        } = answered("ann", Duration::from_secs(3600)).await;
-        store.record_delivery(replies[0].id, Delivery::Delivered, at(2));
-        store.record_received(&client("ann"), replies[1].seq, at(3));
+        let mut ann = answered("ann", Duration::from_secs(3600)).await;
+        ann.store
+            .record_delivery(ann.replies[0].id, Delivery::Delivered, at(2));
+        ann.store
+            .record_received(&client("ann"), ann.replies[1].seq, at(3));
         // Time for the writer, idle on its own thread, to take the updates as a batch of their
         // own (microseconds): sent right after them, the message could join them in one batch
         // whether updates wait or not. Nothing can be waited for instead: waiting is the point.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let next = stored(&store, message("ann", Some("m2"), "and then")).await;
+        let next = stored(&ann.store, message("ann", Some("m2"), "and then")).await;
 
         let message_written_by: String =
             sqlx::query_scalar("SELECT xmin::text FROM messages WHERE id = $1")
                 .bind(next)
-                .fetch_one(&mut conn)
+                .fetch_one(&mut ann.conn)
                 .await
                 .expect("the message");
-        for reply in &replies {
+        for reply in &ann.replies {
             assert_eq!(
-                delivery(&mut conn, reply.id).await,
+                delivery(&mut ann.conn, reply.id).await,
                 ("delivered".to_owned(), message_written_by.clone()),
                 "reply {} was marked in the message's transaction",
                 reply.id
@@ -1408,58 +1405,50 @@ mod postgres_updates {
         let acknowledged: (i64, String) = sqlx::query_as(
             "SELECT acknowledged, xmin::text FROM reply_streams WHERE client_id = 'ann'",
         )
-        .fetch_one(&mut conn)
+        .fetch_one(&mut ann.conn)
         .await
         .expect("the stream");
         assert_eq!(
             acknowledged,
             (
-                i64::try_from(replies[1].seq).expect("a seq"),
+                i64::try_from(ann.replies[1].seq).expect("a seq"),
                 message_written_by
             )
         );
-        store.close().await;
+        ann.store.close().await;
     }
 
     #[tokio::test]
     async fn alone_they_are_written_once_the_wait_is_over() {
-        let Answered {
-            store,
-            replies,
-            mut conn,
-            _database,
-        } = answered("bob", Duration::from_millis(20)).await;
-        store.record_delivery(replies[0].id, Delivery::Delivered, at(2));
-        wait_for_delivery(&mut conn, replies[0].id, "delivered").await;
-        store.close().await;
+        let mut bob = answered("bob", Duration::from_millis(20)).await;
+        bob.store
+            .record_delivery(bob.replies[0].id, Delivery::Delivered, at(2));
+        wait_for_delivery(&mut bob.conn, bob.replies[0].id, "delivered").await;
+        bob.store.close().await;
     }
 
     #[tokio::test]
     async fn a_store_dropped_without_closing_writes_what_waits() {
-        let Answered {
-            store,
-            replies,
-            mut conn,
-            _database,
-        } = answered("dan", Duration::from_secs(3600)).await;
-        store.record_delivery(replies[0].id, Delivery::Delivered, at(2));
-        drop(store);
-        wait_for_delivery(&mut conn, replies[0].id, "delivered").await;
+        let mut dan = answered("dan", Duration::from_secs(3600)).await;
+        dan.store
+            .record_delivery(dan.replies[0].id, Delivery::Delivered, at(2));
+        drop(dan.store);
+        wait_for_delivery(&mut dan.conn, dan.replies[0].id, "delivered").await;
     }
 
     #[tokio::test]
     async fn a_departure_goes_at_once_and_takes_what_waits_with_it() {
-        let Answered {
-            store,
-            replies,
-            mut conn,
-            _database,
-        } = answered("cat", Duration::from_secs(3600)).await;
-        store.record_delivery(replies[0].id, Delivery::Delivered, at(2));
+        let mut cat = answered("cat", Duration::from_secs(3600)).await;
+        cat.store
+            .record_delivery(cat.replies[0].id, Delivery::Delivered, at(2));
         // The client saw the first reply and left before the second.
-        store.record_departure(&client("cat"), replies[0].seq, at(3));
-        wait_for_delivery(&mut conn, replies[1].id, "failed").await;
-        assert_eq!(delivery(&mut conn, replies[0].id).await.0, "delivered");
-        store.close().await;
+        cat.store
+            .record_departure(&client("cat"), cat.replies[0].seq, at(3));
+        wait_for_delivery(&mut cat.conn, cat.replies[1].id, "failed").await;
+        assert_eq!(
+            delivery(&mut cat.conn, cat.replies[0].id).await.0,
+            "delivered"
+        );
+        cat.store.close().await;
     }
 }

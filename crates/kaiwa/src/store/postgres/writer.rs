@@ -51,8 +51,9 @@ pub(super) struct Writer {
     updates_wait: Duration,
 }
 
-/// What one batch learned from the database. The batch is committed by then: a read after it that fails (what a resend or a reply stored
-/// before is answered with) fails only the commands that needed it.
+/// What one batch learned from the database. The batch is committed by then: a read after it
+/// that fails (what a resend or a reply stored before is answered with) fails only the commands
+/// that needed it.
 struct Written {
     /// Per message, in the batch's order: new under this id, or stored before.
     messages: Vec<Result<Inserted, StoreError>>,
@@ -89,9 +90,7 @@ impl Writer {
                 received = self.commands.recv_many(&mut commands, MAX_BATCH) => {
                     if received == 0 {
                         // Every sender is gone without a close: what waits is written now.
-                        if self.conn.is_some() && !self.backlog.is_empty() {
-                            self.commit(Batch::default()).await;
-                        }
+                        self.write_backlog().await;
                         return;
                     }
                 }
@@ -99,11 +98,9 @@ impl Writer {
                     if self.conn.is_none() {
                         self.reconnect().await;
                     }
-                    if self.conn.is_some() && !self.backlog.is_empty() {
-                        // Updates of a failed batch, written now that the database is back, or
-                        // updates that waited alone for as long as they may.
-                        self.commit(Batch::default()).await;
-                    }
+                    // Updates of a failed batch, written now that the database is back, or
+                    // updates that waited alone for as long as they may.
+                    self.write_backlog().await;
                     continue;
                 }
             }
@@ -131,6 +128,13 @@ impl Writer {
                 respond(closed, ());
                 return;
             }
+        }
+    }
+
+    /// Writes the updates that wait, if there are any and a connection to write them.
+    async fn write_backlog(&mut self) {
+        if self.conn.is_some() && !self.backlog.is_empty() {
+            self.commit(Batch::default()).await;
         }
     }
 
@@ -473,38 +477,32 @@ impl<'a> MessageRows<'a> {
         };
         let mut outcome: Vec<Result<Inserted, StoreError>> = Vec::with_capacity(messages.len());
         for (index, (message, _)) in messages.iter().enumerate() {
-            let result =
-                match self.repeat_of[index] {
-                    // A repeat within the batch answers as its first send turned out.
-                    Some(first) => match &outcome[first] {
-                        Ok(Inserted::New(id)) => Ok(Inserted::Duplicate(Existing {
-                            id: *id,
-                            status: messages[first].0.status,
-                            reason: messages[first].0.reason.clone(),
-                            received_at: messages[first].0.received_at,
-                        })),
-                        duplicate => duplicate.clone(),
-                    },
-                    None => match row_of[index] {
-                        Some(Row::Busy) => Ok(Inserted::Busy),
-                        Some(Row::Inserted(id)) => Ok(Inserted::New(id)),
-                        Some(Row::Resent) | None => existing
-                            .as_ref()
-                            .map_err(Clone::clone)
-                            .and_then(|existing| {
-                                let key = (
-                                    message.client_id.as_str().to_owned(),
-                                    message.client_message_id.clone().unwrap_or_default(),
-                                );
-                                let stored = existing.get(&key).cloned().ok_or_else(|| {
-                                    StoreError::Database(format!(
-                                        "message {index} of a batch was neither inserted nor found"
-                                    ))
-                                })?;
-                                Ok(Inserted::Duplicate(stored))
-                            }),
-                    },
-                };
+            let result = match self.repeat_of[index] {
+                // A repeat within the batch answers as its first send turned out.
+                Some(first) => match &outcome[first] {
+                    Ok(Inserted::New(id)) => Ok(Inserted::Duplicate(Existing {
+                        id: *id,
+                        status: messages[first].0.status,
+                        reason: messages[first].0.reason.clone(),
+                        received_at: messages[first].0.received_at,
+                    })),
+                    duplicate => duplicate.clone(),
+                },
+                None => match row_of[index] {
+                    Some(Row::Busy) => Ok(Inserted::Busy),
+                    Some(Row::Inserted(id)) => Ok(Inserted::New(id)),
+                    Some(Row::Resent) | None => {
+                        let key = (
+                            message.client_id.as_str().to_owned(),
+                            message.client_message_id.clone().unwrap_or_default(),
+                        );
+                        look_up(&existing, &key, || {
+                            format!("message {index} of a batch was neither inserted nor found")
+                        })
+                        .map(Inserted::Duplicate)
+                    }
+                },
+            };
             outcome.push(result);
         }
         Ok(outcome)
@@ -700,10 +698,8 @@ impl<'a> ReplyRows<'a> {
                 sqlx::Error::Protocol("an inserted reply was not returned".into())
             })?;
             let answer = if before {
-                earlier.as_ref().map_err(Clone::clone).and_then(|earlier| {
-                    earlier.get(&id).cloned().ok_or_else(|| {
-                        StoreError::Database(format!("reply {id}, stored before, was not found"))
-                    })
+                look_up(&earlier, &id, || {
+                    format!("reply {id}, stored before, was not found")
                 })
             } else {
                 let seq = u64::try_from(seq)
@@ -729,6 +725,20 @@ impl<'a> ReplyRows<'a> {
             })
             .collect())
     }
+}
+
+/// The row read after the commit under `key`: the read's failure, or `missing` if it found no
+/// such row.
+fn look_up<K: Eq + std::hash::Hash, V: Clone>(
+    read: &Result<HashMap<K, V>, StoreError>,
+    key: &K,
+    missing: impl FnOnce() -> String,
+) -> Result<V, StoreError> {
+    let found = read.as_ref().map_err(Clone::clone)?;
+    found
+        .get(key)
+        .cloned()
+        .ok_or_else(|| StoreError::Database(missing()))
 }
 
 /// Replies as stored, by id.
