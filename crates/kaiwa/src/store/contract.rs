@@ -939,58 +939,39 @@ mod shared_postgres {
     /// batch's rejected row until its lock timeout.
     #[tokio::test]
     async fn a_batch_waiting_for_the_count_has_inserted_nothing() {
-        use sqlx::Connection;
         let database = test_postgres::TestDatabase::create().await;
         let store = Arc::new(shared(&database, 10).await);
-        let mut holder = sqlx::PgConnection::connect(&database.url)
-            .await
-            .expect("connected");
-        for statement in [
-            "BEGIN",
-            "SELECT accepted FROM in_flight WHERE shard = 0 FOR UPDATE",
-        ] {
-            sqlx::query(statement)
-                .execute(&mut holder)
-                .await
-                .expect("the count is locked");
-        }
+        let mut watcher = connection(&database).await;
+        // The writer is kept on a batch of its own, held by a table lock, so that the two
+        // messages below wait in its channel and are taken as one batch: sent while it is
+        // idle, its thread may wake between them and take the rejected row alone.
+        let mut blocker = connection(&database).await;
+        let blocker_pid = run(&mut blocker, "BEGIN; LOCK TABLE messages IN SHARE MODE").await;
+        let mut early = message("cx", Some("X"), "early");
+        early.status = MessageStatus::Rejected;
+        let early = tokio::spawn(store.insert_message(early));
+        wait_until_blocked_by(&mut watcher, blocker_pid).await;
+        let mut holder = connection(&database).await;
+        let holder_pid = run(
+            &mut holder,
+            "BEGIN; SELECT accepted FROM in_flight WHERE shard = 0 FOR UPDATE",
+        )
+        .await;
         let mut rejected = message("cy", Some("Y"), "too late");
         rejected.status = MessageStatus::Rejected;
-        // Both sent before the writer runs: one batch, the rejected row first.
-        let batch = tokio::spawn({
-            let store = Arc::clone(&store);
-            async move {
-                join_all([
-                    store.insert_message(rejected),
-                    store.insert_message(message("cz", Some("Z"), "hello")),
-                ])
-                .await
-            }
-        });
-        let mut watcher = sqlx::PgConnection::connect(&database.url)
-            .await
-            .expect("connected");
-        let mut waits = 0;
-        loop {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(&mut watcher)
-            .await
-            .expect("read");
-            if waiting > 0 {
-                break;
-            }
-            waits += 1;
-            assert!(waits < 1000, "the batch never waited for the count");
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        // Sent now, while the writer waits: one batch, the rejected row first.
+        let batch = tokio::spawn(join_all([
+            store.insert_message(rejected),
+            store.insert_message(message("cz", Some("Z"), "hello")),
+        ]));
+        run(&mut blocker, "COMMIT").await;
+        assert!(matches!(
+            early.await.expect("the early batch ends"),
+            Ok(Inserted::New(_))
+        ));
+        wait_until_blocked_by(&mut watcher, holder_pid).await;
         // The same client message id, from the lock's holder: nothing of the batch's to wait for.
-        sqlx::query("SET lock_timeout = '500ms'")
-            .execute(&mut holder)
-            .await
-            .expect("set");
+        run(&mut holder, "SET lock_timeout = '500ms'").await;
         sqlx::query(
             "INSERT INTO messages (client_id, client_msg_id, message_type, content, timezone, \
                  status, received_at) \
@@ -999,10 +980,7 @@ mod shared_postgres {
         .execute(&mut holder)
         .await
         .expect("the holder's insert does not wait for the batch that waits for it");
-        sqlx::query("COMMIT")
-            .execute(&mut holder)
-            .await
-            .expect("committed");
+        run(&mut holder, "COMMIT").await;
         let outcomes: Vec<Inserted> = batch
             .await
             .expect("the batch ends")
@@ -1014,6 +992,41 @@ mod shared_postgres {
             "{outcomes:?}"
         );
         assert!(matches!(outcomes[1], Inserted::New(_)), "{outcomes:?}");
+    }
+
+    async fn connection(database: &test_postgres::TestDatabase) -> sqlx::PgConnection {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&database.url)
+            .await
+            .expect("connected")
+    }
+
+    /// Runs statements on `conn` (no parameters) and returns its backend's pid.
+    async fn run(conn: &mut sqlx::PgConnection, statements: &'static str) -> i32 {
+        use sqlx::Executor;
+        conn.execute(statements).await.expect("ran");
+        sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(conn)
+            .await
+            .expect("read")
+    }
+
+    /// Waits until some backend waits for a lock that backend `pid` holds.
+    async fn wait_until_blocked_by(watcher: &mut sqlx::PgConnection, pid: i32) {
+        for _ in 0..1000 {
+            let blocked: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+            )
+            .bind(pid)
+            .fetch_one(&mut *watcher)
+            .await
+            .expect("read");
+            if blocked > 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("nothing ever waited for backend {pid}'s lock");
     }
 
     /// The count's shards after completions (shards 1 to 8 below zero) and an operator's
