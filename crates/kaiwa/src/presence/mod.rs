@@ -9,6 +9,7 @@ mod block;
 mod claims;
 mod postgres;
 mod route;
+mod runtime;
 mod sql;
 #[cfg(test)]
 mod tests;

@@ -316,3 +316,44 @@ async fn a_gateway_restarted_under_its_id_gives_back_what_its_last_run_left() {
     // And its new block works as the first one did.
     assert!(try_take(&again, 1, max).await.is_some());
 }
+
+/// A connection that stops waiting for its slot (it closed, or its handshake timed out) while
+/// the slot is fetched for it leaves it to nobody: with one slot in the cluster, the next
+/// connection gets it. Dropped at once, the fetch finds nobody to send the slot to; dropped
+/// once the fetch is done, the slot is in the answer that was never read.
+#[tokio::test]
+async fn a_slot_fetched_for_a_connection_that_stopped_waiting_goes_to_the_next() {
+    let database = database().await;
+    let a = gateway(&database, "gw-a", LEASE, 1).await;
+    for (conn, fetched_first) in [(1, false), (3, true)] {
+        let mut taking = Box::pin(a.take_slot(conn, 1));
+        assert!(
+            futures::FutureExt::now_or_never(&mut taking).is_none(),
+            "the block was empty: the slot is fetched"
+        );
+        if fetched_first {
+            wait_for(|| a.block_held() == 1).await;
+            // The fetch's task sends the slot right after listing it.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(taking);
+        let next = conn + 1;
+        let mut tries = 0;
+        while try_take(&a, next, 1).await.is_none() {
+            tries += 1;
+            assert!(tries < 500, "the unwanted slot never came back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        a.release_slot(1, next).await;
+    }
+}
+
+async fn wait_for(condition: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the condition never held");
+}
