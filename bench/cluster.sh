@@ -14,9 +14,9 @@
 #                    nothing was lost
 #   storm            IDLE idle connections over 3 gateways addressed directly, opened as fast as
 #                    kaiwa-load opens them, then all closed at once, twice: refusals, 1006s,
-#                    whether every slot and id came back, the gateways' warnings and slow pool
-#                    waits; memory per connection per gateway (one process may hold ~19,900
-#                    sockets here)
+#                    whether every slot and id came back, presence's round trips to PostgreSQL
+#                    per round, the gateways' warnings and slow pool waits; memory per
+#                    connection per gateway (one process may hold ~19,900 sockets here)
 # Every message is inside its window (--text-window 00:00-24:00), so every one is replied to.
 # Reports land in target/bench/cluster-<UTC time>/ as JSON, with the table; beside each message
 # run's JSON, its plot as SVG (kaiwa-load --plot; the kill run's marks the reconnects and the
@@ -208,6 +208,21 @@ print(json.dumps({
   echo "{\"round\": $round, \"settled_s\": $((SECONDS - started)), \"health\": $health, \"tables\": $sql}"
 }
 
+# Presence's round trips to PostgreSQL so far, summed over the three gateways, by `op`
+# (`kaiwa_presence_seconds_count` from each one's /metrics), as one JSON object.
+presence_trips() {
+  for i in 1 2 3; do
+    curl -sf "http://127.0.0.1:$((BASE_PORT + i))/metrics" || true
+  done | python3 -c '
+import json, re, sys
+trips = {}
+for line in sys.stdin:
+    m = re.match(r"kaiwa_presence_seconds_count\{[^}]*op=\"(\w+)\"[^}]*\} ([0-9.e+]+)", line)
+    if m:
+        trips[m[1]] = trips.get(m[1], 0) + int(float(m[2]))
+print(json.dumps(trips))'
+}
+
 if [[ "$IDLE" -gt 0 ]]; then
   # The storm (issue 19): IDLE clients connect over three gateways as fast as kaiwa-load opens
   # them, hold for STORM_HOLD seconds, then all leave at once; twice, with the same gateways
@@ -225,11 +240,14 @@ if [[ "$IDLE" -gt 0 ]]; then
     pids+=(--server-pid "$(cat "$work/cluster/gw-$i.pid")")
   done
   : >"$out/storm.jsonl"
+  : >"$out/storm-trips.jsonl"
   for round in 1 2; do
+    before=$(presence_trips)
     load connections "${urls[@]}" "${pids[@]}" --clients "$IDLE" --hold "${STORM_HOLD:-5}" \
       --seed 19 --label "cluster-storm-$IDLE-$round" --json "$out/4-cluster-storm-$round.json" \
       || true
     storm_settled "$round" | tee -a "$out/storm.jsonl" >&2
+    echo "{\"round\": $round, \"before\": $before, \"after\": $(presence_trips)}" >>"$out/storm-trips.jsonl"
   done
   for i in 1 2 3; do cp "$work/cluster/gw-$i.log" "$out/storm-gw-$i.log"; done
   cluster down
@@ -310,6 +328,15 @@ try:
         print(f"storm round {r['round']} given back: /health {r['health']}, tables {r['tables']}, "
               f"settled in {r['settled_s']} s")
 except (OSError, ValueError):
+    pass
+try:
+    for line in open(os.path.join(out, "storm-trips.jsonl")):
+        r = json.loads(line)
+        trips = {op: n - r["before"].get(op, 0) for op, n in sorted(r["after"].items())}
+        trips = {op: n for op, n in trips.items() if n}
+        print(f"storm round {r['round']} presence round trips (all gateways, by op): "
+              f"{sum(trips.values())} {trips}")
+except (OSError, ValueError, KeyError):
     pass
 logs = sorted(glob.glob(os.path.join(out, "storm-gw-*.log")))
 if logs:
