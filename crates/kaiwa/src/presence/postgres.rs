@@ -21,6 +21,8 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 /// Connections for presence queries (batches of claims and departures, slot fetches and
@@ -54,7 +56,7 @@ struct Inner {
     /// give-back, a renewal, joining and leaving), so that the block and the table agree
     /// whenever one of them looks: a renewal frees the rows the block does not list, and must
     /// not free those a fetch has taken but not yet listed.
-    rows: Arc<tokio::sync::Mutex<()>>,
+    rows: tokio::sync::Mutex<()>,
     /// Connections waiting for `rows` to fetch slots: the fetch brings one for each.
     waiting: AtomicUsize,
     /// Spare slots taken out of the block by departures and not yet given back: whoever holds
@@ -115,7 +117,7 @@ impl Inner {
             gateway,
             lease,
             block: Mutex::new(SlotBlock::default()),
-            rows: Arc::new(tokio::sync::Mutex::new(())),
+            rows: tokio::sync::Mutex::new(()),
             waiting: AtomicUsize::new(0),
             returning: Mutex::new(Surplus::default()),
             claims,
@@ -460,8 +462,22 @@ impl Inner {
         Ok(holder.map(GatewayId::new))
     }
 
-    /// Fetches slots into the block for the connections waiting for one; `rows` is held.
-    async fn fill_block(&self, max_clients: u32) -> Result<(), PresenceError> {
+    async fn take_slot(
+        &self,
+        conn_id: u64,
+        max_clients: u32,
+    ) -> Result<Option<u32>, PresenceError> {
+        if let Some(slot) = self.take_here(conn_id)? {
+            return Ok(Some(slot));
+        }
+        let _timed = RoundTrip::start("take_slot");
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let rows = self.rows.lock().await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        // Another connection's fetch may have brought one meanwhile.
+        if let Some(slot) = self.take_here(conn_id)? {
+            return Ok(Some(slot));
+        }
         let (want, epoch) = {
             let block = lock(&self.block);
             let waiting = self.waiting.load(Ordering::SeqCst) + 1;
@@ -472,7 +488,8 @@ impl Inner {
         };
         let slots = self.fetch_locked(want, max_clients).await?;
         lock(&self.block).fill(epoch, slots, want, tokio::time::Instant::now(), self.lease);
-        Ok(())
+        drop(rows);
+        self.take_here(conn_id)
     }
 
     /// Puts the slot back into the block; true if that left spare slots to give back.
@@ -483,6 +500,13 @@ impl Inner {
         }
         lock(&self.returning).merge(surplus);
         true
+    }
+
+    /// A slot taken for a connection that stopped waiting for it.
+    async fn unwanted(&self, slot: u32, conn_id: u64) {
+        if self.release_here(slot, conn_id) {
+            self.give_back_returning().await;
+        }
     }
 
     /// Gives back the spare slots that departures took out of the block.
@@ -608,26 +632,23 @@ impl Presence for PgPresence {
         if let Some(slot) = self.inner.take_here(conn_id)? {
             return Ok(Some(slot));
         }
-        let _timed = RoundTrip::start("take_slot");
-        // Waited for here, where every connection that finds the block empty waits: one task
-        // on presence's runtime for each of them cost more than the wait.
-        self.inner.waiting.fetch_add(1, Ordering::SeqCst);
-        let rows = self.inner.rows.clone().lock_owned().await;
-        self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
-        // Another connection's fetch may have brought one meanwhile.
-        if let Some(slot) = self.inner.take_here(conn_id)? {
-            return Ok(Some(slot));
+        let (send, answer) = oneshot::channel();
+        let inner = self.inner.clone();
+        self.runtime.spawn(async move {
+            let taken = inner.take_slot(conn_id, max_clients).await;
+            if let Err(Ok(Some(slot))) = send.send(taken) {
+                inner.unwanted(slot, conn_id).await;
+            }
+        });
+        SlotOnItsWay {
+            answer,
+            received: false,
+            inner: self.inner.clone(),
+            runtime: self.runtime.handle(),
+            conn_id,
         }
-        // `rows` goes along and is let go there once the block is filled: the slots are the
-        // block's even if this connection stops waiting (it closed, or its handshake timed
-        // out), and no renewal frees them in between.
-        self.on_runtime(|inner| async move {
-            let filled = inner.fill_block(max_clients).await;
-            drop(rows);
-            filled
-        })
-        .await?;
-        self.inner.take_here(conn_id)
+        .receive()
+        .await
     }
 
     async fn release_slot(&self, slot: u32, conn_id: u64) {
@@ -667,6 +688,43 @@ impl Presence for PgPresence {
     async fn in_flight(&self) -> Result<Option<u64>, PresenceError> {
         self.on_runtime(|inner| async move { inner.in_flight().await })
             .await
+    }
+}
+
+/// A slot fetched for a connection, on its way to it. A connection that stops waiting (it
+/// closed, or its handshake timed out) leaves the slot to nobody: whichever side finds it
+/// unwanted, the fetch's task when it cannot send it or this when dropped with it inside, puts
+/// it back.
+struct SlotOnItsWay {
+    answer: oneshot::Receiver<Result<Option<u32>, PresenceError>>,
+    received: bool,
+    inner: Arc<Inner>,
+    runtime: Handle,
+    conn_id: u64,
+}
+
+impl SlotOnItsWay {
+    async fn receive(mut self) -> Result<Option<u32>, PresenceError> {
+        let answer = (&mut self.answer).await;
+        self.received = true;
+        answer.map_err(|_| PresenceError::Unavailable("presence's runtime has stopped".into()))?
+    }
+}
+
+impl Drop for SlotOnItsWay {
+    fn drop(&mut self) {
+        if self.received {
+            return;
+        }
+        // Closed first: a slot sent after this comes back to the fetch's task instead.
+        self.answer.close();
+        if let Ok(Ok(Some(slot))) = self.answer.try_recv() {
+            let (inner, conn_id) = (self.inner.clone(), self.conn_id);
+            drop(
+                self.runtime
+                    .spawn(async move { inner.unwanted(slot, conn_id).await }),
+            );
+        }
     }
 }
 

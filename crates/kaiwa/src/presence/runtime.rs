@@ -45,6 +45,15 @@ impl OwnRuntime {
             }
         })
     }
+
+    /// Starts `work` there without waiting for it.
+    pub(super) fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
+        drop(self.handle.spawn(work));
+    }
+
+    pub(super) fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
 }
 
 impl Drop for OwnRuntime {

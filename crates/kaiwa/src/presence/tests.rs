@@ -318,9 +318,9 @@ async fn a_gateway_restarted_under_its_id_gives_back_what_its_last_run_left() {
 }
 
 /// A connection that stops waiting for its slot (it closed, or its handshake timed out) while
-/// the slot is fetched for it leaves it in the block: with one slot in the cluster, the next
-/// connection gets it. Dropped at once, the fetch goes on without it; dropped once the fetch is
-/// done, it had not taken the slot yet.
+/// the slot is fetched for it leaves it to nobody: with one slot in the cluster, the next
+/// connection gets it. Dropped at once, the fetch finds nobody to send the slot to; dropped
+/// once the fetch is done, the slot is in the answer that was never read.
 #[tokio::test]
 async fn a_slot_fetched_for_a_connection_that_stopped_waiting_goes_to_the_next() {
     let database = database().await;
@@ -333,6 +333,8 @@ async fn a_slot_fetched_for_a_connection_that_stopped_waiting_goes_to_the_next()
         );
         if fetched_first {
             wait_for(|| a.block_held() == 1).await;
+            // The fetch's task sends the slot right after listing it.
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         drop(taking);
         let next = conn + 1;
