@@ -23,15 +23,6 @@ pub(super) const SPARE: usize = 64;
 /// gateway's spare would otherwise be every slot there is.
 const SPARE_SHARE: usize = 16;
 
-/// A block emptied this soon after a fetch filled it is in a storm of connections: the next
-/// fetch brings twice as many spare slots as the last, up to [`MAX_BURST`]. Each fetch is a
-/// round trip that every connection finding the block empty waits for, so in a storm their
-/// number, not their size, bounded how fast clients were admitted.
-const BURST_WINDOW: Duration = Duration::from_secs(1);
-
-/// Spare slots one fetch brings at most (and never more than the spare's share of the cluster).
-const MAX_BURST: usize = 1024;
-
 #[derive(Debug, Default)]
 pub(super) struct SlotBlock {
     /// Slots of this gateway's that no connection holds.
@@ -52,15 +43,8 @@ pub(super) struct SlotBlock {
     /// freed every row the block did not list (and this gateway may have fetched one of them
     /// again since, which the give-back would free under its connection).
     epoch: u64,
-    /// Slots kept beyond those in use; twice as many are kept before the surplus goes.
+    /// Slots fetched beyond those asked for; twice as many are kept before the surplus goes.
     spare: usize,
-    /// Slots the next fetch brings beyond those asked for: the spare, doubled by each fetch
-    /// that follows the last within [`BURST_WINDOW`].
-    burst: usize,
-    /// At most `burst`.
-    max_burst: usize,
-    /// When the last fetch filled the block.
-    filled_at: Option<Instant>,
 }
 
 /// Slots to give back, taken out of the block already, and the epoch they belong to.
@@ -92,8 +76,6 @@ impl SlotBlock {
     pub(super) fn size_for(&mut self, max_clients: u32) {
         let max = usize::try_from(max_clients).unwrap_or(usize::MAX);
         self.spare = (max / SPARE_SHARE).min(SPARE);
-        self.max_burst = (max / SPARE_SHARE).min(MAX_BURST);
-        self.burst = self.spare;
     }
 
     /// Whether slots may be handed out now, as far as the lease goes.
@@ -121,7 +103,7 @@ impl SlotBlock {
         if self.tight(now) {
             waiting
         } else {
-            waiting + self.burst
+            waiting + self.spare
         }
     }
 
@@ -142,15 +124,6 @@ impl SlotBlock {
             self.tight_until = Some(now + lease);
         }
         self.free.extend(slots);
-        let storm = self
-            .filled_at
-            .is_some_and(|at| now.saturating_duration_since(at) < BURST_WINDOW);
-        self.burst = if storm {
-            (self.burst * 2).clamp(self.spare, self.max_burst.max(self.spare))
-        } else {
-            self.spare
-        };
-        self.filled_at = Some(now);
     }
 
     /// Connection `conn` gives back `slot`; returns what the block no longer needs. A slot of an
@@ -337,57 +310,6 @@ mod tests {
             3 + SPARE,
             "no longer short a lease later"
         );
-    }
-
-    /// In a storm every fetch brings twice the spare slots of the last, up to the most one may
-    /// bring; a fetch after a quiet second brings the spare again.
-    #[tokio::test(start_paused = true)]
-    async fn fetches_in_a_storm_bring_more_each_time() {
-        let mut block = joined(Instant::now());
-        let mut brought = Vec::new();
-        let mut next_slot = 1u32;
-        let mut conn = 0u64;
-        for _ in 0..6 {
-            let now = Instant::now();
-            let want = block.wanted(1, now);
-            brought.push(want - 1);
-            let slots: Vec<u32> =
-                (next_slot..next_slot + u32::try_from(want).expect("small")).collect();
-            next_slot += u32::try_from(want).expect("small");
-            block.fill(block.epoch(), slots, want, now, LEASE);
-            // Every slot taken at once: the block is empty again.
-            while block.take(conn, now).is_some() {
-                conn += 1;
-            }
-            tokio::time::advance(Duration::from_millis(100)).await;
-        }
-        assert_eq!(
-            brought,
-            [SPARE, SPARE, 2 * SPARE, 4 * SPARE, 8 * SPARE, 16 * SPARE]
-        );
-        assert_eq!(
-            block.wanted(1, Instant::now()),
-            1 + MAX_BURST,
-            "at most MAX_BURST"
-        );
-        tokio::time::advance(BURST_WINDOW).await;
-        let now = Instant::now();
-        block.fill(block.epoch(), vec![next_slot], 1, now, LEASE);
-        assert_eq!(block.wanted(1, now), 1 + SPARE, "quiet: the spare again");
-    }
-
-    #[test]
-    fn a_small_cluster_brings_no_more_than_its_share() {
-        let mut block = SlotBlock::default();
-        let now = Instant::now();
-        block.size_for(5000);
-        block.reset(Some((now, LEASE)));
-        for _ in 0..10 {
-            let want = block.wanted(0, now);
-            block.fill(block.epoch(), Vec::new(), 0, now, LEASE);
-            assert!(want <= 5000 / SPARE_SHARE, "{want}");
-        }
-        assert_eq!(block.wanted(0, now), 5000 / SPARE_SHARE);
     }
 
     #[tokio::test(start_paused = true)]

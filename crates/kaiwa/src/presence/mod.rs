@@ -9,7 +9,6 @@ mod block;
 mod claims;
 mod postgres;
 mod route;
-mod runtime;
 mod sql;
 #[cfg(test)]
 mod tests;

@@ -7,7 +7,6 @@
 
 use super::block::{SlotBlock, Surplus};
 use super::claims::Claims;
-use super::runtime::OwnRuntime;
 use super::sql::{LEASE_CONNECTION, RoundTrip, unavailable};
 use super::{Claim, ClusterCounts, Lessee, Presence, PresenceError};
 use crate::domain::ClientId;
@@ -16,13 +15,10 @@ use crate::store::IN_FLIGHT_COUNT;
 use crate::store::bigint_param;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use std::future::Future;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::runtime::Handle;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 /// Connections for presence queries (batches of claims and departures, slot fetches and
@@ -33,16 +29,7 @@ const CONNECTIONS: u32 = 4;
 /// bound issue 19 sets, half of sqlx's default.
 pub(crate) const SLOW_ACQUIRE: Duration = Duration::from_secs(1);
 
-/// Presence in PostgreSQL. Its round trips run on a runtime of their own (see
-/// [`super::runtime`]); taking a spare slot of the block and giving one back into it, and
-/// handing a claim to the claims' task (which lives there), need no hand-over.
 pub struct PgPresence {
-    inner: Arc<Inner>,
-    runtime: OwnRuntime,
-}
-
-/// The gateway's rows and the connections to them, used on presence's runtime.
-struct Inner {
     pool: PgPool,
     /// The lease's own connection: thousands of clients connecting at once queue on `pool`, and
     /// a renewal stuck behind them would let the lease run out under a healthy gateway.
@@ -80,9 +67,9 @@ fn seconds(lease: Duration) -> f64 {
     lease.as_secs_f64()
 }
 
-impl Inner {
+impl PgPresence {
     /// Connects to the database (whose schema the store has applied).
-    async fn connect(
+    pub async fn connect(
         url: &str,
         gateway: GatewayId,
         lease: Duration,
@@ -361,7 +348,8 @@ async fn reclaim(pool: &PgPool) -> Result<u64, PresenceError> {
     Ok(freed)
 }
 
-impl Inner {
+#[async_trait]
+impl Presence for PgPresence {
     async fn join(&self, max_clients: u32) -> Result<(), PresenceError> {
         let _timed = RoundTrip::start("join");
         let _rows = self.rows.lock().await;
@@ -492,29 +480,29 @@ impl Inner {
         self.take_here(conn_id)
     }
 
-    /// Puts the slot back into the block; true if that left spare slots to give back.
-    fn release_here(&self, slot: u32, conn_id: u64) -> bool {
+    async fn release_slot(&self, slot: u32, conn_id: u64) {
         let surplus = lock(&self.block).release(conn_id, slot, tokio::time::Instant::now());
         if surplus.slots.is_empty() {
-            return false;
+            return;
         }
         lock(&self.returning).merge(surplus);
-        true
-    }
-
-    /// A slot taken for a connection that stopped waiting for it.
-    async fn unwanted(&self, slot: u32, conn_id: u64) {
-        if self.release_here(slot, conn_id) {
-            self.give_back_returning().await;
-        }
-    }
-
-    /// Gives back the spare slots that departures took out of the block.
-    async fn give_back_returning(&self) {
         let _rows = self.rows.lock().await;
         // Empty when an earlier departure's give-back took these along.
         let surplus = std::mem::take(&mut *lock(&self.returning));
         self.give_back_locked(surplus).await;
+    }
+
+    async fn claim(
+        &self,
+        client_id: &ClientId,
+        conn_id: u64,
+        replace: bool,
+    ) -> Result<Claim, PresenceError> {
+        self.claims.claim(client_id, conn_id, replace).await
+    }
+
+    async fn release(&self, client_id: &ClientId, conn_id: u64) {
+        self.claims.release(client_id, conn_id).await;
     }
 
     async fn counts(&self) -> Result<Option<ClusterCounts>, PresenceError> {
@@ -552,179 +540,6 @@ impl Inner {
                 "a corrupt count of messages in flight: {in_flight}"
             ))
         })
-    }
-}
-
-impl PgPresence {
-    /// Connects to the database (whose schema the store has applied), from presence's own
-    /// runtime, where the connections then belong.
-    pub async fn connect(
-        url: &str,
-        gateway: GatewayId,
-        lease: Duration,
-    ) -> Result<Self, PresenceError> {
-        let runtime = OwnRuntime::start("kaiwa-presence")?;
-        let url = url.to_owned();
-        let inner = runtime
-            .run(async move { Inner::connect(&url, gateway, lease).await })
-            .await??;
-        Ok(Self {
-            inner: Arc::new(inner),
-            runtime,
-        })
-    }
-
-    /// Runs `work` with the state on presence's runtime.
-    async fn on_runtime<T, Work>(
-        &self,
-        work: impl FnOnce(Arc<Inner>) -> Work,
-    ) -> Result<T, PresenceError>
-    where
-        T: Send + 'static,
-        Work: Future<Output = Result<T, PresenceError>> + Send + 'static,
-    {
-        self.runtime.run(work(self.inner.clone())).await?
-    }
-
-    #[cfg(test)]
-    pub(super) async fn renew(&self, live: &[u64]) -> Result<bool, PresenceError> {
-        let live = live.to_vec();
-        self.on_runtime(|inner| async move { inner.renew(&live).await })
-            .await
-    }
-
-    #[cfg(test)]
-    pub(super) fn block_held(&self) -> usize {
-        self.inner.block_held()
-    }
-}
-
-#[async_trait]
-impl Presence for PgPresence {
-    async fn join(&self, max_clients: u32) -> Result<(), PresenceError> {
-        self.on_runtime(|inner| async move { inner.join(max_clients).await })
-            .await
-    }
-
-    async fn keep_lease(&self, max_clients: u32, stop: CancellationToken, lessee: Arc<dyn Lessee>) {
-        let kept = self
-            .on_runtime(|inner| async move {
-                inner.keep_lease(max_clients, stop, lessee).await;
-                Ok(())
-            })
-            .await;
-        if let Err(err) = kept {
-            tracing::error!(gateway = %self.inner.gateway, %err, "the lease's task ended");
-        }
-    }
-
-    async fn holder(&self, client_id: &ClientId) -> Result<Option<GatewayId>, PresenceError> {
-        let client_id = client_id.clone();
-        self.on_runtime(|inner| async move { inner.holder(&client_id).await })
-            .await
-    }
-
-    async fn take_slot(
-        &self,
-        conn_id: u64,
-        max_clients: u32,
-    ) -> Result<Option<u32>, PresenceError> {
-        if let Some(slot) = self.inner.take_here(conn_id)? {
-            return Ok(Some(slot));
-        }
-        let (send, answer) = oneshot::channel();
-        let inner = self.inner.clone();
-        self.runtime.spawn(async move {
-            let taken = inner.take_slot(conn_id, max_clients).await;
-            if let Err(Ok(Some(slot))) = send.send(taken) {
-                inner.unwanted(slot, conn_id).await;
-            }
-        });
-        SlotOnItsWay {
-            answer,
-            received: false,
-            inner: self.inner.clone(),
-            runtime: self.runtime.handle(),
-            conn_id,
-        }
-        .receive()
-        .await
-    }
-
-    async fn release_slot(&self, slot: u32, conn_id: u64) {
-        if !self.inner.release_here(slot, conn_id) {
-            return;
-        }
-        let given = self
-            .on_runtime(|inner| async move {
-                inner.give_back_returning().await;
-                Ok(())
-            })
-            .await;
-        if let Err(err) = given {
-            // The next renewal frees every row the block does not list.
-            tracing::debug!(%err, "spare client slots not given back");
-        }
-    }
-
-    async fn claim(
-        &self,
-        client_id: &ClientId,
-        conn_id: u64,
-        replace: bool,
-    ) -> Result<Claim, PresenceError> {
-        self.inner.claims.claim(client_id, conn_id, replace).await
-    }
-
-    async fn release(&self, client_id: &ClientId, conn_id: u64) {
-        self.inner.claims.release(client_id, conn_id).await;
-    }
-
-    async fn counts(&self) -> Result<Option<ClusterCounts>, PresenceError> {
-        self.on_runtime(|inner| async move { inner.counts().await })
-            .await
-    }
-
-    async fn in_flight(&self) -> Result<Option<u64>, PresenceError> {
-        self.on_runtime(|inner| async move { inner.in_flight().await })
-            .await
-    }
-}
-
-/// A slot fetched for a connection, on its way to it. A connection that stops waiting (it
-/// closed, or its handshake timed out) leaves the slot to nobody: whichever side finds it
-/// unwanted, the fetch's task when it cannot send it or this when dropped with it inside, puts
-/// it back.
-struct SlotOnItsWay {
-    answer: oneshot::Receiver<Result<Option<u32>, PresenceError>>,
-    received: bool,
-    inner: Arc<Inner>,
-    runtime: Handle,
-    conn_id: u64,
-}
-
-impl SlotOnItsWay {
-    async fn receive(mut self) -> Result<Option<u32>, PresenceError> {
-        let answer = (&mut self.answer).await;
-        self.received = true;
-        answer.map_err(|_| PresenceError::Unavailable("presence's runtime has stopped".into()))?
-    }
-}
-
-impl Drop for SlotOnItsWay {
-    fn drop(&mut self) {
-        if self.received {
-            return;
-        }
-        // Closed first: a slot sent after this comes back to the fetch's task instead.
-        self.answer.close();
-        if let Ok(Ok(Some(slot))) = self.answer.try_recv() {
-            let (inner, conn_id) = (self.inner.clone(), self.conn_id);
-            drop(
-                self.runtime
-                    .spawn(async move { inner.unwanted(slot, conn_id).await }),
-            );
-        }
     }
 }
 
