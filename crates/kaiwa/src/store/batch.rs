@@ -16,9 +16,9 @@ pub(super) const BACKLOG_RETRY: Duration = Duration::from_millis(500);
 
 /// How long delivery marks and acknowledgements wait for a batch of messages or replies to
 /// ride with, at most (while a failed batch's updates wait for their retry, they wait with
-/// them, up to [`BACKLOG_RETRY`]). They are on no client's path, and at a few hundred messages a second a
-/// transaction of their own after each reply was a third of a process's commits, each of them
-/// round trips, a WAL flush and wake-ups on every side.
+/// them, up to [`BACKLOG_RETRY`]). They are on no client's path, and at a few hundred messages
+/// a second a transaction of their own after each reply was a third of a process's commits,
+/// each of them round trips, a WAL flush and wake-ups on every side.
 pub(super) const UPDATES_WAIT: Duration = Duration::from_millis(50);
 
 /// Where a command's result goes.
@@ -267,8 +267,9 @@ impl Batch {
 
 /// The updates of batches that failed, and those waiting for a batch to ride with, kept for
 /// the next batch. They say where replies went and what clients acknowledged, and each is
-/// idempotent, so writing them late is right; an outage of the database only delays them. Bounded by what they are about: a reply has one
-/// entry, a client one acknowledgement, and a departure happens once per connection.
+/// idempotent, so writing them late is right; an outage of the database only delays them.
+/// Bounded by what they are about: a reply has one entry, a client one acknowledgement, and a
+/// departure happens once per connection.
 #[derive(Default)]
 pub(super) struct Backlog {
     updates: Updates,
