@@ -310,10 +310,7 @@ async fn a_schema_from_a_newer_kaiwa_is_refused_with_a_clear_message() {
     let (code, printed) = kaiwa(&["migrate", "--database-url", &database.url]).await;
     assert_eq!(code, Some(0), "{printed}");
     {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(&database.url)
-            .await
-            .expect("the test database");
+        let mut conn = database.connect().await;
         sqlx::query(
             "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
              VALUES (29991231000000, 'from the future', true, '\\x00', 0)",

@@ -941,17 +941,17 @@ mod shared_postgres {
     async fn a_batch_waiting_for_the_count_has_inserted_nothing() {
         let database = test_postgres::TestDatabase::create().await;
         let store = Arc::new(shared(&database, 10).await);
-        let mut watcher = connection(&database).await;
+        let mut watcher = database.connect().await;
         // The writer is kept on a batch of its own, held by a table lock, so that the two
         // messages below wait in its channel and are taken as one batch: sent while it is
         // idle, its thread may wake between them and take the rejected row alone.
-        let mut blocker = connection(&database).await;
+        let mut blocker = database.connect().await;
         let blocker_pid = run(&mut blocker, "BEGIN; LOCK TABLE messages IN SHARE MODE").await;
         let mut early = message("cx", Some("X"), "early");
         early.status = MessageStatus::Rejected;
         let early = tokio::spawn(store.insert_message(early));
         wait_until_blocked_by(&mut watcher, blocker_pid).await;
-        let mut holder = connection(&database).await;
+        let mut holder = database.connect().await;
         let holder_pid = run(
             &mut holder,
             "BEGIN; SELECT accepted FROM in_flight WHERE shard = 0 FOR UPDATE",
@@ -992,13 +992,6 @@ mod shared_postgres {
             "{outcomes:?}"
         );
         assert!(matches!(outcomes[1], Inserted::New(_)), "{outcomes:?}");
-    }
-
-    async fn connection(database: &test_postgres::TestDatabase) -> sqlx::PgConnection {
-        use sqlx::Connection;
-        sqlx::PgConnection::connect(&database.url)
-            .await
-            .expect("connected")
     }
 
     /// Runs statements on `conn` (no parameters) and returns its backend's pid.
@@ -1104,15 +1097,12 @@ mod shared_postgres {
 
     #[tokio::test]
     async fn the_messages_of_a_gateway_whose_lease_ended_are_claimed_at_once_and_once() {
-        use sqlx::Connection;
         let database = test_postgres::TestDatabase::create().await;
         let (dead, alive) = tokio::join!(
             admitting(&database, 500, Some("gw-dead")),
             admitting(&database, 500, Some("gw-alive"))
         );
-        let mut conn = sqlx::PgConnection::connect(&database.url)
-            .await
-            .expect("connects");
+        let mut conn = database.connect().await;
         sqlx::query(
             "INSERT INTO gateways (id, started_at, lease_until) VALUES \
              ('gw-dead', now(), now() - interval '1 second'), \
@@ -1185,7 +1175,6 @@ mod shared_postgres {
 /// (migration 10), whose plans are made once per connection and kept.
 mod postgres_plans {
     use super::*;
-    use sqlx::Connection;
     use std::time::{Duration, Instant};
 
     /// The tables that grow with every message.
@@ -1237,9 +1226,7 @@ mod postgres_plans {
     #[tokio::test]
     async fn plans_made_on_empty_tables_scan_no_table_once_it_has_grown() {
         let database = test_postgres::TestDatabase::create().await;
-        let mut conn = sqlx::PgConnection::connect(&database.url)
-            .await
-            .expect("connects");
+        let mut conn = database.connect().await;
         let store = PgStore::connect(&database.url, PgOptions::default())
             .await
             .expect("the PostgreSQL store opens");
@@ -1322,7 +1309,6 @@ mod postgres_plans {
 /// departure takes them at once.
 mod postgres_updates {
     use super::*;
-    use sqlx::Connection;
     use std::time::{Duration, Instant};
 
     /// A store on a database of its own whose updates wait `wait`, a message of `name`'s with
@@ -1352,14 +1338,20 @@ mod postgres_updates {
             vec![reply(ReplyType::Text, "hi"), reply(ReplyType::Voice, "hum")],
         )
         .await;
-        let conn = sqlx::PgConnection::connect(&database.url)
-            .await
-            .expect("connects");
+        let conn = database.connect().await;
         Answered {
             _database: database,
             store,
             replies,
             conn,
+        }
+    }
+
+    impl Answered {
+        /// The client got the first reply.
+        fn deliver_first(&self) {
+            self.store
+                .record_delivery(self.replies[0].id, Delivery::Delivered, at(2));
         }
     }
 
@@ -1391,8 +1383,7 @@ mod postgres_updates {
     #[tokio::test]
     async fn delivery_marks_and_acknowledgements_ride_with_the_next_message() {
         let mut ann = answered("ann", Duration::from_secs(3600)).await;
-        ann.store
-            .record_delivery(ann.replies[0].id, Delivery::Delivered, at(2));
+        ann.deliver_first();
         ann.store
             .record_received(&client("ann"), ann.replies[1].seq, at(3));
         // Time for the writer, idle on its own thread, to take the updates as a batch of their
@@ -1434,8 +1425,7 @@ mod postgres_updates {
     #[tokio::test]
     async fn alone_they_are_written_once_the_wait_is_over() {
         let mut bob = answered("bob", Duration::from_millis(20)).await;
-        bob.store
-            .record_delivery(bob.replies[0].id, Delivery::Delivered, at(2));
+        bob.deliver_first();
         wait_for_delivery(&mut bob.conn, bob.replies[0].id, "delivered").await;
         bob.store.close().await;
     }
@@ -1443,8 +1433,7 @@ mod postgres_updates {
     #[tokio::test]
     async fn a_store_dropped_without_closing_writes_what_waits() {
         let mut dan = answered("dan", Duration::from_secs(3600)).await;
-        dan.store
-            .record_delivery(dan.replies[0].id, Delivery::Delivered, at(2));
+        dan.deliver_first();
         drop(dan.store);
         wait_for_delivery(&mut dan.conn, dan.replies[0].id, "delivered").await;
     }
@@ -1452,8 +1441,7 @@ mod postgres_updates {
     #[tokio::test]
     async fn a_departure_goes_at_once_and_takes_what_waits_with_it() {
         let mut cat = answered("cat", Duration::from_secs(3600)).await;
-        cat.store
-            .record_delivery(cat.replies[0].id, Delivery::Delivered, at(2));
+        cat.deliver_first();
         // The client saw the first reply and left before the second.
         cat.store
             .record_departure(&client("cat"), cat.replies[0].seq, at(3));

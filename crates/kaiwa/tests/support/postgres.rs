@@ -55,6 +55,11 @@ impl TestDatabase {
         let url = format!("{prefix}/{name}{query}");
         TestDatabase { url, name, server }
     }
+
+    /// A connection of the test's own to its database, to look or to hold locks.
+    pub async fn connect(&self) -> PgConnection {
+        connect(&self.url).await
+    }
 }
 
 impl Drop for TestDatabase {
