@@ -542,13 +542,12 @@ impl Queue for AmqpQueue {
             .events
             .send(outgoing)
             .map_err(|_| QueueError::Closed)?;
-        if fate.await.map_err(|_| QueueError::Closed)?? {
-            return Ok(0);
-        }
+        let returned = fate.await.map_err(|_| QueueError::Closed)??;
+        // The wait for the batch to go counts: it is part of each event's way to its gateway.
         for _ in 0..count {
             record_publish("event", started);
         }
-        Ok(count)
+        Ok(if returned { 0 } else { count })
     }
 
     fn events(&self, gateway: &GatewayId) -> Result<BoxStream<'static, Event>, QueueError> {
