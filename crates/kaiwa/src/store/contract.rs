@@ -437,6 +437,35 @@ async fn one_reply_set_sent_twice_at_once_is_stored_once(backend: impl Backend) 
     assert_eq!(store.latest_seq(&client("fay")).await.expect("read"), 2);
 }
 
+/// Connections admitted together read their streams' ends together (PostgreSQL answers them
+/// with one statement): each gets its own client's end, however many share the read.
+async fn stream_ends_read_at_once_are_each_their_clients_own(backend: impl Backend) {
+    let store = backend.store();
+    for (name, replies) in [("gus", 1), ("hal", 3)] {
+        for n in 0..replies {
+            let id = stored(store, message(name, Some(&n.to_string()), "hi")).await;
+            replied(store, id, name, vec![reply(ReplyType::Text, "hello")]).await;
+        }
+    }
+    let names = ["gus", "hal", "ivy", "hal", "gus"];
+    let ids: Vec<ClientId> = (0..40).map(|i| client(names[i % names.len()])).collect();
+    let ends = futures::future::join_all(ids.iter().map(|id| store.latest_seq(id))).await;
+    let ends: Vec<(&str, u64)> = ids
+        .iter()
+        .zip(ends)
+        .map(|(id, end)| (id.as_str(), end.expect("read")))
+        .collect();
+    let expected = |name: &str| match name {
+        "gus" => 1,
+        "hal" => 3,
+        _ => 0,
+    };
+    assert!(
+        ends.iter().all(|&(name, end)| end == expected(name)),
+        "{ends:?}"
+    );
+}
+
 async fn a_reply_to_a_message_never_stored_is_refused(backend: impl Backend) {
     let store = backend.store();
     let real = stored(store, message("erin", Some("1"), "hello")).await;
@@ -719,6 +748,14 @@ macro_rules! contract {
             #[tokio::test]
             async fn one_reply_set_sent_twice_at_once_is_stored_once() {
                 super::one_reply_set_sent_twice_at_once_is_stored_once($backend::open().await).await;
+            }
+
+            #[tokio::test]
+            async fn stream_ends_read_at_once_are_each_their_clients_own() {
+                super::stream_ends_read_at_once_are_each_their_clients_own(
+                    $backend::open().await,
+                )
+                .await;
             }
 
             #[tokio::test]
