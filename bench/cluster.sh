@@ -208,8 +208,10 @@ print(json.dumps({
   echo "{\"round\": $round, \"settled_s\": $((SECONDS - started)), \"health\": $health, \"tables\": $sql}"
 }
 
-# Presence's round trips to PostgreSQL so far, summed over the three gateways, by `op`
-# (`kaiwa_presence_seconds_count` from each one's /metrics), as one JSON object.
+# The gateways' round trips to PostgreSQL for connections so far, summed over the three
+# gateways, as one JSON object: presence's by `op` (`kaiwa_presence_seconds_count` from each
+# one's /metrics) and the store's reads of stream ends (`stream_ends`,
+# `kaiwa_store_stream_ends_seconds_count`).
 presence_trips() {
   for i in 1 2 3; do
     curl -sf "http://127.0.0.1:$((BASE_PORT + i))/metrics" || true
@@ -218,8 +220,11 @@ import json, re, sys
 trips = {}
 for line in sys.stdin:
     m = re.match(r"kaiwa_presence_seconds_count\{[^}]*op=\"(\w+)\"[^}]*\} ([0-9.e+]+)", line)
+    ends = re.match(r"kaiwa_store_stream_ends_seconds_count(?:\{[^}]*\})? ([0-9.e+]+)", line)
     if m:
         trips[m[1]] = trips.get(m[1], 0) + int(float(m[2]))
+    elif ends:
+        trips["stream_ends"] = trips.get("stream_ends", 0) + int(float(ends[1]))
 print(json.dumps(trips))'
 }
 
@@ -334,7 +339,8 @@ try:
         r = json.loads(line)
         trips = {op: n - r["before"].get(op, 0) for op, n in sorted(r["after"].items())}
         trips = {op: n for op, n in trips.items() if n}
-        print(f"storm round {r['round']} presence round trips (all gateways, by op): "
+        print(f"storm round {r['round']} round trips to PostgreSQL (all gateways; presence's "
+              f"by op, and the store's stream_ends): "
               f"{sum(trips.values())} {trips}")
 except (OSError, ValueError, KeyError):
     pass

@@ -7,6 +7,7 @@ use crate::store::{StoreError, non_negative};
 use sqlx::PgPool;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// Client ids read by one statement, at most.
@@ -64,6 +65,7 @@ async fn read_in_batches(pool: PgPool, mut waiting: mpsc::UnboundedReceiver<(Str
 }
 
 async fn answer(pool: &PgPool, batch: Vec<(String, Answer)>) {
+    let started = Instant::now();
     let ids: Vec<&str> = batch.iter().map(|(id, _)| id.as_str()).collect();
     // Each end from the end of the stream's index, one id at a time; the same id twice in a
     // batch is read twice, which is harmless.
@@ -75,6 +77,7 @@ async fn answer(pool: &PgPool, batch: Vec<(String, Answer)>) {
     .bind(&ids)
     .fetch_all(pool)
     .await;
+    metrics::histogram!("kaiwa_store_stream_ends_seconds").record(started.elapsed().as_secs_f64());
     let ends: Result<HashMap<String, i64>, StoreError> = ends
         .map(|rows| rows.into_iter().collect())
         .map_err(StoreError::from);
