@@ -51,24 +51,18 @@ impl ClusterLink {
         max_clients: usize,
     ) -> Result<Option<ClusterSlot>, PresenceError> {
         // Listed before the row exists, so that a lease renewal never gives it back under us.
-        lock(&self.live).insert(conn_id);
+        let listed = Listed::new(&self.live, conn_id);
         let max = u32::try_from(max_clients).unwrap_or(u32::MAX);
-        match self.presence.take_slot(conn_id, max).await {
-            Ok(Some(slot)) => Ok(Some(ClusterSlot {
+        let slot = self.presence.take_slot(conn_id, max).await?;
+        Ok(slot.map(|slot| {
+            listed.keep();
+            ClusterSlot {
                 link: self.clone(),
                 slot,
                 conn_id,
                 client_id: None,
-            })),
-            Ok(None) => {
-                lock(&self.live).remove(&conn_id);
-                Ok(None)
             }
-            Err(err) => {
-                lock(&self.live).remove(&conn_id);
-                Err(err)
-            }
-        }
+        }))
     }
 
     /// Asks `holder` whether its connection `conn_id`, which holds the client's id, still
@@ -224,6 +218,32 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A connection listed in [`ClusterLink::live`] while it waits for a slot: unlisted again
+/// unless it got one, however the wait ends. A connection dropped while it waited (at a hard
+/// stop) would otherwise stay listed, and its rows would never count as left behind.
+struct Listed<'a> {
+    live: &'a Mutex<HashSet<u64>>,
+    conn_id: u64,
+}
+
+impl<'a> Listed<'a> {
+    fn new(live: &'a Mutex<HashSet<u64>>, conn_id: u64) -> Self {
+        lock(live).insert(conn_id);
+        Self { live, conn_id }
+    }
+
+    /// The connection holds a slot now: its [`ClusterSlot`] unlists it when dropped.
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Listed<'_> {
+    fn drop(&mut self) {
+        lock(self.live).remove(&self.conn_id);
+    }
+}
+
 /// A cluster-wide client slot, and the client id once claimed, held by one connection; given
 /// back when dropped.
 pub(super) struct ClusterSlot {
@@ -287,5 +307,83 @@ impl Drop for ClusterSlot {
             link.presence.release_slot(slot, conn_id).await;
             lock(&link.live).remove(&conn_id);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presence::{ClusterCounts, LocalPresence};
+    use crate::queue::MemoryQueue;
+    use async_trait::async_trait;
+    use tokio::sync::Semaphore;
+
+    /// One process's presence, whose slots are handed out only once the gate opens.
+    struct Gated {
+        local: LocalPresence,
+        gate: Semaphore,
+    }
+
+    #[async_trait]
+    impl Presence for Gated {
+        async fn join(&self, max: u32) -> Result<(), PresenceError> {
+            self.local.join(max).await
+        }
+        async fn keep_lease(&self, max: u32, stop: CancellationToken, lessee: Arc<dyn Lessee>) {
+            self.local.keep_lease(max, stop, lessee).await;
+        }
+        async fn holder(&self, id: &ClientId) -> Result<Option<GatewayId>, PresenceError> {
+            self.local.holder(id).await
+        }
+        async fn take_slot(&self, conn: u64, max: u32) -> Result<Option<u32>, PresenceError> {
+            let _open = self.gate.acquire().await.expect("the gate stays");
+            self.local.take_slot(conn, max).await
+        }
+        async fn release_slot(&self, slot: u32, conn: u64) {
+            self.local.release_slot(slot, conn).await;
+        }
+        async fn claim(
+            &self,
+            id: &ClientId,
+            conn: u64,
+            replace: bool,
+        ) -> Result<Claim, PresenceError> {
+            self.local.claim(id, conn, replace).await
+        }
+        async fn release(&self, id: &ClientId, conn: u64) {
+            self.local.release(id, conn).await;
+        }
+        async fn counts(&self) -> Result<Option<ClusterCounts>, PresenceError> {
+            self.local.counts().await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_dropped_while_it_waits_for_a_slot_is_not_left_listed() {
+        let id = GatewayId::new("gw-1");
+        let presence = Arc::new(Gated {
+            local: LocalPresence::new(id.clone()),
+            gate: Semaphore::new(0),
+        });
+        let link = Arc::new(ClusterLink::new(
+            id,
+            presence.clone(),
+            Arc::new(MemoryQueue::new(8)),
+        ));
+        let waited = tokio::time::timeout(Duration::from_secs(1), link.take_slot(1, 10)).await;
+        assert!(waited.is_err(), "the gate is shut");
+        assert_eq!(link.live_connections(), Vec::<u64>::new());
+
+        presence.gate.add_permits(1);
+        let slot = link.take_slot(2, 10).await.expect("taken").expect("a slot");
+        assert_eq!(
+            link.live_connections(),
+            [2],
+            "a connection with a slot stays listed"
+        );
+        drop(slot);
+        while !link.live_connections().is_empty() {
+            tokio::task::yield_now().await;
+        }
     }
 }

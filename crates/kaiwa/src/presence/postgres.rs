@@ -459,9 +459,9 @@ impl Presence for PgPresence {
             return Ok(Some(slot));
         }
         let _timed = RoundTrip::start("take_slot");
-        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let waiting = Waiting::enter(&self.waiting);
         let rows = self.rows.lock().await;
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        drop(waiting);
         // Another connection's fetch may have brought one meanwhile.
         if let Some(slot) = self.take_here(conn_id)? {
             return Ok(Some(slot));
@@ -540,6 +540,24 @@ impl Presence for PgPresence {
                 "a corrupt count of messages in flight: {in_flight}"
             ))
         })
+    }
+}
+
+/// A connection counted in [`PgPresence::waiting`] while it waits for `rows`, and no longer
+/// once that wait ends, however it ends: one dropped while it waited (at a hard stop) would
+/// otherwise make every later fetch ask for a slot more.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
