@@ -16,7 +16,7 @@ use crate::store::bigint_param;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -52,6 +52,11 @@ pub struct PgPresence {
     returning: Mutex<Surplus>,
     /// Claims and departures of client ids, written in batches.
     claims: Claims,
+    /// Reads of the cluster's counts begun so far.
+    counts_begun: AtomicU64,
+    /// Held while the cluster's counts are read, with the last counts read and the number of
+    /// their read: `/health` asked while a read is under way shares the next one (`counts`).
+    counted: tokio::sync::Mutex<Option<(u64, ClusterCounts)>>,
 }
 
 /// The `application_name` of a gateway's lease connection. PostgreSQL keeps its first 63
@@ -108,6 +113,33 @@ impl PgPresence {
             waiting: AtomicUsize::new(0),
             returning: Mutex::new(Surplus::default()),
             claims,
+            counts_begun: AtomicU64::new(0),
+            counted: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The cluster's counts, read now (what `counts` shares).
+    async fn read_counts(&self) -> Result<ClusterCounts, PresenceError> {
+        let _timed = RoundTrip::start("counts");
+        let (clients, in_flight, gateways): (i64, i64, i64) =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT \
+                     (SELECT COUNT(*) FROM sessions AS s JOIN gateways AS g ON g.id = s.gateway_id \
+                      WHERE g.lease_until > now()), \
+                     ({IN_FLIGHT_COUNT}), \
+                     (SELECT COUNT(*) FROM gateways WHERE lease_until > now())"
+            )))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|err| unavailable(&err))?;
+        let count = |what: &str, value: i64| {
+            u64::try_from(value)
+                .map_err(|_| PresenceError::Database(format!("a corrupt count of {what}: {value}")))
+        };
+        Ok(ClusterCounts {
+            clients: count("clients", clients)?,
+            in_flight: count("messages in flight", in_flight)?,
+            gateways: count("gateways", gateways)?,
         })
     }
 
@@ -505,28 +537,24 @@ impl Presence for PgPresence {
         self.claims.release(client_id, conn_id).await;
     }
 
+    /// One read at a time, and none older than its question: a caller that waited for the
+    /// turn takes the counts of a read that began after it asked, if there is one, else reads
+    /// again. The counts visit every live `sessions` row, and every load balancer check and
+    /// monitor asks for them: while 50,000 clients left at once and the cores were short,
+    /// reads that each took over a second piled up on the pool's four connections, and the
+    /// departures' statements waited for one.
     async fn counts(&self) -> Result<Option<ClusterCounts>, PresenceError> {
-        let _timed = RoundTrip::start("counts");
-        let (clients, in_flight, gateways): (i64, i64, i64) =
-            sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "SELECT \
-                     (SELECT COUNT(*) FROM sessions AS s JOIN gateways AS g ON g.id = s.gateway_id \
-                      WHERE g.lease_until > now()), \
-                     ({IN_FLIGHT_COUNT}), \
-                     (SELECT COUNT(*) FROM gateways WHERE lease_until > now())"
-            )))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|err| unavailable(&err))?;
-        let count = |what: &str, value: i64| {
-            u64::try_from(value)
-                .map_err(|_| PresenceError::Database(format!("a corrupt count of {what}: {value}")))
-        };
-        Ok(Some(ClusterCounts {
-            clients: count("clients", clients)?,
-            in_flight: count("messages in flight", in_flight)?,
-            gateways: count("gateways", gateways)?,
-        }))
+        let asked = self.counts_begun.load(Ordering::SeqCst);
+        let mut counted = self.counted.lock().await;
+        if let Some((read, counts)) = *counted
+            && read > asked
+        {
+            return Ok(Some(counts));
+        }
+        let read = self.counts_begun.fetch_add(1, Ordering::SeqCst) + 1;
+        let counts = self.read_counts().await?;
+        *counted = Some((read, counts));
+        Ok(Some(counts))
     }
 
     async fn in_flight(&self) -> Result<Option<u64>, PresenceError> {

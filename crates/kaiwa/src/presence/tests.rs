@@ -316,3 +316,22 @@ async fn a_gateway_restarted_under_its_id_gives_back_what_its_last_run_left() {
     // And its new block works as the first one did.
     assert!(try_take(&again, 1, max).await.is_some());
 }
+
+/// Counts asked at once share reads, but never one that began before they were asked: each
+/// answer below must see the claim made before it was asked for.
+#[tokio::test]
+async fn counts_asked_together_are_never_older_than_the_question() {
+    let database = database().await;
+    let a = gateway(&database, "gw-a", LEASE, 100).await;
+    let clients = |counts: Option<super::ClusterCounts>| counts.expect("a cluster").clients;
+    for n in 1..=3u64 {
+        take(&a, n, 100).await;
+        a.claim(&client(&format!("c{n}")), n, false)
+            .await
+            .expect("claimed");
+        let asked = join_all((0..8).map(|_| a.counts())).await;
+        for counts in asked {
+            assert_eq!(clients(counts.expect("no outage")), n);
+        }
+    }
+}
