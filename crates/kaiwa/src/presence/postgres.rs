@@ -220,11 +220,9 @@ impl PgPresence {
             return;
         }
         let _timed = RoundTrip::start("give_back");
-        // The rows by their slots, for the reason the departures' statement gives
-        // (`claims.rs`): 4.4 ms against 2.0 ms for 300 of 16,667.
         let given = sqlx::query(
             "UPDATE client_slots SET gateway_id = NULL, conn_id = NULL, taken_at = NULL \
-             WHERE gateway_id = $1 AND slot = ANY(ARRAY(SELECT UNNEST($2::integer[])))",
+             WHERE gateway_id = $1 AND slot = ANY($2::integer[])",
         )
         .bind(self.gateway.as_str())
         .bind(slot_params(&surplus.slots))
