@@ -168,9 +168,17 @@ impl Writer {
             .iter()
             .map(|(_, conn, _)| bigint_param(*conn))
             .collect();
+        // Each row found by its id, one lookup per row of the batch (the `LATERAL`, kept apart
+        // by `OFFSET 0`), then deleted where it lies: one plan for every size of batch. Left
+        // to choose, the planner read and hashed every row the gateway held for a batch of a
+        // few hundred (7 ms against 1.4 ms for 300 of 16,667), and a list of ids it could not
+        // see the length of was compared with each of those rows (a14f72e: seconds).
         let released = sqlx::query(
-            "DELETE FROM sessions AS s USING UNNEST($2::text[], $3::bigint[]) AS r(client_id, conn_id) \
-             WHERE s.client_id = r.client_id AND s.gateway_id = $1 AND s.conn_id = r.conn_id",
+            "DELETE FROM sessions WHERE ctid = ANY(ARRAY( \
+                 SELECT found.ctid FROM UNNEST($2::text[], $3::bigint[]) AS r(client_id, conn_id) \
+                 CROSS JOIN LATERAL (SELECT s.ctid FROM sessions AS s \
+                     WHERE s.client_id = r.client_id AND s.gateway_id = $1 \
+                       AND s.conn_id = r.conn_id OFFSET 0) AS found))",
         )
         .bind(self.gateway.as_str())
         .bind(&ids)

@@ -220,9 +220,13 @@ impl PgPresence {
             return;
         }
         let _timed = RoundTrip::start("give_back");
+        // Row by row, for the reason the departures' statement gives (`claims.rs`).
         let given = sqlx::query(
             "UPDATE client_slots SET gateway_id = NULL, conn_id = NULL, taken_at = NULL \
-             WHERE gateway_id = $1 AND slot = ANY($2::integer[])",
+             WHERE ctid = ANY(ARRAY( \
+                 SELECT found.ctid FROM UNNEST($2::integer[]) AS g(slot) \
+                 CROSS JOIN LATERAL (SELECT c.ctid FROM client_slots AS c \
+                     WHERE c.slot = g.slot AND c.gateway_id = $1 OFFSET 0) AS found))",
         )
         .bind(self.gateway.as_str())
         .bind(slot_params(&surplus.slots))
