@@ -14,9 +14,10 @@
 #                    nothing was lost
 #   storm            IDLE idle connections over 3 gateways addressed directly, opened as fast as
 #                    kaiwa-load opens them, then all closed at once, twice: refusals, 1006s,
-#                    whether every slot and id came back, presence's round trips to PostgreSQL
-#                    per round, the gateways' warnings and slow pool waits; memory per
-#                    connection per gateway (one process may hold ~19,900 sockets here)
+#                    whether every slot and id came back, the gateways' round trips to
+#                    PostgreSQL per round (presence's, and the reads of stream ends), their
+#                    warnings and slow pool waits; memory per connection per gateway (one
+#                    process may hold ~19,900 sockets here)
 # Every message is inside its window (--text-window 00:00-24:00), so every one is replied to.
 # Reports land in target/bench/cluster-<UTC time>/ as JSON, with the table; beside each message
 # run's JSON, its plot as SVG (kaiwa-load --plot; the kill run's marks the reconnects and the
@@ -212,7 +213,7 @@ print(json.dumps({
 # gateways, as one JSON object: presence's by `op` (`kaiwa_presence_seconds_count` from each
 # one's /metrics) and the store's reads of stream ends (`stream_ends`,
 # `kaiwa_store_stream_ends_seconds_count`).
-presence_trips() {
+pg_round_trips() {
   for i in 1 2 3; do
     curl -sf "http://127.0.0.1:$((BASE_PORT + i))/metrics" || true
   done | python3 -c '
@@ -247,12 +248,13 @@ if [[ "$IDLE" -gt 0 ]]; then
   : >"$out/storm.jsonl"
   : >"$out/storm-trips.jsonl"
   for round in 1 2; do
-    before=$(presence_trips)
+    before=$(pg_round_trips)
     load connections "${urls[@]}" "${pids[@]}" --clients "$IDLE" --hold "${STORM_HOLD:-5}" \
       --seed 19 --label "cluster-storm-$IDLE-$round" --json "$out/4-cluster-storm-$round.json" \
       || true
     storm_settled "$round" | tee -a "$out/storm.jsonl" >&2
-    echo "{\"round\": $round, \"before\": $before, \"after\": $(presence_trips)}" >>"$out/storm-trips.jsonl"
+    echo "{\"round\": $round, \"before\": $before, \"after\": $(pg_round_trips)}" \
+      >>"$out/storm-trips.jsonl"
   done
   for i in 1 2 3; do cp "$work/cluster/gw-$i.log" "$out/storm-gw-$i.log"; done
   cluster down

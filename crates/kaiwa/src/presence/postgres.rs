@@ -544,9 +544,9 @@ impl Presence for PgPresence {
     /// One read at a time, and none older than its question: a caller that waited for the
     /// turn takes the counts of a read that began after it asked, if there is one, else reads
     /// again. The counts visit every live `sessions` row, and every load balancer check and
-    /// monitor asks for them: while 50,000 clients left at once and the cores were short,
-    /// reads that each took over a second piled up on the pool's four connections, and the
-    /// departures' statements waited for one.
+    /// monitor asks for them: while 50,000 clients left at once and the cores were short, each
+    /// read took over a second, and reads that overlapped would each hold one of the pool's four
+    /// connections that the departures' statements wait for.
     async fn counts(&self) -> Result<Option<ClusterCounts>, PresenceError> {
         let asked = self.counts_begun.load(Ordering::SeqCst);
         let mut counted = self.counted.lock().await;

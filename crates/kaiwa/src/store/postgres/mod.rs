@@ -1,13 +1,13 @@
 //! The PostgreSQL store: one batching writer task that commits every waiting command in one
 //! transaction ([`writer`]), and a pool of connections for reads, where the reads of reply
-//! streams' ends that wait together go as one statement ([`ends`]). Several kaiwa processes may
-//! share one database: ids come from the database's sequences, and each client's reply stream
-//! is numbered under a lock of that client's own.
+//! streams' ends that wait together go as one statement ([`stream_ends`]). Several kaiwa
+//! processes may share one database: ids come from the database's sequences, and each client's
+//! reply stream is numbered under a lock of that client's own.
 
-mod ends;
+mod stream_ends;
 mod writer;
 
-use ends::StreamEnds;
+use stream_ends::StreamEnds;
 use writer::Writer;
 
 use super::batch::{DeliveryUpdate, ReplyBatch, StreamUpdate, Writes};
@@ -76,7 +76,7 @@ pub struct PgStore {
     /// To the writer task.
     writes: Writes,
     reads: PgPool,
-    ends: StreamEnds,
+    stream_ends: StreamEnds,
     /// The writer's thread, joined by `close` after its last commit.
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Whether the writer's last batch went through, and why not.
@@ -133,7 +133,7 @@ impl PgStore {
         let writer = spawn_writer(options, rx, health.clone(), &settings).await?;
         Ok(Self {
             writes,
-            ends: StreamEnds::spawn(reads.clone()),
+            stream_ends: StreamEnds::spawn(reads.clone()),
             reads,
             writer: Mutex::new(Some(writer)),
             health,
@@ -447,7 +447,7 @@ impl Store for PgStore {
     }
 
     async fn latest_seq(&self, client_id: &ClientId) -> Result<u64, StoreError> {
-        self.ends.latest(client_id.as_str()).await
+        self.stream_ends.latest(client_id.as_str()).await
     }
 
     async fn acknowledged(&self, client_id: &ClientId) -> Result<u64, StoreError> {
