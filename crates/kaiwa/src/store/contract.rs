@@ -1313,6 +1313,96 @@ mod postgres_plans {
         store.close().await;
     }
 
+    /// The sweeps (one process's, and the cluster's three claims) with statistics that say
+    /// `unfinished` holds 100,000 rows while it holds three, as after a backlog: had any of
+    /// them joined `messages` to it the planner's way, it would read all 100,000 messages.
+    #[tokio::test]
+    async fn sweeps_read_unfinished_messages_by_id_whatever_the_statistics_say() {
+        let database = test_postgres::TestDatabase::create().await;
+        let mut conn = database.connect().await;
+        let store = PgStore::connect(&database.url, PgOptions::default())
+            .await
+            .expect("the PostgreSQL store opens");
+        sqlx::raw_sql(
+            "ALTER TABLE messages SET (autovacuum_enabled = false); \
+             ALTER TABLE unfinished SET (autovacuum_enabled = false); \
+             INSERT INTO messages (client_id, message_type, content, timezone, status, \
+                 received_at) \
+             SELECT 'bulk' || (g % 1000), 'text', 'x', 'UTC', \
+                 CASE WHEN g <= 3 THEN 'accepted' ELSE 'replied' END, now() - interval '1 hour' \
+             FROM generate_series(1, 100000) AS g; \
+             INSERT INTO unfinished (message_id) SELECT -g FROM generate_series(1, 100000) AS g; \
+             ANALYZE messages, unfinished; \
+             DELETE FROM unfinished WHERE message_id < 0;",
+        )
+        .execute(&mut conn)
+        .await
+        .expect("a backlog's statistics");
+        let before = messages_read(&mut conn).await;
+
+        let swept = store.unfinished_messages().await.expect("the sweep reads");
+        assert_eq!(swept.len(), 3);
+        let claimed = store
+            .claim_stuck(Duration::from_secs(60), 100)
+            .await
+            .expect("claimed");
+        assert_eq!(claimed.len(), 3);
+        for claim in [
+            store.claim_orphaned(100).await,
+            store
+                .claim_left_by(&crate::domain::GatewayId::new("gone"), Utc::now(), 100)
+                .await,
+        ] {
+            assert!(claim.expect("claimed").is_empty());
+        }
+
+        // A backend's counts reach the statistics when it exits, if not before: once the
+        // store's connections are gone, they are all there.
+        store.close().await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let others: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+            )
+            .fetch_one(&mut conn)
+            .await
+            .expect("the database's connections");
+            if others == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the store's connections never closed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let after = messages_read(&mut conn).await;
+        assert!(
+            after.1 - before.1 < 1_000,
+            "the sweeps read {} rows of messages ({} scans)",
+            after.1 - before.1,
+            after.0 - before.0
+        );
+    }
+
+    /// (scans, rows read) of `messages` as the statistics have them now, by sequential and
+    /// index scans together.
+    async fn messages_read(conn: &mut sqlx::PgConnection) -> (i64, i64) {
+        sqlx::query("SELECT pg_stat_clear_snapshot()")
+            .execute(&mut *conn)
+            .await
+            .expect("a fresh snapshot");
+        sqlx::query_as(
+            "SELECT (seq_scan + COALESCE(idx_scan, 0))::bigint, \
+                 (seq_tup_read + COALESCE(idx_tup_fetch, 0))::bigint \
+             FROM pg_stat_user_tables WHERE relname = 'messages'",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .expect("statistics")
+    }
+
     /// Rows inserted into `messages`, as counted in `rows`.
     fn inserted(rows: &[(String, i64, i64)]) -> i64 {
         rows.iter()
