@@ -47,6 +47,10 @@ enum Scenario {
     Table {
         /// JSON reports, in the order to print them.
         files: Vec<PathBuf>,
+        /// A run's own p99 target at 1,000 msg/s, as LABEL=MS (repeatable; the others are
+        /// held to 10 ms).
+        #[arg(long = "p99-target")]
+        p99_targets: Vec<table::P99Target>,
     },
     /// One client process's share of `connections` (started by the tool itself).
     #[command(hide = true)]
@@ -355,7 +359,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 })
             }
             Scenario::DelayProxy(args) => delay_proxy(&args),
-            Scenario::Table { files } => {
+            Scenario::Table { files, p99_targets } => {
                 let mut reports = Vec::new();
                 for file in &files {
                     let text = std::fs::read_to_string(file)
@@ -365,7 +369,7 @@ fn main() -> anyhow::Result<ExitCode> {
                             .with_context(|| format!("{} is not a report", file.display()))?,
                     );
                 }
-                print!("{}", table::render(&reports));
+                print!("{}", table::render(&reports, &p99_targets));
                 Ok(ExitCode::SUCCESS)
             }
             Scenario::ConnectionsPart {

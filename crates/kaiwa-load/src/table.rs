@@ -41,8 +41,38 @@ pub const P99_TARGET_MS: f64 = 10.0;
 pub const P99_TARGET_RATE: f64 = 1_000.0;
 pub const MEMORY_TARGET_KIB: f64 = 10.0;
 
-/// The table, one line per report, with targets checked where they apply.
-pub fn render(reports: &[Report]) -> String {
+/// A run's own p99 target at [`P99_TARGET_RATE`], by label (`--p99-target cluster-rate-1000=25`):
+/// a cluster is held to its own target, not to one process's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct P99Target {
+    pub label: String,
+    pub ms: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a p99 target: use LABEL=MS, e.g. cluster-rate-1000=25")]
+pub struct BadP99Target(String);
+
+impl std::str::FromStr for P99Target {
+    type Err = BadP99Target;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || BadP99Target(text.to_owned());
+        let (label, ms) = text.split_once('=').ok_or_else(bad)?;
+        let ms: f64 = ms.trim().parse().map_err(|_| bad())?;
+        if label.trim().is_empty() || !ms.is_finite() || ms <= 0.0 {
+            return Err(bad());
+        }
+        Ok(Self {
+            label: label.trim().to_owned(),
+            ms,
+        })
+    }
+}
+
+/// The table, one line per report, with targets checked where they apply; `p99_targets`
+/// replaces [`P99_TARGET_MS`] for the runs they name.
+pub fn render(reports: &[Report], p99_targets: &[P99Target]) -> String {
     let runs: Vec<&Summary> = reports
         .iter()
         .filter_map(|report| match report {
@@ -88,10 +118,11 @@ pub fn render(reports: &[Report]) -> String {
                 if s.offered_rate == Some(P99_TARGET_RATE)
                     && let Some(reply) = reply
                 {
-                    target = verdict(
-                        reply.p99 < P99_TARGET_MS,
-                        &format!("p99 < {P99_TARGET_MS} ms"),
-                    );
+                    let limit = p99_targets
+                        .iter()
+                        .find(|t| s.label.as_deref() == Some(t.label.as_str()))
+                        .map_or(P99_TARGET_MS, |t| t.ms);
+                    target = verdict(reply.p99 < limit, &format!("p99 < {limit} ms"));
                 }
                 if let Some(kib) = worst {
                     target = verdict(
@@ -200,7 +231,10 @@ mod tests {
     fn kaiwa_is_shown_as_a_share_of_the_echo_ceiling_at_the_same_client_count() {
         let echo = summary("echo", "echo", 40_000.0);
         let kaiwa = summary("kaiwa", "native", 10_000.0);
-        let table = render(&[Report::Run(Box::new(echo)), Report::Run(Box::new(kaiwa))]);
+        let table = render(
+            &[Report::Run(Box::new(echo)), Report::Run(Box::new(kaiwa))],
+            &[],
+        );
         let kaiwa_line = table
             .lines()
             .find(|l| l.starts_with("kaiwa"))
@@ -222,9 +256,46 @@ mod tests {
             max: 5.0,
         });
         let idle = idle("idle-10000", "native", 10.0);
-        let table = render(&[Report::Run(Box::new(rate)), Report::Run(Box::new(idle))]);
+        let table = render(
+            &[Report::Run(Box::new(rate)), Report::Run(Box::new(idle))],
+            &[],
+        );
         assert!(table.contains("p99 < 10 ms: met"), "{table}");
         assert!(table.contains("≤ 10 KiB: met"), "{table}");
+    }
+
+    #[test]
+    fn a_run_named_with_a_target_of_its_own_is_held_to_it() {
+        let at = |label: &str, p99: f64| {
+            let mut rate = summary(label, "native", 1_000.0);
+            rate.offered_rate = Some(1_000.0);
+            rate.all_reply_ms = Some(Quantiles {
+                count: 1,
+                p50: 1.0,
+                p90: 2.0,
+                p99,
+                p999: p99,
+                max: p99,
+            });
+            Report::Run(Box::new(rate))
+        };
+        let targets = ["cluster-rate-1000=25".parse().expect("a target")];
+        let table = render(
+            &[at("cluster-rate-1000", 20.0), at("serve-rate-1000", 20.0)],
+            &targets,
+        );
+        let line = |label: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(label))
+                .expect("a line")
+                .to_owned()
+        };
+        assert!(line("cluster").ends_with("p99 < 25 ms: met"), "{table}");
+        assert!(line("serve").ends_with("p99 < 10 ms: MISSED"), "{table}");
+        for bad in ["cluster", "=25", "cluster=", "cluster=-1", "cluster=fast"] {
+            assert!(bad.parse::<P99Target>().is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -236,6 +307,7 @@ mod tests {
                 ("idle-path-10000", "path"),
             ]
             .map(|(label, protocol)| Report::Run(Box::new(idle(label, protocol, 7.9)))),
+            &[],
         );
         let rows: Vec<&str> = table.lines().skip(1).collect();
         assert!(rows[0].starts_with("idle-10000 "), "{table}");
