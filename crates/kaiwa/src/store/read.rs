@@ -15,9 +15,14 @@ use kaiwa_protocol::{Delivery, MessageStatus, MessageType, ReplyType};
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Postgres, Sqlite, Type};
 use std::collections::HashMap;
 
-pub(super) const MESSAGE_COLUMNS: &str = "id, client_id, client_msg_id, message_type, content, \
-     filename, mime_type, size_bytes, timezone, status, status_reason, client_timestamp, \
-     received_at";
+/// A message's columns as read from `messages`, its status as the dialect reads it.
+pub(super) fn message_columns<DB: Dialect>() -> String {
+    format!(
+        "id, client_id, client_msg_id, message_type, content, filename, mime_type, size_bytes, \
+         timezone, {} AS status, status_reason, client_timestamp, received_at",
+        DB::status_of("messages")
+    )
+}
 pub(super) const REPLY_COLUMNS: &str = "id, message_id, seq, reply_type, content, filename, \
      mime_type, fallback, delivery, created_at, delivered_at";
 
@@ -143,6 +148,9 @@ pub(super) trait Dialect: Database {
     /// `messages`: SQLite has a partial index of them, PostgreSQL a table (its migration 8).
     const UNFINISHED: &'static str;
 
+    /// The status of the message row `row`, as stored or as it follows from what is stored.
+    fn status_of(row: &str) -> String;
+
     fn ids(ids: Vec<i64>) -> Self::Ids;
 }
 
@@ -150,6 +158,10 @@ impl Dialect for Sqlite {
     type Ids = String;
     const MESSAGE_ID_IN: &'static str = "message_id IN (SELECT value FROM json_each($1))";
     const UNFINISHED: &'static str = "status = 'accepted'";
+
+    fn status_of(row: &str) -> String {
+        format!("{row}.status")
+    }
 
     fn ids(ids: Vec<i64>) -> String {
         let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
@@ -167,6 +179,15 @@ impl Dialect for Postgres {
     // second.
     const UNFINISHED: &'static str =
         "id = ANY(ARRAY(SELECT message_id FROM unfinished)) AND status = 'accepted'";
+
+    // A reply set completes its message by taking it out of `unfinished`, without rewriting
+    // the row (migration 11): `accepted` and not in `unfinished` is replied to.
+    fn status_of(row: &str) -> String {
+        format!(
+            "CASE WHEN {row}.status = 'accepted' AND NOT EXISTS (SELECT 1 FROM unfinished AS u \
+                 WHERE u.message_id = {row}.id) THEN 'replied' ELSE {row}.status END"
+        )
+    }
 
     fn ids(ids: Vec<i64>) -> Vec<i64> {
         ids
@@ -192,7 +213,8 @@ where
 {
     pub(super) async fn message(&self, id: i64) -> Result<Option<StoredMessage>, StoreError> {
         let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1"
+            "SELECT {} FROM messages WHERE id = $1",
+            message_columns::<DB>()
         )))
         .bind(id)
         .fetch_all(self.0)
@@ -207,8 +229,9 @@ where
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError> {
         let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages \
-             WHERE client_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+            "SELECT {} FROM messages \
+             WHERE client_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
+            message_columns::<DB>()
         )))
         .bind(client_id.as_str())
         .bind(before.unwrap_or(i64::MAX))
@@ -229,8 +252,9 @@ where
             .fetch_one(self.0)
             .await?;
         let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages \
-             WHERE client_id = $1 ORDER BY id DESC LIMIT $2 OFFSET $3"
+            "SELECT {} FROM messages \
+             WHERE client_id = $1 ORDER BY id DESC LIMIT $2 OFFSET $3",
+            message_columns::<DB>()
         )))
         .bind(client_id.as_str())
         .bind(i64::from(limit))
@@ -249,15 +273,16 @@ where
         after: u64,
         limit: u32,
     ) -> Result<Vec<MissedReply>, StoreError> {
-        let rows: Vec<MissedRecord> = sqlx::query_as(
+        let rows: Vec<MissedRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT r.id, r.message_id, r.seq, r.reply_type, r.content, r.filename, r.mime_type, \
                  r.fallback, r.delivery, r.created_at, r.delivered_at, m.client_msg_id, \
-                 (m.status = 'replied' AND NOT EXISTS (SELECT 1 FROM replies AS later \
+                 ({} = 'replied' AND NOT EXISTS (SELECT 1 FROM replies AS later \
                      WHERE later.message_id = r.message_id AND later.seq > r.seq)) AS completes \
              FROM replies AS r JOIN messages AS m ON m.id = r.message_id \
              WHERE r.client_id = $1 AND r.seq > $2 \
              ORDER BY r.seq LIMIT $3",
-        )
+            DB::status_of("m")
+        )))
         .bind(client_id.as_str())
         .bind(super::bigint_param(after))
         .bind(i64::from(limit))
@@ -286,7 +311,8 @@ where
 
     pub(super) async fn unfinished_messages(&self) -> Result<Vec<StoredMessage>, StoreError> {
         let rows: Vec<MessageRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE {} ORDER BY id",
+            "SELECT {} FROM messages WHERE {} ORDER BY id",
+            message_columns::<DB>(),
             DB::UNFINISHED
         )))
         .fetch_all(self.0)

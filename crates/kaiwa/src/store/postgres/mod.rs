@@ -11,7 +11,7 @@ use stream_ends::StreamEnds;
 use writer::Writer;
 
 use super::batch::{DeliveryUpdate, ReplyBatch, StreamUpdate, Writes};
-use super::read::{Dialect, MESSAGE_COLUMNS, MessageRecord, Reads};
+use super::read::{Dialect, MessageRecord, Reads, message_columns};
 use super::sql::migrate_error;
 use super::{
     Inserted, MissedReply, NewMessage, NewReply, Store, StoreError, StoreFuture, StoreHealth,
@@ -163,7 +163,8 @@ impl PgStore {
                  SELECT id FROM messages \
                  WHERE {unfinished} AND {condition} \
                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
-             RETURNING {MESSAGE_COLUMNS}"
+             RETURNING {}",
+            message_columns::<Postgres>()
         );
         let mut query =
             sqlx::query_as::<_, MessageRecord>(sqlx::AssertSqlSafe(sql)).bind(i64::from(limit));

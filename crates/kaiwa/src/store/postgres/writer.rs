@@ -6,7 +6,7 @@
 //! instead of queueing, and reconnects with backoff.
 
 use super::super::batch::{Backlog, Batch, Command, ReplyBatch, Respond, Updates, respond};
-use super::super::read::{REPLY_COLUMNS, ReplyRecord};
+use super::super::read::{Dialect, REPLY_COLUMNS, ReplyRecord};
 use super::super::{
     Existing, Inserted, NewMessage, NewReply, StoreError, StoreHealth, StoredReply, bigint_param,
     sql,
@@ -524,12 +524,14 @@ async fn stored_messages(
         status_reason: Option<String>,
         received_at: chrono::DateTime<chrono::Utc>,
     }
-    let found: Vec<Found> = sqlx::query_as(
-        "SELECT m.id, m.client_id, m.client_msg_id, m.status, m.status_reason, m.received_at \
+    let found: Vec<Found> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT m.id, m.client_id, m.client_msg_id, {} AS status, m.status_reason, \
+                 m.received_at \
              FROM messages AS m \
              JOIN UNNEST($1::text[], $2::text[]) AS r(client_id, client_msg_id) \
                  ON m.client_id = r.client_id AND m.client_msg_id = r.client_msg_id",
-    )
+        <Postgres as Dialect>::status_of("m")
+    )))
     .bind(
         resent
             .clone()
