@@ -18,6 +18,10 @@
 -- `accepted` until they stop: their history shows it so, and a job of it handed out again is
 -- processed again, its replies found stored (as for any job processed twice).
 
+COMMENT ON COLUMN messages.status IS
+    'accepted, replied or rejected as stored; since migration 11 an accepted message that is '
+    'not in unfinished is replied to (its reply set took it out of unfinished)';
+
 CREATE OR REPLACE FUNCTION write_batch(
     -- Messages: the columns, the gateway admitting them, the cluster's in-flight limit (null
     -- in one process, whose admission keeps the limit itself).
