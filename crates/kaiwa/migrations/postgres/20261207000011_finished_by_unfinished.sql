@@ -12,12 +12,25 @@
 -- through the triggers: an UPDATE to `replied` (an operator, a process of the version before)
 -- takes the message out of `unfinished` if it is still there, and counts it once. Deleting
 -- from `unfinished` by hand would leave the in-flight count too high: finish a message by
--- updating its status instead.
+-- updating its status instead. To open a completed message again, set it `replied`, then
+-- `accepted` (an update from `accepted` to `accepted` leaves `unfinished` as it is).
+--
+-- A completion no longer locks the message's row, so the sweepers' claims now skip a message
+-- by its row in `unfinished` (store/postgres/mod.rs). Migration 8's remark that no completion
+-- runs during a TRUNCATE of `messages` no longer holds; the count stays right all the same,
+-- since the trigger's `DELETE FROM unfinished` waits for a completion's lock on the same rows.
+--
+-- `messages` goes back to full pages: their half left free was for the `replied` update,
+-- which is gone (the sweepers' rare `touched_at` is all that updates a message now).
 --
 -- The function is the one of migration 10 with its two `replied` updates replaced; processes
--- of the version before call it too and get the new behaviour. They read such a message as
--- `accepted` until they stop: their history shows it so, and a job of it handed out again is
--- processed again, its replies found stored (as for any job processed twice).
+-- of the version before call it too and get the new behaviour. Stop them when this migration
+-- runs: until they stop they read such a message as `accepted`. Their history shows it so, a
+-- resume through them never sends its `replied` status, a resend is answered `accepted`, and
+-- a job of it handed out again is processed again (a new model call), its replies found
+-- stored (as for any job processed twice).
+
+ALTER TABLE messages SET (fillfactor = 90);
 
 COMMENT ON COLUMN messages.status IS
     'accepted, replied or rejected as stored; since migration 11 an accepted message that is '

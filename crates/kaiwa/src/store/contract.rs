@@ -1141,6 +1141,34 @@ mod shared_postgres {
         b.close().await;
     }
 
+    /// A completion takes the message out of `unfinished` without touching its row
+    /// (PostgreSQL migration 11): until it commits, a sweeper must not claim the message and
+    /// queue it again; if it rolls back, the message is stuck as before.
+    #[tokio::test]
+    async fn a_message_whose_completion_is_under_way_is_not_claimed() {
+        let database = test_postgres::TestDatabase::create().await;
+        let store = shared(&database, 500).await;
+        let id = stored(&store, message("c1", None, "hello")).await;
+        let mut completing = database.connect().await;
+        // What `write_batch` does to complete a message, held open.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "BEGIN; DELETE FROM unfinished WHERE message_id = {id};"
+        )))
+        .execute(&mut completing)
+        .await
+        .expect("a completion under way");
+        assert!(
+            ids_of(store.claim_stuck(Duration::ZERO, 100).await).is_empty(),
+            "claimed while its completion was under way"
+        );
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut completing)
+            .await
+            .expect("the completion rolled back");
+        assert_eq!(ids_of(store.claim_stuck(Duration::ZERO, 100).await), [id]);
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn the_messages_of_a_gateway_whose_lease_ended_are_claimed_at_once_and_once() {
         let database = test_postgres::TestDatabase::create().await;

@@ -158,10 +158,16 @@ impl PgStore {
             Claiming::LeftBy(..) => "touched_at IS NULL AND admitted_by = $2 AND received_at < $3",
         };
         let unfinished = <Postgres as Dialect>::UNFINISHED;
+        // A reply set completes its message by deleting its row in `unfinished`, not by
+        // touching the message (migration 11): a message whose completion is under way is
+        // skipped by its row there, and one claimed first holds that row until the claim
+        // commits, as the message's own row did when completion updated it.
         let sql = format!(
             "UPDATE messages SET touched_at = now() WHERE id IN ( \
                  SELECT id FROM messages \
                  WHERE {unfinished} AND {condition} \
+                     AND EXISTS (SELECT 1 FROM unfinished AS u \
+                         WHERE u.message_id = messages.id FOR KEY SHARE SKIP LOCKED) \
                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
              RETURNING {}",
             message_columns::<Postgres>()
