@@ -1294,16 +1294,23 @@ mod postgres_plans {
         .expect("statistics")
     }
 
+    /// A database of the test's own (dropped with it), a connection of the test's to it, and
+    /// a store of one process on it.
+    async fn own_database() -> (test_postgres::TestDatabase, sqlx::PgConnection, PgStore) {
+        let database = test_postgres::TestDatabase::create().await;
+        let conn = database.connect().await;
+        let store = PgStore::connect(&database.url, PgOptions::default())
+            .await
+            .expect("the PostgreSQL store opens");
+        (database, conn, store)
+    }
+
     /// The plans are made while the tables are empty, and kept as the tables grow, with no
     /// statistics to say so (autovacuum off for them, nothing analyzed): had any of them scanned
     /// a table whole, each batch would now read 100,000 rows.
     #[tokio::test]
     async fn plans_made_on_empty_tables_scan_no_table_once_it_has_grown() {
-        let database = test_postgres::TestDatabase::create().await;
-        let mut conn = database.connect().await;
-        let store = PgStore::connect(&database.url, PgOptions::default())
-            .await
-            .expect("the PostgreSQL store opens");
+        let (_database, mut conn, store) = own_database().await;
         // Statistics that say the tables are empty, as a fresh database's first analysis does
         // (never analyzed, the planner would assume ten pages of rows instead), and kept so.
         sqlx::raw_sql(
@@ -1355,11 +1362,7 @@ mod postgres_plans {
     /// them joined `messages` to it the planner's way, it would read all 100,000 messages.
     #[tokio::test]
     async fn sweeps_read_unfinished_messages_by_id_whatever_the_statistics_say() {
-        let database = test_postgres::TestDatabase::create().await;
-        let mut conn = database.connect().await;
-        let store = PgStore::connect(&database.url, PgOptions::default())
-            .await
-            .expect("the PostgreSQL store opens");
+        let (_database, mut conn, store) = own_database().await;
         sqlx::raw_sql(
             "ALTER TABLE messages SET (autovacuum_enabled = false); \
              ALTER TABLE unfinished SET (autovacuum_enabled = false); \
