@@ -151,8 +151,11 @@ impl PgStore {
             Claiming::Untouched(_) => {
                 "COALESCE(touched_at, received_at) < now() - make_interval(secs => $2)"
             }
+            // The first question asked once, before any message is looked up: every process
+            // asks every second, and nearly always every lease runs.
             Claiming::Orphaned => {
-                "touched_at IS NULL AND admitted_by IN \
+                "EXISTS (SELECT 1 FROM gateways WHERE lease_until <= now()) \
+                 AND touched_at IS NULL AND admitted_by IN \
                  (SELECT id FROM gateways WHERE lease_until <= now())"
             }
             Claiming::LeftBy(..) => "touched_at IS NULL AND admitted_by = $2 AND received_at < $3",
