@@ -2,7 +2,8 @@
 # Benchmarks kaiwa as one process and as a cluster, on this machine, in one run, and prints one
 # table (README, "Running as a cluster"):
 #   serve-sqlite     kaiwa serve on its embedded defaults (SQLite, in-process queue)
-#   serve-postgres   kaiwa serve on a fresh PostgreSQL database (in-process queue)
+#   serve-postgres   kaiwa serve on a fresh PostgreSQL database (in-process queue), dropped
+#                    before the cluster runs
 #   cluster          scripts/cluster.sh: HAProxy, 2 gateways, 2 workers, PostgreSQL, RabbitMQ
 # For each: messages/s end to end with CLIENTS clients (closed loop), then p50/p99 from send to
 # last reply at RATE messages/s offered (open loop); every run checks that nothing was lost.

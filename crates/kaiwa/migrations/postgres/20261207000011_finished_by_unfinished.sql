@@ -3,8 +3,8 @@
 -- content too) in the heap and the WAL, and it fired the count's trigger, which copied every
 -- updated row twice into transition tables to find the ones that left `accepted`. Under
 -- `bench/pg-cost.sh` (docs/architecture.md, "What a message costs PostgreSQL"): per message one
--- row update and one WAL record fewer, 7 % fewer WAL bytes; PostgreSQL's CPU 2 to 4 % less,
--- within the noise of the machine it was measured on.
+-- row update and one WAL record fewer, 7 % fewer WAL bytes; PostgreSQL's CPU 2 to 8 % less
+-- in pairs of runs, within the noise of the machine it was measured on.
 --
 -- So from now on a message of status `accepted` that is not in `unfinished` is replied to, and
 -- kaiwa reads it so (`status` as read: `accepted` stays for the messages in `unfinished`).

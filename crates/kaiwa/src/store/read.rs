@@ -6,7 +6,8 @@
 //! keeps timestamps as RFC 3339 text and booleans as 0 or 1, which sqlx decodes into the same
 //! `DateTime<Utc>` and `bool` as PostgreSQL's `timestamptz` and `boolean`, so one record type
 //! reads either. sqlx's SQLite driver takes `$1`-style parameters too, so the SQL text is
-//! shared as well; the one thing written twice is how a list of ids is passed ([`Dialect`]).
+//! shared as well. What is written twice is in [`Dialect`]: how a list of ids is passed, where
+//! unfinished messages are found, and how a message's status is read.
 
 use super::{MissedReply, StoreError, StoredMessage, StoredReply};
 use crate::domain::{ClientId, Timezone};
@@ -135,7 +136,8 @@ impl TryFrom<MissedRecord> for MissedReply {
 }
 
 /// What the two databases write differently in these reads: a list of message ids as one
-/// parameter, and where unfinished messages are found. PostgreSQL takes an array; SQLite has
+/// parameter, where unfinished messages are found, and a message's status (PostgreSQL derives
+/// `replied` from `unfinished`, its migration 11). PostgreSQL takes an array; SQLite has
 /// no array type, and a JSON array read back by `json_each` keeps the statement the same
 /// whatever the number of ids (an `IN` list of that many parameters would be a new statement
 /// for every length).
