@@ -152,7 +152,6 @@ pub async fn run(shared: Shared, plan: ClientPlan, pace: Pace, start: Option<Sta
             Resumed::Refused => break,
         }
         let reconnected = ledger.reconnected(std::time::Instant::now());
-        reader.permits.add_permits(reconnected.settled);
         writer.resume(reconnected.resend);
     }
     ledger.tally_mut().acknowledgements = acknowledgements;

@@ -8,8 +8,10 @@
 //! A client that reconnects (`--reconnect`) keeps one ledger across its connections: the reply
 //! stream goes on where it stopped (the server replays what came after the client's `after`),
 //! unacked messages are sent again under the same id and a `duplicate` ack answers them, and
-//! only the statuses of a message that crossed a reconnect are taken as they come, since the
-//! server sends them per connection and never replays them.
+//! every accepted message still ends with its `processing` and `replied`: the server sends
+//! them on the connection that carries the message's replies, and once more on the next one
+//! for the set whose last reply the client had as its connection ended. Statuses are counted
+//! per connection, since a message that crossed a reconnect may get them on both.
 
 use crate::gaps::Wait;
 use crate::report::{Live, Problem, Tally};
@@ -124,8 +126,8 @@ struct Tracked {
     /// of the first sends.
     order: u64,
     /// The connection it was first sent on. Its frames that come on a later one crossed a
-    /// reconnect: their statuses may be missing (never replayed) or repeated (one per
-    /// connection), and its replies may come before the ack of its resend.
+    /// reconnect: their statuses may be repeated (one per connection), and its replies may come
+    /// before the ack of its resend.
     first_connection: u32,
     /// The connection it was last sent on.
     last_connection: u32,
@@ -150,9 +152,6 @@ impl Tracked {
 /// What a new connection changes, from [`Ledger::reconnected`].
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Reconnected {
-    /// Messages that had every reply and waited only for statuses a new connection will not
-    /// bring: they are settled now, and their window slots are free.
-    pub settled: usize,
     /// Messages whose ack never came, in the order they were first sent: send each again with
     /// the same id.
     pub resend: Vec<(String, MessageType)>,
@@ -269,35 +268,21 @@ impl Ledger {
 
     /// A new connection took over from one that ended under the client, and asked the server
     /// to replay the reply stream after [`Ledger::stream_position`]. Every message still
-    /// unsettled has now crossed a reconnect: those that lack only statuses are settled, and
-    /// those without an ack are to be sent again.
+    /// unsettled has now crossed a reconnect: those without an ack are to be sent again.
     pub fn reconnected(&mut self, at: Instant) -> Reconnected {
         self.connection += 1;
         self.replaying = true;
         self.tally.reconnects += 1;
         Live::add(&self.live.reconnects, 1);
         self.live.series.reconnected(at);
-        let mode = self.mode;
-        let connection = self.connection;
-        let mut settled = 0;
-        let mut resend = Vec::new();
-        for (key, t) in &mut self.messages {
-            if t.settled {
-                continue;
-            }
-            if is_complete(mode, t, connection) {
-                t.settled = true;
-                settled += 1;
-            } else if t.acks == 0 {
-                resend.push((t.order, key.clone(), t.kind));
-            }
-        }
-        for _ in 0..settled {
-            self.completed(at);
-        }
+        let mut resend: Vec<_> = self
+            .messages
+            .iter()
+            .filter(|(_, t)| !t.settled && t.acks == 0)
+            .map(|(key, t)| (t.order, key.clone(), t.kind))
+            .collect();
         resend.sort_unstable_by_key(|(order, _, _)| *order);
         Reconnected {
-            settled,
             resend: resend
                 .into_iter()
                 .map(|(_, key, kind)| (key, kind))
@@ -569,8 +554,8 @@ impl Ledger {
                     None if !crossed => problems.push(Problem::OutOfOrder),
                     _ if t.processing_here > 1 => problems.push(Problem::DuplicateStatus),
                     _ if crossed && t.replied_here > 0 => problems.push(Problem::OutOfOrder),
-                    // Across a reconnect, replies replayed from the store come without their
-                    // statuses: a `processing` may follow them.
+                    // Across a reconnect, the replies that came on the last connection may be
+                    // followed by a `processing` on this one, with the rest of them.
                     _ if !t.replies.is_empty() && !crossed => problems.push(Problem::OutOfOrder),
                     _ => {}
                 }
@@ -667,7 +652,7 @@ impl Ledger {
         let completes = !t.settled
             && match effect {
                 Effect::Settled => true,
-                Effect::Nothing => is_complete(mode, t, connection),
+                Effect::Nothing => is_complete(mode, t),
                 Effect::Resend { .. } => false,
             };
         if completes {
@@ -734,14 +719,13 @@ impl Ledger {
     }
 }
 
-/// Whether an accepted message has every frame it is due. A native message that crossed a
-/// reconnect needs only its replies: its statuses are not replayed.
-fn is_complete(mode: Mode, t: &Tracked, connection: u32) -> bool {
+/// Whether an accepted message has every frame it is due.
+fn is_complete(mode: Mode, t: &Tracked) -> bool {
     if t.accepted != Some(true) || t.replies.len() < t.kind.reply_types().len() {
         return false;
     }
     match mode {
-        Mode::Native => (t.processing > 0 && t.replied > 0) || t.crossed(connection),
+        Mode::Native => t.processing > 0 && t.replied > 0,
         Mode::Legacy | Mode::Path | Mode::Echo => true,
     }
 }
@@ -1193,7 +1177,7 @@ mod tests {
     }
 
     #[test]
-    fn replies_replayed_after_a_reconnect_complete_a_message_without_its_statuses() {
+    fn a_message_whose_replies_span_a_reconnect_settles_with_the_statuses_of_the_next_connection() {
         let mut ledger = resuming();
         let now = Instant::now();
         send(&mut ledger, "v", MessageType::Voice, Expectation::Accept);
@@ -1202,15 +1186,18 @@ mod tests {
         reply_at(&mut ledger, "v", 1, ReplyType::Text);
         assert_eq!(ledger.reconnected(now), Reconnected::default());
         assert!(ledger.replaying());
-        // The replay: the voice reply, with no status around it, settles the message.
+        // The replay: the voice reply between the message's statuses, again on this connection.
+        ledger.observe(Some("v"), status(MessageStatus::Processing), now);
         assert_eq!(
             reply_at(&mut ledger, "v", 2, ReplyType::Voice),
+            Effect::Nothing
+        );
+        assert_eq!(
+            ledger.observe(Some("v"), status(MessageStatus::Replied), now),
             Effect::Settled
         );
         ledger.synced();
         assert!(!ledger.replaying());
-        // The live event of the last reply still brings `replied` on the new connection.
-        ledger.observe(Some("v"), status(MessageStatus::Replied), now);
         let tally = ledger.finish();
         assert_eq!(problems(&tally), vec![]);
         assert_eq!(
@@ -1239,8 +1226,11 @@ mod tests {
         );
         send(&mut ledger, "m2", MessageType::Text, Expectation::Accept);
         send(&mut ledger, "m3", MessageType::Text, Expectation::Accept);
-        // m2 was stored before the cut: its reply is replayed before the duplicate ack.
+        // m2 was stored before the cut: its reply is replayed, with its statuses, before the
+        // duplicate ack.
+        ledger.observe(Some("m2"), status(MessageStatus::Processing), now);
         reply_at(&mut ledger, "m2", 1, ReplyType::Text);
+        ledger.observe(Some("m2"), status(MessageStatus::Replied), now);
         assert_eq!(
             ledger.observe(Some("m2"), duplicate_ack(MessageStatus::Replied), now),
             Effect::Settled
@@ -1298,6 +1288,7 @@ mod tests {
         // The replay starts one too early: the text reply again, same seq.
         reply_at(&mut ledger, "v", 1, ReplyType::Text);
         reply_at(&mut ledger, "v", 2, ReplyType::Voice);
+        ledger.observe(Some("v"), status(MessageStatus::Replied), now);
         let tally = ledger.finish();
         assert_eq!(
             problems(&tally),
@@ -1311,16 +1302,21 @@ mod tests {
     }
 
     #[test]
-    fn a_message_that_lacks_only_statuses_settles_at_the_reconnect() {
+    fn a_replied_cut_off_by_a_reconnect_is_still_due_and_comes_on_the_next_connection() {
         let mut ledger = resuming();
         let now = Instant::now();
         send(&mut ledger, "m1", MessageType::Text, Expectation::Accept);
         ledger.observe(Some("m1"), ack(MessageStatus::Accepted), now);
         ledger.observe(Some("m1"), status(MessageStatus::Processing), now);
         reply_at(&mut ledger, "m1", 1, ReplyType::Text);
-        assert_eq!(ledger.unsettled(), 1, "`replied` is due on this connection");
         let reconnected = ledger.reconnected(now);
-        assert_eq!((reconnected.settled, ledger.unsettled()), (1, 0));
+        assert!(reconnected.resend.is_empty());
+        assert_eq!(ledger.unsettled(), 1, "`replied` is still due");
+        // The replay after seq 1 starts with it.
+        assert_eq!(
+            ledger.observe(Some("m1"), status(MessageStatus::Replied), now),
+            Effect::Settled
+        );
         assert_eq!(problems(&ledger.finish()), vec![]);
     }
 

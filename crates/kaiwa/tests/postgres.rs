@@ -109,6 +109,11 @@ async fn a_restart_on_postgres_loses_nothing_and_resumes_exactly() {
         .restart(&["--reply-delay-scale", "100", "--shutdown-grace", "0.05"])
         .await;
     let mut late = app.native_after("keeper", 2).await;
+    // The status after the last reply the client had, which it left without reading.
+    assert_eq!(
+        late.next_json().await,
+        json!({"type": "status", "id": "b", "message_id": 2, "status": "replied"})
+    );
     assert_eq!(
         late.next_json().await,
         json!({"type": "synced", "replies": 0, "seq": 2})

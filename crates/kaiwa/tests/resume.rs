@@ -13,16 +13,18 @@ use kaiwa::store::{
 };
 use kaiwa_protocol::Delivery;
 use serde_json::{Value, json};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 use support::{Client, TestApp, eventually, files, send, send_file};
 
 /// The replies one client has processed, across all its connections. Each connection delivers
 /// in `seq` order and resumes after the last one processed, so the whole history must read
-/// 1, 2, 3... with no gap and no repeat.
+/// 1, 2, 3... with no gap and no repeat. Beside them, the messages whose `replied` came.
 #[derive(Debug, Default)]
 struct Processed {
     seqs: Vec<u64>,
+    replied: BTreeSet<String>,
 }
 
 impl Processed {
@@ -33,6 +35,10 @@ impl Processed {
 
     /// Takes one frame; panics if a reply comes out of turn.
     fn take(&mut self, frame: &Value) {
+        if frame["type"] == "status" && frame["status"] == "replied" {
+            let id = frame["id"].as_str().expect("a status names its message");
+            self.replied.insert(id.to_owned());
+        }
         if frame["type"] != "reply" {
             return;
         }
@@ -68,6 +74,15 @@ impl Processed {
     /// Reads frames until `count` replies in all were processed.
     async fn read_until(&mut self, client: &mut Client, count: usize) {
         while self.seqs.len() < count {
+            let frame = client.next_json().await;
+            self.take(&frame);
+        }
+    }
+
+    /// Reads frames until the `replied` of every message in `ids` came, on this connection
+    /// or an earlier one.
+    async fn read_until_replied(&mut self, client: &mut Client, ids: &BTreeSet<String>) {
+        while !self.replied.is_superset(ids) {
             let frame = client.next_json().await;
             self.take(&frame);
         }
@@ -223,6 +238,10 @@ async fn every_reply_arrives_exactly_once_when_reconnecting_while_it_is_stored()
     processed.read_until(&mut client, 3 * ROUNDS as usize).await;
     let expected: Vec<u64> = (1..=3 * ROUNDS).collect();
     assert_eq!(processed.seqs, expected);
+    // Some connections ended between a message's last reply and its `replied`: the next one
+    // brought the status.
+    let sent = (0..ROUNDS).map(|round| format!("r{round}")).collect();
+    processed.read_until_replied(&mut client, &sent).await;
     assert_eq!(replies_of(&app, "roamer").await.len(), expected.len());
 }
 
@@ -253,10 +272,44 @@ async fn resuming_again_and_again_while_replies_arrive_neither_loses_nor_repeats
         connections += 1;
     }
     assert_eq!(processed.seqs, (1..=30).collect::<Vec<u64>>());
+    let sent = (0..10).map(|n| format!("h{n}")).collect();
+    processed.read_until_replied(&mut client, &sent).await;
     assert!(
         connections > 3,
         "the replies spanned {connections} connections"
     );
+}
+
+#[tokio::test]
+async fn a_connection_that_ended_between_a_last_reply_and_its_replied_leaves_no_status_owed() {
+    // The text's reply comes within 0.1 s, the voice message's two after it.
+    let app = TestApp::spawn(&["--reply-delay-scale", "0.1"]).await;
+    let mut client = app.native("cut", "UTC").await;
+    client
+        .send_json(send_file("v", "voice", "note.wav", &files::wav()))
+        .await;
+    client.send_json(send("t", "text", "hi")).await;
+    let mut processed = Processed::default();
+    processed.read_until(&mut client, 3).await;
+    // The client read no further than the last reply: whatever came after it is lost.
+    client.close().await;
+
+    let mut back = app.native_after("cut", 3).await;
+    let last = back.next_json().await;
+    let id = last["id"].as_str().expect("the status names its message");
+    assert_eq!(
+        (&last["type"], &last["status"]),
+        (&json!("status"), &json!("replied")),
+        "{last}"
+    );
+    assert_eq!(
+        back.next_json().await,
+        json!({"type": "synced", "replies": 0, "seq": 3})
+    );
+    // The message before it ended its set at a reply the client also had: it read its
+    // `replied` then, and the replay does not repeat it.
+    assert!(processed.replied.iter().all(|earlier| earlier != id));
+    assert_eq!(processed.replied.len(), 1, "{:?}", processed.replied);
 }
 
 #[tokio::test]
@@ -288,16 +341,20 @@ async fn replies_due_while_away_are_failed_then_replayed_in_order_and_acknowledg
         frames.push(frame);
     };
     assert_eq!(processed.seqs, [1, 2]);
-    // The replies, then their message's `replied`: the store says the set is complete.
-    assert_eq!(frames.len(), 3, "{frames:?}");
+    // The replies between their message's statuses: the store says the set is complete.
+    assert_eq!(frames.len(), 4, "{frames:?}");
+    assert_eq!(
+        frames[0],
+        json!({"type": "status", "id": "v1", "message_id": 1, "status": "processing"})
+    );
     assert!(
-        frames[..2]
+        frames[1..3]
             .iter()
             .all(|f| f["type"] == "reply" && f["missed"] == true && f["id"] == "v1"),
         "{frames:?}"
     );
     assert_eq!(
-        frames[2],
+        frames[3],
         json!({"type": "status", "id": "v1", "message_id": 1, "status": "replied"})
     );
     assert_eq!(synced, json!({"type": "synced", "replies": 2, "seq": 2}));
@@ -347,7 +404,10 @@ async fn replies_sent_but_not_acknowledged_are_failed_when_the_client_leaves() {
 
     // `resume` without a cursor picks up after the last acknowledged reply.
     let (mut back, _) = app.native_with("half", "UTC", true).await;
-    let mut replayed = Processed { seqs: vec![1, 2] };
+    let mut replayed = Processed {
+        seqs: vec![1, 2],
+        ..Processed::default()
+    };
     let synced = replayed.read_until_synced(&mut back).await;
     assert_eq!(replayed.seqs, [1, 2, 3]);
     assert_eq!(synced["replies"], 1);
@@ -366,7 +426,10 @@ async fn a_stale_cursor_replays_from_where_it_says_and_one_from_the_future_misse
 
     // A client that lost what it processed after the first reply gets the rest again.
     let mut back = app.native_after("forgetful", 1).await;
-    let mut again = Processed { seqs: vec![1] };
+    let mut again = Processed {
+        seqs: vec![1],
+        ..Processed::default()
+    };
     let synced = again.read_until_synced(&mut back).await;
     assert_eq!(again.seqs, [1, 2, 3]);
     assert_eq!(synced, json!({"type": "synced", "replies": 2, "seq": 3}));

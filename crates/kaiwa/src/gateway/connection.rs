@@ -333,7 +333,13 @@ async fn run(
     if let Some(stream) = &stream
         && hello.resume != Resume::Fresh
     {
-        stream.replay(None);
+        // The client had the reply at `position`, unless its cursor went beyond the stream
+        // (kept from a server since reset) and was cut back to the end.
+        let had = match hello.resume {
+            Resume::After(after) if after > position => None,
+            _ => Some(position),
+        };
+        stream.replay(had);
     }
 
     let (sink, mut frames_in) = unbox(socket).split();

@@ -9,7 +9,7 @@ use super::outbox::Outbox;
 use super::wire::{About, Protocol};
 use crate::domain::ClientId;
 use crate::queue::MessageRef;
-use crate::store::{Store, StoredReply};
+use crate::store::{MissedReply, Store, StoredReply};
 use kaiwa_protocol::{ErrorCode, MessageStatus};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -68,6 +68,10 @@ struct State {
     /// The replay the client asked for (resume or `sync`): the replies it has sent. It ends
     /// with `synced`.
     replay: Option<u32>,
+    /// The next read of a replay starts one reply early, at the one the client has last: a
+    /// connection that ended between that reply and its message's `replied` left the client
+    /// without the status, and the store says whether it is owed.
+    seam: bool,
     /// Bumped when the client moves the position (`sync` with `after`), so that a page read
     /// from the old position is not sent.
     generation: u64,
@@ -121,6 +125,7 @@ impl ReplyStream {
                 ahead: BTreeMap::new(),
                 catch_up: CatchUp::Idle,
                 replay: None,
+                seam: false,
                 generation: 0,
                 started: HashSet::new(),
                 // Grown as messages finish: most connections finish few or none, and 256 ids
@@ -201,7 +206,9 @@ impl ReplyStream {
     }
 
     /// Sends every reply after `after` (default: after the last one sent), in order, then
-    /// `synced`. Live replies that arrive meanwhile take their turn in the same order.
+    /// `synced`. Live replies that arrive meanwhile take their turn in the same order. The
+    /// client had the reply at `after`, if given: the `replied` of its message goes first when
+    /// it ends the set, in case the connection that sent it ended before the status.
     pub(crate) fn replay(self: &Arc<Self>, after: Option<u64>) {
         let mut state = self.lock();
         if let Some(after) = after
@@ -212,6 +219,7 @@ impl ReplyStream {
             self.take_ahead(&mut state);
         }
         state.replay.get_or_insert(0);
+        state.seam = after.is_some();
         match state.catch_up {
             CatchUp::Idle => {
                 state.catch_up = CatchUp::Reading;
@@ -287,15 +295,17 @@ impl ReplyStream {
     async fn read_from_store(&self) -> bool {
         let mut empty_reads = 0;
         loop {
-            let (after, generation, replaying) = {
-                let state = self.lock();
-                (state.sent, state.generation, state.replay.is_some())
+            let (after, generation, replaying, seam) = {
+                let mut state = self.lock();
+                let seam = std::mem::take(&mut state.seam) && state.sent > 0;
+                (state.sent, state.generation, state.replay.is_some(), seam)
             };
             // Reads for a replay are the protocol working; reads for a gap in a live stream
             // mean reply events arrive out of order or go missing.
             metrics::counter!("kaiwa_reply_stream_reads_total", "why" => if replaying { "replay" } else { "gap" })
                 .increment(1);
-            let page = match self.store.replies_after(&self.client_id, after, PAGE).await {
+            let from = if seam { after - 1 } else { after };
+            let page = match self.store.replies_after(&self.client_id, from, PAGE).await {
                 Ok(page) => page,
                 Err(err) => {
                     tracing::error!(client_id = %self.client_id, %err, "could not read replies back from the store");
@@ -303,7 +313,18 @@ impl ReplyStream {
                     return false;
                 }
             };
-            if page.is_empty() {
+            let mut page = page.into_iter().peekable();
+            if let Some(last_had) = page.next_if(|missed| seam && missed.reply.seq == after)
+                && last_had.completes
+            {
+                let mut state = self.lock();
+                if state.generation == generation {
+                    let message =
+                        self.message(last_had.reply.message_id, last_had.client_message_id);
+                    self.finish(&mut state, &message);
+                }
+            }
+            if page.peek().is_none() {
                 {
                     let state = self.lock();
                     if state.generation != generation {
@@ -323,7 +344,12 @@ impl ReplyStream {
                 tokio::time::sleep(Duration::from_millis(10) * empty_reads).await;
                 continue;
             }
-            for missed in page {
+            for MissedReply {
+                reply,
+                client_message_id,
+                completes,
+            } in page
+            {
                 if !self.outbox.room().await {
                     return false;
                 }
@@ -331,26 +357,21 @@ impl ReplyStream {
                 if state.generation != generation {
                     break;
                 }
-                let seq = missed.reply.seq;
+                let seq = reply.seq;
                 if seq <= state.sent {
                     // Sent live while this task waited for room.
                     continue;
                 }
                 let live = state.ahead.remove(&seq);
-                let message = MessageRef {
-                    client_id: self.client_id.clone(),
-                    message_id: missed.reply.message_id,
-                    client_message_id: missed.client_message_id,
-                    receipt: None,
-                };
+                let message = self.message(reply.message_id, client_message_id);
                 let replayed = state.replay.is_some();
-                if !replayed {
-                    // Filling a gap of a live stream: this message's status comes first.
-                    self.start(&mut state, &message);
-                }
+                // The message's `processing` comes first, in a replay too: one may carry the
+                // replies of a message sent on this very connection, whose live `processing`
+                // then comes too late to go out (after `replied`).
+                self.start(&mut state, &message);
                 if !self
                     .outbox
-                    .push(Protocol::Native.reply(&message, missed.reply, replayed))
+                    .push(Protocol::Native.reply(&message, reply, replayed))
                 {
                     return false;
                 }
@@ -361,10 +382,19 @@ impl ReplyStream {
                 // The store says whether the message is complete, so its `replied` goes out
                 // even if the live event that would have carried it was lost (in an outage of
                 // the broker, say); a replay re-sends it for the messages it covers.
-                if missed.completes || live.is_some_and(|live| live.last) {
+                if completes || live.is_some_and(|live| live.last) {
                     self.finish(&mut state, &message);
                 }
             }
+        }
+    }
+
+    fn message(&self, message_id: i64, client_message_id: Option<String>) -> MessageRef {
+        MessageRef {
+            client_id: self.client_id.clone(),
+            message_id,
+            client_message_id,
+            receipt: None,
         }
     }
 
@@ -639,16 +669,56 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_replay_ends_a_complete_set_with_its_replied_though_no_live_event_came() {
+    async fn a_replay_takes_each_message_through_its_statuses_once() {
         let store = Arc::new(MemoryStore::default());
         let client_id = ClientId::parse("returning").expect("an id");
-        answered(&store, &client_id).await;
+        let (message, _) = answered(&store, &client_id).await;
         let (stream, mut frames) = stream_over(store, &client_id);
         stream.replay(Some(0));
         tokio::time::sleep(Duration::from_millis(10)).await;
+        // No live event came: the store says the set is complete.
         assert_eq!(
             frames.sent(),
-            ["reply:1", "reply:2", "status:replied", "synced:2"]
+            [
+                "status:processing",
+                "reply:1",
+                "reply:2",
+                "status:replied",
+                "synced:2"
+            ]
+        );
+        // The message was sent on this connection, and the replay that began as it connected
+        // read its replies before the worker's events came: they add nothing.
+        stream.processing(&message);
+        assert!(stream.offer(Live {
+            message,
+            reply: reply(2),
+            last: true,
+        }));
+        assert!(frames.sent().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resume_re_sends_the_replied_of_the_set_whose_last_reply_the_client_had() {
+        let store = Arc::new(MemoryStore::default());
+        let client_id = ClientId::parse("cut-short").expect("an id");
+        answered(&store, &client_id).await;
+        // The previous connection ended between reply 2 and the `replied` after it.
+        let (stream, mut frames) = stream_over(store.clone(), &client_id);
+        stream.replay(Some(2));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(frames.sent(), ["status:replied", "synced:2"]);
+        // Asked again on the same connection, it does not repeat itself.
+        stream.replay(Some(2));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(frames.sent(), ["synced:2"]);
+        // Reply 1 does not end its set: nothing is owed for it.
+        let (stream, mut frames) = stream_over(store, &client_id);
+        stream.replay(Some(1));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            frames.sent(),
+            ["status:processing", "reply:2", "status:replied", "synced:2"]
         );
     }
 }
