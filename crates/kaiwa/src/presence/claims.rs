@@ -1,15 +1,18 @@
 //! Client ids claimed and given back in batches: every claim and departure of a gateway goes
 //! over a channel to one task, which writes all that are waiting with one statement per kind
-//! (rows passed as arrays) and answers each claim, as the store's writer does with messages.
+//! (rows passed as arrays, the statement run on presence's thread) and answers each claim, as
+//! the store's writer does with messages.
 //! A storm of 50,000 connections then costs PostgreSQL a few hundred statements, not 50,000
 //! transactions of four round trips each.
 
 use super::sql::{LEASE_CONNECTION, RoundTrip, unavailable};
+use super::thread::run_on;
 use super::{Claim, PresenceError};
 use crate::domain::{ClientId, GatewayId};
 use crate::store::bigint_param;
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 
 /// Requests taken in one go, at most.
@@ -37,10 +40,13 @@ pub(super) struct Claims {
 }
 
 impl Claims {
-    /// Starts the task that writes the claims of `gateway`; it ends when every sender is gone.
-    pub(super) fn spawn(pool: PgPool, gateway: GatewayId) -> Self {
+    /// Starts the task that writes the claims of `gateway`, its statements run on `thread`
+    /// (presence's); it ends when every sender is gone. The task itself stays with the
+    /// gateway's tasks, which it answers.
+    pub(super) fn spawn(thread: Handle, pool: PgPool, gateway: GatewayId) -> Self {
         let (requests, receiver) = mpsc::unbounded_channel();
         let writer = Writer {
+            thread,
             pool,
             gateway,
             requests: receiver,
@@ -89,6 +95,7 @@ fn closed() -> PresenceError {
 }
 
 struct Writer {
+    thread: Handle,
     pool: PgPool,
     gateway: GatewayId,
     requests: mpsc::UnboundedReceiver<Request>,
@@ -163,7 +170,7 @@ impl Writer {
 
     async fn release(&self, releases: Vec<(ClientId, u64, oneshot::Sender<()>)>) {
         let _timed = RoundTrip::start("release");
-        let ids: Vec<&str> = releases.iter().map(|(id, ..)| id.as_str()).collect();
+        let ids: Vec<String> = releases.iter().map(|(id, ..)| id.to_string()).collect();
         let conns: Vec<i64> = releases
             .iter()
             .map(|(_, conn, _)| bigint_param(*conn))
@@ -173,17 +180,22 @@ impl Writer {
         // to choose, the planner read and hashed every row the gateway held for a batch of a
         // few hundred (7 ms against 1.4 ms for 300 of 16,667), and a list of ids it could not
         // see the length of was compared with each of those rows (a14f72e: seconds).
-        let released = sqlx::query(
-            "DELETE FROM sessions WHERE ctid = ANY(ARRAY( \
+        let (pool, gateway) = (self.pool.clone(), self.gateway.clone());
+        let released = run_on(&self.thread, async move {
+            sqlx::query(
+                "DELETE FROM sessions WHERE ctid = ANY(ARRAY( \
                  SELECT found.ctid FROM UNNEST($2::text[], $3::bigint[]) AS r(client_id, conn_id) \
                  CROSS JOIN LATERAL (SELECT s.ctid FROM sessions AS s \
                      WHERE s.client_id = r.client_id AND s.gateway_id = $1 \
                        AND s.conn_id = r.conn_id OFFSET 0) AS found))",
-        )
-        .bind(self.gateway.as_str())
-        .bind(&ids)
-        .bind(&conns)
-        .execute(&self.pool)
+            )
+            .bind(gateway.as_str())
+            .bind(&ids)
+            .bind(&conns)
+            .execute(&pool)
+            .await
+            .map_err(|err| unavailable(&err))
+        })
         .await;
         if let Err(err) = released {
             // The rows go at the next renewal that finds their connections gone.
@@ -224,15 +236,17 @@ impl Writer {
         // Rows are locked in the order of their ids, by every gateway: two batches that share
         // ids take turns instead of deadlocking.
         pending.sort_by(|a, b| a.client_id.as_str().cmp(b.client_id.as_str()));
-        let ids: Vec<&str> = pending.iter().map(|p| p.client_id.as_str()).collect();
+        let ids: Vec<String> = pending.iter().map(|p| p.client_id.to_string()).collect();
         let conns: Vec<i64> = pending.iter().map(|p| bigint_param(p.conn_id)).collect();
+        let (pool, gateway) = (self.pool.clone(), self.gateway.clone());
         // `holders` locks the rows that exist, read as they are: a holder counts while its
         // lease runs and, within the lease, while its lease connection is open (a gateway
         // that was killed loses it at once). Ids are compared on PostgreSQL's first 63 bytes
         // of the connection's name. A row another gateway inserts meanwhile is met by the
         // conflict clause, which decides on it the same way; such a claim is made again.
-        let rows: Result<Vec<ClaimRow>, _> = sqlx::query_as(
-            "WITH req AS ( \
+        let rows = run_on(&self.thread, async move {
+            sqlx::query_as::<_, ClaimRow>(
+                "WITH req AS ( \
                      SELECT * FROM UNNEST($2::text[], $3::bigint[]) AS r(client_id, conn_id)), \
                  holders AS ( \
                      SELECT s.client_id, s.gateway_id, s.conn_id, \
@@ -263,18 +277,20 @@ impl Writer {
                  SELECT r.client_id, t.client_id IS NOT NULL, c.gateway_id, c.conn_id, c.live \
                  FROM req AS r LEFT JOIN taken AS t ON t.client_id = r.client_id \
                  LEFT JOIN holders AS c ON c.client_id = r.client_id",
-        )
-        .bind(self.gateway.as_str())
-        .bind(&ids)
-        .bind(&conns)
-        .bind(LEASE_CONNECTION)
-        .bind(replace)
-        .fetch_all(&self.pool)
+            )
+            .bind(gateway.as_str())
+            .bind(&ids)
+            .bind(&conns)
+            .bind(LEASE_CONNECTION)
+            .bind(replace)
+            .fetch_all(&pool)
+            .await
+            .map_err(|err| unavailable(&err))
+        })
         .await;
         let rows = match rows {
             Ok(rows) => rows,
             Err(err) => {
-                let err = unavailable(&err);
                 for claim in pending {
                     let _ = claim.respond.send(Err(err.clone()));
                 }

@@ -12,6 +12,7 @@ mod route;
 mod sql;
 #[cfg(test)]
 mod tests;
+mod thread;
 
 pub use postgres::PgPresence;
 pub use route::{Stopped, route, route_all};

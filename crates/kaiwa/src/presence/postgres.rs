@@ -8,6 +8,7 @@
 use super::block::{SlotBlock, Surplus};
 use super::claims::Claims;
 use super::sql::{LEASE_CONNECTION, RoundTrip, unavailable};
+use super::thread::PresenceThread;
 use super::{Claim, ClusterCounts, Lessee, Presence, PresenceError};
 use crate::domain::ClientId;
 use crate::domain::GatewayId;
@@ -15,6 +16,7 @@ use crate::store::IN_FLIGHT_COUNT;
 use crate::store::bigint_param;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use std::future::Future;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,13 +32,7 @@ const CONNECTIONS: u32 = 4;
 pub(crate) const SLOW_ACQUIRE: Duration = Duration::from_secs(1);
 
 pub struct PgPresence {
-    pool: PgPool,
-    /// The lease's own connection: thousands of clients connecting at once queue on `pool`, and
-    /// a renewal stuck behind them would let the lease run out under a healthy gateway.
-    lease_pool: PgPool,
-    gateway: GatewayId,
-    /// How long a gateway's claims outlive its last renewal.
-    lease: Duration,
+    db: Db,
     /// The client slots this gateway holds.
     block: Mutex<SlotBlock>,
     /// Held by whatever changes which rows of `client_slots` are this gateway's (a fetch, a
@@ -57,6 +53,20 @@ pub struct PgPresence {
     /// Held while the cluster's counts are read, with the last counts read and the number of
     /// their read: `/health` asked while a read is under way shares the next one (`counts`).
     counted: tokio::sync::Mutex<Option<(u64, ClusterCounts)>>,
+    /// Where every statement runs. Last, so that it stops after everything that uses it.
+    thread: PresenceThread,
+}
+
+/// What presence's statements need, cloned into each task on presence's thread.
+#[derive(Clone)]
+struct Db {
+    pool: PgPool,
+    /// The lease's own connection: thousands of clients connecting at once queue on `pool`, and
+    /// a renewal stuck behind them would let the lease run out under a healthy gateway.
+    lease_pool: PgPool,
+    gateway: GatewayId,
+    /// How long a gateway's claims outlive its last renewal.
+    lease: Duration,
 }
 
 /// The `application_name` of a gateway's lease connection. PostgreSQL keeps its first 63
@@ -82,32 +92,43 @@ impl PgPresence {
         let options = PgConnectOptions::from_str(url)
             .map_err(|err| PresenceError::Database(format!("not a usable PostgreSQL URL: {err}")))?
             .application_name("kaiwa-presence");
-        let pool = PgPoolOptions::new()
-            .max_connections(CONNECTIONS)
-            .acquire_timeout(Duration::from_secs(5))
-            .acquire_slow_threshold(SLOW_ACQUIRE)
-            .connect_with(options.clone())
-            .await
-            .map_err(|err| unavailable(&err))?;
         // Named after the gateway, and never closed while the process lives: a gateway whose
         // process died has no such connection any more, which others see at once, long before
         // its lease runs out (see `claim`).
-        let lease_pool = PgPoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .acquire_timeout(lease / 3)
-            .acquire_slow_threshold(SLOW_ACQUIRE)
-            .connect_with(options.application_name(&lease_connection_name(&gateway)))
-            .await
-            .map_err(|err| unavailable(&err))?;
-        let claims = Claims::spawn(pool.clone(), gateway.clone());
+        let lease_options = options
+            .clone()
+            .application_name(&lease_connection_name(&gateway));
+        let thread = PresenceThread::start()?;
+        let (pool, lease_pool) = thread
+            .run(async move {
+                let pool = PgPoolOptions::new()
+                    .max_connections(CONNECTIONS)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .acquire_slow_threshold(SLOW_ACQUIRE)
+                    .connect_with(options)
+                    .await
+                    .map_err(|err| unavailable(&err))?;
+                let lease_pool = PgPoolOptions::new()
+                    .max_connections(1)
+                    .min_connections(1)
+                    .idle_timeout(None)
+                    .max_lifetime(None)
+                    .acquire_timeout(lease / 3)
+                    .acquire_slow_threshold(SLOW_ACQUIRE)
+                    .connect_with(lease_options)
+                    .await
+                    .map_err(|err| unavailable(&err))?;
+                Ok((pool, lease_pool))
+            })
+            .await?;
+        let claims = Claims::spawn(thread.handle().clone(), pool.clone(), gateway.clone());
         Ok(Self {
-            pool,
-            lease_pool,
-            gateway,
-            lease,
+            db: Db {
+                pool,
+                lease_pool,
+                gateway,
+                lease,
+            },
             block: Mutex::new(SlotBlock::default()),
             rows: tokio::sync::Mutex::new(()),
             waiting: AtomicUsize::new(0),
@@ -115,11 +136,101 @@ impl PgPresence {
             claims,
             counts_begun: AtomicU64::new(0),
             counted: tokio::sync::Mutex::new(None),
+            thread,
         })
     }
 
+    /// Runs statements of `db`'s on presence's thread.
+    async fn on_thread<T, F, Fut>(&self, work: F) -> Result<T, PresenceError>
+    where
+        F: FnOnce(Db) -> Fut,
+        Fut: Future<Output = Result<T, PresenceError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.thread.run(work(self.db.clone())).await
+    }
+
+    /// Extends the lease, if it still runs, gives back client ids no live connection holds
+    /// and slot rows the block does not list, and then the block's surplus. False if the lease
+    /// had run out.
+    pub(super) async fn renew(&self, live: &[u64]) -> Result<bool, PresenceError> {
+        let _timed = RoundTrip::start("renew");
+        let live: Vec<i64> = live.iter().map(|&conn| bigint_param(conn)).collect();
+        let rows = self.rows.lock().await;
+        let started = tokio::time::Instant::now();
+        let held = slot_params(&lock(&self.block).held());
+        let Some(short) = self.on_thread(move |db| db.renew(live, held)).await? else {
+            return Ok(false);
+        };
+        let surplus =
+            lock(&self.block).renewed(started, self.db.lease, short, tokio::time::Instant::now());
+        self.give_back_locked(surplus).await;
+        drop(rows);
+        let reclaimed = self
+            .on_thread(|db| async move { reclaim(&db.lease_pool).await })
+            .await;
+        if let Err(err) = reclaimed {
+            // The lease is renewed: a reclaim that failed is tried again at the next renewal,
+            // and must not count as a renewal that failed.
+            tracing::warn!(gateway = %self.db.gateway, %err, "could not free the slots of gateways that are gone");
+        }
+        Ok(true)
+    }
+
+    /// Returns slots to the cluster; `rows` is held. A give-back of an earlier epoch is
+    /// dropped: joining again or a renewal freed its rows, and some may be this gateway's
+    /// again.
+    async fn give_back_locked(&self, surplus: Surplus) {
+        if surplus.slots.is_empty() || surplus.epoch != lock(&self.block).epoch() {
+            return;
+        }
+        let count = surplus.slots.len();
+        let slots = slot_params(&surplus.slots);
+        if let Err(err) = self.on_thread(move |db| db.give_back(slots)).await {
+            // Nothing is lost: the rows are no longer in the block, and the next renewal frees
+            // every row of this gateway's that the block does not list.
+            tracing::info!(slots = count, %err, "spare client slots not given back yet; the next renewal frees them");
+        }
+    }
+
+    /// Takes up to `want` free slots into this gateway's block; `rows` is held.
+    async fn fetch_locked(&self, want: usize, max_clients: u32) -> Result<Vec<u32>, PresenceError> {
+        self.on_thread(move |db| db.fetch(want, max_clients)).await
+    }
+
+    /// How many slots the block lists, spare or in use.
+    #[cfg(test)]
+    pub(super) fn block_held(&self) -> usize {
+        lock(&self.block).held().len()
+    }
+
+    /// A slot of the block for the connection, if one is spare.
+    fn take_here(&self, conn_id: u64) -> Result<Option<u32>, PresenceError> {
+        let now = tokio::time::Instant::now();
+        let mut block = lock(&self.block);
+        if !block.lease_runs(now) {
+            return Err(PresenceError::Unavailable(
+                "this gateway's lease has run out; it joins the cluster again".into(),
+            ));
+        }
+        Ok(block.take(conn_id, now))
+    }
+
+    /// Gives back every slot and client id this gateway holds.
+    async fn leave(&self) -> Result<(), PresenceError> {
+        let _rows = self.rows.lock().await;
+        self.leave_locked().await
+    }
+
+    async fn leave_locked(&self) -> Result<(), PresenceError> {
+        lock(&self.block).reset(None);
+        self.on_thread(Db::leave).await
+    }
+}
+
+impl Db {
     /// The cluster's counts, read now (what `counts` shares).
-    async fn read_counts(&self) -> Result<ClusterCounts, PresenceError> {
+    async fn read_counts(self) -> Result<ClusterCounts, PresenceError> {
         let _timed = RoundTrip::start("counts");
         let (clients, in_flight, gateways): (i64, i64, i64) =
             sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -143,15 +254,9 @@ impl PgPresence {
         })
     }
 
-    /// Extends the lease, if it still runs, gives back client ids no live connection holds
-    /// and slot rows the block does not list, and then the block's surplus. False if the lease
-    /// had run out.
-    pub(super) async fn renew(&self, live: &[u64]) -> Result<bool, PresenceError> {
-        let _timed = RoundTrip::start("renew");
-        let live: Vec<i64> = live.iter().map(|&conn| bigint_param(conn)).collect();
-        let rows = self.rows.lock().await;
-        let started = tokio::time::Instant::now();
-        let held = slot_params(&lock(&self.block).held());
+    /// The renewal's statements: whether any gateway ran short of free slots lately, or
+    /// `None` if this gateway's lease had run out.
+    async fn renew(self, live: Vec<i64>, held: Vec<i32>) -> Result<Option<bool>, PresenceError> {
         let mut tx = self
             .lease_pool
             .begin()
@@ -197,31 +302,13 @@ impl PgPresence {
             .map_err(|err| unavailable(&err))?;
         }
         tx.commit().await.map_err(|err| unavailable(&err))?;
-        let Some(short) = short else {
-            return Ok(false);
-        };
-        let surplus =
-            lock(&self.block).renewed(started, self.lease, short, tokio::time::Instant::now());
-        self.give_back_locked(surplus).await;
-        drop(rows);
-        if let Err(err) = reclaim(&self.lease_pool).await {
-            // The lease is renewed: a reclaim that failed is tried again at the next renewal,
-            // and must not count as a renewal that failed.
-            tracing::warn!(gateway = %self.gateway, %err, "could not free the slots of gateways that are gone");
-        }
-        Ok(true)
+        Ok(short)
     }
 
-    /// Returns slots to the cluster; `rows` is held. A give-back of an earlier epoch is
-    /// dropped: joining again or a renewal freed its rows, and some may be this gateway's
-    /// again.
-    async fn give_back_locked(&self, surplus: Surplus) {
-        if surplus.slots.is_empty() || surplus.epoch != lock(&self.block).epoch() {
-            return;
-        }
+    async fn give_back(self, slots: Vec<i32>) -> Result<(), PresenceError> {
         let _timed = RoundTrip::start("give_back");
         // Row by row, for the reason the departures' statement gives (`claims.rs`).
-        let given = sqlx::query(
+        sqlx::query(
             "UPDATE client_slots SET gateway_id = NULL, conn_id = NULL, taken_at = NULL \
              WHERE ctid = ANY(ARRAY( \
                  SELECT found.ctid FROM UNNEST($2::integer[]) AS g(slot) \
@@ -229,20 +316,17 @@ impl PgPresence {
                      WHERE c.slot = g.slot AND c.gateway_id = $1 OFFSET 0) AS found))",
         )
         .bind(self.gateway.as_str())
-        .bind(slot_params(&surplus.slots))
+        .bind(&slots)
         .execute(&self.pool)
-        .await;
-        if let Err(err) = given {
-            // Nothing is lost: the rows are no longer in the block, and the next renewal frees
-            // every row of this gateway's that the block does not list.
-            tracing::info!(slots = surplus.slots.len(), %err, "spare client slots not given back yet; the next renewal frees them");
-        }
+        .await
+        .map(drop)
+        .map_err(|err| unavailable(&err))
     }
 
-    /// Takes up to `want` free slots into this gateway's block; `rows` is held. When there are
-    /// fewer, the slots of gateways whose lease ended are freed first, and the gateway is
-    /// marked short (others keep no spare slots while one is).
-    async fn fetch_locked(&self, want: usize, max_clients: u32) -> Result<Vec<u32>, PresenceError> {
+    /// Takes up to `want` free slots for this gateway's block. When there are fewer, the slots
+    /// of gateways whose lease ended are freed first, and the gateway is marked short (others
+    /// keep no spare slots while one is).
+    async fn fetch(self, want: usize, max_clients: u32) -> Result<Vec<u32>, PresenceError> {
         let mut slots = self.fetch_once(want, max_clients).await?;
         if slots.len() < want {
             if reclaim(&self.pool).await? > 0 {
@@ -288,33 +372,9 @@ impl PgPresence {
             .collect())
     }
 
-    /// How many slots the block lists, spare or in use.
-    #[cfg(test)]
-    pub(super) fn block_held(&self) -> usize {
-        lock(&self.block).held().len()
-    }
-
-    /// A slot of the block for the connection, if one is spare.
-    fn take_here(&self, conn_id: u64) -> Result<Option<u32>, PresenceError> {
-        let now = tokio::time::Instant::now();
-        let mut block = lock(&self.block);
-        if !block.lease_runs(now) {
-            return Err(PresenceError::Unavailable(
-                "this gateway's lease has run out; it joins the cluster again".into(),
-            ));
-        }
-        Ok(block.take(conn_id, now))
-    }
-
-    /// Gives back every slot and client id this gateway holds.
-    async fn leave(&self) -> Result<(), PresenceError> {
-        let _rows = self.rows.lock().await;
-        self.leave_locked().await
-    }
-
-    async fn leave_locked(&self) -> Result<(), PresenceError> {
+    /// Gives back every slot and client id of this gateway's, and ends its lease.
+    async fn leave(self) -> Result<(), PresenceError> {
         let _timed = RoundTrip::start("leave");
-        lock(&self.block).reset(None);
         let mut tx = self.pool.begin().await.map_err(|err| unavailable(&err))?;
         sqlx::query("DELETE FROM sessions WHERE gateway_id = $1")
             .bind(self.gateway.as_str())
@@ -337,6 +397,63 @@ impl PgPresence {
             .await
             .map_err(|err| unavailable(&err))?;
         tx.commit().await.map_err(|err| unavailable(&err))
+    }
+    /// Puts this gateway's lease in, and the cluster's slots.
+    async fn join(self, max_clients: u32) -> Result<(), PresenceError> {
+        sqlx::query(
+            "INSERT INTO gateways (id, started_at, lease_until) \
+             VALUES ($1, now(), now() + make_interval(secs => $2)) \
+             ON CONFLICT (id) DO UPDATE SET started_at = now(), lease_until = EXCLUDED.lease_until",
+        )
+        .bind(self.gateway.as_str())
+        .bind(seconds(self.lease))
+        .execute(&self.pool)
+        .await
+        .map_err(|err| unavailable(&err))?;
+        // Slots beyond the configured count stay unused; all gateways should agree on it.
+        sqlx::query(
+            "INSERT INTO client_slots (slot) SELECT generate_series(1, $1) ON CONFLICT DO NOTHING",
+        )
+        .bind(i32::try_from(max_clients).unwrap_or(i32::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(|err| unavailable(&err))?;
+        Ok(())
+    }
+
+    async fn holder(self, client_id: ClientId) -> Result<Option<GatewayId>, PresenceError> {
+        let _timed = RoundTrip::start("holder");
+        let holder: Option<String> = sqlx::query_scalar(
+            "SELECT s.gateway_id FROM sessions AS s JOIN gateways AS g ON g.id = s.gateway_id \
+             WHERE s.client_id = $1 AND g.lease_until > now()",
+        )
+        .bind(client_id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|err| unavailable(&err))?;
+        Ok(holder.map(GatewayId::new))
+    }
+
+    /// Checks the lease connection, opening it again if it dropped.
+    async fn ping(self) -> Result<(), PresenceError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.lease_pool)
+            .await
+            .map(drop)
+            .map_err(|err| unavailable(&err))
+    }
+
+    async fn in_flight(self) -> Result<Option<u64>, PresenceError> {
+        let _timed = RoundTrip::start("in_flight");
+        let in_flight: i64 = sqlx::query_scalar(IN_FLIGHT_COUNT)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|err| unavailable(&err))?;
+        u64::try_from(in_flight).map(Some).map_err(|_| {
+            PresenceError::Database(format!(
+                "a corrupt count of messages in flight: {in_flight}"
+            ))
+        })
     }
 }
 
@@ -391,27 +508,10 @@ impl Presence for PgPresence {
         let _rows = self.rows.lock().await;
         self.leave_locked().await?;
         let started = tokio::time::Instant::now();
-        sqlx::query(
-            "INSERT INTO gateways (id, started_at, lease_until) \
-             VALUES ($1, now(), now() + make_interval(secs => $2)) \
-             ON CONFLICT (id) DO UPDATE SET started_at = now(), lease_until = EXCLUDED.lease_until",
-        )
-        .bind(self.gateway.as_str())
-        .bind(seconds(self.lease))
-        .execute(&self.pool)
-        .await
-        .map_err(|err| unavailable(&err))?;
-        // Slots beyond the configured count stay unused; all gateways should agree on it.
-        sqlx::query(
-            "INSERT INTO client_slots (slot) SELECT generate_series(1, $1) ON CONFLICT DO NOTHING",
-        )
-        .bind(i32::try_from(max_clients).unwrap_or(i32::MAX))
-        .execute(&self.pool)
-        .await
-        .map_err(|err| unavailable(&err))?;
+        self.on_thread(move |db| db.join(max_clients)).await?;
         let mut block = lock(&self.block);
         block.size_for(max_clients);
-        block.reset(Some((started, self.lease)));
+        block.reset(Some((started, self.db.lease)));
         Ok(())
     }
 
@@ -422,7 +522,7 @@ impl Presence for PgPresence {
     /// slots and ids: the lessee is told (it closes its sessions), and the gateway joins again
     /// once the database answers.
     async fn keep_lease(&self, max_clients: u32, stop: CancellationToken, lessee: Arc<dyn Lessee>) {
-        let mut tick = tokio::time::interval(self.lease / 3);
+        let mut tick = tokio::time::interval(self.db.lease / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Others read this gateway as alive from its lease connection being open (`claim`):
         // one that dropped (a database restart, a reset) is opened again within this, rather
@@ -436,11 +536,12 @@ impl Presence for PgPresence {
                 _ = ping.tick() => {
                     // A connection in use is open: the ping is for one idle or dropped, and
                     // waiting behind a renewal slowed by a storm only made sqlx warn.
-                    if self.lease_pool.size() > 0 && self.lease_pool.num_idle() == 0 {
+                    let lease_pool = &self.db.lease_pool;
+                    if lease_pool.size() > 0 && lease_pool.num_idle() == 0 {
                         continue;
                     }
-                    if let Err(err) = sqlx::query("SELECT 1").execute(&self.lease_pool).await {
-                        tracing::debug!(gateway = %self.gateway, %err, "the lease connection is down");
+                    if let Err(err) = self.on_thread(Db::ping).await {
+                        tracing::debug!(gateway = %self.db.gateway, %err, "the lease connection is down");
                     }
                     continue;
                 }
@@ -449,19 +550,19 @@ impl Presence for PgPresence {
             match self.renew(&lessee.live_connections()).await {
                 Ok(true) => renewed_at = tokio::time::Instant::now(),
                 Ok(false) => {
-                    tracing::error!(gateway = %self.gateway, "the gateway's lease ran out: its clients are closed and it joins again");
+                    tracing::error!(gateway = %self.db.gateway, "the gateway's lease ran out: its clients are closed and it joins again");
                     metrics::counter!("kaiwa_lease_lost_total").increment(1);
                     lessee.lease_lost();
                     match self.join(max_clients).await {
                         Ok(()) => renewed_at = tokio::time::Instant::now(),
                         Err(err) => {
-                            tracing::warn!(gateway = %self.gateway, %err, "could not join the cluster again")
+                            tracing::warn!(gateway = %self.db.gateway, %err, "could not join the cluster again")
                         }
                     }
                 }
                 Err(err) => {
-                    tracing::warn!(gateway = %self.gateway, %err, "could not renew the gateway's lease");
-                    if renewed_at.elapsed() >= self.lease {
+                    tracing::warn!(gateway = %self.db.gateway, %err, "could not renew the gateway's lease");
+                    if renewed_at.elapsed() >= self.db.lease {
                         // Nobody can tell whether others took our slots: act as if they did.
                         lessee.lease_lost();
                     }
@@ -469,21 +570,13 @@ impl Presence for PgPresence {
             }
         }
         if let Err(err) = self.leave().await {
-            tracing::warn!(gateway = %self.gateway, %err, "could not give back the gateway's clients");
+            tracing::warn!(gateway = %self.db.gateway, %err, "could not give back the gateway's clients");
         }
     }
 
     async fn holder(&self, client_id: &ClientId) -> Result<Option<GatewayId>, PresenceError> {
-        let _timed = RoundTrip::start("holder");
-        let holder: Option<String> = sqlx::query_scalar(
-            "SELECT s.gateway_id FROM sessions AS s JOIN gateways AS g ON g.id = s.gateway_id \
-             WHERE s.client_id = $1 AND g.lease_until > now()",
-        )
-        .bind(client_id.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|err| unavailable(&err))?;
-        Ok(holder.map(GatewayId::new))
+        let client_id = client_id.clone();
+        self.on_thread(move |db| db.holder(client_id)).await
     }
 
     async fn take_slot(
@@ -511,7 +604,13 @@ impl Presence for PgPresence {
             )
         };
         let slots = self.fetch_locked(want, max_clients).await?;
-        lock(&self.block).fill(epoch, slots, want, tokio::time::Instant::now(), self.lease);
+        lock(&self.block).fill(
+            epoch,
+            slots,
+            want,
+            tokio::time::Instant::now(),
+            self.db.lease,
+        );
         drop(rows);
         self.take_here(conn_id)
     }
@@ -556,22 +655,13 @@ impl Presence for PgPresence {
             return Ok(Some(counts));
         }
         let read = self.counts_begun.fetch_add(1, Ordering::SeqCst) + 1;
-        let counts = self.read_counts().await?;
+        let counts = self.on_thread(Db::read_counts).await?;
         *counted = Some((read, counts));
         Ok(Some(counts))
     }
 
     async fn in_flight(&self) -> Result<Option<u64>, PresenceError> {
-        let _timed = RoundTrip::start("in_flight");
-        let in_flight: i64 = sqlx::query_scalar(IN_FLIGHT_COUNT)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|err| unavailable(&err))?;
-        u64::try_from(in_flight).map(Some).map_err(|_| {
-            PresenceError::Database(format!(
-                "a corrupt count of messages in flight: {in_flight}"
-            ))
-        })
+        self.on_thread(Db::in_flight).await
     }
 }
 
