@@ -33,6 +33,7 @@ pub mod app;
 pub mod auth;
 pub mod clock;
 pub mod config;
+mod db_thread;
 pub mod domain;
 pub mod flags;
 pub mod gateway;

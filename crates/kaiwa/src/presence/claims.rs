@@ -6,8 +6,8 @@
 //! transactions of four round trips each.
 
 use super::sql::{LEASE_CONNECTION, RoundTrip, unavailable};
-use super::thread::run_on;
 use super::{Claim, PresenceError};
+use crate::db_thread::run_on;
 use crate::domain::{ClientId, GatewayId};
 use crate::store::bigint_param;
 use sqlx::PgPool;

@@ -12,7 +12,6 @@ mod route;
 mod sql;
 #[cfg(test)]
 mod tests;
-mod thread;
 
 pub use postgres::PgPresence;
 pub use route::{Stopped, route, route_all};
@@ -31,6 +30,12 @@ pub enum PresenceError {
     /// The database took the call and failed it: a bug or a broken schema, not an outage.
     #[error("presence failed: {0}")]
     Database(String),
+}
+
+impl From<crate::db_thread::Stopped> for PresenceError {
+    fn from(stopped: crate::db_thread::Stopped) -> Self {
+        Self::Unavailable(stopped.to_string())
+    }
 }
 
 impl PresenceError {

@@ -8,8 +8,8 @@
 use super::block::{SlotBlock, Surplus};
 use super::claims::Claims;
 use super::sql::{LEASE_CONNECTION, RoundTrip, unavailable};
-use super::thread::PresenceThread;
 use super::{Claim, ClusterCounts, Lessee, Presence, PresenceError};
+use crate::db_thread::DbThread;
 use crate::domain::ClientId;
 use crate::domain::GatewayId;
 use crate::store::IN_FLIGHT_COUNT;
@@ -54,7 +54,7 @@ pub struct PgPresence {
     /// their read: `/health` asked while a read is under way shares the next one (`counts`).
     counted: tokio::sync::Mutex<Option<(u64, ClusterCounts)>>,
     /// Where every statement runs. Last, so that it stops after everything that uses it.
-    thread: PresenceThread,
+    thread: DbThread,
 }
 
 /// What presence's statements need, cloned into each task on presence's thread.
@@ -98,7 +98,9 @@ impl PgPresence {
         let lease_options = options
             .clone()
             .application_name(&lease_connection_name(&gateway));
-        let thread = PresenceThread::start()?;
+        let thread = DbThread::start("kaiwa-presence").map_err(|err| {
+            PresenceError::Database(format!("could not start presence's thread: {err}"))
+        })?;
         let (pool, lease_pool) = thread
             .run(async move {
                 let pool = PgPoolOptions::new()
@@ -118,7 +120,7 @@ impl PgPresence {
                     .connect_with(lease_options)
                     .await
                     .map_err(|err| unavailable(&err))?;
-                Ok((pool, lease_pool))
+                Ok::<_, PresenceError>((pool, lease_pool))
             })
             .await?;
         let claims = Claims::spawn(thread.handle().clone(), pool.clone(), gateway.clone());

@@ -201,6 +201,12 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl From<crate::db_thread::Stopped> for StoreError {
+    fn from(_: crate::db_thread::Stopped) -> Self {
+        Self::Closed
+    }
+}
+
 /// A count or stream position as read from the database, where a negative value can only
 /// mean a corrupt row: an error, never a silent 0.
 pub(crate) fn non_negative(what: &str, value: i64) -> Result<u64, StoreError> {

@@ -1,6 +1,7 @@
 //! The PostgreSQL store: one batching writer task that commits every waiting command in one
 //! transaction ([`writer`]), and a pool of connections for reads, where the reads of reply
-//! streams' ends that wait together go as one statement ([`stream_ends`]). Several kaiwa
+//! streams' ends that wait together go as one statement ([`stream_ends`]). Both run their
+//! statements on threads of their own (see [`crate::db_thread`]). Several kaiwa
 //! processes may share one database: ids come from the database's sequences, and each client's
 //! reply stream is numbered under a lock of that client's own.
 
@@ -17,6 +18,7 @@ use super::{
     Inserted, MissedReply, NewMessage, NewReply, Store, StoreError, StoreFuture, StoreHealth,
     StoredMessage, StoredReply, StuckClaims,
 };
+use crate::db_thread::DbThread;
 use crate::domain::{ClientId, GatewayId};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -24,6 +26,7 @@ use kaiwa_protocol::Delivery;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Postgres};
 use std::collections::HashSet;
+use std::future::Future;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -58,14 +61,14 @@ pub struct PgShared {
 }
 
 /// Which accepted messages a sweeper claims.
-#[derive(Debug, Clone, Copy)]
-enum Claiming<'a> {
+#[derive(Debug, Clone)]
+enum Claiming {
     /// Neither queued again nor received for this long.
     Untouched(Duration),
     /// Admitted by a gateway whose lease has ended, and never queued again.
     Orphaned,
     /// Admitted by this gateway before this time (by its last run), and never queued again.
-    LeftBy(&'a GatewayId, DateTime<Utc>),
+    LeftBy(GatewayId, DateTime<Utc>),
 }
 
 /// The number of messages in flight across the cluster: the sum of the count's shards (see
@@ -81,6 +84,8 @@ pub struct PgStore {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Whether the writer's last batch went through, and why not.
     health: Arc<Mutex<StoreHealth>>,
+    /// Where every read runs. Last, so that it stops after everything that uses it.
+    thread: DbThread,
 }
 
 impl PgStore {
@@ -122,76 +127,40 @@ impl PgStore {
             }
         }
         conn.close().await?;
-        let reads = PgPoolOptions::new()
-            .max_connections(READ_CONNECTIONS)
-            .acquire_timeout(CONNECT_TIMEOUT)
-            .connect_with(options.clone())
-            .await
-            .map_err(|err| unreachable(&options, &err))?;
+        let thread = DbThread::start("kaiwa-pg-reads").map_err(|err| {
+            StoreError::Database(format!("could not start the reads' thread: {err}"))
+        })?;
+        let pool_options = options.clone();
+        let reads = thread
+            .run(async move {
+                PgPoolOptions::new()
+                    .max_connections(READ_CONNECTIONS)
+                    .acquire_timeout(CONNECT_TIMEOUT)
+                    .connect_with(pool_options.clone())
+                    .await
+                    .map_err(|err| unreachable(&pool_options, &err))
+            })
+            .await?;
         let health = Arc::new(Mutex::new(StoreHealth::Ok));
         let (writes, rx) = Writes::channel();
         let writer = spawn_writer(options, rx, health.clone(), &settings).await?;
         Ok(Self {
             writes,
-            stream_ends: StreamEnds::spawn(reads.clone()),
+            stream_ends: StreamEnds::spawn(thread.handle().clone(), reads.clone()),
             reads,
             writer: Mutex::new(Some(writer)),
             health,
+            thread,
         })
     }
 
     /// Marks up to `limit` accepted messages that are `stuck` as queued again now, and returns
     /// them; other processes skip the rows it locks.
-    async fn claim(
-        &self,
-        stuck: Claiming<'_>,
-        limit: u32,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
-        let condition = match stuck {
-            Claiming::Untouched(_) => {
-                "COALESCE(touched_at, received_at) < now() - make_interval(secs => $2)"
-            }
-            // The first question asked once, before any message is looked up: every process
-            // asks every second, and nearly always every lease runs.
-            Claiming::Orphaned => {
-                "EXISTS (SELECT 1 FROM gateways WHERE lease_until <= now()) \
-                 AND touched_at IS NULL AND admitted_by IN \
-                 (SELECT id FROM gateways WHERE lease_until <= now())"
-            }
-            Claiming::LeftBy(..) => "touched_at IS NULL AND admitted_by = $2 AND received_at < $3",
-        };
-        let unfinished = <Postgres as Dialect>::UNFINISHED;
-        // A reply set completes its message by deleting its row in `unfinished`, not by
-        // touching the message (migration 11): a message whose completion is under way is
-        // skipped by its row there, and one claimed first holds that row until the claim
-        // commits, as the message's own row did when completion updated it.
-        let sql = format!(
-            "UPDATE messages SET touched_at = now() WHERE id IN ( \
-                 SELECT id FROM messages \
-                 WHERE {unfinished} AND {condition} \
-                     AND EXISTS (SELECT 1 FROM unfinished AS u \
-                         WHERE u.message_id = messages.id FOR KEY SHARE SKIP LOCKED) \
-                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
-             RETURNING {}",
-            message_columns::<Postgres>()
-        );
-        let mut query =
-            sqlx::query_as::<_, MessageRecord>(sqlx::AssertSqlSafe(sql)).bind(i64::from(limit));
-        match stuck {
-            Claiming::Untouched(older_than) => query = query.bind(older_than.as_secs_f64()),
-            Claiming::Orphaned => {}
-            Claiming::LeftBy(gateway, before) => {
-                query = query.bind(gateway.as_str().to_owned()).bind(before);
-            }
-        }
-        let mut messages = query
-            .fetch_all(&self.reads)
-            .await?
-            .into_iter()
-            .map(StoredMessage::try_from)
-            .collect::<Result<Vec<_>, _>>()?;
-        messages.sort_by_key(|message| message.id);
-        Ok(messages)
+    async fn claim(&self, stuck: Claiming, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
+        let reads = self.reads.clone();
+        self.thread
+            .run(async move { claim(&reads, stuck, limit).await })
+            .await
     }
 
     /// Messages accepted and not yet replied to, across every process (what the contract tests
@@ -212,6 +181,60 @@ impl PgStore {
         conn.close().await?;
         Ok(applied)
     }
+}
+
+/// Marks up to `limit` accepted messages that are `stuck` as queued again now, and returns them;
+/// other processes skip the rows it locks.
+async fn claim(
+    reads: &PgPool,
+    stuck: Claiming,
+    limit: u32,
+) -> Result<Vec<StoredMessage>, StoreError> {
+    let condition = match stuck {
+        Claiming::Untouched(_) => {
+            "COALESCE(touched_at, received_at) < now() - make_interval(secs => $2)"
+        }
+        // The first question asked once, before any message is looked up: every process
+        // asks every second, and nearly always every lease runs.
+        Claiming::Orphaned => {
+            "EXISTS (SELECT 1 FROM gateways WHERE lease_until <= now()) \
+             AND touched_at IS NULL AND admitted_by IN \
+             (SELECT id FROM gateways WHERE lease_until <= now())"
+        }
+        Claiming::LeftBy(..) => "touched_at IS NULL AND admitted_by = $2 AND received_at < $3",
+    };
+    let unfinished = <Postgres as Dialect>::UNFINISHED;
+    // A reply set completes its message by deleting its row in `unfinished`, not by
+    // touching the message (migration 11): a message whose completion is under way is
+    // skipped by its row there, and one claimed first holds that row until the claim
+    // commits, as the message's own row did when completion updated it.
+    let sql = format!(
+        "UPDATE messages SET touched_at = now() WHERE id IN ( \
+             SELECT id FROM messages \
+             WHERE {unfinished} AND {condition} \
+                 AND EXISTS (SELECT 1 FROM unfinished AS u \
+                     WHERE u.message_id = messages.id FOR KEY SHARE SKIP LOCKED) \
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+         RETURNING {}",
+        message_columns::<Postgres>()
+    );
+    let mut query =
+        sqlx::query_as::<_, MessageRecord>(sqlx::AssertSqlSafe(sql)).bind(i64::from(limit));
+    match stuck {
+        Claiming::Untouched(older_than) => query = query.bind(older_than.as_secs_f64()),
+        Claiming::Orphaned => {}
+        Claiming::LeftBy(gateway, before) => {
+            query = query.bind(gateway.as_str().to_owned()).bind(before);
+        }
+    }
+    let mut messages = query
+        .fetch_all(reads)
+        .await?
+        .into_iter()
+        .map(StoredMessage::try_from)
+        .collect::<Result<Vec<_>, _>>()?;
+    messages.sort_by_key(|message| message.id);
+    Ok(messages)
 }
 
 /// The advisory lock kaiwa holds while it migrates: two processes starting at once take turns,
@@ -345,8 +368,14 @@ async fn connect(options: &PgConnectOptions) -> Result<PgConnection, StoreError>
 }
 
 impl PgStore {
-    fn read(&self) -> Reads<'_, Postgres> {
-        Reads(&self.reads)
+    /// Runs a read on the reads' thread.
+    async fn read<T, F, Fut>(&self, read: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(PgPool) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.thread.run(read(self.reads.clone())).await
     }
 }
 
@@ -370,7 +399,8 @@ impl StuckClaims for PgStore {
         before: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        self.claim(Claiming::LeftBy(gateway, before), limit).await
+        self.claim(Claiming::LeftBy(gateway.clone(), before), limit)
+            .await
     }
 }
 
@@ -424,7 +454,8 @@ impl Store for PgStore {
     }
 
     async fn message(&self, id: i64) -> Result<Option<StoredMessage>, StoreError> {
-        self.read().message(id).await
+        self.read(move |pool| async move { Reads(&pool).message(id).await })
+            .await
     }
 
     async fn history(
@@ -433,7 +464,9 @@ impl Store for PgStore {
         before: Option<i64>,
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        self.read().history(client_id, before, limit).await
+        let client_id = client_id.clone();
+        self.read(move |pool| async move { Reads(&pool).history(&client_id, before, limit).await })
+            .await
     }
 
     async fn history_by_offset(
@@ -442,9 +475,13 @@ impl Store for PgStore {
         offset: u64,
         limit: u32,
     ) -> Result<(Vec<StoredMessage>, u64), StoreError> {
-        self.read()
-            .history_by_offset(client_id, offset, limit)
-            .await
+        let client_id = client_id.clone();
+        self.read(move |pool| async move {
+            Reads(&pool)
+                .history_by_offset(&client_id, offset, limit)
+                .await
+        })
+        .await
     }
 
     async fn replies_after(
@@ -453,7 +490,11 @@ impl Store for PgStore {
         after: u64,
         limit: u32,
     ) -> Result<Vec<MissedReply>, StoreError> {
-        self.read().replies_after(client_id, after, limit).await
+        let client_id = client_id.clone();
+        self.read(
+            move |pool| async move { Reads(&pool).replies_after(&client_id, after, limit).await },
+        )
+        .await
     }
 
     async fn latest_seq(&self, client_id: &ClientId) -> Result<u64, StoreError> {
@@ -461,11 +502,14 @@ impl Store for PgStore {
     }
 
     async fn acknowledged(&self, client_id: &ClientId) -> Result<u64, StoreError> {
-        self.read().acknowledged(client_id).await
+        let client_id = client_id.clone();
+        self.read(move |pool| async move { Reads(&pool).acknowledged(&client_id).await })
+            .await
     }
 
     async fn unfinished_messages(&self) -> Result<Vec<StoredMessage>, StoreError> {
-        self.read().unfinished_messages().await
+        self.read(|pool| async move { Reads(&pool).unfinished_messages().await })
+            .await
     }
 
     fn health(&self) -> StoreHealth {

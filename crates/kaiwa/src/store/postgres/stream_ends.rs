@@ -1,13 +1,16 @@
 //! The ends of clients' reply streams, read in batches: every native connection reads where its
 //! stream ends before it is welcomed, and a storm of 50,000 connections made that 50,000 round
 //! trips on the read pool, twice presence's, and the pool's longest waits. Reads that wait
-//! together go as one statement instead, as the claims of the same connections do.
+//! together go as one statement instead, as the claims of the same connections do, run on the
+//! reads' thread; the task that answers them stays with the connections' tasks.
 
+use crate::db_thread::run_on;
 use crate::store::{StoreError, is_outage, non_negative};
 use sqlx::PgPool;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// Client ids read by one statement, at most.
@@ -33,13 +36,14 @@ pub(super) struct StreamEnds {
 }
 
 impl StreamEnds {
-    pub(super) fn spawn(pool: PgPool) -> Self {
-        Self::spawn_with(pool, READ_TIMEOUT)
+    /// Starts the task that reads in batches, its statements run on `thread`.
+    pub(super) fn spawn(thread: Handle, pool: PgPool) -> Self {
+        Self::spawn_with(thread, pool, READ_TIMEOUT)
     }
 
-    fn spawn_with(pool: PgPool, timeout: Duration) -> Self {
+    fn spawn_with(thread: Handle, pool: PgPool, timeout: Duration) -> Self {
         let (requests, waiting) = mpsc::unbounded_channel();
-        tokio::spawn(read_in_batches(pool, waiting, timeout));
+        tokio::spawn(read_in_batches(thread, pool, waiting, timeout));
         Self { requests }
     }
 
@@ -55,6 +59,7 @@ impl StreamEnds {
 }
 
 async fn read_in_batches(
+    thread: Handle,
     pool: PgPool,
     mut waiting: mpsc::UnboundedReceiver<(String, Answer)>,
     timeout: Duration,
@@ -69,31 +74,35 @@ async fn read_in_batches(
         if waiting.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return;
         }
-        let pool = pool.clone();
+        let (thread, pool) = (thread.clone(), pool.clone());
         tokio::spawn(async move {
-            answer(&pool, batch, timeout).await;
+            answer(&thread, pool, batch, timeout).await;
             drop(turn);
         });
     }
 }
 
-async fn answer(pool: &PgPool, batch: Vec<(String, Answer)>, timeout: Duration) {
-    let ids: Vec<&str> = batch.iter().map(|(id, _)| id.as_str()).collect();
-    let ends = match read(pool, &ids, timeout).await {
-        // One connection that broke (a failover, a restart) would otherwise refuse every
-        // connection of the batch; the pool opens another. A statement that hung is not made
-        // again: the next would likely hang too, and the connections have waited long enough.
-        Err(Failed::Sql(err)) if is_outage(&err) => read(pool, &ids, timeout).await,
-        other => other,
-    }
-    .map_err(|failed| match failed {
-        Failed::Sql(err) => StoreError::from(err),
-        Failed::TimedOut => StoreError::Unavailable(format!(
-            "reading where {} reply streams end took over {} ms",
-            ids.len(),
-            timeout.as_millis()
-        )),
-    });
+async fn answer(thread: &Handle, pool: PgPool, batch: Vec<(String, Answer)>, timeout: Duration) {
+    let ids: Vec<String> = batch.iter().map(|(id, _)| id.clone()).collect();
+    let ends = run_on(thread, async move {
+        match read(&pool, &ids, timeout).await {
+            // One connection that broke (a failover, a restart) would otherwise refuse every
+            // connection of the batch; the pool opens another. A statement that hung is not
+            // made again: the next would likely hang too, and the connections have waited long
+            // enough.
+            Err(Failed::Sql(err)) if is_outage(&err) => read(&pool, &ids, timeout).await,
+            other => other,
+        }
+        .map_err(|failed| match failed {
+            Failed::Sql(err) => StoreError::from(err),
+            Failed::TimedOut => StoreError::Unavailable(format!(
+                "reading where {} reply streams end took over {} ms",
+                ids.len(),
+                timeout.as_millis()
+            )),
+        })
+    })
+    .await;
     for (client_id, answer) in batch {
         let end = match &ends {
             Ok(ends) => ends.get(&client_id).map_or_else(
@@ -119,7 +128,7 @@ enum Failed {
 /// The ends of the streams of `ids`, by id.
 async fn read(
     pool: &PgPool,
-    ids: &[&str],
+    ids: &[String],
     timeout: Duration,
 ) -> Result<HashMap<String, i64>, Failed> {
     let started = Instant::now();
@@ -155,7 +164,11 @@ mod tests {
         let database = TestDatabase::create().await;
         PgStore::migrate(&database.url).await.expect("migrated");
         let pool = PgPool::connect(&database.url).await.expect("a pool");
-        let ends = StreamEnds::spawn_with(pool, Duration::from_millis(200));
+        let ends = StreamEnds::spawn_with(
+            tokio::runtime::Handle::current(),
+            pool,
+            Duration::from_millis(200),
+        );
         let mut holder = database.connect().await;
         let mut lock = holder.begin().await.expect("a transaction");
         sqlx::query("LOCK TABLE replies IN ACCESS EXCLUSIVE MODE")

@@ -1,0 +1,82 @@
+//! A thread with a runtime of its own for a pool's round trips to PostgreSQL, as the store's
+//! writer has one. When 50,000 clients leave a gateway at once, its runtime has tens of
+//! thousands of connection tasks to run: a statement's answer waited behind them for over a
+//! second, though PostgreSQL had answered within 200 ms, and held its pool connection as long,
+//! so that others waited for one. A pool opened here has its sockets driven here, and a
+//! statement run here is polled as soon as its answer comes. Presence and the store's reads
+//! each have one.
+
+use std::future::Future;
+use tokio::runtime::{Builder, Handle, Runtime};
+use tokio::task::JoinError;
+
+pub(crate) struct DbThread {
+    /// Taken only when it is shut down, on drop.
+    runtime: Option<Runtime>,
+    handle: Handle,
+}
+
+/// The thread stopped before the work ended (the process is shutting down).
+#[derive(Debug)]
+pub(crate) struct Stopped(pub JoinError);
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the database thread stopped: {}", self.0)
+    }
+}
+
+impl DbThread {
+    /// Starts a thread named `name`.
+    pub(crate) fn start(name: &str) -> std::io::Result<Self> {
+        let runtime = Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(name)
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        Ok(Self {
+            runtime: Some(runtime),
+            handle,
+        })
+    }
+
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Runs `work` on this thread and waits for it (see [`run_on`]).
+    pub(crate) async fn run<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        F: Future<Output = Result<T, E>> + Send + 'static,
+        T: Send + 'static,
+        E: From<Stopped> + Send + 'static,
+    {
+        run_on(&self.handle, work).await
+    }
+}
+
+/// Runs `work` on the database thread whose runtime `thread` is, and waits for it. A caller
+/// that stops waiting does not stop the work: a statement sent is carried through, as one whose
+/// caller went away while its answer was on the wire.
+pub(crate) async fn run_on<T, E, F>(thread: &Handle, work: F) -> Result<T, E>
+where
+    F: Future<Output = Result<T, E>> + Send + 'static,
+    T: Send + 'static,
+    E: From<Stopped> + Send + 'static,
+{
+    thread
+        .spawn(work)
+        .await
+        .map_err(|err| E::from(Stopped(err)))?
+}
+
+impl Drop for DbThread {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            // Dropping a runtime waits for its tasks, which an async caller may not do; what
+            // runs there then is a statement whose answer nobody is waiting for.
+            runtime.shutdown_background();
+        }
+    }
+}
