@@ -271,7 +271,7 @@ if [[ "$IDLE" -gt 0 ]]; then
 fi
 
 {
-  echo "kaiwa cluster benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, commit $(git rev-parse --short HEAD)"
+  echo "kaiwa cluster benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, commit $(git describe --always --dirty)"
   echo "network: $network"
   # The cluster is held to its own target at 1,000 msg/s (issue 19), one process to 10 ms.
   target/release/kaiwa-load table --p99-target "cluster-rate-$RATE=25" "$out"/[0-9]-*.json

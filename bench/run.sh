@@ -177,6 +177,6 @@ fi
 
 step "results in $out"
 {
-  echo "kaiwa benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, commit $(git rev-parse --short HEAD)"
+  echo "kaiwa benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, commit $(git describe --always --dirty)"
   target/release/kaiwa-load table "$out"/[0-9]-*.json
 } | tee "$out/table.txt"

@@ -143,7 +143,7 @@ for system in $SYSTEMS; do
 done
 
 {
-  echo "kaiwa soak, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, commit $(git rev-parse --short HEAD);" \
+  echo "kaiwa soak, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, commit $(git describe --always --dirty);" \
     "$CLIENTS clients, ${DURATION}s of load, ${WARMUP}s warm-up, ${IDLE_WAIT}s idle after"
   python3 - "$out" "$WARMUP" "$DURATION" <<'EOF'
 import csv, json, sys
