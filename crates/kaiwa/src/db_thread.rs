@@ -80,3 +80,42 @@ impl Drop for DbThread {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    enum Failed {
+        Stopped,
+    }
+
+    impl From<Stopped> for Failed {
+        fn from(_: Stopped) -> Self {
+            Self::Stopped
+        }
+    }
+
+    #[tokio::test]
+    async fn work_runs_on_the_thread_whatever_runtime_waits_for_it() {
+        let thread = DbThread::start("kaiwa-test-db").expect("a thread");
+        let ran_on = thread
+            .run(async { Ok::<_, Failed>(std::thread::current().name().map(str::to_owned)) })
+            .await
+            .expect("ran");
+        assert_eq!(ran_on.as_deref(), Some("kaiwa-test-db"));
+    }
+
+    fn statement_that_panics() -> Result<(), Failed> {
+        panic!("a statement's task panicked")
+    }
+
+    #[tokio::test]
+    async fn work_that_cannot_finish_there_is_an_error_for_the_caller() {
+        let thread = DbThread::start("kaiwa-test-db").expect("a thread");
+        let panicked = thread.run(async { statement_that_panics() }).await;
+        assert!(matches!(panicked, Err(Failed::Stopped)), "{panicked:?}");
+        // The thread goes on with the next.
+        assert!(thread.run(async { Ok::<_, Failed>(1) }).await.is_ok());
+    }
+}
