@@ -16,13 +16,14 @@ pub(crate) struct DbThread {
     handle: Handle,
 }
 
-/// The thread stopped before the work ended (the process is shutting down).
+/// The work did not finish on the thread: the thread stopped (the process is shutting down),
+/// or the work panicked.
 #[derive(Debug)]
 pub(crate) struct Stopped(pub JoinError);
 
 impl std::fmt::Display for Stopped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the database thread stopped: {}", self.0)
+        write!(f, "the work on the database thread did not finish: {}", self.0)
     }
 }
 
