@@ -23,7 +23,11 @@ pub(crate) struct Stopped(pub JoinError);
 
 impl std::fmt::Display for Stopped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the work on the database thread did not finish: {}", self.0)
+        write!(
+            f,
+            "the work on the database thread did not finish: {}",
+            self.0
+        )
     }
 }
 

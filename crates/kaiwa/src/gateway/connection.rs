@@ -339,7 +339,7 @@ async fn run(
             Resume::After(after) if after > position => None,
             _ => Some(position),
         };
-        stream.replay(had);
+        stream.resume(had);
     }
 
     let (sink, mut frames_in) = unbox(socket).split();

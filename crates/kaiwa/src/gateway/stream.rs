@@ -68,10 +68,11 @@ struct State {
     /// The replay the client asked for (resume or `sync`): the replies it has sent. It ends
     /// with `synced`.
     replay: Option<u32>,
-    /// The next read of a replay starts one reply early, at the one the client has last: a
-    /// connection that ended between that reply and its message's `replied` left the client
-    /// without the status, and the store says whether it is owed.
-    seam: bool,
+    /// Replies the client said it had (resuming, or with `sync`): the `replied` of the set each
+    /// ends, if it ends one, goes out before the replay. A connection that ended between that
+    /// reply and the status left the client without it, and the store says whether it is owed.
+    /// Usually empty, and then it holds no memory.
+    had: Vec<u64>,
     /// Bumped when the client moves the position (`sync` with `after`), so that a page read
     /// from the old position is not sent.
     generation: u64,
@@ -125,7 +126,7 @@ impl ReplyStream {
                 ahead: BTreeMap::new(),
                 catch_up: CatchUp::Idle,
                 replay: None,
-                seam: false,
+                had: Vec::new(),
                 generation: 0,
                 started: HashSet::new(),
                 // Grown as messages finish: most connections finish few or none, and 256 ids
@@ -207,9 +208,19 @@ impl ReplyStream {
 
     /// Sends every reply after `after` (default: after the last one sent), in order, then
     /// `synced`. Live replies that arrive meanwhile take their turn in the same order. The
-    /// client had the reply at `after`, if given: the `replied` of its message goes first when
-    /// it ends the set, in case the connection that sent it ended before the status.
+    /// client had the reply at `after`, if given: see [`State::had`].
     pub(crate) fn replay(self: &Arc<Self>, after: Option<u64>) {
+        self.begin_replay(after, after);
+    }
+
+    /// The replay a resumed connection begins with, from the position the stream was made
+    /// with, which live replies may have moved on since: `had` is the reply the client said it
+    /// had (none when its cursor went beyond the stream and was cut back to its end).
+    pub(crate) fn resume(self: &Arc<Self>, had: Option<u64>) {
+        self.begin_replay(None, had);
+    }
+
+    fn begin_replay(self: &Arc<Self>, after: Option<u64>, had: Option<u64>) {
         let mut state = self.lock();
         if let Some(after) = after
             && after != state.sent
@@ -219,7 +230,9 @@ impl ReplyStream {
             self.take_ahead(&mut state);
         }
         state.replay.get_or_insert(0);
-        state.seam = after.is_some();
+        if let Some(had) = had.filter(|&seq| seq > 0) {
+            state.had.push(had);
+        }
         match state.catch_up {
             CatchUp::Idle => {
                 state.catch_up = CatchUp::Reading;
@@ -265,13 +278,18 @@ impl ReplyStream {
                     _ => state.catch_up = CatchUp::Reading,
                 }
             }
-            if !self.read_from_store().await {
+            let Some(read_up_to) = self.read_from_store().await else {
                 let mut state = self.lock();
                 state.catch_up = CatchUp::Idle;
                 state.replay = None;
                 return;
-            }
+            };
             let mut state = self.lock();
+            if state.generation != read_up_to || !state.had.is_empty() {
+                // A replay was asked for after the read ended: it is this task's to do.
+                wait_for_gap = false;
+                continue;
+            }
             self.take_ahead(&mut state);
             if let Some(replies) = state.replay.take()
                 && let Some(frame) = Protocol::Native.synced(replies, state.sent)
@@ -290,48 +308,32 @@ impl ReplyStream {
 
     /// Reads the stream after the last reply sent and sends it, waiting for room in the outbox
     /// before each reply (a long replay goes at the client's pace and leaves room for live
-    /// frames), until the store has nothing more and everything known is sent. False if the
-    /// connection is gone or the store fails.
-    async fn read_from_store(&self) -> bool {
+    /// frames), until the store has nothing more and everything known is sent: then the
+    /// generation it read for. `None` if the connection is gone or the store fails.
+    async fn read_from_store(&self) -> Option<u64> {
         let mut empty_reads = 0;
         loop {
-            let (after, generation, replaying, seam) = {
-                let mut state = self.lock();
-                let seam = std::mem::take(&mut state.seam) && state.sent > 0;
-                (state.sent, state.generation, state.replay.is_some(), seam)
+            let had = std::mem::take(&mut self.lock().had);
+            for had in had {
+                self.owed_replied(had).await?;
+            }
+            let (after, generation, replaying) = {
+                let state = self.lock();
+                (state.sent, state.generation, state.replay.is_some())
             };
             // Reads for a replay are the protocol working; reads for a gap in a live stream
             // mean reply events arrive out of order or go missing.
             metrics::counter!("kaiwa_reply_stream_reads_total", "why" => if replaying { "replay" } else { "gap" })
                 .increment(1);
-            let from = if seam { after - 1 } else { after };
-            let page = match self.store.replies_after(&self.client_id, from, PAGE).await {
-                Ok(page) => page,
-                Err(err) => {
-                    tracing::error!(client_id = %self.client_id, %err, "could not read replies back from the store");
-                    self.tell_to_sync();
-                    return false;
-                }
-            };
-            let mut page = page.into_iter().peekable();
-            if let Some(last_had) = page.next_if(|missed| seam && missed.reply.seq == after)
-                && last_had.completes
-            {
-                let mut state = self.lock();
-                if state.generation == generation {
-                    let message =
-                        self.message(last_had.reply.message_id, last_had.client_message_id);
-                    self.finish(&mut state, &message);
-                }
-            }
-            if page.peek().is_none() {
+            let page = self.read_page(after, PAGE).await?;
+            if page.is_empty() {
                 {
                     let state = self.lock();
                     if state.generation != generation {
                         continue;
                     }
                     if state.known <= state.sent {
-                        return true;
+                        return Some(generation);
                     }
                 }
                 // A reply is announced only after its commit, so the next read finds it.
@@ -339,7 +341,7 @@ impl ReplyStream {
                 if empty_reads > MAX_EMPTY_READS {
                     tracing::error!(client_id = %self.client_id, after, "a reply announced as stored cannot be read back");
                     self.tell_to_sync();
-                    return false;
+                    return None;
                 }
                 tokio::time::sleep(Duration::from_millis(10) * empty_reads).await;
                 continue;
@@ -351,7 +353,7 @@ impl ReplyStream {
             } in page
             {
                 if !self.outbox.room().await {
-                    return false;
+                    return None;
                 }
                 let mut state = self.lock();
                 if state.generation != generation {
@@ -373,7 +375,7 @@ impl ReplyStream {
                     .outbox
                     .push(Protocol::Native.reply(&message, reply, replayed))
                 {
-                    return false;
+                    return None;
                 }
                 state.sent = seq;
                 if let Some(count) = state.replay.as_mut() {
@@ -387,6 +389,36 @@ impl ReplyStream {
                 }
             }
         }
+    }
+
+    /// Replies after `after`, at most `limit`; `None` (the client told to `sync`) if the store
+    /// fails.
+    async fn read_page(&self, after: u64, limit: u32) -> Option<Vec<MissedReply>> {
+        match self
+            .store
+            .replies_after(&self.client_id, after, limit)
+            .await
+        {
+            Ok(page) => Some(page),
+            Err(err) => {
+                tracing::error!(client_id = %self.client_id, %err, "could not read replies back from the store");
+                self.tell_to_sync();
+                None
+            }
+        }
+    }
+
+    /// Sends the `replied` of the set that reply `had` ends, if it ends one.
+    async fn owed_replied(&self, had: u64) -> Option<()> {
+        let page = self.read_page(had - 1, 1).await?;
+        if let Some(last) = page.into_iter().next()
+            && last.reply.seq == had
+            && last.completes
+        {
+            let message = self.message(last.reply.message_id, last.client_message_id);
+            self.finish(&mut self.lock(), &message);
+        }
+        Some(())
     }
 
     fn message(&self, message_id: i64, client_message_id: Option<String>) -> MessageRef {
@@ -550,11 +582,26 @@ mod tests {
 
     /// A stream over `store`, and what it has put in the outbox so far.
     fn stream_over(store: Arc<MemoryStore>, client_id: &ClientId) -> (Arc<ReplyStream>, Sent) {
+        stream_at(store, client_id, 0)
+    }
+
+    /// A stream over `store` whose client has everything up to `position`.
+    fn stream_at(
+        store: Arc<MemoryStore>,
+        client_id: &ClientId,
+        position: u64,
+    ) -> (Arc<ReplyStream>, Sent) {
         let (outbox, frames) = Outbox::new(OutboxLimits {
             frames: 64,
             bytes: 1 << 20,
         });
-        let stream = ReplyStream::new(client_id.clone(), outbox, store, TaskTracker::new(), 0);
+        let stream = ReplyStream::new(
+            client_id.clone(),
+            outbox,
+            store,
+            TaskTracker::new(),
+            position,
+        );
         (stream, Sent(frames))
     }
 
@@ -587,13 +634,22 @@ mod tests {
     /// A message of `client_id` with a text and a voice reply stored (seq 1 and 2), its set
     /// complete.
     async fn answered(store: &MemoryStore, client_id: &ClientId) -> (MessageRef, Vec<StoredReply>) {
+        answered_as(store, client_id, "m1").await
+    }
+
+    /// [`answered`], under the client's message id `id`.
+    async fn answered_as(
+        store: &MemoryStore,
+        client_id: &ClientId,
+        id: &str,
+    ) -> (MessageRef, Vec<StoredReply>) {
         use crate::domain::Timezone;
         use crate::store::{Inserted, NewMessage};
         use kaiwa_protocol::MessageType;
         let inserted = store
             .insert_message(NewMessage {
                 client_id: client_id.clone(),
-                client_message_id: Some("m1".into()),
+                client_message_id: Some(id.into()),
                 kind: MessageType::Voice,
                 content: "voice.wav".into(),
                 filename: Some("note.wav".into()),
@@ -621,7 +677,7 @@ mod tests {
         let message = MessageRef {
             client_id: client_id.clone(),
             message_id,
-            client_message_id: Some("m1".into()),
+            client_message_id: Some(id.into()),
             receipt: None,
         };
         (message, stored)
@@ -704,8 +760,8 @@ mod tests {
         let client_id = ClientId::parse("cut-short").expect("an id");
         answered(&store, &client_id).await;
         // The previous connection ended between reply 2 and the `replied` after it.
-        let (stream, mut frames) = stream_over(store.clone(), &client_id);
-        stream.replay(Some(2));
+        let (stream, mut frames) = stream_at(store.clone(), &client_id, 2);
+        stream.resume(Some(2));
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(frames.sent(), ["status:replied", "synced:2"]);
         // Asked again on the same connection, it does not repeat itself.
@@ -713,12 +769,48 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(frames.sent(), ["synced:2"]);
         // Reply 1 does not end its set: nothing is owed for it.
-        let (stream, mut frames) = stream_over(store, &client_id);
-        stream.replay(Some(1));
+        let (stream, mut frames) = stream_at(store.clone(), &client_id, 1);
+        stream.resume(Some(1));
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(
             frames.sent(),
             ["status:processing", "reply:2", "status:replied", "synced:2"]
+        );
+        // A cursor cut back to the end of the stream names no reply the client had.
+        let (stream, mut frames) = stream_at(store, &client_id, 2);
+        stream.resume(None);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(frames.sent(), ["synced:2"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn live_replies_sent_before_a_resume_reads_are_neither_repeated_nor_in_the_way() {
+        let store = Arc::new(MemoryStore::default());
+        let client_id = ClientId::parse("hurried").expect("an id");
+        answered(&store, &client_id).await;
+        let (second, replies) = answered_as(&store, &client_id, "m2").await;
+        // The client had reply 2, which ended the first set. Reply 3 comes live as the
+        // connection begins (it is registered before its replay is asked for).
+        let (stream, mut frames) = stream_at(store, &client_id, 2);
+        stream.processing(&second);
+        assert!(stream.offer(Live {
+            message: second,
+            reply: replies[0].clone(),
+            last: false,
+        }));
+        stream.resume(Some(2));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            frames.sent(),
+            [
+                "status:processing",
+                "reply:3",
+                // The first set's, owed since the last connection.
+                "status:replied",
+                "reply:4",
+                "status:replied",
+                "synced:4"
+            ]
         );
     }
 }
