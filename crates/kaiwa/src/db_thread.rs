@@ -19,7 +19,7 @@ pub(crate) struct DbThread {
 /// The work did not finish on the thread: the thread stopped (the process is shutting down),
 /// or the work panicked.
 #[derive(Debug)]
-pub(crate) struct Stopped(pub JoinError);
+pub(crate) struct Stopped(JoinError);
 
 impl std::fmt::Display for Stopped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

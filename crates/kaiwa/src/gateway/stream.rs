@@ -365,7 +365,7 @@ impl ReplyStream {
                     continue;
                 }
                 let live = state.ahead.remove(&seq);
-                let message = self.message(reply.message_id, client_message_id);
+                let message = self.message_ref(reply.message_id, client_message_id);
                 let replayed = state.replay.is_some();
                 // The message's `processing` comes first, in a replay too: one may carry the
                 // replies of a message sent on this very connection, whose live `processing`
@@ -415,13 +415,13 @@ impl ReplyStream {
             && last.reply.seq == had
             && last.completes
         {
-            let message = self.message(last.reply.message_id, last.client_message_id);
+            let message = self.message_ref(last.reply.message_id, last.client_message_id);
             self.finish(&mut self.lock(), &message);
         }
         Some(())
     }
 
-    fn message(&self, message_id: i64, client_message_id: Option<String>) -> MessageRef {
+    fn message_ref(&self, message_id: i64, client_message_id: Option<String>) -> MessageRef {
         MessageRef {
             client_id: self.client_id.clone(),
             message_id,

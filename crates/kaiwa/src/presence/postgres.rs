@@ -4,6 +4,8 @@
 //! by one gateway at a time, taken with row locks rather than counted and then added. Slots are
 //! held in blocks (see [`super::block`]) and ids claimed in batches (see [`super::claims`]), so
 //! that a storm of connections costs a statement per many of them rather than several each.
+//! Every statement runs on presence's own thread ([`crate::db_thread`]); the block and its lock
+//! stay with the callers.
 
 use super::block::{SlotBlock, Surplus};
 use super::claims::Claims;
@@ -193,11 +195,6 @@ impl PgPresence {
             // every row of this gateway's that the block does not list.
             tracing::info!(slots = count, %err, "spare client slots not given back yet; the next renewal frees them");
         }
-    }
-
-    /// Takes up to `want` free slots into this gateway's block; `rows` is held.
-    async fn fetch_locked(&self, want: usize, max_clients: u32) -> Result<Vec<u32>, PresenceError> {
-        self.on_thread(move |db| db.fetch(want, max_clients)).await
     }
 
     /// How many slots the block lists, spare or in use.
@@ -605,7 +602,9 @@ impl Presence for PgPresence {
                 block.epoch(),
             )
         };
-        let slots = self.fetch_locked(want, max_clients).await?;
+        let slots = self
+            .on_thread(move |db| db.fetch(want, max_clients))
+            .await?;
         lock(&self.block).fill(
             epoch,
             slots,

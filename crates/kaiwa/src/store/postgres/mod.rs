@@ -154,12 +154,9 @@ impl PgStore {
         })
     }
 
-    /// Marks up to `limit` accepted messages that are `stuck` as queued again now, and returns
-    /// them; other processes skip the rows it locks.
+    /// [`claim`] on the reads' thread.
     async fn claim(&self, stuck: Claiming, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
-        let reads = self.reads.clone();
-        self.thread
-            .run(async move { claim(&reads, stuck, limit).await })
+        self.read(move |pool| async move { claim(&pool, stuck, limit).await })
             .await
     }
 
@@ -167,8 +164,10 @@ impl PgStore {
     /// check the limit by; `/health` reads it through presence).
     #[cfg(test)]
     pub async fn in_flight(&self) -> Result<u64, StoreError> {
-        let count: i64 = sqlx::query_scalar(IN_FLIGHT_COUNT)
-            .fetch_one(&self.reads)
+        let count: i64 =
+            self.read(|pool| async move {
+                Ok(sqlx::query_scalar(IN_FLIGHT_COUNT).fetch_one(&pool).await?)
+            })
             .await?;
         super::non_negative("messages in flight", count)
     }
