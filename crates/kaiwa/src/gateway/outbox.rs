@@ -261,6 +261,15 @@ impl Outbox {
             && self.queued_bytes.load(Ordering::Relaxed) * 2 < self.max_bytes
     }
 
+    /// Does what the writer does when it takes a frame out, for tests that take frames
+    /// themselves (a replay longer than the outbox waits for room).
+    #[cfg(test)]
+    pub(crate) fn taken(&self, outgoing: &Outgoing) {
+        self.queued_bytes
+            .fetch_sub(outgoing.bytes, Ordering::Relaxed);
+        self.drained.notify_waiters();
+    }
+
     /// What the writer wakes when it takes frames out.
     pub(crate) fn drained(&self) -> Arc<Notify> {
         self.drained.clone()

@@ -59,6 +59,12 @@ pub(crate) struct ReplyStream {
 struct State {
     /// The `seq` of the last reply handed to the outbox: the stream's position.
     sent: u64,
+    /// The replies after `began` (the position the connection began at) up to `sent_here`
+    /// went out on this connection, in order. A `sync` that goes back over them sends them
+    /// again without their statuses: those went out once on this connection with the replies,
+    /// and [`State::finished`] may have forgotten them since.
+    began: u64,
+    sent_here: u64,
     /// The highest `seq` known to be stored (from live replies): a catch-up runs until it has
     /// sent at least that far.
     known: u64,
@@ -85,6 +91,13 @@ struct State {
     /// first died before telling the queue it was done) reports its stored replies again, and
     /// with them the end of the message: its `replied` must not go out twice.
     finished: VecDeque<i64>,
+}
+
+impl State {
+    /// Whether reply `seq` went out on this connection already.
+    fn sent_here_before(&self, seq: u64) -> bool {
+        self.began < seq && seq <= self.sent_here
+    }
 }
 
 /// The one task that may read the stream back from the store, and what it is doing.
@@ -122,6 +135,8 @@ impl ReplyStream {
             tracker,
             state: Mutex::new(State {
                 sent: position,
+                began: position,
+                sent_here: position,
                 known: position,
                 ahead: BTreeMap::new(),
                 catch_up: CatchUp::Idle,
@@ -367,10 +382,13 @@ impl ReplyStream {
                 let live = state.ahead.remove(&seq);
                 let message = self.message_ref(reply.message_id, client_message_id);
                 let replayed = state.replay.is_some();
+                let again = state.sent_here_before(seq);
                 // The message's `processing` comes first, in a replay too: one may carry the
                 // replies of a message sent on this very connection, whose live `processing`
                 // then comes too late to go out (after `replied`).
-                self.start(&mut state, &message);
+                if !again {
+                    self.start(&mut state, &message);
+                }
                 if !self
                     .outbox
                     .push(Protocol::Native.reply(&message, reply, replayed))
@@ -378,13 +396,15 @@ impl ReplyStream {
                     return None;
                 }
                 state.sent = seq;
+                state.sent_here = state.sent_here.max(seq);
                 if let Some(count) = state.replay.as_mut() {
                     *count += 1;
                 }
                 // The store says whether the message is complete, so its `replied` goes out
                 // even if the live event that would have carried it was lost (in an outage of
-                // the broker, say); a replay re-sends it for the messages it covers.
-                if completes || live.is_some_and(|live| live.last) {
+                // the broker, say); a replay sends it for the messages it covers, but not for
+                // replies this connection sent before, whose statuses went out with them.
+                if !again && (completes || live.is_some_and(|live| live.last)) {
                     self.finish(&mut state, &message);
                 }
             }
@@ -408,8 +428,12 @@ impl ReplyStream {
         }
     }
 
-    /// Sends the `replied` of the set that reply `had` ends, if it ends one.
+    /// Sends the `replied` of the set that reply `had` ends, if it ends one and this connection
+    /// did not send that reply (and with it the status).
     async fn owed_replied(&self, had: u64) -> Option<()> {
+        if self.lock().sent_here_before(had) {
+            return Some(());
+        }
         let page = self.read_page(had - 1, 1).await?;
         if let Some(last) = page.into_iter().next()
             && last.reply.seq == had
@@ -455,8 +479,11 @@ impl ReplyStream {
             reply,
             last,
         } = live;
-        self.start(state, &message);
         let seq = reply.seq;
+        let again = state.sent_here_before(seq);
+        if !again {
+            self.start(state, &message);
+        }
         if !self
             .outbox
             .push(Protocol::Native.reply(&message, reply, false))
@@ -464,7 +491,8 @@ impl ReplyStream {
             return false;
         }
         state.sent = seq;
-        !last || self.finish(state, &message)
+        state.sent_here = state.sent_here.max(seq);
+        !last || again || self.finish(state, &message)
     }
 
     /// Sends a message's `processing` status, once, before anything else of it.
@@ -597,21 +625,23 @@ mod tests {
         });
         let stream = ReplyStream::new(
             client_id.clone(),
-            outbox,
+            outbox.clone(),
             store,
             TaskTracker::new(),
             position,
         );
-        (stream, Sent(frames))
+        (stream, Sent(frames, outbox))
     }
 
-    struct Sent(crate::gateway::outbox::Frames);
+    /// The frames the stream put in the outbox, taken out as its writer would.
+    struct Sent(crate::gateway::outbox::Frames, Outbox);
 
     impl Sent {
         /// The frames sent so far: `reply:<seq>`, `status:<status>`, `synced:<seq>`, `error:<code>`.
         fn sent(&mut self) -> Vec<String> {
             let mut sent = Vec::new();
             while let Some(frame) = self.0.try_recv() {
+                self.1.taken(&frame);
                 if let Message::Text(text) = frame.message() {
                     let value: serde_json::Value = serde_json::from_str(text).expect("JSON");
                     let detail = match value["type"].as_str() {
@@ -752,6 +782,54 @@ mod tests {
             last: true,
         }));
         assert!(frames.sent().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sync_over_replies_this_connection_sent_repeats_no_status() {
+        let store = Arc::new(MemoryStore::default());
+        let client_id = ClientId::parse("rewinding").expect("an id");
+        let (stream, mut frames) = stream_over(store.clone(), &client_id);
+        // More finished messages than the stream remembers, each sent live with its statuses.
+        let messages = FINISHED_KEPT + 4;
+        for index in 0..messages {
+            let (message, replies) = answered_as(&store, &client_id, &format!("m{index}")).await;
+            stream.processing(&message);
+            for (position, reply) in replies.into_iter().enumerate() {
+                assert!(stream.offer(Live {
+                    message: message.clone(),
+                    reply,
+                    last: position == 1,
+                }));
+            }
+            assert_eq!(frames.sent().len(), 4, "processing, 2 replies, replied");
+        }
+        // The client asks for everything again: from the start, then from the end of a set
+        // (whose `replied` a replay sends first when this connection did not send the reply).
+        for after in [0, 4] {
+            stream.replay(Some(after));
+            let mut replayed = Vec::new();
+            while !replayed
+                .last()
+                .is_some_and(|last: &String| last.starts_with("synced"))
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                replayed.extend(frames.sent());
+            }
+            let total = 2 * messages as u64;
+            let replies: Vec<_> = ((after + 1)..=total)
+                .map(|seq| format!("reply:{seq}"))
+                .collect();
+            assert_eq!(replayed.len(), replies.len() + 1, "{:?}", &replayed[..8]);
+            assert_eq!(
+                replayed[..replies.len()],
+                replies[..],
+                "replies only, no status"
+            );
+            assert_eq!(
+                replayed.last().map(String::as_str),
+                Some(&*format!("synced:{total}"))
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
