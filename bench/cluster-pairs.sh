@@ -29,6 +29,7 @@ source bench/common.sh
 export_bench_settings
 cluster_name="kaiwa_bench_pairs_$$"
 cluster_up=""
+# The binary common.sh's `cluster` starts: each run's own.
 kaiwa_binary=""
 
 cleanup() {
@@ -37,12 +38,6 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-
-# scripts/cluster.sh with this run's binary (common.sh's `cluster` names the checkout's).
-cluster() {
-  PORT=$PORT BASE_PORT=$BASE_PORT RUN_DIR="$work/cluster" NAME=$cluster_name \
-    BINARY=$kaiwa_binary scripts/cluster.sh "$@"
-}
 
 tune_postgres
 step "building kaiwa and kaiwa-load (release)"

@@ -47,10 +47,10 @@ export_bench_settings() {
 }
 
 # scripts/cluster.sh with this run's ports, its directory under $work and its own database and
-# vhost ($cluster_name).
+# vhost ($cluster_name), started from $kaiwa_binary (default: this checkout's build).
 cluster() {
   PORT=$PORT BASE_PORT=$BASE_PORT RUN_DIR="$work/cluster" NAME=$cluster_name \
-    BINARY=target/release/kaiwa scripts/cluster.sh "$@"
+    BINARY=${kaiwa_binary:-target/release/kaiwa} scripts/cluster.sh "$@"
 }
 
 # PostgreSQL as production runs it (docs/architecture.md, "What kaiwa needs from PostgreSQL"):

@@ -98,6 +98,12 @@ impl State {
     fn sent_here_before(&self, seq: u64) -> bool {
         self.began < seq && seq <= self.sent_here
     }
+
+    /// Reply `seq` went out: the stream stands there.
+    fn advance(&mut self, seq: u64) {
+        self.sent = seq;
+        self.sent_here = self.sent_here.max(seq);
+    }
 }
 
 /// The one task that may read the stream back from the store, and what it is doing.
@@ -395,8 +401,7 @@ impl ReplyStream {
                 {
                     return None;
                 }
-                state.sent = seq;
-                state.sent_here = state.sent_here.max(seq);
+                state.advance(seq);
                 if let Some(count) = state.replay.as_mut() {
                     *count += 1;
                 }
@@ -490,8 +495,7 @@ impl ReplyStream {
         {
             return false;
         }
-        state.sent = seq;
-        state.sent_here = state.sent_here.max(seq);
+        state.advance(seq);
         !last || again || self.finish(state, &message)
     }
 

@@ -397,6 +397,7 @@ impl Db {
             .map_err(|err| unavailable(&err))?;
         tx.commit().await.map_err(|err| unavailable(&err))
     }
+
     /// Puts this gateway's lease in, and the cluster's slots.
     async fn join(self, max_clients: u32) -> Result<(), PresenceError> {
         sqlx::query(
