@@ -4,8 +4,8 @@
 # RATE msg/s offered), and per completed message: the CPU of kaiwa and of PostgreSQL
 # (bench/cpu.py), commits, rows inserted and updated, WAL records and bytes (pg_stat_wal), and
 # per table and index the scans, rows read, inserts, updates and heap-only updates
-# (pg_stat_user_tables, pg_stat_user_indexes). PostgreSQL runs as bench/cluster.sh runs it
-# (autovacuum on, random_page_cost 1.1, reset after).
+# (pg_stat_user_tables, pg_stat_user_indexes); kaiwa's /metrics beside each report. PostgreSQL
+# runs as bench/cluster.sh runs it (autovacuum on, random_page_cost 1.1, reset after).
 #
 #   bench/pg-cost.sh                                  the build of this checkout
 #   BASELINE=/tmp/before/kaiwa bench/pg-cost.sh       that binary first, then this one
@@ -77,6 +77,9 @@ run() {
   counters >"$work/after.json"
   bench/cpu.py report "$work/cpu-before.json" "$work/cpu-after.json" "$out/$name.json" \
     >"$out/cpu-$name.json"
+  # kaiwa's own view, kept with the report: the writer's calls (`kaiwa_store_commit_seconds`,
+  # `kaiwa_store_batch_size`) say how busy it was and how full its batches.
+  curl -sf "http://127.0.0.1:$PORT/metrics" >"$out/$name.metrics" || true
   stop_server
   stop_delay_proxies
   psql -q "$POSTGRES" -c "DROP DATABASE $db WITH (FORCE)" >/dev/null
