@@ -267,6 +267,14 @@ pub struct ClusterConfig {
     /// Jobs a worker takes from RabbitMQ before it finishes one (its prefetch).
     #[arg(long, env = "KAIWA_WORKER_PREFETCH", default_value = "512", value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
+
+    /// Seconds from the start of one PostgreSQL write of this process to the next, when the
+    /// next holds fewer than 64 messages, replies and updates: under steady traffic small
+    /// writes wait and grow instead of multiplying, and the shared database does fewer of them;
+    /// a write after a quiet spell goes at once. 0 writes each batch as soon as the one before
+    /// is done, as `kaiwa serve` alone does.
+    #[arg(long, env = "KAIWA_WRITE_INTERVAL", default_value = "0.008", value_parser = parse_seconds)]
+    pub write_interval: Duration,
 }
 
 impl ClusterConfig {

@@ -1656,3 +1656,81 @@ mod postgres_updates {
         cat.store.close().await;
     }
 }
+
+/// Under steady traffic the PostgreSQL writer's small batches wait until
+/// `PgOptions::write_interval` after the call before began, and go together; the first write,
+/// and a batch of 64 commands, go at once.
+mod postgres_write_interval {
+    use super::*;
+    use std::time::Duration;
+
+    async fn store_with(interval: Duration) -> (test_postgres::TestDatabase, PgStore) {
+        let database = test_postgres::TestDatabase::create().await;
+        let options = PgOptions {
+            write_interval: interval,
+            ..PgOptions::default()
+        };
+        let store = PgStore::connect(&database.url, options)
+            .await
+            .expect("the PostgreSQL store opens");
+        (database, store)
+    }
+
+    /// The transaction that wrote each message.
+    async fn written_by(database: &test_postgres::TestDatabase, ids: &[i64]) -> Vec<String> {
+        let mut conn = database.connect().await;
+        let mut writers = Vec::new();
+        for id in ids {
+            let xmin: String = sqlx::query_scalar("SELECT xmin::text FROM messages WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut conn)
+                .await
+                .expect("the message");
+            writers.push(xmin);
+        }
+        writers
+    }
+
+    #[tokio::test]
+    async fn writes_that_come_within_the_interval_go_together() {
+        let (database, store) = store_with(Duration::from_millis(300)).await;
+        let first = stored(&store, message("ann", Some("m1"), "one")).await;
+        // The writer is idle when the second comes, and would take it alone; the third comes
+        // after that would have been written (milliseconds). Nothing can be waited for
+        // instead: the wait is the point.
+        let (second, third) =
+            tokio::join!(stored(&store, message("ann", Some("m2"), "two")), async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                stored(&store, message("ann", Some("m3"), "three")).await
+            });
+        let writers = written_by(&database, &[first, second, third]).await;
+        assert_ne!(writers[0], writers[1], "the first went alone");
+        assert_eq!(writers[1], writers[2], "the two after it went together");
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn the_first_write_and_a_full_batch_go_at_once() {
+        // Either would wait an hour, were it to wait.
+        let (database, store) = store_with(Duration::from_secs(3600)).await;
+        let at_once = Duration::from_secs(60);
+        let first =
+            tokio::time::timeout(at_once, stored(&store, message("bob", Some("m0"), "first")))
+                .await
+                .expect("the first write went at once");
+        let many = join_all((1..=64).map(|n| {
+            let store = &store;
+            async move { stored(store, message("bob", Some(&format!("m{n}")), "more")).await }
+        }));
+        let many = tokio::time::timeout(at_once, many)
+            .await
+            .expect("64 messages went at once");
+        let writers = written_by(&database, &many).await;
+        assert!(
+            writers.iter().all(|w| *w == writers[0]),
+            "one batch: {writers:?}"
+        );
+        assert_ne!(written_by(&database, &[first]).await[0], writers[0]);
+        store.close().await;
+    }
+}

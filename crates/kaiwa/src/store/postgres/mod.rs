@@ -47,6 +47,9 @@ pub struct PgOptions {
     /// How long delivery marks and acknowledgements wait for a batch of messages or replies to
     /// ride with, at most; `None`: [`super::batch::UPDATES_WAIT`]. Tests set their own.
     pub updates_wait: Option<Duration>,
+    /// How long after one of the writer's calls began a batch of a few commands waits for
+    /// more before its own (`--write-interval`); zero: none waits.
+    pub write_interval: Duration,
 }
 
 /// What a process that shares the database with a cluster keeps in it.
@@ -287,6 +290,7 @@ async fn spawn_writer(
 ) -> Result<std::thread::JoinHandle<()>, StoreError> {
     let shared = settings.shared.clone();
     let updates_wait = settings.updates_wait.unwrap_or(super::batch::UPDATES_WAIT);
+    let write_interval = settings.write_interval;
     let (ready, connected) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("kaiwa-pg-writer".to_owned())
@@ -304,7 +308,16 @@ async fn spawn_writer(
                 }
             };
             runtime.block_on(async move {
-                match Writer::connect(options, commands, health, shared, updates_wait).await {
+                match Writer::connect(
+                    options,
+                    commands,
+                    health,
+                    shared,
+                    updates_wait,
+                    write_interval,
+                )
+                .await
+                {
                     Ok(writer) => {
                         if ready.send(Ok(())).is_ok() {
                             writer.run().await;

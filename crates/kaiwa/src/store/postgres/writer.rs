@@ -22,6 +22,8 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Commands taken in one transaction, at most.
 const MAX_BATCH: usize = 4096;
+/// A batch of this many commands goes at once, however soon after the call before.
+const FULL_ENOUGH: usize = 64;
 /// The first wait before reconnecting, doubled after each failure up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// At most this long after the database is back, writes go through again: an outage is a
@@ -49,6 +51,11 @@ pub(super) struct Writer {
     backlog: Backlog,
     /// How long delivery marks and acknowledgements alone wait for a batch to ride with.
     updates_wait: Duration,
+    /// How long after the start of a call a batch of fewer than [`FULL_ENOUGH`] commands waits
+    /// before its own begins (`PgOptions::write_interval`).
+    write_interval: Duration,
+    /// When the last call began; `None` before the first.
+    last_call: Option<tokio::time::Instant>,
 }
 
 /// What one batch learned from the database. The batch is committed by then: a read after it
@@ -68,6 +75,7 @@ impl Writer {
         health: Arc<Mutex<StoreHealth>>,
         shared: Option<PgShared>,
         updates_wait: Duration,
+        write_interval: Duration,
     ) -> Result<Self, StoreError> {
         let conn = connect(&options).await?;
         Ok(Self {
@@ -80,6 +88,8 @@ impl Writer {
             shared,
             backlog: Backlog::default(),
             updates_wait,
+            write_interval,
+            last_call: None,
         })
     }
 
@@ -104,6 +114,7 @@ impl Writer {
                     continue;
                 }
             }
+            self.gather_until_due(&mut commands).await;
             let mut batch = Batch::gather(commands.drain(..));
             if batch.may_wait() && self.conn.is_some() {
                 // The first to wait sets when they go; a backlog already waiting has its time.
@@ -127,6 +138,26 @@ impl Writer {
                 }
                 respond(closed, ());
                 return;
+            }
+        }
+    }
+
+    /// Takes the commands that come until the next call is due: `write_interval` after the
+    /// last one began, or at once when [`FULL_ENOUGH`] wait. At a few hundred messages a
+    /// second, each call held one or two and cost PostgreSQL as much as a hundred rows
+    /// (docs/architecture.md, "Writes at a steady rate").
+    async fn gather_until_due(&mut self, commands: &mut Vec<Command>) {
+        let Some(last) = self.last_call else { return };
+        let due = last + self.write_interval;
+        // A close (shutdown) does not wait.
+        while commands.len() < FULL_ENOUGH
+            && !commands.iter().any(|c| matches!(c, Command::Close(_)))
+        {
+            let room = MAX_BATCH - commands.len();
+            match tokio::time::timeout_at(due, self.commands.recv_many(commands, room)).await {
+                // Closed: what came is written, and the next receive ends the writer.
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
             }
         }
     }
@@ -171,6 +202,7 @@ impl Writer {
             return batch.fail(&err);
         };
         let started = Instant::now();
+        self.last_call = Some(tokio::time::Instant::now());
         let mut replies = Replies::New;
         let mut conflicts_left = 1;
         let result = loop {
