@@ -273,7 +273,7 @@ pub struct ClusterConfig {
     /// writes wait and grow instead of multiplying, and the shared database does fewer of them;
     /// a write after a quiet spell goes at once. 0 writes each batch as soon as the one before
     /// is done, as `kaiwa serve` alone does.
-    #[arg(long, env = "KAIWA_WRITE_INTERVAL", default_value = "0.008", value_parser = parse_seconds)]
+    #[arg(long, env = "KAIWA_WRITE_INTERVAL", default_value = "0.008", value_parser = parse_interval)]
     pub write_interval: Duration,
 }
 
@@ -755,6 +755,18 @@ impl ServeConfig {
     }
 }
 
+/// Seconds from 0 (none) to 1: longer would hold every message's acknowledgement that long.
+fn parse_interval(raw: &str) -> Result<Duration, String> {
+    let seconds: f64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a number of seconds"))?;
+    if !(0.0..=1.0).contains(&seconds) {
+        return Err(format!("{raw} s is out of range: use 0 (none) to 1 second"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
 fn parse_scale(raw: &str) -> Result<f64, String> {
     let scale: f64 = raw
         .trim()
@@ -835,6 +847,10 @@ mod tests {
         assert!(parse_bytes("0").is_err());
         assert_eq!(parse_seconds("0.25"), Ok(Duration::from_millis(250)));
         assert!(parse_seconds("-1").is_err());
+        assert_eq!(parse_interval("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_interval("0.008"), Ok(Duration::from_millis(8)));
+        assert!(parse_interval("2").is_err());
+        assert!(parse_interval("-0.001").is_err());
         assert_eq!(parse_scale("0"), Ok(0.0));
         assert!(parse_scale("-0.5").is_err());
     }
