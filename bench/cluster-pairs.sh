@@ -4,15 +4,18 @@
 # RabbitMQ) started from BASELINE's binary, then from this checkout's, PAIRS times in turn, each
 # under CLIENTS clients in a closed loop (or RATE msg/s offered) for DURATION seconds, on a fresh
 # database and vhost. Per run: messages completed, the CPU each part used per message
-# (bench/cpu.py; the load tool not counted), and p50 and p99 to the last reply. This machine's speed moves by a third within an hour, so a change is judged
-# by pairs run minutes apart, never by runs of different hours.
+# (bench/cpu.py; the load tool not counted), and p50 and p99 to the last reply. This machine's
+# speed moves by a third within an hour, so a change is judged by pairs run minutes apart,
+# never by runs of different hours.
 #
 #   BASELINE=/tmp/before/kaiwa bench/cluster-pairs.sh
-#   BASELINE=target/release/kaiwa BASELINE_ENV=KAIWA_WRITE_INTERVAL=0 RATE=1000 bench/cluster-pairs.sh
+#   BASELINE=target/release/kaiwa BASELINE_ENV=KAIWA_WRITE_INTERVAL=0 RATE=1000 \
+#     bench/cluster-pairs.sh          a setting against its default, on one build
 #
-# Settings (environment): BASELINE (required: a kaiwa binary), BASELINE_ENV (NAME=VALUE ...: set
-# for the baseline's processes only, to compare a setting), PAIRS (3), CLIENTS (50), RATE,
-# DURATION (10), PORT (18082), BASE_PORT (18200), POSTGRES, AMQP (as scripts/cluster.sh).
+# Settings (environment): BASELINE (required: a kaiwa binary), BASELINE_ENV (NAME=VALUE ...:
+# set for the baseline's processes only, to compare a setting), PAIRS (3), CLIENTS (50),
+# RATE, DURATION (10), PORT (18082), BASE_PORT (18200), POSTGRES, AMQP (as
+# scripts/cluster.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,11 +53,12 @@ cargo build --release --locked -p kaiwa -p kaiwa-load --bins
 run() {
   local name=$1 settings=$3
   kaiwa_binary=$2
-  step "$name: $CLIENTS clients${RATE:+ at $RATE msg/s} for ${DURATION}s through HAProxy ($kaiwa_binary${settings:+, $settings})"
+  step "$name: $CLIENTS clients${RATE:+ at $RATE msg/s} for ${DURATION}s through HAProxy" \
+    "($kaiwa_binary${settings:+, $settings})"
   cluster_up=1
   # The settings reach the cluster's processes only, through the environment they inherit.
-  # shellcheck disable=SC2086 # NAME=VALUE words
-  (if [[ -n "$settings" ]]; then export $settings; fi; cluster up) >/dev/null
+  # shellcheck disable=SC2086 # NAME=VALUE words, split but never globbed
+  (set -f; if [[ -n "$settings" ]]; then export $settings; fi; cluster up) >/dev/null
   local pids_gw pids_wk
   pids_gw=$(cat "$work"/cluster/gw-*.pid | paste -sd, -)
   pids_wk=$(cat "$work"/cluster/wk-*.pid | paste -sd, -)
@@ -79,7 +83,9 @@ for pair in $(seq 1 "$PAIRS"); do
 done
 
 {
-  echo "kaiwa cluster pairs, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, ${RATE:-closed loop}${RATE:+ msg/s}, this: $(git describe --always --dirty), baseline: $BASELINE${BASELINE_ENV:+ with $BASELINE_ENV}"
+  echo "kaiwa cluster pairs, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores," \
+    "${RATE:-closed loop}${RATE:+ msg/s}, this: $(git describe --always --dirty)," \
+    "baseline: $BASELINE${BASELINE_ENV:+ with $BASELINE_ENV}"
   python3 - "$out" "$PAIRS" <<'EOF'
 import json, os, sys
 out, pairs = sys.argv[1], int(sys.argv[2])
@@ -99,7 +105,7 @@ for pair in range(1, pairs + 1):
         try:
             reply = json.load(open(os.path.join(out, f"{name}.json")))["all_reply_ms"]
             latency = f"  {reply['p50']:.1f}, {reply['p99']:.1f}"
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             latency = "  -"
         print(f"{name:<12} {cpu['messages']:>9} {cpu['total_ms_per_message']:>7.4f} "
               + " ".join(f"{by_part.get(p) or 0:>9.4f}" for p in parts) + latency)

@@ -36,6 +36,19 @@ pub(super) enum Command {
     Close(oneshot::Sender<()>),
 }
 
+impl Command {
+    /// Whether it goes without waiting for others to join it (`PgOptions::write_interval`):
+    /// a close, and a departure, whose client may be back on another gateway already, asking
+    /// what it acknowledged.
+    pub(super) fn is_urgent(&self) -> bool {
+        #[cfg(test)]
+        if matches!(self, Self::Barrier(_)) {
+            return true;
+        }
+        matches!(self, Self::Close(_) | Self::Departure(_))
+    }
+}
+
 pub(super) struct ReplyBatch {
     pub message_id: i64,
     pub client_id: ClientId,

@@ -1691,9 +1691,16 @@ mod postgres_write_interval {
         writers
     }
 
+    /// Long enough that the third message below comes within it on a busy machine.
+    const INTERVAL: Duration = Duration::from_secs(2);
+    /// An hour: what must go at once cannot pass for having waited it.
+    const AN_HOUR: Duration = Duration::from_secs(3600);
+    /// A bound for what goes at once, far below [`AN_HOUR`].
+    const AT_ONCE: Duration = Duration::from_secs(60);
+
     #[tokio::test]
     async fn writes_that_come_within_the_interval_go_together() {
-        let (database, store) = store_with(Duration::from_millis(300)).await;
+        let (database, store) = store_with(INTERVAL).await;
         let first = stored(&store, message("ann", Some("m1"), "one")).await;
         // The writer is idle when the second comes, and would take it alone; the third comes
         // after that would have been written (milliseconds). Nothing can be waited for
@@ -1711,18 +1718,16 @@ mod postgres_write_interval {
 
     #[tokio::test]
     async fn the_first_write_and_a_full_batch_go_at_once() {
-        // Either would wait an hour, were it to wait.
-        let (database, store) = store_with(Duration::from_secs(3600)).await;
-        let at_once = Duration::from_secs(60);
+        let (database, store) = store_with(AN_HOUR).await;
         let first =
-            tokio::time::timeout(at_once, stored(&store, message("bob", Some("m0"), "first")))
+            tokio::time::timeout(AT_ONCE, stored(&store, message("bob", Some("m0"), "first")))
                 .await
                 .expect("the first write went at once");
         let many = join_all((1..=64).map(|n| {
             let store = &store;
             async move { stored(store, message("bob", Some(&format!("m{n}")), "more")).await }
         }));
-        let many = tokio::time::timeout(at_once, many)
+        let many = tokio::time::timeout(AT_ONCE, many)
             .await
             .expect("64 messages went at once");
         let writers = written_by(&database, &many).await;
@@ -1731,6 +1736,34 @@ mod postgres_write_interval {
             "one batch: {writers:?}"
         );
         assert_ne!(written_by(&database, &[first]).await[0], writers[0]);
-        store.close().await;
+        tokio::time::timeout(AT_ONCE, store.close())
+            .await
+            .expect("the close went at once");
+    }
+
+    #[tokio::test]
+    async fn a_departure_goes_at_once_and_takes_what_waits_with_it() {
+        let (database, store) = store_with(AN_HOUR).await;
+        let id = stored(&store, message("cat", Some("m1"), "hello")).await;
+        // The reply waits for the hour; the client leaves before it got it, and its departure
+        // takes the reply along at once.
+        let replied = replied(&store, id, "cat", vec![reply(ReplyType::Text, "hi")]);
+        let left = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            store.record_departure(&client("cat"), 0, at(3));
+        };
+        let (replies, ()) = tokio::time::timeout(AT_ONCE, async { tokio::join!(replied, left) })
+            .await
+            .expect("the departure went at once, with the reply");
+        let mut conn = database.connect().await;
+        let delivery: String = sqlx::query_scalar("SELECT delivery FROM replies WHERE id = $1")
+            .bind(replies[0].id)
+            .fetch_one(&mut conn)
+            .await
+            .expect("the reply");
+        assert_eq!(delivery, "failed");
+        tokio::time::timeout(AT_ONCE, store.close())
+            .await
+            .expect("the close went at once");
     }
 }

@@ -1,5 +1,6 @@
 //! The PostgreSQL writer: one task with a connection of its own. It takes every command waiting
-//! and writes them with one call of a database function (migration 10's `write_batch`), which
+//! (in a cluster, small batches first wait out `--write-interval` after the call before) and
+//! writes them with one call of a database function (migration 10's `write_batch`), which
 //! stores every kind of row with one multi-row statement (rows passed as arrays and read back
 //! with `UNNEST`) and commits as it returns: one round trip per batch. It then answers each
 //! command. When the database cannot be reached it answers at once that it is unavailable,
@@ -148,11 +149,12 @@ impl Writer {
     /// (docs/architecture.md, "Writes at a steady rate").
     async fn gather_until_due(&mut self, commands: &mut Vec<Command>) {
         let Some(last) = self.last_call else { return };
+        // Unreachable, the batch is refused at once, so that clients retry now.
+        if self.write_interval.is_zero() || self.conn.is_none() {
+            return;
+        }
         let due = last + self.write_interval;
-        // A close (shutdown) does not wait.
-        while commands.len() < FULL_ENOUGH
-            && !commands.iter().any(|c| matches!(c, Command::Close(_)))
-        {
+        while commands.len() < FULL_ENOUGH && !commands.iter().any(Command::is_urgent) {
             let room = MAX_BATCH - commands.len();
             match tokio::time::timeout_at(due, self.commands.recv_many(commands, room)).await {
                 // Closed: what came is written, and the next receive ends the writer.
