@@ -70,6 +70,9 @@ run() {
   bench/cpu.py snapshot "$work/cpu-after.json" "${parts[@]}"
   bench/cpu.py report "$work/cpu-before.json" "$work/cpu-after.json" "$out/$name.json" \
     >"$out/cpu-$name.json"
+  # The processes' logs, for a run that went wrong (a lease lost shows there, not in the table).
+  mkdir -p "$out/logs-$name"
+  cp "$work"/cluster/*.log "$out/logs-$name/" 2>/dev/null || true
   cluster down >/dev/null
   cluster_up=""
   # The next run starts on written-out pages, as the first did.
