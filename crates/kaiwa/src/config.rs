@@ -3,7 +3,7 @@
 
 use crate::admission::{ContentLimits, Windows, parse_bytes};
 use crate::domain::{Networks, Timezone};
-use crate::flags::{Secret, parse_seconds};
+use crate::flags::{Secret, parse_seconds, parse_seconds_within};
 use crate::store::{DEFAULT_SQLITE_CACHE_MIB, Durability};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
@@ -757,14 +757,7 @@ impl ServeConfig {
 
 /// Seconds from 0 (none) to 1: longer would hold every message's acknowledgement that long.
 fn parse_interval(raw: &str) -> Result<Duration, String> {
-    let seconds: f64 = raw
-        .trim()
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a number of seconds"))?;
-    if !(0.0..=1.0).contains(&seconds) {
-        return Err(format!("{raw} s is out of range: use 0 (none) to 1 second"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
+    parse_seconds_within(raw, 0.0..=1.0)
 }
 
 fn parse_scale(raw: &str) -> Result<f64, String> {

@@ -3,6 +3,7 @@
 //! `--allowed-host`, which auth checks at start and the HTTP layer applies.
 
 use axum::http::HeaderValue;
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 /// A flag value that is not what its flag takes.
@@ -18,13 +19,23 @@ pub enum FlagError {
 
 /// Seconds as a decimal number (`0.5`, `20`), at least a millisecond and at most a day.
 pub(crate) fn parse_seconds(raw: &str) -> Result<Duration, String> {
+    parse_seconds_within(raw, 0.001..=86_400.0)
+}
+
+/// Seconds as a decimal number within `range`, for flags with bounds of their own.
+pub(crate) fn parse_seconds_within(
+    raw: &str,
+    range: RangeInclusive<f64>,
+) -> Result<Duration, String> {
     let seconds: f64 = raw
         .trim()
         .parse()
         .map_err(|_| format!("{raw:?} is not a number of seconds"))?;
-    if !(0.001..=86_400.0).contains(&seconds) {
+    if !range.contains(&seconds) {
         return Err(format!(
-            "{raw} s is out of range: use 0.001 to 86400 seconds"
+            "{raw} s is out of range: use {} to {} seconds",
+            range.start(),
+            range.end()
         ));
     }
     Ok(Duration::from_secs_f64(seconds))

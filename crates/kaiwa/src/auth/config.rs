@@ -177,14 +177,7 @@ fn refresh_grace(raw: &str) -> Result<Duration, String> {
 
 /// Seconds from 0 (no leeway) to an hour.
 fn leeway(raw: &str) -> Result<Duration, String> {
-    let seconds: f64 = raw
-        .trim()
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a number of seconds"))?;
-    if !(0.0..=3600.0).contains(&seconds) {
-        return Err(format!("{raw} s is out of range: use 0 to 3600 seconds"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
+    crate::flags::parse_seconds_within(raw, 0.0..=3600.0)
 }
 
 /// `90`, `90s`, `15m`, `1h`, `7d`: from a second to a year.

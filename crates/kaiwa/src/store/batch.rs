@@ -39,7 +39,8 @@ pub(super) enum Command {
 impl Command {
     /// Whether it goes without waiting for others to join it (`PgOptions::write_interval`):
     /// a close, and a departure, whose client may be back on another gateway already, asking
-    /// what it acknowledged.
+    /// what it acknowledged. The same commands keep a batch from waiting in the backlog
+    /// ([`Batch::may_wait`]).
     pub(super) fn is_urgent(&self) -> bool {
         #[cfg(test)]
         if matches!(self, Self::Barrier(_)) {

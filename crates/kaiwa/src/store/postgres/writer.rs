@@ -18,7 +18,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{Connection, Postgres};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// Commands taken in one transaction, at most.
@@ -154,12 +154,14 @@ impl Writer {
             return;
         }
         let due = last + self.write_interval;
-        while commands.len() < FULL_ENOUGH && !commands.iter().any(Command::is_urgent) {
-            let room = MAX_BATCH - commands.len();
+        let mut urgent = commands.iter().any(Command::is_urgent);
+        while commands.len() < FULL_ENOUGH && !urgent {
+            let before = commands.len();
+            let room = MAX_BATCH - before;
             match tokio::time::timeout_at(due, self.commands.recv_many(commands, room)).await {
                 // Closed: what came is written, and the next receive ends the writer.
                 Ok(0) | Err(_) => return,
-                Ok(_) => {}
+                Ok(_) => urgent = commands[before..].iter().any(Command::is_urgent),
             }
         }
     }
@@ -203,8 +205,8 @@ impl Writer {
             self.backlog.keep(std::mem::take(&mut batch.updates), &err);
             return batch.fail(&err);
         };
-        let started = Instant::now();
-        self.last_call = Some(tokio::time::Instant::now());
+        let started = tokio::time::Instant::now();
+        self.last_call = Some(started);
         let mut replies = Replies::New;
         let mut conflicts_left = 1;
         let result = loop {
