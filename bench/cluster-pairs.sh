@@ -59,11 +59,8 @@ run() {
   # The settings reach the cluster's processes only, through the environment they inherit.
   # shellcheck disable=SC2086 # NAME=VALUE words, split but never globbed
   (set -f; if [[ -n "$settings" ]]; then export $settings; fi; cluster up) >/dev/null
-  local pids_gw pids_wk
-  pids_gw=$(cat "$work"/cluster/gw-*.pid | paste -sd, -)
-  pids_wk=$(cat "$work"/cluster/wk-*.pid | paste -sd, -)
-  local parts=("gateways=pid:$pids_gw" "workers=pid:$pids_wk" haproxy=comm:haproxy
-    postgres=comm:postgres rabbitmq=comm:beam.smp)
+  local parts
+  read -ra parts <<<"$(cluster_parts)"
   bench/cpu.py snapshot "$work/cpu-before.json" "${parts[@]}"
   load throughput --url "ws://127.0.0.1:$PORT/ws" --clients "$CLIENTS" ${RATE:+--rate "$RATE"} \
     --duration "$DURATION" --label "$name" --json "$out/$name.json" || true

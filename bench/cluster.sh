@@ -170,10 +170,8 @@ sync
 step "cluster: HAProxy on $PORT, 2 gateways, 2 workers"
 cluster_up=1
 cluster up
-pids_of() { cat "$work"/cluster/"$1"-*.pid | paste -sd, -; }
-measure cluster "ws://127.0.0.1:$PORT/ws" "$cluster_name" "gateways=pid:$(pids_of gw)" \
-  "workers=pid:$(pids_of wk)" haproxy=comm:haproxy postgres=comm:postgres \
-  rabbitmq=comm:beam.smp
+# shellcheck disable=SC2046 # one word per part
+measure cluster "ws://127.0.0.1:$PORT/ws" "$cluster_name" $(cluster_parts)
 
 step "kill: $KILL_RATE msg/s for ${KILL_DURATION}s with --reconnect; wk-1 killed, then gw-1"
 # Through HAProxy, as real clients: those of the killed gateway come back on the other one.

@@ -53,6 +53,16 @@ cluster() {
     BINARY=${kaiwa_binary:-target/release/kaiwa} scripts/cluster.sh "$@"
 }
 
+# The running cluster's parts for bench/cpu.py, one word each: its gateways and workers by the
+# pid files of `cluster up`, the servers by command name.
+cluster_parts() {
+  local gw wk
+  gw=$(cat "$work"/cluster/gw-*.pid | paste -sd, -)
+  wk=$(cat "$work"/cluster/wk-*.pid | paste -sd, -)
+  echo "gateways=pid:$gw workers=pid:$wk haproxy=comm:haproxy postgres=comm:postgres" \
+    "rabbitmq=comm:beam.smp"
+}
+
 # PostgreSQL as production runs it (docs/architecture.md, "What kaiwa needs from PostgreSQL"):
 # autovacuum on, and the page cost of storage that is cached or on SSD. Set with ALTER SYSTEM
 # for the run and reset after: the development VM's PostgreSQL runs without autovacuum and with
