@@ -97,6 +97,7 @@ pub async fn open_store(config: &StoreConfig) -> Result<Arc<dyn Store>, AppError
             let options = SqliteOptions {
                 durability: config.durability,
                 cache_mib: config.sqlite_cache_mib,
+                ..SqliteOptions::default()
             };
             SqliteStore::open(path, options)
                 .await

@@ -26,6 +26,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -55,6 +56,9 @@ pub struct SqliteOptions {
     pub durability: Durability,
     /// The page cache of the writer, in MiB; the read connections share as much again.
     pub cache_mib: u32,
+    /// How long delivery marks and acknowledgements wait for a batch of messages or replies to
+    /// ride with, at most; `None`: [`super::batch::UPDATES_WAIT`]. Tests set their own.
+    pub updates_wait: Option<Duration>,
 }
 
 impl SqliteOptions {
@@ -75,6 +79,7 @@ impl Default for SqliteOptions {
         Self {
             durability: Durability::default(),
             cache_mib: DEFAULT_SQLITE_CACHE_MIB,
+            updates_wait: None,
         }
     }
 }

@@ -1,12 +1,15 @@
 //! The SQLite writer: the one thread that writes the database. It takes commands from a
 //! channel, commits as many as are waiting in one transaction (group commit: one fsync per
-//! batch), and answers each command when its batch is committed.
+//! batch), and answers each command when its batch is committed. Delivery marks and
+//! acknowledgements alone wait for the next batch (up to `updates_wait`), as on PostgreSQL.
 //!
 //! It runs on a plain thread with its own connection (rusqlite) and cached prepared
 //! statements: a write is then a few microseconds of SQLite, with no handoff between threads
 //! or runtimes per statement, which is what bounds the whole server's throughput.
 
-use super::super::batch::{Backlog, Batch, Command, ReplyBatch, Updates, respond};
+use super::super::batch::{
+    BACKLOG_RETRY, Backlog, Batch, Command, ReplyBatch, UPDATES_WAIT, Updates, respond,
+};
 use super::super::read::{REPLY_COLUMNS, ReplyRecord};
 use super::super::{
     Existing, Inserted, NewMessage, StoreError, StoreHealth, StoredReply, bigint_param,
@@ -67,8 +70,13 @@ pub(super) struct Writer {
     /// Safe because this thread is the database's only writer (see the lock file).
     next_message_id: i64,
     next_reply_id: i64,
-    /// Delivery updates of failed batches, written with the next one.
+    /// Delivery updates of failed batches, and those waiting for a batch to ride with,
+    /// written with the next one.
     backlog: Backlog,
+    /// How long updates may wait alone for a batch to ride with.
+    updates_wait: Duration,
+    /// When the backlog is written if nothing else comes first.
+    backlog_due: tokio::time::Instant,
 }
 
 struct PendingMessage {
@@ -140,49 +148,72 @@ impl Writer {
             next_message_id,
             next_reply_id,
             backlog: Backlog::default(),
+            updates_wait: options.updates_wait.unwrap_or(UPDATES_WAIT),
+            backlog_due: tokio::time::Instant::now(),
         })
     }
 
     /// Runs the writer on a thread of its own until the store is closed.
     pub(super) fn spawn(self) -> Result<std::thread::JoinHandle<()>, StoreError> {
+        // Only to wait for a command until the backlog is due: the writes themselves block.
+        let timer = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
         Ok(std::thread::Builder::new()
             .name("kaiwa-store-writer".to_owned())
-            .spawn(move || self.run())?)
+            .spawn(move || self.run(&timer))?)
     }
 
-    fn run(mut self) {
+    fn run(mut self, timer: &tokio::runtime::Runtime) {
         let mut commands = Vec::with_capacity(1024);
         loop {
-            if self.backlog.is_empty() {
-                match self.commands.blocking_recv() {
-                    Some(first) => commands.push(first),
-                    None => return,
-                }
+            let received = if self.backlog.is_empty() {
+                self.commands.blocking_recv()
             } else {
-                // Updates of a failed batch wait: they are written soon even if nothing else
-                // comes to write.
-                match self.commands.try_recv() {
-                    Ok(first) => commands.push(first),
-                    Err(mpsc::error::TryRecvError::Empty) => {
-                        std::thread::sleep(crate::store::batch::BACKLOG_RETRY)
+                let due = self.backlog_due;
+                let commands = &mut self.commands;
+                // The timeout is made inside the runtime: its timer needs the runtime's clock.
+                match timer.block_on(async { tokio::time::timeout_at(due, commands.recv()).await })
+                {
+                    Ok(received) => received,
+                    // Updates that waited alone for as long as they may, or a failed batch's,
+                    // tried again.
+                    Err(_) => {
+                        self.commit(Batch::default());
+                        continue;
                     }
-                    Err(mpsc::error::TryRecvError::Disconnected) => return,
                 }
-            }
+            };
+            let Some(first) = received else {
+                // Every sender is gone without a close: what waits is written now.
+                if !self.backlog.is_empty() {
+                    self.commit(Batch::default());
+                }
+                return;
+            };
+            commands.push(first);
             while commands.len() < MAX_BATCH {
                 match self.commands.try_recv() {
                     Ok(command) => commands.push(command),
                     Err(_) => break,
                 }
             }
-            if let Some(closed) = self.commit(&mut commands) {
+            let mut batch = Batch::gather(commands.drain(..));
+            if batch.may_wait() {
+                // The first to wait sets when they go; a backlog already waiting has its time.
+                if self.backlog.is_empty() {
+                    self.backlog_due = tokio::time::Instant::now() + self.updates_wait;
+                }
+                self.backlog.hold(std::mem::take(&mut batch.updates));
+                continue;
+            }
+            if let Some(closed) = self.commit(batch) {
                 self.commands.close();
                 // Commands sent before the close still get an answer.
-                while let Ok(command) = self.commands.try_recv() {
-                    commands.push(command);
-                }
-                if !commands.is_empty() {
-                    self.commit(&mut commands);
+                let rest: Vec<Command> =
+                    std::iter::from_fn(|| self.commands.try_recv().ok()).collect();
+                if !rest.is_empty() {
+                    self.commit(Batch::gather(rest));
                 }
                 if let Err((_, err)) = self.conn.close() {
                     tracing::warn!(%err, "closing the database writer failed");
@@ -195,7 +226,7 @@ impl Writer {
 
     /// Writes one batch in one transaction and answers every command in it. Returns the close
     /// request if the batch held one.
-    fn commit(&mut self, commands: &mut Vec<Command>) -> Option<oneshot::Sender<()>> {
+    fn commit(&mut self, batch: Batch) -> Option<oneshot::Sender<()>> {
         let Batch {
             messages,
             replies,
@@ -203,7 +234,7 @@ impl Writer {
             close,
             #[cfg(test)]
             barriers,
-        } = Batch::gather(commands.drain(..));
+        } = batch;
         #[cfg(test)]
         let _answer_barriers_on_return = BarrierGuard(barriers);
         let updates = self.backlog.take_with(updates);
@@ -270,6 +301,7 @@ impl Writer {
                 let err = write_error(&err);
                 self.set_health(StoreHealth::Degraded(err.to_string()));
                 self.backlog.keep(updates, &err);
+                self.backlog_due = tokio::time::Instant::now() + BACKLOG_RETRY;
                 for pending in messages {
                     respond(pending.respond, Err(err.clone()));
                 }
