@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// How soon the updates of a failed batch are tried again when no other write comes.
-pub(super) const BACKLOG_RETRY: Duration = Duration::from_millis(500);
+const BACKLOG_RETRY: Duration = Duration::from_millis(500);
 
 /// How long delivery marks and acknowledgements wait for a batch of messages or replies to
 /// ride with, at most (while a failed batch's updates wait for their retry, they wait with
@@ -284,9 +284,11 @@ impl Batch {
 /// idempotent, so writing them late is right; an outage of the database only delays them.
 /// Bounded by what they are about: a reply has one entry, a client one acknowledgement, and a
 /// departure happens once per connection.
-#[derive(Default)]
 pub(super) struct Backlog {
     updates: Updates,
+    /// When the updates are written if no batch comes for them to ride with: set by the first
+    /// to wait ([`Backlog::hold`]), or a failed batch's retry ([`Backlog::keep`]).
+    due: tokio::time::Instant,
     /// Since when the updates fail on an error that is not an outage (a full disk, a bug):
     /// after [`GIVE_UP_AFTER`] of that they are dropped, so they cannot fail every batch.
     refused_since: Option<Instant>,
@@ -295,9 +297,24 @@ pub(super) struct Backlog {
 /// How long updates that fail on something other than an outage are tried again.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(60);
 
+impl Default for Backlog {
+    fn default() -> Self {
+        Self {
+            updates: Updates::default(),
+            due: tokio::time::Instant::now(),
+            refused_since: None,
+        }
+    }
+}
+
 impl Backlog {
     pub(super) fn is_empty(&self) -> bool {
         self.updates.is_empty()
+    }
+
+    /// When what waits is to be written alone; meaningless while nothing waits.
+    pub(super) fn due(&self) -> tokio::time::Instant {
+        self.due
     }
 
     /// What the next batch writes: the backlog first, then `fresh`.
@@ -311,8 +328,12 @@ impl Backlog {
         updates
     }
 
-    /// Keeps `later` for the next batch, after what waits already.
-    pub(super) fn hold(&mut self, later: Updates) {
+    /// Keeps `later` for the next batch, after what waits already. The first to wait sets when
+    /// they go, `wait` from now; a backlog already waiting keeps its time.
+    pub(super) fn hold(&mut self, later: Updates, wait: Duration) {
+        if self.updates.is_empty() {
+            self.due = tokio::time::Instant::now() + wait;
+        }
         self.updates = self.take_with(later);
     }
 
@@ -339,5 +360,6 @@ impl Backlog {
         // `take_with` emptied the backlog into the batch that failed.
         debug_assert!(self.updates.is_empty());
         self.updates = updates;
+        self.due = tokio::time::Instant::now() + BACKLOG_RETRY;
     }
 }

@@ -42,8 +42,7 @@ pub(super) struct Writer {
     commands: mpsc::UnboundedReceiver<Command>,
     health: Arc<Mutex<StoreHealth>>,
     backoff: Duration,
-    /// When to try connecting again while unreachable, or to write the backlog when nothing
-    /// else comes.
+    /// When to try connecting again while unreachable.
     retry_at: tokio::time::Instant,
     /// The cluster-wide in-flight limit and the gateway whose messages these are, when the
     /// database is shared.
@@ -97,6 +96,12 @@ impl Writer {
     pub(super) async fn run(mut self) {
         let mut commands = Vec::with_capacity(256);
         loop {
+            // While unreachable, the next reconnect; else when what waits is due, if anything.
+            let wake = if self.conn.is_none() {
+                Some(self.retry_at)
+            } else {
+                (!self.backlog.is_empty()).then(|| self.backlog.due())
+            };
             tokio::select! {
                 received = self.commands.recv_many(&mut commands, MAX_BATCH) => {
                     if received == 0 {
@@ -105,7 +110,7 @@ impl Writer {
                         return;
                     }
                 }
-                () = tokio::time::sleep_until(self.retry_at), if self.conn.is_none() || !self.backlog.is_empty() => {
+                () = tokio::time::sleep_until(wake.unwrap_or(self.retry_at)), if wake.is_some() => {
                     if self.conn.is_none() {
                         self.reconnect().await;
                     }
@@ -118,11 +123,8 @@ impl Writer {
             self.gather_until_due(&mut commands).await;
             let mut batch = Batch::gather(commands.drain(..));
             if batch.may_wait() && self.conn.is_some() {
-                // The first to wait sets when they go; a backlog already waiting has its time.
-                if self.backlog.is_empty() {
-                    self.retry_at = tokio::time::Instant::now() + self.updates_wait;
-                }
-                self.backlog.hold(std::mem::take(&mut batch.updates));
+                self.backlog
+                    .hold(std::mem::take(&mut batch.updates), self.updates_wait);
                 continue;
             }
             if let Some(closed) = self.commit(batch).await {
@@ -240,9 +242,6 @@ impl Writer {
                     self.conn = None;
                     self.set_health(StoreHealth::Degraded(err.to_string()));
                     self.retry_at = tokio::time::Instant::now();
-                } else {
-                    self.retry_at =
-                        tokio::time::Instant::now() + crate::store::batch::BACKLOG_RETRY;
                 }
                 self.backlog.keep(std::mem::take(&mut batch.updates), &err);
                 batch.fail(&err)

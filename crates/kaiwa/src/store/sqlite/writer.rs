@@ -7,9 +7,7 @@
 //! statements: a write is then a few microseconds of SQLite, with no handoff between threads
 //! or runtimes per statement, which is what bounds the whole server's throughput.
 
-use super::super::batch::{
-    BACKLOG_RETRY, Backlog, Batch, Command, ReplyBatch, UPDATES_WAIT, Updates, respond,
-};
+use super::super::batch::{Backlog, Batch, Command, ReplyBatch, UPDATES_WAIT, Updates, respond};
 use super::super::read::{REPLY_COLUMNS, ReplyRecord};
 use super::super::{
     Existing, Inserted, NewMessage, StoreError, StoreHealth, StoredReply, bigint_param,
@@ -75,8 +73,6 @@ pub(super) struct Writer {
     backlog: Backlog,
     /// How long updates may wait alone for a batch to ride with.
     updates_wait: Duration,
-    /// When the backlog is written if nothing else comes first.
-    backlog_due: tokio::time::Instant,
 }
 
 struct PendingMessage {
@@ -149,7 +145,6 @@ impl Writer {
             next_reply_id,
             backlog: Backlog::default(),
             updates_wait: options.updates_wait.unwrap_or(UPDATES_WAIT),
-            backlog_due: tokio::time::Instant::now(),
         })
     }
 
@@ -170,7 +165,7 @@ impl Writer {
             let received = if self.backlog.is_empty() {
                 self.commands.blocking_recv()
             } else {
-                let due = self.backlog_due;
+                let due = self.backlog.due();
                 let commands = &mut self.commands;
                 // The timeout is made inside the runtime: its timer needs the runtime's clock.
                 match timer.block_on(async { tokio::time::timeout_at(due, commands.recv()).await })
@@ -200,11 +195,8 @@ impl Writer {
             }
             let mut batch = Batch::gather(commands.drain(..));
             if batch.may_wait() {
-                // The first to wait sets when they go; a backlog already waiting has its time.
-                if self.backlog.is_empty() {
-                    self.backlog_due = tokio::time::Instant::now() + self.updates_wait;
-                }
-                self.backlog.hold(std::mem::take(&mut batch.updates));
+                self.backlog
+                    .hold(std::mem::take(&mut batch.updates), self.updates_wait);
                 continue;
             }
             if let Some(closed) = self.commit(batch) {
@@ -301,7 +293,6 @@ impl Writer {
                 let err = write_error(&err);
                 self.set_health(StoreHealth::Degraded(err.to_string()));
                 self.backlog.keep(updates, &err);
-                self.backlog_due = tokio::time::Instant::now() + BACKLOG_RETRY;
                 for pending in messages {
                     respond(pending.respond, Err(err.clone()));
                 }
