@@ -94,11 +94,35 @@ pub(super) async fn send<T: Serialize>(
                 if received == 0 {
                     return;
                 }
+                gather_woken(&mut outgoing, &mut waiting, route.per_message).await;
                 for (key, batch) in by_key(waiting.drain(..)) {
                     publishing.push(publish(&inner, route, key, batch));
                 }
             }
             Some(()) = publishing.next(), if !publishing.is_empty() => {}
+        }
+    }
+}
+
+/// Takes the items of tasks that were woken with the sender of the first: a commit answers
+/// every command of its batch at once, and each answered task sends its job or events. The
+/// first send wakes the publisher, which tokio runs next, before the others had their turn:
+/// without this, the first item left alone, the second alone in the other confirm's place,
+/// and only the rest together. Yielding once lets every task that can run send first; it
+/// costs no time when none can.
+async fn gather_woken<T>(
+    outgoing: &mut mpsc::UnboundedReceiver<Outgoing<T>>,
+    waiting: &mut Vec<Outgoing<T>>,
+    at_most: usize,
+) {
+    if waiting.len() >= at_most {
+        return;
+    }
+    tokio::task::yield_now().await;
+    while waiting.len() < at_most {
+        match outgoing.try_recv() {
+            Ok(item) => waiting.push(item),
+            Err(_) => break,
         }
     }
 }
@@ -178,6 +202,51 @@ mod tests {
         let alone = serde_json::to_vec(&events[0]).expect("JSON");
         assert_eq!(read::<Event>(&alone).expect("one event"), &events[..1]);
         assert!(read::<Event>(br#"[{"Nope": 1}]"#).is_err());
+    }
+
+    /// Four tasks answered at once, as a commit answers its batch, each sending one item: the
+    /// publisher takes all four, not the first alone. On one tokio worker, where a task woken
+    /// by another runs next: the way every worker of a busy process schedules.
+    #[test]
+    fn items_of_tasks_woken_together_are_taken_together() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .expect("a runtime");
+        let taken = runtime.block_on(async {
+            let (sender, mut outgoing) = mpsc::unbounded_channel();
+            let (ready, mut all_ready) = mpsc::unbounded_channel();
+            let mut answers = Vec::new();
+            for message_id in 0..4_i64 {
+                let (answer, answered) = oneshot::channel::<()>();
+                answers.push(answer);
+                let (sender, ready) = (sender.clone(), ready.clone());
+                tokio::spawn(async move {
+                    let _ = ready.send(());
+                    if answered.await.is_ok() {
+                        let item = Outgoing::to(Cow::Borrowed("gw-1"), vec![message_id]).0;
+                        let _ = sender.send(item);
+                    }
+                });
+            }
+            let publisher = tokio::spawn(async move {
+                let mut waiting = Vec::new();
+                outgoing.recv_many(&mut waiting, 32).await;
+                gather_woken(&mut outgoing, &mut waiting, 32).await;
+                waiting.len()
+            });
+            for _ in 0..4 {
+                all_ready.recv().await.expect("a task");
+            }
+            // The answers from one task, with no yield between them, as the writer answers.
+            tokio::spawn(async move {
+                for answer in answers {
+                    let _ = answer.send(());
+                }
+            });
+            publisher.await.expect("the publisher")
+        });
+        assert_eq!(taken, 4);
     }
 
     #[test]
