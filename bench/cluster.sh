@@ -100,8 +100,8 @@ proxies_cpu() {
 }
 
 # The two runs every setup gets: closed loop, then RATE offered.
-# A third argument names the PostgreSQL database to VACUUM between the two runs: this machine's
-# PostgreSQL runs without autovacuum, and the dead rows of the first run would slow the second.
+# A third argument names the PostgreSQL database to VACUUM and CHECKPOINT between the two runs:
+# the dead rows of the first run would slow the second, and its dirty pages be written during it.
 # The rest name the setup's parts for bench/cpu.py (PART=pid:N,... or PART=comm:NAME): the CPU
 # each part used in the closed-loop run, per completed message, lands in cpu-$name.json, and
 # what it used in the fixed-rate run in rate-cpu-$name.json.
@@ -122,7 +122,10 @@ measure() {
       >"$out/net-$name.json" || true
   fi
   if [[ -n "$database" ]]; then
-    psql -q "${POSTGRES%/*}/$database" -c "VACUUM ANALYZE" >/dev/null
+    # Written out too, as bench/cluster-pairs.sh does between its runs: the closed loop leaves
+    # a run's worth of dirty pages, whose flush would land in the fixed-rate run.
+    psql -q "${POSTGRES%/*}/$database" -c "VACUUM ANALYZE" -c "CHECKPOINT" >/dev/null
+    sync
   fi
   step "$name: $RATE msg/s offered for ${DURATION}s"
   bench/cpu.py snapshot "$work/cpu-before.json" "$@"
