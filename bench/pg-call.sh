@@ -15,8 +15,9 @@
 #   BASELINE=/tmp/before/kaiwa bench/pg-call.sh      pairs: that binary's, then this one's
 #
 # Settings (environment): ROWS ("1 8 64"), DURATION (8), PAIRS (2), LIMIT (the in-flight
-# limit given; unset: none, as in one process), BASELINE, POSTGRES
-# (postgres://postgres@127.0.0.1:5432/postgres).
+# limit given; unset: none, as in one process; the messages of `m` are never finished, so give
+# one that no run reaches, such as 1000000000: a message refused is not stored, and the reply
+# to it then fails the run), BASELINE, POSTGRES (postgres://postgres@127.0.0.1:5432/postgres).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
