@@ -32,7 +32,10 @@ mkdir -p "$out"
 work=$(mktemp -d "$PWD/target/bench-pg-call.XXXXXX")
 # shellcheck source=bench/common.sh
 source bench/common.sh
-command -v pgbench >/dev/null || { echo "pgbench is missing (Debian: postgresql-client)" >&2; exit 1; }
+if ! command -v pgbench >/dev/null; then
+  echo "pgbench is missing (Debian: postgresql-client)" >&2
+  exit 1
+fi
 dbs=()
 
 cleanup() {
@@ -124,6 +127,11 @@ scripts() {
   printf '%s\n%s\n%s\n%s\n' "$run" "$messages" "$replies" "$marks" >"$work/mrd-$n.sql"
 }
 
+# Transactions committed in the database of URL $1 so far (each call is one).
+commits() {
+  psql -qAt "$1" -c "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+}
+
 # One script on one database for DURATION seconds; appends "name script rows runs cpu_ms" to
 # $work/runs. The CPU and the count are read a second into the run and a second before its
 # end, while pgbench's connection is open (bench/cpu.py counts live processes only).
@@ -134,11 +142,11 @@ measure() {
   local bench=$!
   sleep 1
   local before after
-  before=$(psql -qAt "$url" -c "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+  before=$(commits "$url")
   bench/cpu.py snapshot "$work/cpu-before.json" postgres=comm:postgres
   sleep "$DURATION"
   bench/cpu.py snapshot "$work/cpu-after.json" postgres=comm:postgres
-  after=$(psql -qAt "$url" -c "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+  after=$(commits "$url")
   wait "$bench" || { cat "$work/pgbench.log" >&2; return 1; }
   python3 - "$work/cpu-before.json" "$work/cpu-after.json" "$before" "$after" "$script" \
     "$name" "$rows" >>"$work/runs" <<'PY'
@@ -190,7 +198,7 @@ for line in open(sys.argv[1]):
     name, script, rows, n, ms = line.split()
     runs[(name, int(rows), script)].append((int(n), float(ms)))
 names = sorted({k[0] for k in runs}, key=lambda n: n != "baseline")
-print(f"{'build':<9} {'rows':>4}  {'script runs/s':>13}  PostgreSQL CPU ms: "
+print(f"{'build':<9} {'rows':>4}  {'m calls/s':>13}  PostgreSQL CPU ms: "
       f"{'m':>6} {'mr':>6} {'mrd':>6} | a call of messages, replies, marks")
 for rows in sorted({k[1] for k in runs}):
     for name in names:

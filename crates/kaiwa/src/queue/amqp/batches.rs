@@ -1,7 +1,7 @@
-//! Publishing in batches: items that wait while earlier ones are being confirmed go to their
-//! destination together, as one AMQP message (a JSON array) that the broker routes, stores and
-//! confirms once, instead of one message each. Jobs to the workers' queue, events to each
-//! gateway's.
+//! Publishing in batches: items that wait while earlier ones are being confirmed, or that
+//! tasks woken together send at once, go to their destination together, as one AMQP message
+//! (a JSON array) that the broker routes, stores and confirms once, instead of one message
+//! each. Jobs to the workers' queue, events to each gateway's.
 
 use super::{EVENTS, Inner, JOBS};
 use crate::queue::QueueError;
