@@ -2,6 +2,7 @@
 //! handle that sends them, and a batch of commands sorted by kind for one transaction. Each
 //! backend's writer only decides how a batch becomes SQL.
 
+use super::inbox;
 use super::{Inserted, NewMessage, NewReply, StoreError, StoreFuture, StoredReply};
 use crate::domain::ClientId;
 use chrono::{DateTime, Utc};
@@ -9,7 +10,7 @@ use kaiwa_protocol::Delivery;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// How soon the updates of a failed batch are tried again when no other write comes.
 const BACKLOG_RETRY: Duration = Duration::from_millis(500);
@@ -48,6 +49,12 @@ impl Command {
         }
         matches!(self, Self::Close(_) | Self::Departure(_))
     }
+
+    /// Whether it may wait for a batch to ride with ([`UPDATES_WAIT`]): a delivery mark or an
+    /// acknowledgement.
+    pub(super) fn may_wait(&self) -> bool {
+        matches!(self, Self::Delivery(_) | Self::Received(_))
+    }
 }
 
 pub(super) struct ReplyBatch {
@@ -79,16 +86,14 @@ pub(super) fn respond<T>(tx: oneshot::Sender<T>, value: T) {
     }
 }
 
-/// The sending side of a writer's channel, with the store's write calls on it.
+/// The sending side of a writer's inbox, with the store's write calls on it.
 pub(super) struct Writes {
-    /// Unbounded because every command stems from a message holding an in-flight slot or a
-    /// reply frame in a bounded outbox: the limits upstream bound it.
-    commands: mpsc::UnboundedSender<Command>,
+    commands: inbox::Sender,
 }
 
 impl Writes {
-    pub(super) fn channel() -> (Self, mpsc::UnboundedReceiver<Command>) {
-        let (commands, receiver) = mpsc::unbounded_channel();
+    pub(super) fn channel() -> (Self, inbox::Receiver) {
+        let (commands, receiver) = inbox::channel();
         (Self { commands }, receiver)
     }
 

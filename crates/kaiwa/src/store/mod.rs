@@ -5,6 +5,7 @@ pub mod backup;
 mod batch;
 #[cfg(test)]
 pub(crate) mod contract;
+mod inbox;
 mod media;
 mod memory;
 mod postgres;

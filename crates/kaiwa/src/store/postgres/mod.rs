@@ -284,7 +284,7 @@ async fn apply_migrations(conn: &mut PgConnection) -> Result<usize, StoreError> 
 /// than the database did.
 async fn spawn_writer(
     options: PgConnectOptions,
-    commands: tokio::sync::mpsc::UnboundedReceiver<super::batch::Command>,
+    commands: super::inbox::Receiver,
     health: Arc<Mutex<StoreHealth>>,
     settings: &PgOptions,
 ) -> Result<std::thread::JoinHandle<()>, StoreError> {

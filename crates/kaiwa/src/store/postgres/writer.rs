@@ -1,12 +1,14 @@
 //! The PostgreSQL writer: one task with a connection of its own. It takes every command waiting
-//! (in a cluster, small batches first wait out `--write-interval` after the call before) and
+//! (in a cluster, small batches first wait out `--write-interval` after the call before,
+//! without being woken by each command that comes meanwhile: `store::inbox`) and
 //! writes them with one call of a database function (migration 10's `write_batch`), which
 //! stores every kind of row with one multi-row statement (rows passed as arrays and read back
 //! with `UNNEST`) and commits as it returns: one round trip per batch. It then answers each
 //! command. When the database cannot be reached it answers at once that it is unavailable,
 //! instead of queueing, and reconnects with backoff.
 
-use super::super::batch::{Backlog, Batch, Command, ReplyBatch, Respond, Updates, respond};
+use super::super::batch::{Backlog, Batch, ReplyBatch, Respond, Updates, respond};
+use super::super::inbox::{self, Listen, Pending, Schedule, Turn, Wake};
 use super::super::read::{Dialect, REPLY_COLUMNS, ReplyRecord};
 use super::super::{
     Existing, Inserted, NewMessage, NewReply, StoreError, StoreHealth, StoredReply, bigint_param,
@@ -19,12 +21,10 @@ use sqlx::{Connection, Postgres};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// Commands taken in one transaction, at most.
 const MAX_BATCH: usize = 4096;
-/// A batch of this many commands goes at once, however soon after the call before.
-const FULL_ENOUGH: usize = 64;
 /// The first wait before reconnecting, doubled after each failure up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// At most this long after the database is back, writes go through again: an outage is a
@@ -39,7 +39,7 @@ pub(super) struct Writer {
     options: PgConnectOptions,
     /// `None` while the database is unreachable.
     conn: Option<PgConnection>,
-    commands: mpsc::UnboundedReceiver<Command>,
+    inbox: inbox::Receiver,
     health: Arc<Mutex<StoreHealth>>,
     backoff: Duration,
     /// When to try connecting again while unreachable.
@@ -51,8 +51,8 @@ pub(super) struct Writer {
     backlog: Backlog,
     /// How long delivery marks and acknowledgements alone wait for a batch to ride with.
     updates_wait: Duration,
-    /// How long after the start of a call a batch of fewer than [`FULL_ENOUGH`] commands waits
-    /// before its own begins (`PgOptions::write_interval`).
+    /// How long after the start of a call a batch of fewer than [`inbox::FULL_ENOUGH`]
+    /// commands waits before its own begins (`PgOptions::write_interval`).
     write_interval: Duration,
     /// When the last call began; `None` before the first.
     last_call: Option<tokio::time::Instant>,
@@ -71,7 +71,7 @@ struct Written {
 impl Writer {
     pub(super) async fn connect(
         options: PgConnectOptions,
-        commands: mpsc::UnboundedReceiver<Command>,
+        inbox: inbox::Receiver,
         health: Arc<Mutex<StoreHealth>>,
         shared: Option<PgShared>,
         updates_wait: Duration,
@@ -81,7 +81,7 @@ impl Writer {
         Ok(Self {
             options,
             conn: Some(conn),
-            commands,
+            inbox,
             health,
             backoff: FIRST_BACKOFF,
             retry_at: tokio::time::Instant::now(),
@@ -96,41 +96,40 @@ impl Writer {
     pub(super) async fn run(mut self) {
         let mut commands = Vec::with_capacity(256);
         loop {
-            // While unreachable, the next reconnect; else when what waits is due, if anything.
-            let wake = if self.conn.is_none() {
-                Some(self.retry_at)
-            } else {
-                (!self.backlog.is_empty()).then(|| self.backlog.due())
-            };
-            tokio::select! {
-                received = self.commands.recv_many(&mut commands, MAX_BATCH) => {
-                    if received == 0 {
-                        // Every sender is gone without a close: what waits is written now.
-                        self.write_backlog().await;
-                        return;
-                    }
-                }
-                () = tokio::time::sleep_until(wake.unwrap_or(self.retry_at)), if wake.is_some() => {
-                    if self.conn.is_none() {
-                        self.reconnect().await;
-                    }
-                    // Updates of a failed batch, written now that the database is back, or
-                    // updates that waited alone for as long as they may.
-                    self.write_backlog().await;
+            let now = tokio::time::Instant::now();
+            if self.conn.is_none() && now >= self.retry_at {
+                self.reconnect().await;
+                // Updates of a failed batch, written now that the database is back.
+                self.write_backlog().await;
+                continue;
+            }
+            let turn = self
+                .inbox
+                .take_or_listen(&mut commands, MAX_BATCH, |pending| {
+                    self.decide(pending, now)
+                });
+            match turn {
+                Turn::Took => {}
+                Turn::Listen(listen) => {
+                    self.inbox.wait(listen).await;
                     continue;
                 }
+                Turn::Abandoned => {
+                    // Every sender is gone without a close: what waits is written now.
+                    self.write_backlog().await;
+                    return;
+                }
             }
-            self.gather_until_due(&mut commands).await;
             let mut batch = Batch::gather(commands.drain(..));
             if batch.may_wait() && self.conn.is_some() {
                 self.backlog
                     .hold(std::mem::take(&mut batch.updates), self.updates_wait);
-                continue;
+                if self.backlog.due() > now {
+                    continue;
+                }
             }
             if let Some(closed) = self.commit(batch).await {
-                self.commands.close();
-                let rest: Vec<Command> =
-                    std::iter::from_fn(|| self.commands.try_recv().ok()).collect();
+                let rest = self.inbox.close();
                 if !rest.is_empty() {
                     self.commit(Batch::gather(rest)).await;
                 }
@@ -145,27 +144,28 @@ impl Writer {
         }
     }
 
-    /// Takes the commands that come until the next call is due: `write_interval` after the
-    /// last one began, or at once when [`FULL_ENOUGH`] wait. At a few hundred messages a
-    /// second, each call held one or two and cost PostgreSQL as much as a hundred rows
+    /// Whether to take what waits now (`None`), else how to wait. Small batches of writes wait
+    /// until `write_interval` after the last call began: at a few hundred messages a second,
+    /// each call held one or two and cost PostgreSQL as much as a hundred rows
     /// (docs/architecture.md, "Writes at a steady rate").
-    async fn gather_until_due(&mut self, commands: &mut Vec<Command>) {
-        let Some(last) = self.last_call else { return };
-        // Unreachable, the batch is refused at once, so that clients retry now.
-        if self.write_interval.is_zero() || self.conn.is_none() {
-            return;
+    fn decide(&self, pending: &Pending, now: tokio::time::Instant) -> Option<Listen> {
+        if self.conn.is_none() {
+            // Unreachable, commands are refused at once, so that clients retry now.
+            return (pending.len == 0).then_some(Listen {
+                wake: Wake::Any,
+                until: Some(self.retry_at),
+            });
         }
-        let due = last + self.write_interval;
-        let mut urgent = commands.iter().any(Command::is_urgent);
-        while commands.len() < FULL_ENOUGH && !urgent {
-            let before = commands.len();
-            let room = MAX_BATCH - before;
-            match tokio::time::timeout_at(due, self.commands.recv_many(commands, room)).await {
-                // Closed: what came is written, and the next receive ends the writer.
-                Ok(0) | Err(_) => return,
-                Ok(_) => urgent = commands[before..].iter().any(Command::is_urgent),
-            }
+        let writes_due = self
+            .last_call
+            .filter(|_| !self.write_interval.is_zero())
+            .map(|last| last + self.write_interval);
+        let backlog_due = (!self.backlog.is_empty()).then(|| self.backlog.due());
+        Schedule {
+            writes_due,
+            backlog_due,
         }
+        .decide(pending, now)
     }
 
     /// Writes the updates that wait, if there are any and a connection to write them.

@@ -1,5 +1,5 @@
-//! The SQLite writer: the one thread that writes the database. It takes commands from a
-//! channel, commits as many as are waiting in one transaction (group commit: one fsync per
+//! The SQLite writer: the one thread that writes the database. It takes commands from its
+//! inbox, commits as many as are waiting in one transaction (group commit: one fsync per
 //! batch), and answers each command when its batch is committed. Delivery marks and
 //! acknowledgements alone wait for the next batch (up to `updates_wait`), as on PostgreSQL.
 //!
@@ -7,7 +7,8 @@
 //! statements: a write is then a few microseconds of SQLite, with no handoff between threads
 //! or runtimes per statement, which is what bounds the whole server's throughput.
 
-use super::super::batch::{Backlog, Batch, Command, ReplyBatch, UPDATES_WAIT, Updates, respond};
+use super::super::batch::{Backlog, Batch, ReplyBatch, UPDATES_WAIT, Updates, respond};
+use super::super::inbox::{self, Schedule, Turn};
 use super::super::read::{REPLY_COLUMNS, ReplyRecord};
 use super::super::{
     Existing, Inserted, NewMessage, StoreError, StoreHealth, StoredReply, bigint_param,
@@ -20,7 +21,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// Commands taken in one transaction, at most: enough that one commit (and its fsync) takes
 /// every command waiting under load.
@@ -61,7 +62,7 @@ fn timestamp(at: DateTime<Utc>) -> String {
 
 pub(super) struct Writer {
     conn: Connection,
-    commands: mpsc::UnboundedReceiver<Command>,
+    inbox: inbox::Receiver,
     /// What the store reports to `/health`: degraded from a failed batch until one succeeds.
     health: Arc<Mutex<StoreHealth>>,
     /// Ids are assigned here, before the insert, so a batch needs no round trip to learn them.
@@ -103,7 +104,7 @@ impl Writer {
     pub(super) fn open(
         path: &Path,
         options: SqliteOptions,
-        commands: mpsc::UnboundedReceiver<Command>,
+        inbox: inbox::Receiver,
         health: Arc<Mutex<StoreHealth>>,
     ) -> Result<Self, rusqlite::Error> {
         let conn = Connection::open(path)?;
@@ -139,7 +140,7 @@ impl Writer {
         let next_reply_id = next_id("replies")?;
         Ok(Self {
             conn,
-            commands,
+            inbox,
             health,
             next_message_id,
             next_reply_id,
@@ -162,48 +163,43 @@ impl Writer {
     fn run(mut self, timer: &tokio::runtime::Runtime) {
         let mut commands = Vec::with_capacity(1024);
         loop {
-            let received = if self.backlog.is_empty() {
-                self.commands.blocking_recv()
-            } else {
-                let due = self.backlog.due();
-                let commands = &mut self.commands;
-                // The timeout is made inside the runtime: its timer needs the runtime's clock.
-                match timer.block_on(async { tokio::time::timeout_at(due, commands.recv()).await })
-                {
-                    Ok(received) => received,
-                    // Updates that waited alone for as long as they may, or a failed batch's,
-                    // tried again.
-                    Err(_) => {
+            let now = tokio::time::Instant::now();
+            // Each batch goes as soon as the one before is done: a local commit is cheap.
+            let schedule = Schedule {
+                writes_due: None,
+                backlog_due: (!self.backlog.is_empty()).then(|| self.backlog.due()),
+            };
+            let turn = self
+                .inbox
+                .take_or_listen(&mut commands, MAX_BATCH, |pending| {
+                    schedule.decide(pending, now)
+                });
+            match turn {
+                Turn::Took => {}
+                // The wait is made inside the runtime: its timer needs the runtime's clock.
+                Turn::Listen(listen) => {
+                    timer.block_on(self.inbox.wait(listen));
+                    continue;
+                }
+                Turn::Abandoned => {
+                    // Every sender is gone without a close: what waits is written now.
+                    if !self.backlog.is_empty() {
                         self.commit(Batch::default());
-                        continue;
                     }
-                }
-            };
-            let Some(first) = received else {
-                // Every sender is gone without a close: what waits is written now.
-                if !self.backlog.is_empty() {
-                    self.commit(Batch::default());
-                }
-                return;
-            };
-            commands.push(first);
-            while commands.len() < MAX_BATCH {
-                match self.commands.try_recv() {
-                    Ok(command) => commands.push(command),
-                    Err(_) => break,
+                    return;
                 }
             }
             let mut batch = Batch::gather(commands.drain(..));
             if batch.may_wait() {
                 self.backlog
                     .hold(std::mem::take(&mut batch.updates), self.updates_wait);
-                continue;
+                if self.backlog.due() > now {
+                    continue;
+                }
             }
             if let Some(closed) = self.commit(batch) {
-                self.commands.close();
                 // Commands sent before the close still get an answer.
-                let rest: Vec<Command> =
-                    std::iter::from_fn(|| self.commands.try_recv().ok()).collect();
+                let rest = self.inbox.close();
                 if !rest.is_empty() {
                     self.commit(Batch::gather(rest));
                 }
