@@ -98,7 +98,7 @@ impl Writes {
     }
 
     fn send(&self, command: Command) -> Result<(), StoreError> {
-        self.commands.send(command).map_err(|_| StoreError::Closed)
+        self.commands.send(command)
     }
 
     pub(super) fn insert_message(&self, message: NewMessage) -> StoreFuture<Inserted> {

@@ -4,6 +4,7 @@
 //! "What a call costs"); now it sleeps through its write interval and through the writes it
 //! makes, and takes what came when it is done.
 
+use super::StoreError;
 use super::batch::Command;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::Notify;
@@ -36,6 +37,20 @@ pub(super) struct Pending {
     pub writes: usize,
     /// Whether one of them is urgent.
     pub urgent: bool,
+}
+
+impl Wake {
+    /// Whether `command`, just added to what waits (`pending`), wakes a writer that listens
+    /// for `self`. Delivery marks and acknowledgements alone never need the writer early, however
+    /// many: it holds them anyway ([`Schedule::decide`]).
+    fn rings(self, command: &Command, pending: &Pending) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Write => !command.may_wait(),
+            Self::Urgent => command.is_urgent() || pending.len >= FULL_ENOUGH,
+            Self::Never => false,
+        }
+    }
 }
 
 impl Pending {
@@ -98,10 +113,6 @@ pub(super) struct Receiver {
     shared: Arc<Shared>,
 }
 
-/// The writer ended: the command was not taken.
-#[derive(Debug)]
-pub(super) struct Closed;
-
 pub(super) fn channel() -> (Sender, Receiver) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
@@ -125,19 +136,14 @@ pub(super) fn channel() -> (Sender, Receiver) {
 impl Sender {
     /// Unbounded because every command stems from a message holding an in-flight slot or a
     /// reply frame in a bounded outbox: the limits upstream bound it.
-    pub(super) fn send(&self, command: Command) -> Result<(), Closed> {
+    pub(super) fn send(&self, command: Command) -> Result<(), StoreError> {
         let ring = {
             let mut state = self.shared.lock();
             if state.closed {
-                return Err(Closed);
+                return Err(StoreError::Closed);
             }
             state.pending.add(&command);
-            let ring = match state.wake {
-                Wake::Any => true,
-                Wake::Write => !command.may_wait(),
-                Wake::Urgent => command.is_urgent() || state.pending.len >= FULL_ENOUGH,
-                Wake::Never => false,
-            };
+            let ring = state.wake.rings(&command, &state.pending);
             state.commands.push(command);
             if ring {
                 state.wake = Wake::Never;
@@ -157,6 +163,16 @@ impl Drop for Sender {
     fn drop(&mut self) {
         self.shared.lock().abandoned = true;
         self.shared.bell.notify_one();
+    }
+}
+
+impl Drop for Receiver {
+    /// A writer that ends without closing (it panicked) fails what waits and what comes after,
+    /// instead of leaving its callers waiting for answers that never come.
+    fn drop(&mut self) {
+        let orphans = self.close();
+        // Dropped outside the lock: each drop answers a caller, who may send again at once.
+        drop(orphans);
     }
 }
 
@@ -441,6 +457,24 @@ mod tests {
             receiver.take_or_listen(&mut taken, 8, never),
             Turn::Abandoned
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_that_ends_without_closing_fails_what_waits_and_what_comes() {
+        let (sender, receiver) = channel();
+        let (respond, waiting) = oneshot::channel();
+        sender
+            .send(Command::Message(
+                Box::new(message("ann", None, "hi")),
+                respond,
+            ))
+            .expect("open");
+        drop(receiver);
+        let answer = tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("the caller is answered");
+        assert!(answer.is_err(), "with the store closed");
+        assert!(sender.send(a_message()).is_err());
     }
 
     #[test]

@@ -284,7 +284,7 @@ async fn apply_migrations(conn: &mut PgConnection) -> Result<usize, StoreError> 
 /// than the database did.
 async fn spawn_writer(
     options: PgConnectOptions,
-    commands: super::inbox::Receiver,
+    inbox: super::inbox::Receiver,
     health: Arc<Mutex<StoreHealth>>,
     settings: &PgOptions,
 ) -> Result<std::thread::JoinHandle<()>, StoreError> {
@@ -308,15 +308,8 @@ async fn spawn_writer(
                 }
             };
             runtime.block_on(async move {
-                match Writer::connect(
-                    options,
-                    commands,
-                    health,
-                    shared,
-                    updates_wait,
-                    write_interval,
-                )
-                .await
+                match Writer::connect(options, inbox, health, shared, updates_wait, write_interval)
+                    .await
                 {
                     Ok(writer) => {
                         if ready.send(Ok(())).is_ok() {

@@ -151,7 +151,7 @@ impl Writer {
 
     /// Runs the writer on a thread of its own until the store is closed.
     pub(super) fn spawn(self) -> Result<std::thread::JoinHandle<()>, StoreError> {
-        // Only to wait for a command until the backlog is due: the writes themselves block.
+        // Only to wait for the doorbell or a deadline: the writes themselves block.
         let timer = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()?;
