@@ -209,7 +209,7 @@ impl Application {
                 max_in_flight: config.limits.max_in_flight,
                 admitted_by: Some(id.as_str().into()),
             }),
-            write_interval: config.cluster.write_interval,
+            write_interval: config.cluster.write_interval(config.role),
             ..PgOptions::default()
         };
         let pg = PgStore::connect(database_url.expose(), options)

@@ -272,12 +272,29 @@ pub struct ClusterConfig {
     /// next holds fewer than 64 messages, replies and updates: under steady traffic small
     /// writes wait and grow instead of multiplying, and the shared database does fewer of them;
     /// a write after a quiet spell goes at once. 0 writes each batch as soon as the one before
-    /// is done, as `kaiwa serve` alone does.
-    #[arg(long, env = "KAIWA_WRITE_INTERVAL", default_value = "0.008", value_parser = parse_interval)]
-    pub write_interval: Duration,
+    /// is done, as `kaiwa serve` alone does. Default: 0.008 for a gateway, 0.002 for a worker.
+    #[arg(long, env = "KAIWA_WRITE_INTERVAL", value_parser = parse_interval)]
+    pub write_interval: Option<Duration>,
 }
 
+/// A gateway's messages come from many clients at any moment, and 8 ms gathers a few of them
+/// per write (docs/architecture.md, "Writes at a steady rate").
+const GATEWAY_WRITE_INTERVAL: Duration = Duration::from_millis(8);
+/// A worker's jobs come in bursts, one AMQP message of them per gateway write, and its writes
+/// are the replies clients wait for: 2 ms gathers a burst's replies, where 8 ms made every
+/// reply wait 4 ms more on average (docs/architecture.md, "A worker's shorter interval").
+const WORKER_WRITE_INTERVAL: Duration = Duration::from_millis(2);
+
 impl ClusterConfig {
+    /// `--write-interval`, else the default of what the process runs: a process that runs a
+    /// gateway writes its clients' messages.
+    pub fn write_interval(&self, role: Role) -> Duration {
+        self.write_interval.unwrap_or(match role {
+            Role::Worker => WORKER_WRITE_INTERVAL,
+            Role::Gateway | Role::All => GATEWAY_WRITE_INTERVAL,
+        })
+    }
+
     /// `--gateway-id`, else the host name and process id.
     pub fn node_id(&self) -> String {
         self.gateway_id.clone().unwrap_or_else(|| {
@@ -818,6 +835,20 @@ mod tests {
 
         let err = ServeConfig::from_args(["--tls-cert", "cert.pem"]).expect_err("no key");
         assert!(err.to_string().contains("--tls-key"), "{err}");
+    }
+
+    #[test]
+    fn the_write_interval_defaults_by_role_and_the_flag_overrides_it() {
+        let config = ServeConfig::from_args(Vec::<String>::new()).expect("defaults are valid");
+        let interval = |role| config.cluster.write_interval(role);
+        assert_eq!(interval(Role::Gateway), Duration::from_millis(8));
+        assert_eq!(interval(Role::All), Duration::from_millis(8));
+        assert_eq!(interval(Role::Worker), Duration::from_millis(2));
+        let config = ServeConfig::from_args(["--write-interval", "0.005"]).expect("valid");
+        assert_eq!(
+            config.cluster.write_interval(Role::Worker),
+            Duration::from_millis(5)
+        );
     }
 
     #[test]
