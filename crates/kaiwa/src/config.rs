@@ -272,7 +272,8 @@ pub struct ClusterConfig {
     /// next holds fewer than 64 messages, replies and updates: under steady traffic small
     /// writes wait and grow instead of multiplying, and the shared database does fewer of them;
     /// a write after a quiet spell goes at once. 0 writes each batch as soon as the one before
-    /// is done, as `kaiwa serve` alone does. Default: 0.008 for a gateway, 0.002 for a worker.
+    /// is done, as `kaiwa serve` alone does. Default: 0.002 for a worker, 0.008 for a process
+    /// that runs a gateway.
     #[arg(long, env = "KAIWA_WRITE_INTERVAL", value_parser = parse_interval)]
     pub write_interval: Option<Duration>,
 }

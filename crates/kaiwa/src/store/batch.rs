@@ -317,9 +317,9 @@ impl Backlog {
         self.updates.is_empty()
     }
 
-    /// When what waits is to be written alone; meaningless while nothing waits.
-    pub(super) fn due(&self) -> tokio::time::Instant {
-        self.due
+    /// When what waits is to be written alone; `None` while nothing waits.
+    pub(super) fn due(&self) -> Option<tokio::time::Instant> {
+        (!self.updates.is_empty()).then_some(self.due)
     }
 
     /// What the next batch writes: the backlog first, then `fresh`.

@@ -124,7 +124,7 @@ impl Writer {
             if batch.may_wait() && self.conn.is_some() {
                 self.backlog
                     .hold(std::mem::take(&mut batch.updates), self.updates_wait);
-                if self.backlog.due() > now {
+                if self.backlog.due().is_some_and(|due| due > now) {
                     continue;
                 }
             }
@@ -160,10 +160,9 @@ impl Writer {
             .last_call
             .filter(|_| !self.write_interval.is_zero())
             .map(|last| last + self.write_interval);
-        let backlog_due = (!self.backlog.is_empty()).then(|| self.backlog.due());
         Schedule {
             writes_due,
-            backlog_due,
+            backlog_due: self.backlog.due(),
         }
         .decide(pending, now)
     }

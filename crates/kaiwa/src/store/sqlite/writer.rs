@@ -167,7 +167,7 @@ impl Writer {
             // Each batch goes as soon as the one before is done: a local commit is cheap.
             let schedule = Schedule {
                 writes_due: None,
-                backlog_due: (!self.backlog.is_empty()).then(|| self.backlog.due()),
+                backlog_due: self.backlog.due(),
             };
             let turn = self
                 .inbox
@@ -193,7 +193,7 @@ impl Writer {
             if batch.may_wait() {
                 self.backlog
                     .hold(std::mem::take(&mut batch.updates), self.updates_wait);
-                if self.backlog.due() > now {
+                if self.backlog.due().is_some_and(|due| due > now) {
                     continue;
                 }
             }
